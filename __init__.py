@@ -1,0 +1,11 @@
+"""fpt: FPT+ transfer learning from a frozen large ViT through an offline Zarr feature store.
+
+Stages (one folder each): ``fpt.extract`` (frozen LPM -> important-token K/V), ``fpt.store`` (the on-disk
+format), ``fpt.train`` (side network + fine-grained prompts). ``fpt.cli`` wires them to the ``fpt`` command.
+"""
+
+__version__ = "0.1.0"
+
+
+class FptError(Exception):
+    """A problem with the user's input or environment, shown as one line without a traceback."""

@@ -1,0 +1,79 @@
+"""The on-disk layout of an fpt store (Zarr v3 group). Only fpt.store imports this module.
+
+Schema version 1:
+
+    keys, values  float16 [S, L, H, k, d]   K/V of the k selected tokens per layer and head
+    indices       int32   [S, L, H, k]      token positions of the selection (0 = class token)
+    cls           float16 [S, D]            the LPM's final normalised class-token feature
+    images        uint8   [S, R, R, C]      low-resolution copy for the side network
+    labels        int16   [S]
+    split         uint8   [S]               0 train, 1 val, 2 test
+    ids           string  [S]
+    done          bool    [S]               set after every array of that sample is written
+
+Per-sample arrays use one sample per inner chunk, grouped into shards of ``samples_per_shard`` samples; the
+small 1-D arrays use one chunk per shard. A writer writes whole shards, so writers never share a file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")   # written per shard by extraction
+INDEX_ARRAYS = ("labels", "split", "ids")                          # written once, at creation
+DONE = "done"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes that fix the store's arrays."""
+    n_samples: int
+    layers: int          # L
+    heads: int           # H
+    k: int               # selected tokens per head
+    head_dim: int        # d
+    embed_dim: int       # D
+    image_res: int       # R
+    channels: int = 3
+    samples_per_shard: int = 64
+
+    def sample_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Per-sample shape and dtype of each array (without the leading S)."""
+        L, H, k, d = self.layers, self.heads, self.k, self.head_dim
+        return {
+            "keys": ((L, H, k, d), "float16"),
+            "values": ((L, H, k, d), "float16"),
+            "indices": ((L, H, k), "int32"),
+            "cls": ((self.embed_dim,), "float16"),
+            "images": ((self.image_res, self.image_res, self.channels), "uint8"),
+            "labels": ((), "int16"),
+            "split": ((), "uint8"),
+            "ids": ((), "str"),
+            DONE: ((), "bool"),
+        }
+
+    def bytes_per_sample(self) -> int:
+        return sum(int(np.prod(shape)) * (np.dtype(dt).itemsize if dt != "str" else 32)
+                   for shape, dt in self.sample_shapes().values())
+
+    def n_shards(self) -> int:
+        return -(-self.n_samples // self.samples_per_shard)
+
+    def shard_range(self, shard: int) -> range:
+        start = shard * self.samples_per_shard
+        return range(start, min(start + self.samples_per_shard, self.n_samples))
+
+
+def choose_samples_per_shard(bytes_per_sample: int, target_bytes: int = 64 << 20) -> int:
+    """Shards of about ``target_bytes`` uncompressed: big enough for few files, small enough to buffer."""
+    return int(max(1, min(1024, target_bytes // max(1, bytes_per_sample))))
+
+
+def compressors() -> list:
+    """Blosc-zstd with byte shuffle, then a crc32c checksum on every chunk (shard indices carry one too)."""
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]

@@ -1,0 +1,152 @@
+"""Reading a store: StoreReader for training, ``as_dask`` for notebooks, ``summarize`` for ``fpt inspect``."""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+
+from fpt import FptError
+from fpt.store.layout import DONE, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry
+
+
+def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open an fpt store's Zarr group, refusing anything that is not a store of this schema version."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise FptError(f"{path} is not an fpt store (no zarr.json); create one with `fpt extract`")
+    try:
+        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        version = group.attrs.get("fpt_store_version")
+    except Exception as e:  # unreadable / truncated metadata
+        raise FptError(f"{path}: cannot read store metadata ({type(e).__name__}: {e})") from None
+    if version != SCHEMA_VERSION:
+        raise FptError(f"{path}: store schema version {version}, this fpt reads version {SCHEMA_VERSION}; "
+                       "re-extract it with this fpt (`fpt extract ... --overwrite`)")
+    return group
+
+
+class StoreReader:
+    """Read-only access to one store.
+
+    >>> r = StoreReader("demo.zarr")
+    >>> idx = r.split_indices("train")
+    >>> batch = r.read(idx[:16])          # dict: keys/values [16, L, H, k, d], images [16, R, R, C], labels [16]
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.group = open_group(self.path)
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        self.geometry = Geometry(**self.attrs["geometry"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["dataset"]["classes"])
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return self.group["labels"][:].astype(np.int64)
+
+    @cached_property
+    def split(self) -> np.ndarray:
+        return self.group["split"][:]
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return np.array(self.group["ids"][:].tolist(), dtype=object)
+
+    def done(self) -> np.ndarray:
+        return self.group[DONE][:]
+
+    def require_complete(self) -> None:
+        missing = int((~self.done()).sum())
+        if missing:
+            raise FptError(f"{self.path}: {missing} of {self.geometry.n_samples} samples are not extracted yet; "
+                           "re-run the same `fpt extract` command to finish the store")
+
+    def split_indices(self, split: str) -> np.ndarray:
+        idx = np.flatnonzero(self.split == SPLITS.index(split))
+        if len(idx) == 0:
+            raise FptError(f"{self.path}: the {split} split is empty")
+        return idx
+
+    def read(self, idx: Iterable[int], names: Iterable[str] = ("keys", "values", "images")) -> dict[str, np.ndarray]:
+        """Arrays for the samples ``idx`` (any order; returned in that order) plus their ``labels``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        out: dict[str, np.ndarray] = {}
+        for name in names:
+            try:
+                data = self.group[name].get_orthogonal_selection((sorted_idx,))
+            except Exception as e:
+                raise FptError(f"{self.path}: cannot read {name!r} for samples "
+                               f"{list(self.ids[sorted_idx][:5])}... ({type(e).__name__}: {e})") from None
+            out[name] = data[inverse]
+        out["labels"] = self.labels[idx]
+        return out
+
+
+def as_dask(path: str | Path) -> dict[str, "dask.array.Array"]:
+    """Every array of the store as a lazy dask array, chunked by shard (one task per shard file).
+
+    >>> arrays = as_dask("cmmd.zarr")
+    >>> arrays["keys"]                      # dask.array<[S, L, H, k, d], float16>
+    >>> arrays["keys"][arrays["split"] == 0].mean(axis=(0, 3)).compute()   # mean train key per layer/head/dim
+    """
+    import dask.array as da
+
+    group = open_group(path)
+    out = {}
+    for name, arr in group.arrays():
+        chunks = arr.shards or arr.chunks
+        out[name] = da.from_zarr(arr, chunks=chunks)
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """What ``fpt inspect`` shows, computed with dask so it works on stores larger than memory."""
+    import dask
+    import dask.array as da
+
+    path = Path(path)
+    arrays = as_dask(path)
+    group = open_group(path)
+    attrs = dict(group.attrs)
+    classes = attrs["dataset"]["classes"]
+    split, labels, done = arrays["split"], arrays["labels"], arrays[DONE]
+    counts = [[(split == s) & (labels == c) for c in range(len(classes))] for s in range(len(SPLITS))]
+    counts_sum, done_sum = dask.compute([[m.sum() for m in row] for row in counts], done.sum())
+    table = []
+    for name, arr in group.arrays():
+        codecs = [c.get("name") for c in arr.metadata.to_dict()["codecs"]]
+        if codecs == ["sharding_indexed"]:
+            inner = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+            codecs = ["shard(" + "+".join(c["name"] for c in inner) + ")"]
+        table.append({
+            "name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
+            "shards": tuple(arr.shards) if arr.shards else None, "codecs": codecs,
+            "raw_bytes": int(np.prod(arr.shape)) * (arr.dtype.itemsize if arr.dtype.kind != "T" else 0),
+            "disk_bytes": _dir_bytes(path / name),
+        })
+    return {
+        "path": str(path),
+        "attrs": attrs,
+        "counts": {SPLITS[s]: {classes[c]: int(counts_sum[s][c]) for c in range(len(classes))}
+                   for s in range(len(SPLITS))},
+        "done": int(done_sum),
+        "n_samples": int(split.shape[0]),
+        "arrays": table,
+        "disk_bytes": _dir_bytes(path),
+        "raw_bytes": sum(a["raw_bytes"] for a in table),
+    }

@@ -1,0 +1,120 @@
+"""StoreWriter: creates a store, writes whole shards, marks samples done last."""
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+
+from fpt import FptError, __version__
+from fpt.store.layout import (DONE, INDEX_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, Geometry, compressors)
+from fpt.store.reader import open_group
+
+# attrs sections that define what a store contains; a re-run must ask for exactly these
+IDENTITY_SECTIONS = ("backbone", "extraction", "dataset", "normalization")
+VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through the ids instead
+
+
+class StoreWriter:
+    """Writes one store. Safe to use from several processes as long as each writes different shards."""
+
+    def __init__(self, group: zarr.Group, geometry: Geometry):
+        self.group = group
+        self.geometry = geometry
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, geometry: Geometry, attrs: Mapping[str, Any], ids: np.ndarray,
+             labels: np.ndarray, split: np.ndarray, overwrite: bool = False) -> "StoreWriter":
+        """Create the store at ``path``, or reopen it for resuming when it holds the same extraction.
+
+        An existing store that differs in backbone, extraction settings, dataset or sample ids is refused
+        unless ``overwrite`` (which deletes it first).
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            group = open_group(path, mode="r+")
+            problem = _identity_difference(dict(group.attrs), attrs)
+            if problem is None and group["ids"][:].tolist() != [str(i) for i in ids]:
+                problem = "the sample ids differ (the data changed)"
+            if problem:
+                raise FptError(f"{path} holds a different extraction ({problem}); "
+                               "pass --overwrite to replace it or --out to write elsewhere")
+            stored = Geometry(**group.attrs["geometry"])
+            return cls(group, stored)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return cls._create(path, geometry, attrs, ids, labels, split)
+
+    @classmethod
+    def _create(cls, path: Path, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
+                split: np.ndarray) -> "StoreWriter":
+        group = zarr.open_group(path, mode="w", zarr_format=3)
+        S, per = g.n_samples, g.samples_per_shard
+        for name, (shape, dtype) in g.sample_shapes().items():
+            if name in SAMPLE_ARRAYS:
+                group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1, *shape),
+                                   shards=(per, *shape), compressors=compressors(), fill_value=0)
+            else:
+                group.create_array(name, shape=(S,), dtype=str if dtype == "str" else dtype, chunks=(per,),
+                                   compressors=compressors(), fill_value="" if dtype == "str" else 0)
+        group["ids"][:] = ids.astype(object)
+        group["labels"][:] = labels.astype(np.int16)
+        group["split"][:] = split.astype(np.uint8)
+        group.attrs.update({
+            **attrs,
+            "fpt_store_version": SCHEMA_VERSION,
+            "fpt_version": __version__,
+            "geometry": g.__dict__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+        return cls(group, g)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def pending_shards(self) -> list[int]:
+        done = self.group[DONE][:]
+        return [s for s in range(self.geometry.n_shards()) if not done[self.geometry.shard_range(s)].all()]
+
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write every sample array of one shard, then its ``done`` flags.
+
+        arrays: ``keys``/``values`` [n, L, H, k, d], ``indices`` [n, L, H, k], ``cls`` [n, D],
+        ``images`` [n, R, R, C] with n = the shard's sample count.
+        """
+        rows = self.geometry.shard_range(shard)
+        sel = slice(rows.start, rows.stop)
+        for name in SAMPLE_ARRAYS:
+            data = np.asarray(arrays[name])
+            expected = (len(rows), *self.group[name].shape[1:])
+            if data.shape != expected:
+                raise ValueError(f"{name}: shard {shard} expects shape {expected}, got {data.shape}")
+            self.group[name][sel] = data
+        self.group[DONE][sel] = True
+
+    def update_attrs(self, **sections: Any) -> None:
+        self.group.attrs.update(sections)
+
+
+def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    for section in IDENTITY_SECTIONS:
+        a = {k: v for k, v in (stored.get(section) or {}).items() if k not in VOLATILE_KEYS}
+        b = {k: v for k, v in _jsonable(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{section}.{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    """What ``value`` looks like after a round trip through zarr.json (tuples become lists)."""
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+__all__ = ["StoreWriter", "INDEX_ARRAYS"]
