@@ -1,0 +1,257 @@
+"""The ``fpt`` command: parse options, merge them over pipelines.yaml (fpt.config), call one function, show it."""
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from fpt import FptError
+from fpt import config as fpt_config
+
+app = typer.Typer(
+    help="FPT+ for high-resolution medical images: extract a frozen ViT's important-token K/V once into a Zarr "
+         "store, then train small side networks from it as often as you like.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """Bad input -> one red line on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED")
+                return fn(*args, **kwargs)
+        except FptError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def run_extract(cfg: fpt_config.ExtractConfig):
+    from fpt.extract import extract
+
+    if cfg.random_init:
+        err.print(f"[bold yellow]WARNING: {cfg.backbone} is randomly initialised (--random-init): the store will "
+                  "carry no pre-trained knowledge. This is recorded in the store.[/]")
+    with _progress() as progress:
+        task = progress.add_task(f"extract {cfg.name}", total=None, rate="")
+
+        def update(done: int, total: int):
+            speed = progress.tasks[task].speed
+            progress.update(task, completed=done, total=total, rate=f"{speed:.1f} img/s" if speed else "")
+        result = extract(cfg, progress=update)
+    if result.n_written == 0:
+        console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
+    else:
+        console.print(f"wrote {result.n_written} samples to [bold]{result.path}[/] in {result.seconds:.1f} s "
+                      f"({result.images_per_s:.1f} images/s, peak memory {result.peak_memory_mb:.0f} MB)")
+    return result
+
+
+@app.command()
+@friendly
+def extract(
+    dataset: Optional[str] = typer.Option(None, help="Pipeline name from pipelines.yaml (demo, cmmd, ddsm, ...)."),
+    data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/<class>/<image>."),
+    res: Optional[int] = typer.Option(None, help="LPM input side in pixels (multiple of the patch size)."),
+    out: Optional[Path] = typer.Option(None, help="Store path [default: <name>.zarr]."),
+    backbone: Optional[str] = typer.Option(None, help="timm ViT name [default: vit_base_patch16_224.augreg_in21k]."),
+    weights: Optional[Path] = typer.Option(None, help="Local weights: timm/torch state dict or .safetensors."),
+    random_init: bool = typer.Option(False, "--random-init", help="Use a randomly initialised LPM (tests/demos only)."),
+    layers: Optional[str] = typer.Option(None, help="LPM layers to extract: 6-11 or 6,8,10 [default: last half]."),
+    token_ratio: Optional[float] = typer.Option(None, help="Share of tokens kept per layer and head, in (0, 1]."),
+    importance: Optional[str] = typer.Option(None, help="global (mean attention received) or cls (class-token row)."),
+    image_res: Optional[int] = typer.Option(None, help="Side of the stored low-res copy [default: 2x side res]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per LPM forward pass."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean, R,G,B in [0, 1]."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B."),
+    shard_size: Optional[int] = typer.Option(None, help="Samples per shard file [default: ~64 MB of raw data]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds a different extraction."),
+):
+    """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
+    cfg = fpt_config.extract_config(
+        dataset, data, res=res, out=out, backbone=backbone, weights=weights, random_init=random_init or None,
+        layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
+        image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
+        mean=fpt_config.parse_floats(mean, "mean"), std=fpt_config.parse_floats(std, "std"),
+        overwrite=overwrite or None)
+    run_extract(cfg)
+
+
+def _train_cfg(store: Path, **options) -> fpt_config.TrainConfig:
+    from fpt.store import StoreReader
+
+    dataset = StoreReader(store).attrs["dataset"]["name"]
+    return fpt_config.train_config(store, dataset, **options)
+
+
+def run_train(cfg: fpt_config.TrainConfig) -> dict:
+    from fpt.train import train
+
+    with _progress() as progress:
+        task = progress.add_task("train", total=cfg.epochs, rate="")
+
+        def update(record: dict):
+            auc = record["val"]["auc"]
+            progress.update(task, advance=1, rate=f"loss {record['loss']:.3f} val AUC "
+                            f"{auc:.4f}" if auc is not None else f"loss {record['loss']:.3f}")
+        return train(cfg, on_epoch=update)
+
+
+@app.command("train")
+@friendly
+def train_cmd(
+    store: Path = typer.Option(..., help="Store written by `fpt extract`."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<store>-<timestamp>]."),
+    side_res: Optional[int] = typer.Option(None, help="Side network input side (multiple of the patch size)."),
+    prompts: Optional[int] = typer.Option(None, help="Fine-grained prompts per layer; 0 = side network alone."),
+    reduction: Optional[int] = typer.Option(None, help="Side width = LPM width / reduction."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate [default: the dataset's pipeline entry]."),
+    weight_decay: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+):
+    """Train the side network with fine-grained prompts from a store; best checkpoint by val AUC, then test."""
+    cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device)
+    m = run_train(cfg)
+    show_metrics([m])
+
+
+def show_metrics(runs: list[dict]) -> None:
+    table = Table(title="test metrics (best val-AUC checkpoint)")
+    for col in ("method", "AUC", "acc", "F1", "kappa", "learnable", "learnable %"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for m in runs:
+        t, p = m["test"], m["params"]
+        table.add_row(m["method"], fmt(t["auc"]), fmt(t["acc"]), fmt(t["f1"]), fmt(t["kappa"]),
+                      f"{p['learnable']:,}", f"{p['ratio_percent']:.2f}")
+    console.print(table)
+    for m in runs:
+        console.print(f"{m['method']} run: {m['run_dir']}")
+
+
+@app.command()
+@friendly
+def evaluate(
+    store: Path = typer.Option(..., help="Store to evaluate on."),
+    checkpoint: Path = typer.Option(..., help="best.pt from a run on this store."),
+    split: str = typer.Option("test", help="train, val or test."),
+    device: str = typer.Option("auto"),
+):
+    """Evaluate a trained checkpoint on one split of a store."""
+    from fpt.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(store, checkpoint, split, device=device)
+    table = Table(title=f"{checkpoint} on {store} ({split}, n={result['n']})")
+    for k in ("auc", "acc", "f1", "kappa", "precision", "recall"):
+        table.add_column(k, justify="right")
+    table.add_row(*("-" if result[k] is None else f"{result[k]:.4f}" for k in
+                    ("auc", "acc", "f1", "kappa", "precision", "recall")))
+    console.print(table)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+@app.command()
+@friendly
+def inspect(path: Path = typer.Argument(..., help="Store path."),
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
+    """Summarise a store (computed lazily with dask): backbone, extraction, counts, arrays, bytes, completeness."""
+    from fpt.store import summarize
+
+    s = summarize(path)
+    if as_json:
+        console.print_json(json.dumps(s, default=str))
+        return
+    a = s["attrs"]
+    bb, ex = a["backbone"], a["extraction"]
+    head = Table.grid(padding=(0, 2))
+    for k, v in [("store", s["path"]), ("schema version", a["fpt_store_version"]), ("fpt", a["fpt_version"]),
+                 ("created", a["created"]),
+                 ("backbone", f"{bb['name']} ({bb['weights_source']}, {bb['n_params']:,} params, "
+                              f"D={bb['embed_dim']}, H={bb['heads']}, d={bb['head_dim']}, patch {bb['patch_size']})"),
+                 ("weights sha256", bb["weights_sha256"][:16] + "…"),
+                 ("extraction", f"res {ex['res']}, layers {ex['layers']}, token ratio {ex['token_ratio']} "
+                                f"-> k={ex['k']}, importance {ex['importance']}, low-res {ex['image_res']} px"),
+                 ("complete", f"{s['done']}/{s['n_samples']} samples"
+                              + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),
+                 ("size", f"{_bytes(s['disk_bytes'])} on disk, {_bytes(s['raw_bytes'])} raw "
+                          f"({s['disk_bytes'] / max(1, s['raw_bytes']):.2f}x), "
+                          f"{_bytes(s['disk_bytes'] / max(1, s['n_samples']))} per sample")]:
+        head.add_row(f"[bold]{k}", str(v))
+    if bb["random_init"]:
+        head.add_row("[bold red]warning", "[red]random-init LPM: no pre-trained knowledge")
+    console.print(head)
+    counts = Table(title="samples per split and class")
+    classes = a["dataset"]["classes"]
+    counts.add_column("split")
+    for c in classes:
+        counts.add_column(c, justify="right")
+    counts.add_column("total", justify="right")
+    for split, row in s["counts"].items():
+        counts.add_row(split, *(str(row[c]) for c in classes), str(sum(row.values())))
+    console.print(counts)
+    arrays = Table(title="arrays")
+    for col in ("name", "shape", "dtype", "chunk", "shard", "codecs", "raw", "disk"):
+        arrays.add_column(col, no_wrap=col not in ("codecs",))
+    for r in sorted(s["arrays"], key=lambda r: r["name"]):
+        dims = lambda t: "×".join(map(str, t))  # noqa: E731
+        arrays.add_row(r["name"], dims(r["shape"]), r["dtype"].replace("StringDType()", "string"), dims(r["chunks"]),
+                       dims(r["shards"]) if r["shards"] else "-", "+".join(r["codecs"]),
+                       _bytes(r["raw_bytes"]) if r["raw_bytes"] else "-", _bytes(r["disk_bytes"]))
+    console.print(arrays)
+
+
+@app.command()
+@friendly
+def demo(out_dir: Path = typer.Option(Path("fpt-demo"), help="Where the demo store and runs go."),
+         epochs: Optional[int] = typer.Option(None, help="Training epochs [default: pipelines.yaml demo entry]."),
+         device: Optional[str] = typer.Option(None, help="auto, cpu or cuda.")):
+    """Generate the synthetic fine-texture task, extract it with a small random ViT, train FPT+ and the side
+    network alone, and compare their test AUC."""
+    store = out_dir / "demo.zarr"
+    run_extract(fpt_config.extract_config("demo", out=store, device=device))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    runs = []
+    for name, prompts in (("fpt+", None), ("side-only", 0)):
+        console.rule(f"train {name}")
+        cfg = _train_cfg(store, out=out_dir / "runs" / f"{name}-{stamp}", prompts=prompts, epochs=epochs,
+                         device=device)
+        runs.append(run_train(cfg))
+    show_metrics(runs)
+    console.print(f"store: [bold]{store}[/]  (try `fpt inspect {store}`)")
+
+
+if __name__ == "__main__":
+    app()
