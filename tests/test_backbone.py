@@ -1,0 +1,100 @@
+"""The frozen LPM: captured K/V are the ones inside timm's attention; weights loading; bad backbones."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from fpt import FptError
+from fpt.extract import FrozenLPM, create_backbone
+from tests.conftest import MICRO
+
+
+def reference_qkv(model, images, layers):
+    """Per layer: (q, k, v [B, H, N, d], attention output) recomputed by hand from each block's input."""
+    inputs, outputs = {}, {}
+    hooks = []
+    for l in layers:
+        attn = model.blocks[l].attn
+        hooks.append(attn.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0])))
+        hooks.append(attn.register_forward_hook(lambda m, a, o, l=l: outputs.__setitem__(l, o)))
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    result = {}
+    for l in layers:
+        attn, x = model.blocks[l].attn, inputs[l]
+        B, N, D = x.shape
+        qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, N, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)     # naive attention
+        out = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, D))
+        result[l] = (q, k, v, probs, out, outputs[l])
+    return result
+
+
+@pytest.mark.parametrize("mode", ["global", "cls"])
+def test_captured_kv_equal_timm_attention_kv(mode):
+    model, info = create_backbone(MICRO, 64, random_init=True)
+    layers = [1, 3]
+    lpm = FrozenLPM(model, layers, token_ratio=0.25, importance=mode, query_block=5)
+    images = torch.randn(2, 3, 64, 64)
+    out = lpm(images)
+    ref = reference_qkv(model, images, layers)
+    k_sel = lpm.n_selected(64)
+    assert k_sel == int(65 * 0.25)
+    assert out["keys"].shape == (2, 2, info.heads, k_sel, info.head_dim)
+    for i, l in enumerate(layers):
+        q, k, v, probs, naive_out, timm_out = ref[l]
+        torch.testing.assert_close(naive_out, timm_out, rtol=1e-4, atol=1e-5)   # these q/k/v are timm's
+        importance = probs.mean(-2) if mode == "global" else probs[:, :, 0]
+        expected_idx = importance.topk(k_sel, dim=-1).indices                    # [B, H, k]
+        assert torch.equal(out["indices"][:, i], expected_idx)
+        gather = expected_idx.unsqueeze(-1).expand(-1, -1, -1, info.head_dim)
+        torch.testing.assert_close(out["keys"][:, i], k.gather(2, gather))
+        torch.testing.assert_close(out["values"][:, i], v.gather(2, gather))
+        # what the store keeps: fp16
+        torch.testing.assert_close(out["keys"][:, i].half().float(), k.gather(2, gather), rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        cls = model.forward_features(images)[:, 0]
+    torch.testing.assert_close(out["cls"], cls)
+
+
+def test_local_weights_file_loads_and_resamples_pos_embed(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model(MICRO, num_classes=5)                 # trained at 64 px, with a head
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    m1, i1 = create_backbone(MICRO, 64, weights=tmp_path / "w.pth")
+    m2, i2 = create_backbone(MICRO, 64, weights=tmp_path / "w.safetensors")
+    assert i1.weights_sha256 == i2.weights_sha256 and not i1.random_init
+    torch.testing.assert_close(m1.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    m3, _ = create_backbone(MICRO, 96, weights=tmp_path / "w.pth")   # 8x8 -> 12x12 patch grid
+    assert m3.pos_embed.shape[1] == 1 + 12 * 12
+    _, rand = create_backbone(MICRO, 64, random_init=True)
+    assert rand.weights_sha256 != i1.weights_sha256 and rand.weights_source == "random-init"
+
+
+def test_random_init_is_reproducible():
+    _, a = create_backbone(MICRO, 64, random_init=True)
+    _, b = create_backbone(MICRO, 64, random_init=True)
+    assert a.weights_sha256 == b.weights_sha256
+
+
+@pytest.mark.parametrize("name,res,message", [
+    ("no_such_vit", 64, "unknown backbone"),
+    (MICRO, 60, "not a multiple of the patch size 8"),
+])
+def test_bad_backbone_requests_are_clear(name, res, message):
+    with pytest.raises(FptError, match=message):
+        create_backbone(name, res, random_init=True)
+
+
+def test_bad_weights_file_is_clear(tmp_path):
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(FptError, match="cannot read weights file"):
+        create_backbone(MICRO, 64, weights=tmp_path / "bad.pth")
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(FptError, match="does not match"):
+        create_backbone(MICRO, 64, weights=tmp_path / "other.pth")

@@ -1,0 +1,105 @@
+"""The fpt command: bad input gets one clear line and exit code 2, never a traceback; the demo shows FPT+."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from fpt import cli
+from fpt.cli import app
+from fpt.store import StoreReader
+from tests.conftest import MICRO, write_image_folder
+
+runner = CliRunner()
+MICRO_ARGS = ["--backbone", MICRO, "--random-init", "--res", "64", "--image-res", "32", "--device", "cpu",
+              "--shard-size", "4", "--batch-size", "4"]
+
+
+def fails_cleanly(args, message):
+    result = runner.invoke(app, args)
+    text = result.output
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text and result.exception is None or isinstance(result.exception, SystemExit)
+    error_lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in " ".join(text.split()), text
+    return text
+
+
+def test_missing_and_unknown_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("FPT_DATA_CMMD", raising=False)
+    fails_cleanly(["extract", "--data", str(tmp_path / "nope")], "does not exist")
+    fails_cleanly(["extract", "--dataset", "cmmd"], "pass --data PATH or set FPT_DATA_CMMD=PATH")
+    fails_cleanly(["extract", "--dataset", "nosuch"], "unknown dataset 'nosuch'")
+    fails_cleanly(["extract"], "give --dataset NAME")
+
+
+def test_empty_split_and_bad_res(tmp_path):
+    data = write_image_folder(tmp_path / "d", {"train": 2, "val": 1, "test": 0})
+    fails_cleanly(["extract", "--data", str(data), *MICRO_ARGS], "the test split")
+    data = write_image_folder(tmp_path / "e")
+    fails_cleanly(["extract", "--data", str(data), *MICRO_ARGS, "--res", "60"], "not a multiple of the patch size")
+    fails_cleanly(["extract", "--data", str(data), *MICRO_ARGS, "--token-ratio", "1.5"], "must be in (0, 1]")
+    fails_cleanly(["extract", "--data", str(data), *MICRO_ARGS, "--layers", "2-9"], "has layers 0-3")
+
+
+def test_corrupt_image_is_named_and_written_shards_survive(tmp_path):
+    data = write_image_folder(tmp_path / "d")
+    bad = data / "test" / "malignant" / "001.png"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    store = tmp_path / "s.zarr"
+    fails_cleanly(["extract", "--data", str(data), *MICRO_ARGS, "--out", str(store)], f"cannot read image {bad}")
+    assert StoreReader(store).done().sum() == 12            # the shards before the bad image stay done
+    bad.write_bytes(good)
+    result = runner.invoke(app, ["extract", "--data", str(data), *MICRO_ARGS, "--out", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "wrote 4 samples" in result.output and StoreReader(store).done().all()
+
+
+def test_store_problems(tmp_path, micro_store):
+    fails_cleanly(["inspect", str(tmp_path)], "is not an fpt store")
+    fails_cleanly(["train", "--store", str(micro_store), "--side-res", "12", "--out", str(tmp_path / "r")],
+                  "not a multiple of the patch size 8")
+    meta = json.loads((micro_store / "zarr.json").read_text())
+    meta["attributes"]["fpt_store_version"] = 0
+    (micro_store / "zarr.json").write_text(json.dumps(meta))
+    fails_cleanly(["train", "--store", str(micro_store)], "store schema version 0")
+
+
+def test_evaluate_mismatched_checkpoint(tmp_path, micro_store, image_folder):
+    run = tmp_path / "run"
+    ok = runner.invoke(app, ["train", "--store", str(micro_store), "--out", str(run), "--side-res", "16",
+                             "--epochs", "1", "--device", "cpu"])
+    assert ok.exit_code == 0, ok.output
+    other = tmp_path / "o.zarr"
+    assert runner.invoke(app, ["extract", "--data", str(image_folder), *MICRO_ARGS, "--out", str(other),
+                               "--importance", "cls"]).exit_code == 0
+    fails_cleanly(["evaluate", "--store", str(other), "--checkpoint", str(run / "best.pt")],
+                  "trained on another store")
+    fails_cleanly(["evaluate", "--store", str(micro_store), "--checkpoint", str(tmp_path / "none.pt")],
+                  "no such file")
+
+
+def test_inspect_shows_the_store(micro_store, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 160)
+    result = runner.invoke(app, ["inspect", str(micro_store)])
+    assert result.exit_code == 0, result.output
+    for text in ("schema version", "fpt_test_vit_micro_patch8", "k=13", "16/16 samples", "keys", "crc32c"):
+        assert text in result.output
+    as_json = runner.invoke(app, ["inspect", str(micro_store), "--json"])
+    assert json.loads(as_json.output)["counts"]["train"] == {"benign": 4, "malignant": 4}
+
+
+def test_demo_shows_fpt_plus_reading_what_the_side_network_cannot_see(tmp_path):
+    """The real console script, end to end (short training): FPT+ separates the classes, side-only cannot."""
+    env = {**os.environ, "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-m", "fpt.cli", "demo", "--out-dir", str(tmp_path), "--epochs", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+            for p in (tmp_path / "runs").glob("*/metrics.json")}
+    assert runs["fpt+"]["test"]["auc"] > 0.9
+    assert runs["side-only"]["test"]["auc"] < 0.75
+    assert "fpt+" in proc.stdout and "side-only" in proc.stdout

@@ -1,0 +1,76 @@
+"""Fusion module against the paper's formulas; side network shapes and prompt removal; parameter shares."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from fpt.train import FusionModule, ModelSpec, SideNetwork, parameter_counts
+
+SPEC = ModelSpec(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=3, n_classes=4, side_res=32,
+                 prompts=5, reduction=4)
+
+
+def test_fusion_matches_paper_formula():
+    torch.manual_seed(0)
+    fusion = FusionModule(layers=3, prompts=5, lpm_dim=32, lpm_heads=2, side_dim=8, dropout=0.0)
+    keys, values = torch.randn(2, 3, 2, 7, 16), torch.randn(2, 3, 2, 7, 16)
+    out = fusion(keys, values)
+    assert out.shape == (2, 3, 5, 8)
+    for b in range(2):
+        for l in range(3):
+            p = fusion.prompts[l]                                            # [P, D]
+            q = F.layer_norm(p, (32,), fusion.norm.weight, fusion.norm.bias)  # LN(p)
+            heads = []
+            for h in range(2):
+                qh = q[:, h * 16:(h + 1) * 16]                               # split into the LPM's heads
+                attn = torch.softmax(qh @ keys[b, l, h].T / 16 ** 0.5, dim=-1)
+                heads.append(attn @ values[b, l, h])
+            context = torch.cat(heads, dim=-1)                               # CA(p, z_M)
+            expected = fusion.out_proj(context + p)                          # f_out(CA + p)
+            torch.testing.assert_close(out[b, l], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_side_network_appends_and_removes_prompts_every_layer():
+    model = SideNetwork(SPEC).eval()
+    seen = []
+    for block in model.vit.blocks:
+        block.register_forward_hook(lambda m, a, o: seen.append((a[0].shape[1], o.shape[1])))
+    images = torch.randn(2, 3, 32, 32)
+    logits = model(images, torch.randn(2, 3, 2, 6, 16), torch.randn(2, 3, 2, 6, 16))
+    assert logits.shape == (2, 4)
+    n = 1 + (32 // 8) ** 2
+    assert seen == [(n + 5, n + 5)] * 3                       # each block sees tokens + 5 prompts
+    assert model.vit.embed_dim == 32 // 4 and len(model.vit.blocks) == 3
+    # the stored K/V reach the logits through the prompts
+    other = model(images, torch.randn(2, 3, 2, 6, 16), torch.randn(2, 3, 2, 6, 16))
+    assert not torch.allclose(logits, other)
+
+
+def test_one_out_projector_shared_by_all_layers():
+    model = SideNetwork(SPEC)
+    projectors = [m for m in model.fusion.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(projectors) == 1 and projectors[0].weight.shape == (8, 32)
+    assert model.fusion.prompts.shape == (3, 5, 32)
+
+
+def test_side_only_has_no_fusion_and_ignores_kv():
+    model = SideNetwork(ModelSpec(**{**SPEC.as_dict(), "prompts": 0})).eval()
+    assert model.fusion is None
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+@pytest.fixture(scope="module")
+def vit_b_512_params():
+    return sum(p.numel() for p in timm.create_model("vit_base_patch16_224", num_classes=0, img_size=512).parameters())
+
+
+# paper Table 4: learnable share (%) with ViT-B at 512, side 128, reduction 8, 6 layers
+TABLE_4 = {4: 0.96, 8: 0.99, 16: 1.03, 32: 1.11, 64: 1.28, 128: 1.61}
+
+
+@pytest.mark.parametrize("prompts", sorted(TABLE_4))
+def test_learnable_share_tracks_paper_table_4(vit_b_512_params, prompts):
+    spec = ModelSpec(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, layers=6, n_classes=2,
+                     side_res=128, prompts=prompts, reduction=8)
+    ratio = parameter_counts(SideNetwork(spec), vit_b_512_params)["ratio_percent"]
+    assert abs(ratio - TABLE_4[prompts]) <= 0.011, ratio

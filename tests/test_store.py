@@ -1,0 +1,128 @@
+"""Store round trip, shard-wise done flags, resume, refusal of mismatched stores, dask views."""
+import json
+
+import numpy as np
+import pytest
+
+from fpt import FptError
+from fpt.store import Geometry, StoreReader, StoreWriter, as_dask, summarize
+
+GEOM = Geometry(n_samples=7, layers=2, heads=3, k=4, head_dim=5, embed_dim=15, image_res=6, samples_per_shard=3)
+ATTRS = {"backbone": {"name": "x", "n_params": 1}, "extraction": {"res": 64, "layers": [2, 3]},
+         "dataset": {"name": "t", "classes": ["a", "b"]}, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+
+
+def shard_arrays(n, seed):
+    rng = np.random.default_rng(seed)
+    g = GEOM
+    return {"keys": rng.standard_normal((n, g.layers, g.heads, g.k, g.head_dim)).astype(np.float16),
+            "values": rng.standard_normal((n, g.layers, g.heads, g.k, g.head_dim)).astype(np.float16),
+            "indices": rng.integers(0, 100, (n, g.layers, g.heads, g.k)).astype(np.int32),
+            "cls": rng.standard_normal((n, g.embed_dim)).astype(np.float16),
+            "images": rng.integers(0, 255, (n, g.image_res, g.image_res, 3)).astype(np.uint8)}
+
+
+def open_writer(path, attrs=ATTRS, ids=None, overwrite=False):
+    ids = np.array(ids or [f"s{i}" for i in range(7)], dtype=object)
+    return StoreWriter.open(path, GEOM, attrs, ids=ids, labels=np.array([0, 1, 0, 1, 0, 1, 1]),
+                            split=np.array([0, 0, 0, 1, 1, 2, 2]), overwrite=overwrite)
+
+
+def test_round_trip_is_identical(tmp_path):
+    w = open_writer(tmp_path / "s.zarr")
+    written = {s: shard_arrays(len(GEOM.shard_range(s)), s) for s in range(GEOM.n_shards())}
+    for s, arrays in written.items():
+        w.write_shard(s, arrays)
+    r = StoreReader(tmp_path / "s.zarr")
+    r.require_complete()
+    every = r.read(range(7), ("keys", "values", "indices", "cls", "images"))
+    for name in ("keys", "values", "indices", "cls", "images"):
+        expected = np.concatenate([written[s][name] for s in range(3)])
+        assert every[name].dtype == expected.dtype
+        np.testing.assert_array_equal(every[name], expected)
+    # any order in, same order out
+    some = r.read([5, 0, 3], ("keys",))
+    np.testing.assert_array_equal(some["keys"], every["keys"][[5, 0, 3]])
+    np.testing.assert_array_equal(some["labels"], [1, 0, 1])
+    assert list(r.ids) == [f"s{i}" for i in range(7)] and r.classes == ["a", "b"]
+    np.testing.assert_array_equal(r.split_indices("val"), [3, 4])
+
+
+def test_done_is_set_only_after_all_arrays(tmp_path, monkeypatch):
+    w = open_writer(tmp_path / "s.zarr")
+    arrays = shard_arrays(3, 0)
+    original = type(w.group["images"]).__setitem__
+    calls = []
+
+    def failing_setitem(self, key, value):
+        calls.append(self.basename)
+        if self.basename == "images":
+            raise OSError("disk full")
+        return original(self, key, value)
+
+    monkeypatch.setattr(type(w.group["images"]), "__setitem__", failing_setitem)
+    with pytest.raises(OSError):
+        w.write_shard(0, arrays)
+    monkeypatch.undo()
+    assert "keys" in calls and "done" not in calls
+    assert not StoreReader(tmp_path / "s.zarr").done().any()
+    assert w.pending_shards() == [0, 1, 2]
+    w.write_shard(0, arrays)
+    assert StoreReader(tmp_path / "s.zarr").done().tolist() == [True] * 3 + [False] * 4
+
+
+def test_reopen_resumes_and_refuses_other_extractions(tmp_path):
+    path = tmp_path / "s.zarr"
+    open_writer(path).write_shard(1, shard_arrays(3, 1))
+    again = open_writer(path)                                   # same identity: resume
+    assert again.pending_shards() == [0, 2]
+    other = json.loads(json.dumps(ATTRS))
+    other["extraction"]["res"] = 128
+    with pytest.raises(FptError, match="extraction.res: stored 64, requested 128"):
+        open_writer(path, attrs=other)
+    with pytest.raises(FptError, match="sample ids differ"):
+        open_writer(path, ids=[f"t{i}" for i in range(7)])
+    fresh = open_writer(path, attrs=other, overwrite=True)      # explicit overwrite starts over
+    assert fresh.pending_shards() == [0, 1, 2]
+
+
+def test_other_schema_version_and_non_store_refused(tmp_path):
+    w = open_writer(tmp_path / "s.zarr")
+    w.update_attrs(fpt_store_version=99)
+    with pytest.raises(FptError, match="schema version 99"):
+        StoreReader(tmp_path / "s.zarr")
+    with pytest.raises(FptError, match="not an fpt store"):
+        StoreReader(tmp_path)
+
+
+def test_incomplete_store_is_refused_for_training(tmp_path):
+    open_writer(tmp_path / "s.zarr").write_shard(0, shard_arrays(3, 0))
+    with pytest.raises(FptError, match="4 of 7 samples are not extracted"):
+        StoreReader(tmp_path / "s.zarr").require_complete()
+
+
+def test_dask_view_and_summary(tmp_path):
+    w = open_writer(tmp_path / "s.zarr")
+    for s in range(3):
+        w.write_shard(s, shard_arrays(len(GEOM.shard_range(s)), s))
+    arrays = as_dask(tmp_path / "s.zarr")
+    assert arrays["keys"].chunks[0] == (3, 3, 1)                # one dask chunk per shard
+    np.testing.assert_array_equal(arrays["keys"].compute(),
+                                  StoreReader(tmp_path / "s.zarr").read(range(7), ("keys",))["keys"])
+    s = summarize(tmp_path / "s.zarr")
+    assert s["counts"] == {"train": {"a": 2, "b": 1}, "val": {"a": 1, "b": 1}, "test": {"a": 0, "b": 2}}
+    assert s["done"] == 7 and s["disk_bytes"] > 0
+    keys = next(a for a in s["arrays"] if a["name"] == "keys")
+    assert keys["codecs"] == ["shard(bytes+blosc+crc32c)"] and keys["shards"] == (3, 2, 3, 4, 5)
+
+
+def test_corrupted_chunk_is_detected_by_checksum(tmp_path):
+    path = tmp_path / "s.zarr"
+    w = open_writer(path)
+    w.write_shard(0, shard_arrays(3, 0))
+    shard_file = path / "keys" / "c" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[10] ^= 0xFF
+    shard_file.write_bytes(bytes(data))
+    with pytest.raises(FptError, match="cannot read 'keys'"):
+        StoreReader(path).read([0], ("keys",))

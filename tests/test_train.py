@@ -1,0 +1,100 @@
+"""Extract -> train -> evaluate on a tiny store; determinism; checkpoint/store mismatch."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fpt import FptError
+from fpt.config import train_config
+from fpt.extract import extract
+from fpt.store import StoreReader
+from fpt.train import classification_metrics, evaluate_checkpoint, train
+from tests.conftest import micro_config
+
+
+def tiny_train(store, out, **overrides):
+    options = dict(out=out, side_res=16, epochs=2, batch_size=4, prompts=3, device="cpu", seed=0)
+    options.update(overrides)
+    return train_config(store, None, **options)
+
+
+def test_extract_writes_a_complete_store_matching_the_data(micro_store, image_folder):
+    r = StoreReader(micro_store)
+    r.require_complete()
+    g = r.geometry
+    assert (g.n_samples, g.layers, g.heads, g.k, g.head_dim) == (16, 2, 2, 13, 16)   # layers 2-3 of 4; floor(65 * 0.2)
+    assert r.attrs["extraction"]["layers"] == [2, 3] and r.attrs["backbone"]["random_init"] is True
+    assert r.ids[0] == "train/benign/000.png" and r.classes == ["benign", "malignant"]
+    assert r.attrs["dataset"]["counts"]["val"] == {"benign": 2, "malignant": 2}
+    batch = r.read([0], ("images",))
+    assert batch["images"].shape == (1, 32, 32, 3)
+
+
+def test_rerun_on_finished_store_does_nothing(micro_store, image_folder):
+    before = {p: p.stat().st_mtime_ns for p in micro_store.rglob("*") if p.is_file()}
+    result = extract(micro_config(image_folder, micro_store))
+    assert result.n_written == 0
+    assert before == {p: p.stat().st_mtime_ns for p in micro_store.rglob("*") if p.is_file()}
+
+
+def test_mismatched_rerun_is_refused_unless_overwrite(micro_store, image_folder):
+    with pytest.raises(FptError, match=r"different extraction \(extraction\.k: stored 13, requested 32"):
+        extract(micro_config(image_folder, micro_store, token_ratio=0.5))
+    assert extract(micro_config(image_folder, micro_store, token_ratio=0.5, overwrite=True)).n_written == 16
+    assert StoreReader(micro_store).geometry.k == 32
+
+
+def test_train_writes_metrics_checkpoint_and_log(micro_store, tmp_path):
+    metrics = train(tiny_train(micro_store, tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test"].keys() >= {"auc", "acc", "f1", "kappa", "precision", "recall"}
+    assert saved["best_epoch"] in (0, 1) and saved["method"] == "fpt+"
+    p = saved["params"]
+    assert p["total"] == p["learnable"] + StoreReader(micro_store).attrs["backbone"]["n_params"]
+    assert p["ratio_percent"] == pytest.approx(100 * p["learnable"] / p["total"])
+    assert saved["config"]["prompts"] == 3
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    again = evaluate_checkpoint(micro_store, tmp_path / "run" / "best.pt", "test", device="cpu")
+    assert again["auc"] == pytest.approx(metrics["test"]["auc"])
+
+
+def test_training_is_deterministic_for_a_seed(micro_store, tmp_path):
+    a = train(tiny_train(micro_store, tmp_path / "a"))
+    b = train(tiny_train(micro_store, tmp_path / "b"))
+    c = train(tiny_train(micro_store, tmp_path / "c", seed=1))
+    assert a["test"] == b["test"] and a["val"] == b["val"]
+    wa = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]
+    wc = torch.load(tmp_path / "c" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_checkpoint_from_another_store_is_refused(micro_store, image_folder, tmp_path):
+    train(tiny_train(micro_store, tmp_path / "run", epochs=1))
+    other = tmp_path / "other.zarr"
+    extract(micro_config(image_folder, other, layers=[1, 3]))
+    with pytest.raises(FptError, match="trained on another store"):
+        evaluate_checkpoint(other, tmp_path / "run" / "best.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(FptError, match="not an fpt checkpoint"):
+        evaluate_checkpoint(micro_store, tmp_path / "junk.pt")
+
+
+def test_bad_train_options_fail_before_work(micro_store, tmp_path):
+    with pytest.raises(FptError, match="not a multiple of the patch size"):
+        train(tiny_train(micro_store, tmp_path / "r", side_res=12))
+    with pytest.raises(FptError, match="--prompts -1"):
+        tiny_train(micro_store, tmp_path / "r", prompts=-1)
+    assert not (tmp_path / "r").exists()
+
+
+def test_metrics_follow_sklearn_conventions():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.35, 0.65], [0.2, 0.8]])
+    m = classification_metrics(labels, probs)
+    assert m["auc"] == pytest.approx(1.0) and m["acc"] == pytest.approx(0.75)
+    three = classification_metrics(np.array([0, 1, 2, 2]), np.eye(3)[[0, 1, 2, 1]] * 0.7 + 0.1)
+    assert 0 < three["auc"] <= 1 and three["f1"] < 1
+    assert classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))["auc"] is None
