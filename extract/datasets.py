@@ -67,13 +67,18 @@ class ImageFolderSource:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB for any PIL mode; 16-bit grey is scaled by its own range rather than clipped at 255."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = a.min(), a.max()
-        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-        im = Image.fromarray(a.round().astype(np.uint8))
+    """An image ``prepare_image`` accepts: 8-bit RGB, or for high-bit-depth grey (16-bit PNG/TIFF) a float
+    image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return grey_float(np.asarray(im, dtype=np.float64))
     return im.convert("RGB")
+
+
+def grey_float(a: np.ndarray) -> Image.Image:
+    """float grey [H, W] of any range -> PIL "F" image in [0, 1] (min-max scaled)."""
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(a.astype(np.float32), mode="F")
 
 
 class SyntheticTextureSource:
@@ -127,12 +132,17 @@ def open_source(cfg: ExtractConfig) -> ImageSource:
 
 
 def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
-    """The LPM's input and the stored low-res copy.
+    """The LPM's input and the stored low-res copy, from an RGB or a float grey ("F", [0, 1]) image.
 
-    Returns (high uint8 [res, res, 3], low uint8 [image_res, image_res, 3]). The high-res image is resized with
-    (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
+    Returns (high float32 [res, res, 3] in [0, 255], low uint8 [image_res, image_res, 3]). The high-res image is
+    resized with (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
+    A float image stays float until here, so 16-bit sources keep their precision through the resize.
     """
+    if image.mode not in ("RGB", "F"):
+        image = to_rgb(image)
     high = image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
-    low_filter = Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC
-    low = high.resize((image_res, image_res), low_filter)
-    return np.asarray(high), np.asarray(low)
+    low = high.resize((image_res, image_res), Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC)
+    high_a, low_a = np.asarray(high, dtype=np.float32), np.asarray(low, dtype=np.float32)
+    if image.mode == "F":
+        high_a, low_a = np.repeat(high_a[..., None] * 255, 3, -1), np.repeat(low_a[..., None] * 255, 3, -1)
+    return high_a, np.clip(low_a, 0, 255).round().astype(np.uint8)

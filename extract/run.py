@@ -99,7 +99,7 @@ def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = No
 def run_batch(lpm: FrozenLPM, source: ImageSource, batch, cfg: ExtractConfig, mean, std, device):
     """Decode, resize and normalise one batch, run the LPM. Returns (LPM outputs, low-res uint8 [B, R, R, 3])."""
     highs, lows = zip(*(prepare_image(source.load(ref), cfg.res, cfg.image_res) for ref in batch))
-    x = torch.from_numpy(np.stack(highs)).to(device).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.stack(highs)).to(device).permute(0, 3, 1, 2)
     x = (x - mean) / std
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = lpm(x)

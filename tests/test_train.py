@@ -98,3 +98,19 @@ def test_metrics_follow_sklearn_conventions():
     three = classification_metrics(np.array([0, 1, 2, 2]), np.eye(3)[[0, 1, 2, 1]] * 0.7 + 0.1)
     assert 0 < three["auc"] <= 1 and three["f1"] < 1
     assert classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))["auc"] is None
+
+
+def test_sixteen_bit_grey_keeps_precision_until_the_resize():
+    from PIL import Image
+
+    from fpt.extract import prepare_image
+    from fpt.extract.datasets import to_rgb
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)     # 12 bits of distinct levels
+    im = to_rgb(Image.fromarray(ramp))
+    assert im.mode == "F"
+    high, low = prepare_image(im, 64, 16)
+    assert high.dtype == np.float32 and high.shape == (64, 64, 3)
+    assert len(np.unique(high[..., 0])) > 256                              # more levels than 8 bits can hold
+    np.testing.assert_allclose(high[..., 0], ramp / ramp.max() * 255, rtol=1e-5, atol=1e-3)
+    assert low.dtype == np.uint8 and low.shape == (16, 16, 3)
