@@ -48,7 +48,7 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def run_extract(cfg: fpt_config.ExtractConfig):
+def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     from fpt.extract import extract
 
     if cfg.random_init:
@@ -60,7 +60,7 @@ def run_extract(cfg: fpt_config.ExtractConfig):
         def update(done: int, total: int):
             speed = progress.tasks[task].speed
             progress.update(task, completed=done, total=total, rate=f"{speed:.1f} img/s" if speed else "")
-        result = extract(cfg, progress=update)
+        result = extract(cfg, progress=update, scheduler=scheduler)
     if result.n_written == 0:
         console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
     else:
@@ -73,7 +73,8 @@ def run_extract(cfg: fpt_config.ExtractConfig):
 @friendly
 def extract(
     dataset: Optional[str] = typer.Option(None, help="Pipeline name from pipelines.yaml (demo, cmmd, ddsm, ...)."),
-    data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/<class>/<image>."),
+    data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/<class>/<image>, "
+                                        "a CSV manifest (path,label[,split][,group]) or, with --dataset cmmd, the CMMD folder."),
     res: Optional[int] = typer.Option(None, help="LPM input side in pixels (multiple of the patch size)."),
     out: Optional[Path] = typer.Option(None, help="Store path [default: <name>.zarr]."),
     backbone: Optional[str] = typer.Option(None, help="timm ViT name [default: vit_base_patch16_224.augreg_in21k]."),
@@ -85,9 +86,11 @@ def extract(
     image_res: Optional[int] = typer.Option(None, help="Side of the stored low-res copy [default: 2x side res]."),
     batch_size: Optional[int] = typer.Option(None, help="Images per LPM forward pass."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    mean: Optional[str] = typer.Option(None, help="Normalisation mean, R,G,B in [0, 1]."),
-    std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B."),
+    mean: Optional[str] = typer.Option(None, help="Normalisation mean, R,G,B in [0, 1], or auto (train split)."),
+    std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B, or auto (train split)."),
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard file [default: ~64 MB of raw data]."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding processes [default: 0 on CPU, up to 8 on CUDA]."),
+    scheduler: Optional[str] = typer.Option(None, help="Run shards as dask tasks: local:N or a scheduler address."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds a different extraction."),
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
@@ -95,9 +98,9 @@ def extract(
         dataset, data, res=res, out=out, backbone=backbone, weights=weights, random_init=random_init or None,
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
-        mean=fpt_config.parse_floats(mean, "mean"), std=fpt_config.parse_floats(std, "std"),
-        overwrite=overwrite or None)
-    run_extract(cfg)
+        mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
+        workers=workers, overwrite=overwrite or None)
+    run_extract(cfg, scheduler)
 
 
 def _train_cfg(store: Path, **options) -> fpt_config.TrainConfig:

@@ -20,17 +20,17 @@ PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
 class ExtractConfig:
     name: str                          # dataset / store name
     data: Path | None                  # raw data root (None for generated datasets)
-    source: str                        # "folder" (ImageFolder tree) or "synthetic"
+    source: str                        # "folder" (ImageFolder tree or .csv manifest), "cmmd" or "synthetic"
     out: Path
     backbone: str
     res: int                           # LPM input side
     token_ratio: float
     importance: str                    # "global" | "cls"
     image_res: int                     # stored low-res copy side
-    batch_size: int
+    batch_size: int | None             # None = fit the device (CUDA: start at 32, halve on out-of-memory)
     device: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | str      # or "auto": the train split's statistics, computed at extraction
+    std: tuple[float, ...] | str
     layers: list[int] | None = None    # None = last half of the LPM
     weights: Path | None = None
     random_init: bool = False
@@ -40,6 +40,7 @@ class ExtractConfig:
     seed: int = 0
     samples_per_shard: int | None = None   # None = chosen from the sample size
     query_block: int = 256                 # queries per block in the importance computation
+    workers: int | None = None             # image-decoding DataLoader workers (None: 0 on CPU, up to 8 on CUDA)
 
 
 @dataclass
@@ -55,7 +56,27 @@ class TrainConfig:
     weight_decay: float
     seed: int
     device: str
+    method: str = "fpt+"                  # one of METHODS; fpt+ with --prompts 0 means side-only
+    cache: str = "auto"                   # one of CACHE_MODES: where the train/val arrays live while training
+    cache_budget_mb: float | None = None  # auto-cache budget; None = half the free GPU memory / available RAM
+    workers: int | None = None            # store-reading processes when streaming; None = chosen per device
+    ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
+CACHE_MODES = ("auto", "none", "ram", "gpu")
+
+
+@dataclass
+class SweepConfig:
+    """``fpt sweep``: grid-search lr x weight decay on val AUC, then repeat the best over ``seeds`` seeds."""
+    train: TrainConfig          # the base run; lr, weight_decay, seed and out are set per run
+    lrs: list[float]
+    weight_decays: list[float]
+    seeds: int                  # repeats of the best configuration: seeds train.seed, train.seed + 1, ...
+    out: Path                   # sweep directory: one run directory per run, sweep.json, sweep.csv
+    scheduler: str              # "local", "local:N" or a dask scheduler address
 
 
 def load_pipelines(path: Path = PIPELINES_FILE) -> dict[str, Any]:
@@ -68,10 +89,11 @@ def pipeline_entry(name: str | None, pipelines: dict[str, Any] | None = None) ->
     pipelines = pipelines or load_pipelines()
     defaults = pipelines["defaults"]
     entry = pipelines["pipelines"].get(name, {}) if name else {}
-    merged = {k: v for k, v in defaults.items() if k not in ("extract", "train")}
-    merged.update({k: v for k, v in entry.items() if k not in ("extract", "train")})
+    merged = {k: v for k, v in defaults.items() if k not in ("extract", "train", "sweep")}
+    merged.update({k: v for k, v in entry.items() if k not in ("extract", "train", "sweep")})
     merged["extract"] = {**defaults["extract"], **entry.get("extract", {})}
     merged["train"] = {**defaults["train"], **entry.get("train", {})}
+    merged["sweep"] = {**defaults.get("sweep", {}), **entry.get("sweep", {})}
     return merged
 
 
@@ -110,6 +132,15 @@ def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
     return values * 3 if len(values) == 1 else values
 
 
+def parse_normalization(text: str | None, what: str) -> tuple[float, ...] | str | None:
+    """``--mean``/``--std``: ``auto`` (train-split statistics, computed at extraction) or R,G,B numbers."""
+    return "auto" if text is not None and text.strip().lower() == "auto" else parse_floats(text, what)
+
+
+def _normalization(value: Any) -> tuple[float, ...] | str:
+    return "auto" if value == "auto" else tuple(value)
+
+
 def _given(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
@@ -122,7 +153,7 @@ def extract_config(dataset: str | None = None, data: Path | None = None, **optio
     if dataset is not None and dataset not in pipelines["pipelines"]:
         raise FptError(f"unknown dataset {dataset!r}; known: {', '.join(known_pipelines())} (or use --data PATH)")
     entry = pipeline_entry(dataset, pipelines)
-    name = dataset or Path(data).resolve().name
+    name = dataset or (Path(data).resolve().stem if Path(data).is_file() else Path(data).resolve().name)
     source = entry.get("source", "folder")
     if source != "synthetic":
         env = entry.get("data_env") or f"FPT_DATA_{name.upper()}"
@@ -133,8 +164,8 @@ def extract_config(dataset: str | None = None, data: Path | None = None, **optio
         if not Path(data).exists():
             raise FptError(f"data path {data} does not exist")
     values: dict[str, Any] = {**entry["extract"], **_given(options)}
-    values["mean"] = tuple(values.get("mean") or entry["mean"])
-    values["std"] = tuple(values.get("std") or entry["std"])
+    values["mean"] = _normalization(values.get("mean") or entry["mean"])
+    values["std"] = _normalization(values.get("std") or entry["std"])
     values.setdefault("out", None)
     values["out"] = Path(values["out"] or f"{name}.zarr")
     values["layers"] = parse_layers(values["layers"]) if isinstance(values.get("layers"), str) else values.get("layers")
@@ -153,7 +184,7 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError(f"--token-ratio {cfg.token_ratio}: must be in (0, 1]")
     if cfg.importance not in ("global", "cls"):
         raise FptError(f"--importance {cfg.importance!r}: choose global or cls")
-    if cfg.res <= 0 or cfg.image_res <= 0 or cfg.batch_size <= 0:
+    if cfg.res <= 0 or cfg.image_res <= 0 or (cfg.batch_size is not None and cfg.batch_size <= 0):
         raise FptError("--res, --image-res and --batch-size must be positive")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise FptError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
@@ -169,11 +200,59 @@ def train_config(store: Path, dataset: str | None = None, **options: Any) -> Tra
     entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)
     values = {**entry["train"], **_given(options)}
     allowed = {f.name for f in fields(TrainConfig)} - {"store", "extra"}
-    cfg = TrainConfig(store=Path(store), **{k: values.get(k) for k in allowed})
+    cfg = TrainConfig(store=Path(store), **{k: values[k] for k in allowed if k in values})
     if cfg.prompts < 0:
         raise FptError(f"--prompts {cfg.prompts}: must be 0 (side network alone) or more")
+    if cfg.method not in METHODS:
+        raise FptError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    if cfg.method == "fpt+" and cfg.prompts == 0:
+        cfg.method = "side-only"                      # --prompts 0 keeps meaning "the side network alone"
+    if cfg.method == "fpt" and cfg.prompts == 0:
+        raise FptError("--method fpt needs --prompts > 0 (use --method side-only for no prompts)")
+    if cfg.method in ("side-only", "linear-probe"):
+        cfg.prompts = 0
+    if cfg.cache not in CACHE_MODES:
+        raise FptError(f"--cache {cfg.cache!r}: choose one of {', '.join(CACHE_MODES)}")
+    if (cfg.workers is not None and cfg.workers < 0) or (cfg.cache_budget_mb is not None and cfg.cache_budget_mb < 0):
+        raise FptError("--workers and --cache-budget-mb must not be negative")
+    if cfg.ft_memory_mb is not None and cfg.ft_memory_mb <= 0:
+        raise FptError(f"--ft-memory-mb {cfg.ft_memory_mb}: must be positive")
     if cfg.reduction <= 0 or cfg.epochs <= 0 or cfg.batch_size <= 0 or cfg.side_res <= 0:
         raise FptError("--reduction, --epochs, --batch-size and --side-res must be positive")
     if cfg.lr <= 0 or cfg.weight_decay < 0:
         raise FptError("--lr must be positive and --weight-decay non-negative")
     return cfg
+
+
+def parse_grid(value: str | list | float | None, what: str) -> list[float] | None:
+    """``"1e-4,5e-4"`` (or a YAML list / number) -> [0.0001, 0.0005]; ``None`` -> None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        grid = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise FptError(f"--{what} {value!r}: expected comma-separated numbers, e.g. 1e-4,5e-4,1e-3") from None
+    if not grid or len(set(grid)) != len(grid):
+        raise FptError(f"--{what} {value!r}: give distinct values")
+    return grid
+
+
+def sweep_config(store: Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
+                 seeds: int | None = None, scheduler: str | None = None, out: Path | None = None,
+                 **train_options: Any) -> SweepConfig:
+    """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train."""
+    pipelines = load_pipelines()
+    entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)["sweep"]
+    base = train_config(store, dataset, **train_options)
+    lrs = parse_grid(lr, "lr") or parse_grid(entry.get("lr"), "lr") or [base.lr]
+    weight_decays = (parse_grid(weight_decay, "weight-decay") or parse_grid(entry.get("weight_decay"), "weight-decay")
+                     or [base.weight_decay])
+    if min(lrs) <= 0 or min(weight_decays) < 0:
+        raise FptError("--lr values must be positive and --weight-decay values non-negative")
+    seeds = seeds if seeds is not None else entry.get("seeds", 1)
+    if seeds < 1:
+        raise FptError(f"--seeds {seeds}: must be at least 1")
+    out = Path(out or f"sweeps/{Path(store).name.removesuffix('.zarr')}-{base.method}")
+    return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
+                       scheduler=scheduler or entry.get("scheduler", "local"))

@@ -1,19 +1,29 @@
-"""``fpt extract``: samples -> frozen LPM -> top-k K/V -> store, one whole shard at a time."""
+"""``fpt extract``: samples -> frozen LPM -> top-k K/V -> store, one whole shard at a time.
+
+Shards are extracted in this process (``extract_shards``) or as dask.distributed tasks, one task per shard, each
+worker keeping its own LPM (``scheduler="local:N"`` or a scheduler address). Either way a shard is written whole
+and marked done last, so an interrupted run resumes where it stopped and gives the same store.
+"""
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError
 from fpt.config import ExtractConfig
-from fpt.extract.backbone import FrozenLPM, create_backbone
-from fpt.extract.datasets import SPLITS, ImageSource, open_source, prepare_image
-from fpt.store import Geometry, StoreWriter, choose_samples_per_shard
+from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
+from fpt.extract.datasets import SPLITS, ImageSource, SampleRef, open_source, prepare_image
+from fpt.store import Geometry, StoreLock, StoreWriter, choose_samples_per_shard
+
+Progress = Callable[[int, int], None]
+SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")
 
 
 @dataclass
@@ -39,71 +49,222 @@ def default_layers(depth: int) -> list[int]:
     return list(range(depth // 2, depth))
 
 
-def extract(cfg: ExtractConfig, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+# One LPM and one source listing per process, reused by every shard task that lands on it.
+_PROCESS_CACHE: dict[tuple, object] = {}
+
+
+def load_lpm(cfg: ExtractConfig, device: torch.device) -> tuple[FrozenLPM, BackboneInfo]:
+    key = ("lpm", cfg.backbone, cfg.res, str(cfg.weights), cfg.random_init, tuple(cfg.layers or ()),
+           cfg.token_ratio, cfg.importance, cfg.query_block, str(device))
+    if key not in _PROCESS_CACHE:
+        _PROCESS_CACHE.pop(next((k for k in _PROCESS_CACHE if k[0] == "lpm"), None), None)
+        model, info = create_backbone(cfg.backbone, cfg.res, cfg.weights, cfg.random_init)
+        layers = cfg.layers or default_layers(info.depth)
+        if min(layers) < 0 or max(layers) >= info.depth:
+            raise FptError(f"--layers {layers}: {cfg.backbone} has layers 0-{info.depth - 1}")
+        _PROCESS_CACHE[key] = (FrozenLPM(model, layers, cfg.token_ratio, cfg.importance, cfg.query_block).to(device),
+                               info)
+    return _PROCESS_CACHE[key]
+
+
+def load_source(cfg: ExtractConfig) -> ImageSource:
+    key = ("source", cfg.source, str(cfg.data), cfg.res, cfg.seed)
+    if key not in _PROCESS_CACHE:
+        _PROCESS_CACHE[key] = open_source(cfg)
+    return _PROCESS_CACHE[key]
+
+
+def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str | None = None) -> ExtractResult:
     """Run the frozen LPM over every sample not yet in the store at ``cfg.out`` and write its shards.
 
-    ``progress(done, total)`` is called after every batch. Re-running on a complete store does nothing.
+    ``progress(done, total)`` is called as samples finish. Re-running on a complete store does nothing; a
+    concurrent extraction of the same store is refused (``StoreLock``).
     """
-    source = open_source(cfg)
-    device = resolve_device(cfg.device)
-    model, info = create_backbone(cfg.backbone, cfg.res, cfg.weights, cfg.random_init)
-    layers = cfg.layers or default_layers(info.depth)
-    if min(layers) < 0 or max(layers) >= info.depth:
-        raise FptError(f"--layers {layers}: {cfg.backbone} has layers 0-{info.depth - 1}")
-    lpm = FrozenLPM(model, layers, cfg.token_ratio, cfg.importance, cfg.query_block).to(device)
-    k = lpm.n_selected(cfg.res)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    with StoreLock(cfg.out):
+        source = load_source(cfg)
+        from fpt.extract.datasets import resolve_normalization     # --mean/--std auto: train-split statistics
+        cfg = resolve_normalization(cfg, source)
+        device = resolve_device(cfg.device)
+        lpm, info = load_lpm(cfg, device if scheduler is None else torch.device("cpu"))
+        cfg = replace(cfg, layers=lpm.layers)
+        k = lpm.n_selected(cfg.res)
+        samples = source.samples
+        geometry = Geometry(n_samples=len(samples), layers=len(lpm.layers), heads=info.heads, k=k,
+                            head_dim=info.head_dim, embed_dim=info.embed_dim, image_res=cfg.image_res)
+        geometry = replace(geometry, samples_per_shard=cfg.samples_per_shard
+                           or choose_samples_per_shard(geometry.bytes_per_sample()))
+        writer = StoreWriter.open(
+            cfg.out, geometry, store_attrs(cfg, source, info.as_attrs(), lpm.layers, k),
+            ids=np.array([s.id for s in samples], dtype=object),
+            labels=np.array([s.label for s in samples]), split=np.array([s.split for s in samples]),
+            overwrite=cfg.overwrite)
+        pending = writer.pending_shards()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        if scheduler is None:
+            written = extract_shards(cfg, pending, progress)
+        else:
+            written = extract_on_dask(cfg, pending, scheduler, progress)
+        seconds = time.perf_counter() - start
+        result = ExtractResult(str(cfg.out), len(samples), written, seconds,
+                               written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device))
+        if written:
+            writer.update_attrs(last_run={
+                "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
+                "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
+                "peak_memory_mb": round(result.peak_memory_mb, 1),
+                "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
+        return result
 
-    samples = source.samples
-    geometry = Geometry(n_samples=len(samples), layers=len(layers), heads=info.heads, k=k,
-                        head_dim=info.head_dim, embed_dim=info.embed_dim, image_res=cfg.image_res)
-    geometry = Geometry(**{**geometry.__dict__, "samples_per_shard":
-                           cfg.samples_per_shard or choose_samples_per_shard(geometry.bytes_per_sample())})
-    writer = StoreWriter.open(
-        cfg.out, geometry, store_attrs(cfg, source, info.as_attrs(), layers, k),
-        ids=np.array([s.id for s in samples], dtype=object),
-        labels=np.array([s.label for s in samples]), split=np.array([s.split for s in samples]),
-        overwrite=cfg.overwrite)
+
+class DecodedImages(Dataset):
+    """Item i -> (high float32 [3, res, res] in [0, 255], low uint8 [R, R, 3]), or an error message, so that a
+    bad file in a DataLoader worker still reaches the user as one clear line."""
+
+    def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, image_res: int):
+        self.source, self.refs, self.res, self.image_res = source, refs, res, image_res
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int):
+        try:
+            high, low = prepare_image(self.source.load(self.refs[i]), self.res, self.image_res)
+        except FptError as e:
+            return str(e)
+        return torch.from_numpy(high).permute(2, 0, 1), torch.from_numpy(low)
+
+
+def _collate(items):
+    for item in items:
+        if isinstance(item, str):
+            raise FptError(item)
+    highs, lows = zip(*items)
+    return torch.stack(highs), torch.stack(lows)
+
+
+def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None) -> int:
+    """Extract ``shards`` of the existing store at ``cfg.out`` and write each one whole. Runs in any process.
+
+    Images are decoded in DataLoader workers (``cfg.workers``) while the LPM runs; on CUDA the copies come from
+    pinned memory and a batch that does not fit is split in halves until it does.
+    """
+    device = _task_device(cfg)
+    lpm, _ = load_lpm(cfg, device)
+    source = load_source(cfg)
+    writer = StoreWriter.reopen(cfg.out)
     geometry = writer.geometry
-    pending = writer.pending_shards()
-    total = sum(len(geometry.shard_range(s)) for s in pending)
+    batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
+    rows = [geometry.shard_range(s) for s in shards]
+    refs = [source.samples[i] for r in rows for i in r]
+    batches, owner, offset = [], [], 0                       # batches never straddle two shards
+    for shard, r in zip(shards, rows):
+        for start in range(0, len(r), batch_size):
+            batches.append(list(range(offset + start, offset + min(start + batch_size, len(r)))))
+            owner.append(shard)
+        offset += len(r)
+    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    loader = DataLoader(DecodedImages(source, refs, cfg.res, cfg.image_res), batch_sampler=batches,
+                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_collate)
     mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    total = len(refs)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SAMPLE_ARRAYS}
+    written = 0
+    for i, (high, low) in enumerate(loader):
+        x = (high.to(device, non_blocking=True) - mean) / std
+        out = forward_fitting(lpm, x, device)
+        for name in ("keys", "values", "cls"):
+            parts[name].append(out[name].to(torch.float16).cpu().numpy())
+        parts["indices"].append(out["indices"].to(torch.int32).cpu().numpy())
+        parts["images"].append(low.numpy())
+        written += len(low)
+        if i + 1 == len(batches) or owner[i + 1] != owner[i]:
+            writer.write_shard(owner[i], {name: np.concatenate(v) for name, v in parts.items()})
+            parts = {name: [] for name in SAMPLE_ARRAYS}
+        if progress:
+            progress(written, total)
+    return written
 
-    start, written = time.perf_counter(), 0
-    for shard in pending:
-        rows = geometry.shard_range(shard)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in ("keys", "values", "indices", "cls", "images")}
-        for batch_start in range(rows.start, rows.stop, cfg.batch_size):
-            batch = samples[batch_start:min(batch_start + cfg.batch_size, rows.stop)]
-            out, low = run_batch(lpm, source, batch, cfg, mean, std, device)
-            for name in ("keys", "values", "cls"):
-                parts[name].append(out[name].to(torch.float16).cpu().numpy())
-            parts["indices"].append(out["indices"].to(torch.int32).cpu().numpy())
-            parts["images"].append(low)
-            written += len(batch)
+
+def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The LPM on ``x`` [B, 3, res, res] (bf16 autocast on CUDA), halving the batch on CUDA out-of-memory."""
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return lpm(x)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if len(x) == 1:
+            raise FptError(f"one image at res {x.shape[-1]} does not fit in GPU memory; lower --res") from None
+        half = len(x) // 2
+        a, b = forward_fitting(lpm, x[:half], device), forward_fitting(lpm, x[half:], device)
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _task_device(cfg: ExtractConfig) -> torch.device:
+    """The device for this process; a dask worker on a multi-GPU machine takes the GPU matching its name."""
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+            name = get_worker().name
+            if isinstance(name, int):
+                device = torch.device("cuda", name % torch.cuda.device_count())
+        except (ImportError, ValueError):
+            pass
+    return device
+
+
+def _shard_task(cfg: ExtractConfig, shard: int, threads: int) -> int:
+    torch.set_num_threads(threads)
+    return extract_shards(cfg, [shard])
+
+
+def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None) -> int:
+    """Extract ``shards`` as dask.distributed tasks, one per shard (workers never write the same file).
+
+    scheduler: ``local:N`` starts a LocalCluster of N worker processes here; anything else is a scheduler
+    address. CUDA tasks ask for the worker resource ``GPU=1`` so they run only on workers started with it.
+    """
+    from distributed import Client, LocalCluster, as_completed
+
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    cluster = None
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.split(":", 1)[1])
+        except ValueError:
+            raise FptError(f"--scheduler {scheduler!r}: expected local:N or a scheduler address") from None
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1} if cuda else None)
+        client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // n)
+    else:
+        try:
+            client, threads = Client(scheduler, timeout=30), 0
+        except OSError as e:
+            raise FptError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({e})") from None
+    try:
+        if threads == 0:     # remote workers: each uses its own machine's cores
+            threads = max(1, min(client.run(os.cpu_count).values()))
+        futures = [client.submit(_shard_task, cfg, shard, threads, pure=False,
+                                 resources={"GPU": 1} if cuda else None) for shard in shards]
+        geometry = StoreWriter.reopen(cfg.out).geometry
+        total, written = sum(len(geometry.shard_range(s)) for s in shards), 0
+        for future in as_completed(futures):
+            try:
+                written += future.result()
+            except BaseException:
+                client.cancel(futures)
+                raise
             if progress:
                 progress(written, total)
-        writer.write_shard(shard, {name: np.concatenate(v) for name, v in parts.items()})
-    seconds = time.perf_counter() - start
-    result = ExtractResult(str(cfg.out), len(samples), written, seconds,
-                           written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device))
-    if written:
-        writer.update_attrs(last_run={"images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3),
-                                      "samples": written, "device": str(device),
-                                      "peak_memory_mb": round(result.peak_memory_mb, 1)})
-    return result
-
-
-def run_batch(lpm: FrozenLPM, source: ImageSource, batch, cfg: ExtractConfig, mean, std, device):
-    """Decode, resize and normalise one batch, run the LPM. Returns (LPM outputs, low-res uint8 [B, R, R, 3])."""
-    highs, lows = zip(*(prepare_image(source.load(ref), cfg.res, cfg.image_res) for ref in batch))
-    x = torch.from_numpy(np.stack(highs)).to(device).permute(0, 3, 1, 2)
-    x = (x - mean) / std
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = lpm(x)
-    return out, np.stack(lows)
+        return written
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers: list[int], k: int) -> dict:

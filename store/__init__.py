@@ -2,14 +2,16 @@
 
 Public API:
     StoreWriter            create / resume a store, write whole shards
+    StoreLock              one extraction at a time per store (flock on <store>.lock)
     StoreReader            read samples and metadata for training
     as_dask(path)          every array as a lazy dask array (for notebooks and big stores)
     summarize(path)        the facts ``fpt inspect`` shows
     Geometry, SCHEMA_VERSION, SPLITS, choose_samples_per_shard
 """
 from fpt.store.layout import SCHEMA_VERSION, SPLITS, Geometry, choose_samples_per_shard
+from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.writer import StoreWriter
 
-__all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreReader", "StoreWriter",
+__all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLock", "StoreReader", "StoreWriter",
            "as_dask", "summarize"]

@@ -50,6 +50,12 @@ class StoreWriter:
         return cls._create(path, geometry, attrs, ids, labels, split)
 
     @classmethod
+    def reopen(cls, path: str | Path) -> "StoreWriter":
+        """Open an existing store to write shards (a worker of a run that ``open`` already checked)."""
+        group = open_group(path, mode="r+")
+        return cls(group, Geometry(**group.attrs["geometry"]))
+
+    @classmethod
     def _create(cls, path: Path, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
                 split: np.ndarray) -> "StoreWriter":
         group = zarr.open_group(path, mode="w", zarr_format=3)
