@@ -1,19 +1,23 @@
-"""Where samples come from: an ImageFolder tree or the generated demo task. Each source lists SampleRefs up front
-(ids, labels, splits are known before any image is decoded) and decodes one image on request."""
+"""Where samples come from: an ImageFolder tree, a CSV manifest, the CMMD collection (fpt.extract.cmmd) or the
+generated demo task. Each source lists SampleRefs up front (ids, labels, splits are known before any image is
+decoded) and decodes one image on request."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import csv
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fpt import FptError
 from fpt.config import ExtractConfig
+from fpt.extract.dicom import read_dicom
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
+SPLIT_FOLDS = 10    # the paper's 70/10/20 rule as ten stratified folds: 7 train, 1 val, 2 test
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,124 @@ class ImageFolderSource:
             self.samples += [SampleRef(f.relative_to(self.root).as_posix(), label, s) for f, label in files]
 
     def load(self, ref: SampleRef) -> Image.Image:
-        path = self.root / ref.id
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            raise FptError(f"cannot read image {path}: {e}") from None
+        return load_image_file(self.root / ref.id)
+
+
+class CsvManifestSource:
+    """A CSV manifest with columns ``path,label[,split][,group]``; paths are relative to the CSV's folder.
+
+    Labels are class names (sorted, unless the pipeline fixes the order). Without a split column the samples get
+    the seeded stratified 70/10/20 split, with every ``group`` (e.g. patient) kept inside one split.
+    """
+
+    def __init__(self, csv_path: Path, classes: list[str] | None = None, seed: int = 0):
+        self.csv_path = Path(csv_path)
+        self.root, self.name = self.csv_path.parent, self.csv_path.stem
+        rows = read_manifest(self.csv_path)
+        self.classes = class_names([r["label"] for r in rows], classes, str(self.csv_path))
+        labels = [self.classes.index(r["label"]) for r in rows]
+        check_files_exist([r["path"] for r in rows], self.root, str(self.csv_path))
+        if "split" in rows[0]:
+            splits = parse_split_names([r["split"] for r in rows], str(self.csv_path))
+        else:
+            groups = [r.get("group") or r["path"] for r in rows]   # no group: each image its own
+            splits = stratified_group_split(labels, groups, seed, f"{self.csv_path} (no split column)")
+        self.samples = [SampleRef(r["path"], label, int(s)) for r, label, s in zip(rows, labels, splits)]
+        check_splits_filled(self.samples, str(self.csv_path))
+
+    def load(self, ref: SampleRef) -> Image.Image:
+        return load_image_file(self.root / ref.id)
+
+
+MANIFEST_COLUMNS = ("path", "label")
+
+
+def read_manifest(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a manifest as dicts of stripped strings, keyed by lower-case column name."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+            if missing:
+                raise FptError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected "
+                               f"path,label[,split][,group], found {','.join(columns) or 'nothing'}")
+            rows = [{c: (v or "").strip() for c, v in zip(columns, row.values())} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FptError(f"cannot read manifest {csv_path}: {e}") from None
+    for line, row in enumerate(rows, start=2):
+        if not row["path"] or not row["label"]:
+            raise FptError(f"{csv_path}, line {line}: empty path or label")
+    if not rows:
+        raise FptError(f"{csv_path}: the manifest has no rows")
+    return rows
+
+
+def class_names(labels: Sequence[str], fixed: list[str] | None, what: str) -> list[str]:
+    """The class list: ``fixed`` (the pipeline's order) when given, else the sorted distinct ``labels``."""
+    if fixed is None:
+        return sorted(set(labels))
+    unknown = sorted(set(labels) - set(fixed))
+    if unknown:
+        raise FptError(f"{what}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the pipeline's "
+                       f"classes {fixed}")
+    return list(fixed)
+
+
+def check_files_exist(paths: Sequence[str], root: Path, what: str) -> None:
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        raise FptError(f"{what}: {len(missing)} of {len(paths)} image files are missing (relative to {root}), "
+                       f"e.g. {', '.join(missing[:3])}")
+
+
+def parse_split_names(names: Sequence[str], what: str) -> list[int]:
+    """``train``/``val``/``test`` (any case) -> split indices."""
+    unknown = sorted({n for n in names if n.lower() not in SPLITS})
+    if unknown:
+        raise FptError(f"{what}: unknown split name(s) {', '.join(map(repr, unknown[:5]))}; use train, val or test")
+    return [SPLITS.index(n.lower()) for n in names]
+
+
+def stratified_group_split(labels: Sequence[int], groups: Sequence[str], seed: int, what: str) -> np.ndarray:
+    """The paper's rule for datasets without an official split: seeded, stratified 70/10/20 train/val/test.
+
+    labels, groups: [n]; every group (patient) lands in one split. Returns uint8 [n] indices into SPLITS.
+    scikit-learn's StratifiedGroupKFold (shuffled by ``seed``) makes ten folds: 0-6 train, 7 val, 8-9 test.
+    The same inputs in the same order always give the same split.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold   # ~2 s to import: only when a split is made
+
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    n_groups, smallest = len(np.unique(groups)), int(np.unique(labels, return_counts=True)[1].min())
+    if n_groups < SPLIT_FOLDS or smallest < SPLIT_FOLDS:
+        raise FptError(f"{what}: a stratified 70/10/20 split needs at least {SPLIT_FOLDS} groups and "
+                       f"{SPLIT_FOLDS} samples of every class; found {n_groups} groups and {smallest} samples "
+                       "in the smallest class")
+    folds = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=SPLIT_FOLDS, shuffle=True, random_state=seed)
+    for fold, (_, members) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[members] = fold
+    return np.digitize(folds, [7, 8]).astype(np.uint8)
+
+
+def check_splits_filled(samples: Sequence[SampleRef], what: str) -> None:
+    present = {s.split for s in samples}
+    for s, split in enumerate(SPLITS):
+        if s not in present:
+            raise FptError(f"{what}: the {split} split is empty")
+
+
+def load_image_file(path: Path) -> Image.Image:
+    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_rgb`` gives it; unreadable -> FptError."""
+    if path.suffix.lower() == ".dcm":
+        return read_dicom(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise FptError(f"cannot read image {path}: {e}") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -123,12 +238,47 @@ def synthetic_texture_image(res: int, label: int, seed) -> np.ndarray:
 
 
 def open_source(cfg: ExtractConfig) -> ImageSource:
+    """The source ``cfg`` names: synthetic or cmmd (pipeline ``source``), else by ``--data``: a .csv manifest
+    or an ImageFolder tree."""
     if cfg.source == "synthetic":
         return SyntheticTextureSource(cfg.counts or {"train": 240, "val": 80, "test": 80}, cfg.res, cfg.seed,
                                       cfg.classes)
+    if cfg.source == "cmmd":
+        from fpt.extract.cmmd import CmmdSource    # it imports this module (and openpyxl)
+        return CmmdSource(cfg.data, cfg.classes, cfg.seed)
+    if cfg.data is not None and Path(cfg.data).is_file() and Path(cfg.data).suffix.lower() == ".csv":
+        return CsvManifestSource(cfg.data, cfg.classes, cfg.seed)
     if cfg.data is None or not Path(cfg.data).is_dir():
-        raise FptError(f"--data {cfg.data}: expected a folder {{train,val,test}}/<class>/<image>")
+        raise FptError(f"--data {cfg.data}: expected a folder {{train,val,test}}/<class>/<image> "
+                       "or a CSV manifest path,label[,split][,group]")
     return ImageFolderSource(cfg.data, cfg.classes)
+
+
+def compute_mean_std(source: ImageSource, res: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of every pixel of the train split, as the LPM sees it: resized to ``res``, values
+    in [0, 1]. One pass, accumulating sums of x and x^2 in float64 (the official FPT code's ``auto``)."""
+    total, total_sq, n = np.zeros(3), np.zeros(3), 0
+    for ref in source.samples:
+        if ref.split == SPLITS.index("train"):
+            x = rgb_array(lpm_view(source.load(ref), res)).astype(np.float64) / 255    # [res, res, 3]
+            total += x.sum(axis=(0, 1))
+            total_sq += np.square(x).sum(axis=(0, 1))
+            n += x.shape[0] * x.shape[1]
+    if n == 0:
+        raise FptError("--mean/--std auto: the train split has no images")
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - np.square(mean), 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def resolve_normalization(cfg: ExtractConfig, source: ImageSource) -> ExtractConfig:
+    """``cfg`` with a mean/std of "auto" replaced by the train split's statistics (``compute_mean_std``)."""
+    if cfg.mean != "auto" and cfg.std != "auto":
+        return cfg
+    mean, std = compute_mean_std(source, cfg.res)
+    if cfg.std == "auto" and min(std) == 0:
+        raise FptError(f"--std auto: the train images have no variation (std {std}); give --std R,G,B")
+    return replace(cfg, mean=mean if cfg.mean == "auto" else cfg.mean, std=std if cfg.std == "auto" else cfg.std)
 
 
 def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,11 +288,19 @@ def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndar
     resized with (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
     A float image stays float until here, so 16-bit sources keep their precision through the resize.
     """
+    high = lpm_view(image, res)
+    low = high.resize((image_res, image_res), Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC)
+    return rgb_array(high), np.clip(rgb_array(low), 0, 255).round().astype(np.uint8)
+
+
+def lpm_view(image: Image.Image, res: int) -> Image.Image:
+    """The image as the LPM sees it: RGB or float grey ("F"), resized to [res, res] with bicubic."""
     if image.mode not in ("RGB", "F"):
         image = to_rgb(image)
-    high = image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
-    low = high.resize((image_res, image_res), Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC)
-    high_a, low_a = np.asarray(high, dtype=np.float32), np.asarray(low, dtype=np.float32)
-    if image.mode == "F":
-        high_a, low_a = np.repeat(high_a[..., None] * 255, 3, -1), np.repeat(low_a[..., None] * 255, 3, -1)
-    return high_a, np.clip(low_a, 0, 255).round().astype(np.uint8)
+    return image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """float32 [H, W, 3] in [0, 255] from an RGB or a float grey ("F", [0, 1]) image."""
+    a = np.asarray(image, dtype=np.float32)
+    return np.repeat(a[..., None] * 255, 3, -1) if image.mode == "F" else a

@@ -1,0 +1,125 @@
+"""One DICOM file -> the image a radiologist would see: float grey in [0, 1] (PIL mode "F"), or 8-bit RGB.
+
+Grey images go through the DICOM display chain: stored values -> modality LUT (rescale slope/intercept or a
+Modality LUT Sequence) -> VOI LUT or the first window (centre/width) -> [0, 1] over that transform's output
+range -> MONOCHROME1 inverted so that high means bright. Without a VOI the image is scaled by its own range.
+Values stay float (no 8-bit rounding) until ``prepare_image``'s final resize, so 12-16-bit mammograms keep
+their precision. Multi-frame files give their first frame. Compressed transfer syntaxes need a pydicom pixel
+decoder plugin: those beyond what Pillow decodes come with the ``dicom`` extra (``pip install 'fpt[dicom]'``).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+
+from fpt import FptError
+
+GREY = ("MONOCHROME1", "MONOCHROME2")
+DICOM_EXTRA = "pip install 'fpt[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
+
+
+def read_dicom(path: Path) -> Image.Image:
+    """The first frame of the DICOM file ``path`` as a PIL image: mode "F" [H, W] in [0, 1] for grey
+    (MONOCHROME1/2), mode "RGB" [H, W, 3] uint8 for colour. Any problem -> FptError naming the file."""
+    path = Path(path)
+    ds = read_dataset(path)
+    pixels = first_frame(ds, path)
+    try:
+        if ds.get("PhotometricInterpretation") in GREY:
+            return Image.fromarray(display_grey(pixels, ds).astype(np.float32), mode="F")
+        return Image.fromarray(display_rgb(pixels, ds))
+    except (ValueError, AttributeError, KeyError, IndexError, TypeError, NotImplementedError) as e:
+        raise FptError(f"cannot decode DICOM {path}: {one_line(e)}") from None
+
+
+def read_dataset(path: Path, tags: list[str] | None = None) -> Dataset:
+    """The parsed file, pixel data not yet decoded; with ``tags`` only those elements (pixel data not read)."""
+    try:
+        if tags is not None:
+            return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as e:
+        raise FptError(f"cannot read DICOM {path}: {one_line(e)}") from None
+
+
+def first_frame(ds: Dataset, path: Path) -> np.ndarray:
+    """Decoded stored values of frame 0: [H, W] (grey) or [H, W, 3] (colour, YCbCr converted to RGB)."""
+    if "PixelData" not in ds:
+        raise FptError(f"cannot decode DICOM {path}: it holds no pixel data")
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    try:
+        decoder = get_decoder(syntax) if syntax else None
+    except NotImplementedError:
+        raise FptError(f"cannot decode DICOM {path}: transfer syntax {syntax.name} is not supported") from None
+    if decoder is not None and not decoder.is_available:
+        raise FptError(f"cannot decode DICOM {path}: no installed decoder for {syntax.name}; {DICOM_EXTRA}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # pydicom warns about harmless header quirks
+            return pixel_array(ds, index=0)
+    except Exception as e:  # noqa: BLE001 - decoder plugins raise anything from RuntimeError to struct.error
+        raise FptError(f"cannot decode DICOM {path} ({syntax.name if syntax else 'no transfer syntax'}): "
+                       f"{one_line(e)}") from None
+
+
+def display_grey(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """float64 [H, W] in [0, 1], bright = high: modality LUT, VOI LUT or first window, MONOCHROME1 inverted."""
+    values = apply_modality_lut(stored, ds)
+    voi_range = voi_output_range(ds)
+    if voi_range is None:
+        lo, hi = float(values.min()), float(values.max())
+    else:
+        values, (lo, hi) = apply_voi_lut(voi_input(values, ds), ds, index=0), voi_range
+    values = np.asarray(values, dtype=np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":      # low values are bright: mirror within the range
+        values = lo + hi - values
+    if hi <= lo:
+        return np.zeros(values.shape)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def voi_output_range(ds: Dataset) -> tuple[float, float] | None:
+    """(lowest, highest) value the dataset's VOI transform can give, or None when it has none.
+
+    Found by running pydicom's own transform over its input domain: the whole LUT for a VOI LUT Sequence, two
+    values far outside the window for windowing (LINEAR, LINEAR_EXACT and SIGMOID all saturate there)."""
+    if ds.get("VOILUTSequence"):
+        entries, first = ds.VOILUTSequence[0].LUTDescriptor[:2]
+        probe = np.arange(first, first + (entries or 2**16))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        probe = np.array([-1e30, 1e30])
+    else:
+        return None
+    with np.errstate(over="ignore"):
+        out = apply_voi_lut(probe, ds, index=0)
+    return float(np.min(out)), float(np.max(out))
+
+
+def voi_input(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """A VOI LUT is indexed by integers: round the modality output for it; a window takes floats as they are."""
+    return np.rint(values).astype(np.int64) if ds.get("VOILUTSequence") else values
+
+
+def display_rgb(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """uint8 [H, W, 3] from RGB (any bit depth) or PALETTE COLOR stored values."""
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"photometric interpretation {ds.get('PhotometricInterpretation')!r} "
+                         f"with pixel shape {pixels.shape} is neither grey nor RGB")
+    if pixels.dtype == np.uint8:
+        return pixels
+    top = 2 ** (8 * pixels.dtype.itemsize) - 1 if ds.get("PhotometricInterpretation") == "PALETTE COLOR" \
+        else 2 ** int(ds.BitsStored) - 1
+    return np.clip(np.rint(pixels.astype(np.float64) * (255 / top)), 0, 255).astype(np.uint8)
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,196 @@
+"""DICOM decoding (fpt.extract.dicom) against plain numpy versions of the DICOM formulas, and on pydicom's own
+bundled test files (compressed ones where a decoder plugin is installed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_decoder
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from fpt import FptError
+from fpt.extract import dicom
+from fpt.extract.datasets import prepare_image
+from fpt.extract.dicom import read_dicom
+
+MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"     # Digital Mammography X-Ray Image Storage - For Presentation
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12,
+                window: tuple | None = None, rescale: tuple[float, float] | None = None,
+                patient: str | None = "P1", laterality: str | None = None, laterality_tag: str = "ImageLaterality",
+                voi_lut: tuple[int, np.ndarray] | None = None) -> Path:
+    """A real DICOM file: ``pixels`` uint16 [H, W] or [F, H, W] (grey) or uint8 [H, W, 3] (RGB).
+
+    window: (centres, widths) as numbers or lists; rescale: (slope, intercept); voi_lut: (first input, LUT data).
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MAMMOGRAPHY
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "MG"
+    if patient is not None:
+        ds.PatientID = patient
+    if laterality is not None:
+        setattr(ds, laterality_tag, laterality)
+    ds.set_pixel_data(pixels, photometric, bits if photometric != "RGB" else 8)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    if voi_lut is not None:
+        item = Dataset()
+        item.add_new("LUTDescriptor", "US", [len(voi_lut[1]), voi_lut[0], 16])
+        item.add_new("LUTData", "OW", np.asarray(voi_lut[1], dtype="<u2").tobytes())
+        ds.VOILUTSequence = Sequence([item])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def stored_12bit(shape=(24, 20), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 4096, shape).astype(np.uint16)
+
+
+def linear_window(v: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 (LINEAR), as a fraction of the output range."""
+    return np.clip((v - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+
+
+def decoded(path: Path) -> np.ndarray:
+    image = read_dicom(path)
+    assert image.mode == "F"
+    return np.asarray(image, dtype=np.float64)
+
+
+def test_modality_lut_then_window(tmp_path):
+    x = stored_12bit()
+    path = write_dicom(tmp_path / "a.dcm", x, window=(1500, 2000), rescale=(2.0, -100.0))
+    expect = linear_window(2.0 * x - 100.0, 1500, 2000)
+    assert 0 < expect.mean() < 1 and (expect == 0).any() and (expect == 1).any()     # the window bites
+    np.testing.assert_allclose(decoded(path), expect, atol=1e-6)
+
+
+def test_first_of_several_windows(tmp_path):
+    x = stored_12bit(seed=1)
+    path = write_dicom(tmp_path / "a.dcm", x, window=([1000, 3000], [800, 400]))
+    np.testing.assert_allclose(decoded(path), linear_window(x, 1000, 800), atol=1e-6)
+
+
+def test_monochrome1_is_inverted_with_and_without_window(tmp_path):
+    x = stored_12bit(seed=2)
+    plain = write_dicom(tmp_path / "m1.dcm", x, "MONOCHROME1", rescale=(0.5, 10.0))
+    v = 0.5 * x + 10.0
+    np.testing.assert_allclose(decoded(plain), 1 - (v - v.min()) / (v.max() - v.min()), atol=1e-6)
+    windowed = write_dicom(tmp_path / "m1w.dcm", x, "MONOCHROME1", window=(2048, 1024))
+    np.testing.assert_allclose(decoded(windowed), 1 - linear_window(x, 2048, 1024), atol=1e-6)
+    # the same stored values as MONOCHROME2 give the mirror image
+    m2 = write_dicom(tmp_path / "m2w.dcm", x, "MONOCHROME2", window=(2048, 1024))
+    np.testing.assert_allclose(decoded(m2) + decoded(windowed), 1, atol=1e-6)
+
+
+def test_no_voi_keeps_sixteen_bit_precision_until_the_resize(tmp_path):
+    x = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16          # 4096 levels, 16-bit
+    out = decoded(write_dicom(tmp_path / "a.dcm", x, bits=16))
+    np.testing.assert_allclose(out, x / x.max(), atol=1e-6)
+    assert len(np.unique(out)) == 4096                                    # not rounded to 8 bits
+    high, low = prepare_image(read_dicom(tmp_path / "a.dcm"), 64, 32)
+    assert len(np.unique(high)) > 256 and high.shape == (64, 64, 3) and low.dtype == np.uint8
+
+
+def test_voi_lut_sequence_wins_and_uses_its_output_range(tmp_path):
+    x = stored_12bit(seed=3) % 300
+    first, lut = 50, np.linspace(1000, 3000, 200).astype(np.uint16)         # inputs 50..249 -> 1000..3000
+    path = write_dicom(tmp_path / "a.dcm", x, window=(100, 10), voi_lut=(first, lut))
+    expect = lut[np.clip(x.astype(int) - first, 0, len(lut) - 1)].astype(np.float64)
+    np.testing.assert_allclose(decoded(path), (expect - 1000) / 2000, atol=1e-6)
+
+
+def test_multi_frame_gives_the_first_frame(tmp_path):
+    frames = np.stack([stored_12bit(seed=4), stored_12bit(seed=5)])
+    out = decoded(write_dicom(tmp_path / "a.dcm", frames))
+    first = frames[0].astype(np.float64)
+    np.testing.assert_allclose(out, (first - first.min()) / (first.max() - first.min()), atol=1e-6)
+
+
+def test_rgb_dicom_is_rgb(tmp_path):
+    rgb = np.random.default_rng(6).integers(0, 256, (10, 12, 3)).astype(np.uint8)
+    image = read_dicom(write_dicom(tmp_path / "a.dcm", rgb, "RGB"))
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), rgb)
+
+
+def bundled(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    return Path(path)
+
+
+def need_decoder(path: Path) -> None:
+    from pydicom import dcmread
+
+    syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    if syntax.is_compressed and not get_decoder(syntax).is_available:
+        pytest.skip(f"no pixel decoder for {syntax.name} installed (pip install 'fpt[dicom]')")
+
+
+def test_bundled_uncompressed_files():
+    from pydicom import dcmread
+
+    ct = bundled("CT_small.dcm")                     # signed 16-bit with rescale, no window
+    ds = dcmread(ct)
+    v = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(decoded(ct), (v - v.min()) / (v.max() - v.min()), atol=1e-6)
+    mr = bundled("MR_small.dcm")                     # window centre/width
+    ds = dcmread(mr)
+    centre, width = float(np.ravel(ds.WindowCenter)[0]), float(np.ravel(ds.WindowWidth)[0])
+    np.testing.assert_allclose(decoded(mr), linear_window(ds.pixel_array.astype(np.float64), centre, width),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                                  "MR_small_bigendian.dcm"])
+def test_lossless_encodings_decode_like_the_uncompressed_file(name):
+    path = bundled(name)
+    need_decoder(path)
+    np.testing.assert_allclose(decoded(path), decoded(bundled("MR_small.dcm")), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, mode, size", [("JPEG2000.dcm", "F", (256, 1024)),
+                                              ("SC_rgb_jpeg_gdcm.dcm", "RGB", (100, 100)),
+                                              ("SC_rgb_rle_16bit.dcm", "RGB", (100, 100)),
+                                              ("JPGExtended.dcm", "F", (256, 1024))])
+def test_bundled_compressed_files(name, mode, size):
+    path = bundled(name)
+    need_decoder(path)
+    image = read_dicom(path)
+    assert image.mode == mode and image.size == size
+    a = np.asarray(image, dtype=np.float64)
+    assert a.std() > 0 and (mode == "RGB" or (a.min() >= 0 and a.max() <= 1))
+
+
+def test_unreadable_files_are_named(tmp_path):
+    text = tmp_path / "notes.dcm"
+    text.write_text("not a dicom file")
+    with pytest.raises(FptError, match=f"cannot read DICOM {text}"):
+        read_dicom(text)
+    truncated = bundled("MR_truncated.dcm")
+    with pytest.raises(FptError, match="cannot decode DICOM .*MR_truncated.dcm") as e:
+        read_dicom(truncated)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_decoder_names_the_extra(tmp_path, monkeypatch):
+    path = bundled("JPEG2000.dcm")
+
+    class Unavailable:
+        is_available = False
+    monkeypatch.setattr(dicom, "get_decoder", lambda syntax: Unavailable())
+    with pytest.raises(FptError, match=r"no installed decoder for JPEG 2000.*fpt\[dicom\]"):
+        read_dicom(path)

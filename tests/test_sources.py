@@ -1,0 +1,281 @@
+"""Data sources for real datasets: CSV manifests, the CMMD collection (DICOM + clinical xlsx), the shared seeded
+stratified group split, and --mean/--std auto."""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from openpyxl import Workbook
+from PIL import Image
+from typer.testing import CliRunner
+
+from fpt import FptError
+from fpt.cli import app
+from fpt.config import extract_config, parse_normalization
+from fpt.extract.cmmd import CLINICAL_TABLE, CmmdSource
+from fpt.extract.datasets import (SPLITS, CsvManifestSource, compute_mean_std, open_source, resolve_normalization,
+                                  stratified_group_split)
+from fpt.store import StoreReader
+from tests.test_cli import MICRO_ARGS, fails_cleanly
+from tests.test_dicom import stored_12bit, write_dicom
+
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- CSV manifests
+
+def write_png(path: Path, seed: int, size: int = 24) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.random.default_rng(seed).integers(0, 256, (size, size + 2, 3)).astype(np.uint8)
+    Image.fromarray(a).save(path)
+    return path.name
+
+
+def write_manifest(folder: Path, rows: list[dict], columns: tuple[str, ...], create_images: bool = True) -> Path:
+    """folder/manifest.csv with ``rows`` (dicts of column -> value); images under folder/images/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if create_images:
+        for i, row in enumerate(rows):
+            write_png(folder / row["path"], i)
+    with open(folder / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder / "manifest.csv"
+
+
+def grouped_rows(n_groups: int, seed: int = 0) -> list[dict]:
+    """1-3 images per group (patient); the label is the group's, ~1/3 malignant."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(n_groups):
+        label = "malignant" if g % 3 == 0 else "benign"
+        rows += [{"path": f"images/p{g:03d}_{v}.png", "label": label, "group": f"p{g:03d}"}
+                 for v in range(rng.integers(1, 4))]
+    return rows
+
+
+def test_manifest_with_split_column(tmp_path):
+    rows = [{"path": f"images/{i}.png", "label": "cat" if i % 2 else "ant", "split": SPLITS[i % 3].upper()}
+            for i in range(9)]
+    source = CsvManifestSource(write_manifest(tmp_path, rows, ("path", "label", "split")))
+    assert source.name == "manifest" and source.classes == ["ant", "cat"]
+    assert [(s.id, s.label, s.split) for s in source.samples] == [
+        (f"images/{i}.png", i % 2, i % 3) for i in range(9)]
+    image = source.load(source.samples[0])
+    assert image.mode == "RGB" and image.size == (26, 24)
+    fixed = CsvManifestSource(tmp_path / "manifest.csv", classes=["cat", "ant"])       # the pipeline's order
+    assert [s.label for s in fixed.samples] == [1 - i % 2 for i in range(9)]
+
+
+def test_manifest_grouped_split_keeps_patients_together_and_is_stratified(tmp_path):
+    rows = grouped_rows(120)
+    csv_path = write_manifest(tmp_path, rows, ("path", "label", "group"), create_images=False)
+    for row in rows:                                  # existence is all the listing checks; no need for pixels
+        (tmp_path / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / row["path"]).touch()
+    source = CsvManifestSource(csv_path, seed=3)
+    split_of_group: dict[str, set[int]] = {}
+    for row, sample in zip(rows, source.samples):
+        assert sample.id == row["path"]
+        split_of_group.setdefault(row["group"], set()).add(sample.split)
+    assert all(len(s) == 1 for s in split_of_group.values())              # no patient in two splits
+    n = len(rows)
+    share = np.bincount([s.split for s in source.samples], minlength=3) / n
+    np.testing.assert_allclose(share, [0.7, 0.1, 0.2], atol=0.05)
+    for split in range(3):                                                 # every split has both classes
+        malignant = np.mean([s.label for s in source.samples if s.split == split])
+        assert 0.2 < malignant < 0.5
+    again = CsvManifestSource(csv_path, seed=3)
+    assert again.samples == source.samples                                 # deterministic
+    assert CsvManifestSource(csv_path, seed=4).samples != source.samples   # and seeded
+
+
+def test_split_without_groups_is_stratified_per_image():
+    labels = [0] * 140 + [1] * 60
+    splits = stratified_group_split(labels, [str(i) for i in range(200)], 0, "test")
+    counts = Counter(zip(splits.tolist(), labels))
+    assert [counts[(s, 0)] for s in range(3)] == [98, 14, 28]
+    assert [counts[(s, 1)] for s in range(3)] == [42, 6, 12]
+    with pytest.raises(FptError, match="needs at least 10 groups"):
+        stratified_group_split([0, 1] * 20, ["a", "b", "c"] * 13 + ["d"], 0, "test")
+
+
+def test_bad_manifests_fail_with_one_line(tmp_path):
+    ok = [{"path": f"images/{i}.png", "label": "a" if i % 2 else "b", "split": SPLITS[i % 3]} for i in range(6)]
+    fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c1", ok, ("path", "split"))), *MICRO_ARGS],
+                  "missing column(s) label; expected path,label[,split][,group]")
+    bad_split = [dict(r, split="training" if i == 2 else r["split"]) for i, r in enumerate(ok)]
+    fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c2", bad_split, ("path", "label", "split"))),
+                   *MICRO_ARGS], "unknown split name(s) 'training'; use train, val or test")
+    csv3 = write_manifest(tmp_path / "c3", ok, ("path", "label", "split"))
+    (tmp_path / "c3" / "images" / "1.png").unlink()
+    (tmp_path / "c3" / "images" / "4.png").unlink()
+    fails_cleanly(["extract", "--data", str(csv3), *MICRO_ARGS],
+                  "2 of 6 image files are missing (relative to " + str(tmp_path / "c3") + "), e.g. images/1.png, "
+                  "images/4.png")
+    no_val = [dict(r, split="train" if r["split"] == "val" else r["split"]) for r in ok]
+    fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c4", no_val, ("path", "label", "split"))),
+                   *MICRO_ARGS], "the val split is empty")
+    fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c5", ok, ("path", "label"))), *MICRO_ARGS],
+                  "a stratified 70/10/20 split needs at least 10 groups")
+    fails_cleanly(["extract", "--dataset", "isic2016", "--data", str(csv3), *MICRO_ARGS],
+                  "label(s) 'a', 'b' are not among the pipeline's classes ['benign', 'malignant']")
+
+
+def test_extract_from_manifest_end_to_end_with_auto_normalisation(tmp_path):
+    rows = grouped_rows(30, seed=1)
+    csv_path = write_manifest(tmp_path / "data", rows, ("path", "label", "group"))
+    write_dicom(tmp_path / "data" / "images" / "p000_0.dcm", stored_12bit(), "MONOCHROME1", window=(2000, 3000))
+    rows[0]["path"] = "images/p000_0.dcm"                                  # a manifest may list DICOM files too
+    csv_path = write_manifest(tmp_path / "data", rows, ("path", "label", "group"), create_images=False)
+    store = tmp_path / "m.zarr"
+    result = runner.invoke(app, ["extract", "--data", str(csv_path), *MICRO_ARGS, "--out", str(store),
+                                 "--mean", "auto", "--std", "auto"])
+    assert result.exit_code == 0, result.output
+    reader = StoreReader(store)
+    source = CsvManifestSource(csv_path)
+    assert list(reader.ids) == [r["path"] for r in rows]
+    np.testing.assert_array_equal(reader.labels, [s.label for s in source.samples])
+    np.testing.assert_array_equal(reader.split, [s.split for s in source.samples])
+    assert reader.attrs["dataset"]["name"] == "manifest" and reader.attrs["dataset"]["classes"] == ["benign",
+                                                                                                   "malignant"]
+    mean, std = compute_mean_std(source, 64)
+    np.testing.assert_allclose(reader.attrs["normalization"]["mean"], mean)
+    np.testing.assert_allclose(reader.attrs["normalization"]["std"], std)
+    assert reader.done().all()
+
+
+# ---------------------------------------------------------------- --mean/--std auto
+
+def test_compute_mean_std_is_over_the_train_split_at_lpm_resolution(tmp_path):
+    rows = [{"path": f"images/{i}.png", "label": "a" if i % 2 else "b", "split": SPLITS[min(i // 4, 2)]}
+            for i in range(12)]
+    source = CsvManifestSource(write_manifest(tmp_path, rows, ("path", "label", "split")))
+    train = [np.asarray(Image.open(tmp_path / r["path"]).convert("RGB").resize((40, 40), Image.Resampling.BICUBIC),
+                        dtype=np.float64) / 255 for r in rows[:4]]
+    mean, std = compute_mean_std(source, 40)
+    np.testing.assert_allclose(mean, np.stack(train).mean(axis=(0, 1, 2)), rtol=1e-9)
+    np.testing.assert_allclose(std, np.stack(train).std(axis=(0, 1, 2)), rtol=1e-9)
+    white = np.full((24, 26, 3), 255, np.uint8)
+    Image.fromarray(white).save(tmp_path / rows[-1]["path"])              # a test image does not count
+    assert compute_mean_std(source, 40) == (mean, std)
+
+
+def test_auto_stays_literal_in_config_until_run_time(tmp_path):
+    assert parse_normalization("auto", "mean") == "auto" and parse_normalization("0.5", "std") == (0.5,) * 3
+    rows = [{"path": f"images/{i}.png", "label": "a", "split": SPLITS[i % 3]} for i in range(6)]
+    csv_path = write_manifest(tmp_path, rows, ("path", "label", "split"))
+    cfg = extract_config(None, csv_path, mean="auto", backbone="x", out=tmp_path / "o.zarr")
+    assert cfg.mean == "auto" and cfg.std == (0.229, 0.224, 0.225) and cfg.name == "manifest"
+    resolved = resolve_normalization(cfg, open_source(cfg))
+    assert resolved.mean == compute_mean_std(open_source(cfg), cfg.res)[0] and resolved.std == cfg.std
+
+
+# ---------------------------------------------------------------- CMMD
+
+PATIENTS = [f"D1-{i:04d}" for i in range(1, 13)]
+
+
+def cmmd_label(patient_index: int, side: str) -> str:
+    """Left breasts of even patients and right breasts of every third are malignant."""
+    return "Malignant" if (side == "L" and patient_index % 2 == 0) or (side == "R" and patient_index % 3 == 0) \
+        else "Benign"
+
+
+def write_cmmd(root: Path, under_cmmd_folder: bool = True) -> dict[tuple[str, str], str]:
+    """A CMMD-shaped tree: 12 patients in the table, both breasts, CC + MLO each (48 images), plus one patient
+    missing from the table (2 images) and one image without laterality. Returns (patient, side) -> class."""
+    tree = root / "CMMD" if under_cmmd_folder else root
+    book = Workbook()
+    sheet = book.active
+    sheet.append(["ID1", "LeftRight", "Age", "number", "abnormality", "classification", "subtype"])
+    table = {}
+    for p, patient in enumerate(PATIENTS):
+        for side in "LR":
+            sheet.append([patient, side, 40 + p, 1, "mass", cmmd_label(p, side), None])
+            table[(patient, side)] = cmmd_label(p, side).lower()
+    root.mkdir(parents=True, exist_ok=True)
+    book.save(root / CLINICAL_TABLE)
+    seed = 0
+    for p, patient in enumerate(PATIENTS + ["D2-0999"]):
+        series = tree / patient / "07-18-2010-NA-NA-79377" / "1.000000-NA-70244"
+        for i, (side, view) in enumerate([(s, v) for s in "LR" for v in ("CC", "MLO")]):
+            seed += 1
+            photometric = "MONOCHROME1" if p % 2 else "MONOCHROME2"
+            tag = "Laterality" if p == 3 else "ImageLaterality"          # the older tag also counts
+            write_dicom(series / f"1-{i + 1}.dcm", stored_12bit((20, 16), seed), photometric,
+                        window=(2048, 4096) if p % 4 == 0 else None, rescale=(1.0, -5.0) if p == 5 else None,
+                        patient=None if p == 7 else patient, laterality=side, laterality_tag=tag)
+            if patient == "D2-0999" and i == 1:
+                break
+    write_dicom(tree / PATIENTS[0] / "other" / "unknown-side.dcm", stored_12bit((20, 16), 99))
+    return table
+
+
+def breast_of(root: Path, ref_id: str) -> tuple[str, str]:
+    """(patient, side) of the image ``ref_id`` = CMMD/<patient>/..., its side read back from the file."""
+    from pydicom import dcmread
+
+    header = dcmread(root / ref_id, stop_before_pixels=True)
+    return Path(ref_id).parts[1], str(header.get("ImageLaterality") or header.get("Laterality"))
+
+
+def test_cmmd_labels_per_breast_split_by_patient(tmp_path):
+    table = write_cmmd(tmp_path / "cmmd")
+    source = CmmdSource(tmp_path / "cmmd", classes=["benign", "malignant"], seed=0)
+    assert len(source.samples) == 48 and source.classes == ["benign", "malignant"]
+    assert source.attrs["skipped_images"] == {"breast_not_in_table": 2, "no_laterality": 1}
+    patients_split: dict[str, set[int]] = {}
+    for ref in source.samples:
+        assert ref.id.startswith("CMMD/D1-") and ref.id.endswith(".dcm")
+        patient, side = breast_of(tmp_path / "cmmd", ref.id)
+        assert source.classes[ref.label] == table[(patient, side)]
+        patients_split.setdefault(patient, set()).add(ref.split)
+    assert set(patients_split) == set(PATIENTS)
+    assert all(len(s) == 1 for s in patients_split.values())              # no patient in two splits
+    assert {s for splits in patients_split.values() for s in splits} == {0, 1, 2}
+    assert CmmdSource(tmp_path / "cmmd", seed=0).samples == source.samples  # deterministic
+    image = source.load(source.samples[0])
+    assert image.mode == "F" and image.size == (16, 20)
+
+
+def test_cmmd_without_the_cmmd_folder_level(tmp_path):
+    write_cmmd(tmp_path / "flat", under_cmmd_folder=False)
+    source = CmmdSource(tmp_path / "flat")
+    assert len(source.samples) == 48 and source.samples[0].id.startswith("D1-0001/")
+    assert source.classes == ["benign", "malignant"]
+
+
+def test_cmmd_problems(tmp_path):
+    root = tmp_path / "c"
+    write_cmmd(root)
+    (root / CLINICAL_TABLE).rename(root / "elsewhere.txt")
+    fails_cleanly(["extract", "--dataset", "cmmd", "--data", str(root), *MICRO_ARGS],
+                  f"expected the clinical table {CLINICAL_TABLE} in it")
+    book = Workbook()
+    book.active.append(["ID1", "LeftRight", "Age"])
+    book.save(root / CLINICAL_TABLE)
+    fails_cleanly(["extract", "--dataset", "cmmd", "--data", str(root), *MICRO_ARGS],
+                  "missing column(s) classification")
+    (root / CLINICAL_TABLE).write_bytes(b"not a spreadsheet")
+    fails_cleanly(["extract", "--dataset", "cmmd", "--data", str(root), *MICRO_ARGS], "cannot read the clinical table")
+
+
+def test_extract_cmmd_end_to_end(tmp_path):
+    root = tmp_path / "cmmd"
+    table = write_cmmd(root)
+    store = tmp_path / "cmmd.zarr"
+    result = runner.invoke(app, ["extract", "--dataset", "cmmd", "--data", str(root), *MICRO_ARGS,
+                                 "--out", str(store)])
+    assert result.exit_code == 0, result.output
+    reader = StoreReader(store)
+    assert reader.done().all() and len(reader.ids) == 48
+    classes = reader.attrs["dataset"]["classes"]
+    for ref_id, label in zip(reader.ids, reader.labels):
+        assert classes[label] == table[breast_of(root, ref_id)]
+    counts = reader.attrs["dataset"]["counts"]
+    assert sum(sum(c.values()) for c in counts.values()) == 48 and all(sum(c.values()) for c in counts.values())
