@@ -5,7 +5,7 @@ Options given as ``None`` mean "not set on the command line" and leave the pipel
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,8 @@ def train_config(store: Path, dataset: str | None = None, **options: Any) -> Tra
     entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)
     values = {**entry["train"], **_given(options)}
     allowed = {f.name for f in fields(TrainConfig)} - {"store", "extra"}
-    cfg = TrainConfig(store=Path(store), **{k: values[k] for k in allowed if k in values})
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    cfg = TrainConfig(store=Path(store), **{k: values.get(k, defaults.get(k)) for k in allowed})
     if cfg.prompts < 0:
         raise FptError(f"--prompts {cfg.prompts}: must be 0 (side network alone) or more")
     if cfg.method not in METHODS:

@@ -1,11 +1,15 @@
-"""Training: the side network with fine-grained prompts, fed only from fpt.store.
+"""Training: the side network with fine-grained prompts (and the baselines), fed only from fpt.store.
 
-Public API: ``train(cfg)``, ``evaluate_checkpoint(...)``, ``SideNetwork``, ``FusionModule``, ``ModelSpec``,
-``parameter_counts``, ``classification_metrics``.
+Public API: ``train(cfg)``, ``evaluate_checkpoint(...)``, ``load_checkpoint``, ``SideNetwork``, ``FusionModule``,
+``FptFusionModule``, ``LinearProbe``, ``ModelSpec``, ``build_model``, ``parameter_counts``,
+``classification_metrics``, ``ppe``, ``pme``. Sweeps: ``fpt.train.sweep``; images -> probabilities:
+``fpt.train.predict``; token maps: ``fpt.train.show``.
 """
-from fpt.train.loop import evaluate_checkpoint, train
-from fpt.train.metrics import classification_metrics
-from fpt.train.model import FusionModule, ModelSpec, SideNetwork, parameter_counts
+from fpt.train.loop import evaluate_checkpoint, load_checkpoint, train
+from fpt.train.metrics import classification_metrics, pme, ppe
+from fpt.train.model import (FptFusionModule, FusionModule, LinearProbe, ModelSpec, SideNetwork, build_model,
+                             parameter_counts)
 
-__all__ = ["evaluate_checkpoint", "train", "classification_metrics", "FusionModule", "ModelSpec", "SideNetwork",
+__all__ = ["evaluate_checkpoint", "load_checkpoint", "train", "classification_metrics", "pme", "ppe",
+           "FptFusionModule", "FusionModule", "LinearProbe", "ModelSpec", "SideNetwork", "build_model",
            "parameter_counts"]

@@ -1,79 +1,330 @@
-"""Batches for the side network: K/V and low-res images from fpt.store, augmented on the training device."""
+"""Batches for the trainable models, read only through fpt.store, and the side network's batched augmentation.
+
+Two ways to feed a split:
+- in memory (``--cache ram|gpu``): the split's arrays are read once (whole shards, each chunk decompressed once)
+  into tensors in RAM or on the GPU; a batch is an ``index_select``.
+- streamed (``--cache none``): shards are read whole, a window of shards at a time, by DataLoader worker
+  processes (or a prefetch thread with ``workers=0``) while the model trains on the previous window; with
+  shuffling, the shard order and the samples inside each window are permuted.
+``plan_cache`` decides between them for ``--cache auto`` and says why.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+import math
+import os
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 import psutil
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
 
+from fpt import FptError
+from fpt.config import CACHE_MODES
 from fpt.store import StoreReader
+
+WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
+
+Batch = dict[str, torch.Tensor]   # store array name -> tensor on the training device; images [B, 3, R, R] uint8
+
+
+def sample_bytes(reader: StoreReader, names: tuple[str, ...]) -> int:
+    """Raw bytes of one sample of the arrays ``names``."""
+    shapes = reader.geometry.sample_shapes()
+    return sum(int(np.prod(shapes[n][0])) * np.dtype(shapes[n][1]).itemsize for n in names)
 
 
 @dataclass
-class Batch:
-    images: torch.Tensor    # uint8 [B, 3, R, R] (stored low-res copy)
-    keys: torch.Tensor      # float16 [B, L, H, k, d]
-    values: torch.Tensor    # float16 [B, L, H, k, d]
-    labels: torch.Tensor    # int64 [B]
+class CachePlan:
+    mode: str                 # "ram", "gpu" or "none" (stream)
+    need_mb: float            # raw size of the train+val arrays the model reads
+    budget_mb: float | None   # what the decision compared against
+    reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-class SplitData:
-    """One split of a store. Cached in RAM when it fits ``cache`` (auto: a quarter of available memory),
-    otherwise read batch by batch from the store."""
+def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: torch.device,
+               budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val")) -> CachePlan:
+    """Where the train and val splits live during training. ``auto``: on the GPU when they fit ``budget_mb``
+    (default: half the free GPU memory), else in RAM when they fit (default: half the available RAM), else
+    streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all."""
+    if cache not in CACHE_MODES:
+        raise FptError(f"--cache {cache!r}: choose {', '.join(CACHE_MODES)}")
+    need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names) / 2**20
+    what = f"{'+'.join(splits)} {', '.join(names)}: {need:,.1f} MB"
+    free_ram = psutil.virtual_memory().available / 2**20
+    free_gpu = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else None
+    if cache == "none":
+        return CachePlan("none", need, None, f"--cache none: streaming {what} from the store")
+    if cache == "gpu":
+        if free_gpu is None:
+            raise FptError("--cache gpu needs a CUDA training device; use --cache ram or --device cuda")
+        if need > free_gpu:
+            raise FptError(f"--cache gpu: {what} exceed the free GPU memory ({free_gpu:,.0f} MB)")
+        return CachePlan("gpu", need, free_gpu, f"--cache gpu: {what} on {device}")
+    if cache == "ram":
+        if need > free_ram:
+            raise FptError(f"--cache ram: {what} exceed the available RAM ({free_ram:,.0f} MB)")
+        return CachePlan("ram", need, free_ram, f"--cache ram: {what} in RAM")
+    if free_gpu is not None:
+        budget = budget_mb if budget_mb is not None else free_gpu / 2
+        if need <= budget:
+            return CachePlan("gpu", need, budget, f"auto: {what} fit the GPU budget ({budget:,.0f} MB) -> gpu")
+    budget = budget_mb if budget_mb is not None else free_ram / 2
+    if need <= budget:
+        return CachePlan("ram", need, budget, f"auto: {what} fit the RAM budget ({budget:,.0f} MB) -> ram")
+    return CachePlan("none", need, budget, f"auto: {what} exceed the budget ({budget:,.0f} MB) -> streaming")
 
-    def __init__(self, reader: StoreReader, split: str, with_kv: bool = True, cache: str = "auto"):
-        self.reader, self.split = reader, split
-        self.indices = reader.split_indices(split)
-        self.names = ("keys", "values", "images") if with_kv else ("images",)
-        sample_shapes = reader.geometry.sample_shapes()
-        need = len(self.indices) * sum(int(np.prod(sample_shapes[n][0])) * np.dtype(sample_shapes[n][1]).itemsize
-                                       for n in self.names)
-        self.cached = cache == "ram" or (cache == "auto" and need < psutil.virtual_memory().available / 4)
-        self._ram = reader.read(self.indices, self.names) if self.cached else None
+
+def default_workers(device: torch.device) -> int:
+    """Reader processes for streaming: on CUDA up to 4 (the CPU is otherwise idle); on CPU none (the cores
+    train; a prefetch thread overlaps reading, since decompression releases the GIL)."""
+    return min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+
+
+class SplitData(Protocol):
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                rng: np.random.Generator | None = None) -> Iterator[Batch]: ...
+
+
+def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,
+               workers: int | None = None) -> SplitData:
+    """The split's data, in memory (mode ram/gpu) or streamed (none)."""
+    if mode in ("ram", "gpu"):
+        return MemorySplit(reader, split, names, device, on_device=mode == "gpu")
+    return StreamSplit(reader, split, names, device, default_workers(device) if workers is None else workers)
+
+
+def _to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
+    out = {n: t.to(device, non_blocking=True) for n, t in arrays.items()}
+    if "images" in out:
+        out["images"] = out["images"].permute(0, 3, 1, 2)                      # [B, R, R, C] -> [B, C, R, R]
+    return out
+
+
+class MemorySplit:
+    """A split read once into tensors (RAM, or the training GPU with ``on_device``); batches index them."""
+
+    def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
+                 on_device: bool = False):
+        arrays = reader.read(reader.split_indices(split), names)               # one read, whole shards
+        home = device if on_device else torch.device("cpu")
+        self.tensors = {n: torch.from_numpy(a).to(home) for n, a in arrays.items()}
+        self.device = device
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.tensors["labels"])
 
-    def _rows(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-        if self._ram is not None:
-            return {name: arr[positions] for name, arr in self._ram.items()}
-        return self.reader.read(self.indices[positions], self.names)
-
-    def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
-                device: torch.device = torch.device("cpu")) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool = False,
+                rng: np.random.Generator | None = None) -> Iterator[Batch]:
         order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+        order_t = torch.from_numpy(order).to(self.tensors["labels"].device)
         for start in range(0, len(order), batch_size):
-            rows = self._rows(order[start:start + batch_size])
-            kv = {n: torch.from_numpy(rows[n]).to(device) if n in rows else None for n in ("keys", "values")}
-            yield Batch(images=torch.from_numpy(rows["images"]).to(device).permute(0, 3, 1, 2),
-                        keys=kv["keys"], values=kv["values"], labels=torch.from_numpy(rows["labels"]).to(device))
+            rows = order_t[start:start + batch_size]
+            yield _to_device({n: t.index_select(0, rows) for n, t in self.tensors.items()}, self.device)
+
+
+class _WindowReads(Dataset):
+    """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors."""
+
+    def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray]):
+        self.path, self.names, self.windows = path, names, windows
+        self._reader: StoreReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._reader is None:                                               # one reader per worker process
+            self._reader = StoreReader(self.path)
+        return {n: torch.from_numpy(a) for n, a in self._reader.read(self.windows[i], self.names).items()}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}
+
+
+def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """Iterate ``items`` in a background thread, ``depth`` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:   # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():                                               # unblock a waiting put
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+class StreamSplit:
+    """A split streamed from the store a window of whole shards at a time.
+
+    Reading whole shards decompresses every chunk once and reads every shard index once per epoch. With
+    ``shuffle`` the shard order is permuted, then the samples of each window (plus the previous window's
+    remainder); the order depends only on ``rng``, not on the number of workers.
+    """
+
+    def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
+                 workers: int = 0, window_samples: int | None = None):
+        self.path, self.names, self.device, self.workers = reader.path, names, device, workers
+        indices = reader.split_indices(split)
+        shard_of = indices // reader.geometry.samples_per_shard
+        self.shards = [indices[shard_of == s] for s in np.unique(shard_of)]   # sorted store indices per shard
+        self.n = len(indices)
+        self.window_samples = window_samples or max(1, WINDOW_BYTES // sample_bytes(reader, names))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def windows(self, shuffle: bool, rng: np.random.Generator | None) -> list[np.ndarray]:
+        order = rng.permutation(len(self.shards)) if shuffle else np.arange(len(self.shards))
+        windows, current = [], []
+        for s in order:
+            current.append(self.shards[s])
+            if sum(map(len, current)) >= self.window_samples:
+                windows.append(np.sort(np.concatenate(current)))
+                current = []
+        if current:
+            windows.append(np.sort(np.concatenate(current)))
+        return windows
+
+    def _window_arrays(self, windows: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+        reads = _WindowReads(self.path, self.names, windows)
+        if self.workers == 0:
+            return _prefetched(reads[i] for i in range(len(reads)))
+        return iter(DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=2,
+                               pin_memory=self.device.type == "cuda"))
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                rng: np.random.Generator | None = None) -> Iterator[Batch]:
+        carry: dict[str, torch.Tensor] | None = None
+        for arrays in self._window_arrays(self.windows(shuffle, rng)):
+            if shuffle:
+                perm = torch.from_numpy(rng.permutation(len(arrays["labels"])))
+                arrays = {n: t[perm] for n, t in arrays.items()}
+            if carry is not None:
+                arrays = {n: torch.cat([carry[n], t]) for n, t in arrays.items()}
+            n_full = len(arrays["labels"]) // batch_size * batch_size
+            for start in range(0, n_full, batch_size):
+                yield _to_device({n: t[start:start + batch_size] for n, t in arrays.items()}, self.device)
+            carry = {n: t[n_full:] for n, t in arrays.items()} if n_full < len(arrays["labels"]) else None
+        if carry is not None:
+            yield _to_device(carry, self.device)
+
+
+@dataclass
+class AugmentParams:
+    """Per-image augmentation draws, [B] each: crop width/height as a fraction of the image side, crop centre
+    in [-1, 1] image coordinates, flips (+1 keep, -1 mirror) and colour-jitter factors."""
+    crop_w: torch.Tensor
+    crop_h: torch.Tensor
+    centre_x: torch.Tensor
+    centre_y: torch.Tensor
+    flip_x: torch.Tensor
+    flip_y: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+
+    @classmethod
+    def identity(cls, n: int) -> "AugmentParams":
+        one, zero = torch.ones(n), torch.zeros(n)
+        return cls(one, one, zero, zero, one, one, one, one, one)
+
+
+def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """factor · image + (1 - factor) · other, clamped to [0, 1] (torchvision's colour-jitter blend), per image."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * image + (1 - f) * other).clamp(0, 1)
+
+
+def colour_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                  saturation: torch.Tensor) -> torch.Tensor:
+    """torchvision's brightness, contrast and saturation adjustments with a factor per image, for a batch.
+    x float [B, 3, H, W] in [0, 1]; factors [B] -> [B, 3, H, W]."""
+    x = _blend(x, torch.zeros_like(x), brightness)
+    x = _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), contrast)
+    return _blend(x, TF.rgb_to_grayscale(x), saturation)
 
 
 class SideInput:
-    """uint8 low-res images -> normalised float side-network input [B, 3, r, r].
+    """uint8 low-res images [B, 3, R, R] -> normalised float side-network input [B, 3, r, r], on their device.
 
     Training: random resized crop, horizontal and vertical flips and colour jitter, drawn per image (the
-    paper's cropping, flipping and colour distortion); evaluation: resize only.
+    paper's cropping, flipping and colour distortion), applied to the whole batch at once: an antialiased
+    resize (torchvision v2 on tensors), one ``grid_sample`` for every image's crop + flips, and the colour
+    jitter as batched blends. The draws come from a generator seeded with ``seed``. Evaluation: resize only.
     """
 
-    def __init__(self, side_res: int, mean, std):
-        self.side_res = side_res
-        self.train_tf = v2.Compose([
-            v2.RandomResizedCrop(side_res, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-            v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
-        ])
-        self.eval_tf = v2.Resize(side_res, antialias=True)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+    def __init__(self, side_res: int, mean, std, seed: int = 0, scale: tuple[float, float] = (0.6, 1.0),
+                 ratio: tuple[float, float] = (0.8, 1.25), jitter: tuple[float, float, float] = (0.2, 0.2, 0.1)):
+        self.side_res, self.scale, self.ratio, self.jitter = side_res, scale, ratio, jitter
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        if train:
-            images = torch.stack([self.train_tf(img) for img in images])
-        elif images.shape[-1] != self.side_res:
-            images = self.eval_tf(images)
         x = images.float() / 255.0
+        if train:
+            x = self.augment(x, self.sample(len(x)))
+        elif x.shape[-1] != self.side_res or x.shape[-2] != self.side_res:
+            x = TF.resize(x, [self.side_res, self.side_res], antialias=True)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def sample(self, n: int) -> AugmentParams:
+        g = self.generator
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=g)
+
+        area = uniform(*self.scale)
+        aspect = torch.exp(uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+        centre_x, centre_y = (1 - w) * uniform(-1, 1), (1 - h) * uniform(-1, 1)
+        flip = lambda: torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)  # noqa: E731
+        b, c, s = self.jitter
+        return AugmentParams(w, h, centre_x, centre_y, flip(), flip(), uniform(max(0, 1 - b), 1 + b),
+                             uniform(max(0, 1 - c), 1 + c), uniform(max(0, 1 - s), 1 + s))
+
+    def augment(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """x float [B, 3, R, R] in [0, 1] -> [B, 3, r, r]: crop + flips by one affine grid sample, then jitter."""
+        B, r = len(x), self.side_res
+        work = min(x.shape[-1], math.ceil(r / math.sqrt(self.scale[0])))
+        if work < x.shape[-1]:          # antialias first: the bilinear sampling below then shrinks by <= 1/sqrt(scale)
+            x = TF.resize(x, [work, work], antialias=True)
+        theta = torch.zeros(B, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2] = p.crop_w * p.flip_x, p.centre_x
+        theta[:, 1, 1], theta[:, 1, 2] = p.crop_h * p.flip_y, p.centre_y
+        grid = F.affine_grid(theta.to(x.device), [B, 3, r, r], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        to = lambda t: t.to(x.device)  # noqa: E731
+        return colour_jitter(x, to(p.brightness), to(p.contrast), to(p.saturation))

@@ -29,3 +29,17 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
         "recall": recall_score(labels, preds, average=average, zero_division=0),
     }
     return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in out.items()}
+
+
+def ppe(score: float, learnable_percent: float) -> float:
+    """Performance-parameter-efficiency (paper eq. 9): score · exp(-log10(r + 1)), r = learnable / total
+    parameters as a fraction (``learnable_percent`` / 100)."""
+    return score * math.exp(-math.log10(learnable_percent / 100.0 + 1.0))
+
+
+def pme(score: float, memory_mb: float, ft_memory_mb: float) -> float:
+    """Performance-memory-efficiency (paper eq. 10): score · exp(-log10(m + 1)), m = the method's training memory
+    over the memory of fully fine-tuning the LPM (both measured the same way, on the same kind of device)."""
+    if ft_memory_mb <= 0:
+        raise ValueError("the full fine-tuning memory must be positive")
+    return score * math.exp(-math.log10(memory_mb / ft_memory_mb + 1.0))

@@ -1,12 +1,27 @@
-"""The side network with fine-grained prompts (paper Sec. 3.2-3.4), built from timm's own ViT blocks."""
+"""The trainable models, one per method, all fed from the store (paper Sec. 3.2-3.4):
+
+- ``fpt+``: the side network with fine-grained prompts of the LPM's width, LayerNorm'd as the query (FPT+).
+- ``fpt``: the earlier FPT fusion (prompts of the side width, a learnable input projection to the LPM's width as
+  the query, no LayerNorm).
+- ``side-only``: the same side network without prompts (no LPM knowledge).
+- ``linear-probe``: a linear head on the LPM's stored final class token.
+
+Side networks are timm ViTs built from timm's own blocks.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from fpt import FptError
+from fpt.config import METHODS
+
+PROMPT_METHODS = ("fpt+", "fpt")
 
 
 @dataclass
@@ -19,9 +34,20 @@ class ModelSpec:
     layers: int           # L: extracted LPM layers = side depth
     n_classes: int
     side_res: int = 128
-    prompts: int = 16     # 0 = side network alone
+    prompts: int = 16     # fine-grained prompts per layer (0 for side-only / linear-probe)
     reduction: int = 8
     dropout: float = 0.5
+    method: str = "fpt+"  # one of METHODS; "fpt+" with 0 prompts means "side-only"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise FptError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.method == "fpt+" and self.prompts == 0:
+            self.method = "side-only"
+        if self.method in PROMPT_METHODS and self.prompts <= 0:
+            raise FptError(f"--method {self.method} needs --prompts > 0 (use --method side-only for none)")
+        if self.method not in PROMPT_METHODS:
+            self.prompts = 0
 
     @property
     def side_dim(self) -> int:
@@ -31,12 +57,50 @@ class ModelSpec:
     def side_heads(self) -> int:
         return self.lpm_heads if self.side_dim % self.lpm_heads == 0 else 1
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The store arrays the model reads (besides ``labels``)."""
+        return {"fpt+": ("images", "keys", "values"), "fpt": ("images", "keys", "values"),
+                "side-only": ("images",), "linear-probe": ("cls",)}[self.method]
+
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-class FusionModule(nn.Module):
-    """Fine-grained prompts and their cross-attention over the LPM's stored K/V, for every side layer at once.
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[..., P, H*d] -> [..., H, P, d]"""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def prompt_attention(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The prompts' attention over the selected tokens: softmax(q_h · k_h / sqrt(d)) per layer and head.
+
+    query [L, P, H*d] (the fusion module's ``query()``), keys [B, L, H, k, d] -> weights [B, L, H, P, k].
+    """
+    q = split_heads(query, keys.shape[2]).to(keys.dtype)                          # [L, H, P, d]
+    return torch.softmax(q @ keys.transpose(-1, -2) / keys.shape[-1] ** 0.5, dim=-1)
+
+
+class PromptFusion(nn.Module):
+    """Cross-attention of per-layer prompt queries over the stored K/V, with no projections on K/V.
+
+    Subclasses define ``query() -> [L, P, D]`` and how the context becomes the prompts the side network sees.
+    """
+    heads: int
+
+    def query(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """keys, values [B, L, H, k, d] -> attention output [B, L, P, H*d] (heads concatenated)."""
+        B = keys.shape[0]
+        q = split_heads(self.query(), self.heads).to(keys.dtype)                  # [L, H, P, d]
+        out = F.scaled_dot_product_attention(q.expand(B, -1, -1, -1, -1), keys, values)   # [B, L, H, P, d]
+        return out.transpose(2, 3).flatten(-2)
+
+
+class FusionModule(PromptFusion):
+    """FPT+ fusion: fine-grained prompts and their cross-attention over the LPM's stored K/V, all layers at once.
 
     Each side layer l has its own prompts p_l [P, D]. As in the paper (eqs. 7-8) and its public code, the query
     is LayerNorm(p_l) split into the LPM's H heads, attending over the selected keys/values with no extra
@@ -55,18 +119,40 @@ class FusionModule(nn.Module):
         self.out_proj = nn.Linear(lpm_dim, side_dim)
         self.dropout = nn.Dropout(dropout)
 
+    def query(self) -> torch.Tensor:
+        return self.norm(self.prompts)                                            # LN(p) [L, P, D]
+
     def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        B, L, H, _, d = keys.shape
-        P = self.prompts.shape[1]
-        query = self.norm(self.prompts).view(L, P, H, d).transpose(1, 2)          # [L, H, P, d]
-        context = F.scaled_dot_product_attention(query.expand(B, -1, -1, -1, -1).to(keys.dtype), keys, values)
-        context = context.transpose(2, 3).reshape(B, L, P, H * d)                 # [B, L, P, D]
-        return self.dropout(self.out_proj(context + self.prompts))                # [B, L, P, D_side]
+        return self.dropout(self.out_proj(self.context(keys, values) + self.prompts))
+
+
+class FptFusionModule(PromptFusion):
+    """The earlier FPT fusion: prompts p_l [P, D_side] of the side network's width; the query is a learnable
+    input projection in_proj(p_l) -> [P, D] (no LayerNorm), split into the LPM's heads; the output is
+    dropout(out_proj(context)) + p_l -> [P, D_side]. in_proj and out_proj are shared by all layers.
+
+    forward(keys [B, L, H, k, d], values [B, L, H, k, d]) -> prompts [B, L, P, D_side]
+    """
+
+    def __init__(self, layers: int, prompts: int, lpm_dim: int, lpm_heads: int, side_dim: int, dropout: float = 0.5):
+        super().__init__()
+        self.heads = lpm_heads
+        self.prompts = nn.Parameter(torch.empty(layers, prompts, side_dim))
+        nn.init.trunc_normal_(self.prompts, std=0.02)
+        self.in_proj = nn.Linear(side_dim, lpm_dim)
+        self.out_proj = nn.Linear(lpm_dim, side_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def query(self) -> torch.Tensor:
+        return self.in_proj(self.prompts)                                         # [L, P, D]
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.out_proj(self.context(keys, values))) + self.prompts
 
 
 class SideNetwork(nn.Module):
-    """A small timm ViT (width D/reduction, depth L) that sees the low-res image; with prompts > 0 the fused
-    prompts of layer l are appended to its sequence before block l and removed after it.
+    """A small timm ViT (width D/reduction, depth L) that sees the low-res image; with prompts (fpt+, fpt) the
+    fused prompts of layer l are appended to its sequence before block l and removed after it.
 
     forward(images [B, 3, r, r], keys/values [B, L, H, k, d] or None) -> logits [B, n_classes]
     """
@@ -76,8 +162,9 @@ class SideNetwork(nn.Module):
         self.spec = spec
         self.vit = VisionTransformer(img_size=spec.side_res, patch_size=spec.patch_size, embed_dim=spec.side_dim,
                                      depth=spec.layers, num_heads=spec.side_heads, num_classes=spec.n_classes)
-        self.fusion = (FusionModule(spec.layers, spec.prompts, spec.lpm_dim, spec.lpm_heads, spec.side_dim,
-                                    spec.dropout) if spec.prompts > 0 else None)
+        fusion = {"fpt+": FusionModule, "fpt": FptFusionModule}.get(spec.method)
+        self.fusion = (fusion(spec.layers, spec.prompts, spec.lpm_dim, spec.lpm_heads, spec.side_dim, spec.dropout)
+                       if fusion is not None else None)
 
     def forward(self, images: torch.Tensor, keys: torch.Tensor | None = None,
                 values: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,6 +178,37 @@ class SideNetwork(nn.Module):
                 n = x.shape[1]
                 x = block(torch.cat([x, prompts[:, layer]], dim=1))[:, :n]         # prompts removed after the layer
         return vit.forward_head(vit.norm(x))
+
+    def forward_batch(self, batch: dict[str, torch.Tensor],
+                      side_images: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A batch of store arrays (images uint8 [B, 3, R, R], keys/values fp16) -> logits [B, C]."""
+        images = side_images(batch["images"])
+        if self.fusion is None:
+            return self(images)
+        return self(images, batch["keys"].float(), batch["values"].float())
+
+
+class LinearProbe(nn.Module):
+    """Linear probing: one linear layer on the LPM's final normalised class token.
+
+    forward(cls [B, D]) -> logits [B, n_classes]
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.head = nn.Linear(spec.lpm_dim, spec.n_classes)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        return self.head(cls)
+
+    def forward_batch(self, batch: dict[str, torch.Tensor],
+                      side_images: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return self(batch["cls"].float())
+
+
+def build_model(spec: ModelSpec) -> SideNetwork | LinearProbe:
+    return LinearProbe(spec) if spec.method == "linear-probe" else SideNetwork(spec)
 
 
 def parameter_counts(model: nn.Module, lpm_params: int) -> dict[str, float]:

@@ -1,0 +1,186 @@
+"""The fast data path: in-memory vs streamed splits give the same samples, whole-shard reads, the cache
+decision, and the batched augmentation against torchvision's per-image operations."""
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from fpt import FptError
+from fpt.config import train_config
+from fpt.store import StoreReader
+from fpt.train import train
+from fpt.train.data import AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, plan_cache
+from tests.conftest import micro_config, write_image_folder
+
+CPU = torch.device("cpu")
+NAMES = ("images", "keys", "values")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from fpt.extract import extract
+
+    root = tmp_path_factory.mktemp("data")
+    out = root / "micro.zarr"
+    # 3 samples per shard: shards mix splits and the train split ends in a partial shard
+    extract(micro_config(write_image_folder(root / "data", {"train": 5, "val": 2, "test": 2}), out,
+                         samples_per_shard=3))
+    return out
+
+
+def collect(batches):
+    rows = [{n: t.numpy() for n, t in b.items()} for b in batches]
+    return {n: np.concatenate([r[n] for r in rows]) for n in rows[0]}, [len(r["labels"]) for r in rows]
+
+
+def test_memory_and_stream_give_the_split_in_store_order(store):
+    reader = StoreReader(store)
+    expected = reader.read(reader.split_indices("train"), NAMES)
+    for data in (MemorySplit(reader, "train", NAMES, CPU), StreamSplit(reader, "train", NAMES, CPU, window_samples=4)):
+        got, sizes = collect(data.batches(4))
+        assert sizes == [4, 4, 2]
+        np.testing.assert_array_equal(got["keys"], expected["keys"])
+        np.testing.assert_array_equal(got["images"], expected["images"].transpose(0, 3, 1, 2))
+        np.testing.assert_array_equal(got["labels"], expected["labels"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_streamed_epochs_shuffle_every_sample_exactly_once(store, workers):
+    reader = StoreReader(store)
+    data = StreamSplit(reader, "train", NAMES, CPU, workers=workers, window_samples=4)
+    orders = []
+    for seed in (0, 0, 1):
+        got, sizes = collect(data.batches(3, shuffle=True, rng=np.random.default_rng(seed)))
+        assert sum(sizes) == 10 and all(s == 3 for s in sizes[:-1])
+        # identify samples by their keys: each train sample exactly once
+        flat = got["keys"].reshape(10, -1)
+        want = reader.read(reader.split_indices("train"), ("keys",))["keys"].reshape(10, -1)
+        order = [int(np.flatnonzero((want == row).all(1))[0]) for row in flat]
+        assert sorted(order) == list(range(10))
+        orders.append(order)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
+def test_stream_order_does_not_depend_on_the_number_of_workers(store):
+    reader = StoreReader(store)
+    a, _ = collect(StreamSplit(reader, "train", NAMES, CPU, 0, 4).batches(3, True, np.random.default_rng(5)))
+    b, _ = collect(StreamSplit(reader, "train", NAMES, CPU, 2, 4).batches(3, True, np.random.default_rng(5)))
+    np.testing.assert_array_equal(a["keys"], b["keys"])
+
+
+def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
+    reader = StoreReader(store)
+    sps = reader.geometry.samples_per_shard
+    train_idx = reader.split_indices("train")
+    reads = []
+    original = StoreReader.read
+    monkeypatch.setattr(StoreReader, "read", lambda self, idx, names=NAMES: reads.append(np.asarray(idx))
+                        or original(self, idx, names))
+    data = StreamSplit(reader, "train", NAMES, CPU, window_samples=4)
+    list(data.batches(2, shuffle=True, rng=np.random.default_rng(0)))
+    read = np.concatenate(reads)
+    assert sorted(read.tolist()) == train_idx.tolist()                       # every sample read once
+    for window in reads:                                                     # a window = whole shards (their train part)
+        shards = np.unique(window // sps)
+        assert set(window.tolist()) == {i for i in train_idx.tolist() if i // sps in shards}
+
+
+def test_cache_plan(store):
+    reader = StoreReader(store)
+    shapes = reader.geometry.sample_shapes()
+    per_sample = sum(int(np.prod(shapes[n][0])) * np.dtype(shapes[n][1]).itemsize for n in NAMES)
+    need = (10 + 4) * per_sample / 2**20
+    auto = plan_cache(reader, NAMES, "auto", CPU)
+    assert auto.mode == "ram" and auto.need_mb == pytest.approx(need) and "auto" in auto.reason
+    tight = plan_cache(reader, NAMES, "auto", CPU, budget_mb=need / 2)
+    assert tight.mode == "none" and "streaming" in tight.reason
+    assert plan_cache(reader, NAMES, "none", CPU).mode == "none"
+    assert plan_cache(reader, NAMES, "ram", CPU).mode == "ram"
+    with pytest.raises(FptError, match="--cache gpu needs a CUDA training device"):
+        plan_cache(reader, NAMES, "gpu", CPU)
+
+
+def test_cache_modes_train_to_the_same_evaluation(store, tmp_path):
+    """Streaming and RAM cache see the same data: a checkpoint evaluates identically on either path."""
+    from fpt.train import evaluate_checkpoint
+
+    cfg = dict(side_res=16, epochs=1, batch_size=4, prompts=3, device="cpu")
+    m = train(train_config(store, None, out=tmp_path / "r", cache="none", **cfg))
+    assert m["data"]["cache"]["mode"] == "none"
+    assert evaluate_checkpoint(store, tmp_path / "r" / "best.pt", "test", device="cpu")["auc"] == m["test"]["auc"]
+    assert train(train_config(store, None, out=tmp_path / "q", cache="ram", **cfg))["data"]["cache"]["mode"] == "ram"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cache_and_cuda_memory(store, tmp_path):
+    m = train(train_config(store, None, out=tmp_path / "g", side_res=16, epochs=1, batch_size=4, prompts=3,
+                           device="cuda", cache="gpu"))
+    assert m["data"]["cache"]["mode"] == "gpu"
+    assert m["throughput"]["memory_kind"] == "cuda_max_allocated" and m["throughput"]["peak_memory_mb"] > 0
+    data = MemorySplit(StoreReader(store), "train", NAMES, torch.device("cuda"), on_device=True)
+    assert data.tensors["keys"].is_cuda and next(data.batches(4))["keys"].is_cuda
+
+
+# --- batched augmentation -----------------------------------------------------------------------------------
+
+def images(n=4, res=32, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, res, res), dtype=np.uint8))
+
+
+def test_identity_draw_is_the_evaluation_resize():
+    side = SideInput(16, (0.5,) * 3, (0.25,) * 3)
+    x = TF.resize(images(res=8).float() / 255, [32, 32], antialias=True)   # smooth images (real ones are)
+    same = side.augment(x, AugmentParams.identity(4))
+    resized = TF.resize(x, [16, 16], antialias=True)
+    assert same.shape == (4, 3, 16, 16)
+    assert (same - resized).abs().mean() < 0.01                          # bilinear of the antialiased image
+
+
+def test_flips_mirror_exactly():
+    side = SideInput(16, (0.5,) * 3, (0.25,) * 3)
+    x = images().float() / 255
+    p = AugmentParams.identity(4)
+    plain = side.augment(x, p)
+    p.flip_x = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+    p.flip_y = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    flipped = side.augment(x, p)
+    torch.testing.assert_close(flipped[0], plain[0].flip(-1))
+    torch.testing.assert_close(flipped[1], plain[1])
+    torch.testing.assert_close(flipped[2], plain[2].flip(-1).flip(-2))
+    torch.testing.assert_close(flipped[3], plain[3].flip(-2))
+
+
+def test_crop_takes_the_drawn_region():
+    side = SideInput(16, (0.5,) * 3, (0.25,) * 3, scale=(1.0, 1.0))       # no antialias pre-resize at 16 from 16
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., :8, 8:] = 1.0                                                   # top-right quadrant white
+    p = AugmentParams.identity(1)
+    p.crop_w, p.crop_h = torch.tensor([0.5]), torch.tensor([0.5])
+    p.centre_x, p.centre_y = torch.tensor([0.5]), torch.tensor([-0.5])     # the top-right quadrant, magnified
+    crop = side.augment(x, p)
+    assert crop[..., 1:-1, 1:-1].min() > 0.99 and crop.mean() > 0.9      # (bilinear: the border blends a little)
+    p.centre_x = torch.tensor([-0.5])                                     # the top-left quadrant: black
+    assert side.augment(x, p)[..., 1:-1, 1:-1].max() < 0.01
+
+
+def test_colour_jitter_matches_torchvision_per_image():
+    x = images(3).float() / 255
+    b, c, s = torch.tensor([0.8, 1.0, 1.2]), torch.tensor([1.2, 0.85, 1.0]), torch.tensor([0.9, 1.1, 1.0])
+    got = colour_jitter(x, b, c, s)
+    for i in range(3):
+        want = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], float(b[i])), float(c[i])),
+                                    float(s[i]))
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_draws_are_per_image_seeded_and_in_range():
+    a, b = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=3), SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=3)
+    batch = images(64)
+    torch.testing.assert_close(a(batch, train=True), b(batch, train=True))
+    p = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=4).sample(1000)
+    area = p.crop_w * p.crop_h
+    assert area.max() <= 1.0 and area.min() >= 0.6 * 0.99 and (p.crop_w / p.crop_h).min() >= 0.8 - 1e-6
+    assert (p.centre_x.abs() <= 1 - p.crop_w + 1e-6).all() and len(p.brightness.unique()) > 900
+    assert 0.4 < (p.flip_x < 0).float().mean() < 0.6 and p.brightness.min() >= 0.8 and p.saturation.max() <= 1.1
+    out = a(batch, train=True)
+    assert out.shape == (64, 3, 16, 16) and not torch.allclose(out[0], out[1])

@@ -1,0 +1,194 @@
+"""Methods on one store (fpt+, fpt, side-only, linear-probe): models against their formulas, PPE/PME against the
+paper's equations and tables, one training loop for all, checkpoints that rebuild any method."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fpt import FptError
+from fpt.config import train_config
+from fpt.store import StoreReader
+from fpt.train import (FptFusionModule, LinearProbe, ModelSpec, SideNetwork, build_model, evaluate_checkpoint, pme,
+                       ppe, train)
+from fpt.train.model import FusionModule, prompt_attention
+from tests.conftest import micro_config, write_image_folder
+
+SPEC = dict(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=3, n_classes=4, side_res=32, prompts=5,
+            reduction=4)
+
+
+# --- PPE / PME: paper eqs. 9-10, checked against the paper's own table entries --------------------------------
+
+# (avg AUC, learnable %, memory MB, PPE, PME): Table 4 (prompts 4..128) and Table 1 (full FT, linear probing)
+PAPER_ROWS = [(85.94, 0.96, 720, 85.58, 84.80), (86.39, 0.99, 722, 86.02, 85.24), (87.12, 1.03, 736, 86.73, 85.94),
+              (86.54, 1.11, 812, 86.13, 85.25), (86.66, 1.28, 972, 86.18, 85.12), (86.49, 1.61, 1388, 85.89, 84.33),
+              (88.82, 100, 23128, 65.73, 65.73), (83.28, 0.01, 3416, 83.28, 78.44)]
+FULL_FT_MB = 23128   # paper Table 1: full fine-tuning of ViT-B at 512 px
+
+
+@pytest.mark.parametrize("auc, ratio, memory, paper_ppe, paper_pme", PAPER_ROWS)
+def test_ppe_and_pme_reproduce_the_paper_tables(auc, ratio, memory, paper_ppe, paper_pme):
+    assert ppe(auc, ratio) == pytest.approx(paper_ppe, abs=0.006)
+    assert pme(auc, memory, FULL_FT_MB) == pytest.approx(paper_pme, abs=0.006)
+
+
+def test_ppe_and_pme_are_the_formulas():
+    assert ppe(0.9, 2.5) == pytest.approx(0.9 * math.exp(-math.log10(0.025 + 1)))
+    assert pme(0.8, 500, 2000) == pytest.approx(0.8 * math.exp(-math.log10(0.25 + 1)))
+    assert ppe(0.7, 0) == 0.7 and pme(0.7, 0, 100) == 0.7
+    with pytest.raises(ValueError):
+        pme(0.7, 10, 0)
+
+
+# --- the models ------------------------------------------------------------------------------------------------
+
+def test_fpt_fusion_matches_the_earlier_fpt_formula():
+    """FPT: q = in_proj(p) (p of the side width, no LayerNorm), CA over K/V per head, out = out_proj(CA) + p."""
+    torch.manual_seed(0)
+    fusion = FptFusionModule(layers=3, prompts=5, lpm_dim=32, lpm_heads=2, side_dim=8, dropout=0.0)
+    keys, values = torch.randn(2, 3, 2, 7, 16), torch.randn(2, 3, 2, 7, 16)
+    out = fusion(keys, values)
+    assert out.shape == (2, 3, 5, 8) and fusion.prompts.shape == (3, 5, 8)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in fusion.modules())
+    for b in range(2):
+        for layer in range(3):
+            p = fusion.prompts[layer]                                       # [P, D_side]
+            q = fusion.in_proj(p)                                           # [P, D]
+            heads = [torch.softmax(q[:, h * 16:(h + 1) * 16] @ keys[b, layer, h].T / 4.0, -1) @ values[b, layer, h]
+                     for h in range(2)]
+            expected = fusion.out_proj(torch.cat(heads, -1)) + p
+            torch.testing.assert_close(out[b, layer], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion_cls", [FusionModule, FptFusionModule])
+def test_prompt_attention_is_what_the_fusion_attends_with(fusion_cls):
+    torch.manual_seed(1)
+    fusion = fusion_cls(layers=2, prompts=4, lpm_dim=32, lpm_heads=2, side_dim=8, dropout=0.0)
+    keys, values = torch.randn(3, 2, 2, 9, 16), torch.randn(3, 2, 2, 9, 16)
+    weights = prompt_attention(fusion.query(), keys)                        # [B, L, H, P, k]
+    assert weights.shape == (3, 2, 2, 4, 9)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, 2, 4))
+    context = (weights @ values).transpose(2, 3).flatten(-2)                # [B, L, P, D]
+    torch.testing.assert_close(fusion.context(keys, values), context, rtol=1e-5, atol=1e-5)
+
+
+def test_fpt_side_network_uses_prompts_of_the_side_width():
+    model = SideNetwork(ModelSpec(**SPEC, method="fpt")).eval()
+    assert isinstance(model.fusion, FptFusionModule) and len(model.vit.blocks) == 3
+    images, keys, values = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 2, 6, 16), torch.randn(2, 3, 2, 6, 16)
+    logits = model(images, keys, values)
+    assert logits.shape == (2, 4)
+    assert not torch.allclose(logits, model(images, torch.randn_like(keys), torch.randn_like(values)))
+
+
+def test_methods_resolve_and_build():
+    assert ModelSpec(**{**SPEC, "prompts": 0}).method == "side-only"          # the old --prompts 0
+    assert ModelSpec(**SPEC, method="side-only").prompts == 0
+    probe = build_model(ModelSpec(**SPEC, method="linear-probe"))
+    assert isinstance(probe, LinearProbe)
+    assert sum(p.numel() for p in probe.parameters()) == 32 * 4 + 4         # the head only
+    assert probe(torch.randn(5, 32)).shape == (5, 4)
+    with pytest.raises(FptError, match="--method fpt needs --prompts > 0"):
+        ModelSpec(**{**SPEC, "prompts": 0}, method="fpt")
+    with pytest.raises(FptError, match="--method 'lora'"):
+        ModelSpec(**SPEC, method="lora")
+
+
+def test_train_config_methods(tmp_path):
+    store = tmp_path / "s.zarr"
+    assert train_config(store, None, prompts=0).method == "side-only"
+    assert train_config(store, None, method="linear-probe").prompts == 0
+    assert train_config(store, None).method == "fpt+" and train_config(store, None).cache == "auto"
+    with pytest.raises(FptError, match="--method fpt needs --prompts > 0"):
+        train_config(store, None, method="fpt", prompts=0)
+    with pytest.raises(FptError, match="--method 'adapter'"):
+        train_config(store, None, method="adapter")
+    with pytest.raises(FptError, match="--cache 'disk'"):
+        train_config(store, None, cache="disk")
+    with pytest.raises(FptError, match="--ft-memory-mb"):
+        train_config(store, None, ft_memory_mb=0)
+
+
+# --- one loop, every method, on a store ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from fpt.extract import extract
+
+    root = tmp_path_factory.mktemp("methods")
+    out = root / "micro.zarr"
+    extract(micro_config(write_image_folder(root / "data"), out))
+    return out
+
+
+def tiny(store, out, **overrides):
+    options = dict(out=out, side_res=16, epochs=2, batch_size=4, prompts=3, device="cpu", seed=0)
+    return train_config(store, None, **{**options, **overrides})
+
+
+@pytest.mark.parametrize("method", ["fpt+", "fpt", "side-only", "linear-probe"])
+def test_every_method_trains_evaluates_and_reports_efficiency(store, tmp_path, method):
+    metrics = train(tiny(store, tmp_path / "run", method=method, ft_memory_mb=2000.0))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["method"] == method and saved["config"]["method"] == method
+    lpm_params = StoreReader(store).attrs["backbone"]["n_params"]
+    p = saved["params"]
+    assert p["total"] == p["learnable"] + lpm_params
+    if method == "linear-probe":
+        assert p["learnable"] == 32 * 2 + 2                                   # D x C + C
+    e, t = saved["efficiency"], saved["throughput"]
+    auc = saved["test"]["auc"]
+    assert e["ppe"] == pytest.approx(auc * math.exp(-math.log10(p["ratio_percent"] / 100 + 1)))
+    assert e["pme"] == pytest.approx(auc * math.exp(-math.log10(t["peak_memory_mb"] / 2000.0 + 1)))
+    assert t["train_samples_per_s"] > 0 and t["peak_memory_mb"] > 0 and t["memory_kind"] == "cpu_peak_rss"
+    assert not (tmp_path / "run" / "last.pt").exists()
+    again = evaluate_checkpoint(store, tmp_path / "run" / "best.pt", "test", device="cpu")
+    assert again["method"] == method and again["auc"] == pytest.approx(metrics["test"]["auc"])
+
+
+def test_without_a_full_fine_tuning_reference_there_is_no_pme(store, tmp_path):
+    saved = train(tiny(store, tmp_path / "run", epochs=1))
+    assert saved["efficiency"]["pme"] is None and saved["efficiency"]["ppe"] is not None
+
+
+def test_side_only_reads_no_kv_and_probe_reads_only_cls(store, tmp_path, monkeypatch):
+    read_names = []
+    original = StoreReader.read
+
+    def spy(self, idx, names=("keys", "values", "images")):
+        read_names.append(tuple(names))
+        return original(self, idx, names)
+
+    monkeypatch.setattr(StoreReader, "read", spy)
+    train(tiny(store, tmp_path / "a", epochs=1, method="side-only"))
+    assert set(read_names) == {("images",)}
+    read_names.clear()
+    train(tiny(store, tmp_path / "b", epochs=1, method="linear-probe"))
+    assert set(read_names) == {("cls",)}
+
+
+def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
+    whole = train(tiny(store, tmp_path / "whole", epochs=3))
+
+    def stop_after_first(record):
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(store, tmp_path / "cut", epochs=3), on_epoch=stop_after_first)
+    assert (tmp_path / "cut" / "last.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
+    with pytest.raises(FptError, match="unfinished run with other settings \\(lr\\)"):
+        train(tiny(store, tmp_path / "cut", epochs=3, lr=0.5))
+    started = []
+    resumed = train(tiny(store, tmp_path / "cut", epochs=3), on_start=started.append)
+    assert started[0]["resumed_from_epoch"] == 0
+    assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
+    assert resumed["best_epoch"] == whole["best_epoch"]
+    a = torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("whole", "cut")]
+    assert len(logs[1]) == 3 and logs[0] == logs[1]                      # same losses: same order, draws, dropout

@@ -1,0 +1,115 @@
+"""Peak memory of training: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set size
+(sampled by a thread) on a CPU; and a one-step measurement for a given model shape (the paper's setting).
+
+``python -m fpt.train.memory`` measures the paper's setting (ViT-B-shaped K/V: L=6, H=12, k=205, d=64; side
+128 px; batch 16; 16 prompts) on this machine's device."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from fpt.train.data import SideInput
+from fpt.train.model import ModelSpec, build_model, parameter_counts
+
+MB = 2**20
+
+
+class PeakMemory:
+    """Context manager tracking the peak memory of the block on ``device``.
+
+    CUDA: peak of ``torch.cuda.max_memory_allocated`` (tensors only, the figure papers report), reset on entry.
+    CPU: peak RSS of this process, sampled every ``interval`` seconds by a thread (plus on entry and exit);
+    ``baseline_mb`` is the RSS on entry, so ``peak_mb - baseline_mb`` is what the block added.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval = device, interval
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+        self.baseline_mb = self._peak = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _rss(self) -> float:
+        return psutil.Process().memory_info().rss / MB
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / MB
+        else:
+            self.baseline_mb = self._peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, self._rss())
+
+    @property
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / MB
+        return max(self._peak, self._rss()) if self._thread is not None and self._thread.is_alive() else self._peak
+
+    def as_dict(self) -> dict:
+        return {"peak_mb": round(self.peak_mb, 1), "baseline_mb": round(self.baseline_mb, 1), "kind": self.kind}
+
+
+@dataclass
+class StepShape:
+    """The data shape of one training step."""
+    batch_size: int = 16
+    layers: int = 6
+    heads: int = 12
+    k: int = 205
+    head_dim: int = 64
+    image_res: int = 256     # stored low-res copy (augmented down to the side resolution)
+
+
+PAPER_SPEC = ModelSpec(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, layers=6, n_classes=2, side_res=128,
+                       prompts=16, reduction=8)
+
+
+def measure_training_step(spec: ModelSpec = PAPER_SPEC, shape: StepShape = StepShape(),
+                          device: torch.device = torch.device("cpu"), steps: int = 1, seed: int = 0) -> dict:
+    """Peak memory of ``steps`` training steps (augmentation, forward, backward, AdamW step) of the model
+    ``spec`` on a batch of random data of ``shape``, everything created inside the measurement."""
+    torch.manual_seed(seed)
+    with PeakMemory(device) as mem:
+        model = build_model(spec).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
+        B = shape.batch_size
+        kv_shape = (B, shape.layers, shape.heads, shape.k, shape.head_dim)
+        batch = {"images": torch.randint(0, 256, (B, 3, shape.image_res, shape.image_res), dtype=torch.uint8),
+                 "keys": torch.randn(kv_shape).half(), "values": torch.randn(kv_shape).half(),
+                 "cls": torch.randn(B, spec.lpm_dim).half(), "labels": torch.randint(0, spec.n_classes, (B,))}
+        batch = {n: t.to(device) for n, t in batch.items()}
+        for _ in range(steps):
+            loss = F.cross_entropy(model.forward_batch(batch, lambda im: side_input(im, train=True)), batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return {**mem.as_dict(), "added_mb": round(mem.peak_mb - mem.baseline_mb, 1), "device": str(device),
+            "learnable": parameter_counts(model, 0)["learnable"], "spec": spec.as_dict(), "shape": vars(shape)}
+
+
+if __name__ == "__main__":
+    import json
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(json.dumps(measure_training_step(device=dev), indent=2))
