@@ -116,11 +116,19 @@ def run_train(cfg: fpt_config.TrainConfig) -> dict:
     with _progress() as progress:
         task = progress.add_task("train", total=cfg.epochs, rate="")
 
+        def start(info: dict):
+            resumed = info["resumed_from_epoch"]
+            console.print(f"{info['method']} on {info['device']}: {info['train']} train / {info['val']} val samples; "
+                          f"cache {info['cache']['reason']}"
+                          + (f"; resuming after epoch {resumed}" if resumed is not None else ""), highlight=False)
+            if resumed is not None:
+                progress.update(task, completed=resumed + 1)
+
         def update(record: dict):
             auc = record["val"]["auc"]
             progress.update(task, advance=1, rate=f"loss {record['loss']:.3f} val AUC "
                             f"{auc:.4f}" if auc is not None else f"loss {record['loss']:.3f}")
-        return train(cfg, on_epoch=update)
+        return train(cfg, on_epoch=update, on_start=start)
 
 
 @app.command("train")
@@ -137,23 +145,33 @@ def train_cmd(
     weight_decay: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    method: Optional[str] = typer.Option(None, help="fpt+ (default), fpt, side-only or linear-probe."),
+    cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu: where train+val live while training."),
+    cache_budget_mb: Optional[float] = typer.Option(None, help="auto cache budget [default: half the free memory]."),
+    workers: Optional[int] = typer.Option(None, help="Store-reading processes when streaming [default: per device]."),
+    ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
 ):
-    """Train the side network with fine-grained prompts from a store; best checkpoint by val AUC, then test."""
+    """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
+    then test. Re-running an interrupted run's command resumes it."""
     cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device)
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+                     method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
+                     ft_memory_mb=ft_memory_mb)
     m = run_train(cfg)
     show_metrics([m])
 
 
 def show_metrics(runs: list[dict]) -> None:
     table = Table(title="test metrics (best val-AUC checkpoint)")
-    for col in ("method", "AUC", "acc", "F1", "kappa", "learnable", "learnable %"):
+    for col in ("method", "AUC", "acc", "F1", "kappa", "learnable", "learnable %", "PPE", "PME", "samples/s",
+                "peak MB"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for m in runs:
-        t, p = m["test"], m["params"]
+        t, p, e, tp = m["test"], m["params"], m.get("efficiency", {}), m["throughput"]
         table.add_row(m["method"], fmt(t["auc"]), fmt(t["acc"]), fmt(t["f1"]), fmt(t["kappa"]),
-                      f"{p['learnable']:,}", f"{p['ratio_percent']:.2f}")
+                      f"{p['learnable']:,}", f"{p['ratio_percent']:.2f}", fmt(e.get("ppe")), fmt(e.get("pme")),
+                      f"{tp['train_samples_per_s']}", f"{tp['peak_memory_mb']:.0f}")
     console.print(table)
     for m in runs:
         console.print(f"{m['method']} run: {m['run_dir']}")
@@ -177,6 +195,117 @@ def evaluate(
     table.add_row(*("-" if result[k] is None else f"{result[k]:.4f}" for k in
                     ("auc", "acc", "f1", "kappa", "precision", "recall")))
     console.print(table)
+
+
+@app.command()
+@friendly
+def sweep(
+    store: Path = typer.Option(..., help="Store written by `fpt extract` (read-only for every run)."),
+    lr: Optional[str] = typer.Option(None, help="Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3."),
+    weight_decay: Optional[str] = typer.Option(None, help="Weight decays to grid-search, e.g. 0,0.05."),
+    seeds: Optional[int] = typer.Option(None, help="Repeats of the best configuration (seed, seed+1, ...)."),
+    scheduler: Optional[str] = typer.Option(None, help="local (N from GPU/CPU count), local:N or a dask address."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/<store>-<method>]."),
+    method: Optional[str] = typer.Option(None, help="fpt+ (default), fpt, side-only or linear-probe."),
+    side_res: Optional[int] = typer.Option(None),
+    prompts: Optional[int] = typer.Option(None),
+    reduction: Optional[int] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="Base seed (the grid runs use it)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (one GPU per task)."),
+    cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu (per run)."),
+    ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
+):
+    """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
+    mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
+    from fpt.store import StoreReader
+    from fpt.train.sweep import run_sweep
+
+    dataset = StoreReader(store).attrs["dataset"]["name"]
+    cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
+                                  out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
+                                  epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
+                                  ft_memory_mb=ft_memory_mb)
+    with _progress() as progress:
+        task = progress.add_task("sweep", total=None, rate="")
+
+        def stage(name: str, n: int):
+            progress.update(task, description=f"sweep: {name}", total=(progress.tasks[task].total or 0) + n)
+
+        def done(run, metrics: dict, skipped: bool):
+            progress.update(task, advance=1, rate=f"{run.name} {'(finished before)' if skipped else ''}")
+        summary = run_sweep(cfg, on_run=done, on_stage=stage)
+    show_sweep(summary)
+
+
+def show_sweep(s: dict) -> None:
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    grid = Table(title=f"grid ({s['method']}, selection by val AUC)")
+    for col in ("lr", "weight decay", "val AUC", ""):
+        grid.add_column(col, justify="right")
+    for g in s["grid"]:
+        best = (g["lr"], g["weight_decay"]) == (s["best"]["lr"], s["best"]["weight_decay"])
+        grid.add_row(f"{g['lr']:g}", f"{g['weight_decay']:g}", fmt(g["val_score"]), "best" if best else "")
+    console.print(grid)
+    table = Table(title=f"test over {len(s['seeds'])} seeds: lr {s['best']['lr']:g}, "
+                        f"weight decay {s['best']['weight_decay']:g} (mean ± std)")
+    for col in ("metric", "mean ± std", *(f"seed {r['seed']}" for r in s["seeds"])):
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
+    for k, stat in s["test"].items():
+        mean_std = "-" if stat["mean"] is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+        table.add_row(k, mean_std, *(fmt(r["test"][k]) for r in s["seeds"]))
+    e, p = s["efficiency"], s["params"]
+    table.add_row("PPE / PME", f"{fmt(e['ppe'])} / {fmt(e['pme'])}")
+    table.add_row("learnable", f"{p['learnable']:,} ({p['ratio_percent']:.2f} %)")
+    console.print(table)
+    console.print(f"{s['ran']} runs trained, {s['skipped']} finished before; "
+                  f"results: {Path(s['config']['out']) / 'sweep.json'}, sweep.csv", highlight=False)
+
+
+@app.command()
+@friendly
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files, folders (recursive) or CSV files with a path column."),
+    checkpoint: Path = typer.Option(..., help="best.pt of a training run."),
+    weights: Optional[Path] = typer.Option(None, help="The LPM weights the store was extracted with."),
+    random_init: bool = typer.Option(False, "--random-init", help="The store's LPM was random-init (seeded)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the probabilities to a .csv or .json file."),
+    batch_size: int = typer.Option(8, help="Images per LPM forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+):
+    """Class probabilities per image: the LPM at the store's resolution and selection, then the trained model."""
+    from fpt.train.predict import check_output, predict_images, write_predictions
+
+    if out is not None:
+        check_output(out)
+    result = predict_images(checkpoint, images, weights, random_init, device, batch_size)
+    table = Table(title=f"{result['method']} predictions ({checkpoint})")
+    for col in ("image", "prediction", *result["classes"]):
+        table.add_column(col, justify="left" if col in ("image", "prediction") else "right")
+    for row in result["rows"]:
+        table.add_row(row["image"], row["prediction"], *(f"{row['probabilities'][c]:.4f}" for c in result["classes"]))
+    console.print(table)
+    if out is not None:
+        write_predictions(result, out)
+        console.print(f"wrote {out}")
+
+
+@app.command()
+@friendly
+def show(
+    store: Path = typer.Option(..., help="Store written by `fpt extract`."),
+    sample: str = typer.Option(..., help="Sample id (e.g. test/malignant/003.png) or row number."),
+    checkpoint: Optional[Path] = typer.Option(None, help="best.pt of an fpt+/fpt run: adds the prompts' attention."),
+    layer: Optional[str] = typer.Option(None, help="LPM layer(s): 11, 6,11 or all [default: the top one]."),
+    head: Optional[str] = typer.Option(None, help="Head(s): 0, 0,3 or all [default: all]."),
+    tile: int = typer.Option(192, help="Pixels per image tile."),
+    out: Optional[Path] = typer.Option(None, help="PNG path [default: <store>-<row>.png]."),
+):
+    """Draw one sample's selected tokens per layer/head and the prompts' attention over them (paper Fig. 9)."""
+    from fpt.train.show import show as draw
+
+    console.print(f"wrote {draw(store, sample, out, checkpoint, layer, head, tile)}")
 
 
 def _bytes(n: float) -> str:

@@ -1,0 +1,111 @@
+"""fpt predict: images -> the store's LPM preprocessing and selection -> the trained model gives exactly the
+probabilities the store's samples get; wrong LPM weights are refused; inputs from files, folders and CSVs."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fpt import FptError
+from fpt.cli import app
+from fpt.config import train_config
+from fpt.store import StoreReader
+from fpt.train import load_checkpoint, train
+from fpt.train.data import SideInput, open_split
+from fpt.train.loop import predict
+from fpt.train.predict import collect_images, predict_images
+from tests.conftest import MICRO, micro_config, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A store and one checkpoint per method trained on it."""
+    from fpt.extract import extract
+
+    root = tmp_path_factory.mktemp("predict")
+    data = write_image_folder(root / "data")
+    store = root / "micro.zarr"
+    extract(micro_config(data, store))
+    checkpoints = {}
+    for method in ("fpt+", "fpt", "side-only", "linear-probe"):
+        train(train_config(store, None, out=root / method, side_res=16, epochs=1, batch_size=4, prompts=3,
+                           device="cpu", method=method))
+        checkpoints[method] = root / method / "best.pt"
+    return data, store, checkpoints
+
+
+@pytest.mark.parametrize("method", ["fpt+", "fpt", "side-only", "linear-probe"])
+def test_predict_gives_the_store_samples_probabilities(trained, method):
+    data, store, checkpoints = trained
+    result = predict_images(checkpoints[method], [data / "test"], random_init=True, device="cpu")
+    assert result["method"] == method and result["classes"] == ["benign", "malignant"]
+    reader = StoreReader(store)
+    ckpt = load_checkpoint(checkpoints[method], reader)
+    norm = reader.attrs["normalization"]
+    split = open_split(reader, "test", ckpt.spec.inputs, "none", torch.device("cpu"))
+    want, _ = predict(ckpt.model, split, SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]), 4)
+    ids = list(reader.ids[reader.split_indices("test")])
+    got = {Path(r["image"]).relative_to(data).as_posix(): [r["probabilities"][c] for c in result["classes"]]
+           for r in result["rows"]}
+    assert sorted(got) == sorted(ids)
+    np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-5, atol=1e-6)
+    for r in result["rows"]:
+        assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
+
+
+def test_other_lpm_weights_are_refused(trained, tmp_path):
+    import timm
+
+    data, _, checkpoints = trained
+    other = timm.create_model(MICRO, num_classes=0, img_size=64)            # another random init
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(FptError, match="LPM weights .* differ from those the store was extracted with"):
+        predict_images(checkpoints["fpt+"], [data / "test"], weights=tmp_path / "other.pt", device="cpu")
+    with pytest.raises(FptError, match="exclude each other"):
+        predict_images(checkpoints["fpt+"], [data / "test"], weights=tmp_path / "other.pt", random_init=True)
+
+
+def test_inputs_from_files_folders_and_csv(trained, tmp_path):
+    data, _, _ = trained
+    folder = sorted((data / "val").rglob("*.png"))
+    assert collect_images([data / "val"]) == folder
+    listing = data / "list.csv"                                   # relative paths: relative to the CSV's folder
+    listing.write_text("path,note\n" + "".join(f"{p.relative_to(data)},x\n" for p in folder[:2]))
+    assert collect_images([listing, folder[3]]) == [*folder[:2], folder[3]]
+    bare = tmp_path / "bare.csv"
+    bare.write_text(f"{folder[0]}\n")
+    assert collect_images([bare]) == [folder[0]]
+    (tmp_path / "bad.csv").write_text("path\nnope.png\n")
+    with pytest.raises(FptError, match="1 listed image\\(s\\) do not exist"):
+        collect_images([tmp_path / "bad.csv"])
+    with pytest.raises(FptError, match="no such file or folder"):
+        collect_images([tmp_path / "missing.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FptError, match="no images"):
+        collect_images([tmp_path / "empty"])
+
+
+def test_predict_cli_prints_and_writes(trained, tmp_path):
+    data, _, checkpoints = trained
+    runner = CliRunner()
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(data / "test" / "benign"), "--checkpoint", str(checkpoints["fpt+"]),
+                                 "--random-init", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 and set(rows[0]) == {"image", "prediction", "benign", "malignant"}
+    assert float(rows[0]["benign"]) + float(rows[0]["malignant"]) == pytest.approx(1.0)
+    as_json = tmp_path / "p.json"
+    assert runner.invoke(app, ["predict", str(data / "test"), "--checkpoint", str(checkpoints["linear-probe"]),
+                               "--random-init", "--device", "cpu", "--out", str(as_json)]).exit_code == 0
+    assert len(json.loads(as_json.read_text())["rows"]) == 4
+    for args, message in [(["--out", str(tmp_path / "p.txt")], "write .csv or .json"),
+                          ([], "cannot load pretrained weights"),
+                          (["--random-init", "--checkpoint", str(tmp_path / "none.pt")], "no such file")]:
+        cmd = ["predict", str(data / "test"), "--checkpoint", str(checkpoints["fpt+"]), "--device", "cpu", *args]
+        bad = runner.invoke(app, cmd)
+        assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
+        assert "Traceback" not in bad.output

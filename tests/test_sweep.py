@@ -1,0 +1,128 @@
+"""fpt sweep: the paper's protocol (grid on val AUC, best over seeds, mean ± std) as dask.distributed tasks on a
+2-process LocalCluster, resuming by skipping finished runs; config and scheduler parsing; the CLI table."""
+import csv
+import json
+import statistics
+
+import pytest
+from typer.testing import CliRunner
+
+from fpt import FptError
+from fpt.cli import app
+from fpt.config import sweep_config
+from fpt.train.cluster import local_worker_count
+from fpt.train.sweep import mean_std, run_sweep
+from tests.conftest import micro_config, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from fpt.extract import extract
+
+    root = tmp_path_factory.mktemp("sweep")
+    out = root / "micro.zarr"
+    extract(micro_config(write_image_folder(root / "data", {"train": 6, "val": 3, "test": 3}), out))
+    return out
+
+
+TINY = dict(side_res=16, epochs=1, batch_size=4, prompts=3, device="cpu")
+
+
+def test_sweep_config_from_pipelines_and_options(tmp_path):
+    store = tmp_path / "cmmd.zarr"
+    cfg = sweep_config(store)
+    assert cfg.lrs == [0.0001, 0.0005, 0.001] and cfg.weight_decays == [0.0, 0.05] and cfg.seeds == 5
+    assert cfg.scheduler == "local" and cfg.out.as_posix() == "sweeps/cmmd-fpt+"
+    cfg = sweep_config(store, lr="1e-3,2e-3", weight_decay="0", seeds=2, scheduler="local:3", method="side-only")
+    assert cfg.lrs == [0.001, 0.002] and cfg.weight_decays == [0.0] and cfg.train.method == "side-only"
+    assert cfg.out.as_posix() == "sweeps/cmmd-side-only"
+    for bad, message in [(dict(lr="1e-3,x"), "--lr '1e-3,x'"), (dict(lr="1e-3,1e-3"), "distinct"),
+                         (dict(lr="-1"), "must be positive"), (dict(seeds=0), "--seeds 0")]:
+        with pytest.raises(FptError, match=message):
+            sweep_config(store, **bad)
+
+
+def test_scheduler_parsing():
+    assert local_worker_count("local:3", cuda=False) == 3
+    assert local_worker_count("local", cuda=False) >= 1
+    assert local_worker_count("tcp://10.0.0.1:8786", cuda=False) is None
+    for bad in ("local:0", "local:x"):
+        with pytest.raises(FptError, match="expected local, local:N"):
+            local_worker_count(bad, cuda=False)
+
+
+def test_mean_and_sample_std():
+    values = [0.8, 0.9, 0.85, None]
+    got = mean_std(values)
+    assert got["mean"] == pytest.approx(statistics.mean([0.8, 0.9, 0.85]))
+    assert got["std"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.85])) and got["n"] == 3
+    assert mean_std([0.7]) == {"mean": 0.7, "std": 0.0, "n": 1} and mean_std([None])["mean"] is None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0") as c:
+        yield c
+
+
+def test_sweep_on_a_local_cluster_then_resume(store, tmp_path, cluster):
+    cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0,0.05", seeds=3, scheduler=cluster.scheduler_address,
+                       out=tmp_path / "sweep", **TINY)
+    seen = []
+    summary = run_sweep(cfg, on_run=lambda run, metrics, skipped: seen.append((run.name, skipped)))
+    assert summary["ran"] == 4 + 2 and summary["skipped"] == 0                   # grid 2x2, then 2 more seeds
+    assert sorted(seen) == sorted((name, False) for name in {s for s, _ in seen}) and len(seen) == 6
+    runs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep" / "runs").glob("*/metrics.json")}
+    assert len(runs) == 6
+
+    # the best grid point by val score (first in grid order on ties) is the one repeated over seeds
+    def val(m):
+        return m["val"]["auc"] if m["val"]["auc"] is not None else m["val"]["acc"]
+    grid = [f"lr{lr:g}-wd{wd:g}-seed0" for lr in (0.001, 0.003) for wd in (0, 0.05)]
+    best = max(grid, key=lambda name: val(runs[name]))
+    assert summary["best"] == {"lr": runs[best]["config"]["lr"], "weight_decay": runs[best]["config"]["weight_decay"]}
+    seeds = [best.replace("seed0", f"seed{s}") for s in range(3)]
+    assert [s["run_dir"].split("/")[-1] for s in summary["seeds"]] == seeds
+    for k in ("auc", "acc", "f1"):
+        values = [runs[name]["test"][k] for name in seeds]
+        assert summary["test"][k]["mean"] == pytest.approx(statistics.mean(values))
+        assert summary["test"][k]["std"] == pytest.approx(statistics.stdev(values))
+    assert summary["efficiency"]["ppe"] is not None and summary["efficiency"]["pme"] is None
+    assert {r["seed"] for r in summary["seeds"]} == {0, 1, 2}
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"] == summary["best"]
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    assert [r["stage"] for r in rows] == ["grid"] * 4 + ["seeds"] * 3 + ["mean", "std"]
+    assert float(rows[-2]["test_auc"]) == pytest.approx(summary["test"]["auc"]["mean"])
+
+    # re-running skips every finished run: nothing is trained or rewritten, no cluster is needed
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "runs").glob("*/metrics.json")}
+    again = run_sweep(sweep_config(store, lr="1e-3,3e-3", weight_decay="0,0.05", seeds=3, scheduler="tcp://nowhere:1",
+                                   out=tmp_path / "sweep", **TINY))
+    assert again["ran"] == 0 and again["skipped"] == 6 and again["test"] == summary["test"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+    # a killed sweep: a run without metrics.json is trained again, the others are skipped
+    (tmp_path / "sweep" / "runs" / seeds[2] / "metrics.json").unlink()
+    resumed = run_sweep(cfg)
+    assert resumed["ran"] == 1 and resumed["skipped"] == 5
+
+    # the CLI shows the finished sweep (nothing left to run) as tables
+    result = CliRunner().invoke(app, ["sweep", "--store", str(store), "--out", str(tmp_path / "sweep"), "--lr",
+                                      "1e-3,3e-3", "--weight-decay", "0,0.05", "--seeds", "3", "--side-res", "16",
+                                      "--epochs", "1", "--batch-size", "4", "--prompts", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "mean ± std" in result.output and "0 runs trained, 6 finished before" in result.output
+
+    # the same sweep dir with other settings is refused, not silently mixed
+    with pytest.raises(FptError, match="holds a run with other settings"):
+        run_sweep(sweep_config(store, lr="1e-3,3e-3", weight_decay="0,0.05", seeds=3, out=tmp_path / "sweep",
+                               **{**TINY, "epochs": 2}))
+
+
+def test_sweep_starts_its_own_local_cluster(store, tmp_path):
+    cfg = sweep_config(store, lr="1e-3", weight_decay="0", seeds=1, scheduler="local:1", out=tmp_path / "s", **TINY)
+    summary = run_sweep(cfg)
+    assert summary["ran"] == 1 and summary["test"]["auc"]["n"] in (0, 1)
+    assert (tmp_path / "s" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()

@@ -1,0 +1,67 @@
+"""dask.distributed for training runs: connect to ``local``/``local:N`` (a LocalCluster started here) or a
+scheduler address, and pick a worker's GPU."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from fpt import FptError
+
+
+def local_worker_count(scheduler: str, cuda: bool) -> int | None:
+    """N for ``local:N``; for ``local``: one worker per GPU on CUDA, else one per two CPU cores (each run
+    trains with the remaining threads). None for a scheduler address."""
+    if scheduler == "local":
+        return max(1, torch.cuda.device_count()) if cuda else max(1, (os.cpu_count() or 1) // 2)
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise FptError(f"--scheduler {scheduler!r}: expected local, local:N (N >= 1) or a scheduler address")
+        return n
+    return None
+
+
+@contextmanager
+def dask_client(scheduler: str, cuda: bool) -> Iterator[tuple["distributed.Client", int | None]]:
+    """(client, torch threads per task): a LocalCluster of worker processes (one thread each, resource GPU=1
+    per worker on CUDA) that is closed afterwards, or a client of a running scheduler (threads None: remote
+    workers use their own cores; CUDA tasks ask for GPU=1, so start those workers with ``--resources GPU=1``)."""
+    from distributed import Client, LocalCluster
+
+    n = local_worker_count(scheduler, cuda)
+    cluster = None
+    if n is not None:
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               resources={"GPU": 1} if cuda else None, silence_logs=logging.ERROR)
+        client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // n)
+    else:
+        try:
+            client, threads = Client(scheduler, timeout=30), None
+        except (OSError, TimeoutError, ValueError) as e:
+            raise FptError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({e})") from None
+    try:
+        yield client, threads
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def worker_device(device: str) -> str:
+    """The device for a task in this process: on a multi-GPU machine a LocalCluster worker (named 0..N-1)
+    takes GPU ``name % count``; anything else keeps ``device``."""
+    if device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else device

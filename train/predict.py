@@ -1,0 +1,158 @@
+"""``fpt predict``: class probabilities for new images from a trained checkpoint.
+
+Every image goes the way the store's samples went: the same LPM (its weights checked against the sha256 the
+checkpoint recorded from the store), the same resolution, layers, token ratio and importance, the same low-res
+copy and normalisation; the K/V are rounded to float16 as the store holds them; then the side network (or the
+linear probe) in eval mode.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fpt import FptError
+from fpt.extract.backbone import FrozenLPM, create_backbone
+from fpt.extract.datasets import IMAGE_EXTENSIONS, load_image_file, prepare_image
+from fpt.extract.run import forward_fitting
+from fpt.train.data import SideInput
+from fpt.train.loop import load_checkpoint, resolve_device
+
+CSV_PATH_COLUMNS = ("path", "image", "file")
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Image files from files, folders (searched recursively) and CSV lists (a ``path``/``image``/``file``
+    column, else the first column; relative paths are relative to the CSV's folder), in the order given."""
+    if not inputs:
+        raise FptError("give at least one image, folder or CSV file")
+    images: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise FptError(f"{item}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in this folder")
+            images += found
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            images += _csv_images(item)
+        elif item.is_file():
+            images.append(item)
+        else:
+            raise FptError(f"{item}: no such file or folder")
+    return images
+
+
+def _csv_images(path: Path) -> list[Path]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FptError(f"cannot read {path}: {e}") from None
+    if not rows:
+        raise FptError(f"{path}: empty CSV")
+    header = [c.strip().lower() for c in rows[0]]
+    column = next((header.index(c) for c in CSV_PATH_COLUMNS if c in header), None)
+    body = rows[1:] if column is not None else rows
+    column = column or 0
+    images = [path.parent / row[column].strip() for row in body if len(row) > column and row[column].strip()]
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise FptError(f"{path}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
+    if not images:
+        raise FptError(f"{path}: lists no images")
+    return images
+
+
+@dataclass
+class LoadedPredictor:
+    lpm: FrozenLPM
+    model: torch.nn.Module
+    side_input: SideInput
+    res: int
+    image_res: int
+    mean: torch.Tensor        # [1, 3, 1, 1] on the device, in [0, 255] units
+    std: torch.Tensor
+    classes: list[str]
+    method: str
+    device: torch.device
+
+
+def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: bool = False,
+                   device: str = "auto") -> LoadedPredictor:
+    """The checkpoint's model and the LPM it was trained from; refused when the LPM weights differ."""
+    if weights is not None and random_init:
+        raise FptError("--weights and --random-init exclude each other")
+    if weights is not None and not Path(weights).is_file():
+        raise FptError(f"--weights {weights}: no such file")
+    ckpt = load_checkpoint(checkpoint)
+    identity = ckpt.store
+    if "normalization" not in identity:
+        raise FptError(f"{checkpoint} predates fpt predict (no normalisation recorded); retrain it with this fpt")
+    ex = identity["extraction"]
+    lpm_model, info = create_backbone(identity["backbone"], ex["res"], weights, random_init)
+    if info.weights_sha256 != identity["weights_sha256"]:
+        how = "--random-init" if random_init else f"--weights {weights}" if weights else "timm's pretrained weights"
+        raise FptError(f"the LPM weights ({how}, sha256 {info.weights_sha256[:12]}…) differ from those the store "
+                       f"was extracted with (sha256 {identity['weights_sha256'][:12]}…); pass the same --weights "
+                       "file (or --random-init for a random-init store)")
+    dev = resolve_device(device)
+    lpm = FrozenLPM(lpm_model, list(ex["layers"]), ex["token_ratio"], ex["importance"]).to(dev)
+    if lpm.n_selected(ex["res"]) != ex["k"]:
+        raise FptError(f"{checkpoint}: the recorded extraction (k={ex['k']}) does not match its settings")
+    norm = identity["normalization"]
+    return LoadedPredictor(
+        lpm=lpm, model=ckpt.model.to(dev).eval(), side_input=SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]),
+        res=ex["res"], image_res=ex["image_res"],
+        mean=torch.tensor(norm["mean"], device=dev).view(1, 3, 1, 1) * 255,
+        std=torch.tensor(norm["std"], device=dev).view(1, 3, 1, 1) * 255,
+        classes=list(identity["classes"]), method=ckpt.spec.method, device=dev)
+
+
+@torch.no_grad()
+def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = None, random_init: bool = False,
+                   device: str = "auto", batch_size: int = 8,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """{"classes", "method", "rows": [{"image", "prediction", "probabilities": {class: p}}]} for the images."""
+    images = collect_images(inputs)
+    p = load_predictor(checkpoint, weights, random_init, device)
+    rows = []
+    for start in range(0, len(images), batch_size):
+        # as extraction prepares a sample: high float32 [res, res, 3] in [0, 255], low uint8 [R, R, 3]
+        highs, lows = zip(*(prepare_image(load_image_file(path), p.res, p.image_res)
+                            for path in images[start:start + batch_size]))
+        high = torch.from_numpy(np.stack(highs)).to(p.device).permute(0, 3, 1, 2)   # [B, 3, res, res]
+        low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]
+        out = forward_fitting(p.lpm, (high - p.mean) / p.std, p.device)
+        batch = {"images": low.permute(0, 3, 1, 2), **{n: out[n].to(torch.float16) for n in ("keys", "values", "cls")}}
+        probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()
+        for path, row in zip(images[start:], probs.tolist()):
+            rows.append({"image": str(path), "prediction": p.classes[max(range(len(row)), key=row.__getitem__)],
+                         "probabilities": dict(zip(p.classes, row))})
+        if progress:
+            progress(len(rows), len(images))
+    return {"checkpoint": str(checkpoint), "method": p.method, "classes": p.classes, "rows": rows}
+
+
+def write_predictions(result: dict[str, Any], out: Path) -> None:
+    """``.json``: the whole result; ``.csv``: image, prediction, one probability column per class."""
+    check_output(out)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps(result, indent=2))
+        return
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prediction", *result["classes"]])
+        for row in result["rows"]:
+            writer.writerow([row["image"], row["prediction"], *(row["probabilities"][c] for c in result["classes"])])
+
+
+def check_output(out: Path) -> None:
+    """Refuse an --out format we cannot write before any work is done."""
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise FptError(f"--out {out}: write .csv or .json")

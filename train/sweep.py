@@ -1,0 +1,216 @@
+"""``fpt sweep``: the paper's protocol as one command.
+
+1. grid: one run per (learning rate, weight decay) at the base seed; the best by val AUC (val accuracy where
+   AUC is undefined) wins, ties to the first in grid order;
+2. seeds: the best configuration repeated over ``seeds`` seeds (base seed, base + 1, ...; the grid run is the
+   first of them), test metrics reported as mean ± sample std (ddof 1), with PPE/PME of the mean test AUC.
+
+Every run is one dask.distributed task reading the same store (read-only) and writing its own run directory
+``<sweep>/runs/lr<lr>-wd<wd>-seed<seed>``. A run whose metrics.json exists is not run again, so a killed
+sweep resumes where it stopped (and an unfinished run resumes from its last epoch).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fpt import FptError
+from fpt.config import SweepConfig, TrainConfig
+from fpt.train.loop import jsonable, comparable_config, resolve_device
+from fpt.train.metrics import pme, ppe
+
+TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
+
+
+@dataclass
+class Run:
+    stage: str            # "grid" or "seeds"
+    lr: float
+    weight_decay: float
+    seed: int
+    cfg: TrainConfig      # the base config with these values and out = <sweep>/runs/<name>
+
+    @property
+    def name(self) -> str:
+        return run_name(self.lr, self.weight_decay, self.seed)
+
+
+def run_name(lr: float, weight_decay: float, seed: int) -> str:
+    return f"lr{lr:g}-wd{weight_decay:g}-seed{seed}"
+
+
+def make_run(sweep: SweepConfig, stage: str, lr: float, weight_decay: float, seed: int) -> Run:
+    out = sweep.out / "runs" / run_name(lr, weight_decay, seed)
+    return Run(stage, lr, weight_decay, seed,
+               replace(sweep.train, lr=lr, weight_decay=weight_decay, seed=seed, out=out))
+
+
+def finished_metrics(run: Run) -> dict | None:
+    """The run's metrics.json when it finished with this configuration; refused when it holds another one."""
+    path = run.cfg.out / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    if comparable_config(metrics["config"]) != comparable_config(run.cfg):
+        raise FptError(f"{run.cfg.out} holds a run with other settings; use another --out for this sweep")
+    return metrics
+
+
+def train_task(cfg: dict[str, Any], threads: int | None) -> dict:
+    """One run on a dask worker (module-level, so workers import it by name)."""
+    import torch
+
+    from fpt.train.cluster import worker_device
+    from fpt.train.loop import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(**{**cfg, "store": Path(cfg["store"]), "out": Path(cfg["out"])})
+    return train(replace(cfg, device=worker_device(cfg.device)))
+
+
+def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool], None] | None) -> dict[str, dict]:
+    """Metrics of every run by name: finished ones read back, the others trained as dask tasks."""
+    results, todo = {}, []
+    for run in runs:
+        done = finished_metrics(run)
+        if done is not None:
+            results[run.name] = done
+            if on_run:
+                on_run(run, done, True)
+        elif run.name not in {r.name for r in todo}:
+            todo.append(run)
+    if not todo:
+        return results
+    from distributed import as_completed
+
+    from fpt.train.cluster import dask_client
+
+    cuda = resolve_device(runs[0].cfg.device).type == "cuda"
+    with dask_client(scheduler, cuda) as (client, threads):
+        by_future = {}
+        for run in todo:
+            cfg = jsonable(asdict(run.cfg))
+            if not cuda and threads is not None and run.cfg.cache_budget_mb is None:
+                import psutil                # N local runs share this machine's RAM: half of it, split N ways
+                cfg["cache_budget_mb"] = psutil.virtual_memory().available / 2**21 / len(client.nthreads())
+            future = client.submit(train_task, cfg, threads, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
+                                   resources={"GPU": 1} if cuda else None, pure=False)
+            by_future[future] = run
+        for future in as_completed(list(by_future)):
+            run = by_future[future]
+            try:
+                metrics = future.result()
+            except FptError:
+                client.cancel(list(by_future))
+                raise
+            except Exception as e:
+                client.cancel(list(by_future))
+                raise FptError(f"run {run.cfg.out} failed: {type(e).__name__}: {e}") from None
+            results[run.name] = metrics
+            if on_run:
+                on_run(run, metrics, False)
+    return results
+
+
+def _score(metrics: dict) -> float:
+    val = metrics["val"]
+    return val["auc"] if val.get("auc") is not None else val["acc"]
+
+
+def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of the defined values."""
+    defined = np.array([v for v in values if v is not None], dtype=float)
+    if len(defined) == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(defined.mean()), "std": float(defined.std(ddof=1)) if len(defined) > 1 else 0.0,
+            "n": int(len(defined))}
+
+
+def summarize(sweep: SweepConfig, grid: list[Run], seeds: list[Run], results: dict[str, dict]) -> dict[str, Any]:
+    """sweep.json: the grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
+    best = seeds[0]
+    seed_metrics = [results[r.name] for r in seeds]
+    test = {k: mean_std([m["test"][k] for m in seed_metrics]) for k in TEST_METRICS}
+    params = seed_metrics[0]["params"]
+    memory = mean_std([m["throughput"]["peak_memory_mb"] for m in seed_metrics])
+    auc = test["auc"]["mean"]
+    ft = sweep.train.ft_memory_mb
+    return {
+        "store": str(sweep.train.store), "method": seed_metrics[0]["method"],
+        "protocol": "grid over lr x weight decay at the base seed, best by val AUC; then the best over "
+                    f"{len(seeds)} seeds; test mean ± sample std",
+        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed, "val_score": _score(results[r.name]),
+                  "val": results[r.name]["val"], "run_dir": str(r.cfg.out)} for r in grid],
+        "best": {"lr": best.lr, "weight_decay": best.weight_decay},
+        "seeds": [{"seed": r.seed, "test": results[r.name]["test"], "val": results[r.name]["val"],
+                   "best_epoch": results[r.name]["best_epoch"], "run_dir": str(r.cfg.out)} for r in seeds],
+        "test": test,
+        "params": params,
+        "efficiency": {"score": "mean test AUC",
+                       "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
+                       "pme": None if auc is None or ft is None else pme(auc, memory["mean"], ft),
+                       "ft_memory_mb": ft},
+        "throughput": {"train_samples_per_s": mean_std([m["throughput"]["train_samples_per_s"] for m in seed_metrics]),
+                       "peak_memory_mb": memory, "memory_kind": seed_metrics[0]["throughput"]["memory_kind"]},
+        "config": {**jsonable(asdict(sweep.train)), "lr": sweep.lrs, "weight_decay": sweep.weight_decays,
+                   "seeds": sweep.seeds, "scheduler": sweep.scheduler, "out": str(sweep.out)},
+    }
+
+
+def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[str, dict]) -> str:
+    """One row per run (grid, then seeds), then the seeds' mean and std rows."""
+    columns = ["stage", "lr", "weight_decay", "seed", "val_score", *(f"test_{k}" for k in TEST_METRICS),
+               "samples_per_s", "peak_memory_mb", "run_dir"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, columns, lineterminator="\n")
+    writer.writeheader()
+    for run in [*grid, *seeds]:
+        m = results[run.name]
+        writer.writerow({"stage": run.stage, "lr": run.lr, "weight_decay": run.weight_decay, "seed": run.seed,
+                         "val_score": _score(m), **{f"test_{k}": m["test"][k] for k in TEST_METRICS},
+                         "samples_per_s": m["throughput"]["train_samples_per_s"],
+                         "peak_memory_mb": m["throughput"]["peak_memory_mb"], "run_dir": str(run.cfg.out)})
+    best = summary["best"]
+    for stat in ("mean", "std"):
+        writer.writerow({"stage": stat, "lr": best["lr"], "weight_decay": best["weight_decay"],
+                         **{f"test_{k}": summary["test"][k][stat] for k in TEST_METRICS},
+                         "samples_per_s": summary["throughput"]["train_samples_per_s"][stat],
+                         "peak_memory_mb": summary["throughput"]["peak_memory_mb"][stat]})
+    return out.getvalue()
+
+
+def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | None = None,
+              on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
+    (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
+    stage, ``on_run(run, metrics, skipped)`` reports each run."""
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    counts = {"ran": 0, "skipped": 0}
+
+    def count(run: Run, metrics: dict, skipped: bool) -> None:
+        counts["skipped" if skipped else "ran"] += 1
+        if on_run:
+            on_run(run, metrics, skipped)
+
+    base_seed = sweep.train.seed
+    grid = [make_run(sweep, "grid", lr, wd, base_seed) for lr in sweep.lrs for wd in sweep.weight_decays]
+    if on_stage:
+        on_stage("grid", len(grid))
+    results = execute(grid, sweep.scheduler, count)
+    best = max(grid, key=lambda r: _score(results[r.name]))             # max keeps the first of equal scores
+    seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
+    if on_stage:
+        on_stage("seeds", len(seeds) - 1)
+    results.update(execute(seeds[1:], sweep.scheduler, count))
+    summary = summarize(sweep, grid, seeds, results)
+    (sweep.out / "sweep.json").write_text(json.dumps(summary, indent=2))
+    (sweep.out / "sweep.csv").write_text(sweep_csv(summary, grid, seeds, results))
+    return {**summary, **counts}
