@@ -37,7 +37,7 @@ def friendly(fn):
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
+            err.print("[yellow]interrupted: finished work is kept; re-run the same command to resume[/]")
             raise typer.Exit(130) from None
     return wrapper
 
@@ -66,6 +66,9 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     else:
         console.print(f"wrote {result.n_written} samples to [bold]{result.path}[/] in {result.seconds:.1f} s "
                       f"({result.images_per_s:.1f} images/s, peak memory {result.peak_memory_mb:.0f} MB)")
+    if result.n_skipped:
+        err.print(f"[bold yellow]skipped {result.n_skipped} unreadable images[/] (excluded from every split); "
+                  f"paths and errors: {result.skipped_report}")
     return result
 
 
@@ -91,6 +94,8 @@ def extract(
     shard_size: Optional[int] = typer.Option(None, help="Samples per shard file [default: ~64 MB of raw data]."),
     workers: Optional[int] = typer.Option(None, help="Image-decoding processes [default: 0 on CPU, up to 8 on CUDA]."),
     scheduler: Optional[str] = typer.Option(None, help="Run shards as dask tasks: local:N or a scheduler address."),
+    on_error: Optional[str] = typer.Option(None, help="Unreadable image: fail (default) or skip (listed in the "
+                                                      "store's skipped.csv, excluded from every split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds a different extraction."),
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
@@ -99,7 +104,7 @@ def extract(
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
-        workers=workers, overwrite=overwrite or None)
+        workers=workers, on_error=on_error, overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 
 
@@ -308,6 +313,51 @@ def show(
     console.print(f"wrote {draw(store, sample, out, checkpoint, layer, head, tile)}")
 
 
+def _integrity_line(report) -> str:
+    if report.ok:
+        return "ok: every chunk read and checksummed" if report.full else \
+            "files present (pass --verify to checksum every chunk)"
+    return f"[bold red]{len(report.bad_samples)} samples affected[/] (see below)"
+
+
+def show_problems(report, attrs) -> None:
+    from fpt.store import StoreReader
+
+    try:
+        ids = StoreReader(report.path).ids
+    except Exception:
+        ids = None
+    table = Table(title=f"[red]problems in {report.path}")
+    for col in ("array", "problem", "samples", "first affected"):
+        table.add_column(col)
+    for p in report.problems:
+        first = [str(ids[i]) if ids is not None else str(i) for i in p.samples[:3]]
+        table.add_row(p.array, p.reason, str(len(p.samples)), ", ".join(first) + (" …" if len(p.samples) > 3 else ""))
+    console.print(table)
+
+
+store_app = typer.Typer(help="Store maintenance.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("verify")
+@friendly
+def store_verify(path: Path = typer.Argument(..., help="Store path.")):
+    """Read every chunk of a store and check its crc32c checksum; exit 1 when any sample is affected."""
+    from fpt.store import StoreReader
+    from fpt.store import verify as verify_store
+
+    with _progress() as progress:
+        task = progress.add_task("verify", total=None, rate="")
+        report = verify_store(path, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if report.ok:
+        console.print(f"{path}: ok, {report.n_samples} samples, every chunk checksummed")
+        return
+    show_problems(report, StoreReader(path).attrs)
+    err.print(f"[bold red]{len(report.bad_samples)} of {report.n_samples} samples are missing or corrupt[/]")
+    raise typer.Exit(1)
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -318,12 +368,19 @@ def _bytes(n: float) -> str:
 @app.command()
 @friendly
 def inspect(path: Path = typer.Argument(..., help="Store path."),
-            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")):
-    """Summarise a store (computed lazily with dask): backbone, extraction, counts, arrays, bytes, completeness."""
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+            verify: Optional[bool] = typer.Option(None, "--verify/--quick", help="Read and checksum every chunk "
+                                                  "[default: --verify for stores under 2 GB on disk].")):
+    """Summarise a store (computed lazily with dask): backbone, extraction, counts, arrays, bytes, completeness,
+    and which samples (if any) are missing or corrupt."""
     from fpt.store import summarize
+    from fpt.store import verify as verify_store
 
     s = summarize(path)
+    report = verify_store(path, full=verify if verify is not None else s["disk_bytes"] < 2 << 30)
     if as_json:
+        s["integrity"] = {"full": report.full, "bad_samples": report.bad_samples.tolist(),
+                          "problems": [p.__dict__ for p in report.problems]}
         console.print_json(json.dumps(s, default=str))
         return
     a = s["attrs"]
@@ -338,6 +395,7 @@ def inspect(path: Path = typer.Argument(..., help="Store path."),
                                 f"-> k={ex['k']}, importance {ex['importance']}, low-res {ex['image_res']} px"),
                  ("complete", f"{s['done']}/{s['n_samples']} samples"
                               + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),
+                 ("integrity", _integrity_line(report)),
                  ("size", f"{_bytes(s['disk_bytes'])} on disk, {_bytes(s['raw_bytes'])} raw "
                           f"({s['disk_bytes'] / max(1, s['raw_bytes']):.2f}x), "
                           f"{_bytes(s['disk_bytes'] / max(1, s['n_samples']))} per sample")]:
@@ -345,6 +403,10 @@ def inspect(path: Path = typer.Argument(..., help="Store path."),
     if bb["random_init"]:
         head.add_row("[bold red]warning", "[red]random-init LPM: no pre-trained knowledge")
     console.print(head)
+    if not report.ok:
+        show_problems(report, s["attrs"])
+    if s["counts"] is None:
+        return
     counts = Table(title="samples per split and class")
     classes = a["dataset"]["classes"]
     counts.add_column("split")

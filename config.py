@@ -41,6 +41,7 @@ class ExtractConfig:
     samples_per_shard: int | None = None   # None = chosen from the sample size
     query_block: int = 256                 # queries per block in the importance computation
     workers: int | None = None             # image-decoding DataLoader workers (None: 0 on CPU, up to 8 on CUDA)
+    on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
 
 
 @dataclass
@@ -182,6 +183,8 @@ def extract_config(dataset: str | None = None, data: Path | None = None, **optio
 def validate_extract(cfg: ExtractConfig) -> None:
     if not 0 < cfg.token_ratio <= 1:
         raise FptError(f"--token-ratio {cfg.token_ratio}: must be in (0, 1]")
+    if cfg.on_error not in ("fail", "skip"):
+        raise FptError(f"--on-error {cfg.on_error!r}: choose fail or skip")
     if cfg.importance not in ("global", "cls"):
         raise FptError(f"--importance {cfg.importance!r}: choose global or cls")
     if cfg.res <= 0 or cfg.image_res <= 0 or (cfg.batch_size is not None and cfg.batch_size <= 0):

@@ -38,7 +38,8 @@ class ImageSource(Protocol):
 class ImageFolderSource:
     """``root/{train,val,test}/<class>/<image>``: the layout of the official FPT code."""
 
-    def __init__(self, root: Path, classes: list[str] | None = None):
+    def __init__(self, root: Path, classes: list[str] | None = None, size_hint: int | None = None):
+        self.size_hint = size_hint
         self.root = Path(root)
         self.name = self.root.name
         for split in SPLITS:
@@ -61,7 +62,7 @@ class ImageFolderSource:
             self.samples += [SampleRef(f.relative_to(self.root).as_posix(), label, s) for f, label in files]
 
     def load(self, ref: SampleRef) -> Image.Image:
-        return load_image_file(self.root / ref.id)
+        return load_image_file(self.root / ref.id, self.size_hint)
 
 
 class CsvManifestSource:
@@ -71,7 +72,9 @@ class CsvManifestSource:
     the seeded stratified 70/10/20 split, with every ``group`` (e.g. patient) kept inside one split.
     """
 
-    def __init__(self, csv_path: Path, classes: list[str] | None = None, seed: int = 0):
+    def __init__(self, csv_path: Path, classes: list[str] | None = None, seed: int = 0,
+                 size_hint: int | None = None):
+        self.size_hint = size_hint
         self.csv_path = Path(csv_path)
         self.root, self.name = self.csv_path.parent, self.csv_path.stem
         rows = read_manifest(self.csv_path)
@@ -87,7 +90,7 @@ class CsvManifestSource:
         check_splits_filled(self.samples, str(self.csv_path))
 
     def load(self, ref: SampleRef) -> Image.Image:
-        return load_image_file(self.root / ref.id)
+        return load_image_file(self.root / ref.id, self.size_hint)
 
 
 MANIFEST_COLUMNS = ("path", "label")
@@ -169,15 +172,24 @@ def check_splits_filled(samples: Sequence[SampleRef], what: str) -> None:
             raise FptError(f"{what}: the {split} split is empty")
 
 
-def load_image_file(path: Path) -> Image.Image:
-    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_rgb`` gives it; unreadable -> FptError."""
+# Scanner exports are large (a 20k x 20k pathology or mammography export is 400 M pixels); PIL's default bomb
+# guard (~179 M pixels) would refuse them. Above this, a file is refused as implausible.
+Image.MAX_IMAGE_PIXELS = 1_000_000_000
+
+
+def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
+    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_rgb`` gives it, EXIF orientation applied;
+    unreadable -> FptError naming the file. ``size_hint`` (the LPM side) lets JPEG decode at a reduced scale
+    that still covers it, so huge JPEGs cost little memory."""
     if path.suffix.lower() == ".dcm":
         return read_dicom(path)
     try:
         with Image.open(path) as im:
+            if size_hint and im.format == "JPEG":
+                im.draft(im.mode, (size_hint, size_hint))
             im = ImageOps.exif_transpose(im)
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FptError(f"cannot read image {path}: {e}") from None
 
 
@@ -247,11 +259,11 @@ def open_source(cfg: ExtractConfig) -> ImageSource:
         from fpt.extract.cmmd import CmmdSource    # it imports this module (and openpyxl)
         return CmmdSource(cfg.data, cfg.classes, cfg.seed)
     if cfg.data is not None and Path(cfg.data).is_file() and Path(cfg.data).suffix.lower() == ".csv":
-        return CsvManifestSource(cfg.data, cfg.classes, cfg.seed)
+        return CsvManifestSource(cfg.data, cfg.classes, cfg.seed, size_hint=cfg.res)
     if cfg.data is None or not Path(cfg.data).is_dir():
         raise FptError(f"--data {cfg.data}: expected a folder {{train,val,test}}/<class>/<image> "
                        "or a CSV manifest path,label[,split][,group]")
-    return ImageFolderSource(cfg.data, cfg.classes)
+    return ImageFolderSource(cfg.data, cfg.classes, size_hint=cfg.res)
 
 
 def compute_mean_std(source: ImageSource, res: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

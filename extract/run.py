@@ -6,6 +6,7 @@ and marked done last, so an interrupted run resumes where it stopped and gives t
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import Counter
@@ -19,8 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from fpt import FptError
 from fpt.config import ExtractConfig
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
-from fpt.extract.datasets import SPLITS, ImageSource, SampleRef, open_source, prepare_image
-from fpt.store import Geometry, StoreLock, StoreWriter, choose_samples_per_shard
+from fpt.extract.datasets import (SPLITS, ImageSource, SampleRef, open_source, prepare_image,
+                                  resolve_normalization)
+from fpt.store import Geometry, StoreLock, StoreReader, StoreWriter, choose_samples_per_shard
 
 Progress = Callable[[int, int], None]
 SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")
@@ -34,6 +36,8 @@ class ExtractResult:
     seconds: float
     images_per_s: float
     peak_memory_mb: float
+    n_skipped: int = 0                  # unreadable sources skipped by this run (--on-error skip)
+    skipped_report: str | None = None   # where their paths and errors are listed
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,8 +87,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     with StoreLock(cfg.out):
         source = load_source(cfg)
-        from fpt.extract.datasets import resolve_normalization     # --mean/--std auto: train-split statistics
-        cfg = resolve_normalization(cfg, source)
+        cfg = resolve_normalization(cfg, source)                   # --mean/--std auto: train-split statistics
         device = resolve_device(cfg.device)
         lpm, info = load_lpm(cfg, device if scheduler is None else torch.device("cpu"))
         cfg = replace(cfg, layers=lpm.layers)
@@ -103,28 +106,38 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        if scheduler is None:
-            written = extract_shards(cfg, pending, progress)
-        else:
-            written = extract_on_dask(cfg, pending, scheduler, progress)
+        try:
+            if scheduler is None:
+                written, skipped = extract_shards(cfg, pending, progress)
+            else:
+                written, skipped = extract_on_dask(cfg, pending, scheduler, progress)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            done = int(StoreReader(cfg.out).done().sum())
+            raise FptError(f"no space left on the device of {cfg.out} ({done} of {len(samples)} samples are safely "
+                           "written); free some space and re-run the same command to resume") from None
         seconds = time.perf_counter() - start
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
-                               written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device))
+                               written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
+                               n_skipped=len(skipped))
+        if skipped:
+            result.skipped_report = str(writer.record_skipped(sorted(skipped)))
         if written:
             writer.update_attrs(last_run={
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
-                "peak_memory_mb": round(result.peak_memory_mb, 1),
+                "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
                 "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
         return result
 
 
 class DecodedImages(Dataset):
-    """Item i -> (high float32 [3, res, res] in [0, 255], low uint8 [R, R, 3]), or an error message, so that a
-    bad file in a DataLoader worker still reaches the user as one clear line."""
+    """Item i -> (high float32 [3, res, res] in [0, 255], low uint8 [R, R, 3]), or the error message of an
+    unreadable source, so that a bad file in a DataLoader worker reaches the user as one clear line."""
 
-    def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, image_res: int):
-        self.source, self.refs, self.res, self.image_res = source, refs, res, image_res
+    def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, image_res: int, on_error: str):
+        self.source, self.refs, self.res, self.image_res, self.on_error = source, refs, res, image_res, on_error
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -136,17 +149,21 @@ class DecodedImages(Dataset):
             return str(e)
         return torch.from_numpy(high).permute(2, 0, 1), torch.from_numpy(low)
 
+    def collate(self, items) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
+        """-> (high [B, 3, res, res], low [B, R, R, 3], {position in batch: error}); unreadable items are zeros
+        with ``on_error="skip"`` and raise with ``"fail"``."""
+        errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
+        if errors and self.on_error != "skip":
+            raise FptError(next(iter(errors.values())) + " (pass --on-error skip to skip unreadable files)")
+        blank = (torch.zeros(3, self.res, self.res), torch.zeros(self.image_res, self.image_res, 3, dtype=torch.uint8))
+        highs, lows = zip(*(blank if i in errors else item for i, item in enumerate(items)))
+        return torch.stack(highs), torch.stack(lows), errors
 
-def _collate(items):
-    for item in items:
-        if isinstance(item, str):
-            raise FptError(item)
-    highs, lows = zip(*items)
-    return torch.stack(highs), torch.stack(lows)
 
-
-def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None) -> int:
+def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None
+                   ) -> tuple[int, list[tuple[int, str, str]]]:
     """Extract ``shards`` of the existing store at ``cfg.out`` and write each one whole. Runs in any process.
+    Returns (samples written, [(index, id, error)] of the unreadable sources skipped).
 
     Images are decoded in DataLoader workers (``cfg.workers``) while the LPM runs; on CUDA the copies come from
     pinned memory and a batch that does not fit is split in halves until it does.
@@ -158,7 +175,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     geometry = writer.geometry
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
     rows = [geometry.shard_range(s) for s in shards]
-    refs = [source.samples[i] for r in rows for i in r]
+    indices = [i for r in rows for i in r]
+    refs = [source.samples[i] for i in indices]
     batches, owner, offset = [], [], 0                       # batches never straddle two shards
     for shard, r in zip(shards, rows):
         for start in range(0, len(r), batch_size):
@@ -166,14 +184,19 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
             owner.append(shard)
         offset += len(r)
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    loader = DataLoader(DecodedImages(source, refs, cfg.res, cfg.image_res), batch_sampler=batches,
-                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=_collate)
+    images = DecodedImages(source, refs, cfg.res, cfg.image_res, cfg.on_error)
+    loader = DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=images.collate)
     mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
     total = len(refs)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SAMPLE_ARRAYS}
-    written = 0
-    for i, (high, low) in enumerate(loader):
+    written, skipped, excluded = 0, [], []
+    for i, (high, low, errors) in enumerate(loader):
+        for pos, message in errors.items():
+            index = indices[batches[i][pos]]
+            skipped.append((index, source.samples[index].id, message))
+            excluded.append(index)
         x = (high.to(device, non_blocking=True) - mean) / std
         out = forward_fitting(lpm, x, device)
         for name in ("keys", "values", "cls"):
@@ -182,11 +205,11 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         parts["images"].append(low.numpy())
         written += len(low)
         if i + 1 == len(batches) or owner[i + 1] != owner[i]:
-            writer.write_shard(owner[i], {name: np.concatenate(v) for name, v in parts.items()})
-            parts = {name: [] for name in SAMPLE_ARRAYS}
+            writer.write_shard(owner[i], {name: np.concatenate(v) for name, v in parts.items()}, excluded)
+            parts, excluded = {name: [] for name in SAMPLE_ARRAYS}, []
         if progress:
             progress(written, total)
-    return written
+    return written, skipped
 
 
 def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
@@ -217,12 +240,13 @@ def _task_device(cfg: ExtractConfig) -> torch.device:
     return device
 
 
-def _shard_task(cfg: ExtractConfig, shard: int, threads: int) -> int:
+def _shard_task(cfg: ExtractConfig, shard: int, threads: int) -> tuple[int, list]:
     torch.set_num_threads(threads)
     return extract_shards(cfg, [shard])
 
 
-def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None) -> int:
+def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None
+                    ) -> tuple[int, list[tuple[int, str, str]]]:
     """Extract ``shards`` as dask.distributed tasks, one per shard (workers never write the same file).
 
     scheduler: ``local:N`` starts a LocalCluster of N worker processes here; anything else is a scheduler
@@ -251,16 +275,17 @@ def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progr
         futures = [client.submit(_shard_task, cfg, shard, threads, pure=False,
                                  resources={"GPU": 1} if cuda else None) for shard in shards]
         geometry = StoreWriter.reopen(cfg.out).geometry
-        total, written = sum(len(geometry.shard_range(s)) for s in shards), 0
+        total, written, skipped = sum(len(geometry.shard_range(s)) for s in shards), 0, []
         for future in as_completed(futures):
             try:
-                written += future.result()
+                n, shard_skipped = future.result()
+                written, skipped = written + n, skipped + shard_skipped
             except BaseException:
                 client.cancel(futures)
                 raise
             if progress:
                 progress(written, total)
-        return written
+        return written, skipped
     finally:
         client.close()
         if cluster is not None:
@@ -274,6 +299,7 @@ def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers:
         "extraction": {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
                        "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res},
         "dataset": {"name": cfg.name, "classes": source.classes, "source": str(cfg.data or cfg.source),
+                    **getattr(source, "attrs", {}),
                     "counts": {split: {c: counts[(i, j)] for j, c in enumerate(source.classes)}
                                for i, split in enumerate(SPLITS)}},
         "normalization": {"mean": list(cfg.mean), "std": list(cfg.std)},

@@ -6,12 +6,14 @@ Public API:
     StoreReader            read samples and metadata for training
     as_dask(path)          every array as a lazy dask array (for notebooks and big stores)
     summarize(path)        the facts ``fpt inspect`` shows
+    verify(path)           which samples are missing or fail their checksums (VerifyReport)
     Geometry, SCHEMA_VERSION, SPLITS, choose_samples_per_shard
 """
 from fpt.store.layout import SCHEMA_VERSION, SPLITS, Geometry, choose_samples_per_shard
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
+from fpt.store.verify import VerifyReport, verify
 from fpt.store.writer import StoreWriter
 
 __all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLock", "StoreReader", "StoreWriter",
-           "as_dask", "summarize"]
+           "as_dask", "summarize", "verify", "VerifyReport"]

@@ -7,7 +7,7 @@ Schema version 1:
     cls           float16 [S, D]            the LPM's final normalised class-token feature
     images        uint8   [S, R, R, C]      low-resolution copy for the side network
     labels        int16   [S]
-    split         uint8   [S]               0 train, 1 val, 2 test
+    split         uint8   [S]               0 train, 1 val, 2 test, 255 excluded (unreadable source, skipped)
     ids           string  [S]
     done          bool    [S]               set after every array of that sample is written
 
@@ -23,10 +23,13 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
+EXCLUDED_SPLIT = 255          # a sample whose source could not be read and was skipped (--on-error skip)
+SKIPPED_REPORT = "skipped.csv"  # inside the store: index,id,error of every skipped sample
 
 SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")   # written per shard by extraction
 INDEX_ARRAYS = ("labels", "split", "ids")                          # written once, at creation
 DONE = "done"
+ARRAY_NAMES = (*SAMPLE_ARRAYS, *INDEX_ARRAYS, DONE)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from fpt import FptError
-from fpt.store.layout import DONE, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry
+from fpt.store.layout import ARRAY_NAMES, DONE, SCHEMA_VERSION, SPLITS, Geometry
 
 
 def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -100,53 +100,60 @@ def as_dask(path: str | Path) -> dict[str, "dask.array.Array"]:
     >>> arrays["keys"]                      # dask.array<[S, L, H, k, d], float16>
     >>> arrays["keys"][arrays["split"] == 0].mean(axis=(0, 3)).compute()   # mean train key per layer/head/dim
     """
+    group = open_group(path)
+    return {name: _dask_array(group[name]) for name in ARRAY_NAMES}
+
+
+def _dask_array(arr: zarr.Array):
     import dask.array as da
 
-    group = open_group(path)
-    out = {}
-    for name, arr in group.arrays():
-        chunks = arr.shards or arr.chunks
-        out[name] = da.from_zarr(arr, chunks=chunks)
-    return out
+    return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
 
 
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def _describe(path: Path, name: str, arr: zarr.Array) -> dict[str, Any]:
+    codecs = arr.metadata.to_dict()["codecs"]
+    names = [c.get("name") for c in codecs]
+    if names == ["sharding_indexed"]:
+        names = ["shard(" + "+".join(c["name"] for c in codecs[0]["configuration"]["codecs"]) + ")"]
+    return {"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
+            "shards": tuple(arr.shards) if arr.shards else None, "codecs": names,
+            "raw_bytes": int(np.prod(arr.shape)) * (arr.dtype.itemsize if arr.dtype.kind != "T" else 0),
+            "disk_bytes": _dir_bytes(path / name)}
+
+
 def summarize(path: str | Path) -> dict[str, Any]:
-    """What ``fpt inspect`` shows, computed with dask so it works on stores larger than memory."""
+    """What ``fpt inspect`` shows, computed with dask so it works on stores larger than memory.
+
+    Arrays whose metadata cannot be read are listed under ``unreadable`` instead of failing the summary.
+    """
     import dask
-    import dask.array as da
 
     path = Path(path)
-    arrays = as_dask(path)
     group = open_group(path)
     attrs = dict(group.attrs)
     classes = attrs["dataset"]["classes"]
-    split, labels, done = arrays["split"], arrays["labels"], arrays[DONE]
-    counts = [[(split == s) & (labels == c) for c in range(len(classes))] for s in range(len(SPLITS))]
-    counts_sum, done_sum = dask.compute([[m.sum() for m in row] for row in counts], done.sum())
-    table = []
-    for name, arr in group.arrays():
-        codecs = [c.get("name") for c in arr.metadata.to_dict()["codecs"]]
-        if codecs == ["sharding_indexed"]:
-            inner = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
-            codecs = ["shard(" + "+".join(c["name"] for c in inner) + ")"]
-        table.append({
-            "name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
-            "shards": tuple(arr.shards) if arr.shards else None, "codecs": codecs,
-            "raw_bytes": int(np.prod(arr.shape)) * (arr.dtype.itemsize if arr.dtype.kind != "T" else 0),
-            "disk_bytes": _dir_bytes(path / name),
-        })
-    return {
-        "path": str(path),
-        "attrs": attrs,
-        "counts": {SPLITS[s]: {classes[c]: int(counts_sum[s][c]) for c in range(len(classes))}
-                   for s in range(len(SPLITS))},
-        "done": int(done_sum),
-        "n_samples": int(split.shape[0]),
-        "arrays": table,
-        "disk_bytes": _dir_bytes(path),
-        "raw_bytes": sum(a["raw_bytes"] for a in table),
-    }
+    table, unreadable, lazy = [], {}, {}
+    for name in ARRAY_NAMES:
+        try:
+            arr = group[name]
+            table.append(_describe(path, name, arr))
+            lazy[name] = _dask_array(arr)
+        except Exception as e:
+            unreadable[name] = f"{type(e).__name__}: {e}"
+    n_samples = Geometry(**attrs["geometry"]).n_samples
+    counts, done = None, None
+    try:
+        split, labels = lazy["split"], lazy["labels"]
+        masks = [[((split == s) & (labels == c)).sum() for c in range(len(classes))] for s in range(len(SPLITS))]
+        sums, done = dask.compute(masks, lazy[DONE].sum())
+        counts = {SPLITS[s]: {classes[c]: int(sums[s][c]) for c in range(len(classes))} for s in range(len(SPLITS))}
+        done = int(done)
+    except Exception as e:
+        unreadable.setdefault("labels/split/done", f"{type(e).__name__}: {e}")
+    return {"path": str(path), "attrs": attrs, "counts": counts, "done": done, "n_samples": n_samples,
+            "arrays": table, "unreadable": unreadable, "disk_bytes": _dir_bytes(path),
+            "raw_bytes": sum(a["raw_bytes"] for a in table)}

@@ -1,16 +1,18 @@
 """StoreWriter: creates a store, writes whole shards, marks samples done last."""
 from __future__ import annotations
 
+import csv
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 
 from fpt import FptError, __version__
-from fpt.store.layout import (DONE, INDEX_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, Geometry, compressors)
+from fpt.store.layout import (DONE, EXCLUDED_SPLIT, INDEX_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT,
+                              Geometry, compressors)
 from fpt.store.reader import open_group
 
 # attrs sections that define what a store contains; a re-run must ask for exactly these
@@ -60,6 +62,7 @@ class StoreWriter:
                 split: np.ndarray) -> "StoreWriter":
         group = zarr.open_group(path, mode="w", zarr_format=3)
         S, per = g.n_samples, g.samples_per_shard
+        writer = cls(group, g)
         for name, (shape, dtype) in g.sample_shapes().items():
             if name in SAMPLE_ARRAYS:
                 group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1, *shape),
@@ -67,9 +70,10 @@ class StoreWriter:
             else:
                 group.create_array(name, shape=(S,), dtype=str if dtype == "str" else dtype, chunks=(per,),
                                    compressors=compressors(), fill_value="" if dtype == "str" else 0)
-        group["ids"][:] = ids.astype(object)
-        group["labels"][:] = labels.astype(np.int16)
-        group["split"][:] = split.astype(np.uint8)
+        writer._array("ids")[:] = ids.astype(object)
+        writer._array("labels")[:] = labels.astype(np.int16)
+        writer._array("split")[:] = split.astype(np.uint8)
+        writer._array(DONE)[:] = False
         group.attrs.update({
             **attrs,
             "fpt_store_version": SCHEMA_VERSION,
@@ -77,28 +81,50 @@ class StoreWriter:
             "geometry": g.__dict__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
-        return cls(group, g)
+        return writer
+
+    def _array(self, name: str) -> zarr.Array:
+        # Every chunk is written, even one equal to the fill value, so a missing file always means lost data.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            return self.group[name]
 
     # -- writing ---------------------------------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
         done = self.group[DONE][:]
         return [s for s in range(self.geometry.n_shards()) if not done[self.geometry.shard_range(s)].all()]
 
-    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], excluded: Sequence[int] = ()) -> None:
         """Write every sample array of one shard, then its ``done`` flags.
 
         arrays: ``keys``/``values`` [n, L, H, k, d], ``indices`` [n, L, H, k], ``cls`` [n, D],
-        ``images`` [n, R, R, C] with n = the shard's sample count.
+        ``images`` [n, R, R, C] with n = the shard's sample count. ``excluded``: sample indices (global) whose
+        source was unreadable; their split becomes EXCLUDED_SPLIT so no reader ever uses them.
         """
         rows = self.geometry.shard_range(shard)
         sel = slice(rows.start, rows.stop)
+        if excluded:
+            split = self._array("split")
+            values = split[sel]
+            values[np.asarray(excluded) - rows.start] = EXCLUDED_SPLIT
+            split[sel] = values
         for name in SAMPLE_ARRAYS:
             data = np.asarray(arrays[name])
-            expected = (len(rows), *self.group[name].shape[1:])
-            if data.shape != expected:
-                raise ValueError(f"{name}: shard {shard} expects shape {expected}, got {data.shape}")
-            self.group[name][sel] = data
-        self.group[DONE][sel] = True
+            array = self._array(name)
+            if data.shape != (len(rows), *array.shape[1:]):
+                raise ValueError(f"{name}: shard {shard} expects shape {(len(rows), *array.shape[1:])}, got {data.shape}")
+            array[sel] = data
+        self._array(DONE)[sel] = True
+
+    def record_skipped(self, entries: Sequence[tuple[int, str, str]]) -> Path:
+        """Append (index, id, error) rows to the store's skipped-sample report; returns its path."""
+        report = Path(self.group.store.root) / SKIPPED_REPORT
+        new = not report.exists()
+        with open(report, "a", newline="") as f:
+            out = csv.writer(f)
+            if new:
+                out.writerow(["index", "id", "error"])
+            out.writerows(entries)
+        return report
 
     def update_attrs(self, **sections: Any) -> None:
         self.group.attrs.update(sections)

@@ -1,0 +1,92 @@
+"""A damaged store is detected and explained, never trained on silently and never a traceback."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fpt import FptError, cli
+from fpt.cli import app
+from fpt.store import StoreReader, verify
+
+runner = CliRunner()
+
+
+def shard_file(store, array, shard=0):
+    ndim = len(json.loads((store / array / "zarr.json").read_text())["shape"])
+    return store / array / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))
+
+
+def flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def run(args, width=200):
+    cli.console.width = width
+    return runner.invoke(app, args)
+
+
+def test_flipped_bytes_in_keys_are_named_by_sample(micro_store):
+    flip(shard_file(micro_store, "keys", 1), 40)                    # inside the first chunk of shard 1
+    report = verify(micro_store)
+    assert [(p.array, p.samples) for p in report.problems] == [("keys", [4])]
+    ids = StoreReader(micro_store).ids
+    result = run(["store", "verify", str(micro_store)])
+    assert result.exit_code == 1 and ids[4] in result.output and "checksum" in result.output
+    inspect = run(["inspect", str(micro_store)])
+    assert inspect.exit_code == 0 and "1 samples affected" in inspect.output and ids[4] in inspect.output
+
+
+def test_deleted_shard_is_reported(micro_store):
+    shard_file(micro_store, "values", 2).unlink()
+    report = verify(micro_store, full=False)                        # even the quick check sees it
+    assert [(p.array, p.samples, p.reason) for p in report.problems] == [("values", [8, 9, 10, 11],
+                                                                          "shard file missing")]
+    assert run(["store", "verify", str(micro_store)]).exit_code == 1
+
+
+def test_truncated_metadata(micro_store):
+    meta = micro_store / "images" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    report = verify(micro_store)
+    assert report.problems[0].array == "images" and "metadata unreadable" in report.problems[0].reason
+    assert len(report.bad_samples) == 16
+    inspect = run(["inspect", str(micro_store)])
+    assert inspect.exit_code == 0 and "16 samples affected" in inspect.output
+    root = micro_store / "zarr.json"
+    root.write_text(root.read_text()[:25])
+    for args in (["inspect", str(micro_store)], ["store", "verify", str(micro_store)],
+                 ["train", "--store", str(micro_store)]):
+        result = run(args)
+        assert result.exit_code == 2 and "cannot read store metadata" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(array=st.sampled_from(["keys", "values", "indices", "cls", "images"]), shard=st.integers(0, 3),
+       offset=st.integers(0, 10**6), also_truncate=st.booleans())
+def test_random_damage_is_always_found_or_harmless(micro_store, tmp_path_factory, array, shard, offset,
+                                                   also_truncate):
+    import shutil
+
+    store = tmp_path_factory.mktemp("fuzz") / "s.zarr"
+    shutil.copytree(micro_store, store)
+    path = shard_file(store, array, shard)
+    flip(path, offset)
+    if also_truncate:
+        path.write_bytes(path.read_bytes()[: max(1, offset % path.stat().st_size)])
+    report = verify(store)                                           # never raises
+    reader = StoreReader(store)
+    for i in range(shard * 4, shard * 4 + 4):
+        try:
+            value = reader.read([i], (array,))[array]
+        except FptError:
+            assert i in report.bad_samples                           # unreadable -> reported
+            continue
+        if i not in report.bad_samples:                              # readable and not reported -> intact
+            original = StoreReader(micro_store).read([i], (array,))[array]
+            np.testing.assert_array_equal(value, original)
