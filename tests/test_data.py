@@ -8,8 +8,10 @@ from torchvision.transforms.v2 import functional as TF
 from fpt import FptError
 from fpt.config import train_config
 from fpt.store import StoreReader
+from fpt.train import data as data_module
 from fpt.train import train
-from fpt.train.data import AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, plan_cache
+from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid,
+                             plan_cache, read_rows)
 from tests.conftest import micro_config, write_image_folder
 
 CPU = torch.device("cpu")
@@ -73,9 +75,9 @@ def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     sps = reader.geometry.samples_per_shard
     train_idx = reader.split_indices("train")
     reads = []
-    original = StoreReader.read
-    monkeypatch.setattr(StoreReader, "read", lambda self, idx, names=NAMES: reads.append(np.asarray(idx))
-                        or original(self, idx, names))
+    original = data_module.read_rows
+    monkeypatch.setattr(data_module, "read_rows", lambda reader, idx, names: reads.append(np.asarray(idx))
+                        or original(reader, idx, names))
     data = StreamSplit(reader, "train", NAMES, CPU, window_samples=4)
     list(data.batches(2, shuffle=True, rng=np.random.default_rng(0)))
     read = np.concatenate(reads)
@@ -83,6 +85,15 @@ def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     for window in reads:                                                     # a window = whole shards (their train part)
         shards = np.unique(window // sps)
         assert set(window.tolist()) == {i for i in train_idx.tolist() if i // sps in shards}
+
+
+def test_read_rows_equals_the_store_reader(store):
+    reader = StoreReader(store)
+    idx = np.array([0, 1, 2, 5, 7, 8, 13])                                   # runs across shard boundaries
+    got, want = read_rows(reader, idx, NAMES + ("cls",)), reader.read(idx, NAMES + ("cls",))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_cache_plan(store):
@@ -161,6 +172,21 @@ def test_crop_takes_the_drawn_region():
     assert crop[..., 1:-1, 1:-1].min() > 0.99 and crop.mean() > 0.9      # (bilinear: the border blends a little)
     p.centre_x = torch.tensor([-0.5])                                     # the top-left quadrant: black
     assert side.augment(x, p)[..., 1:-1, 1:-1].max() < 0.01
+
+
+def test_crop_grid_is_affine_grid():
+    p = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=2).sample(8)
+    theta = torch.zeros(8, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = p.crop_w * p.flip_x, p.centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = p.crop_h * p.flip_y, p.centre_y
+    want = torch.nn.functional.affine_grid(theta, [8, 3, 16, 16], align_corners=False)
+    torch.testing.assert_close(crop_grid(p, 16), want)
+
+
+def test_uint8_and_float_inputs_augment_alike():
+    side = SideInput(16, (0.5,) * 3, (0.25,) * 3)
+    batch, p = images(), AugmentParams.identity(4)
+    assert (side.augment(batch, p) - side.augment(batch.float() / 255, p)).abs().max() < 2 / 255
 
 
 def test_colour_jitter_matches_torchvision_per_image():

@@ -26,7 +26,7 @@ class PeakMemory:
     ``baseline_mb`` is the RSS on entry, so ``peak_mb - baseline_mb`` is what the block added.
     """
 
-    def __init__(self, device: torch.device, interval: float = 0.002):
+    def __init__(self, device: torch.device, interval: float = 0.005):
         self.device, self.interval = device, interval
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
         self.baseline_mb = self._peak = 0.0

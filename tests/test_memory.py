@@ -1,0 +1,41 @@
+"""Peak training memory: the per-run tracker and the one-step measurement of the paper's setting."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fpt.train.memory import PAPER_SPEC, PeakMemory, StepShape, measure_training_step
+from fpt.train.model import ModelSpec
+
+SMALL = ModelSpec(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=2, n_classes=2, side_res=16, prompts=3,
+                  reduction=4)
+
+
+def test_cpu_peak_sees_a_short_lived_allocation():
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = np.ones(64 * 2**20 // 8)                                     # 64 MB, touched, then freed
+        time.sleep(0.05)                                                    # a few sampling periods
+        del block
+    assert memory.kind == "cpu_peak_rss" and memory.peak_mb - memory.baseline_mb >= 60
+
+
+def test_one_step_measurement_on_cpu():
+    shape = StepShape(batch_size=2, layers=2, heads=2, k=5, head_dim=16, image_res=32)
+    result = measure_training_step(SMALL, shape, torch.device("cpu"))
+    assert result["kind"] == "cpu_peak_rss" and result["peak_mb"] >= result["baseline_mb"] > 0
+    assert result["learnable"] > 0 and result["shape"]["k"] == 5
+
+
+def test_paper_setting_is_vit_b_512():
+    assert (PAPER_SPEC.lpm_dim, PAPER_SPEC.layers, PAPER_SPEC.prompts, PAPER_SPEC.side_res) == (768, 6, 16, 128)
+    s = StepShape()
+    assert (s.batch_size, s.layers, s.heads, s.k, s.head_dim) == (16, 6, 12, (32 * 32 + 1) * 2 // 10, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_paper_setting_peak_gpu_memory():
+    """ViT-B 512 -> side 128, batch 16, 16 prompts: the paper reports 736 MB for FPT+ (1824 MB for FPT)."""
+    result = measure_training_step(device=torch.device("cuda"))
+    print(f"\npeak training memory (torch.cuda.max_memory_allocated): {result['peak_mb']:.0f} MB; paper: 736 MB")
+    assert result["kind"] == "cuda_max_allocated" and 0 < result["peak_mb"] < 1824
