@@ -111,6 +111,8 @@ def extract(
 def _train_cfg(store: Path, **options) -> fpt_config.TrainConfig:
     from fpt.store import StoreReader
 
+    if store is None:
+        raise FptError("give --store PATH (or --resume RUN to continue an interrupted run)")
     dataset = StoreReader(store).attrs["dataset"]["name"]
     return fpt_config.train_config(store, dataset, **options)
 
@@ -139,7 +141,7 @@ def run_train(cfg: fpt_config.TrainConfig) -> dict:
 @app.command("train")
 @friendly
 def train_cmd(
-    store: Path = typer.Option(..., help="Store written by `fpt extract`."),
+    store: Optional[Path] = typer.Option(None, help="Store written by `fpt extract` (required unless --resume)."),
     out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<store>-<timestamp>]."),
     side_res: Optional[int] = typer.Option(None, help="Side network input side (multiple of the patch size)."),
     prompts: Optional[int] = typer.Option(None, help="Fine-grained prompts per layer; 0 = side network alone."),
@@ -155,13 +157,21 @@ def train_cmd(
     cache_budget_mb: Optional[float] = typer.Option(None, help="auto cache budget [default: half the free memory]."),
     workers: Optional[int] = typer.Option(None, help="Store-reading processes when streaming [default: per device]."),
     ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Train without samples that fail their "
+                                      "checksums (default: refuse, naming them)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this directory."),
 ):
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
-    then test. Re-running an interrupted run's command resumes it."""
-    cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
-                     method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                     ft_memory_mb=ft_memory_mb)
+    then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
+    if resume is not None:
+        from fpt.train.loop import resume_config
+
+        cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers)
+    else:
+        cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
+                         method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
+                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)
     m = run_train(cfg)
     show_metrics([m])
 

@@ -62,6 +62,7 @@ class TrainConfig:
     cache_budget_mb: float | None = None  # auto-cache budget; None = half the free GPU memory / available RAM
     workers: int | None = None            # store-reading processes when streaming; None = chosen per device
     ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
+    skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -260,3 +261,14 @@ def sweep_config(store: Path, dataset: str | None = None, lr: str | None = None,
     out = Path(out or f"sweeps/{Path(store).name.removesuffix('.zarr')}-{base.method}")
     return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
                        scheduler=scheduler or entry.get("scheduler", "local"))
+
+
+def resolve_device(device: str) -> "torch.device":
+    """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is a clear error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FptError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return torch.device(device)

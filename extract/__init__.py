@@ -5,9 +5,9 @@ Public API: ``extract(cfg)``, ``FrozenLPM``, ``create_backbone``, ``select_impor
 """
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import ImageFolderSource, SampleRef, SyntheticTextureSource, open_source, prepare_image
-from fpt.extract.run import ExtractResult, default_layers, extract, resolve_device
+from fpt.extract.run import ExtractResult, default_layers, extract
 from fpt.extract.selection import num_selected, select_important_tokens, token_importance
 
 __all__ = ["BackboneInfo", "FrozenLPM", "create_backbone", "ImageFolderSource", "SampleRef",
            "SyntheticTextureSource", "open_source", "prepare_image", "ExtractResult", "default_layers", "extract",
-           "resolve_device", "num_selected", "select_important_tokens", "token_importance"]
+           "num_selected", "select_important_tokens", "token_importance"]

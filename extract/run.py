@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError
-from fpt.config import ExtractConfig
+from fpt.config import ExtractConfig, resolve_device
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import (SPLITS, ImageSource, SampleRef, open_source, prepare_image,
                                   resolve_normalization)
@@ -38,14 +38,6 @@ class ExtractResult:
     peak_memory_mb: float
     n_skipped: int = 0                  # unreadable sources skipped by this run (--on-error skip)
     skipped_report: str | None = None   # where their paths and errors are listed
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FptError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return torch.device(device)
 
 
 def default_layers(depth: int) -> list[int]:

@@ -42,6 +42,7 @@ class StoreReader:
         self.group = open_group(self.path)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         self.geometry = Geometry(**self.attrs["geometry"])
+        self.excluded = np.zeros(0, dtype=np.int64)      # samples left out of every split (see ``exclude``)
 
     @property
     def classes(self) -> list[str]:
@@ -68,8 +69,12 @@ class StoreReader:
             raise FptError(f"{self.path}: {missing} of {self.geometry.n_samples} samples are not extracted yet; "
                            "re-run the same `fpt extract` command to finish the store")
 
+    def exclude(self, indices) -> None:
+        """Leave ``indices`` out of every ``split_indices`` from now on (e.g. samples found corrupt)."""
+        self.excluded = np.union1d(self.excluded, np.asarray(indices, dtype=np.int64))
+
     def split_indices(self, split: str) -> np.ndarray:
-        idx = np.flatnonzero(self.split == SPLITS.index(split))
+        idx = np.setdiff1d(np.flatnonzero(self.split == SPLITS.index(split)), self.excluded)
         if len(idx) == 0:
             raise FptError(f"{self.path}: the {split} split is empty")
         return idx

@@ -34,32 +34,41 @@ def cli(*args):
     return [sys.executable, "-m", "fpt.cli", "extract", *map(str, args)]
 
 
-def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_store(tmp_path):
-    data = write_image_folder(tmp_path / "d", {"train": 14, "val": 3, "test": 3}, size=64)    # 40 images
-    options = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--res", "512", "--image-res", "32",
-               "--device", "cpu", "--shard-size", "4", "--batch-size", "1", "--data", data]
-    store = tmp_path / "killed.zarr"
-    proc = subprocess.Popen(cli(*options, "--out", store), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    done = 0
+def slow_extraction(tmp_path):
+    """(CLI options, data) for 24 images that take a few seconds: ViT-Tiny at 512 px, one image per batch."""
+    data = write_image_folder(tmp_path / "d", {"train": 8, "val": 2, "test": 2}, size=64)    # 24 images
+    return ["--backbone", "vit_tiny_patch16_224", "--random-init", "--res", "512", "--image-res", "32",
+            "--device", "cpu", "--shard-size", "4", "--batch-size", "1", "--data", data], data
+
+
+def interrupt_after_first_shard(args, store, sig) -> tuple[int, str]:
+    """Run ``fpt extract`` in a subprocess, send ``sig`` once its first shard is done; (exit code, stderr)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
-            done = int(zarr.open_group(store, mode="r")["done"][:].sum())
+            if zarr.open_group(store, mode="r")["done"][:].sum() >= 4:
+                break
         except Exception:
-            done = 0
-        if done >= 4:
-            break
+            pass
         time.sleep(0.05)
-    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-500:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.poll() is None, f"extraction ended before it could be interrupted: {proc.stderr.read()[-500:]}"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_store(tmp_path):
+    options, data = slow_extraction(tmp_path)
+    store = tmp_path / "killed.zarr"
+    interrupt_after_first_shard(cli(*options, "--out", store), store, signal.SIGKILL)
     partial = StoreReader(store).done()
-    assert 0 < partial.sum() < 40
+    assert 0 < partial.sum() < 24
     assert (store.parent / "killed.zarr.lock").exists()          # left behind by the dead process
 
     resumed = subprocess.run(cli(*options, "--out", store), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-1000:]
-    assert f"wrote {40 - partial.sum()} samples" in " ".join(resumed.stdout.split())
+    assert f"wrote {24 - partial.sum()} samples" in " ".join(resumed.stdout.split())
     clean = tmp_path / "clean.zarr"
     extract(extract_config(None, data, out=clean, res=512, samples_per_shard=4, batch_size=1, **TINY))
     assert_same_store(store, clean)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fpt import FptError
-from fpt.config import TrainConfig
-from fpt.store import StoreReader
+from fpt.config import TrainConfig, resolve_device
+from fpt.store import StoreReader, verify
 from fpt.train.data import SideInput, SplitData, open_split, plan_cache
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
@@ -26,14 +26,6 @@ from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, pa
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
 RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FptError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return torch.device(device)
 
 
 def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
@@ -125,12 +117,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
+    corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt)
     out.mkdir(parents=True, exist_ok=True)
 
     plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb)
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers) for s in ("train", "val"))
     info = {"method": spec.method, "cache": plan.as_dict(), "train": len(train_data), "val": len(val_data),
-            "device": str(device), "resumed_from_epoch": resume["epoch"] if resume else None}
+            "device": str(device), "resumed_from_epoch": resume["epoch"] if resume else None,
+            "corrupt_skipped": corrupt}
     if on_start:
         on_start(info)
 
@@ -209,6 +203,36 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     (out / "last.pt").unlink(missing_ok=True)
     _save_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def exclude_corrupt(reader: StoreReader, names: tuple[str, ...], skip: bool) -> list[str]:
+    """Read and checksum every chunk the run will use. Corrupt samples stop the run, named, or with ``skip``
+    are left out of every split; returns their ids."""
+    bad = verify(reader.path, arrays=(*names, "labels", "split")).bad_samples
+    if len(bad) == 0:
+        return []
+    ids = [str(reader.ids[i]) for i in bad]
+    if not skip:
+        raise FptError(f"{reader.path}: {len(ids)} samples are corrupt ({', '.join(ids[:5])}"
+                       f"{', ...' if len(ids) > 5 else ''}); `fpt store verify` lists them, "
+                       "--skip-corrupt trains without them")
+    reader.exclude(bad)
+    return ids
+
+
+def resume_config(run: Path, **runtime: Any) -> TrainConfig:
+    """The configuration of the unfinished run in ``run`` (from its last.pt), to continue it in place;
+    ``runtime`` may set the fields that do not change results (device, cache, workers, ...)."""
+    if (run / "metrics.json").exists():
+        raise FptError(f"{run} is finished already (metrics.json); nothing to resume")
+    try:
+        saved = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]
+    except FileNotFoundError:
+        raise FptError(f"--resume {run}: no unfinished run there (no last.pt)") from None
+    except Exception as e:
+        raise FptError(f"--resume {run}: cannot read last.pt ({type(e).__name__})") from None
+    return TrainConfig(**{"device": "auto", **saved, "store": Path(saved["store"]), "out": run,
+                          **{k: v for k, v in runtime.items() if v is not None}})
 
 
 def efficiency(test: dict, params: dict, peak_memory_mb: float, ft_memory_mb: float | None) -> dict[str, Any]:

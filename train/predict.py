@@ -22,7 +22,8 @@ from fpt.extract.backbone import FrozenLPM, create_backbone
 from fpt.extract.datasets import IMAGE_EXTENSIONS, load_image_file, prepare_image
 from fpt.extract.run import forward_fitting
 from fpt.train.data import SideInput
-from fpt.train.loop import load_checkpoint, resolve_device
+from fpt.config import resolve_device
+from fpt.train.loop import load_checkpoint
 
 CSV_PATH_COLUMNS = ("path", "image", "file")
 

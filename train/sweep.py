@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from fpt import FptError
-from fpt.config import SweepConfig, TrainConfig
-from fpt.train.loop import jsonable, comparable_config, resolve_device
+from fpt.config import SweepConfig, TrainConfig, resolve_device
+from fpt.train.loop import comparable_config, jsonable
 from fpt.train.metrics import pme, ppe
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
@@ -99,7 +100,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool],
         for run in todo:
             cfg = jsonable(asdict(run.cfg))
             if not cuda and threads is not None and run.cfg.cache_budget_mb is None:
-                import psutil                # N local runs share this machine's RAM: half of it, split N ways
+                # N local runs share this machine's RAM: half of it, split N ways
                 cfg["cache_budget_mb"] = psutil.virtual_memory().available / 2**21 / len(client.nthreads())
             future = client.submit(train_task, cfg, threads, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)

@@ -90,3 +90,16 @@ def test_random_damage_is_always_found_or_harmless(micro_store, tmp_path_factory
         if i not in report.bad_samples:                              # readable and not reported -> intact
             original = StoreReader(micro_store).read([i], (array,))[array]
             np.testing.assert_array_equal(value, original)
+
+
+def test_training_refuses_corrupt_samples_or_skips_them(micro_store, tmp_path):
+    flip(shard_file(micro_store, "images", 0), 60)                     # sample 0: a train image
+    ids = StoreReader(micro_store).ids
+    args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "1", "--device", "cpu"]
+    refused = run([*args, "--out", str(tmp_path / "r1")])
+    assert refused.exit_code == 2 and f"1 samples are corrupt ({ids[0]})" in " ".join(refused.output.split())
+    assert not (tmp_path / "r1").exists()                             # refused before any work
+    ok = run([*args, "--out", str(tmp_path / "r2"), "--skip-corrupt"])
+    assert ok.exit_code == 0, ok.output
+    metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    assert metrics["data"]["corrupt_skipped"] == [ids[0]] and metrics["data"]["train"] == 7

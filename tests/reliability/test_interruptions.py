@@ -1,19 +1,15 @@
 """Disk full and Ctrl-C during extraction: a clear line, nothing half-written marked done, resumable."""
-import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-import zarr
 
 from fpt import FptError
 from fpt.extract import extract
 from fpt.store import StoreReader, verify
 from tests.conftest import micro_config, write_image_folder
-from tests.test_resume import assert_same_store
+from tests.test_resume import assert_same_store, cli, interrupt_after_first_shard, slow_extraction
 
 
 @pytest.fixture
@@ -47,25 +43,48 @@ def test_disk_full_is_clear_and_resumable(tmp_path, small_disk):
 
 
 def test_ctrl_c_during_extraction_exits_cleanly_and_resumes(tmp_path):
-    data = write_image_folder(tmp_path / "d", {"train": 14, "val": 3, "test": 3}, size=64)
-    args = [sys.executable, "-m", "fpt.cli", "extract", "--data", str(data), "--backbone", "vit_tiny_patch16_224",
-            "--random-init", "--res", "512", "--image-res", "32", "--device", "cpu", "--shard-size", "4",
-            "--batch-size", "1", "--out", str(tmp_path / "s.zarr")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if zarr.open_group(tmp_path / "s.zarr", mode="r")["done"][:].sum() >= 4:
-                break
-        except Exception:
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "extraction ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    options, _ = slow_extraction(tmp_path)
+    args = cli(*options, "--out", tmp_path / "s.zarr")
+    returncode, stderr = interrupt_after_first_shard(args, tmp_path / "s.zarr", signal.SIGINT)
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     assert "interrupted" in stderr and "re-run" in stderr
     assert not (tmp_path / "s.zarr.lock").exists()                     # released on the way out
     resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-1000:]
     assert StoreReader(tmp_path / "s.zarr").done().all()
+
+
+def test_ctrl_c_during_training_resumes_with_resume(micro_store, tmp_path, monkeypatch):
+    """Ctrl-C after the second epoch, then `fpt train --resume RUN` gives the uninterrupted result."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fpt.cli import app
+    from fpt.train import loop
+
+    runner = CliRunner()
+    args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "4", "--device", "cpu",
+            "--prompts", "2"]
+    real_save = loop._save
+    saves = []
+
+    def interrupt_after_two_epochs(path, obj):
+        real_save(path, obj)
+        if path.name == "last.pt":
+            saves.append(obj["epoch"])
+            if obj["epoch"] == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save", interrupt_after_two_epochs)
+    stopped = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
+    assert stopped.exit_code == 130 and "re-run" in stopped.output
+    monkeypatch.setattr(loop, "_save", real_save)
+    resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    assert resumed.exit_code == 0, resumed.output
+    straight = runner.invoke(app, [*args, "--out", str(tmp_path / "straight")])
+    assert straight.exit_code == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("run", "straight"))
+    assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"] and a["data"]["resumed_from_epoch"] == 1
+    again = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
+    assert again.exit_code == 2 and "finished already" in again.output
