@@ -194,3 +194,16 @@ def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
     logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
              for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("whole", "cut")]
     assert len(logs[1]) == 3 and logs[0] == logs[1]                      # same losses: same order, draws, dropout
+
+
+def test_fpt_with_all_twelve_layers_has_the_papers_learnable_share():
+    """Paper Table 1: FPT 1.81 % of ViT-B's parameters at 512 px (all 12 layers), FPT+ 1.03 % (6 layers)."""
+    import timm
+
+    from fpt.train import parameter_counts
+
+    lpm = sum(p.numel() for p in timm.create_model("vit_base_patch16_224", num_classes=0, img_size=512).parameters())
+    vit_b = dict(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, n_classes=2, side_res=128, prompts=16)
+    fpt = parameter_counts(build_model(ModelSpec(**vit_b, layers=12, method="fpt")), lpm)["ratio_percent"]
+    plus = parameter_counts(build_model(ModelSpec(**vit_b, layers=6, method="fpt+")), lpm)["ratio_percent"]
+    assert round(fpt, 2) == 1.81 and round(plus, 2) == 1.03

@@ -31,8 +31,9 @@ def local_worker_count(scheduler: str, cuda: bool) -> int | None:
 @contextmanager
 def dask_client(scheduler: str, cuda: bool) -> Iterator[tuple["distributed.Client", int | None]]:
     """(client, torch threads per task): a LocalCluster of worker processes (one thread each, resource GPU=1
-    per worker on CUDA) that is closed afterwards, or a client of a running scheduler (threads None: remote
-    workers use their own cores; CUDA tasks ask for GPU=1, so start those workers with ``--resources GPU=1``)."""
+    per worker on CUDA, dashboard on a free port) that is closed afterwards, or a client of a running scheduler
+    (threads None: remote workers use their own cores; CUDA tasks ask for GPU=1, so start those workers with
+    ``--resources GPU=1``)."""
     from distributed import Client, LocalCluster
 
     n = local_worker_count(scheduler, cuda)

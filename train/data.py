@@ -256,8 +256,8 @@ class StreamSplit:
         carry: dict[str, torch.Tensor] | None = None
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
             if shuffle:
-                perm = torch.from_numpy(rng.permutation(len(arrays["labels"])))
-                arrays = {n: t[perm] for n, t in arrays.items()}
+                perm = rng.permutation(len(arrays["labels"]))
+                arrays = {n: torch.from_numpy(t.numpy().take(perm, axis=0)) for n, t in arrays.items()}
             if carry is not None:
                 arrays = {n: torch.cat([carry[n], t]) for n, t in arrays.items()}
             n_full = len(arrays["labels"]) // batch_size * batch_size
