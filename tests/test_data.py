@@ -210,3 +210,9 @@ def test_draws_are_per_image_seeded_and_in_range():
     assert 0.4 < (p.flip_x < 0).float().mean() < 0.6 and p.brightness.min() >= 0.8 and p.saturation.max() <= 1.1
     out = a(batch, train=True)
     assert out.shape == (64, 3, 16, 16) and not torch.allclose(out[0], out[1])
+
+
+def test_impossible_cache_is_refused_before_the_run_dir_exists(store, tmp_path):
+    with pytest.raises(FptError, match="--cache gpu needs a CUDA training device"):
+        train(train_config(store, None, out=tmp_path / "never", side_res=16, epochs=1, device="cpu", cache="gpu"))
+    assert not (tmp_path / "never").exists()

@@ -117,10 +117,10 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
+    plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb)
     corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt)
     out.mkdir(parents=True, exist_ok=True)
 
-    plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb)
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers) for s in ("train", "val"))
     info = {"method": spec.method, "cache": plan.as_dict(), "train": len(train_data), "val": len(val_data),
             "device": str(device), "resumed_from_epoch": resume["epoch"] if resume else None,
