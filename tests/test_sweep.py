@@ -122,7 +122,9 @@ def test_sweep_on_a_local_cluster_then_resume(store, tmp_path, cluster):
 
 
 def test_sweep_starts_its_own_local_cluster(store, tmp_path):
-    cfg = sweep_config(store, lr="1e-3", weight_decay="0", seeds=1, scheduler="local:1", out=tmp_path / "s", **TINY)
+    """Streaming with reader processes asked for: inside a (daemonic) dask worker it falls back to a thread."""
+    cfg = sweep_config(store, lr="1e-3", weight_decay="0", seeds=1, scheduler="local:1", out=tmp_path / "s",
+                       cache="none", workers=2, **TINY)
     summary = run_sweep(cfg)
     assert summary["ran"] == 1 and summary["test"]["auc"]["n"] in (0, 1)
     assert (tmp_path / "s" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()

@@ -11,6 +11,7 @@ Two ways to feed a split:
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import queue
 import threading
@@ -222,7 +223,9 @@ class StreamSplit:
 
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
                  workers: int = 0, window_samples: int | None = None):
-        self.path, self.names, self.device, self.workers = reader.path, names, device, workers
+        self.path, self.names, self.device = reader.path, names, device
+        # a daemonic process (e.g. a dask worker) may not start worker processes: use the prefetch thread
+        self.workers = 0 if multiprocessing.current_process().daemon else workers
         indices = reader.split_indices(split)
         shard_of = indices // reader.geometry.samples_per_shard
         self.shards = [indices[shard_of == s] for s in np.unique(shard_of)]   # sorted store indices per shard
