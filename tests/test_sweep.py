@@ -51,6 +51,13 @@ def test_scheduler_parsing():
             local_worker_count(bad, cuda=False)
 
 
+def test_cli_refuses_a_bad_scheduler_before_any_work(store, tmp_path):
+    result = CliRunner().invoke(app, ["sweep", "--store", str(store), "--scheduler", "local:0", "--out",
+                                      str(tmp_path / "s"), "--device", "cpu"])
+    assert result.exit_code == 2 and "expected local, local:N" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_mean_and_sample_std():
     values = [0.8, 0.9, 0.85, None]
     got = mean_std(values)

@@ -193,6 +193,9 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
     (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
     stage, ``on_run(run, metrics, skipped)`` reports each run."""
+    from fpt.train.cluster import local_worker_count
+
+    local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
     sweep.out.mkdir(parents=True, exist_ok=True)
     counts = {"ran": 0, "skipped": 0}
 
