@@ -59,13 +59,13 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
 
         def update(done: int, total: int):
             speed = progress.tasks[task].speed
-            progress.update(task, completed=done, total=total, rate=f"{speed:.1f} img/s" if speed else "")
+            progress.update(task, completed=done, total=total, rate=f"{speed:.3g} img/s" if speed else "")
         result = extract(cfg, progress=update, scheduler=scheduler)
     if result.n_written == 0:
         console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
     else:
         console.print(f"wrote {result.n_written} samples to [bold]{result.path}[/] in {result.seconds:.1f} s "
-                      f"({result.images_per_s:.1f} images/s, peak memory {result.peak_memory_mb:.0f} MB)")
+                      f"({result.images_per_s:.3g} images/s, peak memory {result.peak_memory_mb:.0f} MB)")
     if result.n_skipped:
         err.print(f"[bold yellow]skipped {result.n_skipped} unreadable images[/] (excluded from every split); "
                   f"paths and errors: {result.skipped_report}")
