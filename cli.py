@@ -231,6 +231,7 @@ def sweep(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (one GPU per task)."),
     cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu (per run)."),
     ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
+    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Leave out samples that fail their checksums."),
 ):
     """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
@@ -241,7 +242,7 @@ def sweep(
     cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
-                                  ft_memory_mb=ft_memory_mb)
+                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 

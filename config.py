@@ -63,6 +63,7 @@ class TrainConfig:
     workers: int | None = None            # store-reading processes when streaming; None = chosen per device
     ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
+    corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError
+from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import (SPLITS, ImageSource, SampleRef, open_source, prepare_image,
@@ -160,7 +161,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     Images are decoded in DataLoader workers (``cfg.workers``) while the LPM runs; on CUDA the copies come from
     pinned memory and a batch that does not fit is split in halves until it does.
     """
-    device = _task_device(cfg)
+    device = resolve_device(cfg.device)
     lpm, _ = load_lpm(cfg, device)
     source = load_source(cfg)
     writer = StoreWriter.reopen(cfg.out)
@@ -218,52 +219,23 @@ def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> di
         return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def _task_device(cfg: ExtractConfig) -> torch.device:
-    """The device for this process; a dask worker on a multi-GPU machine takes the GPU matching its name."""
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
-        try:
-            from distributed import get_worker
-            name = get_worker().name
-            if isinstance(name, int):
-                device = torch.device("cuda", name % torch.cuda.device_count())
-        except (ImportError, ValueError):
-            pass
-    return device
-
-
-def _shard_task(cfg: ExtractConfig, shard: int, threads: int) -> tuple[int, list]:
-    torch.set_num_threads(threads)
-    return extract_shards(cfg, [shard])
+def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:
+    if threads:
+        torch.set_num_threads(threads)
+    return extract_shards(replace(cfg, device=worker_device(cfg.device)), [shard])
 
 
 def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None
                     ) -> tuple[int, list[tuple[int, str, str]]]:
     """Extract ``shards`` as dask.distributed tasks, one per shard (workers never write the same file).
 
-    scheduler: ``local:N`` starts a LocalCluster of N worker processes here; anything else is a scheduler
+    scheduler: ``local``/``local:N`` starts a LocalCluster of worker processes here; anything else is a scheduler
     address. CUDA tasks ask for the worker resource ``GPU=1`` so they run only on workers started with it.
     """
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    cluster = None
-    if scheduler.startswith("local:"):
-        try:
-            n = int(scheduler.split(":", 1)[1])
-        except ValueError:
-            raise FptError(f"--scheduler {scheduler!r}: expected local:N or a scheduler address") from None
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               resources={"GPU": 1} if cuda else None)
-        client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // n)
-    else:
-        try:
-            client, threads = Client(scheduler, timeout=30), 0
-        except OSError as e:
-            raise FptError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({e})") from None
-    try:
-        if threads == 0:     # remote workers: each uses its own machine's cores
-            threads = max(1, min(client.run(os.cpu_count).values()))
+    cuda = resolve_device(cfg.device).type == "cuda"
+    with dask_client(scheduler, cuda) as (client, threads):
         futures = [client.submit(_shard_task, cfg, shard, threads, pure=False,
                                  resources={"GPU": 1} if cuda else None) for shard in shards]
         geometry = StoreWriter.reopen(cfg.out).geometry
@@ -278,10 +250,6 @@ def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progr
             if progress:
                 progress(written, total)
         return written, skipped
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers: list[int], k: int) -> dict:

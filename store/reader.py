@@ -80,16 +80,23 @@ class StoreReader:
         return idx
 
     def read(self, idx: Iterable[int], names: Iterable[str] = ("keys", "values", "images")) -> dict[str, np.ndarray]:
-        """Arrays for the samples ``idx`` (any order; returned in that order) plus their ``labels``."""
+        """Arrays for the samples ``idx`` (any order; returned in that order) plus their ``labels``.
+
+        Rows are sorted and every run of consecutive rows is read as one slice: on sharded arrays a slice
+        decompresses each chunk once, while zarr's integer indexing costs ~30x more per sample.
+        """
         idx = np.asarray(idx, dtype=np.int64)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
+        runs = np.split(sorted_idx, np.flatnonzero(np.diff(sorted_idx) != 1) + 1) if len(idx) else []
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         out: dict[str, np.ndarray] = {}
         for name in names:
+            array = self.group[name]
             try:
-                data = self.group[name].get_orthogonal_selection((sorted_idx,))
+                data = np.concatenate([array[run[0]:run[-1] + 1] for run in runs]) if runs else \
+                    np.zeros((0, *array.shape[1:]), dtype=array.dtype)
             except Exception as e:
                 raise FptError(f"{self.path}: cannot read {name!r} for samples "
                                f"{list(self.ids[sorted_idx][:5])}... ({type(e).__name__}: {e})") from None

@@ -11,7 +11,7 @@ from fpt.store import StoreReader
 from fpt.train import data as data_module
 from fpt.train import train
 from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid,
-                             plan_cache, read_rows)
+                             plan_cache)
 from tests.conftest import micro_config, write_image_folder
 
 CPU = torch.device("cpu")
@@ -85,15 +85,6 @@ def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     for window in reads:                                                     # a window = whole shards (their train part)
         shards = np.unique(window // sps)
         assert set(window.tolist()) == {i for i in train_idx.tolist() if i // sps in shards}
-
-
-def test_read_rows_equals_the_store_reader(store):
-    reader = StoreReader(store)
-    idx = np.array([0, 1, 2, 5, 7, 8, 13])                                   # runs across shard boundaries
-    got, want = read_rows(reader, idx, NAMES + ("cls",)), reader.read(idx, NAMES + ("cls",))
-    assert got.keys() == want.keys()
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_cache_plan(store):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from fpt import FptError
 from fpt.cli import app
 from fpt.config import sweep_config
-from fpt.train.cluster import local_worker_count
+from fpt.cluster import local_worker_count
 from fpt.train.sweep import mean_std, run_sweep
 from tests.conftest import micro_config, write_image_folder
 

@@ -25,7 +25,7 @@ from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
-RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra")
+RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra", "corrupt")
 
 
 def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
     plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb)
-    corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt)
+    corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt, known=cfg.corrupt)
     out.mkdir(parents=True, exist_ok=True)
 
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers) for s in ("train", "val"))
@@ -205,10 +205,15 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     return metrics
 
 
-def exclude_corrupt(reader: StoreReader, names: tuple[str, ...], skip: bool) -> list[str]:
-    """Read and checksum every chunk the run will use. Corrupt samples stop the run, named, or with ``skip``
-    are left out of every split; returns their ids."""
-    bad = verify(reader.path, arrays=(*names, "labels", "split")).bad_samples
+def exclude_corrupt(reader: StoreReader, names: tuple[str, ...], skip: bool, known: list[str] | None = None
+                    ) -> list[str]:
+    """Read and checksum every chunk the run will use (unless ``known`` gives the corrupt ids a caller found,
+    e.g. once for a whole sweep). Corrupt samples stop the run, named, or with ``skip`` are left out of every
+    split; returns their ids."""
+    if known is not None:
+        bad = np.flatnonzero(np.isin(reader.ids, known))
+    else:
+        bad = verify(reader.path, arrays=(*names, "labels", "split")).bad_samples
     if len(bad) == 0:
         return []
     ids = [str(reader.ids[i]) for i in bad]

@@ -24,7 +24,8 @@ import psutil
 
 from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
-from fpt.train.loop import comparable_config, jsonable
+from fpt.store import StoreReader
+from fpt.train.loop import comparable_config, exclude_corrupt, jsonable, model_spec
 from fpt.train.metrics import pme, ppe
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
@@ -68,7 +69,7 @@ def train_task(cfg: dict[str, Any], threads: int | None) -> dict:
     """One run on a dask worker (module-level, so workers import it by name)."""
     import torch
 
-    from fpt.train.cluster import worker_device
+    from fpt.cluster import worker_device
     from fpt.train.loop import train
 
     if threads:
@@ -92,13 +93,15 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool],
         return results
     from distributed import as_completed
 
-    from fpt.train.cluster import dask_client
+    from fpt.cluster import dask_client
 
+    reader = StoreReader(runs[0].cfg.store)      # checksum the store once for the sweep, not once per run
+    corrupt = exclude_corrupt(reader, model_spec(reader, runs[0].cfg).inputs, runs[0].cfg.skip_corrupt)
     cuda = resolve_device(runs[0].cfg.device).type == "cuda"
     with dask_client(scheduler, cuda) as (client, threads):
         by_future = {}
         for run in todo:
-            cfg = jsonable(asdict(run.cfg))
+            cfg = jsonable(asdict(replace(run.cfg, corrupt=corrupt)))
             if not cuda and threads is not None and run.cfg.cache_budget_mb is None:
                 # N local runs share this machine's RAM: half of it, split N ways
                 cfg["cache_budget_mb"] = psutil.virtual_memory().available / 2**21 / len(client.nthreads())
@@ -193,7 +196,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
     (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
     stage, ``on_run(run, metrics, skipped)`` reports each run."""
-    from fpt.train.cluster import local_worker_count
+    from fpt.cluster import local_worker_count
 
     local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
     sweep.out.mkdir(parents=True, exist_ok=True)

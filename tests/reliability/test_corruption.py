@@ -103,3 +103,21 @@ def test_training_refuses_corrupt_samples_or_skips_them(micro_store, tmp_path):
     assert ok.exit_code == 0, ok.output
     metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
     assert metrics["data"]["corrupt_skipped"] == [ids[0]] and metrics["data"]["train"] == 7
+
+
+def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, tmp_path, monkeypatch):
+    from fpt.config import sweep_config
+    from fpt.train import sweep
+    from fpt.store import verify as real_verify
+    import fpt.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "verify", lambda *a, **k: calls.append(a) or real_verify(*a, **k))
+    flip(shard_file(micro_store, "images", 0), 60)
+    cfg = sweep_config(micro_store, None, lr="0.001,0.01", weight_decay="0", seeds=1, scheduler="local:1",
+                       out=tmp_path / "sw", side_res=16, epochs=1, device="cpu", skip_corrupt=True)
+    summary = sweep.run_sweep(cfg)
+    assert len(calls) == 1                                            # not once per run
+    runs = list((tmp_path / "sw").rglob("metrics.json"))
+    assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == [StoreReader(micro_store).ids[0]]
+                                  for p in runs)
