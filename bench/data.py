@@ -1,0 +1,106 @@
+"""Benchmark inputs: synthetic images (the demo's fine-grained texture task) as tensors, and a cached data set
+extracted both ways (our Zarr store and the official per-image safetensors files) for figures 2-4."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fpt.bench.common import WORK_DIR
+from fpt.config import extract_config, pipeline_entry
+from fpt.extract.datasets import prepare_image, synthetic_texture_image
+
+DEFAULTS = pipeline_entry(None)           # ImageNet mean/std, default layers/token ratio, train settings
+SPLIT_SIZES = {"val": 2, "test": 2}
+CLASSES = ("plain", "textured")
+
+
+def synthetic_inputs(n: int, res: int, image_res: int = 256, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """n demo images -> (normalised LPM input float32 [n, 3, res, res], low-res copies uint8 [n, R, R, 3]),
+    prepared exactly as ``fpt extract`` prepares them."""
+    mean = torch.tensor(DEFAULTS["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(DEFAULTS["std"]).view(1, 3, 1, 1) * 255
+    highs, lows = zip(*(prepare_image(Image.fromarray(synthetic_texture_image(res, i % 2, [seed, i])), res,
+                                      image_res) for i in range(n)))
+    x = torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2)
+    return ((x - mean) / std).contiguous(), np.stack(lows)
+
+
+@dataclass
+class BenchData:
+    tree: Path            # ImageFolder tree of full-resolution PNGs: {train,val,test}/<class>/<split>_<i>.png
+    store: Path           # our store, written by fpt.extract.run.extract
+    official: Path        # one fp32 safetensors file per image, written by OfficialExtractor
+    model: str
+    res: int
+
+    def train_images(self, png_res: int | None = None) -> tuple[list[Path], list[int]]:
+        """The train split's image files and labels; with ``png_res``, copies of the same images (same names and
+        draws) generated at that side, for the official loader (originals larger than the LPM input)."""
+        tree = self.tree if png_res is None else larger_originals(self, png_res)
+        paths = sorted((tree / "train").rglob("*.png"))
+        return paths, [CLASSES.index(p.parent.name) for p in paths]
+
+
+def _write_tree(tree: Path, png_res: int, counts: dict[str, int]) -> None:
+    """The demo task as PNG files ``tree/<split>/<class>/<split>_<i>.png`` at ``png_res`` px."""
+    for s, (split, n) in enumerate(counts.items()):
+        for i in range(n):
+            label = i % 2
+            path = tree / split / CLASSES[label] / f"{split}_{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(synthetic_texture_image(png_res, label, [1, s, i])).save(path)
+
+
+def larger_originals(data: "BenchData", png_res: int) -> Path:
+    """A copy of ``data``'s train split as ``png_res`` px PNG files (cached next to the data set)."""
+    tree = data.tree.with_name(f"images-png{png_res}")
+    if not (tree / "done").exists():
+        _write_tree(tree, png_res, {"train": len(list((data.tree / "train").rglob("*.png")))})
+        (tree / "done").touch()
+    return tree
+
+
+def ensure_dataset(model: str = "vit_base_patch16_224", res: int = 512, n_train: int = 32, image_res: int = 256,
+                   png_res: int | None = None) -> BenchData:
+    """Build (once, cached under bench/.work/) the demo task as PNG files at ``png_res`` (default: the LPM res),
+    and extract it with fpt (store) and with the official approach (safetensors), same backbone and weights."""
+    png_res = png_res or res
+    root = WORK_DIR / f"{model}-{res}-{n_train}-png{png_res}"
+    data = BenchData(root / "images", root / "ours.zarr", root / "official", model, res)
+    counts = {"train": n_train, **SPLIT_SIZES}
+    if not (root / "images.done").exists():
+        _write_tree(data.tree, png_res, counts)
+        (root / "images.done").touch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not (root / "ours.done").exists():
+            from fpt.extract.run import extract
+            extract(extract_config(None, data.tree, backbone=model, random_init=True, res=res, image_res=image_res,
+                                   out=data.store, device="cpu", batch_size=2, overwrite=True))
+            (root / "ours.done").touch()
+        if not (root / "official.done").exists():
+            extract_official(data, DEFAULTS["extract"]["token_ratio"])
+            (root / "official.done").touch()
+    return data
+
+
+def extract_official(data: BenchData, token_ratio: float, batch_size: int = 2) -> None:
+    """The official preloading pass over every image of the tree (torchvision preprocessing, eager LPM)."""
+    from fpt.bench.official import OfficialExtractor, lpm_preprocess, save_per_image
+    from fpt.extract.backbone import create_backbone
+    from fpt.extract.run import default_layers
+
+    net, info = create_backbone(data.model, data.res, random_init=True)
+    extractor = OfficialExtractor(net, default_layers(info.depth), token_ratio)
+    preprocess = lpm_preprocess(data.res, DEFAULTS["mean"], DEFAULTS["std"])
+    paths = sorted(data.tree.rglob("*.png"))
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in chunk])
+        out = extractor(x)
+        save_per_image(data.official, [p.stem for p in chunk], out["keys"], out["values"])

@@ -1,0 +1,40 @@
+"""The benchmarks' re-implementation of the official approach (bench/official.py) selects the same tokens and
+K/V as fpt, so the benchmarks compare equal work."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fpt.extract import FrozenLPM, create_backbone
+from tests.conftest import MICRO
+
+# bench/ is part of the source tree, not of an installed (non-editable) package
+official = pytest.importorskip("fpt.bench.official")
+OfficialExtractor, OfficialTrainData, save_per_image = (official.OfficialExtractor, official.OfficialTrainData,
+                                                        official.save_per_image)
+
+
+@pytest.mark.parametrize("mode", ["global", "cls"])
+def test_official_selection_equals_ours(mode):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    layers = [1, 3]
+    ours = FrozenLPM(create_backbone(MICRO, 64, random_init=True)[0], layers, 0.25, mode, query_block=7)(images)
+    official = OfficialExtractor(create_backbone(MICRO, 64, random_init=True)[0], layers, 0.25, mode)(images)
+    assert torch.equal(official["indices"], ours["indices"])
+    torch.testing.assert_close(official["keys"], ours["keys"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(official["values"], ours["values"], rtol=1e-5, atol=1e-6)
+
+
+def test_official_files_and_loader(tmp_path):
+    keys, values = torch.randn(2, 2, 3, 4, 8), torch.randn(2, 2, 3, 4, 8)
+    paths = save_per_image(tmp_path / "kv", ["a", "b"], keys, values)
+    assert [p.name for p in paths] == ["a.safetensors", "b.safetensors"]
+    for name in ("a", "b"):
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(tmp_path / f"{name}.png")
+    data = OfficialTrainData([tmp_path / "a.png", tmp_path / "b.png"], [0, 1], tmp_path / "kv", 16,
+                             (0.5,) * 3, (0.25,) * 3)
+    (batch,) = data.batches(4, np.random.default_rng(0))
+    assert batch["images"].shape == (2, 3, 16, 16) and batch["keys"].dtype == torch.float32
+    order = batch["labels"].tolist()
+    torch.testing.assert_close(batch["keys"], keys[order])
+    torch.testing.assert_close(batch["values"], values[order])
