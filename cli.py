@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -177,16 +178,19 @@ def train_cmd(
 
 
 def show_metrics(runs: list[dict]) -> None:
-    table = Table(title="test metrics (best val-AUC checkpoint)")
-    for col in ("method", "AUC", "acc", "F1", "kappa", "learnable", "learnable %", "PPE", "PME", "samples/s",
-                "peak MB"):
+    """Test metrics of finished runs, one row each, narrow enough for an 80-column terminal."""
+    with_pme = any(m.get("efficiency", {}).get("pme") is not None for m in runs)
+    table = Table(title="test metrics (best val-AUC checkpoint)", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 0))
+    for col in ("method", "AUC", "acc", "F1", "kappa", "learn. %", "PPE", *(["PME"] if with_pme else []),
+                "samples/s", "peak MB"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for m in runs:
         t, p, e, tp = m["test"], m["params"], m.get("efficiency", {}), m["throughput"]
         table.add_row(m["method"], fmt(t["auc"]), fmt(t["acc"]), fmt(t["f1"]), fmt(t["kappa"]),
-                      f"{p['learnable']:,}", f"{p['ratio_percent']:.2f}", fmt(e.get("ppe")), fmt(e.get("pme")),
-                      f"{tp['train_samples_per_s']}", f"{tp['peak_memory_mb']:.0f}")
+                      f"{p['ratio_percent']:.2f}", fmt(e.get("ppe")), *([fmt(e.get("pme"))] if with_pme else []),
+                      f"{tp['train_samples_per_s']:.0f}", f"{tp['peak_memory_mb']:.0f}")
     console.print(table)
     for m in runs:
         console.print(f"{m['method']} run: {m['run_dir']}")
