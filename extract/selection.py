@@ -24,15 +24,15 @@ def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str =
     O(B * H * query_block * N) instead of O(B * H * N^2).
     """
     if mode == "cls":
-        return torch.softmax((q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale, dim=-1)[:, :, 0]
+        return torch.softmax((q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1), dim=-1)[:, :, 0]
     if mode != "global":
         raise ValueError(f"unknown importance mode {mode!r}")
     B, H, N, _ = q.shape
     kt = k.float().transpose(-2, -1)                                   # [B, H, d, N]
     total = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
     for start in range(0, N, query_block):
-        block = q[:, :, start:start + query_block].float()             # [B, H, b, d]
-        total += torch.softmax((block @ kt) * scale, dim=-1).sum(dim=-2)
+        block = q[:, :, start:start + query_block].float() * scale     # [B, H, b, d]; scaling q, not the scores
+        total += torch.softmax(block @ kt, dim=-1).sum(dim=-2)
     return total / N
 
 
