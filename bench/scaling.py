@@ -20,7 +20,7 @@ from fpt.bench.common import THREADS, command_line, merge_cases, run_case, write
 
 def terms(case: dict) -> dict:
     """Analytical cost terms for one image (batch 1) of a ViT with the case's sizes."""
-    N, D, H, d = case["tokens"], case["embed_dim"], case["heads"], case["head_dim"]
+    N, D, H = case["tokens"], case["embed_dim"], case["heads"]
     depth, L, block = case["depth"], len(case["layers"]), case["query_block"]
     linear = depth * 2 * 12 * N * D * D                  # qkv (3D^2) + proj (D^2) + MLP (8D^2) MACs per token
     attention = depth * 2 * 2 * N * N * D                # q k^T and p v

@@ -1,7 +1,6 @@
 """Reading a store: StoreReader for training, ``as_dask`` for notebooks, ``summarize`` for ``fpt inspect``."""
 from __future__ import annotations
 
-import os
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable

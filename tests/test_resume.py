@@ -1,5 +1,4 @@
 """Crash safety and scale-out of extraction: SIGKILL + resume, the store lock, dask.distributed workers."""
-import os
 import signal
 import subprocess
 import sys

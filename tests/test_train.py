@@ -62,7 +62,7 @@ def test_train_writes_metrics_checkpoint_and_log(micro_store, tmp_path):
 def test_training_is_deterministic_for_a_seed(micro_store, tmp_path):
     a = train(tiny_train(micro_store, tmp_path / "a"))
     b = train(tiny_train(micro_store, tmp_path / "b"))
-    c = train(tiny_train(micro_store, tmp_path / "c", seed=1))
+    train(tiny_train(micro_store, tmp_path / "c", seed=1))
     assert a["test"] == b["test"] and a["val"] == b["val"]
     wa = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]

@@ -3,7 +3,6 @@ import csv
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -116,7 +115,7 @@ def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, 
     flip(shard_file(micro_store, "images", 0), 60)
     cfg = sweep_config(micro_store, None, lr="0.001,0.01", weight_decay="0", seeds=1, scheduler="local:1",
                        out=tmp_path / "sw", side_res=16, epochs=1, device="cpu", skip_corrupt=True)
-    summary = sweep.run_sweep(cfg)
+    sweep.run_sweep(cfg)
     assert len(calls) == 1                                            # not once per run
     runs = list((tmp_path / "sw").rglob("metrics.json"))
     assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == [StoreReader(micro_store).ids[0]]
