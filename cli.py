@@ -21,7 +21,7 @@ from fpt import config as fpt_config
 app = typer.Typer(
     help="FPT+ for high-resolution medical images: extract a frozen ViT's important-token K/V once into a Zarr "
          "store, then train small side networks from it as often as you like.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
 console = Console()
 err = Console(stderr=True)
 
@@ -77,10 +77,10 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
 @friendly
 def extract(
     dataset: Optional[str] = typer.Option(None, help="Pipeline name from pipelines.yaml (demo, cmmd, ddsm, ...)."),
-    data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/<class>/<image>, "
+    data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/CLASS/IMAGE, "
                                         "a CSV manifest (path,label[,split][,group]) or, with --dataset cmmd, the CMMD folder."),
     res: Optional[int] = typer.Option(None, help="LPM input side in pixels (multiple of the patch size)."),
-    out: Optional[Path] = typer.Option(None, help="Store path [default: <name>.zarr]."),
+    out: Optional[Path] = typer.Option(None, help="Store path [default: NAME.zarr]."),
     backbone: Optional[str] = typer.Option(None, help="timm ViT name [default: vit_base_patch16_224.augreg_in21k]."),
     weights: Optional[Path] = typer.Option(None, help="Local weights: timm/torch state dict or .safetensors."),
     random_init: bool = typer.Option(False, "--random-init", help="Use a randomly initialised LPM (tests/demos only)."),
@@ -143,7 +143,7 @@ def run_train(cfg: fpt_config.TrainConfig) -> dict:
 @friendly
 def train_cmd(
     store: Optional[Path] = typer.Option(None, help="Store written by `fpt extract` (required unless --resume)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/<store>-<timestamp>]."),
+    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/STORE-TIMESTAMP]."),
     side_res: Optional[int] = typer.Option(None, help="Side network input side (multiple of the patch size)."),
     prompts: Optional[int] = typer.Option(None, help="Fine-grained prompts per layer; 0 = side network alone."),
     reduction: Optional[int] = typer.Option(None, help="Side width = LPM width / reduction."),
@@ -224,7 +224,7 @@ def sweep(
     weight_decay: Optional[str] = typer.Option(None, help="Weight decays to grid-search, e.g. 0,0.05."),
     seeds: Optional[int] = typer.Option(None, help="Repeats of the best configuration (seed, seed+1, ...)."),
     scheduler: Optional[str] = typer.Option(None, help="local (N from GPU/CPU count), local:N or a dask address."),
-    out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/<store>-<method>]."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/STORE-METHOD]."),
     method: Optional[str] = typer.Option(None, help="fpt+ (default), fpt, side-only or linear-probe."),
     side_res: Optional[int] = typer.Option(None),
     prompts: Optional[int] = typer.Option(None),
@@ -320,7 +320,7 @@ def show(
     layer: Optional[str] = typer.Option(None, help="LPM layer(s): 11, 6,11 or all [default: the top one]."),
     head: Optional[str] = typer.Option(None, help="Head(s): 0, 0,3 or all [default: all]."),
     tile: int = typer.Option(192, help="Pixels per image tile."),
-    out: Optional[Path] = typer.Option(None, help="PNG path [default: <store>-<row>.png]."),
+    out: Optional[Path] = typer.Option(None, help="PNG path [default: STORE-ROW.png]."),
 ):
     """Draw one sample's selected tokens per layer/head and the prompts' attention over them (paper Fig. 9)."""
     from fpt.train.show import show as draw
