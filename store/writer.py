@@ -37,6 +37,9 @@ class StoreWriter:
         unless ``overwrite`` (which deletes it first).
         """
         path = Path(path)
+        if path.exists() and not (path / "zarr.json").is_file():
+            raise FptError(f"{path} exists and is not an fpt store; choose another --out "
+                           "(it is never replaced, even with --overwrite)")
         if path.exists() and not overwrite:
             group = open_group(path, mode="r+")
             problem = _identity_difference(dict(group.attrs), attrs)

@@ -129,3 +129,13 @@ def test_corrupted_chunk_is_detected_by_checksum(tmp_path):
     shard_file.write_bytes(bytes(data))
     with pytest.raises(FptError, match="cannot read 'keys'"):
         StoreReader(path).read([0], ("keys",))
+
+
+def test_an_existing_non_store_is_never_replaced(tmp_path):
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    for overwrite in (False, True):
+        with pytest.raises(FptError, match="exists and is not an fpt store"):
+            open_writer(precious, overwrite=overwrite)
+    assert (precious / "thesis.txt").read_text() == "years of work"
