@@ -86,7 +86,13 @@ class PromptFusion(nn.Module):
 
     Subclasses define ``query() -> [L, P, D]`` and how the context becomes the prompts the side network sees.
     """
-    heads: int
+
+    def __init__(self, layers: int, prompts: int, prompt_dim: int, lpm_heads: int, dropout: float):
+        super().__init__()
+        self.heads = lpm_heads
+        self.prompts = nn.Parameter(torch.empty(layers, prompts, prompt_dim))     # [L, P, prompt_dim]
+        nn.init.trunc_normal_(self.prompts, std=0.02)
+        self.dropout = nn.Dropout(dropout)
 
     def query(self) -> torch.Tensor:
         raise NotImplementedError
@@ -111,13 +117,9 @@ class FusionModule(PromptFusion):
     """
 
     def __init__(self, layers: int, prompts: int, lpm_dim: int, lpm_heads: int, side_dim: int, dropout: float = 0.5):
-        super().__init__()
-        self.heads = lpm_heads
-        self.prompts = nn.Parameter(torch.empty(layers, prompts, lpm_dim))
-        nn.init.trunc_normal_(self.prompts, std=0.02)
+        super().__init__(layers, prompts, lpm_dim, lpm_heads, dropout)
         self.norm = nn.LayerNorm(lpm_dim)
         self.out_proj = nn.Linear(lpm_dim, side_dim)
-        self.dropout = nn.Dropout(dropout)
 
     def query(self) -> torch.Tensor:
         return self.norm(self.prompts)                                            # LN(p) [L, P, D]
@@ -135,13 +137,9 @@ class FptFusionModule(PromptFusion):
     """
 
     def __init__(self, layers: int, prompts: int, lpm_dim: int, lpm_heads: int, side_dim: int, dropout: float = 0.5):
-        super().__init__()
-        self.heads = lpm_heads
-        self.prompts = nn.Parameter(torch.empty(layers, prompts, side_dim))
-        nn.init.trunc_normal_(self.prompts, std=0.02)
+        super().__init__(layers, prompts, side_dim, lpm_heads, dropout)
         self.in_proj = nn.Linear(side_dim, lpm_dim)
         self.out_proj = nn.Linear(lpm_dim, side_dim)
-        self.dropout = nn.Dropout(dropout)
 
     def query(self) -> torch.Tensor:
         return self.in_proj(self.prompts)                                         # [L, P, D]
