@@ -80,7 +80,8 @@ def extract(
     data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/CLASS/IMAGE, "
                                         "a CSV manifest (path,label[,split][,group]) or, with --dataset cmmd, the CMMD folder."),
     res: Optional[int] = typer.Option(None, help="LPM input side in pixels (multiple of the patch size)."),
-    out: Optional[Path] = typer.Option(None, help="Store path [default: NAME.zarr]."),
+    out: Optional[str] = typer.Option(None, help="Store: a path or an fsspec URL such as s3://bucket/NAME.zarr "
+                                      "[default: NAME.zarr]."),
     backbone: Optional[str] = typer.Option(None, help="timm ViT name [default: vit_base_patch16_224.augreg_in21k]."),
     weights: Optional[Path] = typer.Option(None, help="Local weights: timm/torch state dict or .safetensors."),
     random_init: bool = typer.Option(False, "--random-init", help="Use a randomly initialised LPM (tests/demos only)."),
@@ -109,7 +110,7 @@ def extract(
     run_extract(cfg, scheduler)
 
 
-def _train_cfg(store: Path, **options) -> fpt_config.TrainConfig:
+def _train_cfg(store: Optional[str], **options) -> fpt_config.TrainConfig:
     from fpt.store import StoreReader
 
     if store is None:
@@ -142,7 +143,8 @@ def run_train(cfg: fpt_config.TrainConfig) -> dict:
 @app.command("train")
 @friendly
 def train_cmd(
-    store: Optional[Path] = typer.Option(None, help="Store written by `fpt extract` (required unless --resume)."),
+    store: Optional[str] = typer.Option(None, help="Store (path or URL) written by `fpt extract` "
+                                        "(required unless --resume)."),
     out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/STORE-TIMESTAMP]."),
     side_res: Optional[int] = typer.Option(None, help="Side network input side (multiple of the patch size)."),
     prompts: Optional[int] = typer.Option(None, help="Fine-grained prompts per layer; 0 = side network alone."),
@@ -199,7 +201,7 @@ def show_metrics(runs: list[dict]) -> None:
 @app.command()
 @friendly
 def evaluate(
-    store: Path = typer.Option(..., help="Store to evaluate on."),
+    store: str = typer.Option(..., help="Store (path or URL) to evaluate on."),
     checkpoint: Path = typer.Option(..., help="best.pt from a run on this store."),
     split: str = typer.Option("test", help="train, val or test."),
     device: str = typer.Option("auto"),
@@ -219,7 +221,7 @@ def evaluate(
 @app.command()
 @friendly
 def sweep(
-    store: Path = typer.Option(..., help="Store written by `fpt extract` (read-only for every run)."),
+    store: str = typer.Option(..., help="Store (path or URL) written by `fpt extract` (read-only for every run)."),
     lr: Optional[str] = typer.Option(None, help="Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3."),
     weight_decay: Optional[str] = typer.Option(None, help="Weight decays to grid-search, e.g. 0,0.05."),
     seeds: Optional[int] = typer.Option(None, help="Repeats of the best configuration (seed, seed+1, ...)."),
@@ -314,7 +316,7 @@ def predict(
 @app.command()
 @friendly
 def show(
-    store: Path = typer.Option(..., help="Store written by `fpt extract`."),
+    store: str = typer.Option(..., help="Store (path or URL) written by `fpt extract`."),
     sample: str = typer.Option(..., help="Sample id (e.g. test/malignant/003.png) or row number."),
     checkpoint: Optional[Path] = typer.Option(None, help="best.pt of an fpt+/fpt run: adds the prompts' attention."),
     layer: Optional[str] = typer.Option(None, help="LPM layer(s): 11, 6,11 or all [default: the top one]."),
@@ -357,7 +359,7 @@ app.add_typer(store_app, name="store")
 
 @store_app.command("verify")
 @friendly
-def store_verify(path: Path = typer.Argument(..., help="Store path.")):
+def store_verify(path: str = typer.Argument(..., help="Store path or URL.")):
     """Read every chunk of a store and check its crc32c checksum; exit 1 when any sample is affected."""
     from fpt.store import StoreReader
     from fpt.store import verify as verify_store
@@ -382,7 +384,7 @@ def _bytes(n: float) -> str:
 
 @app.command()
 @friendly
-def inspect(path: Path = typer.Argument(..., help="Store path."),
+def inspect(path: str = typer.Argument(..., help="Store path or URL."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
             verify: Optional[bool] = typer.Option(None, "--verify/--quick", help="Read and checksum every chunk "
                                                   "[default: --verify for stores under 2 GB on disk].")):
@@ -449,7 +451,7 @@ def demo(out_dir: Path = typer.Option(Path("fpt-demo"), help="Where the demo sto
          device: Optional[str] = typer.Option(None, help="auto, cpu or cuda.")):
     """Generate the synthetic fine-texture task, extract it with a small random ViT, train FPT+ and the side
     network alone, and compare their test AUC."""
-    store = out_dir / "demo.zarr"
+    store = str(out_dir / "demo.zarr")
     run_extract(fpt_config.extract_config("demo", out=store, device=device))
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     runs = []

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from fpt import FptError
+from fpt.store.location import store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
 
@@ -21,7 +22,7 @@ class ExtractConfig:
     name: str                          # dataset / store name
     data: Path | None                  # raw data root (None for generated datasets)
     source: str                        # "folder" (ImageFolder tree or .csv manifest), "cmmd" or "synthetic"
-    out: Path
+    out: str                           # store: a local path or an fsspec URL (s3://bucket/name.zarr, ...)
     backbone: str
     res: int                           # LPM input side
     token_ratio: float
@@ -46,7 +47,7 @@ class ExtractConfig:
 
 @dataclass
 class TrainConfig:
-    store: Path
+    store: str                            # a local path or an fsspec URL
     out: Path | None
     side_res: int
     prompts: int
@@ -170,7 +171,7 @@ def extract_config(dataset: str | None = None, data: Path | None = None, **optio
     values["mean"] = _normalization(values.get("mean") or entry["mean"])
     values["std"] = _normalization(values.get("std") or entry["std"])
     values.setdefault("out", None)
-    values["out"] = Path(values["out"] or f"{name}.zarr")
+    values["out"] = str(values["out"] or f"{name}.zarr")
     values["layers"] = parse_layers(values["layers"]) if isinstance(values.get("layers"), str) else values.get("layers")
     allowed = {f.name for f in fields(ExtractConfig)}
     cfg = ExtractConfig(
@@ -199,14 +200,14 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError(f"--weights {cfg.weights}: no such file")
 
 
-def train_config(store: Path, dataset: str | None = None, **options: Any) -> TrainConfig:
+def train_config(store: str | Path, dataset: str | None = None, **options: Any) -> TrainConfig:
     """Resolve ``fpt train`` options; ``dataset`` (from the store's attrs) selects per-dataset defaults."""
     pipelines = load_pipelines()
     entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)
     values = {**entry["train"], **_given(options)}
     allowed = {f.name for f in fields(TrainConfig)} - {"store", "extra"}
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    cfg = TrainConfig(store=Path(store), **{k: values.get(k, defaults.get(k)) for k in allowed})
+    cfg = TrainConfig(store=str(store), **{k: values.get(k, defaults.get(k)) for k in allowed})
     if cfg.prompts < 0:
         raise FptError(f"--prompts {cfg.prompts}: must be 0 (side network alone) or more")
     if cfg.method not in METHODS:
@@ -244,7 +245,7 @@ def parse_grid(value: str | list | float | None, what: str) -> list[float] | Non
     return grid
 
 
-def sweep_config(store: Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
+def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
                  seeds: int | None = None, scheduler: str | None = None, out: Path | None = None,
                  **train_options: Any) -> SweepConfig:
     """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train."""
@@ -259,7 +260,7 @@ def sweep_config(store: Path, dataset: str | None = None, lr: str | None = None,
     seeds = seeds if seeds is not None else entry.get("seeds", 1)
     if seeds < 1:
         raise FptError(f"--seeds {seeds}: must be at least 1")
-    out = Path(out or f"sweeps/{Path(store).name.removesuffix('.zarr')}-{base.method}")
+    out = Path(out or f"sweeps/{store_stem(store)}-{base.method}")
     return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
                        scheduler=scheduler or entry.get("scheduler", "local"))
 

@@ -23,7 +23,7 @@ from fpt.config import ExtractConfig, resolve_device
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import (SPLITS, ImageSource, SampleRef, open_source, prepare_image,
                                   resolve_normalization)
-from fpt.store import Geometry, StoreLock, StoreReader, StoreWriter, choose_samples_per_shard
+from fpt.store import Geometry, StoreLock, StoreReader, StoreWriter, choose_samples_per_shard, is_url
 
 Progress = Callable[[int, int], None]
 SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")
@@ -77,7 +77,6 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
     ``progress(done, total)`` is called as samples finish. Re-running on a complete store does nothing; a
     concurrent extraction of the same store is refused (``StoreLock``).
     """
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
     with StoreLock(cfg.out):
         source = load_source(cfg)
         cfg = resolve_normalization(cfg, source)                   # --mean/--std auto: train-split statistics
@@ -105,11 +104,14 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
             else:
                 written, skipped = extract_on_dask(cfg, pending, scheduler, progress)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            done = int(StoreReader(cfg.out).done().sum())
-            raise FptError(f"no space left on the device of {cfg.out} ({done} of {len(samples)} samples are safely "
-                           "written); free some space and re-run the same command to resume") from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                done = int(StoreReader(cfg.out).done().sum())
+                raise FptError(f"no space left on the device of {cfg.out} ({done} of {len(samples)} samples are "
+                               "safely written); free some space and re-run the same command to resume") from None
+            if is_url(cfg.out):       # object-store errors (denied, throttled, gone) arrive as OSError
+                raise FptError(f"writing to {cfg.out} failed ({type(e).__name__}: {e}); the finished shards are "
+                               "kept: re-run the same command to resume") from None
+            raise
         seconds = time.perf_counter() - start
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),

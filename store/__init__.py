@@ -1,8 +1,10 @@
 """The feature store: the only code that knows the on-disk layout (see layout.py for the schema).
 
 Public API:
+    StoreLocation          where a store lives: a local path or an fsspec URL (s3://, gs://, memory://, ...)
+    store_stem(path)       the store name without .zarr (for default output names)
     StoreWriter            create / resume a store, write whole shards
-    StoreLock              one extraction at a time per store (flock on <store>.lock)
+    StoreLock              one extraction at a time per store (<store>.lock: flock, or a lease on object stores)
     StoreReader            read samples and metadata for training
     as_dask(path)          every array as a lazy dask array (for notebooks and big stores)
     summarize(path)        the facts ``fpt inspect`` shows
@@ -10,10 +12,11 @@ Public API:
     Geometry, SCHEMA_VERSION, SPLITS, choose_samples_per_shard
 """
 from fpt.store.layout import SCHEMA_VERSION, SPLITS, Geometry, choose_samples_per_shard
+from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.verify import VerifyReport, verify
 from fpt.store.writer import StoreWriter
 
-__all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLock", "StoreReader", "StoreWriter",
-           "as_dask", "summarize", "verify", "VerifyReport"]
+__all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLocation", "StoreLock", "StoreReader",
+           "StoreWriter", "as_dask", "is_url", "store_stem", "summarize", "verify", "VerifyReport"]

@@ -10,15 +10,17 @@ import zarr
 
 from fpt import FptError
 from fpt.store.layout import ARRAY_NAMES, DONE, SCHEMA_VERSION, SPLITS, Geometry
+from fpt.store.location import StoreLocation
 
 
-def open_group(path: str | Path, mode: str = "r") -> zarr.Group:
-    """Open an fpt store's Zarr group, refusing anything that is not a store of this schema version."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
+def open_group(path: str | Path | StoreLocation, mode: str = "r") -> zarr.Group:
+    """Open an fpt store's Zarr group (local path or URL), refusing anything that is not a store of this
+    schema version."""
+    path = StoreLocation(path)
+    if not path.is_file("zarr.json"):
         raise FptError(f"{path} is not an fpt store (no zarr.json); create one with `fpt extract`")
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        group = zarr.open_group(path.zarr_target(), mode=mode, zarr_format=3)
         version = group.attrs.get("fpt_store_version")
     except Exception as e:  # unreadable / truncated metadata
         raise FptError(f"{path}: cannot read store metadata ({type(e).__name__}: {e})") from None
@@ -36,8 +38,8 @@ class StoreReader:
     >>> batch = r.read(idx[:16])          # dict: keys/values [16, L, H, k, d], images [16, R, R, C], labels [16]
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | StoreLocation):
+        self.path = StoreLocation(path)
         self.group = open_group(self.path)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         self.geometry = Geometry(**self.attrs["geometry"])
@@ -104,7 +106,7 @@ class StoreReader:
         return out
 
 
-def as_dask(path: str | Path) -> dict[str, "dask.array.Array"]:
+def as_dask(path: str | Path | StoreLocation) -> dict[str, "dask.array.Array"]:
     """Every array of the store as a lazy dask array, chunked by shard (one task per shard file).
 
     >>> arrays = as_dask("cmmd.zarr")
@@ -121,11 +123,7 @@ def _dask_array(arr: zarr.Array):
     return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
-
-
-def _describe(path: Path, name: str, arr: zarr.Array) -> dict[str, Any]:
+def _describe(path: StoreLocation, name: str, arr: zarr.Array) -> dict[str, Any]:
     codecs = arr.metadata.to_dict()["codecs"]
     names = [c.get("name") for c in codecs]
     if names == ["sharding_indexed"]:
@@ -133,17 +131,17 @@ def _describe(path: Path, name: str, arr: zarr.Array) -> dict[str, Any]:
     return {"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
             "shards": tuple(arr.shards) if arr.shards else None, "codecs": names,
             "raw_bytes": int(np.prod(arr.shape)) * (arr.dtype.itemsize if arr.dtype.kind != "T" else 0),
-            "disk_bytes": _dir_bytes(path / name)}
+            "disk_bytes": path.size(name)}
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
+def summarize(path: str | Path | StoreLocation) -> dict[str, Any]:
     """What ``fpt inspect`` shows, computed with dask so it works on stores larger than memory.
 
     Arrays whose metadata cannot be read are listed under ``unreadable`` instead of failing the summary.
     """
     import dask
 
-    path = Path(path)
+    path = StoreLocation(path)
     group = open_group(path)
     attrs = dict(group.attrs)
     classes = attrs["dataset"]["classes"]
@@ -166,5 +164,5 @@ def summarize(path: str | Path) -> dict[str, Any]:
     except Exception as e:
         unreadable.setdefault("labels/split/done", f"{type(e).__name__}: {e}")
     return {"path": str(path), "attrs": attrs, "counts": counts, "done": done, "n_samples": n_samples,
-            "arrays": table, "unreadable": unreadable, "disk_bytes": _dir_bytes(path),
+            "arrays": table, "unreadable": unreadable, "disk_bytes": path.size(),
             "raw_bytes": sum(a["raw_bytes"] for a in table)}

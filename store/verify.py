@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 
 from fpt.store.layout import ARRAY_NAMES, DONE, Geometry
+from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
 
 
@@ -36,14 +37,14 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(path: str | Path, arrays: tuple[str, ...] = ARRAY_NAMES, full: bool = True,
+def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAMES, full: bool = True,
            progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Check ``arrays`` of the store shard by shard.
 
     Finds: array metadata that cannot be read, shard/chunk files missing for samples marked done, and (with
     ``full``) chunks whose crc32c checksum or decompression fails, narrowed down to single samples.
     """
-    path = Path(path)
+    path = StoreLocation(path)
     group = open_group(path)
     g = Geometry(**group.attrs["geometry"])
     report = VerifyReport(str(path), g.n_samples, full)
@@ -68,11 +69,11 @@ def verify(path: str | Path, arrays: tuple[str, ...] = ARRAY_NAMES, full: bool =
     return report
 
 
-def _check_shard(path: Path, name: str, arr: zarr.Array, shard: int, rows: range, done: np.ndarray, full: bool,
+def _check_shard(path: StoreLocation, name: str, arr: zarr.Array, shard: int, rows: range, done: np.ndarray, full: bool,
                  report: VerifyReport) -> None:
     key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
     done_rows = [i for i in rows if done[i]]
-    if not (path / name / key).is_file():
+    if not path.is_file(f"{name}/{key}"):
         if done_rows:
             report.problems.append(Problem(name, done_rows, "shard file missing"))
         return

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-import shutil
+import io
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -13,6 +13,7 @@ import zarr
 from fpt import FptError, __version__
 from fpt.store.layout import (DONE, EXCLUDED_SPLIT, INDEX_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT,
                               Geometry, compressors)
+from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
 
 # attrs sections that define what a store contains; a re-run must ask for exactly these
@@ -23,24 +24,26 @@ VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through t
 class StoreWriter:
     """Writes one store. Safe to use from several processes as long as each writes different shards."""
 
-    def __init__(self, group: zarr.Group, geometry: Geometry):
+    def __init__(self, location: StoreLocation, group: zarr.Group, geometry: Geometry):
+        self.location = location
         self.group = group
         self.geometry = geometry
 
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, geometry: Geometry, attrs: Mapping[str, Any], ids: np.ndarray,
+    def open(cls, path: str | Path | StoreLocation, geometry: Geometry, attrs: Mapping[str, Any], ids: np.ndarray,
              labels: np.ndarray, split: np.ndarray, overwrite: bool = False) -> "StoreWriter":
         """Create the store at ``path``, or reopen it for resuming when it holds the same extraction.
 
         An existing store that differs in backbone, extraction settings, dataset or sample ids is refused
         unless ``overwrite`` (which deletes it first).
         """
-        path = Path(path)
-        if path.exists() and not (path / "zarr.json").is_file():
+        path = StoreLocation(path)
+        exists = path.exists()
+        if exists and not path.is_file("zarr.json"):
             raise FptError(f"{path} exists and is not an fpt store; choose another --out "
                            "(it is never replaced, even with --overwrite)")
-        if path.exists() and not overwrite:
+        if exists and not overwrite:
             group = open_group(path, mode="r+")
             problem = _identity_difference(dict(group.attrs), attrs)
             if problem is None and group["ids"][:].tolist() != [str(i) for i in ids]:
@@ -48,24 +51,24 @@ class StoreWriter:
             if problem:
                 raise FptError(f"{path} holds a different extraction ({problem}); "
                                "pass --overwrite to replace it or --out to write elsewhere")
-            stored = Geometry(**group.attrs["geometry"])
-            return cls(group, stored)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            return cls(path, group, Geometry(**group.attrs["geometry"]))
+        if exists:
+            path.remove()
         return cls._create(path, geometry, attrs, ids, labels, split)
 
     @classmethod
-    def reopen(cls, path: str | Path) -> "StoreWriter":
+    def reopen(cls, path: str | Path | StoreLocation) -> "StoreWriter":
         """Open an existing store to write shards (a worker of a run that ``open`` already checked)."""
+        path = StoreLocation(path)
         group = open_group(path, mode="r+")
-        return cls(group, Geometry(**group.attrs["geometry"]))
+        return cls(path, group, Geometry(**group.attrs["geometry"]))
 
     @classmethod
-    def _create(cls, path: Path, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
+    def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
                 split: np.ndarray) -> "StoreWriter":
-        group = zarr.open_group(path, mode="w", zarr_format=3)
+        group = zarr.open_group(path.zarr_target(), mode="w", zarr_format=3)
         S, per = g.n_samples, g.samples_per_shard
-        writer = cls(group, g)
+        writer = cls(path, group, g)
         for name, (shape, dtype) in g.sample_shapes().items():
             if name in SAMPLE_ARRAYS:
                 group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1, *shape),
@@ -118,16 +121,17 @@ class StoreWriter:
             array[sel] = data
         self._array(DONE)[sel] = True
 
-    def record_skipped(self, entries: Sequence[tuple[int, str, str]]) -> Path:
-        """Append (index, id, error) rows to the store's skipped-sample report; returns its path."""
-        report = Path(self.group.store.root) / SKIPPED_REPORT
-        new = not report.exists()
-        with open(report, "a", newline="") as f:
-            out = csv.writer(f)
-            if new:
-                out.writerow(["index", "id", "error"])
-            out.writerows(entries)
-        return report
+    def record_skipped(self, entries: Sequence[tuple[int, str, str]]) -> str:
+        """Add (index, id, error) rows to the store's skipped-sample report; returns where it is."""
+        text = io.StringIO(newline="")
+        out = csv.writer(text)
+        if self.location.is_file(SKIPPED_REPORT):
+            text.write(self.location.read_bytes(SKIPPED_REPORT).decode())
+        else:
+            out.writerow(["index", "id", "error"])
+        out.writerows(entries)
+        self.location.write_bytes(SKIPPED_REPORT, text.getvalue().encode())
+        return f"{self.location}/{SKIPPED_REPORT}"
 
     def update_attrs(self, **sections: Any) -> None:
         self.group.attrs.update(sections)

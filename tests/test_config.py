@@ -25,7 +25,7 @@ def test_parse_floats():
 def test_precedence_defaults_entry_cli(tmp_path, monkeypatch):
     demo = extract_config("demo")
     assert demo.backbone == "vit_tiny_patch16_224" and demo.res == 256          # entry over defaults
-    assert demo.token_ratio == 0.2 and demo.out.name == "demo.zarr"              # defaults
+    assert demo.token_ratio == 0.2 and demo.out == "demo.zarr"            # defaults
     assert extract_config("demo", res=512, token_ratio=0.3).res == 512           # CLI over entry
     monkeypatch.setenv("FPT_DATA_CMMD", str(tmp_path))
     cmmd = extract_config("cmmd")

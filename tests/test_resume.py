@@ -92,15 +92,25 @@ def test_second_extraction_is_refused_while_one_runs(tmp_path):
     assert not (tmp_path / "s.zarr.lock").exists()
 
 
-def test_dask_local_cluster_writes_the_same_store(tmp_path):
+DASK_CASE = dict(res=64, samples_per_shard=3, batch_size=2, **TINY)   # 20 images in 7 shards
+
+
+def dask_case_single_process(tmp_path):
+    """The data of the dask tests and its store written by one single-threaded process (like each of the 2
+    workers on this 2-core machine): (data, store)."""
     data = write_image_folder(tmp_path / "d", {"train": 6, "val": 2, "test": 2})
-    cfg = dict(res=64, samples_per_shard=3, batch_size=2, **TINY)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)                     # as each of the 2 workers on this 2-core machine
+    torch.set_num_threads(1)
     try:
-        extract(extract_config(None, data, out=tmp_path / "single.zarr", **cfg))
+        extract(extract_config(None, data, out=tmp_path / "single.zarr", **DASK_CASE))
     finally:
         torch.set_num_threads(threads)
+    return data, tmp_path / "single.zarr"
+
+
+def test_dask_local_cluster_writes_the_same_store(tmp_path):
+    data, _ = dask_case_single_process(tmp_path)
+    cfg = DASK_CASE
     seen = []
     result = extract(extract_config(None, data, out=tmp_path / "dask.zarr", **cfg), scheduler="local:2",
                      progress=lambda done, total: seen.append((done, total)))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fpt import FptError
 from fpt.config import TrainConfig, resolve_device
-from fpt.store import StoreReader, verify
+from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SideInput, SplitData, open_split, plan_cache
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     reader.require_complete()
     spec = model_spec(reader, cfg)
     device = resolve_device(cfg.device)
-    out = Path(cfg.out or f"runs/{cfg.store.name.removesuffix('.zarr')}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = Path(cfg.out or f"runs/{store_stem(cfg.store)}-{datetime.now():%Y%m%d-%H%M%S}")
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
@@ -236,7 +236,7 @@ def resume_config(run: Path, **runtime: Any) -> TrainConfig:
         raise FptError(f"--resume {run}: no unfinished run there (no last.pt)") from None
     except Exception as e:
         raise FptError(f"--resume {run}: cannot read last.pt ({type(e).__name__})") from None
-    return TrainConfig(**{"device": "auto", **saved, "store": Path(saved["store"]), "out": run,
+    return TrainConfig(**{"device": "auto", **saved, "store": str(saved["store"]), "out": run,
                           **{k: v for k, v in runtime.items() if v is not None}})
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fpt import FptError
-from fpt.store import StoreReader
+from fpt.store import StoreReader, store_stem
 from fpt.train.loop import load_checkpoint
 from fpt.train.model import SideNetwork, prompt_attention
 
@@ -148,6 +148,6 @@ def show(store: Path, sample: str, out: Path | None = None, checkpoint: Path | N
     maps = token_maps(store, sample, checkpoint)
     chosen_layers = parse_choice(layers, maps.layers, "layer", [maps.layers[-1]])
     chosen_heads = parse_choice(heads, list(range(maps.indices.shape[1])), "head", list(range(maps.indices.shape[1])))
-    out = out or Path(f"{Path(store).name.removesuffix('.zarr')}-{maps.sample}.png")
+    out = out or Path(f"{store_stem(store)}-{maps.sample}.png")
     render(maps, chosen_layers, chosen_heads, tile).save(out)
     return out

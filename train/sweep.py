@@ -74,7 +74,7 @@ def train_task(cfg: dict[str, Any], threads: int | None) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(**{**cfg, "store": Path(cfg["store"]), "out": Path(cfg["out"])})
+    cfg = TrainConfig(**{**cfg, "store": str(cfg["store"]), "out": Path(cfg["out"])})
     return train(replace(cfg, device=worker_device(cfg.device)))
 
 

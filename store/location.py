@@ -1,0 +1,105 @@
+"""Where a store lives: a local path, or any URL fsspec can open (``s3://bucket/cmmd.zarr``, ``gs://...``,
+``memory://...``). The rest of fpt.store reaches files only through a StoreLocation, so every feature (lock,
+skipped report, verify, inspect) works the same on both.
+
+Credentials and endpoints come from the filesystem's usual configuration (for S3: AWS_PROFILE,
+AWS_ENDPOINT_URL, ... or an fsspec config file), never from fpt options.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from fpt import FptError
+
+
+def is_url(where: str | Path) -> bool:
+    return isinstance(where, str) and ("://" in where or "::" in where)
+
+
+class StoreLocation:
+    """A store's root on some filesystem. ``local`` is its Path when the filesystem is the local one."""
+
+    def __init__(self, where: str | Path | "StoreLocation"):
+        if isinstance(where, StoreLocation):
+            self.url, self.fs, self.root, self.local = where.url, where.fs, where.root, where.local
+            return
+        text = str(where)
+        self.url = text.rstrip("/") or text
+        if not is_url(text):
+            self.local: Path | None = Path(text)
+            self.fs = LocalFileSystem()
+            self.root = self.local.absolute().as_posix()
+            return
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(text)
+        except (ImportError, ValueError) as e:
+            raise FptError(f"{text}: cannot open this URL ({e})") from None
+        self.root = self.root.rstrip("/")
+        self.local = Path(self.root) if isinstance(self.fs, LocalFileSystem) else None
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"StoreLocation({self.url!r})"
+
+    @property
+    def name(self) -> str:
+        """The last path component (``cmmd.zarr``)."""
+        return self.root.rsplit("/", 1)[-1]
+
+    def zarr_target(self) -> Path | str:
+        """What ``zarr.open_group`` takes for this location: a Path (LocalStore) or the URL (FsspecStore)."""
+        return self.local if self.local is not None else self.url
+
+    def _path(self, relative: str = "") -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.exists(self._path(relative))
+
+    def is_file(self, relative: str) -> bool:
+        """Whether ``relative`` is a file. Unlike fsspec's ``isfile``, an unreachable filesystem or missing
+        credentials raise FptError instead of reading as "no such file"."""
+        try:
+            return self.fs.info(self._path(relative))["type"] == "file"
+        except FileNotFoundError:
+            return False
+        except Exception as e:
+            if self.local is not None and isinstance(e, OSError):
+                raise
+            raise FptError(f"{self.url}: cannot reach the store ({type(e).__name__}: {e})") from None
+
+    def check_reachable(self) -> None:
+        """Raise FptError now when the filesystem cannot be reached, before any work starts."""
+        self.is_file("zarr.json")
+
+    def size(self, relative: str = "") -> int:
+        """Bytes of every file under ``relative`` (0 when there is nothing)."""
+        path = self._path(relative)
+        return int(self.fs.du(path, total=True)) if self.fs.exists(path) else 0
+
+    def remove(self) -> None:
+        """Delete the store (a directory tree, a prefix of objects, or a single file)."""
+        self.fs.rm(self.root, recursive=self.fs.isdir(self.root))
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self._path(relative))
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write the whole file (object stores cannot append)."""
+        if self.local is not None:
+            Path(self._path(relative)).parent.mkdir(parents=True, exist_ok=True)
+        self.fs.pipe_file(self._path(relative), data)
+
+    def sibling(self, suffix: str) -> str:
+        """The path (in ``fs``) beside the store with ``suffix`` appended to its name (``cmmd.zarr.lock``)."""
+        return self.root + suffix
+
+
+def store_stem(where: str | Path | StoreLocation) -> str:
+    """The store's name without ``.zarr`` (``s3://b/cmmd.zarr`` -> ``cmmd``), for default output names."""
+    return str(where).rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
