@@ -4,7 +4,8 @@ Grey images go through the DICOM display chain: stored values -> modality LUT (r
 Modality LUT Sequence) -> VOI LUT or the first window (centre/width) -> [0, 1] over that transform's output
 range -> MONOCHROME1 inverted so that high means bright. Without a VOI the image is scaled by its own range.
 Values stay float (no 8-bit rounding) until ``prepare_image``'s final resize, so 12-16-bit mammograms keep
-their precision. Multi-frame files give their first frame. Compressed transfer syntaxes need a pydicom pixel
+their precision. Multi-frame files give their first frame; in enhanced multi-frame files (breast
+tomosynthesis, enhanced MG/CT/MR) that frame's rescale and window come from its functional groups. Compressed transfer syntaxes need a pydicom pixel
 decoder plugin: those beyond what Pillow decodes come with the ``dicom`` extra (``pip install 'fpt[dicom]'``).
 """
 from __future__ import annotations
@@ -22,6 +23,11 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from fpt import FptError
 
 GREY = ("MONOCHROME1", "MONOCHROME2")
+# enhanced multi-frame IODs keep the display attributes of each frame in functional-group macros
+FRAME_DISPLAY_MACROS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction", "WindowCenterWidthExplanation"),
+}
 DICOM_EXTRA = "pip install 'fpt[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
 
 
@@ -33,7 +39,7 @@ def read_dicom(path: Path) -> Image.Image:
     pixels = first_frame(ds, path)
     try:
         if ds.get("PhotometricInterpretation") in GREY:
-            return Image.fromarray(display_grey(pixels, ds).astype(np.float32), mode="F")
+            return Image.fromarray(display_grey(pixels, frame_display_view(ds, 0)).astype(np.float32), mode="F")
         return Image.fromarray(display_rgb(pixels, ds))
     except (ValueError, AttributeError, KeyError, IndexError, TypeError, NotImplementedError) as e:
         raise FptError(f"cannot decode DICOM {path}: {one_line(e)}") from None
@@ -67,6 +73,34 @@ def first_frame(ds: Dataset, path: Path) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - decoder plugins raise anything from RuntimeError to struct.error
         raise FptError(f"cannot decode DICOM {path} ({syntax.name if syntax else 'no transfer syntax'}): "
                        f"{one_line(e)}") from None
+
+
+def frame_display_view(ds: Dataset, frame: int) -> Dataset:
+    """``ds`` with the rescale and window of ``frame`` as top-level attributes, as a classic single-frame file
+    has them: per-frame functional groups first, then the shared ones. ``ds`` itself when it has none.
+    The view shares ``ds``'s elements (no pixel data copied)."""
+    groups = [_item(ds, "PerFrameFunctionalGroupsSequence", frame), _item(ds, "SharedFunctionalGroupsSequence", 0)]
+    found: dict[str, object] = {}
+    for group in filter(None, groups):
+        for macro, keywords in FRAME_DISPLAY_MACROS.items():
+            item = _item(group, macro, 0)
+            for keyword in keywords:
+                if item is not None and keyword in item and keyword not in found:
+                    found[keyword] = item[keyword].value
+    if not found:
+        return ds
+    view = Dataset()
+    for element in ds:
+        if element.keyword not in ("PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            view.add(element)
+    for keyword, value in found.items():
+        setattr(view, keyword, value)
+    return view
+
+
+def _item(ds: Dataset, sequence: str, index: int) -> Dataset | None:
+    items = ds.get(sequence)
+    return items[index] if items is not None and len(items) > index else None
 
 
 def display_grey(stored: np.ndarray, ds: Dataset) -> np.ndarray:

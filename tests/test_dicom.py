@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -116,6 +117,44 @@ def test_multi_frame_gives_the_first_frame(tmp_path):
     out = decoded(write_dicom(tmp_path / "a.dcm", frames))
     first = frames[0].astype(np.float64)
     np.testing.assert_allclose(out, (first - first.min()) / (first.max() - first.min()), atol=1e-6)
+
+
+def enhanced_multi_frame(path: Path, frames: np.ndarray, shared: dict, first_frame: dict) -> Path:
+    """An enhanced multi-frame file: display attributes only in functional groups (shared / frame 0's own)."""
+    write_dicom(path, frames)
+    ds = pydicom.dcmread(path)
+
+    def group(attrs: dict) -> Dataset:
+        out = Dataset()
+        for macro, keywords in dicom.FRAME_DISPLAY_MACROS.items():
+            item = Dataset()
+            for keyword in keywords:
+                if keyword in attrs:
+                    setattr(item, keyword, attrs[keyword])
+            if len(item):
+                setattr(out, macro, Sequence([item]))
+        return out
+
+    ds.SharedFunctionalGroupsSequence = Sequence([group(shared)])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([group(first_frame)] + [Dataset()] * (len(frames) - 1))
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_enhanced_multi_frame_uses_the_frames_functional_groups(tmp_path):
+    frames = np.stack([stored_12bit(seed=6), stored_12bit(seed=7)])
+    classic = decoded(write_dicom(tmp_path / "classic.dcm", frames[0], window=(1500, 2000), rescale=(2.0, -100.0)))
+    # rescale shared by all frames, window given for frame 0 (and a shared window it must override)
+    path = enhanced_multi_frame(tmp_path / "enhanced.dcm", frames,
+                                shared={"RescaleSlope": 2.0, "RescaleIntercept": -100.0, "RescaleType": "US",
+                                        "WindowCenter": 100, "WindowWidth": 50},
+                                first_frame={"WindowCenter": 1500, "WindowWidth": 2000})
+    np.testing.assert_allclose(decoded(path), classic, atol=1e-6)
+    np.testing.assert_allclose(classic, linear_window(2.0 * frames[0] - 100.0, 1500, 2000), atol=1e-6)
+    # only shared groups: they apply to frame 0
+    shared_only = enhanced_multi_frame(tmp_path / "shared.dcm", frames, shared={
+        "RescaleSlope": 2.0, "RescaleIntercept": -100.0, "WindowCenter": 1500, "WindowWidth": 2000}, first_frame={})
+    np.testing.assert_allclose(decoded(shared_only), classic, atol=1e-6)
 
 
 def test_rgb_dicom_is_rgb(tmp_path):
