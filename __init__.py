@@ -8,4 +8,10 @@ __version__ = "0.1.0"
 
 
 class FptError(Exception):
-    """A problem with the user's input or environment, shown as one line without a traceback."""
+    """A problem with the user's input or environment, shown as one line without a traceback.
+
+    The message is folded onto one line here, since parts of it often come from the user's data (a CSV header,
+    a DICOM parser's complaint) and may hold line breaks."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))

@@ -17,7 +17,6 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
 from fpt import FptError
@@ -51,7 +50,7 @@ def read_dataset(path: Path, tags: list[str] | None = None) -> Dataset:
         if tags is not None:
             return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
         return pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged header raises anything from struct.error to BytesLengthException
         raise FptError(f"cannot read DICOM {path}: {one_line(e)}") from None
 
 

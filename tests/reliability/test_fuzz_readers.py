@@ -3,7 +3,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -37,6 +37,7 @@ def test_image_files_read_or_fail_cleanly(tmp_path, data, suffix, prefix):
 
 @FUZZ
 @given(flip=st.integers(0, 10**6), cut=st.integers(0, 10**6))
+@example(flip=0, cut=141)       # found by CI: a header cut mid-element raised pydicom's BytesLengthException
 def test_damaged_real_dicom_reads_or_fails_cleanly(tmp_path, flip, cut):
     from pydicom.data import get_testdata_file
 
@@ -56,6 +57,7 @@ def test_damaged_real_dicom_reads_or_fails_cleanly(tmp_path, flip, cut):
 @FUZZ
 @given(text=st.text(alphabet=st.sampled_from(list("path,label,split,group\n\"a.pngtrainvaltest01 ;\t")),
                     max_size=300))
+@example(text='"0\n0')           # found by CI: a quoted header with a line break made a two-line error
 def test_csv_manifests_load_or_fail_cleanly(tmp_path, text):
     (tmp_path / "a.png").write_bytes(png_bytes())
     manifest = tmp_path / "m.csv"
