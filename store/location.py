@@ -7,6 +7,7 @@ AWS_ENDPOINT_URL, ... or an fsspec config file), never from fpt options.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fsspec
@@ -23,22 +24,34 @@ class StoreLocation:
     """A store's root on some filesystem. ``local`` is its Path when the filesystem is the local one."""
 
     def __init__(self, where: str | Path | "StoreLocation"):
-        if isinstance(where, StoreLocation):
-            self.url, self.fs, self.root, self.local = where.url, where.fs, where.root, where.local
-            return
-        text = str(where)
+        text = where.url if isinstance(where, StoreLocation) else str(where)
         self.url = text.rstrip("/") or text
+        self._fs, self._fs_pid = None, None
         if not is_url(text):
             self.local: Path | None = Path(text)
-            self.fs = LocalFileSystem()
             self.root = self.local.absolute().as_posix()
             return
-        try:
-            self.fs, self.root = fsspec.core.url_to_fs(text)
-        except (ImportError, ValueError) as e:
-            raise FptError(f"{text}: cannot open this URL ({e})") from None
-        self.root = self.root.rstrip("/")
+        self.root = self._connect()[1].rstrip("/")
         self.local = Path(self.root) if isinstance(self.fs, LocalFileSystem) else None
+
+    def _connect(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url) if is_url(self.url) else (LocalFileSystem(), self.url)
+        except (ImportError, ValueError) as e:
+            raise FptError(f"{self.url}: cannot open this URL ({e})") from None
+        self._fs, self._fs_pid = fs, os.getpid()
+        return fs, root
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, opened anew in each process: object-store clients (s3fs, ...) are not fork-safe, and
+        a location travels into DataLoader and dask worker processes."""
+        if self._fs is None or self._fs_pid != os.getpid():
+            self._connect()
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None, "_fs_pid": None}
 
     def __str__(self) -> str:
         return self.url

@@ -158,7 +158,8 @@ def test_s3_store_from_a_dask_cluster_equals_a_local_store(tmp_path, s3):
 
     inspected = runner.invoke(app, ["inspect", url])
     assert inspected.exit_code == 0 and "20/20 samples" in inspected.output, inspected.output
-    trained = runner.invoke(app, ["train", "--store", url, "--epochs", "1", "--device", "cpu", "--side-res", "32", "--batch-size", "4",
+    trained = runner.invoke(app, ["train", "--store", url, "--epochs", "1", "--device", "cpu", "--side-res", "32",
+                                  "--batch-size", "4", "--cache", "none", "--workers", "2",   # forked readers
                                   "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
     swept = run_sweep(sweep_config(url, lr="1e-3", weight_decay="0", seeds=1, scheduler="local:1",
