@@ -70,6 +70,18 @@ def test_stream_order_does_not_depend_on_the_number_of_workers(store):
     np.testing.assert_array_equal(a["keys"], b["keys"])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_store_error_while_streaming_is_one_line(store, monkeypatch, workers):
+    def store_gone(*args):
+        raise FptError("s3://b/x.zarr: cannot reach the store (ConnectionError)")
+
+    monkeypatch.setattr(data_module, "read_rows", store_gone)             # inherited by forked workers
+    stream = StreamSplit(StoreReader(store), "train", NAMES, CPU, workers=workers, window_samples=4)
+    with pytest.raises(FptError) as e:
+        next(iter(stream.batches(3)))
+    assert str(e.value) == "s3://b/x.zarr: cannot reach the store (ConnectionError)"       # no traceback text
+
+
 def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     reader = StoreReader(store)
     sps = reader.geometry.samples_per_shard

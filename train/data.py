@@ -147,7 +147,8 @@ class MemorySplit:
 
 
 class _WindowReads(Dataset):
-    """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors."""
+    """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors, or
+    ``{"error": message}`` so that a store problem in a worker process reaches the user as one clear line."""
 
     def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray]):
         self.path, self.names, self.windows = path, names, windows
@@ -157,9 +158,13 @@ class _WindowReads(Dataset):
         return len(self.windows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if self._reader is None:                                               # one reader per worker process
-            self._reader = StoreReader(self.path)
-        return {n: torch.from_numpy(a) for n, a in read_rows(self._reader, self.windows[i], self.names).items()}
+        try:
+            if self._reader is None:                                           # one reader per worker process
+                self._reader = StoreReader(self.path)
+            arrays = read_rows(self._reader, self.windows[i], self.names)
+        except FptError as e:
+            return {"error": str(e)}
+        return {n: torch.from_numpy(a) for n, a in arrays.items()}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None}
@@ -242,6 +247,8 @@ class StreamSplit:
                 rng: np.random.Generator | None = None) -> Iterator[Batch]:
         carry: dict[str, torch.Tensor] | None = None
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
+            if "error" in arrays:
+                raise FptError(arrays["error"])
             if shuffle:
                 perm = rng.permutation(len(arrays["labels"]))
                 arrays = {n: torch.from_numpy(t.numpy().take(perm, axis=0)) for n, t in arrays.items()}
