@@ -32,9 +32,9 @@ def _holder_record() -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _busy(store: str, holder: dict) -> FptError:
+def _busy(store: str, holder: dict, note: str = "") -> FptError:
     return FptError(f"{store} is being extracted by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                    f"since {holder.get('since', '?')}; wait for it to finish")
+                    f"since {holder.get('since', '?')}{note}; wait for it to finish")
 
 
 class StoreLock:
@@ -108,8 +108,10 @@ class _LeaseLock:
     def acquire(self) -> None:
         self.location.check_reachable()
         holder = self._read()
-        if holder and time.time() - float(holder.get("renewed", 0)) < LEASE_S:
-            raise _busy(self.store, holder)
+        age = time.time() - float(holder.get("renewed", 0))
+        if holder and age < LEASE_S:
+            raise _busy(self.store, holder, f" (lease renewed {age:.0f} s ago; if that process is dead, the lease "
+                                            f"is taken over {LEASE_S - age:.0f} s from now)")
         self._write()                               # free, or a stale lease of a dead holder: take it
         time.sleep(SETTLE_S)
         holder = self._read()
