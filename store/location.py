@@ -81,10 +81,9 @@ class StoreLocation:
             return self.fs.info(self._path(relative))["type"] == "file"
         except FileNotFoundError:
             return False
-        except Exception as e:
-            if self.local is not None and isinstance(e, OSError):
-                raise
-            raise FptError(f"{self.url}: cannot reach the store ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - each filesystem has its own errors (denied, unreachable, ...)
+            what = "cannot read" if self.local is not None else "cannot reach"
+            raise FptError(f"{self.url}: {what} the store ({type(e).__name__}: {e})") from None
 
     def check_reachable(self) -> None:
         """Raise FptError now when the filesystem cannot be reached, before any work starts."""

@@ -234,3 +234,14 @@ def test_an_object_store_write_failure_mid_run_keeps_finished_shards(tmp_path, m
     monkeypatch.setattr(StoreWriter, "write_shard", real_write_shard)
     assert extract(micro_config(data, url)).n_written == StoreReader(url).geometry.n_samples - 8
     assert StoreReader(url).done().all()
+
+
+def test_a_local_store_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    def denied(self, path, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(LocalFileSystem, "info", denied)       # tests run as root, so chmod would not deny
+    result = runner.invoke(app, ["inspect", str(tmp_path / "a.zarr")])
+    assert result.exit_code == 2 and "cannot read the store (PermissionError" in result.output, result.output
