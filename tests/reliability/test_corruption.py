@@ -2,13 +2,14 @@
 import json
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fpt import FptError, cli
 from fpt.cli import app
 from fpt.store import StoreReader, verify
+from tests.reliability.fuzzing import fuzz_settings
 
 runner = CliRunner()
 
@@ -65,7 +66,7 @@ def test_truncated_metadata(micro_store):
         assert "Traceback" not in result.output
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(15)
 @given(array=st.sampled_from(["keys", "values", "indices", "cls", "images"]), shard=st.integers(0, 3),
        offset=st.integers(0, 10**6), also_truncate=st.booleans())
 def test_random_damage_is_always_found_or_harmless(micro_store, tmp_path_factory, array, shard, offset,

@@ -1,25 +1,19 @@
 """Fuzzing the readers users point at their data: whatever the bytes, a source or one clear FptError.
-
-The suite runs the same 40 examples per test every time (derandomized: a red CI must mean a change broke
-something, not that a new input was drawn). To explore new inputs: ``FPT_FUZZ_EXAMPLES=2000 pytest
-tests/reliability/test_fuzz_readers.py``; pin what it finds with ``@example``.
-"""
+(Fixed examples in the suite; see fuzzing.py to explore new ones.)"""
 import io
-import os
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 
 from fpt import FptError
 from fpt.extract.datasets import CsvManifestSource, ImageFolderSource, load_image_file, prepare_image
 from fpt.extract.dicom import read_dicom
+from tests.reliability.fuzzing import fuzz_settings
 
-FUZZ = settings(max_examples=int(os.environ.get("FPT_FUZZ_EXAMPLES", 40)),
-                derandomize="FPT_FUZZ_EXAMPLES" not in os.environ, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = fuzz_settings(40)
 
 
 def png_bytes(size=(8, 8)) -> bytes:
