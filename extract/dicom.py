@@ -33,7 +33,12 @@ DICOM_EXTRA = "pip install 'fpt[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg
 def read_dicom(path: Path) -> Image.Image:
     """The first frame of the DICOM file ``path`` as a PIL image: mode "F" [H, W] in [0, 1] for grey
     (MONOCHROME1/2), mode "RGB" [H, W, 3] uint8 for colour. Any problem -> FptError naming the file."""
-    path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")    # header quirks pydicom reads anyway (implicit VR, odd UIDs, ...)
+        return _read_dicom(Path(path))
+
+
+def _read_dicom(path: Path) -> Image.Image:
     ds = read_dataset(path)
     pixels = first_frame(ds, path)
     try:
@@ -47,9 +52,11 @@ def read_dicom(path: Path) -> Image.Image:
 def read_dataset(path: Path, tags: list[str] | None = None) -> Dataset:
     """The parsed file, pixel data not yet decoded; with ``tags`` only those elements (pixel data not read)."""
     try:
-        if tags is not None:
-            return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-        return pydicom.dcmread(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # header quirks pydicom reads anyway
+            if tags is not None:
+                return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+            return pydicom.dcmread(path)
     except Exception as e:  # noqa: BLE001 - a damaged header raises anything from struct.error to BytesLengthException
         raise FptError(f"cannot read DICOM {path}: {one_line(e)}") from None
 
@@ -66,9 +73,7 @@ def first_frame(ds: Dataset, path: Path) -> np.ndarray:
     if decoder is not None and not decoder.is_available:
         raise FptError(f"cannot decode DICOM {path}: no installed decoder for {syntax.name}; {DICOM_EXTRA}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # pydicom warns about harmless header quirks
-            return pixel_array(ds, index=0)
+        return pixel_array(ds, index=0)
     except Exception as e:  # noqa: BLE001 - decoder plugins raise anything from RuntimeError to struct.error
         raise FptError(f"cannot decode DICOM {path} ({syntax.name if syntax else 'no transfer syntax'}): "
                        f"{one_line(e)}") from None
