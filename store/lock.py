@@ -123,6 +123,8 @@ class _LeaseLock:
     def _renew(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
+                if self._read().get("token") != self.record["token"]:
+                    return            # taken over after our renewals failed for LEASE_S: never overwrite it
                 self._write()
             except Exception:         # a missed renewal is retried; the lease lasts several heartbeats
                 pass

@@ -132,6 +132,12 @@ def test_lease_lock_renews_and_loses_to_a_rival_that_wrote_last(memory_url, monk
         first = json.loads(location.fs.cat_file(location.sibling(".lock")))["renewed"]
         time.sleep(0.3)
         assert json.loads(location.fs.cat_file(location.sibling(".lock")))["renewed"] > first
+        taker = {"pid": 7, "host": "taker", "since": "now", "token": "taker", "renewed": time.time()}
+        location.fs.pipe_file(location.sibling(".lock"), json.dumps(taker).encode())   # took a lapsed lease
+        time.sleep(0.3)
+        assert json.loads(location.fs.cat_file(location.sibling(".lock")))["token"] == "taker"  # not renewed over
+    assert location.fs.exists(location.sibling(".lock"))                  # and not removed on release
+    location.fs.rm_file(location.sibling(".lock"))
 
     rival = {"pid": 4242, "host": "rival", "since": "now", "token": "rival", "renewed": time.time()}
     real_write = lock_module._LeaseLock._write
