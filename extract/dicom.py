@@ -5,8 +5,9 @@ Modality LUT Sequence) -> VOI LUT or the first window (centre/width) -> [0, 1] o
 range -> MONOCHROME1 inverted so that high means bright. Without a VOI the image is scaled by its own range.
 Values stay float (no 8-bit rounding) until ``prepare_image``'s final resize, so 12-16-bit mammograms keep
 their precision. Multi-frame files give their first frame; in enhanced multi-frame files (breast
-tomosynthesis, enhanced MG/CT/MR) that frame's rescale and window come from its functional groups. Compressed transfer syntaxes need a pydicom pixel
-decoder plugin: those beyond what Pillow decodes come with the ``dicom`` extra (``pip install 'fpt[dicom]'``).
+tomosynthesis, enhanced MG/CT/MR) that frame's rescale and window come from its functional groups. Compressed
+transfer syntaxes need a pydicom pixel decoder plugin: those beyond what Pillow decodes come with the ``dicom``
+extra (``pip install 'fpt[dicom]'``).
 """
 from __future__ import annotations
 

@@ -18,5 +18,5 @@ from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.verify import VerifyReport, verify
 from fpt.store.writer import StoreWriter
 
-__all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLocation", "StoreLock", "StoreReader",
-           "StoreWriter", "as_dask", "is_url", "store_stem", "summarize", "verify", "VerifyReport"]
+__all__ = ["SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLocation", "StoreLock",
+           "StoreReader", "StoreWriter", "as_dask", "is_url", "store_stem", "summarize", "verify", "VerifyReport"]

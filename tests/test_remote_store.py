@@ -80,8 +80,8 @@ def test_memory_url_store_equals_local_store_and_trains(tmp_path, image_folder, 
     reader = StoreReader(url)
     assert reader.read(reader.split_indices("train")[:2])["keys"].shape[0] == 2
 
-    result = runner.invoke(app, ["train", "--store", url, "--epochs", "1", "--device", "cpu", "--side-res", "32", "--batch-size", "4",
-                                 "--out", str(tmp_path / "run")])
+    result = runner.invoke(app, ["train", "--store", url, "--epochs", "1", "--device", "cpu", "--side-res", "32",
+                                 "--batch-size", "4", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["store"] == url and 0 <= metrics["test"]["auc"] <= 1
