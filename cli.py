@@ -297,7 +297,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Class probabilities per image: the LPM at the store's resolution and selection, then the trained model."""
-    from fpt.train.predict import check_output, predict_images, write_predictions
+    from fpt.predict import check_output, predict_images, write_predictions
 
     if out is not None:
         check_output(out)

@@ -21,12 +21,14 @@ from fpt import FptError
 from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
-from fpt.extract.datasets import (SPLITS, ImageSource, SampleRef, open_source, prepare_image,
-                                  resolve_normalization)
-from fpt.store import Geometry, StoreLock, StoreReader, StoreWriter, choose_samples_per_shard, is_url
+from fpt.extract.datasets import open_source, resolve_normalization
+from fpt.extract.encode import encode_batch
+from fpt.extract.images import prepare_image
+from fpt.extract.samples import ImageSource, SampleRef
+from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, StoreLock, StoreReader, StoreWriter, choose_samples_per_shard,
+                       is_url)
 
 Progress = Callable[[int, int], None]
-SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")
 
 
 @dataclass
@@ -182,8 +184,6 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     images = DecodedImages(source, refs, cfg.res, cfg.image_res, cfg.on_error)
     loader = DataLoader(images, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
                         collate_fn=images.collate)
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
     total = len(refs)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in SAMPLE_ARRAYS}
     written, skipped, excluded = 0, [], []
@@ -192,11 +192,9 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
             index = indices[batches[i][pos]]
             skipped.append((index, source.samples[index].id, message))
             excluded.append(index)
-        x = (high.to(device, non_blocking=True) - mean) / std
-        out = forward_fitting(lpm, x, device)
-        for name in ("keys", "values", "cls"):
-            parts[name].append(out[name].to(torch.float16).cpu().numpy())
-        parts["indices"].append(out["indices"].to(torch.int32).cpu().numpy())
+        out = encode_batch(lpm, high, cfg.mean, cfg.std)
+        for name, feature in out.items():
+            parts[name].append(feature.cpu().numpy())
         parts["images"].append(low.numpy())
         written += len(low)
         if i + 1 == len(batches) or owner[i + 1] != owner[i]:
@@ -205,20 +203,6 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         if progress:
             progress(written, total)
     return written, skipped
-
-
-def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """The LPM on ``x`` [B, 3, res, res] (bf16 autocast on CUDA), halving the batch on CUDA out-of-memory."""
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return lpm(x)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        if len(x) == 1:
-            raise FptError(f"one image at res {x.shape[-1]} does not fit in GPU memory; lower --res") from None
-        half = len(x) // 2
-        a, b = forward_fitting(lpm, x[:half], device), forward_fitting(lpm, x[half:], device)
-        return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
 def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:

@@ -30,6 +30,8 @@ SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")   # written per s
 INDEX_ARRAYS = ("labels", "split", "ids")                          # written once, at creation
 DONE = "done"
 ARRAY_NAMES = (*SAMPLE_ARRAYS, *INDEX_ARRAYS, DONE)
+# dtypes of the LPM's outputs as stored (extraction and prediction cast to these, so both see the same numbers)
+FEATURE_DTYPES = {"keys": "float16", "values": "float16", "indices": "int32", "cls": "float16"}
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,10 @@ class Geometry:
         """Per-sample shape and dtype of each array (without the leading S)."""
         L, H, k, d = self.layers, self.heads, self.k, self.head_dim
         return {
-            "keys": ((L, H, k, d), "float16"),
-            "values": ((L, H, k, d), "float16"),
-            "indices": ((L, H, k), "int32"),
-            "cls": ((self.embed_dim,), "float16"),
+            "keys": ((L, H, k, d), FEATURE_DTYPES["keys"]),
+            "values": ((L, H, k, d), FEATURE_DTYPES["values"]),
+            "indices": ((L, H, k), FEATURE_DTYPES["indices"]),
+            "cls": ((self.embed_dim,), FEATURE_DTYPES["cls"]),
             "images": ((self.image_res, self.image_res, self.channels), "uint8"),
             "labels": ((), "int16"),
             "split": ((), "uint8"),
