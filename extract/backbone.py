@@ -241,7 +241,8 @@ def _load_weights(model: nn.Module, path: Path, family: Family) -> None:
     try:
         state = family.checkpoint_filter(state, model)
     except Exception as e:
-        raise FptError(f"weights file {path} does not match {type(model).__name__}: {type(e).__name__}: {e}") from None
+        raise FptError(f"weights file {path} does not match {type(model).__name__}: "
+                       f"{type(e).__name__}: {e}") from None
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
