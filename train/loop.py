@@ -23,6 +23,7 @@ from fpt.train.data import SideInput, SplitData, open_split, plan_cache
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
+from fpt.train.plots import write_evaluation_plots
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
 RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra", "corrupt")
@@ -103,11 +104,13 @@ def comparable_config(cfg: TrainConfig | dict) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
-          on_start: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt and log.jsonl to the run dir.
+          on_start: Callable[[dict], None] | None = None,
+          on_batch: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt, log.jsonl and the test
+    split's ROC and confusion-matrix pictures (test-roc.png, test-confusion.png) to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
-    each epoch's log record. A run dir holding an unfinished run of the same configuration resumes from its
+    each epoch's log record, ``on_batch(epoch, batches done, batches per epoch)`` each training step. A run dir holding an unfinished run of the same configuration resumes from its
     last finished epoch."""
     reader = StoreReader(cfg.store)
     reader.require_complete()
@@ -153,7 +156,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
         for epoch in range(first_epoch, cfg.epochs):
             model.train()
             start, losses = time.perf_counter(), []
-            for b in train_data.batches(cfg.batch_size, shuffle=True, rng=rng):
+            for i, b in enumerate(train_data.batches(cfg.batch_size, shuffle=True, rng=rng)):
                 logits = model.forward_batch(b, partial(side_input, train=True))
                 loss = F.cross_entropy(logits, b["labels"])
                 optimizer.zero_grad(set_to_none=True)
@@ -162,6 +165,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
                 optimizer.step()
                 schedule.step()
                 losses.append(loss.detach())
+                if on_batch:
+                    on_batch(epoch, i + 1, -(-len(train_data) // cfg.batch_size))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_seconds = time.perf_counter() - start
@@ -186,7 +191,9 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     del train_data, val_data
     model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True)["model"])
     test_data = open_split(reader, "test", spec.inputs, "none", device, cfg.workers)
-    test = classification_metrics(*reversed(predict(model, test_data, side_input, cfg.batch_size)))
+    probs, labels = predict(model, test_data, side_input, cfg.batch_size)
+    test = classification_metrics(labels, probs)
+    write_evaluation_plots(out / "test", labels, probs, reader.classes, title=f"{spec.method}, test")
     params = parameter_counts(model, reader.attrs["backbone"]["n_params"])
     peak_mb = round(memory.peak_mb, 1)
     metrics = {
@@ -293,12 +300,20 @@ def _save_text(path: Path, text: str) -> None:
 
 
 def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batch_size: int = 32,
-                        device: str = "auto") -> dict[str, Any]:
-    """Metrics of a saved checkpoint on one split of a store; refuses a checkpoint from another extraction."""
+                        device: str = "auto", out: Path | None = None) -> dict[str, Any]:
+    """Metrics of a saved checkpoint on one split of a store; refuses a checkpoint from another extraction.
+    With ``out`` (a .json path) also writes them there, with ``<out stem>-roc.png`` and ``-confusion.png``."""
     reader = StoreReader(store)
     reader.require_complete()
     if split not in ("train", "val", "test"):
         raise FptError(f"--split {split!r}: choose train, val or test")
+    if out is not None:
+        if Path(out).suffix.lower() != ".json":
+            raise FptError(f"--out {out}: evaluate writes its metrics as .json")
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FptError(f"--out {out}: cannot create its folder ({e.strerror})") from None
     ckpt = load_checkpoint(checkpoint, reader)
     dev = resolve_device(device)
     model = ckpt.model.to(dev)
@@ -306,7 +321,12 @@ def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batc
     norm = reader.attrs["normalization"]
     side_input = SideInput(ckpt.spec.side_res, norm["mean"], norm["std"])
     probs, labels = predict(model, data, side_input, batch_size)
-    return {"split": split, "n": len(labels), "method": ckpt.spec.method, **classification_metrics(labels, probs)}
+    result = {"split": split, "n": len(labels), "method": ckpt.spec.method, **classification_metrics(labels, probs)}
+    if out is not None:
+        _save_text(Path(out), json.dumps({**result, "checkpoint": str(checkpoint), "store": str(store)}, indent=2))
+        write_evaluation_plots(Path(out).with_suffix(""), labels, probs, reader.classes,
+                               title=f"{ckpt.spec.method}, {split}")
+    return result
 
 
 def jsonable(value: Any) -> Any:

@@ -27,6 +27,7 @@ from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import StoreReader
 from fpt.train.loop import comparable_config, exclude_corrupt, jsonable, model_spec
 from fpt.train.metrics import pme, ppe
+from fpt.train.plots import write_sweep_plot
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
 
@@ -193,7 +194,7 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
 
 def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | None = None,
               on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
+    """Run (or resume) the sweep; writes sweep.json, sweep.csv and sweep.png (the grid) into ``sweep.out`` and returns the summary
     (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
     stage, ``on_run(run, metrics, skipped)`` reports each run."""
     from fpt.cluster import local_worker_count
@@ -220,4 +221,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     summary = summarize(sweep, grid, seeds, results)
     (sweep.out / "sweep.json").write_text(json.dumps(summary, indent=2))
     (sweep.out / "sweep.csv").write_text(sweep_csv(summary, grid, seeds, results))
+    write_sweep_plot(sweep.out / "sweep.png", sweep.lrs, sweep.weight_decays,
+                     {(r.lr, r.weight_decay): _score(results[r.name]) for r in grid}, (best.lr, best.weight_decay),
+                     [(r.seed, results[r.name]["test"]["auc"]) for r in seeds])
     return {**summary, **counts}
