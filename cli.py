@@ -569,7 +569,8 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
     head.add_column(overflow="fold")                 # long paths and names wrap instead of losing their end
     for k, v in [("store", s["path"]), ("schema version", a["fpt_store_version"]), ("fpt", a["fpt_version"]),
                  ("created", a["created"]),
-                 ("backbone", f"{bb['name']} ({bb['weights_source']}, {bb['n_params']:,} params, "
+                 ("backbone", f"{bb['name']} ({bb.get('family', 'vit')} family, {bb['weights_source']}, "
+                              f"{bb['n_params']:,} params, "
                               f"D={bb['embed_dim']}, H={bb['heads']}, d={bb['head_dim']}, patch {bb['patch_size']})"),
                  ("weights sha256", bb["weights_sha256"][:16] + "…"),
                  ("extraction", f"res {ex['res']}, layers {ex['layers']}, token ratio {ex['token_ratio']} "
