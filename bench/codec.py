@@ -40,12 +40,19 @@ def lpm_output(model: str, res: int, n: int) -> dict[str, np.ndarray]:
             "indices": out["indices"].int().numpy(), "cls": out["cls"].half().numpy(), "images": low}
 
 
+def blosc_codec(cname: str, level: int, shuffle: str):
+    """numcodecs' Blosc with the settings zarr's BloscCodec gets from ``fpt.store.CODECS`` (same typesize from
+    the chunk dtype), to measure chunks outside a store."""
+    from numcodecs import Blosc
+    return Blosc(cname=cname, clevel=level, shuffle={"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE,
+                                                     "noshuffle": Blosc.NOSHUFFLE}[shuffle])
+
+
 def measure_codec(arrays: dict[str, np.ndarray], cname: str, level: int, shuffle: str, reps: int = 3) -> dict:
-    from numcodecs import Blosc, blosc
+    from numcodecs import blosc
 
     blosc.set_nthreads(1)
-    codec = Blosc(cname=cname, clevel=level, shuffle={"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE,
-                                                      "noshuffle": Blosc.NOSHUFFLE}[shuffle])
+    codec = blosc_codec(cname, level, shuffle)
     chunks = {name: [np.ascontiguousarray(s) for s in a] for name, a in arrays.items()}
     n = len(next(iter(arrays.values())))
     sizes, raw, enc_s, dec_s = {}, 0, [], []
