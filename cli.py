@@ -120,6 +120,11 @@ Device = Annotated[Optional[str], option("auto, cpu or cuda (auto: CUDA when pre
                                          default=EX["device"])]
 DecodeWorkers = Annotated[Optional[int], option("Image-decoding processes.", HARDWARE,
                                                 default="0 on CPU, up to 8 on CUDA")]
+WriteThreads = Annotated[Optional[int], option("Shards compressed and written at once, overlapping the LPM.",
+                                               HARDWARE, default="1 on CPU, 2-8 on CUDA")]
+Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-1 (fast), zstd-5 (~5% "
+                                        "smaller, ~5x slower to write) or lz4 (fastest, larger).", OUTPUT,
+                                        default=fpt_config.DEFAULT_CODEC)]
 Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
 
 Store = Annotated[Optional[str], option("Store (path or URL) written by `fpt extract`.", DATA)]
@@ -215,9 +220,11 @@ def extract(
     image_res: ImageRes = None,
     shard_size: ShardSize = None,
     overwrite: Overwrite = False,
+    codec: Codec = None,
     batch_size: ExtractBatch = None,
     device: Device = None,
     workers: DecodeWorkers = None,
+    write_threads: WriteThreads = None,
     scheduler: Scheduler = None,
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
@@ -226,7 +233,7 @@ def extract(
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
-        workers=workers, on_error=on_error, overwrite=overwrite or None)
+        workers=workers, write_threads=write_threads, codec=codec, on_error=on_error, overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 
 
