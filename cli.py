@@ -290,7 +290,8 @@ def train_cmd(
     epochs: Epochs = None,
     batch_size: BatchSize = None,
     lr: Annotated[Optional[str], option("AdamW learning rate (one value: grid-search several with `fpt sweep`).",
-                                        TRAINING, default=f"the pipeline entry's, else {TR['lr']:g}", metavar="FLOAT")] = None,
+                                        TRAINING, default=f"the pipeline entry's, else {TR['lr']:g}",
+                                        metavar="FLOAT")] = None,
     weight_decay: Annotated[Optional[str], option("AdamW weight decay (one value).", TRAINING,
                                                   default=f"{TR['weight_decay']:g}", metavar="FLOAT")] = None,
     seed: Seed = None,
@@ -394,7 +395,8 @@ def sweep(
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
     from fpt.train.sweep import run_sweep
 
-    cfg = fpt_config.sweep_config(store, store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
+    cfg = fpt_config.sweep_config(store, store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds,
+                                  scheduler=scheduler,
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
                                   ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)

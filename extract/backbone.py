@@ -104,7 +104,8 @@ SUPPORTED = "; ".join(f"timm {f.models[0].__name__}: {f.examples}" for f in FAMI
 def vit_family(model: nn.Module, name: str) -> Family:
     """The supported family of ``model``, or a one-line refusal naming the supported ones."""
     blocks = getattr(model, "blocks", None)
-    attentions = {type(getattr(b, "attn", None)) for b in blocks} if isinstance(blocks, (nn.Sequential, nn.ModuleList)) else set()
+    is_stack = isinstance(blocks, (nn.Sequential, nn.ModuleList))
+    attentions = {type(getattr(b, "attn", None)) for b in blocks} if is_stack else set()
     for family in FAMILIES:
         if (type(model) in family.models and attentions and attentions <= set(family.attentions)
                 and type(getattr(model, "patch_embed", None)) is PatchEmbed):
