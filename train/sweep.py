@@ -195,8 +195,8 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
 def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | None = None,
               on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; writes sweep.json, sweep.csv and sweep.png (the grid) into ``sweep.out`` and
-    returns the summary (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
-    stage, ``on_run(run, metrics, skipped)`` reports each run."""
+    returns the summary (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)``
+    announces each stage, ``on_run(run, metrics, skipped)`` reports each run."""
     from fpt.cluster import local_worker_count
 
     local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
