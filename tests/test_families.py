@@ -185,3 +185,16 @@ def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path
     assert "\n" not in str(e.value)
     with pytest.raises(FptError, match="not in the local Hugging Face cache"):
         create_backbone("hf-hub:org/not-cached", RES, random_init=True)
+
+
+def test_cli_refuses_an_unsupported_family_before_writing_anything(image_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from fpt.cli import app
+
+    out = tmp_path / "s.zarr"
+    result = CliRunner().invoke(app, ["extract", "--data", str(image_folder), "--backbone", "beit_base_patch16_224",
+                                      "--random-init", "--res", "224", "--image-res", "128", "--out", str(out)])
+    assert result.exit_code == 2
+    (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "not a supported ViT family" in " ".join(result.output.split()) and not out.exists()
