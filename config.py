@@ -65,6 +65,7 @@ class TrainConfig:
     ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
+    compile: bool | None = None           # torch.compile the training step; None = on CUDA only
     extra: dict[str, Any] = field(default_factory=dict)
 
 
