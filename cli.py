@@ -163,18 +163,21 @@ def train_cmd(
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Train without samples that fail their "
                                       "checksums (default: refuse, naming them)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this directory."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step "
+                                           "(CUDA graphs on CUDA) [default: on for CUDA, off for CPU]."),
 ):
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
     then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
     if resume is not None:
         from fpt.train.loop import resume_config
 
-        cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers)
+        cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
+                            compile=compile)
     else:
         cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                          method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)
+                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile)
     m = run_train(cfg)
     show_metrics([m])
 
@@ -238,6 +241,10 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu (per run)."),
     ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Leave out samples that fail their checksums."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each run's training "
+                                           "step [default: on for CUDA, off for CPU]."),
+    runs_per_gpu: Optional[int] = typer.Option(None, help="Runs trained at once on each GPU of a local scheduler "
+                                               "[default: from free GPU memory and the step's measured peak]."),
 ):
     """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
@@ -248,7 +255,8 @@ def sweep(
     cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
-                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)
+                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
+                                  runs_per_gpu=runs_per_gpu)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 
