@@ -165,7 +165,7 @@ def test_concurrent_runs_give_the_results_of_each_run_alone(store, tmp_path, clu
             alone = train(train_config(store, None, out=tmp_path / f"alone-{g['lr']}", lr=g["lr"],
                                        weight_decay=g["weight_decay"], seed=g["seed"], **TINY))
             swept = json.loads((tmp_path / "sweep" / "runs" / f"lr{g['lr']:g}-wd0-seed0" / "metrics.json").read_text())
-            assert swept["val"] == alone["val"] and swept["test"] == alone["test"]
+            assert swept["val"] == alone.val and swept["test"] == alone.test
             a = torch.load(tmp_path / f"alone-{g['lr']}" / "best.pt", weights_only=True)["model"]
             b = torch.load(tmp_path / "sweep" / "runs" / f"lr{g['lr']:g}-wd0-seed0" / "best.pt",
                            weights_only=True)["model"]

@@ -1,10 +1,12 @@
 """``fpt train`` / ``fpt evaluate``: one training loop for every method (fpt+, fpt, side-only, linear-probe):
 AdamW + cosine schedule on the store's train split, model selection by val AUC, test evaluation of the best
-checkpoint. A killed run resumes from its last finished epoch (``last.pt``) with identical results."""
+checkpoint. A killed run resumes from its last finished epoch (``last.pt``) with identical results.
+
+``train`` = ``set_up`` (store, config, data plan, model, optimizer, resume) -> ``train_epoch`` per epoch (the
+steps of ``fpt.train.step.TrainStep``, validation, checkpoints) -> ``finish`` (test, metrics.json)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -22,6 +24,7 @@ from fpt.train.files import CheckpointWriter, atomic_write_text, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
+from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
 from fpt.train.step import TrainStep, compile_default, make_optimizer
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
@@ -94,11 +97,6 @@ def predict(model: SideNetwork | LinearProbe, data: SplitData, side_input: SideI
     return torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
-def validation_score(metrics: dict) -> float:
-    """What selects the best epoch and the best sweep configuration: AUC, or accuracy where AUC is undefined."""
-    return metrics["auc"] if metrics["auc"] is not None else metrics["acc"]
-
-
 def cross_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean cross-entropy of predicted probabilities probs [N, C] for labels [N]."""
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
@@ -164,7 +162,7 @@ class Training:
 
 
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
-          on_start: Callable[[dict], None] | None = None) -> dict[str, Any]:
+          on_start: Callable[[dict], None] | None = None) -> RunMetrics:
     """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt and log.jsonl to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
@@ -268,7 +266,7 @@ def train_epoch(run: Training, epoch: int, writer: CheckpointWriter) -> dict[str
     return {**record, "samples": samples}
 
 
-def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) -> dict[str, Any]:
+def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) -> RunMetrics:
     """Test the best checkpoint, write metrics.json, remove last.pt; the run's metrics."""
     cfg, state, device = run.cfg, run.state, run.device
     del run.train_data, run.val_data
@@ -280,22 +278,17 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
     peak_mb = round(memory.peak_mb, 1)
     steady = session[1:]                            # the first epoch of a session includes warm-up and compiling
     steady_samples, steady_seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
-    metrics = {
-        "method": run.spec.method,
-        "best_epoch": state.best.epoch, "best_reason": state.best.reason, "val": state.best.val, "test": test,
-        "params": params,
-        "efficiency": efficiency(test, params, peak_mb, cfg.ft_memory_mb),
-        "throughput": {"train_samples_per_s": round(state.samples / state.seconds, 2) if state.seconds else None,
-                       "steady_train_samples_per_s": (round(steady_samples / steady_seconds, 2)
-                                                      if steady_seconds else None),
-                       "peak_memory_mb": peak_mb, "memory_kind": memory.kind,
-                       "memory_baseline_mb": round(memory.baseline_mb, 1), "device": str(device),
-                       "compiled": run.step.is_compiled, "torch_threads": torch.get_num_threads()},
-        "data": run.info,
-        "config": jsonable(asdict(cfg)), "store": str(cfg.store), "run_dir": str(run.out),
-    }
+    metrics = RunMetrics(
+        method=run.spec.method, best_epoch=state.best.epoch, best_reason=state.best.reason, val=state.best.val,
+        test=test, params=params, efficiency=efficiency(test, params, peak_mb, cfg.ft_memory_mb),
+        throughput=Throughput(
+            train_samples_per_s=round(state.samples / state.seconds, 2) if state.seconds else None,
+            steady_train_samples_per_s=round(steady_samples / steady_seconds, 2) if steady_seconds else None,
+            peak_memory_mb=peak_mb, memory_kind=memory.kind, memory_baseline_mb=round(memory.baseline_mb, 1),
+            device=str(device), compiled=run.step.is_compiled, torch_threads=torch.get_num_threads()),
+        data=run.info, config=jsonable(asdict(cfg)), store=str(cfg.store), run_dir=str(run.out))
     (run.out / "last.pt").unlink(missing_ok=True)
-    atomic_write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(run.out / "metrics.json", json.dumps(metrics.as_dict(), indent=2))
     return metrics
 
 
@@ -368,7 +361,7 @@ def _set_rng_state(state: dict, rng: np.random.Generator, side_input: SideInput,
 
 
 def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batch_size: int = 32,
-                        device: str = "auto") -> dict[str, Any]:
+                        device: str = "auto") -> Evaluation:
     """Metrics of a saved checkpoint on one split of a store; refuses a checkpoint from another extraction."""
     reader = StoreReader(store)
     reader.require_complete()
@@ -381,8 +374,5 @@ def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batc
     norm = reader.attrs["normalization"]
     side_input = SideInput(ckpt.spec.side_res, norm["mean"], norm["std"])
     probs, labels = predict(model, data, side_input, batch_size)
-    return {"split": split, "n": len(labels), "method": ckpt.spec.method, **classification_metrics(labels, probs)}
+    return Evaluation(split, len(labels), ckpt.spec.method, classification_metrics(labels, probs))
 
-
-def jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -1,5 +1,6 @@
 """Peak memory of training: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set size
-(sampled by a thread) on a CPU; and a one-step measurement for a given model shape (the paper's setting).
+(sampled by a thread) on a CPU; and a measurement of ``fpt train``'s own training step (``TrainStep``) for a
+given model shape (the paper's setting).
 
 ``python -m fpt.train.memory`` measures the paper's setting (ViT-B-shaped K/V: L=6, H=12, k=205, d=64; side
 128 px; batch 16; 16 prompts) on this machine's device."""

@@ -31,7 +31,8 @@ from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import StoreReader
 from fpt.train.files import atomic_write_text
-from fpt.train.loop import comparable_config, exclude_corrupt, jsonable, model_spec, validation_score
+from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
+from fpt.train.results import RunMetrics, jsonable, validation_score
 from fpt.train.metrics import pme, ppe
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
@@ -60,18 +61,18 @@ def make_run(sweep: SweepConfig, stage: str, lr: float, weight_decay: float, see
                replace(sweep.train, lr=lr, weight_decay=weight_decay, seed=seed, out=out))
 
 
-def finished_metrics(run: Run) -> dict | None:
+def finished_metrics(run: Run) -> RunMetrics | None:
     """The run's metrics.json when it finished with this configuration; refused when it holds another one."""
     path = run.cfg.out / "metrics.json"
     if not path.exists():
         return None
-    metrics = json.loads(path.read_text())
-    if comparable_config(metrics["config"]) != comparable_config(run.cfg):
+    metrics = RunMetrics.from_dict(json.loads(path.read_text()))
+    if comparable_config(metrics.config) != comparable_config(run.cfg):
         raise FptError(f"{run.cfg.out} holds a run with other settings; use another --out for this sweep")
     return metrics
 
 
-def train_task(cfg: dict[str, Any], threads: int | None) -> dict:
+def train_task(cfg: dict[str, Any], threads: int | None) -> RunMetrics:
     """One run on a dask worker (module-level, so workers import it by name)."""
     import torch
 
@@ -118,8 +119,8 @@ def measured_runs_per_gpu(cfg: TrainConfig) -> tuple[int, str]:
                f"{free:,.0f} MB free")
 
 
-def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool], None] | None,
-            per_gpu: int | None = None) -> dict[str, dict]:
+def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, bool], None] | None,
+            per_gpu: int | None = None) -> dict[str, RunMetrics]:
     """Metrics of every run by name: finished ones read back, the others trained as dask tasks."""
     results, todo = {}, []
     for run in runs:
@@ -183,38 +184,41 @@ def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
             "n": int(len(defined))}
 
 
-def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run], results: dict[str, dict]) -> dict[str, Any]:
+def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> dict[str, Any]:
     """sweep.json: the grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
     best = seeds[0]
     seed_metrics = [results[r.name] for r in seeds]
-    test = {k: mean_std([m["test"][k] for m in seed_metrics]) for k in TEST_METRICS}
-    params = seed_metrics[0]["params"]
-    memory = mean_std([m["throughput"]["peak_memory_mb"] for m in seed_metrics])
+    test = {k: mean_std([m.test[k] for m in seed_metrics]) for k in TEST_METRICS}
+    params = seed_metrics[0].params
+    memory = mean_std([m.throughput.peak_memory_mb for m in seed_metrics])
     auc = test["auc"]["mean"]
     ft = sweep.train.ft_memory_mb
     return {
-        "store": str(sweep.train.store), "method": seed_metrics[0]["method"],
+        "store": str(sweep.train.store), "method": seed_metrics[0].method,
         "protocol": "grid over lr x weight decay at the base seed, best by val AUC; then the best over "
                     f"{len(seeds)} seeds; test mean ± sample std",
-        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed, "val_score": validation_score(results[r.name]["val"]),
-                  "val": results[r.name]["val"], "run_dir": str(r.cfg.out)} for r in grid],
+        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed, "val_score": validation_score(results[r.name].val),
+                  "val": results[r.name].val, "run_dir": str(r.cfg.out)} for r in grid],
         "best": {"lr": best.lr, "weight_decay": best.weight_decay},
-        "seeds": [{"seed": r.seed, "test": results[r.name]["test"], "val": results[r.name]["val"],
-                   "best_epoch": results[r.name]["best_epoch"], "run_dir": str(r.cfg.out)} for r in seeds],
+        "seeds": [{"seed": r.seed, "test": results[r.name].test, "val": results[r.name].val,
+                   "best_epoch": results[r.name].best_epoch, "best_reason": results[r.name].best_reason,
+                   "run_dir": str(r.cfg.out)} for r in seeds],
         "test": test,
         "params": params,
         "efficiency": {"score": "mean test AUC",
                        "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
                        "pme": None if auc is None or ft is None else pme(auc, memory["mean"], ft),
                        "ft_memory_mb": ft},
-        "throughput": {"train_samples_per_s": mean_std([m["throughput"]["train_samples_per_s"] for m in seed_metrics]),
-                       "peak_memory_mb": memory, "memory_kind": seed_metrics[0]["throughput"]["memory_kind"]},
+        "throughput": {"train_samples_per_s": mean_std([m.throughput.train_samples_per_s for m in seed_metrics]),
+                       "steady_train_samples_per_s": mean_std([m.throughput.steady_train_samples_per_s
+                                                               for m in seed_metrics]),
+                       "peak_memory_mb": memory, "memory_kind": seed_metrics[0].throughput.memory_kind},
         "config": {**jsonable(asdict(sweep.train)), "lr": sweep.lrs, "weight_decay": sweep.weight_decays,
                    "seeds": sweep.seeds, "scheduler": sweep.scheduler, "out": str(sweep.out)},
     }
 
 
-def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[str, dict]) -> str:
+def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> str:
     """One row per run (grid, then seeds), then the seeds' mean and std rows."""
     columns = ["stage", "lr", "weight_decay", "seed", "val_score", *(f"test_{k}" for k in TEST_METRICS),
                "samples_per_s", "peak_memory_mb", "run_dir"]
@@ -224,9 +228,9 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
     for run in [*grid, *seeds]:
         m = results[run.name]
         writer.writerow({"stage": run.stage, "lr": run.lr, "weight_decay": run.weight_decay, "seed": run.seed,
-                         "val_score": validation_score(m["val"]), **{f"test_{k}": m["test"][k] for k in TEST_METRICS},
-                         "samples_per_s": m["throughput"]["train_samples_per_s"],
-                         "peak_memory_mb": m["throughput"]["peak_memory_mb"], "run_dir": str(run.cfg.out)})
+                         "val_score": validation_score(m.val), **{f"test_{k}": m.test[k] for k in TEST_METRICS},
+                         "samples_per_s": m.throughput.train_samples_per_s,
+                         "peak_memory_mb": m.throughput.peak_memory_mb, "run_dir": str(run.cfg.out)})
     best = summary["best"]
     for stat in ("mean", "std"):
         writer.writerow({"stage": stat, "lr": best["lr"], "weight_decay": best["weight_decay"],
@@ -236,7 +240,7 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
     return out.getvalue()
 
 
-def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | None = None,
+def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None] | None = None,
               on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
     (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
@@ -247,7 +251,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     sweep.out.mkdir(parents=True, exist_ok=True)
     counts = {"ran": 0, "skipped": 0}
 
-    def count(run: Run, metrics: dict, skipped: bool) -> None:
+    def count(run: Run, metrics: RunMetrics, skipped: bool) -> None:
         counts["skipped" if skipped else "ran"] += 1
         if on_run:
             on_run(run, metrics, skipped)
@@ -257,7 +261,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     if on_stage:
         on_stage("grid", len(grid))
     results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu)
-    best = max(grid, key=lambda r: validation_score(results[r.name]["val"]))             # max keeps the first of equal scores
+    best = max(grid, key=lambda r: validation_score(results[r.name].val))             # max keeps the first of equal scores
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
     if on_stage:
         on_stage("seeds", len(seeds) - 1)
