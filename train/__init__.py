@@ -13,6 +13,7 @@ from fpt.train.step import TrainStep
 from fpt.train.model import (FptFusionModule, FusionModule, LinearProbe, ModelSpec, SideNetwork, build_model,
                              parameter_counts)
 
-__all__ = ["evaluate_checkpoint", "load_checkpoint", "train", "Evaluation", "RunMetrics", "TrainStep", "classification_metrics", "pme", "ppe",
+__all__ = ["evaluate_checkpoint", "load_checkpoint", "train", "Evaluation", "RunMetrics", "TrainStep",
+           "classification_metrics", "pme", "ppe",
            "FptFusionModule", "FusionModule", "LinearProbe", "ModelSpec", "SideNetwork", "build_model",
            "parameter_counts"]
