@@ -53,6 +53,11 @@ class CompiledOrEager:
     def is_compiled(self) -> bool:
         return self.compiled is not None
 
+    def fall_back(self, error: BaseException) -> None:
+        """Run eagerly from now on, saying why once."""
+        if self.compiled is not None:
+            self._fall_back(error)
+
     def _fall_back(self, error: BaseException) -> None:
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         warnings.warn(f"torch.compile of the {self.what} failed ({type(error).__name__}: {reason}); "
@@ -98,6 +103,7 @@ class TrainStep:
             mode = "reduce-overhead"
         self.cuda_graphs = compile and mode == "reduce-overhead"
         self._loss = CompiledOrEager(self.loss, compile, mode, "training step")
+        self._proven = False                # a whole step (forward and backward) ran
         self._probabilities = CompiledOrEager(self.eval_probabilities, compile, mode, "evaluation forward")
 
     @property
@@ -112,12 +118,25 @@ class TrainStep:
     def eval_probabilities(self, batch: Batch) -> torch.Tensor:
         return self.model.forward_batch(batch, partial(self.side_input, train=False)).float().softmax(-1)
 
-    def __call__(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = self._loss(batch, draws)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss
+
+    def __call__(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
+        if self._proven or not self._loss.is_compiled:
+            loss = self._forward_backward(batch, draws)
+        else:       # the backward compiles on its first call: a failure there falls back to eager too
+            try:
+                loss = self._forward_backward(batch, draws)
+            except Exception as e:          # noqa: BLE001
+                self._loss.fall_back(e)
+                self.cuda_graphs = False
+                loss = self._forward_backward(batch, draws)
+            self._proven = True
         torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         self.optimizer.step()
         if self.schedule is not None:
