@@ -60,6 +60,27 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch)
     assert "second line" not in str(caught[0].message) and not twice.is_compiled
 
 
+def test_a_failing_backward_compilation_falls_back_to_eager(monkeypatch):
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("backward did not compile")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: lambda *args: FailingBackward.apply(fn(*args)))
+    torch.manual_seed(0)
+    step = make_step(SMALL, CPU, compile=True)
+    before = [p.detach().clone() for p in step.params]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(step_batch(SMALL, SHAPE, CPU), step.side_input.draw(1, SHAPE.batch_size)[0])
+    assert len(caught) == 1 and "backward did not compile" in str(caught[0].message) and not step.is_compiled
+    assert any(not torch.equal(a, p) for a, p in zip(before, step.params))     # the eager step still trained
+
+
 def test_padded_evaluation_gives_the_unpadded_probabilities():
     torch.manual_seed(0)
     step = make_step(SMALL, CPU)
