@@ -84,7 +84,7 @@ def test_memory_url_store_equals_local_store_and_trains(tmp_path, image_folder, 
                                  "--batch-size", "4", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics.store == url and 0 <= metrics.test["auc"] <= 1
+    assert metrics["store"] == url and 0 <= metrics["test"]["auc"] <= 1
 
 
 def test_url_store_refusals_match_local_ones(tmp_path, image_folder, memory_url):
