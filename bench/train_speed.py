@@ -19,7 +19,7 @@ Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its train
 ``small``: sizes for a CPU (a ViT-Tiny-shaped LPM at 256 px, side 64, a 64-image store, 2 epochs); otherwise
 the paper's setting (ViT-B K/V from 512: L=6, H=12, k=205, d=64; side 128; 16 prompts) and 20-epoch sweeps.
 
-    python -m fpt.bench.train_speed --small            # CPU-sized
+    python -m fpt.bench.train_speed --small            # CPU-sized (rows merge into results/, --parts picks some)
     python -m fpt.bench.train_speed --device cuda      # the paper's setting
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpt.bench.common import command_line, write_results
+from fpt.bench.common import command_line, merge_cases, write_results
 from fpt.train.memory import PAPER_SPEC, PeakMemory, StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
 
@@ -214,8 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default="step,train,official,sweep")
     args = p.parse_args(argv)
     rows = run(args.device, args.small, args.workers, tuple(args.parts.split(",")))
-    out = write_results(f"train_speed-{args.device.split(':')[0]}{'-small' if args.small else ''}",
-                        "fpt.bench.train_speed", rows=rows, command=command_line("fpt.bench.train_speed"),
+    name = f"train_speed-{args.device.split(':')[0]}{'-small' if args.small else ''}"
+    for row in rows:
+        row["command"] = command_line("fpt.bench.train_speed")
+    out = write_results(name, "fpt.bench.train_speed", cases=merge_cases(name, rows, ("name", "device")),
                         torch_threads=torch.get_num_threads())
     print(f"wrote {out}")
 
