@@ -8,8 +8,9 @@ side 128, 16 prompts, batch 16, CPU) fed
 * ``ours-ram``: the same from the in-memory split (``open_split(..., "ram", ...)``).
 
 Each source is measured twice, each in its own processes: with ``fpt train``'s training step
-(``fpt.train.step.TrainStep``: augmentation, forward, backward, clip, AdamW, schedule), the figure the goal refers to, and loader-only (batches produced and augmented, no model), which
-isolates the data path. No DataLoader workers on either side (2 cores); files are in the page cache.
+(``fpt.train.step.TrainStep``: augmentation, forward, backward, clip, AdamW, schedule), the figure the goal refers
+to, and loader-only (batches produced and augmented, no model), which isolates the data path. No DataLoader
+workers on either side (2 cores); files are in the page cache.
 
     python -m fpt.bench.data_path                  # 32 training images, 1 warm-up epoch + 3 timed epochs
     python -m fpt.bench.data_path --png-res 2048   # the official side decodes 2048 px originals

@@ -202,7 +202,8 @@ def set_up(cfg: TrainConfig) -> Training:
                        "and the last partial batch is dropped (drop_last); lower --batch-size")
     out.mkdir(parents=True, exist_ok=True)
 
-    train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers) for s in ("train", "val"))
+    train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers)
+                            for s in ("train", "val"))
     compile = compile_default(device) if getattr(cfg, "compile", None) is None else cfg.compile
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -184,7 +184,8 @@ def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
             "n": int(len(defined))}
 
 
-def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> dict[str, Any]:
+def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
+                  results: dict[str, RunMetrics]) -> dict[str, Any]:
     """sweep.json: the grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
     best = seeds[0]
     seed_metrics = [results[r.name] for r in seeds]
@@ -197,8 +198,9 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run], results
         "store": str(sweep.train.store), "method": seed_metrics[0].method,
         "protocol": "grid over lr x weight decay at the base seed, best by val AUC; then the best over "
                     f"{len(seeds)} seeds; test mean ± sample std",
-        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed, "val_score": validation_score(results[r.name].val),
-                  "val": results[r.name].val, "run_dir": str(r.cfg.out)} for r in grid],
+        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed,
+                  "val_score": validation_score(results[r.name].val), "val": results[r.name].val,
+                  "run_dir": str(r.cfg.out)} for r in grid],
         "best": {"lr": best.lr, "weight_decay": best.weight_decay},
         "seeds": [{"seed": r.seed, "test": results[r.name].test, "val": results[r.name].val,
                    "best_epoch": results[r.name].best_epoch, "best_reason": results[r.name].best_reason,
