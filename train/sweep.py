@@ -263,7 +263,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     if on_stage:
         on_stage("grid", len(grid))
     results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu)
-    best = max(grid, key=lambda r: validation_score(results[r.name].val))             # max keeps the first of equal scores
+    best = max(grid, key=lambda r: validation_score(results[r.name].val))     # max keeps the first of equal scores
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
     if on_stage:
         on_stage("seeds", len(seeds) - 1)
