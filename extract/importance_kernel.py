@@ -28,7 +28,8 @@ LOG2E = math.log2(math.e)
 
 
 def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    """Whether triton runs kernels in its CPU interpreter: TRITON_INTERPRET=1, set before triton is imported
+    (triton builds its own library functions, tl.sum etc., at import)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -92,10 +93,9 @@ def _column_mean_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qn, stride_
     tl.store(OUT + bh.to(tl.int64) * N + cols, acc / N, mask=cols < N)
 
 
-@functools.lru_cache(maxsize=2)
-def _kernels(interpret: bool):
+@functools.cache
+def _kernels():
     """The two kernels, jitted (or wrapped for the interpreter: triton.jit decides from TRITON_INTERPRET)."""
-    del interpret   # only the cache key: compiled and interpreted versions must not be mixed up
     return triton.jit(_row_lse_kernel), triton.jit(_column_mean_kernel)
 
 
@@ -127,7 +127,7 @@ def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse
         q, k = q.float(), k.float()
     B, H, N, d = q.shape
     cfg = config or launch_config(d)
-    row_lse, column_mean = _kernels(interpreting())
+    row_lse, column_mean = _kernels()
     # triton's interpreter multiplies the raw bits of bf16 in tl.dot: it gets exact fp32 copies instead
     upcast = interpreting() and q.dtype == torch.bfloat16
     common = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), UPCAST=upcast,
