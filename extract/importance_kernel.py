@@ -79,7 +79,8 @@ def _column_mean_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qn, stride_
                  mask=(cols[None, :] < N) & (dims[:, None] < D), other=0.0)                 # [D_PAD, BLOCK_K]
     if UPCAST:
         kt = kt.to(tl.float32)
-    acc = tl.zeros([BLOCK_K], tl.float32)
+    # elementwise accumulation; one reduction over queries at the end instead of a cross-warp one per tile
+    acc = tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
     for start in range(0, N, BLOCK_Q):
         rows = start + tl.arange(0, BLOCK_Q)
         q = tl.load(q_base + rows[:, None] * stride_qn + dims[None, :] * stride_qd,
@@ -88,9 +89,9 @@ def _column_mean_kernel(Q, K, LSE, OUT, stride_qb, stride_qh, stride_qn, stride_
             q = q.to(tl.float32)
         lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))  # padded rows: exp2(-inf) = 0
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        acc += tl.sum(tl.exp2(s - lse[:, None]), axis=0)
+        acc += tl.exp2(s - lse[:, None])
     # padded key columns hold garbage sums; they are simply not stored
-    tl.store(OUT + bh.to(tl.int64) * N + cols, acc / N, mask=cols < N)
+    tl.store(OUT + bh.to(tl.int64) * N + cols, tl.sum(acc, axis=0) / N, mask=cols < N)
 
 
 @functools.cache
@@ -99,15 +100,21 @@ def _kernels():
     return triton.jit(_row_lse_kernel), triton.jit(_column_mean_kernel)
 
 
-def launch_config(head_dim: int) -> dict:
-    """Fixed tile sizes per head_dim (not tuned on hardware yet; sensible for Hopper/Ampere).
+def launch_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Fixed tile sizes per head_dim and input dtype: compiled for sm_80/sm_90 without register spills, within
+    ~100 KiB of shared memory, but not tuned on hardware yet.
 
-    BLOCK_Q x BLOCK_K score tiles stay in registers; the stationary tile of each pass is the larger one.
+    BLOCK_Q x BLOCK_K score tiles stay in registers; the stationary tile of each pass is the larger one. Pass 2
+    also holds a BLOCK_Q x BLOCK_K fp32 accumulator, hence 8 warps. fp32 inputs (3 tf32 products per dot) get
+    smaller tiles.
     """
-    d_pad = max(16, triton.next_power_of_2(head_dim))
-    big = d_pad > 64
+    big = max(16, triton.next_power_of_2(head_dim)) > 64
+    if dtype == torch.float32:
+        warps = 8 if big else 4
+        return {"lse": dict(BLOCK_Q=64, BLOCK_K=32, num_warps=warps, num_stages=2),
+                "col": dict(BLOCK_Q=32, BLOCK_K=64, num_warps=warps, num_stages=2)}
     return {"lse": dict(BLOCK_Q=128, BLOCK_K=64, num_warps=8 if big else 4, num_stages=2 if big else 3),
-            "col": dict(BLOCK_Q=64, BLOCK_K=128, num_warps=8 if big else 4, num_stages=2 if big else 3)}
+            "col": dict(BLOCK_Q=64, BLOCK_K=128, num_warps=8, num_stages=2 if big else 3)}
 
 
 def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor | None = None,
@@ -126,7 +133,7 @@ def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         q, k = q.float(), k.float()
     B, H, N, d = q.shape
-    cfg = config or launch_config(d)
+    cfg = config or launch_config(d, q.dtype)
     row_lse, column_mean = _kernels()
     # triton's interpreter multiplies the raw bits of bf16 in tl.dot: it gets exact fp32 copies instead
     upcast = interpreting() and q.dtype == torch.bfloat16

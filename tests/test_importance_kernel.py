@@ -39,13 +39,13 @@ def test_interpreter_tests_pass_in_a_subprocess():
     if interpreting():
         pytest.skip("this is the subprocess")
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "not cuda",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-k", "not cuda and not compile",
                           str(Path(__file__).resolve())], cwd=root, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 15 and "skipped" in summary, summary   # skipped: only this test
+    assert passed and int(passed.group(1)) >= 14 and "skipped" in summary, summary   # skipped: only this test
     assert re.search(r"\b1 skipped", summary), summary
 
 
@@ -89,7 +89,7 @@ def test_kernel_matches_naive_reference(interpret, shape, dtype):
     assert_is_topk(ours.topk(n_keep, dim=-1).indices, reference, n_keep)
 
 
-@pytest.mark.parametrize("n_tokens", [16, 17, 65, 97])
+@pytest.mark.parametrize("n_tokens", [16, 17, 97])
 def test_kernel_small_tiles_and_ragged_edges(interpret, n_tokens):
     """Many tiles in both passes, with the last query and key tiles partly empty (or exactly full at 16)."""
     from fpt.extract.importance_kernel import global_importance_triton
@@ -171,6 +171,40 @@ def test_auto_backend_on_cpu_is_the_torch_path(monkeypatch):
     q, k = random_qk((1, 2, 40, 16), torch.float32, seed=6)
     torch.testing.assert_close(token_importance(q, k, 0.25).double(), naive_importance(q, k, 0.25),
                                rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("capability,dtype,head_dim", [(90, torch.bfloat16, 64)])
+def test_kernels_compile_to_tensor_core_code_without_a_gpu(capability, dtype, head_dim, tmp_path, monkeypatch):
+    """Lowering for real GPUs checks what the interpreter does not (types, layouts, resources): both kernels,
+    with the launch config a GPU would get, compile to cubins whose dots are tensor-core MMAs."""
+    from fpt.extract import importance_kernel as ik
+
+    if ik.interpreting():
+        pytest.skip("triton.jit gives interpreted functions in this process")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    dtype_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    configs = ik.launch_config(head_dim, dtype)
+    for fn, which in ((ik._row_lse_kernel, "lse"), (ik._column_mean_kernel, "col")):
+        jitted, launch = ik.triton.jit(fn), configs[which]
+        constants = dict(D=head_dim, D_PAD=max(16, ik.triton.next_power_of_2(head_dim)), UPCAST=False,
+                         PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+                         BLOCK_Q=launch["BLOCK_Q"], BLOCK_K=launch["BLOCK_K"])
+        types = {"Q": f"*{dtype_name}", "K": f"*{dtype_name}", "LSE": "*fp32", "OUT": "*fp32", "qk_scale": "fp32"}
+        signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in jitted.arg_names}
+        constexprs = {(i,): constants[n] for i, n in enumerate(jitted.arg_names) if n in constants}
+        try:
+            compiled = ik.triton.compile(ASTSource(jitted, signature, constexprs),
+                                         target=GPUTarget("cuda", capability, 32),
+                                         options=dict(num_warps=launch["num_warps"], num_stages=launch["num_stages"]))
+        except RuntimeError as e:
+            if "ptxas" in str(e).lower() and "not found" in str(e).lower():
+                pytest.skip(f"no ptxas: {e}")
+            raise
+        assert compiled.asm["cubin"]
+        assert ("wgmma" if capability >= 90 else "mma.sync") in compiled.asm["ptx"]
 
 
 # ---- CUDA ----
