@@ -16,6 +16,7 @@ This module imports triton at import time: import it lazily (``fpt.extract.selec
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -123,7 +124,7 @@ def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse
 
     q, k: [B, H, N, d], same dtype (fp32, bf16 or fp16), any strides, on CUDA (or on CPU under
     TRITON_INTERPRET=1). lse: optional [B, H, N] natural-log logsumexp_j(scale * q_i . k_j) of the rows, as
-    returned by flash/efficient attention; given, pass 1 is skipped. config: overrides ``launch_config``
+    returned by flash/efficient attention (slice off any padding of N); given, pass 1 is skipped. config: overrides ``launch_config``
     (e.g. small tiles in tests). Returns [B, H, N] float32.
     """
     if q.shape != k.shape or q.dim() != 4:
@@ -133,6 +134,8 @@ def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         q, k = q.float(), k.float()
     B, H, N, d = q.shape
+    if B * H > 65535:                        # the grid's second axis
+        raise ValueError(f"B * H = {B * H} is more than the kernel's 65535 (batch, head) pairs: split the batch")
     cfg = config or launch_config(d, q.dtype)
     row_lse, column_mean = _kernels()
     # triton's interpreter multiplies the raw bits of bf16 in tl.dot: it gets exact fp32 copies instead
@@ -140,13 +143,14 @@ def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse
     common = dict(D=d, D_PAD=max(16, triton.next_power_of_2(d)), UPCAST=upcast,
                   PRECISION="tf32x3" if q.dtype == torch.float32 or upcast else "tf32")
     strides_and_sizes = (*q.stride(), *k.stride(), H, N, scale * LOG2E)
-    if lse is None:
-        lse2 = torch.empty(B * H, N, dtype=torch.float32, device=q.device)
-        c = cfg["lse"]
-        row_lse[(triton.cdiv(N, c["BLOCK_Q"]), B * H)](q, k, lse2, *strides_and_sizes, **common, **c)
-    else:
-        lse2 = (lse.float() * LOG2E).reshape(B * H, N).contiguous()
-    out = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    c = cfg["col"]
-    column_mean[(triton.cdiv(N, c["BLOCK_K"]), B * H)](q, k, lse2, out, *strides_and_sizes, **common, **c)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():   # launch on q's GPU
+        if lse is None:
+            lse2 = torch.empty(B * H, N, dtype=torch.float32, device=q.device)
+            c = cfg["lse"]
+            row_lse[(triton.cdiv(N, c["BLOCK_Q"]), B * H)](q, k, lse2, *strides_and_sizes, **common, **c)
+        else:
+            lse2 = (lse.float() * LOG2E).reshape(B * H, N).contiguous()
+        out = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+        c = cfg["col"]
+        column_mean[(triton.cdiv(N, c["BLOCK_K"]), B * H)](q, k, lse2, out, *strides_and_sizes, **common, **c)
     return out
