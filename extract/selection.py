@@ -41,7 +41,7 @@ def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str =
     if backend == "auto" and q.is_cuda and _triton_usable():
         try:
             return _importance_triton(q, k, scale)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:     # e.g. a GPU triton cannot compile for: the torch path still works there
             _disable_triton(e)
