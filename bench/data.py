@@ -12,7 +12,8 @@ from PIL import Image
 
 from fpt.bench.common import WORK_DIR
 from fpt.config import extract_config, pipeline_entry
-from fpt.extract.datasets import prepare_image, synthetic_texture_image
+from fpt.extract.datasets import synthetic_texture_image
+from fpt.extract.images import prepare_image
 
 DEFAULTS = pipeline_entry(None)           # ImageNet mean/std, default layers/token ratio, train settings
 SPLIT_SIZES = {"val": 2, "test": 2}

@@ -4,10 +4,17 @@ Public API: ``extract(cfg)``, ``FrozenLPM``, ``create_backbone``, ``select_impor
 ``token_importance``, the sources ``ImageFolderSource`` / ``SyntheticTextureSource``.
 """
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
-from fpt.extract.datasets import ImageFolderSource, SampleRef, SyntheticTextureSource, open_source, prepare_image
+from fpt.extract.datasets import ImageFolderSource, SyntheticTextureSource, open_source
+from fpt.extract.encode import encode_batch
+from fpt.extract.images import load_image_file, prepare_image
 from fpt.extract.run import ExtractResult, default_layers, extract
-from fpt.extract.selection import num_selected, select_important_tokens, token_importance
+from fpt.extract.samples import SampleRef
+from fpt.extract.selection import (
+           num_selected,
+           select_important_tokens,
+           token_importance,
+)
 
 __all__ = ["BackboneInfo", "FrozenLPM", "create_backbone", "ImageFolderSource", "SampleRef",
-           "SyntheticTextureSource", "open_source", "prepare_image", "ExtractResult", "default_layers", "extract",
+           "SyntheticTextureSource", "open_source", "encode_batch", "load_image_file", "prepare_image", "ExtractResult", "default_layers", "extract",
            "num_selected", "select_important_tokens", "token_importance"]

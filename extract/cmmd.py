@@ -13,12 +13,10 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from openpyxl import load_workbook
-from openpyxl.utils.exceptions import InvalidFileException
 from PIL import Image
 
 from fpt import FptError
-from fpt.extract.datasets import SampleRef, check_splits_filled, class_names, stratified_group_split
+from fpt.extract.samples import SampleRef, check_splits_filled, class_names, stratified_group_split
 from fpt.extract.dicom import read_dataset, read_dicom
 
 CLINICAL_TABLE = "CMMD_clinicaldata_revision.xlsx"
@@ -64,6 +62,9 @@ def find_clinical_table(root: Path) -> Path:
 
 def read_clinical_table(path: Path) -> dict[tuple[str, str], str]:
     """(patient ID1, side "L"/"R") -> lower-case classification ("benign"/"malignant") from the first sheet."""
+    from openpyxl import load_workbook                           # only CMMD needs it
+    from openpyxl.utils.exceptions import InvalidFileException
+
     try:
         book = load_workbook(path, read_only=True, data_only=True)
         rows = [[cell_text(v) for v in row] for row in book.worksheets[0].iter_rows(values_only=True)]

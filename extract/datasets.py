@@ -4,35 +4,19 @@ decoded) and decodes one image on request."""
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from fpt import FptError
 from fpt.config import ExtractConfig
-from fpt.extract.dicom import read_dicom
-
-SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
-SPLIT_FOLDS = 10    # the paper's 70/10/20 rule as ten stratified folds: 7 train, 1 val, 2 test
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    id: str        # relative path (or generated id)
-    label: int     # index into the source's classes
-    split: int     # index into SPLITS
-
-
-class ImageSource(Protocol):
-    name: str
-    classes: list[str]
-    samples: list[SampleRef]
-
-    def load(self, ref: SampleRef) -> Image.Image: ...
+from fpt.extract.cmmd import CmmdSource
+from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, lpm_view, rgb_array
+from fpt.extract.samples import (ImageSource, SampleRef, check_files_exist, check_splits_filled, class_names,
+                                 parse_split_names, stratified_group_split)
+from fpt.store import SPLITS
 
 
 class ImageFolderSource:
@@ -117,97 +101,6 @@ def read_manifest(csv_path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def class_names(labels: Sequence[str], fixed: list[str] | None, what: str) -> list[str]:
-    """The class list: ``fixed`` (the pipeline's order) when given, else the sorted distinct ``labels``."""
-    if fixed is None:
-        return sorted(set(labels))
-    unknown = sorted(set(labels) - set(fixed))
-    if unknown:
-        raise FptError(f"{what}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the pipeline's "
-                       f"classes {fixed}")
-    return list(fixed)
-
-
-def check_files_exist(paths: Sequence[str], root: Path, what: str) -> None:
-    missing = [p for p in paths if not (root / p).is_file()]
-    if missing:
-        raise FptError(f"{what}: {len(missing)} of {len(paths)} image files are missing (relative to {root}), "
-                       f"e.g. {', '.join(missing[:3])}")
-
-
-def parse_split_names(names: Sequence[str], what: str) -> list[int]:
-    """``train``/``val``/``test`` (any case) -> split indices."""
-    unknown = sorted({n for n in names if n.lower() not in SPLITS})
-    if unknown:
-        raise FptError(f"{what}: unknown split name(s) {', '.join(map(repr, unknown[:5]))}; use train, val or test")
-    return [SPLITS.index(n.lower()) for n in names]
-
-
-def stratified_group_split(labels: Sequence[int], groups: Sequence[str], seed: int, what: str) -> np.ndarray:
-    """The paper's rule for datasets without an official split: seeded, stratified 70/10/20 train/val/test.
-
-    labels, groups: [n]; every group (patient) lands in one split. Returns uint8 [n] indices into SPLITS.
-    scikit-learn's StratifiedGroupKFold (shuffled by ``seed``) makes ten folds: 0-6 train, 7 val, 8-9 test.
-    The same inputs in the same order always give the same split.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold   # ~2 s to import: only when a split is made
-
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    n_groups, smallest = len(np.unique(groups)), int(np.unique(labels, return_counts=True)[1].min())
-    if n_groups < SPLIT_FOLDS or smallest < SPLIT_FOLDS:
-        raise FptError(f"{what}: a stratified 70/10/20 split needs at least {SPLIT_FOLDS} groups and "
-                       f"{SPLIT_FOLDS} samples of every class; found {n_groups} groups and {smallest} samples "
-                       "in the smallest class")
-    folds = np.empty(len(labels), dtype=np.int64)
-    splitter = StratifiedGroupKFold(n_splits=SPLIT_FOLDS, shuffle=True, random_state=seed)
-    for fold, (_, members) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        folds[members] = fold
-    return np.digitize(folds, [7, 8]).astype(np.uint8)
-
-
-def check_splits_filled(samples: Sequence[SampleRef], what: str) -> None:
-    present = {s.split for s in samples}
-    for s, split in enumerate(SPLITS):
-        if s not in present:
-            raise FptError(f"{what}: the {split} split is empty")
-
-
-# Scanner exports are large (a 20k x 20k pathology or mammography export is 400 M pixels); PIL's default bomb
-# guard (~179 M pixels) would refuse them. Above this, a file is refused as implausible.
-Image.MAX_IMAGE_PIXELS = 1_000_000_000
-
-
-def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
-    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_rgb`` gives it, EXIF orientation applied;
-    unreadable -> FptError naming the file. ``size_hint`` (the LPM side) lets JPEG decode at a reduced scale
-    that still covers it, so huge JPEGs cost little memory."""
-    if path.suffix.lower() == ".dcm":
-        return read_dicom(path)
-    try:
-        with Image.open(path) as im:
-            if size_hint and im.format == "JPEG":
-                im.draft(im.mode, (size_hint, size_hint))
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise FptError(f"cannot read image {path}: {e}") from None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """An image ``prepare_image`` accepts: 8-bit RGB, or for high-bit-depth grey (16-bit PNG/TIFF) a float
-    image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return grey_float(np.asarray(im, dtype=np.float64))
-    return im.convert("RGB")
-
-
-def grey_float(a: np.ndarray) -> Image.Image:
-    """float grey [H, W] of any range -> PIL "F" image in [0, 1] (min-max scaled)."""
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(a.astype(np.float32), mode="F")
-
-
 class SyntheticTextureSource:
     """The demo's fine-grained task, generated deterministically from a seed.
 
@@ -256,7 +149,6 @@ def open_source(cfg: ExtractConfig) -> ImageSource:
         return SyntheticTextureSource(cfg.counts or {"train": 240, "val": 80, "test": 80}, cfg.res, cfg.seed,
                                       cfg.classes)
     if cfg.source == "cmmd":
-        from fpt.extract.cmmd import CmmdSource    # it imports this module (and openpyxl)
         return CmmdSource(cfg.data, cfg.classes, cfg.seed)
     if cfg.data is not None and Path(cfg.data).is_file() and Path(cfg.data).suffix.lower() == ".csv":
         return CsvManifestSource(cfg.data, cfg.classes, cfg.seed, size_hint=cfg.res)
@@ -293,26 +185,3 @@ def resolve_normalization(cfg: ExtractConfig, source: ImageSource) -> ExtractCon
     return replace(cfg, mean=mean if cfg.mean == "auto" else cfg.mean, std=std if cfg.std == "auto" else cfg.std)
 
 
-def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
-    """The LPM's input and the stored low-res copy, from an RGB or a float grey ("F", [0, 1]) image.
-
-    Returns (high float32 [res, res, 3] in [0, 255], low uint8 [image_res, image_res, 3]). The high-res image is
-    resized with (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
-    A float image stays float until here, so 16-bit sources keep their precision through the resize.
-    """
-    high = lpm_view(image, res)
-    low = high.resize((image_res, image_res), Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC)
-    return rgb_array(high), np.clip(rgb_array(low), 0, 255).round().astype(np.uint8)
-
-
-def lpm_view(image: Image.Image, res: int) -> Image.Image:
-    """The image as the LPM sees it: RGB or float grey ("F"), resized to [res, res] with bicubic."""
-    if image.mode not in ("RGB", "F"):
-        image = to_rgb(image)
-    return image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
-
-
-def rgb_array(image: Image.Image) -> np.ndarray:
-    """float32 [H, W, 3] in [0, 255] from an RGB or a float grey ("F", [0, 1]) image."""
-    a = np.asarray(image, dtype=np.float32)
-    return np.repeat(a[..., None] * 255, 3, -1) if image.mode == "F" else a

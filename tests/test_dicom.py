@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fpt import FptError
 from fpt.extract import dicom
-from fpt.extract.datasets import prepare_image
+from fpt.extract.images import prepare_image
 from fpt.extract.dicom import read_dicom
 
 MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"     # Digital Mammography X-Ray Image Storage - For Presentation

@@ -16,7 +16,7 @@ from fpt.store import StoreReader
 from fpt.train import load_checkpoint, train
 from fpt.train.data import SideInput, open_split
 from fpt.train.loop import predict
-from fpt.train.predict import collect_images, predict_images
+from fpt.predict import collect_images, predict_images
 from tests.conftest import MICRO, micro_config, write_image_folder
 
 

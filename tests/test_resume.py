@@ -12,7 +12,7 @@ import zarr
 from fpt import FptError
 from fpt.config import extract_config
 from fpt.extract import extract
-from fpt.extract.run import forward_fitting
+from fpt.extract.encode import forward_fitting
 from fpt.store import StoreLock, StoreReader
 from tests.conftest import write_image_folder
 

@@ -104,7 +104,7 @@ def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     from PIL import Image
 
     from fpt.extract import prepare_image
-    from fpt.extract.datasets import to_rgb
+    from fpt.extract.images import to_rgb
 
     ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)     # 12 bits of distinct levels
     im = to_rgb(Image.fromarray(ramp))

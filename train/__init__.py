@@ -2,8 +2,8 @@
 
 Public API: ``train(cfg)``, ``evaluate_checkpoint(...)``, ``load_checkpoint``, ``SideNetwork``, ``FusionModule``,
 ``FptFusionModule``, ``LinearProbe``, ``ModelSpec``, ``build_model``, ``parameter_counts``,
-``classification_metrics``, ``ppe``, ``pme``. Sweeps: ``fpt.train.sweep``; images -> probabilities:
-``fpt.train.predict``; token maps: ``fpt.train.show``.
+``classification_metrics``, ``ppe``, ``pme``. Sweeps: ``fpt.train.sweep``; token maps: ``fpt.train.show``.
+(Images -> probabilities needs both stages and lives above them: ``fpt.predict``.)
 """
 from fpt.train.loop import evaluate_checkpoint, load_checkpoint, train
 from fpt.train.metrics import classification_metrics, pme, ppe

@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fpt.cli import app
-from fpt.extract.datasets import load_image_file
+from fpt.extract.images import load_image_file
 from fpt.store import StoreReader
 from tests.conftest import write_image_folder
 from tests.test_cli import MICRO_ARGS, fails_cleanly

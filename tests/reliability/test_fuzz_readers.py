@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fpt import FptError
-from fpt.extract.datasets import CsvManifestSource, ImageFolderSource, load_image_file, prepare_image
+from fpt.extract.datasets import CsvManifestSource, ImageFolderSource
+from fpt.extract.images import load_image_file, prepare_image
 from fpt.extract.dicom import read_dicom
 from tests.reliability.fuzzing import fuzz_settings
 

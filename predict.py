@@ -1,4 +1,4 @@
-"""``fpt predict``: class probabilities for new images from a trained checkpoint.
+"""``fpt predict`` (above both stages: it runs the LPM as extraction does, then the trained side network): class probabilities for new images from a trained checkpoint.
 
 Every image goes the way the store's samples went: the same LPM (its weights checked against the sha256 the
 checkpoint recorded from the store), the same resolution, layers, token ratio and importance, the same low-res
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from fpt import FptError
-from fpt.extract.backbone import FrozenLPM, create_backbone
-from fpt.extract.datasets import IMAGE_EXTENSIONS, load_image_file, prepare_image
-from fpt.extract.run import forward_fitting
-from fpt.train.data import SideInput
 from fpt.config import resolve_device
+from fpt.extract.backbone import FrozenLPM, create_backbone
+from fpt.extract.encode import encode_batch
+from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, prepare_image
+from fpt.train.data import SideInput
 from fpt.train.loop import load_checkpoint
 
 CSV_PATH_COLUMNS = ("path", "image", "file")
@@ -77,8 +77,8 @@ class LoadedPredictor:
     side_input: SideInput
     res: int
     image_res: int
-    mean: torch.Tensor        # [1, 3, 1, 1] on the device, in [0, 255] units
-    std: torch.Tensor
+    mean: list[float]         # the store's normalisation, per channel in [0, 1]
+    std: list[float]
     classes: list[str]
     method: str
     device: torch.device
@@ -110,8 +110,7 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
     return LoadedPredictor(
         lpm=lpm, model=ckpt.model.to(dev).eval(), side_input=SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]),
         res=ex["res"], image_res=ex["image_res"],
-        mean=torch.tensor(norm["mean"], device=dev).view(1, 3, 1, 1) * 255,
-        std=torch.tensor(norm["std"], device=dev).view(1, 3, 1, 1) * 255,
+        mean=list(norm["mean"]), std=list(norm["std"]),
         classes=list(identity["classes"]), method=ckpt.spec.method, device=dev)
 
 
@@ -127,10 +126,9 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
         # as extraction prepares a sample: high float32 [res, res, 3] in [0, 255], low uint8 [R, R, 3]
         highs, lows = zip(*(prepare_image(load_image_file(path), p.res, p.image_res)
                             for path in images[start:start + batch_size]))
-        high = torch.from_numpy(np.stack(highs)).to(p.device).permute(0, 3, 1, 2)   # [B, 3, res, res]
+        high = torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2)                # [B, 3, res, res]
         low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]
-        out = forward_fitting(p.lpm, (high - p.mean) / p.std, p.device)
-        batch = {"images": low.permute(0, 3, 1, 2), **{n: out[n].to(torch.float16) for n in ("keys", "values", "cls")}}
+        batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std)}
         probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()
         for path, row in zip(images[start:], probs.tolist()):
             rows.append({"image": str(path), "prediction": p.classes[max(range(len(row)), key=row.__getitem__)],

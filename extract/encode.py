@@ -1,0 +1,50 @@
+"""Encoding images with the frozen LPM: the one path from pixels to stored features, used by extraction and by
+prediction alike (so a new image is seen exactly as the store's samples were)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+
+from fpt import FptError
+from fpt.extract.backbone import FrozenLPM
+from fpt.store import FEATURE_DTYPES
+
+
+@torch.no_grad()
+def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+                 ) -> dict[str, torch.Tensor]:
+    """high: [B, 3, res, res] in [0, 255] (any float dtype, any device); mean/std: per channel in [0, 1].
+
+    Returns, on the LPM's device and in the store's dtypes: keys/values [B, L, H, k, d], indices [B, L, H, k],
+    cls [B, D]. Runs under bf16 autocast on CUDA, halving the batch when it does not fit.
+    """
+    device = next(lpm.parameters()).device
+    shift, scale = _normalization(tuple(mean), tuple(std), device)
+    x = (high.to(device, non_blocking=True).float() - shift) / scale
+    out = forward_fitting(lpm, x, device)
+    return {name: out[name].to(getattr(torch, dtype)) for name, dtype in FEATURE_DTYPES.items()}
+
+
+@lru_cache(maxsize=8)
+def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) x 255 as [1, 3, 1, 1] tensors on ``device``, made once: building them per batch from a list
+    would be a blocking host-to-device copy that waits for the previous batch's GPU work."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
+def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The LPM on ``x`` [B, 3, res, res] (bf16 autocast on CUDA), halving the batch on CUDA out-of-memory."""
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return lpm(x)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if len(x) == 1:
+            raise FptError(f"one image at res {x.shape[-1]} does not fit in GPU memory; lower --res") from None
+        half = len(x) // 2
+        a, b = forward_fitting(lpm, x[:half], device), forward_fitting(lpm, x[half:], device)
+        return {k: torch.cat([a[k], b[k]]) for k in a}

@@ -1,0 +1,73 @@
+"""Decoding image files and making the two views of a sample: the LPM's high-res input and the stored
+low-res copy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fpt import FptError
+from fpt.extract.dicom import read_dicom
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
+
+# Scanner exports are large (a 20k x 20k pathology or mammography export is 400 M pixels); PIL's default bomb
+# guard (~179 M pixels) would refuse them. Above this, a file is refused as implausible.
+Image.MAX_IMAGE_PIXELS = 1_000_000_000
+
+
+def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
+    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_rgb`` gives it, EXIF orientation applied;
+    unreadable -> FptError naming the file. ``size_hint`` (the LPM side) lets JPEG decode at a reduced scale
+    that still covers it, so huge JPEGs cost little memory."""
+    if path.suffix.lower() == ".dcm":
+        return read_dicom(path)
+    try:
+        with Image.open(path) as im:
+            if size_hint and im.format == "JPEG":
+                im.draft(im.mode, (size_hint, size_hint))
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FptError(f"cannot read image {path}: {e}") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image ``prepare_image`` accepts: 8-bit RGB, or for high-bit-depth grey (16-bit PNG/TIFF) a float
+    image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return grey_float(np.asarray(im, dtype=np.float64))
+    return im.convert("RGB")
+
+
+def grey_float(a: np.ndarray) -> Image.Image:
+    """float grey [H, W] of any range -> PIL "F" image in [0, 1] (min-max scaled)."""
+    lo, hi = float(a.min()), float(a.max())
+    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(a.astype(np.float32), mode="F")
+
+
+def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
+    """The LPM's input and the stored low-res copy, from an RGB or a float grey ("F", [0, 1]) image.
+
+    Returns (high float32 [res, res, 3] in [0, 255], low uint8 [image_res, image_res, 3]). The high-res image is
+    resized with (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
+    A float image stays float until here, so 16-bit sources keep their precision through the resize.
+    """
+    high = lpm_view(image, res)
+    low = high.resize((image_res, image_res), Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC)
+    return rgb_array(high), np.clip(rgb_array(low), 0, 255).round().astype(np.uint8)
+
+
+def lpm_view(image: Image.Image, res: int) -> Image.Image:
+    """The image as the LPM sees it: RGB or float grey ("F"), resized to [res, res] with bicubic."""
+    if image.mode not in ("RGB", "F"):
+        image = to_rgb(image)
+    return image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """float32 [H, W, 3] in [0, 255] from an RGB or a float grey ("F", [0, 1]) image."""
+    a = np.asarray(image, dtype=np.float32)
+    return np.repeat(a[..., None] * 255, 3, -1) if image.mode == "F" else a

@@ -1,0 +1,85 @@
+"""What every image source shares: the sample reference, the source protocol, and the split rules (official
+splits by name, or the paper's seeded stratified 70/10/20 split)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fpt import FptError
+from fpt.store import SPLITS
+
+SPLIT_FOLDS = 10    # the paper's 70/10/20 rule as ten stratified folds: 7 train, 1 val, 2 test
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    id: str        # relative path (or generated id)
+    label: int     # index into the source's classes
+    split: int     # index into SPLITS
+
+
+class ImageSource(Protocol):
+    name: str
+    classes: list[str]
+    samples: list[SampleRef]
+
+    def load(self, ref: SampleRef) -> Image.Image: ...
+
+
+def class_names(labels: Sequence[str], fixed: list[str] | None, what: str) -> list[str]:
+    """The class list: ``fixed`` (the pipeline's order) when given, else the sorted distinct ``labels``."""
+    if fixed is None:
+        return sorted(set(labels))
+    unknown = sorted(set(labels) - set(fixed))
+    if unknown:
+        raise FptError(f"{what}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the pipeline's "
+                       f"classes {fixed}")
+    return list(fixed)
+
+
+def check_files_exist(paths: Sequence[str], root: Path, what: str) -> None:
+    missing = [p for p in paths if not (root / p).is_file()]
+    if missing:
+        raise FptError(f"{what}: {len(missing)} of {len(paths)} image files are missing (relative to {root}), "
+                       f"e.g. {', '.join(missing[:3])}")
+
+
+def parse_split_names(names: Sequence[str], what: str) -> list[int]:
+    """``train``/``val``/``test`` (any case) -> split indices."""
+    unknown = sorted({n for n in names if n.lower() not in SPLITS})
+    if unknown:
+        raise FptError(f"{what}: unknown split name(s) {', '.join(map(repr, unknown[:5]))}; use train, val or test")
+    return [SPLITS.index(n.lower()) for n in names]
+
+
+def stratified_group_split(labels: Sequence[int], groups: Sequence[str], seed: int, what: str) -> np.ndarray:
+    """The paper's rule for datasets without an official split: seeded, stratified 70/10/20 train/val/test.
+
+    labels, groups: [n]; every group (patient) lands in one split. Returns uint8 [n] indices into SPLITS.
+    scikit-learn's StratifiedGroupKFold (shuffled by ``seed``) makes ten folds: 0-6 train, 7 val, 8-9 test.
+    The same inputs in the same order always give the same split.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold   # ~2 s to import: only when a split is made
+
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    n_groups, smallest = len(np.unique(groups)), int(np.unique(labels, return_counts=True)[1].min())
+    if n_groups < SPLIT_FOLDS or smallest < SPLIT_FOLDS:
+        raise FptError(f"{what}: a stratified 70/10/20 split needs at least {SPLIT_FOLDS} groups and "
+                       f"{SPLIT_FOLDS} samples of every class; found {n_groups} groups and {smallest} samples "
+                       "in the smallest class")
+    folds = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=SPLIT_FOLDS, shuffle=True, random_state=seed)
+    for fold, (_, members) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[members] = fold
+    return np.digitize(folds, [7, 8]).astype(np.uint8)
+
+
+def check_splits_filled(samples: Sequence[SampleRef], what: str) -> None:
+    present = {s.split for s in samples}
+    for s, split in enumerate(SPLITS):
+        if s not in present:
+            raise FptError(f"{what}: the {split} split is empty")
