@@ -270,7 +270,7 @@ class FrozenLPM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: list[int], token_ratio: float, importance: str = "global",
-                 query_block: int = 256):
+                 query_block: int = 256, importance_backend: str = "auto"):
         super().__init__()
         family = vit_family(model, type(model).__name__)
         if importance == "cls" and not has_class_token(model):
@@ -278,6 +278,7 @@ class FrozenLPM(nn.Module):
                            "register or a patch); use --importance global")
         self.model, self.layers = model, layers
         self.token_ratio, self.importance, self.query_block = token_ratio, importance, query_block
+        self.importance_backend = importance_backend     # see token_importance: triton kernel on CUDA by default
         self._captured: dict[int, tuple[torch.Tensor, ...]] = {}
         for layer in layers:
             attn = model.blocks[layer].attn
@@ -290,7 +291,7 @@ class FrozenLPM(nn.Module):
     def _make_hook(self, layer: int, attn: nn.Module) -> OnQKV:
         def hook(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
             self._captured[layer] = select_important_tokens(
-                q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block)
+                q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block, self.importance_backend)
         return hook
 
     @torch.no_grad()

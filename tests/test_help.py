@@ -104,7 +104,7 @@ def test_training_reports_every_batch(micro_store, tmp_path):
     seen = []
     train(train_config(micro_store, side_res=16, epochs=2, batch_size=3, device="cpu", out=tmp_path / "run"),
           on_batch=lambda epoch, done, total: seen.append((epoch, done, total)))
-    assert seen == [(e, i, 3) for e in range(2) for i in (1, 2, 3)]      # 8 train samples in batches of 3
+    assert seen == [(e, i, 2) for e in range(2) for i in (1, 2)]     # 8 train samples: 2 full batches of 3
 
 
 def test_inspect_arrays_fit_80_columns(micro_store, monkeypatch):

@@ -14,6 +14,8 @@ import numpy as np
 from sklearn.metrics import auc as area_under
 from sklearn.metrics import confusion_matrix, roc_curve
 
+from fpt.train.files import atomic_write
+
 
 @dataclass
 class RocCurve:
@@ -130,11 +132,6 @@ def _confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
 
 
 def _save(fig, path: Path) -> None:
-    """PNG via a temporary name and a rename, so a killed run never leaves half a picture."""
+    """PNG written atomically (a killed run never leaves half a picture)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{np.random.default_rng().integers(1 << 30)}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
