@@ -8,15 +8,17 @@ Public API:
     StoreReader            read samples and metadata for training
     as_dask(path)          every array as a lazy dask array (for notebooks and big stores)
     summarize(path)        the facts ``fpt inspect`` shows
-    verify(path)           which samples are missing or fail their checksums (VerifyReport)
+    verify(path)           which samples are unfinished, missing or fail their checksums (VerifyReport)
+    mark_for_reextraction  the repair path: damaged samples' shards back to not done, for `fpt extract` to rewrite
     Geometry, SCHEMA_VERSION, SPLITS, SAMPLE_ARRAYS, FEATURE_DTYPES, choose_samples_per_shard
 """
 from fpt.store.layout import FEATURE_DTYPES, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry, choose_samples_per_shard
 from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
-from fpt.store.verify import VerifyReport, verify
+from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
 from fpt.store.writer import StoreWriter
 
 __all__ = ["FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLocation", "StoreLock",
-           "StoreReader", "StoreWriter", "as_dask", "is_url", "store_stem", "summarize", "verify", "VerifyReport"]
+           "StoreReader", "StoreWriter", "as_dask", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
+           "mark_for_reextraction"]

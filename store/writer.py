@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -11,13 +12,15 @@ import numpy as np
 import zarr
 
 from fpt import FptError, __version__
-from fpt.store.layout import (DONE, EXCLUDED_SPLIT, INDEX_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT,
-                              Geometry, compressors)
+from fpt.store.layout import (ARRAY_ATTRS, DIMENSION_NAMES, DONE, EXCLUDED_SPLIT, FILL_VALUES, INDEX_ARRAYS,
+                              SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT, Geometry, compressors, decode_ids,
+                              encode_ids, group_attrs)
 from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
 
-# attrs sections that define what a store contains; a re-run must ask for exactly these
-IDENTITY_SECTIONS = ("backbone", "extraction", "dataset", "normalization")
+# attrs sections that define what a store contains; a re-run must ask for exactly these. Settings the user
+# chose are compared before the backbone's derived facts, so a refusal names the option that changed.
+IDENTITY_SECTIONS = ("extraction", "normalization", "dataset", "backbone")
 VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through the ids instead
 
 
@@ -46,7 +49,7 @@ class StoreWriter:
         if exists and not overwrite:
             group = open_group(path, mode="r+")
             problem = _identity_difference(dict(group.attrs), attrs)
-            if problem is None and group["ids"][:].tolist() != [str(i) for i in ids]:
+            if problem is None and decode_ids(group["ids"][:]) != [str(i) for i in ids]:
                 problem = "the sample ids differ (the data changed)"
             if problem:
                 raise FptError(f"{path} holds a different extraction ({problem}); "
@@ -67,16 +70,17 @@ class StoreWriter:
     def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
                 split: np.ndarray) -> "StoreWriter":
         group = zarr.open_group(path.zarr_target(), mode="w", zarr_format=3)
+        encoded_ids = encode_ids(ids)
+        g = replace(g, id_bytes=encoded_ids.shape[1])
         S, per = g.n_samples, g.samples_per_shard
         writer = cls(path, group, g)
         for name, (shape, dtype) in g.sample_shapes().items():
-            if name in SAMPLE_ARRAYS:
-                group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1, *shape),
-                                   shards=(per, *shape), compressors=compressors(), fill_value=0)
-            else:
-                group.create_array(name, shape=(S,), dtype=str if dtype == "str" else dtype, chunks=(per,),
-                                   compressors=compressors(), fill_value="" if dtype == "str" else 0)
-        writer._array("ids")[:] = ids.astype(object)
+            per_sample = name in SAMPLE_ARRAYS
+            group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if per_sample else per, *shape),
+                               shards=(per, *shape) if per_sample else None, compressors=compressors(),
+                               fill_value=FILL_VALUES[name], dimension_names=DIMENSION_NAMES[name],
+                               attributes=ARRAY_ATTRS[name])
+        writer._array("ids")[:] = encoded_ids
         writer._array("labels")[:] = labels.astype(np.int16)
         writer._array("split")[:] = split.astype(np.uint8)
         writer._array(DONE)[:] = False
@@ -85,6 +89,7 @@ class StoreWriter:
             "fpt_store_version": SCHEMA_VERSION,
             "fpt_version": __version__,
             "geometry": g.__dict__,
+            "layout": group_attrs(g),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         return writer
