@@ -61,7 +61,9 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
         def update(done: int, total: int):
             speed = progress.tasks[task].speed
             progress.update(task, completed=done, total=total, rate=f"{speed:.3g} img/s" if speed else "")
-        result = extract(cfg, progress=update, scheduler=scheduler)
+        result = extract(cfg, progress=update, scheduler=scheduler,
+                         warn=lambda message: err.print(f"[bold yellow]WARNING: {message}[/] (recorded in the store)",
+                                                        highlight=False, soft_wrap=True))
     if result.n_written == 0:
         console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
     else:

@@ -5,6 +5,7 @@ Options given as ``None`` mean "not set on the command line" and leave the pipel
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -194,11 +195,19 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError("--res, --image-res and --batch-size must be positive")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise FptError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    patch = re.search(r"patch(\d+)", cfg.backbone or "")      # timm names say their patch: vit_*_patch16_*
+    if patch:                                                   # checked before the model loads (and again after)
+        check_res_fits_patch(cfg.res, int(patch[1]), cfg.backbone)
     if cfg.weights is not None and cfg.random_init:
         raise FptError("--weights and --random-init exclude each other")
     if cfg.weights is not None and not Path(cfg.weights).is_file():
         raise FptError(f"--weights {cfg.weights}: no such file")
     check_normalization(cfg.mean, cfg.std)
+
+
+def check_res_fits_patch(res: int, patch: int, backbone: str) -> None:
+    if res % patch:
+        raise FptError(f"--res {res} is not a multiple of the patch size {patch} of {backbone}")
 
 
 def check_normalization(mean: tuple[float, ...] | str, std: tuple[float, ...] | str) -> None:

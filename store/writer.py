@@ -48,12 +48,7 @@ class StoreWriter:
                            "(it is never replaced, even with --overwrite)")
         if exists and not overwrite:
             group = open_group(path, mode="r+")
-            problem = _identity_difference(dict(group.attrs), attrs)
-            if problem is None and decode_ids(group["ids"][:]) != [str(i) for i in ids]:
-                problem = "the sample ids differ (the data changed)"
-            if problem:
-                raise FptError(f"{path} holds a different extraction ({problem}); "
-                               "pass --overwrite to replace it or --out to write elsewhere")
+            _refuse_other_extraction(path, group, attrs, ids)
             return cls(path, group, Geometry(**group.attrs["geometry"]))
         if exists:
             path.remove()
@@ -142,11 +137,32 @@ class StoreWriter:
         self.group.attrs.update(sections)
 
 
-def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+def check_same_extraction(path: str | Path | StoreLocation, attrs: Mapping[str, Any], ids: np.ndarray) -> None:
+    """Before the expensive part: refuse an existing store at ``path`` that differs from the keys ``attrs``
+    gives (the settings known before the LPM is loaded) or from ``ids``. No store there: nothing to check."""
+    path = StoreLocation(path)
+    if path.is_file("zarr.json"):
+        _refuse_other_extraction(path, open_group(path), attrs, ids, partial=True)
+
+
+def _refuse_other_extraction(path: StoreLocation, group: zarr.Group, attrs: Mapping[str, Any], ids: np.ndarray,
+                             partial: bool = False) -> None:
+    problem = _identity_difference(dict(group.attrs), attrs, partial)
+    if problem is None and decode_ids(group["ids"][:]) != [str(i) for i in ids]:
+        problem = "the sample ids differ (the data changed)"
+    if problem:
+        raise FptError(f"{path} holds a different extraction ({problem}); "
+                       "pass --overwrite to replace it or --out to write elsewhere")
+
+
+def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any], partial: bool = False) -> str | None:
+    """The first differing ``section.key``; ``partial``: only the sections and keys ``wanted`` gives."""
     for section in IDENTITY_SECTIONS:
+        if partial and section not in wanted:
+            continue
         a = {k: v for k, v in (stored.get(section) or {}).items() if k not in VOLATILE_KEYS}
         b = {k: v for k, v in _jsonable(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(b) if partial else set(a) | set(b)):
             if a.get(key) != b.get(key):
                 return f"{section}.{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
     return None
@@ -161,4 +177,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["StoreWriter", "INDEX_ARRAYS"]
+__all__ = ["StoreWriter", "INDEX_ARRAYS", "check_same_extraction"]
