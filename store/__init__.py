@@ -20,6 +20,6 @@ from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
 from fpt.store.writer import StoreWriter, check_same_extraction
 
-__all__ = ["FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLocation", "StoreLock",
-           "StoreReader", "StoreWriter", "as_dask", "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
-           "mark_for_reextraction"]
+__all__ = ["FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard",
+           "StoreLocation", "StoreLock", "StoreReader", "StoreWriter", "as_dask", "check_same_extraction", "is_url",
+           "store_stem", "summarize", "verify", "VerifyReport", "mark_for_reextraction"]

@@ -111,7 +111,8 @@ def _read_done(group: zarr.Group, g: Geometry, report: VerifyReport) -> np.ndarr
     try:
         arr = group[DONE]
     except Exception as e:
-        report.problems.append(Problem(DONE, list(range(g.n_samples)), f"array metadata unreadable ({type(e).__name__})"))
+        report.problems.append(Problem(DONE, list(range(g.n_samples)),
+                                       f"array metadata unreadable ({type(e).__name__})"))
         return np.ones(g.n_samples, dtype=bool)
     try:
         return arr[:]
