@@ -12,7 +12,7 @@ import numpy as np
 import zarr
 
 from fpt import FptError, __version__
-from fpt.store.layout import (ARRAY_ATTRS, DIMENSION_NAMES, DONE, EXCLUDED_SPLIT, FILL_VALUES, INDEX_ARRAYS,
+from fpt.store.layout import (ARRAY_ATTRS, DEFAULT_CODEC, DIMENSION_NAMES, DONE, EXCLUDED_SPLIT, FILL_VALUES,
                               SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT, Geometry, compressors, decode_ids,
                               encode_ids, group_attrs)
 from fpt.store.location import StoreLocation
@@ -35,11 +35,13 @@ class StoreWriter:
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | StoreLocation, geometry: Geometry, attrs: Mapping[str, Any], ids: np.ndarray,
-             labels: np.ndarray, split: np.ndarray, overwrite: bool = False) -> "StoreWriter":
+             labels: np.ndarray, split: np.ndarray, overwrite: bool = False, codec: str = DEFAULT_CODEC
+             ) -> "StoreWriter":
         """Create the store at ``path``, or reopen it for resuming when it holds the same extraction.
 
         An existing store that differs in backbone, extraction settings, dataset or sample ids is refused
-        unless ``overwrite`` (which deletes it first).
+        unless ``overwrite`` (which deletes it first). ``codec`` (a name in layout.CODECS) applies to a new
+        store; a resumed store keeps the codec it was created with.
         """
         path = StoreLocation(path)
         exists = path.exists()
@@ -52,7 +54,7 @@ class StoreWriter:
             return cls(path, group, Geometry(**group.attrs["geometry"]))
         if exists:
             path.remove()
-        return cls._create(path, geometry, attrs, ids, labels, split)
+        return cls._create(path, geometry, attrs, ids, labels, split, codec)
 
     @classmethod
     def reopen(cls, path: str | Path | StoreLocation) -> "StoreWriter":
@@ -63,7 +65,7 @@ class StoreWriter:
 
     @classmethod
     def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
-                split: np.ndarray) -> "StoreWriter":
+                split: np.ndarray, codec: str) -> "StoreWriter":
         group = zarr.open_group(path.zarr_target(), mode="w", zarr_format=3)
         encoded_ids = encode_ids(ids)
         g = replace(g, id_bytes=encoded_ids.shape[1])
@@ -72,7 +74,7 @@ class StoreWriter:
         for name, (shape, dtype) in g.sample_shapes().items():
             per_sample = name in SAMPLE_ARRAYS
             group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if per_sample else per, *shape),
-                               shards=(per, *shape) if per_sample else None, compressors=compressors(),
+                               shards=(per, *shape) if per_sample else None, compressors=compressors(codec),
                                fill_value=FILL_VALUES[name], dimension_names=DIMENSION_NAMES[name],
                                attributes=ARRAY_ATTRS[name])
         writer._array("ids")[:] = encoded_ids
@@ -84,6 +86,7 @@ class StoreWriter:
             "fpt_store_version": SCHEMA_VERSION,
             "fpt_version": __version__,
             "geometry": g.__dict__,
+            "storage": {"codec": codec},
             "layout": group_attrs(g),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
@@ -177,4 +180,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["StoreWriter", "INDEX_ARRAYS", "check_same_extraction"]
+__all__ = ["StoreWriter", "check_same_extraction"]
