@@ -69,6 +69,7 @@ class TrainConfig:
     ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
+    compile: bool | None = None           # torch.compile the training step; None = on CUDA only
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +86,7 @@ class SweepConfig:
     seeds: int                  # repeats of the best configuration: seeds train.seed, train.seed + 1, ...
     out: Path                   # sweep directory: one run directory per run, sweep.json, sweep.csv
     scheduler: str              # "local", "local:N" or a dask scheduler address
+    runs_per_gpu: int | None = None   # runs at once per GPU of a local scheduler; None = from memory (fpt.train.sweep)
 
 
 def load_pipelines(path: Path = PIPELINES_FILE) -> dict[str, Any]:
@@ -273,7 +275,7 @@ def parse_grid(value: str | list | float | None, what: str) -> list[float] | Non
 
 def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
                  seeds: int | None = None, scheduler: str | None = None, out: Path | None = None,
-                 **train_options: Any) -> SweepConfig:
+                 runs_per_gpu: int | None = None, **train_options: Any) -> SweepConfig:
     """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train."""
     pipelines = load_pipelines()
     entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)["sweep"]
@@ -286,9 +288,11 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
     seeds = seeds if seeds is not None else entry.get("seeds", 1)
     if seeds < 1:
         raise FptError(f"--seeds {seeds}: must be at least 1")
+    if runs_per_gpu is not None and runs_per_gpu < 1:
+        raise FptError(f"--runs-per-gpu {runs_per_gpu}: must be at least 1")
     out = Path(out or f"sweeps/{store_stem(store)}-{base.method}")
     return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
-                       scheduler=scheduler or entry.get("scheduler", "local"))
+                       scheduler=scheduler or entry.get("scheduler", "local"), runs_per_gpu=runs_per_gpu)
 
 
 def resolve_device(device: str) -> "torch.device":
