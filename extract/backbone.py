@@ -29,6 +29,7 @@ from timm.models import deit, eva, vision_transformer
 from torch import nn
 
 from fpt import FptError
+from fpt.config import check_res_fits_patch
 from fpt.extract.selection import num_selected, select_important_tokens
 
 RANDOM_INIT_SEED = 0
@@ -193,8 +194,7 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
                        "with --weights FILE, or --random-init") from None
     family = vit_family(skeleton, name)
     patch = skeleton.patch_embed.patch_size[0]
-    if res % patch:
-        raise FptError(f"--res {res} is not a multiple of the patch size {patch} of {name}")
+    check_res_fits_patch(res, patch, name)
     if pretrained:
         try:
             model = timm.create_model(arch, pretrained=True, **kwargs)
