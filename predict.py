@@ -93,8 +93,7 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
         raise FptError(f"--weights {weights}: no such file")
     ckpt = load_checkpoint(checkpoint)
     identity = ckpt.store
-    if "normalization" not in identity:
-        raise FptError(f"{checkpoint} predates fpt predict (no normalisation recorded); retrain it with this fpt")
+    check_lpm_weights_given(identity["weights_source"], weights, random_init)
     ex = identity["extraction"]
     lpm_model, info = create_backbone(identity["backbone"], ex["res"], weights, random_init)
     if info.weights_sha256 != identity["weights_sha256"]:
@@ -112,6 +111,18 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
         res=ex["res"], image_res=ex["image_res"],
         mean=list(norm["mean"]), std=list(norm["std"]),
         classes=list(identity["classes"]), method=ckpt.spec.method, device=dev)
+
+
+def check_lpm_weights_given(source: str, weights: Path | None, random_init: bool) -> None:
+    """Refuse, before any model is built, a request that would fetch timm's pretrained weights (a download, with
+    retries) when the store's LPM did not come from there. ``source``: the store's ``weights_source``, one of
+    "random-init", "file:<name>", "timm-pretrained". Weights that are given are checked by their sha256."""
+    if weights is not None or random_init or source == "timm-pretrained":
+        return
+    if source == "random-init":
+        raise FptError("the checkpoint was trained on a store extracted with a random-init LPM; pass --random-init")
+    raise FptError(f"the checkpoint's store was extracted with the LPM weights file {source.removeprefix('file:')}; "
+                   "pass it with --weights FILE")
 
 
 @torch.no_grad()

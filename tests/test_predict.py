@@ -103,9 +103,22 @@ def test_predict_cli_prints_and_writes(trained, tmp_path):
                                "--random-init", "--device", "cpu", "--out", str(as_json)]).exit_code == 0
     assert len(json.loads(as_json.read_text())["rows"]) == 4
     for args, message in [(["--out", str(tmp_path / "p.txt")], "write .csv or .json"),
-                          ([], "cannot load pretrained weights"),
+                          ([], "random-init LPM; pass --random-init"),
                           (["--random-init", "--checkpoint", str(tmp_path / "none.pt")], "no such file")]:
         cmd = ["predict", str(data / "test"), "--checkpoint", str(checkpoints["fpt+"]), "--device", "cpu", *args]
         bad = runner.invoke(app, cmd)
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
         assert "Traceback" not in bad.output
+
+
+def test_a_random_init_checkpoint_without_random_init_is_refused_before_any_model_loads(trained, monkeypatch):
+    import fpt.predict
+
+    data, _, checkpoints = trained
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the LPM was built (or downloaded) before the refusal")
+
+    monkeypatch.setattr(fpt.predict, "create_backbone", no_backbone)
+    with pytest.raises(FptError, match="random-init LPM; pass --random-init"):
+        predict_images(checkpoints["fpt+"], [data / "test"], device="cpu")

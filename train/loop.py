@@ -51,6 +51,7 @@ def store_identity(reader: StoreReader) -> dict[str, Any]:
     """What a checkpoint must agree with to be used on a store (and what ``fpt predict`` needs to redo it)."""
     return {"backbone": reader.attrs["backbone"]["name"],
             "weights_sha256": reader.attrs["backbone"]["weights_sha256"],
+            "weights_source": reader.attrs["backbone"]["weights_source"],
             "extraction": reader.attrs["extraction"], "classes": reader.classes,
             "normalization": reader.attrs["normalization"]}
 
@@ -226,7 +227,8 @@ def set_up(cfg: TrainConfig) -> Training:
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
     info = {"method": spec.method, "cache": plan.as_dict(), "train": len(train_data), "val": len(val_data),
             "device": str(device), "compiled": step.is_compiled, "drop_last": drop_last(cfg),
-            "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt}
+            "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
+            "dataset_warnings": reader.attrs["dataset"].get("warnings", [])}   # recorded at extraction
     return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
                     steps_per_epoch, state, resume)
 

@@ -98,6 +98,11 @@ def test_class_missing_from_val_or_test_warns_and_is_recorded(tmp_path):
     assert len(warned) == 2 and "'malignant' have no val samples, so val AUC is undefined" in warned[0]
     assert "'benign' have no test samples" in warned[1]
     assert StoreReader(store).attrs["dataset"]["warnings"] == warned
+    from fpt.config import train_config
+    from fpt.train import train
+    metrics = train(train_config(store, None, out=tmp_path / "run", side_res=16, epochs=1, batch_size=4, prompts=3,
+                                 device="cpu"))
+    assert metrics.data["dataset_warnings"] == warned                   # carried into metrics.json
     cli = run(["extract", "--data", str(data), *MICRO_ARGS, "--out", str(tmp_path / "c.zarr")])
     assert cli.exit_code == 0 and "WARNING" in cli.output and "no val samples" in " ".join(cli.output.split())
 
