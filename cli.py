@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
@@ -616,6 +617,8 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
         head.add_row(f"[bold]{k}", str(v))
     if bb["random_init"]:
         head.add_row("[bold red]warning", "[red]random-init LPM: no pre-trained knowledge")
+    for warning in a["dataset"].get("warnings", []):          # recorded at extraction (e.g. a class missing in val)
+        head.add_row("[bold yellow]warning", f"[yellow]{escape(warning)}")
     console.print(head)
     if not report.ok:
         show_problems(report, s["attrs"])

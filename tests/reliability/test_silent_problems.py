@@ -105,6 +105,8 @@ def test_class_missing_from_val_or_test_warns_and_is_recorded(tmp_path):
     assert metrics.data["dataset_warnings"] == warned                   # carried into metrics.json
     cli = run(["extract", "--data", str(data), *MICRO_ARGS, "--out", str(tmp_path / "c.zarr")])
     assert cli.exit_code == 0 and "WARNING" in cli.output and "no val samples" in " ".join(cli.output.split())
+    shown = run(["inspect", str(store), "--quick"])
+    assert shown.exit_code == 0 and "no test samples" in " ".join(shown.output.split())
 
 
 def test_labels_differing_only_in_case_are_refused(tmp_path, no_lpm):
