@@ -73,6 +73,14 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     return result
 
 
+PIPELINES_OPTION = typer.Option(None, help="Your own pipelines file, merged over the packaged pipelines.yaml "
+                                "[default: $FPT_PIPELINES].")
+AUGMENT_OPTION = typer.Option(None, help="Side-input augmentation: paper (default), strong or none, with overrides "
+                              "such as paper,vflip=0.5,scale=0.6:1.")
+DROP_LAST_OPTION = typer.Option(None, "--drop-last/--keep-last", help="Drop each epoch's last partial batch "
+                                "[default: drop, as the paper].")
+
+
 @app.command()
 @friendly
 def extract(
@@ -82,7 +90,8 @@ def extract(
     res: Optional[int] = typer.Option(None, help="LPM input side in pixels (multiple of the patch size)."),
     out: Optional[str] = typer.Option(None, help="Store: a path or an fsspec URL such as s3://bucket/NAME.zarr "
                                       "[default: NAME.zarr]."),
-    backbone: Optional[str] = typer.Option(None, help="timm ViT name [default: vit_base_patch16_224.augreg_in21k]."),
+    backbone: Optional[str] = typer.Option(None, help="timm ViT name, or in21k, dino, vit-l, fpt-code "
+                                           "[default: vit_base_patch16_384.orig_in21k_ft_in1k = fpt-code]."),
     weights: Optional[Path] = typer.Option(None, help="Local weights: timm/torch state dict or .safetensors."),
     random_init: bool = typer.Option(False, "--random-init", help="Use a randomly initialised LPM (tests/demos only)."),
     layers: Optional[str] = typer.Option(None, help="LPM layers to extract: 6-11 or 6,8,10 [default: last half]."),
@@ -99,10 +108,11 @@ def extract(
     on_error: Optional[str] = typer.Option(None, help="Unreadable image: fail (default) or skip (listed in the "
                                                       "store's skipped.csv, excluded from every split)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds a different extraction."),
+    pipelines: Optional[Path] = PIPELINES_OPTION,
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
     cfg = fpt_config.extract_config(
-        dataset, data, res=res, out=out, backbone=backbone, weights=weights, random_init=random_init or None,
+        dataset, data, pipelines, res=res, out=out, backbone=backbone, weights=weights, random_init=random_init or None,
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
@@ -110,13 +120,13 @@ def extract(
     run_extract(cfg, scheduler)
 
 
-def _train_cfg(store: Optional[str], **options) -> fpt_config.TrainConfig:
+def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
     from fpt.store import StoreReader
 
     if store is None:
         raise FptError("give --store PATH (or --resume RUN to continue an interrupted run)")
     dataset = StoreReader(store).attrs["dataset"]["name"]
-    return fpt_config.train_config(store, dataset, **options)
+    return fpt_config.train_config(store, dataset, pipelines, **options)
 
 
 def run_train(cfg: fpt_config.TrainConfig) -> dict:
@@ -152,7 +162,7 @@ def train_cmd(
     epochs: Optional[int] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate [default: the dataset's pipeline entry]."),
-    weight_decay: Optional[float] = typer.Option(None),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on all parameters [default: 0.1]."),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
     method: Optional[str] = typer.Option(None, help="fpt+ (default), fpt, side-only or linear-probe."),
@@ -163,6 +173,9 @@ def train_cmd(
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Train without samples that fail their "
                                       "checksums (default: refuse, naming them)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this directory."),
+    augment: Optional[str] = AUGMENT_OPTION,
+    drop_last: Optional[bool] = DROP_LAST_OPTION,
+    pipelines: Optional[Path] = PIPELINES_OPTION,
 ):
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
     then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
@@ -171,10 +184,11 @@ def train_cmd(
 
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers)
     else:
-        cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
+        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
                          method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)
+                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, augment=augment,
+                         drop_last=drop_last)
     m = run_train(cfg)
     show_metrics([m])
 
@@ -222,8 +236,9 @@ def evaluate(
 @friendly
 def sweep(
     store: str = typer.Option(..., help="Store (path or URL) written by `fpt extract` (read-only for every run)."),
-    lr: Optional[str] = typer.Option(None, help="Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3."),
-    weight_decay: Optional[str] = typer.Option(None, help="Weight decays to grid-search, e.g. 0,0.05."),
+    lr: Optional[str] = typer.Option(None, help="Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3 "
+                                     "[default: the dataset's published lr x 0.5, 1, 2]."),
+    weight_decay: Optional[str] = typer.Option(None, help="Weight decays to grid-search [default: 0.05,0.1]."),
     seeds: Optional[int] = typer.Option(None, help="Repeats of the best configuration (seed, seed+1, ...)."),
     scheduler: Optional[str] = typer.Option(None, help="local (N from GPU/CPU count), local:N or a dask address."),
     out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/STORE-METHOD]."),
@@ -238,6 +253,9 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu (per run)."),
     ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Leave out samples that fail their checksums."),
+    augment: Optional[str] = AUGMENT_OPTION,
+    drop_last: Optional[bool] = DROP_LAST_OPTION,
+    pipelines: Optional[Path] = PIPELINES_OPTION,
 ):
     """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
@@ -246,9 +264,10 @@ def sweep(
 
     dataset = StoreReader(store).attrs["dataset"]["name"]
     cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
-                                  out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
+                                  out=out, pipelines=pipelines, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
-                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None)
+                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, augment=augment,
+                                  drop_last=drop_last)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 

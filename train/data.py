@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
-from fpt.config import CACHE_MODES
+from fpt.config import AugmentConfig
 from fpt.store import StoreReader
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
@@ -62,9 +62,8 @@ def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: 
                budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val")) -> CachePlan:
     """Where the train and val splits live during training. ``auto``: on the GPU when they fit ``budget_mb``
     (default: half the free GPU memory), else in RAM when they fit (default: half the available RAM), else
-    streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all."""
-    if cache not in CACHE_MODES:
-        raise FptError(f"--cache {cache!r}: choose {', '.join(CACHE_MODES)}")
+    streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all. ``cache`` is
+    one of config.CACHE_MODES (TrainConfig checks it)."""
     need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names) / 2**20
     what = f"{'+'.join(splits)} {', '.join(names)}: {need:,.1f} MB"
     free_ram = psutil.virtual_memory().available / 2**20
@@ -100,8 +99,8 @@ def default_workers(device: torch.device) -> int:
 class SplitData(Protocol):
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                rng: np.random.Generator | None = None) -> Iterator[Batch]: ...
+    def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
+                drop_last: bool = False) -> Iterator[Batch]: ...
 
 
 def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,
@@ -133,10 +132,10 @@ class MemorySplit:
     def __len__(self) -> int:
         return self.n
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                rng: np.random.Generator | None = None) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
+                drop_last: bool = False) -> Iterator[Batch]:
         order = rng.permutation(self.n) if shuffle else np.arange(self.n)
-        for start in range(0, self.n, batch_size):
+        for start in range(0, self.n - batch_size + 1 if drop_last else self.n, batch_size):
             rows = order[start:start + batch_size]
             if self.tensors is not None:
                 rows_t = torch.from_numpy(rows).to(self.device)
@@ -243,8 +242,8 @@ class StreamSplit:
         return iter(DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=2,
                                pin_memory=self.device.type == "cuda"))
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                rng: np.random.Generator | None = None) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
+                drop_last: bool = False) -> Iterator[Batch]:
         carry: dict[str, torch.Tensor] | None = None
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:
@@ -258,7 +257,7 @@ class StreamSplit:
             for start in range(0, n_full, batch_size):
                 yield _to_device({n: t[start:start + batch_size] for n, t in arrays.items()}, self.device)
             carry = {n: t[n_full:] for n, t in arrays.items()} if n_full < len(arrays["labels"]) else None
-        if carry is not None:
+        if carry is not None and not drop_last:
             yield _to_device(carry, self.device)
 
 
@@ -310,15 +309,13 @@ def colour_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Ten
 class SideInput:
     """uint8 low-res images [B, 3, R, R] -> normalised float side-network input [B, 3, r, r], on their device.
 
-    Training: random resized crop, horizontal and vertical flips and colour jitter, drawn per image (the
-    paper's cropping, flipping and colour distortion), applied to the whole batch at once: an antialiased
-    resize (torchvision v2 on tensors), one ``grid_sample`` for every image's crop + flips, and the colour
-    jitter as batched blends. The draws come from a generator seeded with ``seed``. Evaluation: resize only.
+    Training: the ``augment`` settings (default: the paper's) drawn per image: random resized crop, horizontal
+    and vertical flips, colour jitter; applied to the whole batch at once: an antialiased resize (torchvision v2
+    on tensors), one ``grid_sample`` for every image's crop + flips, and the colour jitter as batched blends. The draws come from a generator seeded with ``seed``. Evaluation: resize only.
     """
 
-    def __init__(self, side_res: int, mean, std, seed: int = 0, scale: tuple[float, float] = (0.6, 1.0),
-                 ratio: tuple[float, float] = (0.8, 1.25), jitter: tuple[float, float, float] = (0.2, 0.2, 0.1)):
-        self.side_res, self.scale, self.ratio, self.jitter = side_res, scale, ratio, jitter
+    def __init__(self, side_res: int, mean, std, seed: int = 0, augment: AugmentConfig | None = None):
+        self.side_res, self.augment_cfg = side_res, augment or AugmentConfig()
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -339,20 +336,25 @@ class SideInput:
         def uniform(lo: float, hi: float) -> torch.Tensor:
             return lo + (hi - lo) * torch.rand(n, generator=g)
 
-        area = uniform(*self.scale)
-        aspect = torch.exp(uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+        a = self.augment_cfg
+        area = uniform(*a.scale)
+        # aspect log-uniform over the ratios at which a crop of this area fits the image (torchvision redraws
+        # until one fits); w, h are clamped only where no ratio fits
+        lo = torch.log(area.clamp(min=a.ratio[0]))
+        hi = torch.maximum(torch.log((1 / area).clamp(max=a.ratio[1])), lo)
+        aspect = torch.exp(lo + (hi - lo) * torch.rand(n, generator=g))
         w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
         centre_x, centre_y = (1 - w) * uniform(-1, 1), (1 - h) * uniform(-1, 1)
-        flip = lambda: torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)  # noqa: E731
-        b, c, s = self.jitter
-        return AugmentParams(w, h, centre_x, centre_y, flip(), flip(), uniform(max(0, 1 - b), 1 + b),
-                             uniform(max(0, 1 - c), 1 + c), uniform(max(0, 1 - s), 1 + s))
+        flip = lambda p: torch.where(torch.rand(n, generator=g) < p, -1.0, 1.0)  # noqa: E731
+        jitter = lambda x: uniform(max(0.0, 1 - x), 1 + x)  # noqa: E731
+        return AugmentParams(w, h, centre_x, centre_y, flip(a.hflip), flip(a.vflip), jitter(a.brightness),
+                             jitter(a.contrast), jitter(a.saturation))
 
     def augment(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """images [B, 3, R, R] (uint8, or float in [0, 1]) -> float [B, 3, r, r] in [0, 1]: crop + flips by one
         bilinear grid sample for the whole batch, then the colour jitter."""
         r, device = self.side_res, images.device
-        work = min(images.shape[-1], math.ceil(r / math.sqrt(self.scale[0])))
+        work = min(images.shape[-1], math.ceil(r / math.sqrt(self.augment_cfg.scale[0])))
         if work < images.shape[-1]:     # antialias first: the bilinear sampling below then shrinks by <= 1/sqrt(scale)
             images = TF.resize(images, [work, work], antialias=True)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images

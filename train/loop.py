@@ -131,10 +131,14 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]
-    side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed)
+    side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed, augment=cfg.augment)
     model = build_model(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * -(-len(train_data) // cfg.batch_size)
+    batches = len(train_data) // cfg.batch_size if cfg.drop_last else -(-len(train_data) // cfg.batch_size)
+    if batches == 0:
+        raise FptError(f"the train split ({len(train_data)} samples) is smaller than one batch of {cfg.batch_size} "
+                       "and the last partial batch is dropped (drop_last); lower --batch-size")
+    steps = cfg.epochs * batches
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     identity = store_identity(reader)
     history: list[dict] = []
@@ -153,7 +157,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
         for epoch in range(first_epoch, cfg.epochs):
             model.train()
             start, losses = time.perf_counter(), []
-            for b in train_data.batches(cfg.batch_size, shuffle=True, rng=rng):
+            for b in train_data.batches(cfg.batch_size, shuffle=True, rng=rng, drop_last=cfg.drop_last):
                 logits = model.forward_batch(b, partial(side_input, train=True))
                 loss = F.cross_entropy(logits, b["labels"])
                 optimizer.zero_grad(set_to_none=True)
