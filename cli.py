@@ -112,7 +112,8 @@ def extract(
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
     cfg = fpt_config.extract_config(
-        dataset, data, pipelines, res=res, out=out, backbone=backbone, weights=weights, random_init=random_init or None,
+        dataset, data, pipelines, res=res, out=out, backbone=backbone, weights=weights,
+        random_init=random_init or None,
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
@@ -184,9 +185,9 @@ def train_cmd(
 
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers)
     else:
-        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, device=device,
-                         method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
+        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
+                         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                         device=device, method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                          ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, augment=augment,
                          drop_last=drop_last)
     m = run_train(cfg)
@@ -264,7 +265,8 @@ def sweep(
 
     dataset = StoreReader(store).attrs["dataset"]["name"]
     cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
-                                  out=out, pipelines=pipelines, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
+                                  out=out, pipelines=pipelines, method=method, side_res=side_res, prompts=prompts,
+                                  reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
                                   ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, augment=augment,
                                   drop_last=drop_last)

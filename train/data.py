@@ -311,7 +311,8 @@ class SideInput:
 
     Training: the ``augment`` settings (default: the paper's) drawn per image: random resized crop, horizontal
     and vertical flips, colour jitter; applied to the whole batch at once: an antialiased resize (torchvision v2
-    on tensors), one ``grid_sample`` for every image's crop + flips, and the colour jitter as batched blends. The draws come from a generator seeded with ``seed``. Evaluation: resize only.
+    on tensors), one ``grid_sample`` for every image's crop + flips, and the colour jitter as batched blends.
+    The draws come from a generator seeded with ``seed``. Evaluation: resize only.
     """
 
     def __init__(self, side_res: int, mean, std, seed: int = 0, augment: AugmentConfig | None = None):
