@@ -168,7 +168,8 @@ class TrainConfig:
     device: str
     method: str = "fpt+"                  # one of METHODS; fpt+ with --prompts 0 means side-only
     augment: AugmentConfig = field(default_factory=AugmentConfig)   # the side input's; a preset name or mapping
-    drop_last: bool = True                # drop each epoch's last partial training batch (as the paper's code)
+    drop_last: bool = True                # drop each epoch's last partial train batch (the paper's), unless it
+                                          # is the only one (a split smaller than one batch still trains)
     cache: str = "auto"                   # one of CACHE_MODES: where the train/val arrays live while training
     cache_budget_mb: float | None = None  # auto-cache budget; None = half the free GPU memory / available RAM
     workers: int | None = None            # store-reading processes when streaming; None = chosen per device

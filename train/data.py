@@ -100,7 +100,9 @@ class SplitData(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
-                drop_last: bool = False) -> Iterator[Batch]: ...
+                drop_last: bool = False) -> Iterator[Batch]:
+        """Batches of ``batch_size`` rows; the last may be smaller, unless ``drop_last`` and a full one exists."""
+        ...
 
 
 def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,
@@ -135,7 +137,8 @@ class MemorySplit:
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False) -> Iterator[Batch]:
         order = rng.permutation(self.n) if shuffle else np.arange(self.n)
-        for start in range(0, self.n - batch_size + 1 if drop_last else self.n, batch_size):
+        stop = self.n - batch_size + 1 if drop_last and self.n >= batch_size else self.n   # a lone partial batch stays
+        for start in range(0, stop, batch_size):
             rows = order[start:start + batch_size]
             if self.tensors is not None:
                 rows_t = torch.from_numpy(rows).to(self.device)
@@ -245,6 +248,7 @@ class StreamSplit:
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False) -> Iterator[Batch]:
         carry: dict[str, torch.Tensor] | None = None
+        full = False
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:
                 raise FptError(arrays["error"])
@@ -255,9 +259,10 @@ class StreamSplit:
                 arrays = {n: torch.cat([carry[n], t]) for n, t in arrays.items()}
             n_full = len(arrays["labels"]) // batch_size * batch_size
             for start in range(0, n_full, batch_size):
+                full = True
                 yield _to_device({n: t[start:start + batch_size] for n, t in arrays.items()}, self.device)
             carry = {n: t[n_full:] for n, t in arrays.items()} if n_full < len(arrays["labels"]) else None
-        if carry is not None and not drop_last:
+        if carry is not None and not (drop_last and full):
             yield _to_device(carry, self.device)
 
 

@@ -134,10 +134,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed, augment=cfg.augment)
     model = build_model(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = len(train_data) // cfg.batch_size if cfg.drop_last else -(-len(train_data) // cfg.batch_size)
-    if batches == 0:
-        raise FptError(f"the train split ({len(train_data)} samples) is smaller than one batch of {cfg.batch_size} "
-                       "and the last partial batch is dropped (drop_last); lower --batch-size")
+    batches = max(1, len(train_data) // cfg.batch_size) if cfg.drop_last else -(-len(train_data) // cfg.batch_size)
     steps = cfg.epochs * batches
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     identity = store_identity(reader)
