@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import yaml
 
 from fpt import FptError
+from fpt.store import CODECS, DEFAULT_CODEC
 from fpt.store.location import store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
@@ -131,6 +132,8 @@ class ExtractConfig:
     samples_per_shard: int | None = None   # None = chosen from the sample size
     query_block: int = 256                 # queries per block in the importance computation
     workers: int | None = None             # image-decoding DataLoader workers (None: 0 on CPU, up to 8 on CUDA)
+    write_threads: int | None = None       # shards encoded + written at once (None: 1 on CPU, 2-8 on CUDA)
+    codec: str = DEFAULT_CODEC             # chunk compression of a new store, one of fpt.store.CODECS
     on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
 
 
@@ -372,6 +375,10 @@ def check_lpm_weights(weights: Path | None, random_init: bool) -> None:
 def validate_extract(cfg: ExtractConfig) -> None:
     if not 0 < cfg.token_ratio <= 1:
         raise FptError(f"--token-ratio {cfg.token_ratio}: must be in (0, 1]")
+    if cfg.codec not in CODECS:
+        raise FptError(f"--codec {cfg.codec!r}: choose one of {', '.join(CODECS)}")
+    if cfg.write_threads is not None and cfg.write_threads < 1:
+        raise FptError(f"--write-threads {cfg.write_threads}: must be at least 1")
     if cfg.on_error not in ("fail", "skip"):
         raise FptError(f"--on-error {cfg.on_error!r}: choose fail or skip")
     if cfg.importance not in ("global", "cls"):

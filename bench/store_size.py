@@ -77,11 +77,12 @@ def int8_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compressed_bytes(arrays: list[np.ndarray]) -> int:
-    """Bytes of per-sample chunks (first axis = sample) under the store's chunk codec (Blosc zstd level 5, byte
-    shuffle, as ``fpt inspect`` lists it), without shard indices and checksums: for layouts the store cannot
-    hold (int8) and for outputs not written to a store (figure 5)."""
-    from numcodecs import Blosc
-    codec = Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE)
+    """Bytes of per-sample chunks (first axis = sample) under the store's default chunk codec (``fpt.store``'s
+    ``DEFAULT_CODEC``), without shard indices and checksums: for layouts the store cannot hold (int8) and for
+    outputs not written to a store (figure 5)."""
+    from fpt.bench.codec import blosc_codec
+    from fpt.store import CODECS, DEFAULT_CODEC
+    codec = blosc_codec(*CODECS[DEFAULT_CODEC])
     return sum(len(codec.encode(np.ascontiguousarray(sample))) for a in arrays for sample in a)
 
 

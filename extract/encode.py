@@ -2,6 +2,7 @@
 prediction alike (so a new image is seen exactly as the store's samples were)."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -20,11 +21,19 @@ def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std:
     cls [B, D]. Runs under bf16 autocast on CUDA, halving the batch when it does not fit.
     """
     device = next(lpm.parameters()).device
-    scale = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
-    shift = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    shift, scale = _normalization(tuple(mean), tuple(std), device)
     x = (high.to(device, non_blocking=True).float() - shift) / scale
     out = forward_fitting(lpm, x, device)
     return {name: out[name].to(getattr(torch, dtype)) for name, dtype in FEATURE_DTYPES.items()}
+
+
+@lru_cache(maxsize=8)
+def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) x 255 as [1, 3, 1, 1] tensors on ``device``, made once: building them per batch from a list
+    would be a blocking host-to-device copy that waits for the previous batch's GPU work."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
 def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:

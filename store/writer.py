@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from fpt import FptError, __version__
-from fpt.store.layout import (DONE, EXCLUDED_SPLIT, INDEX_ARRAYS, SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT,
+from fpt.store.layout import (DEFAULT_CODEC, DONE, EXCLUDED_SPLIT, SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT,
                               Geometry, compressors)
 from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
@@ -32,11 +32,13 @@ class StoreWriter:
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | StoreLocation, geometry: Geometry, attrs: Mapping[str, Any], ids: np.ndarray,
-             labels: np.ndarray, split: np.ndarray, overwrite: bool = False) -> "StoreWriter":
+             labels: np.ndarray, split: np.ndarray, overwrite: bool = False, codec: str = DEFAULT_CODEC
+             ) -> "StoreWriter":
         """Create the store at ``path``, or reopen it for resuming when it holds the same extraction.
 
         An existing store that differs in backbone, extraction settings, dataset or sample ids is refused
-        unless ``overwrite`` (which deletes it first).
+        unless ``overwrite`` (which deletes it first). ``codec`` (a name in layout.CODECS) applies to a new
+        store; a resumed store keeps the codec it was created with.
         """
         path = StoreLocation(path)
         exists = path.exists()
@@ -54,7 +56,7 @@ class StoreWriter:
             return cls(path, group, Geometry(**group.attrs["geometry"]))
         if exists:
             path.remove()
-        return cls._create(path, geometry, attrs, ids, labels, split)
+        return cls._create(path, geometry, attrs, ids, labels, split, codec)
 
     @classmethod
     def reopen(cls, path: str | Path | StoreLocation) -> "StoreWriter":
@@ -65,17 +67,17 @@ class StoreWriter:
 
     @classmethod
     def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
-                split: np.ndarray) -> "StoreWriter":
+                split: np.ndarray, codec: str) -> "StoreWriter":
         group = zarr.open_group(path.zarr_target(), mode="w", zarr_format=3)
         S, per = g.n_samples, g.samples_per_shard
         writer = cls(path, group, g)
         for name, (shape, dtype) in g.sample_shapes().items():
             if name in SAMPLE_ARRAYS:
                 group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1, *shape),
-                                   shards=(per, *shape), compressors=compressors(), fill_value=0)
+                                   shards=(per, *shape), compressors=compressors(codec), fill_value=0)
             else:
                 group.create_array(name, shape=(S,), dtype=str if dtype == "str" else dtype, chunks=(per,),
-                                   compressors=compressors(), fill_value="" if dtype == "str" else 0)
+                                   compressors=compressors(codec), fill_value="" if dtype == "str" else 0)
         writer._array("ids")[:] = ids.astype(object)
         writer._array("labels")[:] = labels.astype(np.int16)
         writer._array("split")[:] = split.astype(np.uint8)
@@ -85,6 +87,7 @@ class StoreWriter:
             "fpt_store_version": SCHEMA_VERSION,
             "fpt_version": __version__,
             "geometry": g.__dict__,
+            "storage": {"codec": codec},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         return writer
@@ -156,4 +159,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["StoreWriter", "INDEX_ARRAYS"]
+__all__ = ["StoreWriter"]

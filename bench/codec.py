@@ -1,0 +1,103 @@
+"""The store's chunk codec, chosen by measurement: bytes per image against single-thread encode/decode MB/s for
+Blosc compressors, levels and shuffles, on real LPM output (``FrozenLPM`` K/V, indices, class token of the demo's
+images at the given backbone and res; random-init weights here, since none can be downloaded).
+
+    python -m fpt.bench.codec --model vit_base_patch16_224 --res 512 --images 4
+
+Every candidate is lossless (each chunk is decoded and compared). Per-sample chunks, as the store writes them.
+The official layout's bytes (fp32 K and V per image, safetensors) are the reference for the size goal (<= 0.45x).
+Results: bench/results/codec-<model>-<res>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+
+from fpt.bench.common import command_line, write_results
+
+CANDIDATES = [(cname, level, shuffle) for cname, levels in (("zstd", (1, 3, 5)), ("lz4", (5,)), ("blosclz", (5,)))
+              for level in levels for shuffle in ("shuffle", "bitshuffle", "noshuffle")]
+
+
+def lpm_output(model: str, res: int, n: int) -> dict[str, np.ndarray]:
+    """The arrays extraction stores for ``n`` demo images, in the store's dtypes (per sample on axis 0)."""
+    import torch
+
+    from fpt.bench.data import synthetic_inputs
+    from fpt.extract.backbone import FrozenLPM, create_backbone
+    from fpt.extract.run import default_layers
+
+    warnings.filterwarnings("ignore")
+    net, info = create_backbone(model, res, random_init=True)
+    lpm = FrozenLPM(net, default_layers(info.depth), 0.2, "global")
+    x, low = synthetic_inputs(n, res)
+    with torch.no_grad():
+        out = lpm(x)
+    return {"keys": out["keys"].half().numpy(), "values": out["values"].half().numpy(),
+            "indices": out["indices"].int().numpy(), "cls": out["cls"].half().numpy(), "images": low}
+
+
+def blosc_codec(cname: str, level: int, shuffle: str):
+    """numcodecs' Blosc with the settings zarr's BloscCodec gets from ``fpt.store.CODECS`` (same typesize from
+    the chunk dtype), to measure chunks outside a store."""
+    from numcodecs import Blosc
+    return Blosc(cname=cname, clevel=level, shuffle={"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE,
+                                                     "noshuffle": Blosc.NOSHUFFLE}[shuffle])
+
+
+def measure_codec(arrays: dict[str, np.ndarray], cname: str, level: int, shuffle: str, reps: int = 3) -> dict:
+    from numcodecs import blosc
+
+    blosc.set_nthreads(1)
+    codec = blosc_codec(cname, level, shuffle)
+    chunks = {name: [np.ascontiguousarray(s) for s in a] for name, a in arrays.items()}
+    n = len(next(iter(arrays.values())))
+    sizes, raw, enc_s, dec_s = {}, 0, [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        encoded = {name: [codec.encode(c) for c in cs] for name, cs in chunks.items()}
+        t1 = time.perf_counter()
+        decoded = {name: [codec.decode(e) for e in es] for name, es in encoded.items()}
+        t2 = time.perf_counter()
+        enc_s.append(t1 - t0)
+        dec_s.append(t2 - t1)
+    for name, cs in chunks.items():
+        for c, d in zip(cs, decoded[name]):
+            if np.frombuffer(d, dtype=c.dtype).tobytes() != c.tobytes():
+                raise AssertionError(f"{cname}/{level}/{shuffle} is not lossless on {name}")
+        sizes[name] = sum(len(e) for e in encoded[name]) / n
+    raw = sum(a.nbytes for a in arrays.values())
+    kv_raw = arrays["keys"].nbytes + arrays["values"].nbytes
+    return {"codec": f"{cname}-{level}-{shuffle}", "cname": cname, "level": level, "shuffle": shuffle,
+            "bytes_per_image": sum(sizes.values()), "kv_bytes_per_image": sizes["keys"] + sizes["values"],
+            "per_array_bytes_per_image": sizes,
+            "kv_ratio_to_fp16": (sizes["keys"] + sizes["values"]) * n / kv_raw,
+            "encode_mb_s": raw / min(enc_s) / 1e6, "decode_mb_s": raw / min(dec_s) / 1e6}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--res", type=int, default=512)
+    p.add_argument("--images", type=int, default=4)
+    args = p.parse_args(argv)
+    arrays = lpm_output(args.model, args.res, args.images)
+    official = (arrays["keys"][0].size + arrays["values"][0].size) * 4          # fp32 K and V per image
+    rows = []
+    for cname, level, shuffle in CANDIDATES:
+        row = measure_codec(arrays, cname, level, shuffle)
+        row["ratio_to_official"] = row["bytes_per_image"] / official
+        rows.append(row)
+        print(f"{row['codec']:22s} {row['bytes_per_image'] / 1e6:7.3f} MB/image  x{row['ratio_to_official']:.3f} "
+              f"of official  enc {row['encode_mb_s']:7.1f} MB/s  dec {row['decode_mb_s']:7.1f} MB/s", flush=True)
+    out = write_results(f"codec-{args.model}-{args.res}", "fpt.bench.codec", model=args.model, res=args.res,
+                        images=args.images, official_bytes_per_image=official, rows=rows,
+                        command=command_line("fpt.bench.codec"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

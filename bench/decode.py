@@ -1,0 +1,105 @@
+"""Where image decoding becomes the limit of extraction: CPU time per image of ``load_image_file`` +
+``prepare_image`` (what each DataLoader worker of ``fpt extract`` does per sample) for PNG originals of several
+sizes, a large JPEG (decoded at reduced scale through PIL's draft mode), and a mammogram-sized 16-bit DICOM in
+JPEG 2000 lossless (CMMD's kind), and how many cores a given images/s needs.
+
+    python -m fpt.bench.decode --res 512 1024 --target 250
+
+Process CPU time (``time.process_time``), median of ``--reps``, one thread: it does not depend on how busy the
+machine is. Results: bench/results/decode.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fpt.bench.common import WORK_DIR, command_line, write_results
+
+MAMMOGRAM = (3328, 2560)     # rows, columns of a typical full-field digital mammogram
+
+
+def make_sources(root: Path) -> dict[str, Path]:
+    """The test files, generated once: demo-task PNGs at 512-4096 px, a 4096 px JPEG, a 16-bit J2K DICOM."""
+    from fpt.extract.datasets import synthetic_texture_image
+
+    root.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for side in (512, 1024, 2048, 4096):
+        path = files[f"png {side}px"] = root / f"demo-{side}.png"
+        if not path.exists():
+            Image.fromarray(synthetic_texture_image(side, 1, [0, side])).save(path)
+    path = files["jpeg 4096px (q 90)"] = root / "demo-4096.jpg"
+    if not path.exists():
+        Image.open(files["png 4096px"]).save(path, quality=90)
+    path = files[f"dicom j2k-lossless {MAMMOGRAM[0]}x{MAMMOGRAM[1]} 12-bit"] = root / "mammogram-j2k.dcm"
+    if not path.exists():
+        write_j2k_dicom(path)
+    return files
+
+
+def write_j2k_dicom(path: Path) -> None:
+    """A synthetic 12-bit mammogram-sized image (smooth tissue + noise), JPEG 2000 lossless (pydicom's encoder,
+    backed by pylibjpeg-openjpeg)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    rng = np.random.default_rng(0)
+    rows, cols = MAMMOGRAM
+    yy, xx = np.mgrid[:rows, :cols]
+    tissue = 2400 * np.exp(-((yy - rows / 2) ** 2 / (0.3 * rows) ** 2 + (xx / (0.7 * cols)) ** 2))
+    pixels = np.clip(tissue + rng.normal(0, 40, tissue.shape) + 200, 0, 4095).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"      # digital mammography
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.Modality, ds.PhotometricInterpretation = "MG", "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    ds.compress(JPEG2000Lossless, pixels)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def cpu_ms(path: Path, res: int, image_res: int, reps: int) -> float:
+    from fpt.extract.images import load_image_file, prepare_image
+
+    times = []
+    for _ in range(reps + 1):
+        start = time.process_time()
+        prepare_image(load_image_file(path, size_hint=res), res, image_res)
+        times.append(time.process_time() - start)
+    return statistics.median(times[1:]) * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--res", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--image-res", type=int, default=256)
+    p.add_argument("--target", type=float, default=250, help="images/s the decoding must sustain")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for name, path in make_sources(WORK_DIR / "decode").items():
+        for res in args.res:
+            ms = cpu_ms(path, res, args.image_res, args.reps)
+            rows.append({"source": name, "res": res, "cpu_ms_per_image": round(ms, 1),
+                         "images_per_s_per_core": round(1000 / ms, 1),
+                         f"cores_for_{args.target:g}_per_s": round(args.target * ms / 1000, 1)})
+            print(rows[-1], flush=True)
+    out = write_results("decode", "fpt.bench.decode", rows=rows, target=args.target,
+                        command=command_line("fpt.bench.decode"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

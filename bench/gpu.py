@@ -1,0 +1,324 @@
+"""Extraction on whatever device this runs on, in one table: the plain forward (the limit), ``FrozenLPM`` as
+``fpt extract`` runs it, the official approach (eager attention) in fp32 and bf16, ``fpt extract`` end to end,
+the official-style script end to end, the peak memory of each, and how far the selection agrees with the fp32
+reference. Training rows come from ``fpt.bench.train_speed`` when it is present.
+
+    python -m fpt.bench.gpu                      # CUDA: ViT-B at 512/1024/2048; CPU: smaller defaults
+    python -m fpt.bench.gpu --model vit_base_patch16_224 --res 512:32 1024:8 --e2e 512:256 1024:64
+
+Every case runs in its own Python process (``python -m fpt.bench.gpu --case JSON``), so no two cases share a
+CUDA context, allocator or compiled kernel; a case that fails (out of memory) reports its error in its row.
+Model steps: warm-up, then the median of timed steps, each ended by a device synchronisation. End to end: images
+decoded from PNG files, model, selection and writing, timed from the first batch to the last write (model
+loading excluded on both sides). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's RSS
+high-water mark above its start on CPU. Weights are random-init (nothing can be downloaded); the LPM's input
+statistics (ImageNet mean/std) are the same on both sides.
+Results: bench/results/gpu-<device>-<model>.json (figures in bench/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fpt.bench.common import WORK_DIR, PeakRSS, command_line, write_results
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TOKEN_RATIO = 0.2
+MODEL_CASES = ("plain", "plain_compiled", "lpm", "official_fp32", "official_bf16")
+E2E_CASES = ("fpt_extract", "official_script")
+DEFAULTS = {  # device kind -> model, [(res, batch)] for model steps, [(res, images)] end to end
+    "cuda": ("vit_base_patch16_224", [(512, 32), (1024, 8), (2048, 2)], [(512, 256), (1024, 64)]),
+    "cpu": ("vit_tiny_patch16_224", [(256, 4), (512, 2)], [(256, 16)]),
+}
+
+
+# -- the cases (each runs in a child process) ---------------------------------------------------------------
+def _device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _images(res: int, batch: int, device):
+    """The demo task's images, normalised as the LPM sees them: float32 [batch, 3, res, res] on ``device``."""
+
+    from fpt.bench.data import synthetic_inputs
+    x, _ = synthetic_inputs(batch, res)
+    return x.to(device)
+
+
+def _timed(step, device, warmup: int, reps: int) -> dict[str, Any]:
+    import torch
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(reps):
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak_mb
+    return {"median_s": statistics.median(times), "peak_mb": round(peak, 1)}
+
+
+def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: int) -> dict[str, Any]:
+    """images/s and peak memory of one model step; for ``lpm`` also the selection's agreement with fp32."""
+    import torch
+
+    from fpt.bench.official import OfficialExtractor
+    from fpt.extract.backbone import FrozenLPM, create_backbone
+    from fpt.extract.encode import forward_fitting
+    from fpt.extract.run import default_layers
+
+    device = _device()
+    net, info = create_backbone(model, res, random_init=True)
+    layers = default_layers(info.depth)
+    x = _images(res, batch, device)
+    bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    row: dict[str, Any] = {}
+    if case in ("plain", "plain_compiled"):
+        net = net.to(device)
+        forward = torch.compile(net.forward_features) if case == "plain_compiled" else net.forward_features
+
+        def step():
+            with torch.no_grad(), bf16:
+                forward(x)
+    elif case == "lpm":
+        lpm = FrozenLPM(net, layers, TOKEN_RATIO, "global").to(device)
+
+        def step():
+            forward_fitting(lpm, x, device)          # exactly what fpt extract runs per batch
+        row["selection_agreement"] = selection_agreement(lpm, x, device)
+    elif case in ("official_fp32", "official_bf16"):
+        official = OfficialExtractor(net, layers, TOKEN_RATIO, "global").to(device)
+        autocast = bf16 if case == "official_bf16" else torch.autocast(device.type, enabled=False)
+
+        def step():
+            with torch.no_grad(), autocast:
+                official(x)
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    timing = _timed(step, device, warmup, reps)
+    return {**row, **timing, "images_per_s": round(batch / timing["median_s"], 2)}
+
+
+def selection_agreement(lpm, x, device) -> float:
+    """Share of selected tokens (per image, layer and head, as sets) that the LPM as run here (bf16 on CUDA)
+    has in common with the fp32 reference: full softmax probabilities, column mean (``OfficialExtractor``)."""
+    import copy
+
+    import torch
+
+    from fpt.bench.official import OfficialExtractor
+    from fpt.extract.encode import forward_fitting
+
+    fast = forward_fitting(lpm, x[:2], device)["indices"]                  # [b, L, H, k]
+    reference = OfficialExtractor(copy.deepcopy(lpm.model).float(), lpm.layers, lpm.token_ratio, "global")
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        ref = reference(x[:2].float())["indices"]
+    k = fast.shape[-1]
+    hits = (fast.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1).sum().item()
+    return round(hits / (fast.numel() or 1), 5) if k else 1.0
+
+
+def png_tree(res: int, n: int) -> Path:
+    """``n`` demo images as PNG files at ``res`` px in an ImageFolder tree (cached in bench/.work)."""
+    from fpt.bench.data import _write_tree
+    tree = WORK_DIR / f"gpu-png{res}-{n}"
+    if not (tree / "done").exists():
+        counts = {"train": n - 2 * max(1, n // 8), "val": max(1, n // 8), "test": max(1, n // 8)}
+        _write_tree(tree, res, counts)
+        (tree / "done").touch()
+    return tree
+
+
+def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: int) -> dict[str, Any]:
+    """End to end from PNG files to bytes on disk, one side."""
+    import torch
+
+    device = _device()
+    tree = png_tree(res, images)
+    out = WORK_DIR / f"gpu-out-{case}-{res}"
+    shutil.rmtree(out, ignore_errors=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as rss:
+        if case == "fpt_extract":
+            from fpt.config import extract_config
+            from fpt.extract import extract
+            result = extract(extract_config(None, tree, out=str(out), backbone=model, random_init=True, res=res,
+                                            batch_size=batch, device=device.type, mean=MEAN, std=STD,
+                                            workers=workers, overwrite=True))
+            row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2)}
+        elif case == "official_script":
+            row = official_script(tree, out, model, res, batch, workers, device)
+        else:
+            raise ValueError(f"unknown case {case!r}")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak_mb
+    row["disk_mb"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20, 1)
+    shutil.rmtree(out, ignore_errors=True)
+    return {**row, "peak_mb": round(peak, 1)}
+
+
+def official_script(tree: Path, out: Path, model: str, res: int, batch: int, workers: int, device) -> dict:
+    """As the official code preloads: torchvision decode + resize + normalise in DataLoader workers, eager fp32
+    LPM, top-k from the full probabilities, one fp32 safetensors file per image."""
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from fpt.bench.official import OfficialExtractor, lpm_preprocess, save_per_image
+    from fpt.extract.backbone import create_backbone
+    from fpt.extract.run import default_layers
+
+    net, info = create_backbone(model, res, random_init=True)
+    extractor = OfficialExtractor(net, default_layers(info.depth), TOKEN_RATIO, "global").to(device)
+    paths = sorted(tree.rglob("*.png"))
+    preprocess = lpm_preprocess(res, MEAN, STD)
+    loader = DataLoader(paths, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=lambda ps: (torch.stack([preprocess(Image.open(p).convert("RGB")) for p in ps]),
+                                               [p.stem for p in ps]))
+    start = time.perf_counter()
+    for x, names in loader:
+        result = extractor(x.to(device, non_blocking=True))
+        save_per_image(out, names, result["keys"].cpu(), result["values"].cpu())
+    seconds = time.perf_counter() - start
+    return {"images_per_s": round(len(paths) / seconds, 2), "seconds": round(seconds, 2)}
+
+
+# -- the driver ---------------------------------------------------------------------------------------------
+def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "fpt.bench.gpu", "--case", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
+        return {**spec, "error": f"exit {proc.returncode}: {tail}"[:300]}
+    return {**spec, **json.loads(lines[-1])}
+
+
+def _child(spec: dict[str, Any]) -> None:
+    import torch
+    warnings.filterwarnings("ignore")
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    args = {k: v for k, v in spec.items() if k not in ("kind", "threads")}
+    result = model_case(**args) if spec["kind"] == "model" else e2e_case(**args)
+    print(json.dumps(result))
+
+
+def _pairs(items: list[str]) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split(":")) for item in items]
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per res: FrozenLPM / plain forward, fpt extract / FrozenLPM and / official script (the issue's goals)."""
+    by = {(r["case"], r["res"]): r for r in rows if "images_per_s" in r}
+    for r in rows:
+        res, speed = r["res"], r.get("images_per_s")
+        ref = {"lpm": "plain", "fpt_extract": "lpm", "official_script": None}.get(r["case"])
+        if speed and ref and (ref, res) in by:
+            r[f"vs_{ref}"] = round(speed / by[(ref, res)]["images_per_s"], 3)
+        if speed and r["case"] == "fpt_extract" and ("official_script", res) in by:
+            r["vs_official_script"] = round(speed / by[("official_script", res)]["images_per_s"], 3)
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"fpt.bench.gpu on {device}")
+    for column in ("case", "res", "batch", "images/s", "peak MB", "ratios", "note"):
+        table.add_column(column, justify="right" if column in ("res", "batch", "images/s", "peak MB") else "left")
+    for r in rows:
+        ratios = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.items() if k.startswith("vs_"))
+        note = r.get("error") or (f"selection = fp32 on {r['selection_agreement']:.2%}" if "selection_agreement" in r
+                                  else f"{r['disk_mb']} MB on disk" if "disk_mb" in r else "")
+        table.add_row(r["case"], str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
+                      str(r.get("peak_mb", "-")), ratios, note)
+    Console(width=140).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--model")
+    p.add_argument("--res", nargs="+", help="RES:BATCH for the model steps")
+    p.add_argument("--e2e", nargs="+", help="RES:IMAGES end to end (0 to skip)")
+    p.add_argument("--cases", nargs="+", default=[*MODEL_CASES, *E2E_CASES])
+    p.add_argument("--workers", type=int, help="decode workers end to end [default: min(16, cores) on CUDA, 0 on CPU]")
+    p.add_argument("--reps", type=int)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per child process")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--no-train", action="store_true", help="skip the training table (fpt.bench.train_speed)")
+    args = p.parse_args(argv)
+    if args.case:
+        return _child(json.loads(args.case))
+    import torch
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.get_device_name(0) if kind == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    model, steps, e2e = DEFAULTS[kind]
+    model = args.model or model
+    steps = _pairs(args.res) if args.res else steps
+    e2e = [(r, n) for r, n in _pairs(args.e2e) if n] if args.e2e else e2e
+    reps = args.reps or (10 if kind == "cuda" else 2)
+    workers = args.workers if args.workers is not None else (min(16, os.cpu_count() or 1) if kind == "cuda" else 0)
+    rows = []
+    for res, batch in steps:
+        for case in (c for c in MODEL_CASES if c in args.cases):
+            if case in ("plain_compiled", "official_bf16") and kind != "cuda":
+                continue                 # no bf16 autocast on CPU; compiling ViTs on 2 cores takes minutes
+            rows.append(run_child({"kind": "model", "case": case, "model": model, "res": res, "batch": batch,
+                                   "warmup": 2 if kind == "cuda" else 1, "reps": reps, "threads": args.threads},
+                                  args.timeout))
+            print(json.dumps({k: rows[-1].get(k) for k in ("case", "res", "images_per_s", "peak_mb", "error")}),
+                  flush=True)
+    batch_at = dict(steps)
+    for res, images in e2e:
+        for case in (c for c in E2E_CASES if c in args.cases):
+            rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
+                                   "batch": batch_at.get(res, 8), "workers": workers, "threads": args.threads},
+                                  args.timeout))
+            print(json.dumps({k: rows[-1].get(k) for k in ("case", "res", "images_per_s", "peak_mb", "error")}),
+                  flush=True)
+    add_ratios(rows)
+    training = [] if args.no_train else train_rows(kind)
+    out = write_results(f"gpu-{kind}-{model}", "fpt.bench.gpu", device=device, model=model, rows=rows,
+                        training=training, command=command_line("fpt.bench.gpu"))
+    print_table(rows, device)
+    for row in training:
+        print(json.dumps(row))
+    print(f"wrote {out}")
+
+
+def train_rows(kind: str) -> list[dict]:
+    """The training table of ``fpt.bench.train_speed`` (its ``run(device, small)``), when that module exists."""
+    try:
+        from fpt.bench import train_speed
+    except ImportError:
+        return []
+    return train_speed.run(kind, small=kind != "cuda")
+
+
+if __name__ == "__main__":
+    main()

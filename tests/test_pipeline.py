@@ -1,0 +1,72 @@
+"""The pipelined extraction loop: batches per shard, shard buffers, concurrent shard writers."""
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from fpt.extract import extract
+from fpt.extract.run import ShardBuffer, shard_batches
+from fpt.store import Geometry, StoreReader, StoreWriter
+from tests.conftest import micro_config
+
+ARRAYS = ("keys", "values", "indices", "cls", "images", "labels", "split", "done")
+
+
+def same_arrays(a, b):
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for name in ARRAYS:
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+
+
+def test_batches_cover_every_shard_in_order_and_never_straddle():
+    g = Geometry(n_samples=23, layers=1, heads=1, k=1, head_dim=1, embed_dim=1, image_res=1, samples_per_shard=5)
+    batches = shard_batches(g, [0, 2, 4], batch_size=3)
+    assert [i for b in batches for i in b.indices] == [*range(0, 5), *range(10, 15), *range(20, 23)]
+    for b in batches:
+        assert all(i in g.shard_range(b.shard) for i in b.indices)
+    assert [b.last_of_shard for b in batches] == [False, True, False, True, True]
+
+
+def test_shard_buffer_assembles_batches_in_store_dtypes():
+    g = Geometry(n_samples=10, layers=2, heads=3, k=4, head_dim=5, embed_dim=6, image_res=7, samples_per_shard=5)
+    buf = ShardBuffer(g, 1, pinned=False)
+    parts = [{"keys": torch.randn(n, 2, 3, 4, 5), "values": torch.randn(n, 2, 3, 4, 5),
+              "indices": torch.randint(0, 9, (n, 2, 3, 4)), "cls": torch.randn(n, 6),
+              "images": torch.randint(0, 255, (n, 7, 7, 3), dtype=torch.uint8)} for n in (3, 2)]
+    buf.add([5, 6, 7], parts[0])
+    buf.add([8, 9], parts[1])
+    out = buf.numpy()
+    assert out["keys"].dtype == np.float16 and out["indices"].dtype == np.int32 and out["images"].dtype == np.uint8
+    for name in out:
+        expected = torch.cat([p[name] for p in parts]).numpy().astype(out[name].dtype)
+        np.testing.assert_array_equal(out[name], expected, err_msg=name)
+
+
+def test_concurrent_shard_writers_give_the_serial_store(tmp_path, image_folder):
+    serial, parallel = tmp_path / "serial.zarr", tmp_path / "parallel.zarr"
+    extract(micro_config(image_folder, serial, samples_per_shard=2, write_threads=1))
+    result = extract(micro_config(image_folder, parallel, samples_per_shard=2, write_threads=3, batch_size=1))
+    assert result.n_written == 16
+    same_arrays(serial, parallel)
+    run = StoreReader(parallel).attrs["last_run"]
+    assert run["write_threads"] == 3 and run["host_buffer_limit_mb"] > 0
+
+
+def test_a_failed_shard_write_keeps_the_others_and_resumes(tmp_path, image_folder, monkeypatch):
+    reference, store = tmp_path / "ref.zarr", tmp_path / "s.zarr"
+    extract(micro_config(image_folder, reference, samples_per_shard=2))
+    real_write = StoreWriter.write_shard
+
+    def failing(self, shard, arrays, excluded=()):
+        if shard == 3:
+            raise OSError("simulated write failure")
+        real_write(self, shard, arrays, excluded)
+
+    monkeypatch.setattr(StoreWriter, "write_shard", failing)
+    with pytest.raises(OSError, match="simulated"):
+        extract(micro_config(image_folder, store, samples_per_shard=2, write_threads=2))
+    done = StoreReader(store).done()
+    assert done[:6].all() and not done[6:8].any()       # shards 0-2 written whole, shard 3 not
+    monkeypatch.setattr(StoreWriter, "write_shard", real_write)
+    assert extract(micro_config(image_folder, store, samples_per_shard=2)).n_written == 16 - done.sum()
+    same_arrays(reference, store)
