@@ -6,7 +6,7 @@ import json
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich import box
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from fpt import FptError
 from fpt import config as fpt_config
+
+if TYPE_CHECKING:
+    from fpt.train.results import RunMetrics
 
 app = typer.Typer(
     help="FPT+ for high-resolution medical images: extract a frozen ViT's important-token K/V once into a Zarr "
@@ -134,7 +137,7 @@ def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options
     return fpt_config.train_config(store, dataset, pipelines, **options)
 
 
-def run_train(cfg: fpt_config.TrainConfig) -> dict:
+def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
     from fpt.train import train
 
     with _progress() as progress:
@@ -178,6 +181,8 @@ def train_cmd(
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Train without samples that fail their "
                                       "checksums (default: refuse, naming them)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this directory."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step "
+                                           "(CUDA graphs on CUDA) [default: on for CUDA, off for CPU]."),
     augment: Optional[str] = AUGMENT_OPTION,
     drop_last: Optional[bool] = DROP_LAST_OPTION,
     pipelines: Optional[Path] = PIPELINES_OPTION,
@@ -187,20 +192,21 @@ def train_cmd(
     if resume is not None:
         from fpt.train.loop import resume_config
 
-        cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers)
+        cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
+                            compile=compile)
     else:
         cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
                          epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
                          device=device, method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, augment=augment,
-                         drop_last=drop_last)
+                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
+                         augment=augment, drop_last=drop_last)
     m = run_train(cfg)
     show_metrics([m])
 
 
-def show_metrics(runs: list[dict]) -> None:
+def show_metrics(runs: list[RunMetrics]) -> None:
     """Test metrics of finished runs, one row each, narrow enough for an 80-column terminal."""
-    with_pme = any(m.get("efficiency", {}).get("pme") is not None for m in runs)
+    with_pme = any(m.efficiency.get("pme") is not None for m in runs)
     table = Table(title="test metrics (best val-AUC checkpoint)", box=box.SIMPLE_HEAD, pad_edge=False,
                   padding=(0, 0))
     for col in ("method", "AUC", "acc", "F1", "kappa", "learn. %", "PPE", *(["PME"] if with_pme else []),
@@ -208,13 +214,13 @@ def show_metrics(runs: list[dict]) -> None:
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for m in runs:
-        t, p, e, tp = m["test"], m["params"], m.get("efficiency", {}), m["throughput"]
-        table.add_row(m["method"], fmt(t["auc"]), fmt(t["acc"]), fmt(t["f1"]), fmt(t["kappa"]),
+        t, p, e, tp = m.test, m.params, m.efficiency, m.throughput
+        table.add_row(m.method, fmt(t["auc"]), fmt(t["acc"]), fmt(t["f1"]), fmt(t["kappa"]),
                       f"{p['ratio_percent']:.2f}", fmt(e.get("ppe")), *([fmt(e.get("pme"))] if with_pme else []),
-                      f"{tp['train_samples_per_s']:.0f}", f"{tp['peak_memory_mb']:.0f}")
+                      f"{tp.train_samples_per_s:.0f}", f"{tp.peak_memory_mb:.0f}")
     console.print(table)
     for m in runs:
-        console.print(f"{m['method']} run: {m['run_dir']}")
+        console.print(f"{m.method} run: {m.run_dir} (best epoch {m.best_epoch}: {m.best_reason})", highlight=False)
 
 
 @app.command()
@@ -229,10 +235,10 @@ def evaluate(
     from fpt.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(store, checkpoint, split, device=device)
-    table = Table(title=f"{checkpoint} on {store} ({split}, n={result['n']})")
+    table = Table(title=f"{checkpoint} on {store} ({split}, n={result.n})")
     for k in ("auc", "acc", "f1", "kappa", "precision", "recall"):
         table.add_column(k, justify="right")
-    table.add_row(*("-" if result[k] is None else f"{result[k]:.4f}" for k in
+    table.add_row(*("-" if result.metrics[k] is None else f"{result.metrics[k]:.4f}" for k in
                     ("auc", "acc", "f1", "kappa", "precision", "recall")))
     console.print(table)
 
@@ -258,6 +264,10 @@ def sweep(
     cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu (per run)."),
     ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
     skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Leave out samples that fail their checksums."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each run's training "
+                                           "step [default: on for CUDA, off for CPU]."),
+    runs_per_gpu: Optional[int] = typer.Option(None, help="Runs trained at once on each GPU of a local scheduler "
+                                               "[default: from free GPU memory and the step's measured peak]."),
     augment: Optional[str] = AUGMENT_OPTION,
     drop_last: Optional[bool] = DROP_LAST_OPTION,
     pipelines: Optional[Path] = PIPELINES_OPTION,
@@ -270,17 +280,16 @@ def sweep(
     dataset = StoreReader(store).attrs["dataset"]["name"]
     cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
                                   out=out, pipelines=pipelines, method=method, side_res=side_res, prompts=prompts,
-                                  reduction=reduction,
-                                  epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
-                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, augment=augment,
-                                  drop_last=drop_last)
+                                  reduction=reduction, epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
+                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
+                                  runs_per_gpu=runs_per_gpu, augment=augment, drop_last=drop_last)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 
         def stage(name: str, n: int):
             progress.update(task, description=f"sweep: {name}", total=(progress.tasks[task].total or 0) + n)
 
-        def done(run, metrics: dict, skipped: bool):
+        def done(run, metrics, skipped: bool):
             progress.update(task, advance=1, rate=f"{run.name} {'(finished before)' if skipped else ''}")
         summary = run_sweep(cfg, on_run=done, on_stage=stage)
     show_sweep(summary)

@@ -12,11 +12,12 @@ import torch
 from fpt import FptError
 
 
-def local_worker_count(scheduler: str, cuda: bool) -> int | None:
-    """N for ``local:N``; for ``local``: one worker per GPU on CUDA, else one per two CPU cores (each run
-    trains with the remaining threads). None for a scheduler address."""
+def local_worker_count(scheduler: str, cuda: bool, per_gpu: int = 1) -> int | None:
+    """N for ``local:N``; for ``local``: ``per_gpu`` workers per GPU on CUDA (they share it: worker i takes GPU
+    i % count), else one per two CPU cores (each run trains with the remaining threads). None for a scheduler
+    address."""
     if scheduler == "local":
-        return max(1, torch.cuda.device_count()) if cuda else max(1, (os.cpu_count() or 1) // 2)
+        return max(1, torch.cuda.device_count()) * per_gpu if cuda else max(1, (os.cpu_count() or 1) // 2)
     if scheduler.startswith("local:"):
         try:
             n = int(scheduler.split(":", 1)[1])
@@ -29,14 +30,14 @@ def local_worker_count(scheduler: str, cuda: bool) -> int | None:
 
 
 @contextmanager
-def dask_client(scheduler: str, cuda: bool) -> Iterator[tuple["distributed.Client", int | None]]:
+def dask_client(scheduler: str, cuda: bool, per_gpu: int = 1) -> Iterator[tuple["distributed.Client", int | None]]:
     """(client, torch threads per task): a LocalCluster of worker processes (one thread each, resource GPU=1
     per worker on CUDA, dashboard on a free port) that is closed afterwards, or a client of a running scheduler
     (threads None: remote workers use their own cores; CUDA tasks ask for GPU=1, so start those workers with
     ``--resources GPU=1``)."""
     from distributed import Client, LocalCluster
 
-    n = local_worker_count(scheduler, cuda)
+    n = local_worker_count(scheduler, cuda, per_gpu)
     cluster = None
     if n is not None:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -58,7 +59,7 @@ def dask_client(scheduler: str, cuda: bool) -> Iterator[tuple["distributed.Clien
 def worker_device(device: str) -> str:
     """The device for a task in this process: on a multi-GPU machine a LocalCluster worker (named 0..N-1)
     takes GPU ``name % count``; anything else keeps ``device``."""
-    if device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+    if device not in ("auto", "cuda") or torch.cuda.device_count() < 2:     # one GPU: every worker shares it
         return device
     try:
         from distributed import get_worker

@@ -179,6 +179,7 @@ class TrainConfig:
     ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
+    compile: bool | None = None           # torch.compile the training step; None = on CUDA only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -207,6 +208,7 @@ class SweepConfig:
     seeds: int                  # repeats of the best configuration: seeds train.seed, train.seed + 1, ...
     out: Path                   # sweep directory: one run directory per run, sweep.json, sweep.csv
     scheduler: str              # "local", "local:N" or a dask scheduler address
+    runs_per_gpu: int | None = None   # runs at once per GPU of a local scheduler; None = from memory (fpt.train.sweep)
 
 
 # ----------------------------------------------------------------------------- pipelines files
@@ -421,7 +423,8 @@ def parse_grid(value: str | list | float | None, what: str) -> list[float] | Non
 
 def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
                  seeds: int | None = None, scheduler: str | None = None, out: Path | None = None,
-                 pipelines: Path | str | None = None, **train_options: Any) -> SweepConfig:
+                 runs_per_gpu: int | None = None, pipelines: Path | str | None = None,
+                 **train_options: Any) -> SweepConfig:
     """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train.
     Learning rates: ``lr`` (absolute values), else the section's ``lr``, else its ``lr_scale`` times the run's
     (the dataset's published) learning rate."""
@@ -437,9 +440,11 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
     seeds = seeds if seeds is not None else entry.get("seeds", 1)
     if seeds < 1:
         raise FptError(f"--seeds {seeds}: must be at least 1")
+    if runs_per_gpu is not None and runs_per_gpu < 1:
+        raise FptError(f"--runs-per-gpu {runs_per_gpu}: must be at least 1")
     out = Path(out or f"sweeps/{store_stem(store)}-{base.method}")
     return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
-                       scheduler=scheduler or entry.get("scheduler", "local"))
+                       scheduler=scheduler or entry.get("scheduler", "local"), runs_per_gpu=runs_per_gpu)
 
 
 def resolve_device(device: str) -> "torch.device":

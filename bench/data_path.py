@@ -7,9 +7,10 @@ side 128, 16 prompts, batch 16, CPU) fed
   prefetch thread on CPU), batched augmentation of the stored low-res copy (``SideInput``);
 * ``ours-ram``: the same from the in-memory split (``open_split(..., "ram", ...)``).
 
-Each source is measured twice, each in its own processes: with the full training step (forward, backward,
-clip, AdamW), the figure the goal refers to, and loader-only (batches produced and augmented, no model), which
-isolates the data path. No DataLoader workers on either side (2 cores); files are in the page cache.
+Each source is measured twice, each in its own processes: with ``fpt train``'s training step
+(``fpt.train.step.TrainStep``: augmentation, forward, backward, clip, AdamW, schedule), the figure the goal refers
+to, and loader-only (batches produced and augmented, no model), which isolates the data path. No DataLoader
+workers on either side (2 cores); files are in the page cache.
 
     python -m fpt.bench.data_path                  # 32 training images, 1 warm-up epoch + 3 timed epochs
     python -m fpt.bench.data_path --png-res 2048   # the official side decodes 2048 px originals
@@ -28,45 +29,48 @@ SOURCES = ("official", "ours-stream", "ours-ram")
 GOAL = 5.0             # ours / official samples/s
 
 
-def side_setup(store, side_res: int = 128, prompts: int = 16, batch_size: int = 16):
-    """What ``fpt train`` builds for ``store`` (FPT+, CPU): reader, config, model in train mode, AdamW."""
+def side_setup(store, side_res: int = 128, prompts: int = 16, batch_size: int = 16, epochs: int = 1):
+    """What ``fpt train`` builds for ``store`` (FPT+, CPU): reader, config, model in train mode, and its AdamW +
+    cosine schedule (``make_optimizer``, the same as ``fpt train``'s)."""
     import torch
     from fpt.config import train_config
     from fpt.store import StoreReader
     from fpt.train.loop import model_spec
     from fpt.train.model import build_model
+    from fpt.train.step import make_optimizer
 
     reader = StoreReader(store)
-    cfg = train_config(store, None, side_res=side_res, prompts=prompts, batch_size=batch_size, device="cpu")
+    cfg = train_config(store, None, side_res=side_res, prompts=prompts, batch_size=batch_size, device="cpu",
+                       epochs=epochs)
     torch.manual_seed(0)
     model = build_model(model_spec(reader, cfg))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return reader, cfg, model, optimizer
+    steps = epochs * -(-len(reader.split_indices("train")) // batch_size)
+    optimizer, schedule = make_optimizer(model, cfg.lr, cfg.weight_decay, steps, torch.device("cpu"))
+    return reader, cfg, model, optimizer, schedule
 
 
-def train_step(model, optimizer, batch: dict, side_images) -> float:
-    """One step as ``fpt train`` takes it: forward, cross-entropy, backward, clip to norm 1, AdamW.
-    batch: fpt's batch dict (images, keys, values, labels); side_images: images -> side-network input."""
-    import torch
-    import torch.nn.functional as F
-    loss = F.cross_entropy(model.forward_batch(batch, side_images), batch["labels"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    return loss.item()
+class AlreadyAugmented:
+    """The side input of batches whose images come out of the loader augmented and normalised (the official
+    loader): ``fpt train``'s step with nothing left to do on the images."""
+
+    def __call__(self, images, train: bool, draws=None):
+        return images
+
+    def draw(self, steps: int, n: int):
+        import torch
+        return torch.zeros(steps, 0, n)
 
 
 def batch_source(source: str, data, reader, cfg, rng, png_res: int | None = None):
-    """(epoch: () -> iterator of batch dicts, side_images) for ``source``: the official per-sample loader, whose
+    """(epoch: () -> iterator of batch dicts, side_input) for ``source``: the official per-sample loader, whose
     images come out augmented and normalised, or fpt's split (streamed or in RAM) with ``SideInput``."""
     if source == "official":
         from fpt.bench.official import OfficialTrainData
         norm = reader.attrs["normalization"]
         official = OfficialTrainData(*data.train_images(png_res), data.official, cfg.side_res, norm["mean"],
                                      norm["std"])
-        return (lambda: official.batches(cfg.batch_size, rng)), (lambda images: images)
+        return (lambda: official.batches(cfg.batch_size, rng)), AlreadyAugmented()
     import torch
     from fpt.train.data import SideInput, open_split
     from fpt.train.loop import model_spec
@@ -74,7 +78,7 @@ def batch_source(source: str, data, reader, cfg, rng, png_res: int | None = None
                        torch.device("cpu"), cfg.workers)
     norm = reader.attrs["normalization"]
     side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed)
-    return (lambda: split.batches(cfg.batch_size, shuffle=True, rng=rng)), (lambda im: side_input(im, train=True))
+    return (lambda: split.batches(cfg.batch_size, shuffle=True, rng=rng)), side_input
 
 
 def data_path_case(source: str, model: str, res: int, n_train: int, with_step: bool,
@@ -82,19 +86,24 @@ def data_path_case(source: str, model: str, res: int, n_train: int, with_step: b
     """One training epoch (``with_step``) or one loader-only pass (batches made and augmented, no model) over
     the train split from ``source``; ``png_res``: the official loader decodes originals of that side."""
     from fpt.bench.data import ensure_dataset
+    from fpt.train.step import TrainStep
 
     data = ensure_dataset(model, res, n_train)
-    reader, cfg, net, optimizer = side_setup(data.store)
-    epoch_batches, side_images = batch_source(source, data, reader, cfg, np.random.default_rng(0), png_res)
+    reader, cfg, net, optimizer, schedule = side_setup(data.store)
+    epoch_batches, side_input = batch_source(source, data, reader, cfg, np.random.default_rng(0), png_res)
+    step = TrainStep(net, side_input, optimizer, schedule)
+    units = len(reader.split_indices("train"))
 
     def epoch() -> None:
-        for batch in epoch_batches():
-            if with_step:
-                train_step(net, optimizer, batch, side_images)
-            else:
-                side_images(batch["images"])
+        if with_step:
+            draws = side_input.draw(-(-units // cfg.batch_size), cfg.batch_size)
+            for i, batch in enumerate(epoch_batches()):
+                step(batch, draws[i, :, :len(batch["labels"])])
+        else:
+            for batch in epoch_batches():
+                side_input(batch["images"], train=True)
 
-    return Case(step=epoch, units=len(reader.split_indices("train")),
+    return Case(step=epoch, units=units,
                 info={"batch": cfg.batch_size, "side_res": cfg.side_res, "prompts": cfg.prompts})
 
 

@@ -1,5 +1,6 @@
 """Extraction on whatever device this runs on, in one table: the plain forward (the limit), ``FrozenLPM`` as
-``fpt extract`` runs it, the official approach (eager attention) in fp32 and bf16, ``fpt extract`` end to end,
+``fpt extract`` runs it (fused Triton importance on CUDA; also with the torch importance path, to show what the
+kernel saves), the official approach (eager attention) in fp32 and bf16, ``fpt extract`` end to end,
 the official-style script end to end, the peak memory of each, and how far the selection agrees with the fp32
 reference. Training rows come from ``fpt.bench.train_speed`` when it is present.
 
@@ -33,7 +34,7 @@ from fpt.bench.common import WORK_DIR, PeakRSS, command_line, write_results
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOKEN_RATIO = 0.2
-MODEL_CASES = ("plain", "plain_compiled", "lpm", "official_fp32", "official_bf16")
+MODEL_CASES = ("plain", "plain_compiled", "lpm", "lpm_torch_importance", "official_fp32", "official_bf16")
 E2E_CASES = ("fpt_extract", "official_script")
 DEFAULTS = {  # device kind -> model, [(res, batch)] for model steps, [(res, images)] end to end
     "cuda": ("vit_base_patch16_224", [(512, 32), (1024, 8), (2048, 2)], [(512, 256), (1024, 64)]),
@@ -101,8 +102,9 @@ def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: i
         def step():
             with torch.no_grad(), bf16:
                 forward(x)
-    elif case == "lpm":
-        lpm = FrozenLPM(net, layers, TOKEN_RATIO, "global").to(device)
+    elif case in ("lpm", "lpm_torch_importance"):     # the fused Triton importance on CUDA, or the torch path
+        backend = "torch" if case == "lpm_torch_importance" else "auto"
+        lpm = FrozenLPM(net, layers, TOKEN_RATIO, "global", importance_backend=backend).to(device)
 
         def step():
             forward_fitting(lpm, x, device)          # exactly what fpt extract runs per batch
@@ -237,7 +239,7 @@ def add_ratios(rows: list[dict]) -> None:
     by = {(r["case"], r["res"]): r for r in rows if "images_per_s" in r}
     for r in rows:
         res, speed = r["res"], r.get("images_per_s")
-        ref = {"lpm": "plain", "fpt_extract": "lpm", "official_script": None}.get(r["case"])
+        ref = {"lpm": "plain", "lpm_torch_importance": "plain", "fpt_extract": "lpm"}.get(r["case"])
         if speed and ref and (ref, res) in by:
             r[f"vs_{ref}"] = round(speed / by[(ref, res)]["images_per_s"], 3)
         if speed and r["case"] == "fpt_extract" and ("official_script", res) in by:
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for res, batch in steps:
         for case in (c for c in MODEL_CASES if c in args.cases):
-            if case in ("plain_compiled", "official_bf16") and kind != "cuda":
+            if case in ("plain_compiled", "official_bf16", "lpm_torch_importance") and kind != "cuda":
                 continue                 # no bf16 autocast on CPU; compiling ViTs on 2 cores takes minutes
             rows.append(run_child({"kind": "model", "case": case, "model": model, "res": res, "batch": batch,
                                    "warmup": 2 if kind == "cuda" else 1, "reps": reps, "threads": args.threads},

@@ -180,7 +180,7 @@ def demo_auc(store: Path, option: str, transform, epochs: int | None) -> float:
         import shutil
         shutil.rmtree(out)
     metrics = train(train_config(variant, "demo", out=out, device="cpu", epochs=epochs))
-    return metrics["test"]["auc"]
+    return metrics.test["auc"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,8 @@ fp32 for the model as ``fpt train`` does).
 
     python -m fpt.bench.train_memory
 
-One step = produce one batch from the source + forward/backward/clip/AdamW; measured over 1 warm-up + 3 steps in
+One step = produce one batch from the source + ``fpt train``'s step (``TrainStep``: augmentation, forward,
+backward, clip, AdamW, schedule); measured over 1 warm-up + 3 steps in
 a fresh process, above the RSS after the model, optimiser and data source are set up. No GPU here: the GPU
 figure (the paper's 736 MB is GPU memory) is not measured.
 """
@@ -17,7 +18,7 @@ import json
 import numpy as np
 
 from fpt.bench.common import THREADS, Case, command_line, ratio, run_case, write_results
-from fpt.bench.data_path import batch_source, side_setup, train_step
+from fpt.bench.data_path import batch_source, side_setup
 
 SOURCES = ("official", "ours-ram")
 
@@ -27,9 +28,12 @@ def train_step_case(source: str, model: str, res: int, n_train: int, batch: int,
     from fpt.bench.data import ensure_dataset
     from fpt.train.model import parameter_counts
 
+    from fpt.train.step import TrainStep
+
     data = ensure_dataset(model, res, n_train)
-    reader, cfg, net, optimizer = side_setup(data.store, prompts=prompts, batch_size=batch)
-    epoch_batches, side_images = batch_source(source, data, reader, cfg, np.random.default_rng(0))
+    reader, cfg, net, optimizer, schedule = side_setup(data.store, prompts=prompts, batch_size=batch)
+    epoch_batches, side_input = batch_source(source, data, reader, cfg, np.random.default_rng(0))
+    train_step = TrainStep(net, side_input, optimizer, schedule)
     stream = iter(())
 
     def step() -> None:
@@ -38,7 +42,7 @@ def train_step_case(source: str, model: str, res: int, n_train: int, batch: int,
         if item is None:
             stream = epoch_batches()
             item = next(stream)
-        train_step(net, optimizer, item, side_images)
+        train_step(item, side_input.draw(1, len(item["labels"]))[0])
 
     counts = parameter_counts(net, reader.attrs["backbone"]["n_params"])
     return Case(step=step, units=batch, info={"learnable_params": counts["learnable"],

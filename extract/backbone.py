@@ -119,10 +119,11 @@ class FrozenLPM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: list[int], token_ratio: float, importance: str = "global",
-                 query_block: int = 256):
+                 query_block: int = 256, importance_backend: str = "auto"):
         super().__init__()
         self.model, self.layers = model, layers
         self.token_ratio, self.importance, self.query_block = token_ratio, importance, query_block
+        self.importance_backend = importance_backend     # see token_importance: triton kernel on CUDA by default
         self._captured: dict[int, tuple[torch.Tensor, ...]] = {}
         for layer in layers:
             attn = model.blocks[layer].attn
@@ -139,7 +140,7 @@ class FrozenLPM(nn.Module):
             q, k, v = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = attn.q_norm(q), attn.k_norm(k)
             self._captured[layer] = select_important_tokens(
-                q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block)
+                q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block, self.importance_backend)
         return hook
 
     @torch.no_grad()

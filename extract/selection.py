@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -11,8 +12,14 @@ def num_selected(n_tokens: int, token_ratio: float) -> int:
     return max(1, math.floor(n_tokens * token_ratio + 1e-9))
 
 
+BACKENDS = ("auto", "torch", "triton")
+# Largest score tile of the CPU path (32 MiB fp32). Larger tiles were ~2x slower per core at N=4097 (fresh pages
+# for every block); much smaller ones add a thread synchronisation per op and block, slower on a busy machine.
+CPU_TILE_ELEMENTS = 1 << 23
+
+
 def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str = "global",
-                     query_block: int = 256) -> torch.Tensor:
+                     query_block: int = 256, backend: str = "auto") -> torch.Tensor:
     """Importance of every token for every head.
 
     q, k: [B, H, N, d]. Returns [B, H, N] float32.
@@ -20,31 +27,80 @@ def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str =
     ``global``: mean over all queries i (class token included) of softmax_j(q_i . k_j * scale).
     ``cls``:    the class token's attention row, softmax_j(q_0 . k_j * scale).
 
-    Column sums are accumulated over blocks of ``query_block`` queries, so peak memory is
-    O(B * H * query_block * N) instead of O(B * H * N^2).
+    ``backend`` (``global`` only): ``triton`` is the fused kernel of ``fpt.extract.importance_kernel`` (no score
+    tiles in memory; CUDA tensors, or any under TRITON_INTERPRET=1); ``torch`` accumulates column sums over
+    blocks of at most ``query_block`` queries, so peak memory is O(B * H * query_block * N) instead of
+    O(B * H * N^2); ``auto`` is triton for CUDA tensors when triton is importable, torch otherwise.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown importance backend {backend!r}: choose one of {BACKENDS}")
     if mode == "cls":
         return torch.softmax((q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1), dim=-1)[:, :, 0]
     if mode != "global":
         raise ValueError(f"unknown importance mode {mode!r}")
+    if backend == "triton":
+        return _importance_triton(q, k, scale)
+    if backend == "auto" and q.is_cuda and _triton_usable():
+        try:
+            return _importance_triton(q, k, scale)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:     # e.g. a GPU triton cannot compile for: the torch path still works there
+            _disable_triton(e)
+    return _importance_torch(q, k, scale, query_block)
+
+
+def _importance_torch(q: torch.Tensor, k: torch.Tensor, scale: float, query_block: int) -> torch.Tensor:
+    """``global`` importance by blocks of queries. q, k: [B, H, N, d] -> [B, H, N] float32."""
     B, H, N, _ = q.shape
+    block = query_block
+    if not q.is_cuda:
+        block = min(query_block, max(16, CPU_TILE_ELEMENTS // (B * H * N)))
     kt = k.float().transpose(-2, -1)                                   # [B, H, d, N]
     total = torch.zeros(B, H, N, dtype=torch.float32, device=q.device)
-    for start in range(0, N, query_block):
-        block = q[:, :, start:start + query_block].float() * scale     # [B, H, b, d]; scaling q, not the scores
-        total += torch.softmax(block @ kt, dim=-1).sum(dim=-2)
+    for start in range(0, N, block):
+        rows = q[:, :, start:start + block].float() * scale            # [B, H, b, d]; scaling q, not the scores
+        total += torch.softmax(rows @ kt, dim=-1).sum(dim=-2)
     return total / N
 
 
+_triton_state: dict[str, object] = {}
+
+
+def _triton_usable() -> bool:
+    """triton imports and has not failed before in this process."""
+    if "usable" not in _triton_state:
+        try:
+            import fpt.extract.importance_kernel  # noqa: F401
+            _triton_state["usable"] = True
+        except ImportError:
+            _triton_state["usable"] = False
+    return bool(_triton_state["usable"])
+
+
+def _disable_triton(error: Exception) -> None:
+    _triton_state["usable"] = False
+    warnings.warn(f"the triton importance kernel failed ({type(error).__name__}: {error}); "
+                  "using the torch path from now on", RuntimeWarning, stacklevel=3)
+
+
+def _importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    from fpt.extract.importance_kernel import global_importance_triton, interpreting
+
+    if not (q.is_cuda or interpreting()):
+        raise ValueError("the triton importance backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+    return global_importance_triton(q, k, scale)
+
+
 def select_important_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, token_ratio: float,
-                            mode: str = "global", query_block: int = 256):
+                            mode: str = "global", query_block: int = 256, backend: str = "auto"):
     """Top-k tokens per head by importance, and their keys and values.
 
     q, k, v: [B, H, N, d]. Returns (indices [B, H, k] int64 in descending importance, keys [B, H, k, d],
-    values [B, H, k, d]).
+    values [B, H, k, d]). ``backend``: see ``token_importance``.
     """
     n_keep = num_selected(k.shape[2], token_ratio)
-    scores = token_importance(q, k, scale, mode, query_block)
+    scores = token_importance(q, k, scale, mode, query_block, backend)
     indices = scores.topk(n_keep, dim=-1).indices                      # [B, H, k]
     gather = indices.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
     return indices, k.gather(2, gather), v.gather(2, gather)

@@ -70,7 +70,7 @@ def test_store_problems(tmp_path, micro_store):
 def test_evaluate_mismatched_checkpoint(tmp_path, micro_store, image_folder):
     run = tmp_path / "run"
     ok = runner.invoke(app, ["train", "--store", str(micro_store), "--out", str(run), "--side-res", "16",
-                             "--epochs", "1", "--device", "cpu"])
+                             "--epochs", "1", "--device", "cpu", "--batch-size", "4"])
     assert ok.exit_code == 0, ok.output
     other = tmp_path / "o.zarr"
     assert runner.invoke(app, ["extract", "--data", str(image_folder), *MICRO_ARGS, "--out", str(other),

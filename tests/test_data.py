@@ -120,17 +120,17 @@ def test_cache_modes_train_to_the_same_evaluation(store, tmp_path):
 
     cfg = dict(side_res=16, epochs=1, batch_size=4, prompts=3, device="cpu")
     m = train(train_config(store, None, out=tmp_path / "r", cache="none", **cfg))
-    assert m["data"]["cache"]["mode"] == "none"
-    assert evaluate_checkpoint(store, tmp_path / "r" / "best.pt", "test", device="cpu")["auc"] == m["test"]["auc"]
-    assert train(train_config(store, None, out=tmp_path / "q", cache="ram", **cfg))["data"]["cache"]["mode"] == "ram"
+    assert m.data["cache"]["mode"] == "none"
+    assert evaluate_checkpoint(store, tmp_path / "r" / "best.pt", "test", device="cpu").metrics["auc"] == m.test["auc"]
+    assert train(train_config(store, None, out=tmp_path / "q", cache="ram", **cfg)).data["cache"]["mode"] == "ram"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_cache_and_cuda_memory(store, tmp_path):
     m = train(train_config(store, None, out=tmp_path / "g", side_res=16, epochs=1, batch_size=4, prompts=3,
                            device="cuda", cache="gpu"))
-    assert m["data"]["cache"]["mode"] == "gpu"
-    assert m["throughput"]["memory_kind"] == "cuda_max_allocated" and m["throughput"]["peak_memory_mb"] > 0
+    assert m.data["cache"]["mode"] == "gpu"
+    assert m.throughput.memory_kind == "cuda_max_allocated" and m.throughput.peak_memory_mb > 0
     data = MemorySplit(StoreReader(store), "train", NAMES, torch.device("cuda"), on_device=True)
     assert data.tensors["keys"].is_cuda and next(data.batches(4))["keys"].is_cuda
 

@@ -144,12 +144,12 @@ def test_every_method_trains_evaluates_and_reports_efficiency(store, tmp_path, m
     assert t["train_samples_per_s"] > 0 and t["peak_memory_mb"] > 0 and t["memory_kind"] == "cpu_peak_rss"
     assert not (tmp_path / "run" / "last.pt").exists()
     again = evaluate_checkpoint(store, tmp_path / "run" / "best.pt", "test", device="cpu")
-    assert again["method"] == method and again["auc"] == pytest.approx(metrics["test"]["auc"])
+    assert again.method == method and again.metrics["auc"] == pytest.approx(metrics.test["auc"])
 
 
 def test_without_a_full_fine_tuning_reference_there_is_no_pme(store, tmp_path):
     saved = train(tiny(store, tmp_path / "run", epochs=1))
-    assert saved["efficiency"]["pme"] is None and saved["efficiency"]["ppe"] is not None
+    assert saved.efficiency["pme"] is None and saved.efficiency["ppe"] is not None
 
 
 def test_side_only_reads_no_kv_and_probe_reads_only_cls(store, tmp_path, monkeypatch):
@@ -185,8 +185,8 @@ def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
     started = []
     resumed = train(tiny(store, tmp_path / "cut", epochs=3), on_start=started.append)
     assert started[0]["resumed_from_epoch"] == 0
-    assert resumed["test"] == whole["test"] and resumed["val"] == whole["val"]
-    assert resumed["best_epoch"] == whole["best_epoch"]
+    assert resumed.test == whole.test and resumed.val == whole.val
+    assert resumed.best_epoch == whole.best_epoch
     a = torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

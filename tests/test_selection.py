@@ -58,3 +58,21 @@ def test_attention_never_materialised_for_all_queries(monkeypatch):
     q, k = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
     token_importance(q, k, 1.0, "global", query_block=block)
     assert sizes and max(s.numel() for s in sizes) == 2 * block * n
+
+
+def test_cpu_blocks_shrink_to_the_tile_budget(monkeypatch):
+    """On CPU a block holds at most CPU_TILE_ELEMENTS scores (cache-sized tiles), never more than query_block."""
+    from fpt.extract import selection
+
+    sizes = []
+    real_softmax = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda x, dim: sizes.append(x.shape) or real_softmax(x, dim=dim))
+    monkeypatch.setattr(selection, "CPU_TILE_ELEMENTS", 2 * 2 * 100 * 20)
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 2, 100, 8, generator=g) for _ in range(2))
+    ours = token_importance(q, k, 0.3, "global", query_block=256)
+    assert max(s[-2] for s in sizes) == 20
+    torch.testing.assert_close(ours.double(), naive_importance(q, k, 0.3, "global"), rtol=1e-5, atol=1e-7)
+    sizes.clear()
+    token_importance(q, k, 0.3, "global", query_block=12)
+    assert max(s[-2] for s in sizes) == 12

@@ -135,3 +135,40 @@ def test_sweep_starts_its_own_local_cluster(store, tmp_path):
     summary = run_sweep(cfg)
     assert summary["ran"] == 1 and summary["test"]["auc"]["n"] in (0, 1)
     assert (tmp_path / "s" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()
+
+
+def test_runs_per_gpu_fit_free_memory_and_cores():
+    from fpt.train.sweep import CUDA_CONTEXT_MB, MAX_RUNS_PER_GPU, runs_per_gpu
+
+    per_run = 1.5 * 400 + 1000 + CUDA_CONTEXT_MB
+    assert runs_per_gpu(free_mb=5 * per_run / 0.9, step_peak_mb=400, cache_mb=1000, cpu_cores=16) == 5
+    assert runs_per_gpu(free_mb=80_000, step_peak_mb=400, cache_mb=1000, cpu_cores=3) == 3
+    assert runs_per_gpu(free_mb=10**7, step_peak_mb=400, cache_mb=1000, cpu_cores=64) == MAX_RUNS_PER_GPU
+    assert runs_per_gpu(free_mb=100, step_peak_mb=400, cache_mb=1000, cpu_cores=16) == 1
+
+
+def test_concurrent_runs_give_the_results_of_each_run_alone(store, tmp_path, cluster):
+    """Two grid runs trained at once (one per worker process) = each configuration trained alone, same seed."""
+    import torch
+
+    from fpt.config import train_config
+    from fpt.train import train
+
+    cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler=cluster.scheduler_address,
+                       out=tmp_path / "sweep", **TINY)
+    summary = run_sweep(cfg)
+    assert summary["ran"] == 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                        # as in each single-threaded dask worker
+    try:
+        for g in summary["grid"]:
+            alone = train(train_config(store, None, out=tmp_path / f"alone-{g['lr']}", lr=g["lr"],
+                                       weight_decay=g["weight_decay"], seed=g["seed"], **TINY))
+            swept = json.loads((tmp_path / "sweep" / "runs" / f"lr{g['lr']:g}-wd0-seed0" / "metrics.json").read_text())
+            assert swept["val"] == alone.val and swept["test"] == alone.test
+            a = torch.load(tmp_path / f"alone-{g['lr']}" / "best.pt", weights_only=True)["model"]
+            b = torch.load(tmp_path / "sweep" / "runs" / f"lr{g['lr']:g}-wd0-seed0" / "best.pt",
+                           weights_only=True)["model"]
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        torch.set_num_threads(threads)

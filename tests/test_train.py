@@ -56,14 +56,14 @@ def test_train_writes_metrics_checkpoint_and_log(micro_store, tmp_path):
     assert saved["config"]["prompts"] == 3
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
     again = evaluate_checkpoint(micro_store, tmp_path / "run" / "best.pt", "test", device="cpu")
-    assert again["auc"] == pytest.approx(metrics["test"]["auc"])
+    assert again.metrics["auc"] == pytest.approx(metrics.test["auc"])
 
 
 def test_training_is_deterministic_for_a_seed(micro_store, tmp_path):
     a = train(tiny_train(micro_store, tmp_path / "a"))
     b = train(tiny_train(micro_store, tmp_path / "b"))
     train(tiny_train(micro_store, tmp_path / "c", seed=1))
-    assert a["test"] == b["test"] and a["val"] == b["val"]
+    assert a.test == b.test and a.val == b.val
     wa = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]
     wc = torch.load(tmp_path / "c" / "best.pt", weights_only=True)["model"]

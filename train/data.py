@@ -31,6 +31,7 @@ from fpt.config import AugmentConfig
 from fpt.store import StoreReader
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
+DRAWS = 9                     # uniform random numbers per image of the training augmentation (SideInput.params)
 
 Batch = dict[str, torch.Tensor]   # store array name -> tensor on the training device; images [B, 3, R, R] uint8
 
@@ -100,9 +101,12 @@ class SplitData(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
-                drop_last: bool = False) -> Iterator[Batch]:
-        """Batches of ``batch_size`` rows; the last may be smaller, unless ``drop_last`` and a full one exists."""
-        ...
+                drop_last: bool = False) -> Iterator[Batch]: ...
+
+
+def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of an epoch over ``n`` samples (``drop_last``: full batches only)."""
+    return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,
@@ -137,15 +141,18 @@ class MemorySplit:
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False) -> Iterator[Batch]:
         order = rng.permutation(self.n) if shuffle else np.arange(self.n)
-        stop = self.n - batch_size + 1 if drop_last and self.n >= batch_size else self.n   # a lone partial batch stays
+        stop = batch_count(self.n, batch_size, drop_last) * batch_size
+        if self.tensors is not None:     # the epoch's order goes to the device once; batches are gathered there
+            order_t = torch.from_numpy(order).to(self.device)
+            for start in range(0, stop, batch_size):
+                rows = order_t[start:start + batch_size]
+                yield _to_device({n: t.index_select(0, rows) for n, t in self.tensors.items()}, self.device)
+            return
         for start in range(0, stop, batch_size):
             rows = order[start:start + batch_size]
-            if self.tensors is not None:
-                rows_t = torch.from_numpy(rows).to(self.device)
-                yield _to_device({n: t.index_select(0, rows_t) for n, t in self.tensors.items()}, self.device)
-            else:   # numpy's take copies rows at memory speed (torch's CPU index_select on fp16 is ~10x slower)
-                yield _to_device({n: torch.from_numpy(a.take(rows, axis=0)) for n, a in self.arrays.items()},
-                                 self.device)
+            # numpy's take copies rows at memory speed (torch's CPU index_select on fp16 is ~10x slower)
+            yield _to_device({n: torch.from_numpy(a.take(rows, axis=0)) for n, a in self.arrays.items()},
+                             self.device)
 
 
 class _WindowReads(Dataset):
@@ -248,7 +255,6 @@ class StreamSplit:
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False) -> Iterator[Batch]:
         carry: dict[str, torch.Tensor] | None = None
-        full = False
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:
                 raise FptError(arrays["error"])
@@ -259,10 +265,9 @@ class StreamSplit:
                 arrays = {n: torch.cat([carry[n], t]) for n, t in arrays.items()}
             n_full = len(arrays["labels"]) // batch_size * batch_size
             for start in range(0, n_full, batch_size):
-                full = True
                 yield _to_device({n: t[start:start + batch_size] for n, t in arrays.items()}, self.device)
             carry = {n: t[n_full:] for n, t in arrays.items()} if n_full < len(arrays["labels"]) else None
-        if carry is not None and not (drop_last and full):
+        if carry is not None and not drop_last:
             yield _to_device(carry, self.device)
 
 
@@ -290,7 +295,7 @@ def crop_grid(p: AugmentParams, r: int) -> torch.Tensor:
     """The sampling grid [B, r, r, 2] of every image's crop and flips: what ``F.affine_grid`` builds for the
     axis-aligned maps u -> centre + half-size · flip · u (output pixel centres u in [-1, 1]), by broadcasting."""
     B = len(p.crop_w)
-    u = (torch.arange(r, dtype=torch.float32) * 2 + 1) / r - 1                           # [r]
+    u = (torch.arange(r, dtype=torch.float32, device=p.crop_w.device) * 2 + 1) / r - 1  # [r]
     gx = p.centre_x[:, None] + (p.crop_w * p.flip_x)[:, None] * u                         # [B, r]
     gy = p.centre_y[:, None] + (p.crop_h * p.flip_y)[:, None] * u                         # [B, r]
     return torch.stack([gx[:, None, :].expand(B, r, r), gy[:, :, None].expand(B, r, r)], dim=-1)
@@ -325,36 +330,49 @@ class SideInput:
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, train: bool, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """``draws`` [DRAWS, B] (``draw``), on the images' device: the training augmentation's random numbers;
+        drawn here from the generator when not given."""
         if train:
-            x = self.augment(images, self.sample(len(images)))
+            x = self.augment(images, self.params(self.draw(1, len(images))[0] if draws is None else draws))
         else:
             x = images
             if x.shape[-1] != self.side_res or x.shape[-2] != self.side_res:
                 x = TF.resize(x, [self.side_res, self.side_res], antialias=True)
             x = x.float() / 255.0
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if x.device not in self._norm:       # copied to the device once, not per batch
+            self._norm[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        mean, std = self._norm[x.device]
+        return (x - mean) / std
 
-    def sample(self, n: int) -> AugmentParams:
-        g = self.generator
+    def draw(self, steps: int, n: int) -> torch.Tensor:
+        """The uniform random numbers of ``steps`` batches of ``n`` images, [steps, DRAWS, n], from the generator
+        (on the CPU: one call, so a whole epoch's draws can go to the device at once)."""
+        return torch.rand(steps, DRAWS, n, generator=self.generator)
 
-        def uniform(lo: float, hi: float) -> torch.Tensor:
-            return lo + (hi - lo) * torch.rand(n, generator=g)
+    def params(self, u: torch.Tensor) -> AugmentParams:
+        """Uniform draws [DRAWS, n] in [0, 1) -> the per-image augmentation, on their device (no host work)."""
+        def uniform(row: int, lo: float, hi: float) -> torch.Tensor:
+            return lo + (hi - lo) * u[row]
 
         a = self.augment_cfg
-        area = uniform(*a.scale)
+        area = uniform(0, *a.scale)
         # aspect log-uniform over the ratios at which a crop of this area fits the image (torchvision redraws
         # until one fits); w, h are clamped only where no ratio fits
         lo = torch.log(area.clamp(min=a.ratio[0]))
         hi = torch.maximum(torch.log((1 / area).clamp(max=a.ratio[1])), lo)
-        aspect = torch.exp(lo + (hi - lo) * torch.rand(n, generator=g))
+        aspect = torch.exp(lo + (hi - lo) * u[1])
         w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
-        centre_x, centre_y = (1 - w) * uniform(-1, 1), (1 - h) * uniform(-1, 1)
-        flip = lambda p: torch.where(torch.rand(n, generator=g) < p, -1.0, 1.0)  # noqa: E731
-        jitter = lambda x: uniform(max(0.0, 1 - x), 1 + x)  # noqa: E731
-        return AugmentParams(w, h, centre_x, centre_y, flip(a.hflip), flip(a.vflip), jitter(a.brightness),
-                             jitter(a.contrast), jitter(a.saturation))
+        centre_x, centre_y = (1 - w) * uniform(2, -1, 1), (1 - h) * uniform(3, -1, 1)
+        flip_x, flip_y = (torch.where(u[row] < p, -1.0, 1.0) for row, p in ((4, a.hflip), (5, a.vflip)))
+        jitter = lambda row, x: uniform(row, max(0.0, 1 - x), 1 + x)  # noqa: E731
+        return AugmentParams(w, h, centre_x, centre_y, flip_x, flip_y, jitter(6, a.brightness),
+                             jitter(7, a.contrast), jitter(8, a.saturation))
+
+    def sample(self, n: int) -> AugmentParams:
+        return self.params(self.draw(1, n)[0])
 
     def augment(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """images [B, 3, R, R] (uint8, or float in [0, 1]) -> float [B, 3, r, r] in [0, 1]: crop + flips by one

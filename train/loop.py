@@ -1,31 +1,35 @@
 """``fpt train`` / ``fpt evaluate``: one training loop for every method (fpt+, fpt, side-only, linear-probe):
 AdamW + cosine schedule on the store's train split, model selection by val AUC, test evaluation of the best
-checkpoint. A killed run resumes from its last finished epoch (``last.pt``) with identical results."""
+checkpoint. A killed run resumes from its last finished epoch (``last.pt``) with identical results.
+
+``train`` = ``set_up`` (store, config, data plan, model, optimizer, resume) -> ``train_epoch`` per epoch (the
+steps of ``fpt.train.step.TrainStep``, validation, checkpoints) -> ``finish`` (test, metrics.json)."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fpt import FptError
 from fpt.config import TrainConfig, resolve_device
 from fpt.store import StoreReader, store_stem, verify
-from fpt.train.data import SideInput, SplitData, open_split, plan_cache
+from fpt.train.data import SideInput, SplitData, batch_count, open_split, plan_cache
+from fpt.train.files import CheckpointWriter, atomic_write_text, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
+from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
+from fpt.train.step import TrainStep, compile_default, make_optimizer
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
-RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra", "corrupt")
+RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra", "corrupt",
+                  "compile")
 
 
 def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
@@ -60,40 +64,42 @@ class Checkpoint:
 
 
 def load_checkpoint(path: Path, reader: StoreReader | None = None) -> Checkpoint:
-    """A saved best.pt, rebuilt for its method; with ``reader``, refused unless trained on that store."""
+    """A saved best.pt (or an unfinished run's last.pt), rebuilt for its method; with ``reader``, refused unless
+    trained on that store."""
+    ckpt = read_checkpoint(path, "best")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         spec = ModelSpec(**ckpt["spec"])
         model = build_model(spec)
         model.load_state_dict(ckpt["model"])
-    except FileNotFoundError:
-        raise FptError(f"--checkpoint {path}: no such file") from None
     except FptError:
         raise
     except Exception as e:
-        raise FptError(f"--checkpoint {path} is not an fpt checkpoint ({type(e).__name__})") from None
+        raise FptError(f"--checkpoint {path}: its model cannot be rebuilt ({type(e).__name__}: {e})") from e
     if reader is not None:
         mismatch = [k for k, v in store_identity(reader).items() if jsonable(ckpt["store"].get(k)) != jsonable(v)]
         if mismatch:
             raise FptError(f"checkpoint {path} was trained on another store ({', '.join(mismatch)} differ)")
-    return Checkpoint(model.eval(), spec, ckpt["store"], ckpt.get("config", {}), ckpt.get("epoch", -1))
+    return Checkpoint(model.eval(), spec, ckpt["store"], ckpt["config"], ckpt["epoch"])
 
 
 @torch.no_grad()
-def predict(model: SideNetwork | LinearProbe, data: SplitData, side_input: SideInput,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities [N, C] and labels [N] for a split."""
+def predict(model: SideNetwork | LinearProbe, data: SplitData, side_input: SideInput, batch_size: int,
+            step: TrainStep | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities [N, C] and labels [N] for a split. With ``step`` its (possibly compiled) evaluation
+    forward runs on batches padded to ``batch_size``; results stay on the device until the split is done."""
     model.eval()
+    if step is None:
+        step = TrainStep(model, side_input, optimizer=None)
     probs, labels = [], []
     for b in data.batches(batch_size):
-        logits = model.forward_batch(b, partial(side_input, train=False))
-        probs.append(logits.float().softmax(-1).cpu().numpy())
-        labels.append(b["labels"].cpu().numpy())
-    return np.concatenate(probs), np.concatenate(labels)
+        probs.append(step.probabilities(b, batch_size if step.is_compiled else None))
+        labels.append(b["labels"])
+    return torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
 
-def _score(metrics: dict) -> float:
-    return metrics["auc"] if metrics["auc"] is not None else metrics["acc"]
+def cross_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean cross-entropy of predicted probabilities probs [N, C] for labels [N]."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 def comparable_config(cfg: TrainConfig | dict) -> dict[str, Any]:
@@ -102,13 +108,83 @@ def comparable_config(cfg: TrainConfig | dict) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS}
 
 
+@dataclass
+class BestEpoch:
+    """The selected checkpoint: highest validation score, ties to the lower val loss, then the earlier epoch."""
+    epoch: int = -1
+    score: float = -1.0
+    loss: float = float("inf")
+    reason: str = ""
+    val: dict = field(default_factory=dict)
+
+    def improved_by(self, epoch: int, val: dict) -> bool:
+        """Take ``epoch`` when it beats this one (and say why)."""
+        score, loss = validation_score(val), val["loss"]
+        what = "val AUC" if val["auc"] is not None else "val accuracy"
+        if score > self.score:
+            reason = f"highest {what}"
+        elif score == self.score and loss < self.loss:
+            reason = f"{what} tied with epoch {self.epoch}, lower val loss"
+        else:
+            return False
+        self.epoch, self.score, self.loss, self.reason, self.val = epoch, score, loss, reason, val
+        return True
+
+
+@dataclass
+class RunState:
+    """What an epoch changes and last.pt keeps, so that a resumed run continues exactly."""
+    history: list[dict] = field(default_factory=list)
+    best: BestEpoch = field(default_factory=BestEpoch)
+    samples: int = 0                # trained samples, all epochs
+    seconds: float = 0.0            # training seconds, all epochs
+    first_epoch: int = 0
+
+
+@dataclass
+class Training:
+    """Everything ``train`` sets up before the first epoch."""
+    cfg: TrainConfig
+    reader: StoreReader
+    spec: ModelSpec
+    device: torch.device
+    out: Path
+    info: dict[str, Any]
+    train_data: SplitData
+    val_data: SplitData
+    model: SideNetwork | LinearProbe
+    side_input: SideInput
+    step: TrainStep
+    rng: np.random.Generator
+    steps_per_epoch: int
+    state: RunState
+    resume: dict | None
+
+
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
-          on_start: Callable[[dict], None] | None = None) -> dict[str, Any]:
+          on_start: Callable[[dict], None] | None = None) -> RunMetrics:
     """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt and log.jsonl to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
     each epoch's log record. A run dir holding an unfinished run of the same configuration resumes from its
     last finished epoch."""
+    run = set_up(cfg)
+    if on_start:
+        on_start(run.info)
+    session: list[tuple[int, float]] = []          # (samples, seconds) of the epochs trained in this call
+    with PeakMemory(run.device) as memory, CheckpointWriter() as writer:
+        for epoch in range(run.state.first_epoch, cfg.epochs):
+            record = train_epoch(run, epoch, writer)
+            session.append((record.pop("samples"), record["seconds"]))
+            with open(run.out / "log.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+            if on_epoch:
+                on_epoch(record)
+    return finish(run, memory, session)
+
+
+def set_up(cfg: TrainConfig) -> Training:
+    """Check the store and the configuration, plan the data, build (or restore) model, optimizer and RNGs."""
     reader = StoreReader(cfg.store)
     reader.require_complete()
     spec = model_spec(reader, cfg)
@@ -119,90 +195,101 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     resume = _resume_state(out, cfg)
     plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb)
     corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt, known=cfg.corrupt)
+    n_train = len(reader.split_indices("train"))
+    steps_per_epoch = batch_count(n_train, cfg.batch_size, drop_last(cfg))
+    if steps_per_epoch == 0:
+        raise FptError(f"the train split ({n_train} samples) is smaller than one batch of {cfg.batch_size} "
+                       "and the last partial batch is dropped (drop_last); lower --batch-size")
     out.mkdir(parents=True, exist_ok=True)
 
-    train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers) for s in ("train", "val"))
-    info = {"method": spec.method, "cache": plan.as_dict(), "train": len(train_data), "val": len(val_data),
-            "device": str(device), "resumed_from_epoch": resume["epoch"] if resume else None,
-            "corrupt_skipped": corrupt}
-    if on_start:
-        on_start(info)
-
+    train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers)
+                            for s in ("train", "val"))
+    compile = compile_default(device) if getattr(cfg, "compile", None) is None else cfg.compile
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]
     side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed, augment=cfg.augment)
     model = build_model(spec).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = max(1, len(train_data) // cfg.batch_size) if cfg.drop_last else -(-len(train_data) // cfg.batch_size)
-    steps = cfg.epochs * batches
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    identity = store_identity(reader)
-    history: list[dict] = []
-    best = {"score": -1.0, "epoch": -1, "val": {}}
-    samples, seconds, first_epoch = 0, 0.0, 0
+    optimizer, schedule = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch, device)
+    step = TrainStep(model, side_input, optimizer, schedule, compile=compile)
+    state = RunState()
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         _set_rng_state(resume["rng"], rng, side_input, device)
-        history, best, samples, seconds = resume["history"], resume["best"], resume["samples"], resume["seconds"]
-        first_epoch = resume["epoch"] + 1
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        state = RunState(resume["history"], BestEpoch(**resume["best"]), resume["samples"], resume["seconds"],
+                         resume["epoch"] + 1)
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
+    info = {"method": spec.method, "cache": plan.as_dict(), "train": len(train_data), "val": len(val_data),
+            "device": str(device), "compiled": step.is_compiled, "drop_last": drop_last(cfg),
+            "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt}
+    return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
+                    steps_per_epoch, state, resume)
 
-    with PeakMemory(device) as memory:
-        for epoch in range(first_epoch, cfg.epochs):
-            model.train()
-            start, losses = time.perf_counter(), []
-            for b in train_data.batches(cfg.batch_size, shuffle=True, rng=rng, drop_last=cfg.drop_last):
-                logits = model.forward_batch(b, partial(side_input, train=True))
-                loss = F.cross_entropy(logits, b["labels"])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.detach())
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            epoch_seconds = time.perf_counter() - start
-            samples, seconds = samples + len(train_data), seconds + epoch_seconds
-            val = classification_metrics(*reversed(predict(model, val_data, side_input, cfg.batch_size)))
-            if _score(val) > best["score"]:
-                best = {"score": _score(val), "epoch": epoch, "val": val}
-                _save(out / "best.pt", {"model": model.state_dict(), "spec": spec.as_dict(), "store": identity,
-                                        "config": jsonable(asdict(cfg)), "epoch": epoch})
-            record = {"epoch": epoch, "loss": float(torch.stack(losses).mean()), "lr": schedule.get_last_lr()[0],
-                      "val": val, "seconds": round(epoch_seconds, 3), "best_epoch": best["epoch"]}
-            history.append(record)
-            _save(out / "last.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "schedule": schedule.state_dict(), "rng": _rng_state(rng, side_input, device),
-                                    "history": history, "best": best, "samples": samples, "seconds": seconds,
-                                    "epoch": epoch, "config": comparable_config(cfg)})
-            with open(out / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            if on_epoch:
-                on_epoch(record)
 
-    del train_data, val_data
-    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True)["model"])
-    test_data = open_split(reader, "test", spec.inputs, "none", device, cfg.workers)
-    test = classification_metrics(*reversed(predict(model, test_data, side_input, cfg.batch_size)))
-    params = parameter_counts(model, reader.attrs["backbone"]["n_params"])
+def drop_last(cfg: TrainConfig) -> bool:
+    return getattr(cfg, "drop_last", True)
+
+
+def train_epoch(run: Training, epoch: int, writer: CheckpointWriter) -> dict[str, Any]:
+    """One epoch: training steps with no host synchronisation (the loss is summed on the device and read once),
+    validation, checkpoints handed to the background writer. Returns the epoch's log record (+ ``samples``)."""
+    cfg, state = run.cfg, run.state
+    run.model.train()
+    start = time.perf_counter()
+    # the epoch's augmentation draws, made on the host and copied to the device in one piece
+    draws = run.side_input.draw(run.steps_per_epoch, cfg.batch_size).to(run.device)
+    loss_sum, samples = torch.zeros((), device=run.device), 0
+    batches = run.train_data.batches(cfg.batch_size, shuffle=True, rng=run.rng, drop_last=drop_last(cfg))
+    for i, b in enumerate(batches):
+        n = len(b["labels"])
+        loss_sum += run.step(b, draws[i, :, :n]) * n
+        samples += n
+    mean_loss = float(loss_sum) / samples                                    # the epoch's one host sync
+    seconds = time.perf_counter() - start
+    state.samples, state.seconds = state.samples + samples, state.seconds + seconds
+    probs, labels = predict(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
+    val = {**classification_metrics(labels, probs), "loss": cross_entropy(labels, probs)}
+    if state.best.improved_by(epoch, val):
+        writer.submit(run.out / "best.pt", "best", {
+            "model": run.model.state_dict(), "spec": run.spec.as_dict(), "store": store_identity(run.reader),
+            "config": jsonable(asdict(cfg)), "epoch": epoch})
+    record = {"epoch": epoch, "loss": mean_loss, "lr": run.step.schedule.get_last_lr()[0], "val": val,
+              "seconds": round(seconds, 3), "best_epoch": state.best.epoch}
+    state.history.append(record)
+    writer.submit(run.out / "last.pt", "last", {
+        "model": run.model.state_dict(), "spec": run.spec.as_dict(), "store": store_identity(run.reader),
+        "optimizer": run.step.optimizer.state_dict(), "schedule": run.step.schedule.state_dict(),
+        "rng": _rng_state(run.rng, run.side_input, run.device), "history": state.history,
+        "best": asdict(state.best), "samples": state.samples, "seconds": state.seconds, "epoch": epoch,
+        "config": comparable_config(cfg)})
+    return {**record, "samples": samples}
+
+
+def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) -> RunMetrics:
+    """Test the best checkpoint, write metrics.json, remove last.pt; the run's metrics."""
+    cfg, state, device = run.cfg, run.state, run.device
+    del run.train_data, run.val_data
+    run.model.load_state_dict(read_checkpoint(run.out / "best.pt", "best")["model"])
+    test_data = open_split(run.reader, "test", run.spec.inputs, "none", device, cfg.workers)
+    test = classification_metrics(*reversed(predict(run.model, test_data, run.side_input, cfg.batch_size,
+                                                    run.step)))
+    params = parameter_counts(run.model, run.reader.attrs["backbone"]["n_params"])
     peak_mb = round(memory.peak_mb, 1)
-    metrics = {
-        "method": spec.method,
-        "best_epoch": best["epoch"], "val": best["val"], "test": test,
-        "params": params,
-        "efficiency": efficiency(test, params, peak_mb, cfg.ft_memory_mb),
-        "throughput": {"train_samples_per_s": round(samples / seconds, 2) if seconds else None,
-                       "peak_memory_mb": peak_mb, "memory_kind": memory.kind,
-                       "memory_baseline_mb": round(memory.baseline_mb, 1), "device": str(device), "torch_threads": torch.get_num_threads()},
-        "data": info,
-        "config": jsonable(asdict(cfg)), "store": str(cfg.store), "run_dir": str(out),
-    }
-    (out / "last.pt").unlink(missing_ok=True)
-    _save_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    steady = session[1:]                            # the first epoch of a session includes warm-up and compiling
+    steady_samples, steady_seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
+    metrics = RunMetrics(
+        method=run.spec.method, best_epoch=state.best.epoch, best_reason=state.best.reason, val=state.best.val,
+        test=test, params=params, efficiency=efficiency(test, params, peak_mb, cfg.ft_memory_mb),
+        throughput=Throughput(
+            train_samples_per_s=round(state.samples / state.seconds, 2) if state.seconds else None,
+            steady_train_samples_per_s=round(steady_samples / steady_seconds, 2) if steady_seconds else None,
+            peak_memory_mb=peak_mb, memory_kind=memory.kind, memory_baseline_mb=round(memory.baseline_mb, 1),
+            device=str(device), compiled=run.step.is_compiled, torch_threads=torch.get_num_threads()),
+        data=run.info, config=jsonable(asdict(cfg)), store=str(cfg.store), run_dir=str(run.out))
+    (run.out / "last.pt").unlink(missing_ok=True)
+    atomic_write_text(run.out / "metrics.json", json.dumps(metrics.as_dict(), indent=2))
     return metrics
 
 
@@ -231,12 +318,9 @@ def resume_config(run: Path, **runtime: Any) -> TrainConfig:
     ``runtime`` may set the fields that do not change results (device, cache, workers, ...)."""
     if (run / "metrics.json").exists():
         raise FptError(f"{run} is finished already (metrics.json); nothing to resume")
-    try:
-        saved = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["config"]
-    except FileNotFoundError:
-        raise FptError(f"--resume {run}: no unfinished run there (no last.pt)") from None
-    except Exception as e:
-        raise FptError(f"--resume {run}: cannot read last.pt ({type(e).__name__})") from None
+    if not (run / "last.pt").exists():
+        raise FptError(f"--resume {run}: no unfinished run there (no last.pt)")
+    saved = read_checkpoint(run / "last.pt", "last", "--resume")["config"]
     return TrainConfig(**{"device": "auto", **saved, "store": str(saved["store"]), "out": run,
                           **{k: v for k, v in runtime.items() if v is not None}})
 
@@ -254,10 +338,7 @@ def _resume_state(out: Path, cfg: TrainConfig) -> dict | None:
     last = out / "last.pt"
     if not last.exists():
         return None
-    try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception:
-        return None                                 # a torn last.pt (killed while saving): start over
+    state = read_checkpoint(last, "last", "unfinished run")
     if state.get("config") != comparable_config(cfg):
         theirs, ours = state.get("config") or {}, comparable_config(cfg)
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -280,21 +361,8 @@ def _set_rng_state(state: dict, rng: np.random.Generator, side_input: SideInput,
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _save(path: Path, obj: Any) -> None:
-    """torch.save via a temporary file and an atomic rename, so a kill never leaves a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _save_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batch_size: int = 32,
-                        device: str = "auto") -> dict[str, Any]:
+                        device: str = "auto") -> Evaluation:
     """Metrics of a saved checkpoint on one split of a store; refuses a checkpoint from another extraction."""
     reader = StoreReader(store)
     reader.require_complete()
@@ -307,8 +375,5 @@ def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batc
     norm = reader.attrs["normalization"]
     side_input = SideInput(ckpt.spec.side_res, norm["mean"], norm["std"])
     probs, labels = predict(model, data, side_input, batch_size)
-    return {"split": split, "n": len(labels), "method": ckpt.spec.method, **classification_metrics(labels, probs)}
+    return Evaluation(split, len(labels), ckpt.spec.method, classification_metrics(labels, probs))
 
-
-def jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))

@@ -1,5 +1,6 @@
 """Peak memory of training: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set size
-(sampled by a thread) on a CPU; and a one-step measurement for a given model shape (the paper's setting).
+(sampled by a thread) on a CPU; and a measurement of ``fpt train``'s own training step (``TrainStep``) for a
+given model shape (the paper's setting).
 
 ``python -m fpt.train.memory`` measures the paper's setting (ViT-B-shaped K/V: L=6, H=12, k=205, d=64; side
 128 px; batch 16; 16 prompts) on this machine's device."""
@@ -10,10 +11,10 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-import torch.nn.functional as F
 
 from fpt.train.data import SideInput
 from fpt.train.model import ModelSpec, build_model, parameter_counts
+from fpt.train.step import TrainStep, make_optimizer
 
 MB = 2**20
 
@@ -82,30 +83,44 @@ PAPER_SPEC = ModelSpec(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, la
                        prompts=16, reduction=8)
 
 
+def step_batch(spec: ModelSpec, shape: StepShape, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of random store arrays of ``shape`` (what a store batch holds: uint8 images, fp16 K/V) on
+    ``device``."""
+    B = shape.batch_size
+    kv_shape = (B, shape.layers, shape.heads, shape.k, shape.head_dim)
+    batch = {"images": torch.randint(0, 256, (B, 3, shape.image_res, shape.image_res), dtype=torch.uint8),
+             "keys": torch.randn(kv_shape).half(), "values": torch.randn(kv_shape).half(),
+             "cls": torch.randn(B, spec.lpm_dim).half(), "labels": torch.randint(0, spec.n_classes, (B,))}
+    return {n: t.to(device) for n, t in batch.items()}
+
+
+def make_step(spec: ModelSpec, device: torch.device, compile: bool = False, steps: int = 1,
+              seed: int = 0) -> TrainStep:
+    """The training step of ``fpt train`` (AdamW, cosine schedule over ``steps``, clip) for a new model ``spec``."""
+    model = build_model(spec).to(device)
+    optimizer, schedule = make_optimizer(model, 1e-3, 0.05, steps, device)
+    side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
+    return TrainStep(model, side_input, optimizer, schedule, compile=compile)
+
+
 def measure_training_step(spec: ModelSpec = PAPER_SPEC, shape: StepShape = StepShape(),
-                          device: torch.device = torch.device("cpu"), steps: int = 1, seed: int = 0) -> dict:
-    """Peak memory of ``steps`` training steps (augmentation, forward, backward, AdamW step) of the model
-    ``spec`` on a batch of random data of ``shape``, everything created inside the measurement."""
+                          device: torch.device = torch.device("cpu"), steps: int = 1, seed: int = 0,
+                          compile: bool = False) -> dict:
+    """Peak memory of ``steps`` steps of ``fpt train``'s training step (augmentation, forward, backward, clip,
+    AdamW, schedule) of the model ``spec`` on a batch of random data of ``shape``, everything created inside
+    the measurement."""
     torch.manual_seed(seed)
     with PeakMemory(device) as mem:
-        model = build_model(spec).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
-        B = shape.batch_size
-        kv_shape = (B, shape.layers, shape.heads, shape.k, shape.head_dim)
-        batch = {"images": torch.randint(0, 256, (B, 3, shape.image_res, shape.image_res), dtype=torch.uint8),
-                 "keys": torch.randn(kv_shape).half(), "values": torch.randn(kv_shape).half(),
-                 "cls": torch.randn(B, spec.lpm_dim).half(), "labels": torch.randint(0, spec.n_classes, (B,))}
-        batch = {n: t.to(device) for n, t in batch.items()}
-        for _ in range(steps):
-            loss = F.cross_entropy(model.forward_batch(batch, lambda im: side_input(im, train=True)), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        step = make_step(spec, device, compile, steps, seed)
+        batch = step_batch(spec, shape, device)
+        draws = step.side_input.draw(steps, shape.batch_size).to(device)
+        for i in range(steps):
+            step(batch, draws[i])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return {**mem.as_dict(), "added_mb": round(mem.peak_mb - mem.baseline_mb, 1), "device": str(device),
-            "learnable": parameter_counts(model, 0)["learnable"], "spec": spec.as_dict(), "shape": vars(shape)}
+            "learnable": parameter_counts(step.model, 0)["learnable"], "compiled": step.is_compiled,
+            "spec": spec.as_dict(), "shape": vars(shape)}
 
 
 if __name__ == "__main__":

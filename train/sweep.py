@@ -8,6 +8,11 @@
 Every run is one dask.distributed task reading the same store (read-only) and writing its own run directory
 ``<sweep>/runs/lr<lr>-wd<wd>-seed<seed>``. A run whose metrics.json exists is not run again, so a killed
 sweep resumes where it stopped (and an unfinished run resumes from its last epoch).
+
+One run at batch 16 leaves most of a GPU idle, so a local scheduler starts several worker processes per GPU
+(``runs_per_gpu``: given, or as many as fit the free GPU memory by the step's measured peak plus the cached
+split). Each run is still alone in its process, with its own seeded RNGs: a run's results are the same as
+running its configuration alone.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ import psutil
 from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import StoreReader
-from fpt.train.loop import comparable_config, exclude_corrupt, jsonable, model_spec
+from fpt.train.files import atomic_write_text
+from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
+from fpt.train.results import RunMetrics, jsonable, validation_score
 from fpt.train.metrics import pme, ppe
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
@@ -54,18 +61,18 @@ def make_run(sweep: SweepConfig, stage: str, lr: float, weight_decay: float, see
                replace(sweep.train, lr=lr, weight_decay=weight_decay, seed=seed, out=out))
 
 
-def finished_metrics(run: Run) -> dict | None:
+def finished_metrics(run: Run) -> RunMetrics | None:
     """The run's metrics.json when it finished with this configuration; refused when it holds another one."""
     path = run.cfg.out / "metrics.json"
     if not path.exists():
         return None
-    metrics = json.loads(path.read_text())
-    if comparable_config(metrics["config"]) != comparable_config(run.cfg):
+    metrics = RunMetrics.from_dict(json.loads(path.read_text()))
+    if comparable_config(metrics.config) != comparable_config(run.cfg):
         raise FptError(f"{run.cfg.out} holds a run with other settings; use another --out for this sweep")
     return metrics
 
 
-def train_task(cfg: dict[str, Any], threads: int | None) -> dict:
+def train_task(cfg: dict[str, Any], threads: int | None) -> RunMetrics:
     """One run on a dask worker (module-level, so workers import it by name)."""
     import torch
 
@@ -78,7 +85,42 @@ def train_task(cfg: dict[str, Any], threads: int | None) -> dict:
     return train(replace(cfg, device=worker_device(cfg.device)))
 
 
-def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool], None] | None) -> dict[str, dict]:
+CUDA_CONTEXT_MB = 600         # a process's CUDA context and kernels (not counted by max_memory_allocated)
+MAX_RUNS_PER_GPU = 8
+
+
+def runs_per_gpu(free_mb: float, step_peak_mb: float, cache_mb: float, cpu_cores: int) -> int:
+    """How many runs share one GPU: as many as fit 90 % of its free memory, each needing its step's peak (with
+    half again for the compiled step's graph pool), its cached split and a CUDA context; at most one per CPU
+    core (each process launches its own kernels) and ``MAX_RUNS_PER_GPU``."""
+    per_run = 1.5 * step_peak_mb + cache_mb + CUDA_CONTEXT_MB
+    return max(1, min(int(0.9 * free_mb // per_run), cpu_cores, MAX_RUNS_PER_GPU))
+
+
+def measured_runs_per_gpu(cfg: TrainConfig) -> tuple[int, str]:
+    """``runs_per_gpu`` for this machine's first GPU: the step of ``cfg`` measured once here (one step on random
+    data of the store's shapes), the train+val split as the GPU cache would hold it. (n, why)."""
+    import torch
+
+    from fpt.train.data import plan_cache
+    from fpt.train.memory import StepShape, measure_training_step
+
+    reader = StoreReader(cfg.store)
+    spec = model_spec(reader, cfg)
+    g = reader.geometry
+    device = torch.device("cuda", 0)
+    shape = StepShape(cfg.batch_size, g.layers, g.heads, g.k, g.head_dim, g.image_res)
+    peak = measure_training_step(spec, shape, device)["peak_mb"]
+    torch.cuda.empty_cache()
+    cache = plan_cache(reader, spec.inputs, "none", device).need_mb
+    free = torch.cuda.mem_get_info(device)[0] / 2**20
+    n = runs_per_gpu(free, peak, cache, os.cpu_count() or 1)
+    return n, (f"{n} runs per GPU: step peak {peak:,.0f} MB, cached split {cache:,.0f} MB, "
+               f"{free:,.0f} MB free")
+
+
+def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, bool], None] | None,
+            per_gpu: int | None = None) -> dict[str, RunMetrics]:
     """Metrics of every run by name: finished ones read back, the others trained as dask tasks."""
     results, todo = {}, []
     for run in runs:
@@ -98,13 +140,16 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool],
     reader = StoreReader(runs[0].cfg.store)      # checksum the store once for the sweep, not once per run
     corrupt = exclude_corrupt(reader, model_spec(reader, runs[0].cfg).inputs, runs[0].cfg.skip_corrupt)
     cuda = resolve_device(runs[0].cfg.device).type == "cuda"
-    with dask_client(scheduler, cuda) as (client, threads):
+    if cuda and scheduler == "local" and per_gpu is None:
+        per_gpu, _ = measured_runs_per_gpu(runs[0].cfg)
+    with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads):
         by_future = {}
         for run in todo:
             cfg = jsonable(asdict(replace(run.cfg, corrupt=corrupt)))
-            if not cuda and threads is not None and run.cfg.cache_budget_mb is None:
-                # N local runs share this machine's RAM: half of it, split N ways
-                cfg["cache_budget_mb"] = psutil.virtual_memory().available / 2**21 / len(client.nthreads())
+            if threads is not None and run.cfg.cache_budget_mb is None:
+                # N local runs share this machine's RAM (or each GPU): half of it, split N ways
+                cfg["cache_budget_mb"] = (_free_gpu_mb() / 2 / (per_gpu or 1) if cuda else
+                                          psutil.virtual_memory().available / 2**21 / len(client.nthreads()))
             future = client.submit(train_task, cfg, threads, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)
             by_future[future] = run
@@ -117,16 +162,17 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, dict, bool],
                 raise
             except Exception as e:
                 client.cancel(list(by_future))
-                raise FptError(f"run {run.cfg.out} failed: {type(e).__name__}: {e}") from None
+                raise FptError(f"run {run.cfg.out} failed: {type(e).__name__}: {e}") from e
             results[run.name] = metrics
             if on_run:
                 on_run(run, metrics, False)
     return results
 
 
-def _score(metrics: dict) -> float:
-    val = metrics["val"]
-    return val["auc"] if val.get("auc") is not None else val["acc"]
+def _free_gpu_mb() -> float:
+    import torch
+
+    return torch.cuda.mem_get_info(0)[0] / 2**20
 
 
 def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
@@ -138,38 +184,43 @@ def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
             "n": int(len(defined))}
 
 
-def summarize(sweep: SweepConfig, grid: list[Run], seeds: list[Run], results: dict[str, dict]) -> dict[str, Any]:
+def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
+                  results: dict[str, RunMetrics]) -> dict[str, Any]:
     """sweep.json: the grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
     best = seeds[0]
     seed_metrics = [results[r.name] for r in seeds]
-    test = {k: mean_std([m["test"][k] for m in seed_metrics]) for k in TEST_METRICS}
-    params = seed_metrics[0]["params"]
-    memory = mean_std([m["throughput"]["peak_memory_mb"] for m in seed_metrics])
+    test = {k: mean_std([m.test[k] for m in seed_metrics]) for k in TEST_METRICS}
+    params = seed_metrics[0].params
+    memory = mean_std([m.throughput.peak_memory_mb for m in seed_metrics])
     auc = test["auc"]["mean"]
     ft = sweep.train.ft_memory_mb
     return {
-        "store": str(sweep.train.store), "method": seed_metrics[0]["method"],
+        "store": str(sweep.train.store), "method": seed_metrics[0].method,
         "protocol": "grid over lr x weight decay at the base seed, best by val AUC; then the best over "
                     f"{len(seeds)} seeds; test mean ± sample std",
-        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed, "val_score": _score(results[r.name]),
-                  "val": results[r.name]["val"], "run_dir": str(r.cfg.out)} for r in grid],
+        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed,
+                  "val_score": validation_score(results[r.name].val), "val": results[r.name].val,
+                  "run_dir": str(r.cfg.out)} for r in grid],
         "best": {"lr": best.lr, "weight_decay": best.weight_decay},
-        "seeds": [{"seed": r.seed, "test": results[r.name]["test"], "val": results[r.name]["val"],
-                   "best_epoch": results[r.name]["best_epoch"], "run_dir": str(r.cfg.out)} for r in seeds],
+        "seeds": [{"seed": r.seed, "test": results[r.name].test, "val": results[r.name].val,
+                   "best_epoch": results[r.name].best_epoch, "best_reason": results[r.name].best_reason,
+                   "run_dir": str(r.cfg.out)} for r in seeds],
         "test": test,
         "params": params,
         "efficiency": {"score": "mean test AUC",
                        "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
                        "pme": None if auc is None or ft is None else pme(auc, memory["mean"], ft),
                        "ft_memory_mb": ft},
-        "throughput": {"train_samples_per_s": mean_std([m["throughput"]["train_samples_per_s"] for m in seed_metrics]),
-                       "peak_memory_mb": memory, "memory_kind": seed_metrics[0]["throughput"]["memory_kind"]},
+        "throughput": {"train_samples_per_s": mean_std([m.throughput.train_samples_per_s for m in seed_metrics]),
+                       "steady_train_samples_per_s": mean_std([m.throughput.steady_train_samples_per_s
+                                                               for m in seed_metrics]),
+                       "peak_memory_mb": memory, "memory_kind": seed_metrics[0].throughput.memory_kind},
         "config": {**jsonable(asdict(sweep.train)), "lr": sweep.lrs, "weight_decay": sweep.weight_decays,
                    "seeds": sweep.seeds, "scheduler": sweep.scheduler, "out": str(sweep.out)},
     }
 
 
-def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[str, dict]) -> str:
+def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> str:
     """One row per run (grid, then seeds), then the seeds' mean and std rows."""
     columns = ["stage", "lr", "weight_decay", "seed", "val_score", *(f"test_{k}" for k in TEST_METRICS),
                "samples_per_s", "peak_memory_mb", "run_dir"]
@@ -179,9 +230,9 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
     for run in [*grid, *seeds]:
         m = results[run.name]
         writer.writerow({"stage": run.stage, "lr": run.lr, "weight_decay": run.weight_decay, "seed": run.seed,
-                         "val_score": _score(m), **{f"test_{k}": m["test"][k] for k in TEST_METRICS},
-                         "samples_per_s": m["throughput"]["train_samples_per_s"],
-                         "peak_memory_mb": m["throughput"]["peak_memory_mb"], "run_dir": str(run.cfg.out)})
+                         "val_score": validation_score(m.val), **{f"test_{k}": m.test[k] for k in TEST_METRICS},
+                         "samples_per_s": m.throughput.train_samples_per_s,
+                         "peak_memory_mb": m.throughput.peak_memory_mb, "run_dir": str(run.cfg.out)})
     best = summary["best"]
     for stat in ("mean", "std"):
         writer.writerow({"stage": stat, "lr": best["lr"], "weight_decay": best["weight_decay"],
@@ -191,7 +242,7 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
     return out.getvalue()
 
 
-def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | None = None,
+def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None] | None = None,
               on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
     (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
@@ -202,7 +253,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     sweep.out.mkdir(parents=True, exist_ok=True)
     counts = {"ran": 0, "skipped": 0}
 
-    def count(run: Run, metrics: dict, skipped: bool) -> None:
+    def count(run: Run, metrics: RunMetrics, skipped: bool) -> None:
         counts["skipped" if skipped else "ran"] += 1
         if on_run:
             on_run(run, metrics, skipped)
@@ -211,13 +262,13 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, dict, bool], None] | No
     grid = [make_run(sweep, "grid", lr, wd, base_seed) for lr in sweep.lrs for wd in sweep.weight_decays]
     if on_stage:
         on_stage("grid", len(grid))
-    results = execute(grid, sweep.scheduler, count)
-    best = max(grid, key=lambda r: _score(results[r.name]))             # max keeps the first of equal scores
+    results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu)
+    best = max(grid, key=lambda r: validation_score(results[r.name].val))     # max keeps the first of equal scores
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
     if on_stage:
         on_stage("seeds", len(seeds) - 1)
-    results.update(execute(seeds[1:], sweep.scheduler, count))
-    summary = summarize(sweep, grid, seeds, results)
-    (sweep.out / "sweep.json").write_text(json.dumps(summary, indent=2))
-    (sweep.out / "sweep.csv").write_text(sweep_csv(summary, grid, seeds, results))
+    results.update(execute(seeds[1:], sweep.scheduler, count, sweep.runs_per_gpu))
+    summary = sweep_summary(sweep, grid, seeds, results)
+    atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=2))
+    atomic_write_text(sweep.out / "sweep.csv", sweep_csv(summary, grid, seeds, results))
     return {**summary, **counts}

@@ -95,7 +95,8 @@ def test_random_damage_is_always_found_or_harmless(micro_store, tmp_path_factory
 def test_training_refuses_corrupt_samples_or_skips_them(micro_store, tmp_path):
     flip(shard_file(micro_store, "images", 0), 60)                     # sample 0: a train image
     ids = StoreReader(micro_store).ids
-    args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "1", "--device", "cpu"]
+    args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "1", "--device", "cpu",
+            "--batch-size", "4"]
     refused = run([*args, "--out", str(tmp_path / "r1")])
     assert refused.exit_code == 2 and f"1 samples are corrupt ({ids[0]})" in " ".join(refused.output.split())
     assert not (tmp_path / "r1").exists()                             # refused before any work
@@ -115,7 +116,7 @@ def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, 
     monkeypatch.setattr(loop, "verify", lambda *a, **k: calls.append(a) or real_verify(*a, **k))
     flip(shard_file(micro_store, "images", 0), 60)
     cfg = sweep_config(micro_store, None, lr="0.001,0.01", weight_decay="0", seeds=1, scheduler="local:1",
-                       out=tmp_path / "sw", side_res=16, epochs=1, device="cpu", skip_corrupt=True)
+                       out=tmp_path / "sw", side_res=16, epochs=1, batch_size=4, device="cpu", skip_corrupt=True)
     sweep.run_sweep(cfg)
     assert len(calls) == 1                                            # not once per run
     runs = list((tmp_path / "sw").rglob("metrics.json"))

@@ -61,25 +61,25 @@ def test_ctrl_c_during_training_resumes_with_resume(micro_store, tmp_path, monke
     from typer.testing import CliRunner
 
     from fpt.cli import app
-    from fpt.train import loop
+    from fpt.train import files
 
     runner = CliRunner()
     args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "4", "--device", "cpu",
-            "--prompts", "2"]
-    real_save = loop._save
+            "--prompts", "2", "--batch-size", "4"]
+    real_save = files.save_checkpoint
     saves = []
 
-    def interrupt_after_two_epochs(path, obj):
-        real_save(path, obj)
+    def interrupt_after_two_epochs(path, kind, content):
+        real_save(path, kind, content)
         if path.name == "last.pt":
-            saves.append(obj["epoch"])
-            if obj["epoch"] == 1:
+            saves.append(content["epoch"])
+            if content["epoch"] == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_save", interrupt_after_two_epochs)
+    monkeypatch.setattr(files, "save_checkpoint", interrupt_after_two_epochs)
     stopped = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])
     assert stopped.exit_code == 130 and "re-run" in stopped.output
-    monkeypatch.setattr(loop, "_save", real_save)
+    monkeypatch.setattr(files, "save_checkpoint", real_save)
     resumed = runner.invoke(app, ["train", "--resume", str(tmp_path / "run")])
     assert resumed.exit_code == 0, resumed.output
     straight = runner.invoke(app, [*args, "--out", str(tmp_path / "straight")])

@@ -1,0 +1,227 @@
+"""Training speed on one device: the training step eager vs compiled, ``fpt train``'s steady state, the
+official-style training loop, and a 12-run sweep concurrently vs one run after another.
+
+Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its training table):
+
+* ``step-eager-b{16,64}``, ``step-compiled-b{16,64}``: ``fpt train``'s step (``fpt.train.step.TrainStep``:
+  augmentation, forward, backward, clip, AdamW, schedule) on a batch already on the device; median of the
+  timed steps after warm-up (compiling included in the warm-up). Compiled = torch.compile, ``reduce-overhead``
+  (CUDA graphs) on CUDA, the default mode on a CPU.
+* ``fpt-train``: ``fpt train`` on a store of the demo task, its steady-state train samples/s (epochs after the
+  first) and peak memory from metrics.json.
+* ``official-loop``: the official way of feeding the same step (eager): per sample a PNG decode, torchvision
+  augmentation on the PIL image and a safetensors load, in DataLoader worker processes; one epoch after a
+  warm-up epoch.
+* ``sweep-concurrent`` / ``sweep-sequential``: 12 runs (3 learning rates x 2 weight decays x 2 seeds) of
+  ``fpt sweep``'s machinery on that store, several at once (``--scheduler local`` on CUDA: runs per GPU from
+  memory; ``local:2`` on a CPU) against one after another (``local:1``); wall-clock seconds.
+
+``small``: sizes for a CPU (a ViT-Tiny-shaped LPM at 256 px, side 64, a 64-image store, 2 epochs); otherwise
+the paper's setting (ViT-B K/V from 512: L=6, H=12, k=205, d=64; side 128; 16 prompts) and 20-epoch sweeps.
+
+    python -m fpt.bench.train_speed --small            # CPU-sized (rows merge into results/, --parts picks some)
+    python -m fpt.bench.train_speed --device cuda      # the paper's setting
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fpt.bench.common import command_line, merge_cases, write_results
+from fpt.train.memory import PAPER_SPEC, PeakMemory, StepShape, make_step, step_batch
+from fpt.train.model import ModelSpec
+
+SMALL_SPEC = ModelSpec(lpm_dim=192, lpm_heads=3, head_dim=64, patch_size=16, layers=6, n_classes=2, side_res=64,
+                       prompts=16, reduction=8)
+SMALL_SHAPE = dict(layers=6, heads=3, k=(16 * 16 + 1) // 5, head_dim=64, image_res=128)   # ViT-Tiny at 256 px
+PAPER_SHAPE = dict(layers=6, heads=12, k=205, head_dim=64, image_res=256)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_row(device: torch.device, batch: int, compile: bool, small: bool, warmup: int = 3,
+             reps: int = 35) -> dict:
+    """Samples/s (median step) and peak memory of ``fpt train``'s step on a batch already on ``device``."""
+    spec = SMALL_SPEC if small else PAPER_SPEC
+    shape = StepShape(batch_size=batch, **(SMALL_SHAPE if small else PAPER_SHAPE))
+    torch.manual_seed(0)
+    with PeakMemory(device) as memory:
+        step = make_step(spec, device, compile=compile, steps=warmup + reps)
+        data = step_batch(spec, shape, device)
+        draws = step.side_input.draw(warmup + reps, batch).to(device)
+        start = time.perf_counter()
+        for i in range(warmup):
+            step(data, draws[i])
+        _sync(device)
+        warm_s = time.perf_counter() - start
+        times = []
+        for i in range(warmup, warmup + reps):
+            t = time.perf_counter()
+            step(data, draws[i])
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"name": f"step-{'compiled' if step.is_compiled else 'eager'}-b{batch}", "batch": batch,
+            "samples_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 3),
+            "warmup_s": round(warm_s, 2), "peak_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
+            "compiled": step.is_compiled, "steps_timed": reps}
+
+
+def bench_store(small: bool):
+    """The demo task extracted (cached under bench/.work): ViT-Tiny at 256 px, 64 train images (small), or
+    ViT-B at 512 px, 384 train images."""
+    from fpt.bench.data import ensure_dataset
+    return (ensure_dataset("vit_tiny_patch16_224", 256, 64, image_res=128) if small
+            else ensure_dataset("vit_base_patch16_224", 512, 384))
+
+
+def train_config_for(store, device: torch.device, small: bool, out: Path, epochs: int, **overrides):
+    from fpt.config import train_config
+    options = dict(side_res=64 if small else 128, prompts=16, batch_size=16, epochs=epochs, device=str(device),
+                   out=out, seed=0)
+    return train_config(store, None, **{**options, **overrides})
+
+
+def fpt_train_row(device: torch.device, small: bool, work: Path) -> dict:
+    from fpt.train import train
+    data = bench_store(small)
+    epochs = 3 if small else 5
+    m = train(train_config_for(data.store, device, small, work / "fpt-train", epochs))
+    t = m.throughput
+    return {"name": "fpt-train", "batch": 16, "samples_per_s": t.steady_train_samples_per_s,
+            "whole_run_samples_per_s": t.train_samples_per_s, "peak_mb": t.peak_memory_mb,
+            "memory_kind": t.memory_kind, "compiled": t.compiled, "epochs": epochs,
+            "cache": m.data["cache"]["mode"], "train_samples": m.data["train"]}
+
+
+class _OfficialSamples(torch.utils.data.Dataset):
+    """The official loader's samples for a DataLoader: (image, keys, values, label) per index."""
+
+    def __init__(self, official):
+        self.official = official
+
+    def __len__(self) -> int:
+        return len(self.official)
+
+    def __getitem__(self, i: int):
+        return self.official.sample(i)
+
+
+def official_loop_row(device: torch.device, small: bool, workers: int) -> dict:
+    """One epoch (after a warm-up epoch) of the official way of feeding the same training step."""
+    from fpt.bench.data_path import AlreadyAugmented
+    from fpt.bench.official import OfficialTrainData
+    from fpt.store import StoreReader
+    from fpt.train.loop import model_spec
+    from fpt.train.model import build_model
+    from fpt.train.step import TrainStep, make_optimizer
+
+    data = bench_store(small)
+    reader = StoreReader(data.store)
+    cfg = train_config_for(data.store, device, small, Path("unused"), 2)
+    norm = reader.attrs["normalization"]
+    official = OfficialTrainData(*data.train_images(), data.official, cfg.side_res, norm["mean"], norm["std"])
+    loader = torch.utils.data.DataLoader(_OfficialSamples(official), batch_size=cfg.batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    torch.manual_seed(0)
+    with PeakMemory(device) as memory:
+        model = build_model(model_spec(reader, cfg)).to(device)
+        optimizer, schedule = make_optimizer(model, cfg.lr, cfg.weight_decay, 2 * len(loader), device)
+        step = TrainStep(model, AlreadyAugmented(), optimizer, schedule)
+        seconds = []
+        for _ in range(2):
+            start, samples = time.perf_counter(), 0
+            for images, keys, values, labels in loader:
+                batch = {"images": images, "keys": keys, "values": values, "labels": labels}
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                step(batch, torch.zeros(0, len(labels)))
+                samples += len(labels)
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+    return {"name": "official-loop", "batch": cfg.batch_size, "samples_per_s": round(samples / seconds[-1], 1),
+            "peak_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind, "compiled": False,
+            "workers": workers, "train_samples": samples}
+
+
+def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
+    """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another."""
+    from fpt.config import SweepConfig
+    from fpt.train.sweep import execute, make_run
+
+    data = bench_store(small)
+    epochs = 2 if small else 20
+    rows = []
+    concurrent = "local" if device.type == "cuda" else "local:2"
+    for name, scheduler in (("sweep-concurrent", concurrent), ("sweep-sequential", "local:1")):
+        base = train_config_for(data.store, device, small, None, epochs)
+        sweep = SweepConfig(base, [1e-4, 5e-4, 1e-3], [0.0, 0.05], 2, work / name, scheduler)
+        runs = [make_run(sweep, "grid", lr, wd, seed) for lr in sweep.lrs for wd in sweep.weight_decays
+                for seed in (0, 1)]
+        start = time.perf_counter()
+        results = execute(runs, scheduler, None)
+        seconds = time.perf_counter() - start
+        samples = sum(m.data["train"] for m in results.values()) * epochs
+        rows.append({"name": name, "batch": 16, "runs": len(runs), "epochs": epochs, "scheduler": scheduler,
+                     "seconds": round(seconds, 1), "samples_per_s": round(samples / seconds, 1), "peak_mb": None})
+    rows[0]["speedup_vs_sequential"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
+    return rows
+
+
+def run(device: torch.device | str, small: bool, workers: int | None = None,
+        parts: tuple[str, ...] = ("step", "train", "official", "sweep")) -> list[dict]:
+    """The training table's rows for ``device`` (see the module docstring)."""
+    device = torch.device(device)
+    workers = workers if workers is not None else (2 if small else 8)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fpt-train-speed-") as tmp:
+        work = Path(tmp)
+        if "step" in parts:
+            for batch in (16, 64):
+                for compile in (False, True):
+                    rows.append(step_row(device, batch, compile, small, reps=10 if small else 35))
+                    print(json.dumps(rows[-1]), flush=True)
+        if "train" in parts:
+            rows.append(fpt_train_row(device, small, work))
+            print(json.dumps(rows[-1]), flush=True)
+        if "official" in parts:
+            rows.append(official_loop_row(device, small, workers))
+            print(json.dumps(rows[-1]), flush=True)
+        if "sweep" in parts:
+            for row in sweep_rows(device, small, work):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    for row in rows:
+        row["device"] = str(device)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="CPU-sized models, store and sweep")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the official loop")
+    p.add_argument("--parts", default="step,train,official,sweep")
+    args = p.parse_args(argv)
+    rows = run(args.device, args.small, args.workers, tuple(args.parts.split(",")))
+    name = f"train_speed-{args.device.split(':')[0]}{'-small' if args.small else ''}"
+    for row in rows:
+        row["command"] = command_line("fpt.bench.train_speed")
+    out = write_results(name, "fpt.bench.train_speed", cases=merge_cases(name, rows, ("name", "device")),
+                        torch_threads=torch.get_num_threads())
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

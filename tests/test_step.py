@@ -1,0 +1,171 @@
+"""The one training step: compiled (torch.compile's default mode on the CPU here) and eager give the same losses
+and weights; the fallback to eager when compiling fails; padded evaluation; the versioned checkpoint and
+atomic writes; the background checkpoint writer."""
+import warnings
+
+import pytest
+import torch
+
+from fpt import FptError
+from fpt.train.files import (FORMAT_VERSION, CheckpointWriter, atomic_write, atomic_write_text, read_checkpoint,
+                             save_checkpoint)
+from fpt.train.memory import StepShape, make_step, step_batch
+from fpt.train.model import ModelSpec
+from fpt.train.step import CompiledOrEager, pad_batch
+
+SMALL = ModelSpec(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=2, n_classes=2, side_res=16, prompts=3,
+                  reduction=4)
+SHAPE = StepShape(batch_size=4, layers=2, heads=2, k=5, head_dim=16, image_res=32)
+CPU = torch.device("cpu")
+STEPS = 4
+# compiled kernels reorder floating-point sums: losses agree to this relative tolerance over STEPS steps
+LOSS_RTOL = 1e-4
+
+
+def losses_and_weights(compile: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    step = make_step(SMALL, CPU, compile=compile, steps=STEPS)
+    assert step.is_compiled == compile
+    batches = [step_batch(SMALL, SHAPE, CPU) for _ in range(STEPS)]
+    draws = step.side_input.draw(STEPS, SHAPE.batch_size)
+    torch.manual_seed(1)                                  # the dropout draws start from the same state
+    losses = [float(step(b, draws[i])) for i, b in enumerate(batches)]
+    return losses, {k: v.detach().clone() for k, v in step.model.state_dict().items()}
+
+
+def test_compiled_step_gives_the_eager_losses():
+    import torch._inductor.config as inductor
+
+    eager, eager_weights = losses_and_weights(compile=False)
+    with inductor.patch(fallback_random=True):          # dropout: the same random numbers as eager
+        compiled, compiled_weights = losses_and_weights(compile=True)
+    assert len(set(eager)) == STEPS                      # the model learns: every step's loss differs
+    assert compiled == pytest.approx(eager, rel=LOSS_RTOL)
+    for k, w in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[k], w, rtol=1e-3, atol=1e-4)
+
+
+def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(fn, **_):
+        def run(*args):
+            raise RuntimeError("no compiler here\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    twice = CompiledOrEager(lambda x: x * 2, compile=True, mode=None, what="test function")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert twice(torch.tensor(3.0)) == 6 and twice(torch.tensor(4.0)) == 8
+    assert len(caught) == 1 and "no compiler here" in str(caught[0].message)
+    assert "second line" not in str(caught[0].message) and not twice.is_compiled
+
+
+def test_a_failing_backward_compilation_falls_back_to_eager(monkeypatch):
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("backward did not compile")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: lambda *args: FailingBackward.apply(fn(*args)))
+    torch.manual_seed(0)
+    step = make_step(SMALL, CPU, compile=True)
+    before = [p.detach().clone() for p in step.params]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(step_batch(SMALL, SHAPE, CPU), step.side_input.draw(1, SHAPE.batch_size)[0])
+    assert len(caught) == 1 and "backward did not compile" in str(caught[0].message) and not step.is_compiled
+    assert any(not torch.equal(a, p) for a, p in zip(before, step.params))     # the eager step still trained
+
+
+def test_padded_evaluation_gives_the_unpadded_probabilities():
+    torch.manual_seed(0)
+    step = make_step(SMALL, CPU)
+    step.model.eval()
+    batch = step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), CPU)
+    padded = pad_batch(batch, 8)
+    assert len(padded["labels"]) == 8 and torch.equal(padded["keys"][3:], batch["keys"][2:3].expand(5, -1, -1, -1, -1))
+    torch.testing.assert_close(step.probabilities(batch, 8), step.probabilities(batch))
+
+
+def test_checkpoints_carry_a_format_version(tmp_path):
+    save_checkpoint(tmp_path / "best.pt", "best", {"epoch": 3})
+    assert read_checkpoint(tmp_path / "best.pt", "best") == {"fpt_checkpoint": FORMAT_VERSION, "kind": "best",
+                                                              "epoch": 3}
+    with pytest.raises(FptError, match="is a best checkpoint, not an unfinished run's last.pt"):
+        read_checkpoint(tmp_path / "best.pt", "last")
+    for version, advice in ((FORMAT_VERSION + 1, "upgrade fpt"), (0, "train again")):
+        torch.save({"fpt_checkpoint": version, "kind": "best"}, tmp_path / "other.pt")
+        with pytest.raises(FptError, match=f"checkpoint format {version}, this fpt reads format "
+                                           f"{FORMAT_VERSION}: {advice}"):
+            read_checkpoint(tmp_path / "other.pt", "best")
+    torch.save({"model": {}, "spec": {}}, tmp_path / "unversioned.pt")
+    with pytest.raises(FptError, match="no format version"):
+        read_checkpoint(tmp_path / "unversioned.pt", "best")
+
+
+def test_atomic_write_leaves_the_old_file_and_no_temporary_on_failure(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def fails_halfway(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fails_halfway)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_checkpoint_writer_writes_cpu_copies_and_reports_a_failure(tmp_path):
+    written = []
+    state = {"w": torch.ones(2)}
+    with CheckpointWriter(save=lambda path, kind, content: written.append((path, kind, content))) as writer:
+        writer.submit(tmp_path / "a.pt", "last", {"model": state})
+        state["w"].add_(1)                                 # training goes on: the submitted copy is unchanged
+        writer.flush()
+    assert torch.equal(written[0][2]["model"]["w"], torch.ones(2))
+
+    def failing(path, kind, content):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with CheckpointWriter(save=failing) as writer:
+            writer.submit(tmp_path / "b.pt", "last", {})
+            writer.flush()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_gives_the_eager_losses():
+    """On CUDA the step compiles in reduce-overhead mode (CUDA graphs): same losses as the eager step."""
+    import torch._inductor.config as inductor
+
+    cuda = torch.device("cuda")
+
+    def losses(compile: bool) -> list[float]:
+        torch.manual_seed(0)
+        step = make_step(SMALL, cuda, compile=compile, steps=STEPS)
+        assert step.is_compiled == compile and step.cuda_graphs == compile
+        batches = [step_batch(SMALL, SHAPE, cuda) for _ in range(STEPS)]
+        draws = step.side_input.draw(STEPS, SHAPE.batch_size).to(cuda)
+        torch.manual_seed(1)
+        return [float(step(b, draws[i])) for i, b in enumerate(batches)]
+
+    eager = losses(False)
+    with inductor.patch(fallback_random=True):
+        compiled = losses(True)
+    assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_cuda_training_run(micro_store, tmp_path):
+    from fpt.config import train_config
+    from fpt.train import train
+
+    m = train(train_config(micro_store, None, out=tmp_path / "run", side_res=16, epochs=3, batch_size=4, prompts=3,
+                           device="cuda", cache="gpu", compile=True))
+    assert m.throughput.compiled and m.data["cache"]["mode"] == "gpu"
+    assert m.throughput.steady_train_samples_per_s > 0 and 0 <= m.test["auc"] <= 1

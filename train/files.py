@@ -1,0 +1,136 @@
+"""Run-directory files: atomic writes (one helper for checkpoints, metrics.json, sweep.json, sweep.csv), the
+versioned checkpoint format, and a background writer so that saving a checkpoint does not stall training.
+
+A checkpoint is a ``torch.save``d dict ``{"fpt_checkpoint": FORMAT_VERSION, "kind": "best" | "last", ...}``:
+
+* ``best``: ``model`` (state dict), ``spec`` (ModelSpec dict), ``store`` (store identity), ``config``, ``epoch``
+  — what evaluate/predict/show need to rebuild the model;
+* ``last``: the above plus ``optimizer``, ``schedule``, ``rng``, ``history``, ``best``, ``samples``, ``seconds``
+  — what ``fpt train --resume`` needs to continue.
+
+A checkpoint of another format version is refused with a clear message (no guessing from its keys).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fpt import FptError
+
+FORMAT_VERSION = 1
+KINDS = ("best", "last")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a uniquely named temporary file next to ``path``, then rename it over ``path``: a reader
+    (or a kill at any moment) sees the old file or the new one, never a torn one. The temporary file is removed
+    when ``write`` fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def save_checkpoint(path: Path, kind: str, content: dict[str, Any]) -> None:
+    """Write a checkpoint of ``kind`` (best or last) atomically, stamped with the format version."""
+    assert kind in KINDS, kind
+    atomic_write(path, lambda tmp: torch.save({"fpt_checkpoint": FORMAT_VERSION, "kind": kind, **content}, tmp))
+
+
+def read_checkpoint(path: Path, kind: str, what: str = "--checkpoint") -> dict[str, Any]:
+    """A checkpoint's dict (on the CPU), refused unless it is an fpt checkpoint of this format version; ``kind``
+    "best" also accepts a last.pt (it holds the model too). ``what`` names the option in error messages."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FptError(f"{what} {path}: no such file") from None
+    except Exception as e:
+        raise FptError(f"{what} {path} is not an fpt checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(content, dict) or "fpt_checkpoint" not in content:
+        raise FptError(f"{what} {path} is not an fpt checkpoint of a known format (no format version; "
+                       "checkpoints written before format 1 cannot be read: train again)")
+    version = content["fpt_checkpoint"]
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise FptError(f"{what} {path} has checkpoint format {version}, this fpt reads format {FORMAT_VERSION}: "
+                       + ("upgrade fpt to read it" if newer else "train again with this fpt"))
+    if kind == "last" and content.get("kind") != "last":
+        raise FptError(f"{what} {path} is a {content.get('kind')} checkpoint, not an unfinished run's last.pt")
+    return content
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` (nested dicts/lists of tensors) with every tensor on the CPU, detached."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread: ``submit`` copies the state to the CPU (the only wait for the
+    device) and returns; the file is written (atomically) while training goes on. A failed write is raised by
+    the next ``submit``, ``flush`` or the end of the ``with`` block, and nothing is written after it; leaving the
+    block waits for pending writes (also when training stopped with an exception, so that last.pt is whole).
+
+    ``save`` is the function that writes one file (``save_checkpoint``; replaceable in tests)."""
+
+    def __init__(self, save: Callable[[Path, str, dict], None] | None = None):
+        self.save = save
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None      # the first failed write; nothing is written after it
+        self._reported = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fpt-checkpoint-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    (self.save or save_checkpoint)(*item)
+            except BaseException as e:      # noqa: BLE001 - re-raised in the training thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None and not self._reported:
+            self._reported = True
+            raise self._error
+
+    def submit(self, path: Path, kind: str, content: dict[str, Any]) -> None:
+        self._raise()
+        self._queue.put((path, kind, to_cpu(content)))
+
+    def flush(self) -> None:
+        """Wait until every submitted checkpoint is written; raise a write's failure."""
+        self._queue.join()
+        self._raise()
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self._queue.put(None)
+        self._thread.join()             # pending writes finish even when training stopped (Ctrl-C): resumable
+        if exc_type is None:
+            self._raise()
