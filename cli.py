@@ -64,7 +64,9 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
         def update(done: int, total: int):
             speed = progress.tasks[task].speed
             progress.update(task, completed=done, total=total, rate=f"{speed:.3g} img/s" if speed else "")
-        result = extract(cfg, progress=update, scheduler=scheduler)
+        result = extract(cfg, progress=update, scheduler=scheduler,
+                         warn=lambda message: err.print(f"[bold yellow]WARNING: {message}[/] (recorded in the store)",
+                                                        highlight=False, soft_wrap=True))
     if result.n_written == 0:
         console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
     else:
@@ -393,19 +395,27 @@ app.add_typer(store_app, name="store")
 
 @store_app.command("verify")
 @friendly
-def store_verify(path: str = typer.Argument(..., help="Store path or URL.")):
-    """Read every chunk of a store and check its crc32c checksum; exit 1 when any sample is affected."""
-    from fpt.store import StoreReader
+def store_verify(path: str = typer.Argument(..., help="Store path or URL."),
+                 repair: bool = typer.Option(False, "--repair", help="Mark the shards of missing or corrupt samples "
+                                             "as not done; the same `fpt extract` command then rewrites them.")):
+    """Read every chunk of a store and check its crc32c checksum; exit 1 when any sample is unfinished, missing
+    or corrupt."""
+    from fpt.store import StoreReader, mark_for_reextraction
     from fpt.store import verify as verify_store
 
     with _progress() as progress:
         task = progress.add_task("verify", total=None, rate="")
         report = verify_store(path, progress=lambda done, total: progress.update(task, completed=done, total=total))
     if report.ok:
-        console.print(f"{path}: ok, {report.n_samples} samples, every chunk checksummed")
+        console.print(report.summary())
         return
     show_problems(report, StoreReader(path).attrs)
-    err.print(f"[bold red]{len(report.bad_samples)} of {report.n_samples} samples are missing or corrupt[/]")
+    if repair and len(report.damaged):
+        shards = mark_for_reextraction(path)
+        err.print(f"[bold yellow]marked {len(shards)} shard(s) for re-extraction[/]: re-run the same `fpt extract` "
+                  "command to rewrite them", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[bold red]{report.summary()}[/]", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 

@@ -7,6 +7,7 @@ once, in the config's ``__post_init__`` or in the one function named for it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -389,7 +390,25 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError("--res, --image-res and --batch-size must be positive")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise FptError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    patch = re.search(r"patch(\d+)", cfg.backbone or "")      # timm names say their patch: vit_*_patch16_*
+    if patch:                                                   # checked before the model loads (and again after)
+        check_res_fits_patch(cfg.res, int(patch[1]), cfg.backbone)
     check_lpm_weights(cfg.weights, cfg.random_init)
+    check_normalization(cfg.mean, cfg.std)
+
+
+def check_res_fits_patch(res: int, patch: int, backbone: str) -> None:
+    if res % patch:
+        raise FptError(f"--res {res} is not a multiple of the patch size {patch} of {backbone}")
+
+
+def check_normalization(mean: tuple[float, ...] | str, std: tuple[float, ...] | str) -> None:
+    """Mean in [0, 1], std in (0, 1]: the LPM sees pixel values scaled to [0, 1], so 0-255 numbers are a mistake."""
+    scale = "values are on the [0, 1] pixel scale, e.g. ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225, or auto"
+    if mean != "auto" and not all(0 <= m <= 1 for m in mean):
+        raise FptError(f"--mean {','.join(f'{m:g}' for m in mean)}: every value must be in [0, 1]; {scale}")
+    if std != "auto" and not all(0 < s <= 1 for s in std):
+        raise FptError(f"--std {','.join(f'{s:g}' for s in std)}: every value must be in (0, 1]; {scale}")
 
 
 def _entry_for_store(dataset: str | None, pipelines: Path | str | None) -> dict[str, Any]:

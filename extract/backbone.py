@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fpt import FptError
+from fpt.config import check_res_fits_patch
 from fpt.extract.selection import num_selected, select_important_tokens
 
 RANDOM_INIT_SEED = 0
@@ -63,8 +64,7 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
     if attn is None or not hasattr(attn, "qkv") or not hasattr(attn, "num_heads"):
         raise FptError(f"backbone {name} is not a plain ViT with fused qkv attention")
     patch = model.patch_embed.patch_size[0]
-    if res % patch:
-        raise FptError(f"--res {res} is not a multiple of the patch size {patch} of {name}")
+    check_res_fits_patch(res, patch, name)
     model.eval().requires_grad_(False)
     if random_init:
         warnings.warn(f"{name} is RANDOMLY INITIALISED: the store holds no pre-trained knowledge", stacklevel=2)

@@ -14,8 +14,9 @@ from fpt import FptError
 from fpt.config import ExtractConfig
 from fpt.extract.cmmd import CmmdSource
 from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, lpm_view, rgb_array
-from fpt.extract.samples import (ImageSource, SampleRef, check_files_exist, check_splits_filled, class_names,
-                                 parse_split_names, stratified_group_split)
+from fpt.extract.samples import (ImageSource, SampleRef, check_distinct_classes, check_files_exist,
+                                 check_splits_filled, class_names, parse_split_names,
+                                 stratified_group_split)
 from fpt.store import SPLITS
 
 
@@ -30,6 +31,7 @@ class ImageFolderSource:
             if not (self.root / split).is_dir():
                 raise FptError(f"{self.root} has no {split}/ folder; expected {self.root}/{{train,val,test}}/<class>/<image>")
         found = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
+        check_distinct_classes(found, str(self.root / "train"))
         if classes is not None and sorted(classes) != found:
             raise FptError(f"{self.root / 'train'} has classes {found}, the pipeline expects {sorted(classes)}")
         self.classes = list(classes) if classes is not None else found   # the pipeline fixes the label order

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -25,9 +26,9 @@ from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch
 from fpt.extract.images import prepare_image
-from fpt.extract.samples import ImageSource, SampleRef
-from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, StoreLock, StoreReader, StoreWriter, choose_samples_per_shard,
-                       is_url)
+from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
+from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, StoreLock, StoreReader, StoreWriter, check_same_extraction,
+                       choose_samples_per_shard, is_url)
 
 Progress = Callable[[int, int], None]
 
@@ -74,27 +75,38 @@ def load_source(cfg: ExtractConfig) -> ImageSource:
     return _PROCESS_CACHE[key]
 
 
-def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str | None = None) -> ExtractResult:
+def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str | None = None,
+            warn: Callable[[str], None] | None = None) -> ExtractResult:
     """Run the frozen LPM over every sample not yet in the store at ``cfg.out`` and write its shards.
 
-    ``progress(done, total)`` is called as samples finish. Re-running on a complete store does nothing; a
-    concurrent extraction of the same store is refused (``StoreLock``).
+    ``progress(done, total)`` is called as samples finish; ``warn(message)`` gets each dataset problem worth a
+    loud warning (a class missing from val or test; default: ``warnings.warn``), also recorded in the store's
+    ``dataset.warnings``. Everything that can be checked without the LPM (classes, an existing store of another
+    extraction) is checked before the LPM is loaded. Re-running on a complete store does nothing; a store whose
+    shards ``fpt store verify --repair`` marked gets exactly those shards rewritten; a concurrent extraction of
+    the same store is refused (``StoreLock``).
     """
     with StoreLock(cfg.out):
         source = load_source(cfg)
+        samples = source.samples
+        ids = np.array([s.id for s in samples], dtype=object)
+        dataset_warnings = check_class_coverage(samples, source.classes, str(cfg.data or cfg.source))
+        if not cfg.overwrite:
+            check_same_extraction(cfg.out, settings_attrs(cfg, source, dataset_warnings), ids)
+        for message in dataset_warnings:
+            (warn or _warn)(message)
         cfg = resolve_normalization(cfg, source)                   # --mean/--std auto: train-split statistics
         device = resolve_device(cfg.device)
         lpm, info = load_lpm(cfg, device if scheduler is None else torch.device("cpu"))
         cfg = replace(cfg, layers=lpm.layers)
         k = lpm.n_selected(cfg.res)
-        samples = source.samples
         geometry = Geometry(n_samples=len(samples), layers=len(lpm.layers), heads=info.heads, k=k,
-                            head_dim=info.head_dim, embed_dim=info.embed_dim, image_res=cfg.image_res)
+                            head_dim=info.head_dim, embed_dim=info.embed_dim, image_res=cfg.image_res,
+                            id_bytes=max([1, *(len(i.encode()) for i in ids)]))
         geometry = replace(geometry, samples_per_shard=cfg.samples_per_shard
                            or choose_samples_per_shard(geometry.bytes_per_sample()))
         writer = StoreWriter.open(
-            cfg.out, geometry, store_attrs(cfg, source, info.as_attrs(), lpm.layers, k),
-            ids=np.array([s.id for s in samples], dtype=object),
+            cfg.out, geometry, store_attrs(cfg, source, info.as_attrs(), lpm.layers, k, dataset_warnings), ids=ids,
             labels=np.array([s.label for s in samples]), split=np.array([s.split for s in samples]),
             overwrite=cfg.overwrite, codec=cfg.codec)
         pending = writer.pending_shards()
@@ -347,18 +359,32 @@ def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progr
         return written, skipped
 
 
-def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers: list[int], k: int) -> dict:
+def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers: list[int] | None, k: int | None,
+                dataset_warnings: list[str] = ()) -> dict:
+    """The store's identity and description (``None`` layers/k: not known yet, left out)."""
     counts = Counter((s.split, s.label) for s in source.samples)
+    extraction = {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
+                  "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res}
     return {
         "backbone": backbone,
-        "extraction": {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
-                       "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res},
+        "extraction": {key: v for key, v in extraction.items() if v is not None},
         "dataset": {"name": cfg.name, "classes": source.classes, "source": str(cfg.data or cfg.source),
                     **getattr(source, "attrs", {}),
                     "counts": {split: {c: counts[(i, j)] for j, c in enumerate(source.classes)}
-                               for i, split in enumerate(SPLITS)}},
-        "normalization": {"mean": list(cfg.mean), "std": list(cfg.std)},
+                               for i, split in enumerate(SPLITS)},
+                    "warnings": list(dataset_warnings)},
+        **({"normalization": {"mean": list(cfg.mean), "std": list(cfg.std)}}
+           if "auto" not in (cfg.mean, cfg.std) else {}),
     }
+
+
+def settings_attrs(cfg: ExtractConfig, source: ImageSource, dataset_warnings: list[str]) -> dict:
+    """The part of ``store_attrs`` known before the LPM is loaded (and before ``auto`` normalisation runs)."""
+    return store_attrs(cfg, source, {"name": cfg.backbone}, cfg.layers, None, dataset_warnings)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -33,12 +33,43 @@ class ImageSource(Protocol):
 def class_names(labels: Sequence[str], fixed: list[str] | None, what: str) -> list[str]:
     """The class list: ``fixed`` (the pipeline's order) when given, else the sorted distinct ``labels``."""
     if fixed is None:
+        check_distinct_classes(sorted(set(labels)), what)
         return sorted(set(labels))
     unknown = sorted(set(labels) - set(fixed))
     if unknown:
         raise FptError(f"{what}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the pipeline's "
                        f"classes {fixed}")
     return list(fixed)
+
+
+def check_distinct_classes(names: Sequence[str], what: str) -> None:
+    """Refuse class names that differ only in case or surrounding spaces (``Benign`` / ``benign``): almost
+    always one class spelt two ways, which would silently split it in two."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.strip().casefold(), name)
+        if other != name:
+            raise FptError(f"{what}: classes {other!r} and {name!r} differ only in case or spaces; spell each "
+                           "class one way (they would be two classes)")
+
+
+def check_class_coverage(samples: Sequence[SampleRef], classes: Sequence[str], what: str) -> list[str]:
+    """Refuse a class without training samples (it cannot be learnt); return a warning for every class missing
+    from val or test (their AUC is undefined: val AUC cannot pick the best epoch, test AUC cannot be reported)."""
+    present = {(s.split, s.label) for s in samples}
+    train = SPLITS.index("train")
+    untrained = [c for i, c in enumerate(classes) if (train, i) not in present]
+    if untrained:
+        raise FptError(f"{what}: class(es) {', '.join(map(repr, untrained))} have no train samples, so they cannot "
+                       "be learnt; add train images for them or remove them (e.g. an empty class folder)")
+    warnings = []
+    for s, split in enumerate(SPLITS):
+        missing = [c for i, c in enumerate(classes) if (s, i) not in present]
+        if missing and split != "train":
+            warnings.append(f"{what}: class(es) {', '.join(map(repr, missing))} have no {split} samples, so {split} "
+                            f"AUC is undefined{' and the best epoch cannot be chosen by it' if split == 'val' else ''}"
+                            "; move some of their images there (or let fpt split a CSV without a split column)")
+    return warnings
 
 
 def check_files_exist(paths: Sequence[str], root: Path, what: str) -> None:

@@ -4,11 +4,13 @@ Public API:
     StoreLocation          where a store lives: a local path or an fsspec URL (s3://, gs://, memory://, ...)
     store_stem(path)       the store name without .zarr (for default output names)
     StoreWriter            create / resume a store, write whole shards
+    check_same_extraction  refuse a store holding another extraction, before the expensive part
     StoreLock              one extraction at a time per store (<store>.lock: flock, or a lease on object stores)
     StoreReader            read samples and metadata for training
     as_dask(path)          every array as a lazy dask array (for notebooks and big stores)
     summarize(path)        the facts ``fpt inspect`` shows
-    verify(path)           which samples are missing or fail their checksums (VerifyReport)
+    verify(path)           which samples are unfinished, missing or fail their checksums (VerifyReport)
+    mark_for_reextraction  the repair path: damaged samples' shards back to not done, for `fpt extract` to rewrite
     Geometry, SCHEMA_VERSION, SPLITS, SAMPLE_ARRAYS, FEATURE_DTYPES, choose_samples_per_shard
     CODECS, DEFAULT_CODEC  lossless chunk codecs for ``fpt extract --codec`` (measured in bench/codec.py)
 """
@@ -16,8 +18,10 @@ from fpt.store.layout import CODECS, DEFAULT_CODEC, FEATURE_DTYPES, SAMPLE_ARRAY
 from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
-from fpt.store.verify import VerifyReport, verify
-from fpt.store.writer import StoreWriter
+from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
+from fpt.store.writer import StoreWriter, check_same_extraction
 
-__all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry", "choose_samples_per_shard", "StoreLocation", "StoreLock",
-           "StoreReader", "StoreWriter", "as_dask", "is_url", "store_stem", "summarize", "verify", "VerifyReport"]
+__all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry",
+           "choose_samples_per_shard", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter", "as_dask",
+           "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
+           "mark_for_reextraction"]

@@ -1,6 +1,6 @@
 """The on-disk layout of an fpt store (Zarr v3 group). Only fpt.store imports this module.
 
-Schema version 1:
+Schema version 2 (every array carries ``dimension_names`` and a ``description`` attribute):
 
     keys, values  float16 [S, L, H, k, d]   K/V of the k selected tokens per layer and head
     indices       int32   [S, L, H, k]      token positions of the selection (0 = class token)
@@ -8,11 +8,15 @@ Schema version 1:
     images        uint8   [S, R, R, C]      low-resolution copy for the side network
     labels        int16   [S]
     split         uint8   [S]               0 train, 1 val, 2 test, 255 excluded (unreadable source, skipped)
-    ids           string  [S]
+    ids           uint8   [S, n]            the sample id as UTF-8 bytes, zero-padded to n (a core Zarr v3
+                                            type: zarr-python's variable-length strings are an extension that
+                                            other readers, e.g. tensorstore, lack)
     done          bool    [S]               set after every array of that sample is written
 
 Per-sample arrays use one sample per inner chunk, grouped into shards of ``samples_per_shard`` samples; the
-small 1-D arrays use one chunk per shard. A writer writes whole shards, so writers never share a file.
+small arrays use one chunk per shard. A writer writes whole shards, so writers never share a file. A sample not
+yet extracted (``done`` false) reads back as NaN keys/values/cls and -1 indices (the fill values), never as
+plausible zeros. Version 1 stored ``ids`` as variable-length strings and had no dimension names.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
 EXCLUDED_SPLIT = 255          # a sample whose source could not be read and was skipped (--on-error skip)
 SKIPPED_REPORT = "skipped.csv"  # inside the store: index,id,error of every skipped sample
@@ -30,6 +34,40 @@ SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")   # written per s
 INDEX_ARRAYS = ("labels", "split", "ids")                          # written once, at creation
 DONE = "done"
 ARRAY_NAMES = (*SAMPLE_ARRAYS, *INDEX_ARRAYS, DONE)
+# Axis names, in every array's zarr.json (``dimension_names``) for xarray, tensorstore and other readers.
+DIMENSION_NAMES = {
+    "keys": ("sample", "layer", "head", "token", "head_dim"),
+    "values": ("sample", "layer", "head", "token", "head_dim"),
+    "indices": ("sample", "layer", "head", "token"),
+    "cls": ("sample", "embed_dim"),
+    "images": ("sample", "y", "x", "channel"),
+    "labels": ("sample",),
+    "split": ("sample",),
+    "ids": ("sample", "utf8_byte"),
+    DONE: ("sample",),
+}
+SPLIT_CODES = {**{str(i): s for i, s in enumerate(SPLITS)},
+               str(EXCLUDED_SPLIT): "excluded: the source could not be read and was skipped (--on-error skip)"}
+# What a sample not yet extracted reads as: impossible values, so that an unfinished store cannot pass for data.
+FILL_VALUES = {"keys": float("nan"), "values": float("nan"), "cls": float("nan"), "indices": -1, "images": 0,
+               "labels": 0, "split": 0, "ids": 0, DONE: False}
+ARRAY_ATTRS = {
+    "keys": {"description": "keys of the k selected tokens per extracted layer and head (after the qkv "
+                            "projection, and q/k norm where the LPM has one); token axis: most important first"},
+    "values": {"description": "values of the k selected tokens per extracted layer and head; token axis as keys"},
+    "indices": {"description": "position in the LPM's token sequence of each selected token: the backbone's "
+                               "prefix tokens first (0 = class token, then any registers), then the patches in "
+                               "row-major order; -1 = sample not extracted yet"},
+    "cls": {"description": "the LPM's final normalised class-token feature"},
+    "images": {"description": "low-resolution RGB copy of the LPM's input (area-averaged) for the side network"},
+    "labels": {"description": "class index into the group attribute dataset.classes"},
+    "split": {"description": "split code per sample", "codes": SPLIT_CODES},
+    "ids": {"description": "sample id (source path) as UTF-8 bytes, zero-padded to the row width",
+            "decode": "bytes(row).rstrip(b'\\0').decode('utf-8')"},
+    DONE: {"description": "true once every array of the sample's shard is written; false: not extracted yet "
+                          "(keys/values/cls read NaN, indices -1)"},
+}
+
 # dtypes of the LPM's outputs as stored (extraction and prediction cast to these, so both see the same numbers)
 FEATURE_DTYPES = {"keys": "float16", "values": "float16", "indices": "int32", "cls": "float16"}
 
@@ -46,6 +84,7 @@ class Geometry:
     image_res: int       # R
     channels: int = 3
     samples_per_shard: int = 64
+    id_bytes: int = 0    # width of the ``ids`` rows (the longest UTF-8 id); 0 = taken from the ids at creation
 
     def sample_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Per-sample shape and dtype of each array (without the leading S)."""
@@ -58,13 +97,12 @@ class Geometry:
             "images": ((self.image_res, self.image_res, self.channels), "uint8"),
             "labels": ((), "int16"),
             "split": ((), "uint8"),
-            "ids": ((), "str"),
+            "ids": ((self.id_bytes,), "uint8"),
             DONE: ((), "bool"),
         }
 
     def bytes_per_sample(self) -> int:
-        return sum(int(np.prod(shape)) * (np.dtype(dt).itemsize if dt != "str" else 32)
-                   for shape, dt in self.sample_shapes().values())
+        return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in self.sample_shapes().values())
 
     def n_shards(self) -> int:
         return -(-self.n_samples // self.samples_per_shard)
@@ -72,6 +110,34 @@ class Geometry:
     def shard_range(self, shard: int) -> range:
         start = shard * self.samples_per_shard
         return range(start, min(start + self.samples_per_shard, self.n_samples))
+
+
+def encode_ids(ids) -> np.ndarray:
+    """Sample ids -> uint8 [S, n]: UTF-8 bytes, zero-padded to the longest (n >= 1). Ids hold no NUL byte."""
+    encoded = [str(i).encode("utf-8") for i in ids]
+    if any(b"\0" in e for e in encoded):
+        raise ValueError("sample ids must not contain NUL characters")
+    width = max([1, *map(len, encoded)])
+    return np.frombuffer(b"".join(e.ljust(width, b"\0") for e in encoded), dtype=np.uint8).reshape(len(encoded), width)
+
+
+def decode_ids(rows: np.ndarray) -> list[str]:
+    """uint8 [S, n] from ``encode_ids`` -> the ids."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    return [b.decode("utf-8") for b in rows.view(f"S{rows.shape[1]}").ravel()]   # numpy's S drops the padding
+
+
+def group_attrs(g: Geometry) -> dict:
+    """What a Zarr reader needs to know about the whole group (stored as the ``layout`` attribute)."""
+    return {
+        "samples_per_shard": g.samples_per_shard,
+        "split_codes": SPLIT_CODES,
+        "unfinished": "samples with done = false are not extracted yet (NaN keys/values/cls, -1 indices); "
+                      "re-run the same `fpt extract` command to finish them",
+        "ids": "uint8 [S, n]: UTF-8 bytes, zero-padded; decode each row with bytes(row).rstrip(b'\\0').decode()",
+        "dask": "dask.array.from_zarr(group[name]) makes one task per sample (the inner chunk); pass "
+                "chunks=group[name].shards for one task per shard file, as fpt.store.as_dask does",
+    }
 
 
 def choose_samples_per_shard(bytes_per_sample: int, target_bytes: int = 64 << 20) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import zarr
 
 from fpt import FptError
-from fpt.store.layout import ARRAY_NAMES, DONE, SCHEMA_VERSION, SPLITS, Geometry
+from fpt.store.layout import ARRAY_NAMES, DONE, SCHEMA_VERSION, SPLITS, Geometry, decode_ids
 from fpt.store.location import StoreLocation
 
 
@@ -59,7 +59,7 @@ class StoreReader:
 
     @cached_property
     def ids(self) -> np.ndarray:
-        return np.array(self.group["ids"][:].tolist(), dtype=object)
+        return np.array(decode_ids(self.group["ids"][:]), dtype=object)
 
     def done(self) -> np.ndarray:
         return self.group[DONE][:]
@@ -130,7 +130,7 @@ def _describe(path: StoreLocation, name: str, arr: zarr.Array) -> dict[str, Any]
         names = ["shard(" + "+".join(c["name"] for c in codecs[0]["configuration"]["codecs"]) + ")"]
     return {"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
             "shards": tuple(arr.shards) if arr.shards else None, "codecs": names,
-            "raw_bytes": int(np.prod(arr.shape)) * (arr.dtype.itemsize if arr.dtype.kind != "T" else 0),
+            "raw_bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize,
             "disk_bytes": path.size(name)}
 
 

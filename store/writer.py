@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -11,13 +12,15 @@ import numpy as np
 import zarr
 
 from fpt import FptError, __version__
-from fpt.store.layout import (DEFAULT_CODEC, DONE, EXCLUDED_SPLIT, SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT,
-                              Geometry, compressors)
+from fpt.store.layout import (ARRAY_ATTRS, DEFAULT_CODEC, DIMENSION_NAMES, DONE, EXCLUDED_SPLIT, FILL_VALUES,
+                              SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT, Geometry, compressors, decode_ids,
+                              encode_ids, group_attrs)
 from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
 
-# attrs sections that define what a store contains; a re-run must ask for exactly these
-IDENTITY_SECTIONS = ("backbone", "extraction", "dataset", "normalization")
+# attrs sections that define what a store contains; a re-run must ask for exactly these. Settings the user
+# chose are compared before the backbone's derived facts, so a refusal names the option that changed.
+IDENTITY_SECTIONS = ("extraction", "normalization", "dataset", "backbone")
 VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through the ids instead
 
 
@@ -47,12 +50,7 @@ class StoreWriter:
                            "(it is never replaced, even with --overwrite)")
         if exists and not overwrite:
             group = open_group(path, mode="r+")
-            problem = _identity_difference(dict(group.attrs), attrs)
-            if problem is None and group["ids"][:].tolist() != [str(i) for i in ids]:
-                problem = "the sample ids differ (the data changed)"
-            if problem:
-                raise FptError(f"{path} holds a different extraction ({problem}); "
-                               "pass --overwrite to replace it or --out to write elsewhere")
+            _refuse_other_extraction(path, group, attrs, ids)
             return cls(path, group, Geometry(**group.attrs["geometry"]))
         if exists:
             path.remove()
@@ -69,16 +67,17 @@ class StoreWriter:
     def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
                 split: np.ndarray, codec: str) -> "StoreWriter":
         group = zarr.open_group(path.zarr_target(), mode="w", zarr_format=3)
+        encoded_ids = encode_ids(ids)
+        g = replace(g, id_bytes=encoded_ids.shape[1])
         S, per = g.n_samples, g.samples_per_shard
         writer = cls(path, group, g)
         for name, (shape, dtype) in g.sample_shapes().items():
-            if name in SAMPLE_ARRAYS:
-                group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1, *shape),
-                                   shards=(per, *shape), compressors=compressors(codec), fill_value=0)
-            else:
-                group.create_array(name, shape=(S,), dtype=str if dtype == "str" else dtype, chunks=(per,),
-                                   compressors=compressors(codec), fill_value="" if dtype == "str" else 0)
-        writer._array("ids")[:] = ids.astype(object)
+            per_sample = name in SAMPLE_ARRAYS
+            group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if per_sample else per, *shape),
+                               shards=(per, *shape) if per_sample else None, compressors=compressors(codec),
+                               fill_value=FILL_VALUES[name], dimension_names=DIMENSION_NAMES[name],
+                               attributes=ARRAY_ATTRS[name])
+        writer._array("ids")[:] = encoded_ids
         writer._array("labels")[:] = labels.astype(np.int16)
         writer._array("split")[:] = split.astype(np.uint8)
         writer._array(DONE)[:] = False
@@ -88,6 +87,7 @@ class StoreWriter:
             "fpt_version": __version__,
             "geometry": g.__dict__,
             "storage": {"codec": codec},
+            "layout": group_attrs(g),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         })
         return writer
@@ -140,11 +140,32 @@ class StoreWriter:
         self.group.attrs.update(sections)
 
 
-def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+def check_same_extraction(path: str | Path | StoreLocation, attrs: Mapping[str, Any], ids: np.ndarray) -> None:
+    """Before the expensive part: refuse an existing store at ``path`` that differs from the keys ``attrs``
+    gives (the settings known before the LPM is loaded) or from ``ids``. No store there: nothing to check."""
+    path = StoreLocation(path)
+    if path.is_file("zarr.json"):
+        _refuse_other_extraction(path, open_group(path), attrs, ids, partial=True)
+
+
+def _refuse_other_extraction(path: StoreLocation, group: zarr.Group, attrs: Mapping[str, Any], ids: np.ndarray,
+                             partial: bool = False) -> None:
+    problem = _identity_difference(dict(group.attrs), attrs, partial)
+    if problem is None and decode_ids(group["ids"][:]) != [str(i) for i in ids]:
+        problem = "the sample ids differ (the data changed)"
+    if problem:
+        raise FptError(f"{path} holds a different extraction ({problem}); "
+                       "pass --overwrite to replace it or --out to write elsewhere")
+
+
+def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any], partial: bool = False) -> str | None:
+    """The first differing ``section.key``; ``partial``: only the sections and keys ``wanted`` gives."""
     for section in IDENTITY_SECTIONS:
+        if partial and section not in wanted:
+            continue
         a = {k: v for k, v in (stored.get(section) or {}).items() if k not in VOLATILE_KEYS}
         b = {k: v for k, v in _jsonable(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(b) if partial else set(a) | set(b)):
             if a.get(key) != b.get(key):
                 return f"{section}.{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
     return None
@@ -159,4 +180,4 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-__all__ = ["StoreWriter"]
+__all__ = ["StoreWriter", "check_same_extraction"]

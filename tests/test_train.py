@@ -39,7 +39,7 @@ def test_rerun_on_finished_store_does_nothing(micro_store, image_folder):
 
 
 def test_mismatched_rerun_is_refused_unless_overwrite(micro_store, image_folder):
-    with pytest.raises(FptError, match=r"different extraction \(extraction\.k: stored 13, requested 32"):
+    with pytest.raises(FptError, match=r"different extraction \(extraction\.token_ratio: stored 0.2, requested 0.5"):
         extract(micro_config(image_folder, micro_store, token_ratio=0.5))
     assert extract(micro_config(image_folder, micro_store, token_ratio=0.5, overwrite=True)).n_written == 16
     assert StoreReader(micro_store).geometry.k == 32
