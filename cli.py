@@ -6,7 +6,7 @@ import json
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich import box
@@ -14,19 +14,145 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
-from fpt import FptError
+from fpt import FptError, __version__
 from fpt import config as fpt_config
 
 if TYPE_CHECKING:
     from fpt.train.results import RunMetrics
 
+
+def _no_flag_types(params: list) -> list:
+    """Flags take no value: no ``<bool>`` type column for them in --help."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx):
+        return _no_flag_types(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx):
+        return _no_flag_types(super().get_params(ctx))
+
+
 app = typer.Typer(
     help="FPT+ for high-resolution medical images: extract a frozen ViT's important-token K/V once into a Zarr "
          "store, then train small side networks from it as often as you like.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+    cls=Group)
 console = Console()
 err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        def installed(name: str) -> str:
+            try:
+                return version(name)
+            except PackageNotFoundError:
+                return "not installed"
+        console.print(f"fpt {__version__} (torch {installed('torch')}, timm {installed('timm')}, "
+                      f"zarr {installed('zarr')})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Show the versions of fpt, torch, timm and zarr, and exit.")
+                            ] = False):
+    """FPT+ for high-resolution medical images: extract a frozen ViT's important-token K/V once into a Zarr store,
+    then train small side networks from it as often as you like."""
+
+
+# ---- options, declared once ([default: ...] from the packaged pipelines.yaml defaults) -------------------------
+DATA, LPM, SELECTION, OUTPUT, HARDWARE = "Data", "LPM (the frozen ViT)", "Token selection", "Output", "Hardware"
+SIDE, TRAINING = "Side network", "Training"
+DEFAULTS = fpt_config.pipeline_entry(None)
+EX, TR = DEFAULTS["extract"], DEFAULTS["train"]
+
+
+def option(help: str, panel: str, default=None, metavar: str | None = None) -> typer.models.OptionInfo:
+    """An option whose value, when not given, comes from the pipeline entry; ``default`` is shown in --help."""
+    shown = "" if default is None else f" [default: {default}]"
+    return typer.Option(help=help + shown, rich_help_panel=panel, metavar=metavar)
+
+
+Dataset = Annotated[Optional[str], option("Pipeline name from pipelines.yaml (demo, cmmd, ddsm, ...): its classes, "
+                                          "normalisation and training settings.", DATA)]
+RawData = Annotated[Optional[Path], option(
+    "Raw data: an ImageFolder tree DATA/{train,val,test}/CLASS/IMAGE, a CSV manifest (path,label[,split][,group]) "
+    "or, with --dataset cmmd, the CMMD folder.", DATA)]
+Mean = Annotated[Optional[str], option("Normalisation mean, R,G,B in [0, 1], or auto (the train split's).", DATA,
+                                       default="the pipeline entry's")]
+Std = Annotated[Optional[str], option("Normalisation std, R,G,B in (0, 1], or auto (the train split's).", DATA,
+                                      default="the pipeline entry's")]
+OnError = Annotated[Optional[str], option("Unreadable image: fail, or skip (listed in the store's skipped.csv, "
+                                          "excluded from every split).", DATA, default="fail")]
+Res = Annotated[Optional[int], option("LPM input side in pixels (a multiple of the patch size).", LPM,
+                                      default=EX["res"])]
+Backbone = Annotated[Optional[str], option("timm ViT name or hf-hub:ORG/NAME (see the README's supported "
+                                           "families), or in21k, dino, vit-l, fpt-code.", LPM, default=EX["backbone"])]
+Weights = Annotated[Optional[Path], option("Local LPM weights: a timm/torch state dict or .safetensors file "
+                                           "(without it, timm downloads the pretrained weights).", LPM)]
+RandomInit = Annotated[bool, typer.Option("--random-init", help="A seeded random LPM (tests and demos only; "
+                                          "recorded in the store).", rich_help_panel=LPM)]
+Layers = Annotated[Optional[str], option("LPM layers to extract: 6-11 or 6,8,10.", LPM,
+                                         default="the last half")]
+TokenRatio = Annotated[Optional[float], option("Share of tokens kept per layer and head, in (0, 1].", SELECTION,
+                                               default=EX["token_ratio"])]
+Importance = Annotated[Optional[str], option("global (mean attention each token receives) or cls (the class "
+                                             "token's attention; ViTs with a class token).", SELECTION,
+                                             default=EX["importance"])]
+ImageRes = Annotated[Optional[int], option("Side of the stored low-res copy the side network reads.", OUTPUT,
+                                           default=EX["image_res"])]
+StoreOut = Annotated[Optional[str], option("Store: a path or an fsspec URL such as s3://bucket/NAME.zarr.", OUTPUT,
+                                           default="NAME.zarr")]
+ShardSize = Annotated[Optional[int], option("Samples per shard file.", OUTPUT, default="~64 MB of raw data")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a store that holds a different extraction.",
+                                         rich_help_panel=OUTPUT)]
+ExtractBatch = Annotated[Optional[int], option("Images per LPM forward pass.", HARDWARE,
+                                               default="CUDA 32, halved on out-of-memory; CPU 4")]
+Device = Annotated[Optional[str], option("auto, cpu or cuda (auto: CUDA when present).", HARDWARE,
+                                         default=EX["device"])]
+DecodeWorkers = Annotated[Optional[int], option("Image-decoding processes.", HARDWARE,
+                                                default="0 on CPU, up to 8 on CUDA")]
+WriteThreads = Annotated[Optional[int], option("Shards compressed and written at once, overlapping the LPM.",
+                                               HARDWARE, default="1 on CPU, 2-8 on CUDA")]
+Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-1 (fast), zstd-5 (~5% "
+                                        "smaller, ~5x slower to write) or lz4 (fastest, larger).", OUTPUT,
+                                        default=fpt_config.DEFAULT_CODEC)]
+Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
+
+Store = Annotated[Optional[str], option("Store (path or URL) written by `fpt extract`.", DATA)]
+SkipCorrupt = Annotated[bool, typer.Option("--skip-corrupt", help="Leave out samples that fail their checksums "
+                                           "(otherwise: refuse, naming them).", rich_help_panel=DATA)]
+Method = Annotated[Optional[str], option("fpt+, fpt (the earlier FPT fusion), side-only or linear-probe (on the "
+                                         "stored cls feature).", SIDE, default=TR["method"])]
+SideRes = Annotated[Optional[int], option("Side network input side in pixels (a multiple of the patch size, at "
+                                          "most the store's --image-res).", SIDE, default=TR["side_res"])]
+Prompts = Annotated[Optional[int], option("Fine-grained prompts per layer; 0 = the side network alone.", SIDE,
+                                          default=TR["prompts"])]
+Reduction = Annotated[Optional[int], option("Side network width = LPM width / reduction.", SIDE,
+                                            default=TR["reduction"])]
+Epochs = Annotated[Optional[int], option("Training epochs.", TRAINING, default=TR["epochs"])]
+BatchSize = Annotated[Optional[int], option("Training samples per step.", TRAINING, default=TR["batch_size"])]
+Seed = Annotated[Optional[int], option("Seed of initialisation, shuffling and augmentation.", TRAINING,
+                                       default=TR["seed"])]
+Cache = Annotated[Optional[str], option("auto, none, ram or gpu: where train+val live while training.", HARDWARE,
+                                        default=TR["cache"])]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
+                                                 "(CUDA graphs on CUDA). [default: on for CUDA, off for CPU]",
+                                                 rich_help_panel=HARDWARE)]
+FtMemory = Annotated[Optional[float], option("Full fine-tuning memory (MB, same device kind) to report PME.",
+                                             OUTPUT, default="no PME")]
 
 
 def friendly(fn):
@@ -58,12 +184,18 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     if cfg.random_init:
         err.print(f"[bold yellow]WARNING: {cfg.backbone} is randomly initialised (--random-init): the store will "
                   "carry no pre-trained knowledge. This is recorded in the store.[/]")
+    for warning in fpt_config.low_res_warnings(cfg):
+        err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+    weights = ("random init" if cfg.random_init else f"weights {cfg.weights.name}" if cfg.weights
+               else "timm pretrained weights, downloaded unless cached")
     with _progress() as progress:
-        task = progress.add_task(f"extract {cfg.name}", total=None, rate="")
+        task = progress.add_task(f"{cfg.name}: listing images, loading {cfg.backbone} ({weights})", total=None,
+                                 rate="")
 
         def update(done: int, total: int):
             speed = progress.tasks[task].speed
-            progress.update(task, completed=done, total=total, rate=f"{speed:.3g} img/s" if speed else "")
+            progress.update(task, description=f"extract {cfg.name}", completed=done, total=total,
+                            rate=f"{speed:.3g} img/s" if speed else "")
         result = extract(cfg, progress=update, scheduler=scheduler,
                          warn=lambda message: err.print(f"[bold yellow]WARNING: {message}[/] (recorded in the store)",
                                                         highlight=False, soft_wrap=True))
@@ -78,46 +210,40 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     return result
 
 
-PIPELINES_OPTION = typer.Option(None, help="Your own pipelines file, merged over the packaged pipelines.yaml "
-                                "[default: $FPT_PIPELINES].")
-AUGMENT_OPTION = typer.Option(None, help="Side-input augmentation: paper (default), strong or none, with overrides "
-                              "such as paper,vflip=0.5,scale=0.6:1.")
-DROP_LAST_OPTION = typer.Option(None, "--drop-last/--keep-last", help="Drop each epoch's last partial batch "
-                                "[default: drop, as the paper].")
+Pipelines = Annotated[Optional[Path], option("Your own pipelines file, merged over the packaged pipelines.yaml.",
+                                             DATA, default="$FPT_PIPELINES")]
+Augment = Annotated[Optional[str], option("Side-input augmentation: paper, strong or none, with overrides such as "
+                                          "paper,vflip=0.5,scale=0.6:1.", TRAINING, default="paper")]
+DropLast = Annotated[Optional[bool], typer.Option("--drop-last/--keep-last", help="Drop each epoch's last partial "
+                                                  "batch [default: drop, as the paper].", rich_help_panel=TRAINING)]
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
 def extract(
-    dataset: Optional[str] = typer.Option(None, help="Pipeline name from pipelines.yaml (demo, cmmd, ddsm, ...)."),
-    data: Optional[Path] = typer.Option(None, help="Raw data: an ImageFolder tree DATA/{train,val,test}/CLASS/IMAGE, "
-                                        "a CSV manifest (path,label[,split][,group]) or, with --dataset cmmd, the CMMD folder."),
-    res: Optional[int] = typer.Option(None, help="LPM input side in pixels (multiple of the patch size)."),
-    out: Optional[str] = typer.Option(None, help="Store: a path or an fsspec URL such as s3://bucket/NAME.zarr "
-                                      "[default: NAME.zarr]."),
-    backbone: Optional[str] = typer.Option(None, help="timm ViT name, or in21k, dino, vit-l, fpt-code "
-                                           "[default: vit_base_patch16_384.orig_in21k_ft_in1k = fpt-code]."),
-    weights: Optional[Path] = typer.Option(None, help="Local weights: timm/torch state dict or .safetensors."),
-    random_init: bool = typer.Option(False, "--random-init", help="Use a randomly initialised LPM (tests/demos only)."),
-    layers: Optional[str] = typer.Option(None, help="LPM layers to extract: 6-11 or 6,8,10 [default: last half]."),
-    token_ratio: Optional[float] = typer.Option(None, help="Share of tokens kept per layer and head, in (0, 1]."),
-    importance: Optional[str] = typer.Option(None, help="global (mean attention received) or cls (class-token row)."),
-    image_res: Optional[int] = typer.Option(None, help="Side of the stored low-res copy [default: 2x side res]."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per LPM forward pass."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    mean: Optional[str] = typer.Option(None, help="Normalisation mean, R,G,B in [0, 1], or auto (train split)."),
-    std: Optional[str] = typer.Option(None, help="Normalisation std, R,G,B, or auto (train split)."),
-    shard_size: Optional[int] = typer.Option(None, help="Samples per shard file [default: ~64 MB of raw data]."),
-    workers: Optional[int] = typer.Option(None, help="Image-decoding processes [default: 0 on CPU, up to 8 on CUDA]."),
-    write_threads: Optional[int] = typer.Option(None, help="Shards compressed and written at once, overlapping the "
-                                                "LPM [default: 1 on CPU, 2-8 on CUDA]."),
-    codec: Optional[str] = typer.Option(None, help="Chunk compression of a new store (lossless): zstd-1 (default, "
-                                        "fast), zstd-5 (~5% smaller, ~5x slower to write) or lz4 (fastest, larger)."),
-    scheduler: Optional[str] = typer.Option(None, help="Run shards as dask tasks: local:N or a scheduler address."),
-    on_error: Optional[str] = typer.Option(None, help="Unreadable image: fail (default) or skip (listed in the "
-                                                      "store's skipped.csv, excluded from every split)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store that holds a different extraction."),
-    pipelines: Optional[Path] = PIPELINES_OPTION,
+    dataset: Dataset = None,
+    data: RawData = None,
+    mean: Mean = None,
+    std: Std = None,
+    on_error: OnError = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    res: Res = None,
+    layers: Layers = None,
+    token_ratio: TokenRatio = None,
+    importance: Importance = None,
+    out: StoreOut = None,
+    image_res: ImageRes = None,
+    shard_size: ShardSize = None,
+    overwrite: Overwrite = False,
+    codec: Codec = None,
+    batch_size: ExtractBatch = None,
+    device: Device = None,
+    workers: DecodeWorkers = None,
+    write_threads: WriteThreads = None,
+    scheduler: Scheduler = None,
+    pipelines: Pipelines = None,
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
     cfg = fpt_config.extract_config(
@@ -130,13 +256,17 @@ def extract(
     run_extract(cfg, scheduler)
 
 
-def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
+def store_dataset(store: Optional[str]) -> str:
+    """The dataset (pipeline entry) name a store was extracted from."""
     from fpt.store import StoreReader
 
     if store is None:
-        raise FptError("give --store PATH (or --resume RUN to continue an interrupted run)")
-    dataset = StoreReader(store).attrs["dataset"]["name"]
-    return fpt_config.train_config(store, dataset, pipelines, **options)
+        raise FptError("give --store PATH (or, for fpt train, --resume RUN to continue an interrupted run)")
+    return StoreReader(store).attrs["dataset"]["name"]
+
+
+def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
+    return fpt_config.train_config(store, store_dataset(store), pipelines, **options)
 
 
 def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
@@ -144,6 +274,7 @@ def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
 
     with _progress() as progress:
         task = progress.add_task("train", total=cfg.epochs, rate="")
+        batches = progress.add_task("reading the store", total=None, rate="")
 
         def start(info: dict):
             resumed = info["resumed_from_epoch"]
@@ -153,41 +284,49 @@ def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
             if resumed is not None:
                 progress.update(task, completed=resumed + 1)
 
+        def batch(epoch: int, done: int, total: int):
+            progress.update(batches, description=f"epoch {epoch + 1}", completed=done, total=total,
+                            rate="validating" if done == total else "")
+
         def update(record: dict):
             auc = record["val"]["auc"]
             progress.update(task, advance=1, rate=f"loss {record['loss']:.3f} val AUC "
                             f"{auc:.4f}" if auc is not None else f"loss {record['loss']:.3f}")
-        return train(cfg, on_epoch=update, on_start=start)
+        metrics = train(cfg, on_epoch=update, on_start=start, on_batch=batch)
+        progress.remove_task(batches)
+    return metrics
 
 
-@app.command("train")
+@app.command("train", cls=Command)
 @friendly
 def train_cmd(
-    store: Optional[str] = typer.Option(None, help="Store (path or URL) written by `fpt extract` "
-                                        "(required unless --resume)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory [default: runs/STORE-TIMESTAMP]."),
-    side_res: Optional[int] = typer.Option(None, help="Side network input side (multiple of the patch size)."),
-    prompts: Optional[int] = typer.Option(None, help="Fine-grained prompts per layer; 0 = side network alone."),
-    reduction: Optional[int] = typer.Option(None, help="Side width = LPM width / reduction."),
-    epochs: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate [default: the dataset's pipeline entry]."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay on all parameters [default: 0.1]."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    method: Optional[str] = typer.Option(None, help="fpt+ (default), fpt, side-only or linear-probe."),
-    cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu: where train+val live while training."),
-    cache_budget_mb: Optional[float] = typer.Option(None, help="auto cache budget [default: half the free memory]."),
-    workers: Optional[int] = typer.Option(None, help="Store-reading processes when streaming [default: per device]."),
-    ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Train without samples that fail their "
-                                      "checksums (default: refuse, naming them)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the interrupted run in this directory."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the training step "
-                                           "(CUDA graphs on CUDA) [default: on for CUDA, off for CPU]."),
-    augment: Optional[str] = AUGMENT_OPTION,
-    drop_last: Optional[bool] = DROP_LAST_OPTION,
-    pipelines: Optional[Path] = PIPELINES_OPTION,
+    store: Store = None,
+    skip_corrupt: SkipCorrupt = False,
+    method: Method = None,
+    side_res: SideRes = None,
+    prompts: Prompts = None,
+    reduction: Reduction = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    lr: Annotated[Optional[str], option("AdamW learning rate (one value: grid-search several with `fpt sweep`).",
+                                        TRAINING, default=f"the pipeline entry's, else {TR['lr']:g}",
+                                        metavar="FLOAT")] = None,
+    weight_decay: Annotated[Optional[str], option("AdamW weight decay (one value).", TRAINING,
+                                                  default=f"{TR['weight_decay']:g}", metavar="FLOAT")] = None,
+    seed: Seed = None,
+    out: Annotated[Optional[Path], option("Run directory.", OUTPUT, default="runs/STORE-TIMESTAMP")] = None,
+    resume: Annotated[Optional[Path], option("Continue the interrupted run in this directory.", OUTPUT)] = None,
+    ft_memory_mb: FtMemory = None,
+    device: Device = None,
+    cache: Cache = None,
+    cache_budget_mb: Annotated[Optional[float], option("Memory budget of --cache auto (MB).", HARDWARE,
+                                                       default="half the free memory")] = None,
+    workers: Annotated[Optional[int], option("Store-reading processes when streaming.", HARDWARE,
+                                             default="chosen per device")] = None,
+    compile: Compile = None,
+    augment: Augment = None,
+    drop_last: DropLast = None,
+    pipelines: Pipelines = None,
 ):
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
     then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
@@ -197,9 +336,10 @@ def train_cmd(
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                             compile=compile)
     else:
-        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
-                         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
-                         device=device, method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
+        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
+                         batch_size=batch_size, lr=fpt_config.parse_number(lr, "lr"),
+                         weight_decay=fpt_config.parse_number(weight_decay, "weight-decay"), seed=seed, device=device,
+                         method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                          ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
                          augment=augment, drop_last=drop_last)
     m = run_train(cfg)
@@ -225,66 +365,74 @@ def show_metrics(runs: list[RunMetrics]) -> None:
         console.print(f"{m.method} run: {m.run_dir} (best epoch {m.best_epoch}: {m.best_reason})", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
 def evaluate(
-    store: str = typer.Option(..., help="Store (path or URL) to evaluate on."),
-    checkpoint: Path = typer.Option(..., help="best.pt from a run on this store."),
-    split: str = typer.Option("test", help="train, val or test."),
-    device: str = typer.Option("auto"),
+    store: Annotated[str, typer.Option(help="Store (path or URL) to evaluate on.", rich_help_panel=DATA)],
+    checkpoint: Annotated[Path, typer.Option(help="best.pt of a run on this store.", rich_help_panel=DATA)],
+    split: Annotated[str, typer.Option(help="train, val or test.", rich_help_panel=DATA)] = "test",
+    out: Annotated[Optional[Path], typer.Option(help="Also write the metrics to this JSON file, with OUT-roc.png and "
+                                                "OUT-confusion.png beside it.", rich_help_panel=OUTPUT)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel=HARDWARE)] = "auto",
 ):
     """Evaluate a trained checkpoint on one split of a store."""
     from fpt.train import evaluate_checkpoint
 
-    result = evaluate_checkpoint(store, checkpoint, split, device=device)
+    result = evaluate_checkpoint(store, checkpoint, split, device=device, out=out)
     table = Table(title=f"{checkpoint} on {store} ({split}, n={result.n})")
     for k in ("auc", "acc", "f1", "kappa", "precision", "recall"):
         table.add_column(k, justify="right")
     table.add_row(*("-" if result.metrics[k] is None else f"{result.metrics[k]:.4f}" for k in
                     ("auc", "acc", "f1", "kappa", "precision", "recall")))
     console.print(table)
+    if out is not None:
+        stem = out.with_suffix("")
+        console.print(f"wrote {out}, {stem}-roc.png, {stem}-confusion.png", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
 def sweep(
-    store: str = typer.Option(..., help="Store (path or URL) written by `fpt extract` (read-only for every run)."),
-    lr: Optional[str] = typer.Option(None, help="Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3 "
-                                     "[default: the dataset's published lr x 0.5, 1, 2]."),
-    weight_decay: Optional[str] = typer.Option(None, help="Weight decays to grid-search [default: 0.05,0.1]."),
-    seeds: Optional[int] = typer.Option(None, help="Repeats of the best configuration (seed, seed+1, ...)."),
-    scheduler: Optional[str] = typer.Option(None, help="local (N from GPU/CPU count), local:N or a dask address."),
-    out: Optional[Path] = typer.Option(None, help="Sweep directory [default: sweeps/STORE-METHOD]."),
-    method: Optional[str] = typer.Option(None, help="fpt+ (default), fpt, side-only or linear-probe."),
-    side_res: Optional[int] = typer.Option(None),
-    prompts: Optional[int] = typer.Option(None),
-    reduction: Optional[int] = typer.Option(None),
-    epochs: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None, help="Base seed (the grid runs use it)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda (one GPU per task)."),
-    cache: Optional[str] = typer.Option(None, help="auto, none, ram or gpu (per run)."),
-    ft_memory_mb: Optional[float] = typer.Option(None, help="Full fine-tuning memory (MB) for PME."),
-    skip_corrupt: bool = typer.Option(False, "--skip-corrupt", help="Leave out samples that fail their checksums."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each run's training "
-                                           "step [default: on for CUDA, off for CPU]."),
-    runs_per_gpu: Optional[int] = typer.Option(None, help="Runs trained at once on each GPU of a local scheduler "
-                                               "[default: from free GPU memory and the step's measured peak]."),
-    augment: Optional[str] = AUGMENT_OPTION,
-    drop_last: Optional[bool] = DROP_LAST_OPTION,
-    pipelines: Optional[Path] = PIPELINES_OPTION,
+    store: Store = None,
+    skip_corrupt: SkipCorrupt = False,
+    method: Method = None,
+    side_res: SideRes = None,
+    prompts: Prompts = None,
+    reduction: Reduction = None,
+    lr: Annotated[Optional[str], option("Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3.", TRAINING,
+                                        default="the published lr x 0.5, 1, 2", metavar="LIST")] = None,
+    weight_decay: Annotated[Optional[str], option("Weight decays to grid-search, e.g. 0,0.05.", TRAINING,
+                                                  default="the pipeline's sweep grid", metavar="LIST")] = None,
+    seeds: Annotated[Optional[int], option("Repeats of the best configuration (seed, seed+1, ...).", TRAINING,
+                                           default=DEFAULTS["sweep"].get("seeds"))] = None,
+    epochs: Epochs = None,
+    batch_size: BatchSize = None,
+    seed: Seed = None,
+    out: Annotated[Optional[Path], option("Sweep directory.", OUTPUT, default="sweeps/STORE-METHOD")] = None,
+    ft_memory_mb: FtMemory = None,
+    device: Device = None,
+    cache: Cache = None,
+    scheduler: Annotated[Optional[str], option("local (N from the GPU/CPU count), local:N or a dask scheduler "
+                                               "address.", HARDWARE, default=DEFAULTS["sweep"].get("scheduler"))
+                         ] = None,
+    compile: Compile = None,
+    runs_per_gpu: Annotated[Optional[int], option("Runs trained at once on each GPU of a local scheduler.", HARDWARE,
+                                                  default="from free GPU memory and the step's measured peak")] = None,
+    augment: Augment = None,
+    drop_last: DropLast = None,
+    pipelines: Pipelines = None,
 ):
     """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
-    from fpt.store import StoreReader
     from fpt.train.sweep import run_sweep
 
-    dataset = StoreReader(store).attrs["dataset"]["name"]
-    cfg = fpt_config.sweep_config(store, dataset, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler,
-                                  out=out, pipelines=pipelines, method=method, side_res=side_res, prompts=prompts,
-                                  reduction=reduction, epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
+    cfg = fpt_config.sweep_config(store, store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds,
+                                  scheduler=scheduler,
+                                  out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
+                                  epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
                                   ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                                  runs_per_gpu=runs_per_gpu, augment=augment, drop_last=drop_last)
+                                  runs_per_gpu=runs_per_gpu, augment=augment, drop_last=drop_last,
+                                  pipelines=pipelines)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 
@@ -321,23 +469,27 @@ def show_sweep(s: dict) -> None:
                   f"results: {Path(s['config']['out']) / 'sweep.json'}, sweep.csv", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
 def predict(
-    images: list[Path] = typer.Argument(..., help="Image files, folders (recursive) or CSV files with a path column."),
-    checkpoint: Path = typer.Option(..., help="best.pt of a training run."),
-    weights: Optional[Path] = typer.Option(None, help="The LPM weights the store was extracted with."),
-    random_init: bool = typer.Option(False, "--random-init", help="The store's LPM was random-init (seeded)."),
-    out: Optional[Path] = typer.Option(None, help="Also write the probabilities to a .csv or .json file."),
-    batch_size: int = typer.Option(8, help="Images per LPM forward pass."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    images: Annotated[list[Path], typer.Argument(help="Image files, folders (recursive) or CSV files with a path "
+                                                 "column.")],
+    checkpoint: Annotated[Path, typer.Option(help="best.pt of a training run.", rich_help_panel=DATA)],
+    weights: Weights = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="The store's LPM was random-init (seeded).",
+                                              rich_help_panel=LPM)] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the probabilities to a .csv or .json file.",
+                                                rich_help_panel=OUTPUT)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per LPM forward pass.", rich_help_panel=HARDWARE)] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel=HARDWARE)] = "auto",
 ):
     """Class probabilities per image: the LPM at the store's resolution and selection, then the trained model."""
     from fpt.predict import check_output, predict_images, write_predictions
 
     if out is not None:
         check_output(out)
-    result = predict_images(checkpoint, images, weights, random_init, device, batch_size)
+    with console.status(f"loading the LPM of {checkpoint} and running it over the images"):
+        result = predict_images(checkpoint, images, weights, random_init, device, batch_size)
     table = Table(title=f"{result['method']} predictions ({checkpoint})")
     for col in ("image", "prediction", *result["classes"]):
         table.add_column(col, justify="left" if col in ("image", "prediction") else "right")
@@ -349,7 +501,7 @@ def predict(
         console.print(f"wrote {out}")
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
 def show(
     store: str = typer.Option(..., help="Store (path or URL) written by `fpt extract`."),
@@ -389,11 +541,11 @@ def show_problems(report, attrs) -> None:
     console.print(table)
 
 
-store_app = typer.Typer(help="Store maintenance.", no_args_is_help=True)
+store_app = typer.Typer(help="Store maintenance.", no_args_is_help=True, cls=Group)
 app.add_typer(store_app, name="store")
 
 
-@store_app.command("verify")
+@store_app.command("verify", cls=Command)
 @friendly
 def store_verify(path: str = typer.Argument(..., help="Store path or URL."),
                  repair: bool = typer.Option(False, "--repair", help="Mark the shards of missing or corrupt samples "
@@ -426,7 +578,23 @@ def _bytes(n: float) -> str:
         n /= 1024
 
 
-@app.command()
+def arrays_table(arrays: list[dict]) -> Table:
+    """The store's arrays, readable at 80 columns: chunk and shard in samples (every other axis is whole in each
+    chunk), codecs without the plain ``bytes`` serialiser, wrapped when the terminal is narrow."""
+    table = Table(title="arrays", caption="chunk/shard: samples per chunk / per shard file (- = not sharded)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("array", "shape", "dtype", "chunk/shard", "codecs", "raw", "disk"):
+        table.add_column(col, no_wrap=col != "codecs", overflow="fold",
+                         justify="right" if col in ("raw", "disk") else "left")
+    for r in sorted(arrays, key=lambda r: r["name"]):
+        codecs = [c for c in "+".join(r["codecs"]).removeprefix("shard(").removesuffix(")").split("+") if c != "bytes"]
+        table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"].replace("StringDType()", "string"),
+                      f"{r['chunks'][0]}/{r['shards'][0] if r['shards'] else '-'}", " ".join(codecs),
+                      _bytes(r["raw_bytes"]) if r["raw_bytes"] else "-", _bytes(r["disk_bytes"]))
+    return table
+
+
+@app.command(cls=Command)
 @friendly
 def inspect(path: str = typer.Argument(..., help="Store path or URL."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -447,9 +615,12 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
     a = s["attrs"]
     bb, ex = a["backbone"], a["extraction"]
     head = Table.grid(padding=(0, 2))
+    head.add_column(no_wrap=True)
+    head.add_column(overflow="fold")                 # long paths and names wrap instead of losing their end
     for k, v in [("store", s["path"]), ("schema version", a["fpt_store_version"]), ("fpt", a["fpt_version"]),
                  ("created", a["created"]),
-                 ("backbone", f"{bb['name']} ({bb['weights_source']}, {bb['n_params']:,} params, "
+                 ("backbone", f"{bb['name']} ({bb.get('family', 'vit')} family, {bb['weights_source']}, "
+                              f"{bb['n_params']:,} params, "
                               f"D={bb['embed_dim']}, H={bb['heads']}, d={bb['head_dim']}, patch {bb['patch_size']})"),
                  ("weights sha256", bb["weights_sha256"][:16] + "…"),
                  ("extraction", f"res {ex['res']}, layers {ex['layers']}, token ratio {ex['token_ratio']} "
@@ -477,22 +648,15 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
     for split, row in s["counts"].items():
         counts.add_row(split, *(str(row[c]) for c in classes), str(sum(row.values())))
     console.print(counts)
-    arrays = Table(title="arrays")
-    for col in ("name", "shape", "dtype", "chunk", "shard", "codecs", "raw", "disk"):
-        arrays.add_column(col, no_wrap=col not in ("codecs",))
-    for r in sorted(s["arrays"], key=lambda r: r["name"]):
-        dims = lambda t: "×".join(map(str, t))  # noqa: E731
-        arrays.add_row(r["name"], dims(r["shape"]), r["dtype"].replace("StringDType()", "string"), dims(r["chunks"]),
-                       dims(r["shards"]) if r["shards"] else "-", "+".join(r["codecs"]),
-                       _bytes(r["raw_bytes"]) if r["raw_bytes"] else "-", _bytes(r["disk_bytes"]))
+    arrays = arrays_table(s["arrays"])
     console.print(arrays)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly
 def demo(out_dir: Path = typer.Option(Path("fpt-demo"), help="Where the demo store and runs go."),
          epochs: Optional[int] = typer.Option(None, help="Training epochs [default: pipelines.yaml demo entry]."),
-         device: Optional[str] = typer.Option(None, help="auto, cpu or cuda.")):
+         device: Device = None):
     """Generate the synthetic fine-texture task, extract it with a small random ViT, train FPT+ and the side
     network alone, and compare their test AUC."""
     store = str(out_dir / "demo.zarr")

@@ -475,3 +475,32 @@ def resolve_device(device: str) -> "torch.device":
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FptError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return torch.device(device)
+
+
+def parse_number(text: str | None, what: str) -> float | None:
+    """One number for ``fpt train --lr/--weight-decay``; a comma-separated list is a grid, ``fpt sweep``'s job."""
+    if text is None:
+        return None
+    if "," in text:
+        raise FptError(f"--{what} {text}: fpt train takes one value; to grid-search several, run "
+                       f"fpt sweep --store STORE --{what} {text}")
+    try:
+        return float(text)
+    except ValueError:
+        raise FptError(f"--{what} {text!r}: expected a number, e.g. 1e-3") from None
+
+
+def low_res_warnings(cfg: ExtractConfig) -> list[str]:
+    """Why the stored low-res copy (``--image-res``) may not serve training as the user expects: larger than the
+    LPM input (it is then upsampled and holds no more detail), or smaller than the side network's default input
+    (training then needs a smaller ``--side-res``)."""
+    pipelines = load_pipelines()
+    side = pipeline_entry(cfg.name if cfg.name in pipelines["pipelines"] else None, pipelines)["train"]["side_res"]
+    warnings = []
+    if cfg.image_res > cfg.res:
+        warnings.append(f"--image-res {cfg.image_res} is larger than --res {cfg.res}: the low-res copy is upsampled "
+                        f"from the LPM input and holds no more detail (--image-res {cfg.res} stores less)")
+    if cfg.image_res < side:
+        warnings.append(f"--image-res {cfg.image_res} is smaller than the side network's default input ({side} px): "
+                        f"train with --side-res {cfg.image_res} or less, or extract with --image-res {side}")
+    return warnings

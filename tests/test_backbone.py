@@ -6,16 +6,7 @@ import torch.nn.functional as F
 
 from fpt import FptError
 from fpt.extract import FrozenLPM, create_backbone
-from tests.conftest import MICRO
-
-
-def assert_is_topk(indices, importance, k, tol=1e-6):
-    """``indices`` [B, H, k] are a top-k of ``importance`` [B, H, N]: distinct, and none less important than
-    the naive k-th best by more than float noise (near-ties may order either way)."""
-    assert indices.shape[-1] == k
-    assert all(len(set(row.tolist())) == k for row in indices.reshape(-1, k))
-    kth = importance.topk(k, dim=-1).values[..., -1:]
-    assert (importance.gather(-1, indices) >= kth - tol).all()
+from tests.conftest import MICRO, assert_is_topk
 
 
 def reference_qkv(model, images, layers):

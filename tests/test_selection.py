@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fpt.extract import num_selected, select_important_tokens, token_importance
-from tests.test_backbone import assert_is_topk
+from tests.conftest import assert_is_topk
 
 
 def naive_importance(q, k, scale, mode):

@@ -5,6 +5,7 @@ import json
 import statistics
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from fpt import FptError
@@ -102,6 +103,7 @@ def test_sweep_on_a_local_cluster_then_resume(store, tmp_path, cluster):
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
     assert [r["stage"] for r in rows] == ["grid"] * 4 + ["seeds"] * 3 + ["mean", "std"]
     assert float(rows[-2]["test_auc"]) == pytest.approx(summary["test"]["auc"]["mean"])
+    assert Image.open(tmp_path / "sweep" / "sweep.png").size[0] > 100          # the grid's picture
 
     # re-running skips every finished run: nothing is trained or rewritten, no cluster is needed
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "runs").glob("*/metrics.json")}

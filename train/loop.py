@@ -24,6 +24,7 @@ from fpt.train.files import CheckpointWriter, atomic_write_text, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
+from fpt.train.plots import write_evaluation_plots
 from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
 from fpt.train.step import TrainStep, compile_default, make_optimizer
 
@@ -162,11 +163,13 @@ class Training:
 
 
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
-          on_start: Callable[[dict], None] | None = None) -> RunMetrics:
-    """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt and log.jsonl to the run dir.
+          on_start: Callable[[dict], None] | None = None,
+          on_batch: Callable[[int, int, int], None] | None = None) -> RunMetrics:
+    """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt, log.jsonl and the test
+    split's ROC and confusion-matrix pictures (test-roc.png, test-confusion.png) to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
-    each epoch's log record. A run dir holding an unfinished run of the same configuration resumes from its
+    each epoch's log record, ``on_batch(epoch, steps done, steps per epoch)`` each training step. A run dir holding an unfinished run of the same configuration resumes from its
     last finished epoch."""
     run = set_up(cfg)
     if on_start:
@@ -174,7 +177,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     session: list[tuple[int, float]] = []          # (samples, seconds) of the epochs trained in this call
     with PeakMemory(run.device) as memory, CheckpointWriter() as writer:
         for epoch in range(run.state.first_epoch, cfg.epochs):
-            record = train_epoch(run, epoch, writer)
+            record = train_epoch(run, epoch, writer, on_batch)
             session.append((record.pop("samples"), record["seconds"]))
             with open(run.out / "log.jsonl", "a") as log:
                 log.write(json.dumps(record) + "\n")
@@ -232,7 +235,8 @@ def drop_last(cfg: TrainConfig) -> bool:
     return getattr(cfg, "drop_last", True)
 
 
-def train_epoch(run: Training, epoch: int, writer: CheckpointWriter) -> dict[str, Any]:
+def train_epoch(run: Training, epoch: int, writer: CheckpointWriter,
+                on_batch: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """One epoch: training steps with no host synchronisation (the loss is summed on the device and read once),
     validation, checkpoints handed to the background writer. Returns the epoch's log record (+ ``samples``)."""
     cfg, state = run.cfg, run.state
@@ -246,6 +250,8 @@ def train_epoch(run: Training, epoch: int, writer: CheckpointWriter) -> dict[str
         n = len(b["labels"])
         loss_sum += run.step(b, draws[i, :, :n]) * n
         samples += n
+        if on_batch:                                   # counts only: no host synchronisation
+            on_batch(epoch, i + 1, run.steps_per_epoch)
     mean_loss = float(loss_sum) / samples                                    # the epoch's one host sync
     seconds = time.perf_counter() - start
     state.samples, state.seconds = state.samples + samples, state.seconds + seconds
@@ -273,8 +279,9 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
     del run.train_data, run.val_data
     run.model.load_state_dict(read_checkpoint(run.out / "best.pt", "best")["model"])
     test_data = open_split(run.reader, "test", run.spec.inputs, "none", device, cfg.workers)
-    test = classification_metrics(*reversed(predict(run.model, test_data, run.side_input, cfg.batch_size,
-                                                    run.step)))
+    probs, labels = predict(run.model, test_data, run.side_input, cfg.batch_size, run.step)
+    test = classification_metrics(labels, probs)
+    write_evaluation_plots(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
     params = parameter_counts(run.model, run.reader.attrs["backbone"]["n_params"])
     peak_mb = round(memory.peak_mb, 1)
     steady = session[1:]                            # the first epoch of a session includes warm-up and compiling
@@ -362,12 +369,20 @@ def _set_rng_state(state: dict, rng: np.random.Generator, side_input: SideInput,
 
 
 def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batch_size: int = 32,
-                        device: str = "auto") -> Evaluation:
-    """Metrics of a saved checkpoint on one split of a store; refuses a checkpoint from another extraction."""
+                        device: str = "auto", out: Path | None = None) -> Evaluation:
+    """Metrics of a saved checkpoint on one split of a store; refuses a checkpoint from another extraction.
+    With ``out`` (a .json path) also writes them there, with ``<out stem>-roc.png`` and ``-confusion.png``."""
     reader = StoreReader(store)
     reader.require_complete()
     if split not in ("train", "val", "test"):
         raise FptError(f"--split {split!r}: choose train, val or test")
+    if out is not None:
+        if Path(out).suffix.lower() != ".json":
+            raise FptError(f"--out {out}: evaluate writes its metrics as .json")
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FptError(f"--out {out}: cannot create its folder ({e.strerror})") from None
     ckpt = load_checkpoint(checkpoint, reader)
     dev = resolve_device(device)
     model = ckpt.model.to(dev)
@@ -375,5 +390,11 @@ def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batc
     norm = reader.attrs["normalization"]
     side_input = SideInput(ckpt.spec.side_res, norm["mean"], norm["std"])
     probs, labels = predict(model, data, side_input, batch_size)
-    return Evaluation(split, len(labels), ckpt.spec.method, classification_metrics(labels, probs))
+    result = Evaluation(split, len(labels), ckpt.spec.method, classification_metrics(labels, probs))
+    if out is not None:
+        atomic_write_text(Path(out), json.dumps({**jsonable(asdict(result)), "checkpoint": str(checkpoint),
+                                                 "store": str(store)}, indent=2))
+        write_evaluation_plots(Path(out).with_suffix(""), labels, probs, reader.classes,
+                               title=f"{ckpt.spec.method}, {split}")
+    return result
 

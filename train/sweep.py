@@ -34,6 +34,7 @@ from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import RunMetrics, jsonable, validation_score
 from fpt.train.metrics import pme, ppe
+from fpt.train.plots import write_sweep_plot
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
 
@@ -244,9 +245,9 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
 
 def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None] | None = None,
               on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the sweep; writes sweep.json and sweep.csv into ``sweep.out`` and returns the summary
-    (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)`` announces each
-    stage, ``on_run(run, metrics, skipped)`` reports each run."""
+    """Run (or resume) the sweep; writes sweep.json, sweep.csv and sweep.png (the grid) into ``sweep.out`` and
+    returns the summary (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)``
+    announces each stage, ``on_run(run, metrics, skipped)`` reports each run."""
     from fpt.cluster import local_worker_count
 
     local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
@@ -271,4 +272,7 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     summary = sweep_summary(sweep, grid, seeds, results)
     atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=2))
     atomic_write_text(sweep.out / "sweep.csv", sweep_csv(summary, grid, seeds, results))
+    write_sweep_plot(sweep.out / "sweep.png", sweep.lrs, sweep.weight_decays,
+                     {(r.lr, r.weight_decay): validation_score(results[r.name].val) for r in grid},
+                     (best.lr, best.weight_decay), [(r.seed, results[r.name].test["auc"]) for r in seeds])
     return {**summary, **counts}
