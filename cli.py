@@ -100,7 +100,7 @@ OnError = Annotated[Optional[str], option("Unreadable image: fail, or skip (list
 Res = Annotated[Optional[int], option("LPM input side in pixels (a multiple of the patch size).", LPM,
                                       default=EX["res"])]
 Backbone = Annotated[Optional[str], option("timm ViT name or hf-hub:ORG/NAME (see the README's supported "
-                                           "families).", LPM, default=EX["backbone"])]
+                                           "families), or in21k, dino, vit-l, fpt-code.", LPM, default=EX["backbone"])]
 Weights = Annotated[Optional[Path], option("Local LPM weights: a timm/torch state dict or .safetensors file "
                                            "(without it, timm downloads the pretrained weights).", LPM)]
 RandomInit = Annotated[bool, typer.Option("--random-init", help="A seeded random LPM (tests and demos only; "
@@ -211,6 +211,14 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     return result
 
 
+Pipelines = Annotated[Optional[Path], option("Your own pipelines file, merged over the packaged pipelines.yaml.",
+                                             DATA, default="$FPT_PIPELINES")]
+Augment = Annotated[Optional[str], option("Side-input augmentation: paper, strong or none, with overrides such as "
+                                          "paper,vflip=0.5,scale=0.6:1.", TRAINING, default="paper")]
+DropLast = Annotated[Optional[bool], typer.Option("--drop-last/--keep-last", help="Drop each epoch's last partial "
+                                                  "batch [default: drop, as the paper].", rich_help_panel=TRAINING)]
+
+
 @app.command(cls=Command)
 @friendly
 def extract(
@@ -236,10 +244,12 @@ def extract(
     workers: DecodeWorkers = None,
     write_threads: WriteThreads = None,
     scheduler: Scheduler = None,
+    pipelines: Pipelines = None,
 ):
     """Run the frozen LPM once over a dataset and write its important tokens' K/V to a Zarr store."""
     cfg = fpt_config.extract_config(
-        dataset, data, res=res, out=out, backbone=backbone, weights=weights, random_init=random_init or None,
+        dataset, data, pipelines, res=res, out=out, backbone=backbone, weights=weights,
+        random_init=random_init or None,
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
@@ -256,8 +266,8 @@ def store_dataset(store: Optional[str]) -> str:
     return StoreReader(store).attrs["dataset"]["name"]
 
 
-def _train_cfg(store: Optional[str], **options) -> fpt_config.TrainConfig:
-    return fpt_config.train_config(store, store_dataset(store), **options)
+def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
+    return fpt_config.train_config(store, store_dataset(store), pipelines, **options)
 
 
 def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
@@ -315,6 +325,9 @@ def train_cmd(
     workers: Annotated[Optional[int], option("Store-reading processes when streaming.", HARDWARE,
                                              default="chosen per device")] = None,
     compile: Compile = None,
+    augment: Augment = None,
+    drop_last: DropLast = None,
+    pipelines: Pipelines = None,
 ):
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
     then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
@@ -324,11 +337,12 @@ def train_cmd(
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                             compile=compile)
     else:
-        cfg = _train_cfg(store, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
+        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
                          batch_size=batch_size, lr=fpt_config.parse_number(lr, "lr"),
                          weight_decay=fpt_config.parse_number(weight_decay, "weight-decay"), seed=seed, device=device,
                          method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile)
+                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
+                         augment=augment, drop_last=drop_last)
     m = run_train(cfg)
     show_metrics([m])
 
@@ -387,7 +401,7 @@ def sweep(
     prompts: Prompts = None,
     reduction: Reduction = None,
     lr: Annotated[Optional[str], option("Learning rates to grid-search, e.g. 1e-4,5e-4,1e-3.", TRAINING,
-                                        default="the pipeline's sweep grid", metavar="LIST")] = None,
+                                        default="the published lr x 0.5, 1, 2", metavar="LIST")] = None,
     weight_decay: Annotated[Optional[str], option("Weight decays to grid-search, e.g. 0,0.05.", TRAINING,
                                                   default="the pipeline's sweep grid", metavar="LIST")] = None,
     seeds: Annotated[Optional[int], option("Repeats of the best configuration (seed, seed+1, ...).", TRAINING,
@@ -405,6 +419,9 @@ def sweep(
     compile: Compile = None,
     runs_per_gpu: Annotated[Optional[int], option("Runs trained at once on each GPU of a local scheduler.", HARDWARE,
                                                   default="from free GPU memory and the step's measured peak")] = None,
+    augment: Augment = None,
+    drop_last: DropLast = None,
+    pipelines: Pipelines = None,
 ):
     """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
@@ -415,7 +432,8 @@ def sweep(
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
                                   ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                                  runs_per_gpu=runs_per_gpu)
+                                  runs_per_gpu=runs_per_gpu, augment=augment, drop_last=drop_last,
+                                  pipelines=pipelines)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 

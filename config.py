@@ -1,14 +1,16 @@
 """Typed configs for every command, merged in one place: pipelines.yaml defaults <- pipeline entry <- CLI options.
 
-Options given as ``None`` mean "not set on the command line" and leave the pipeline value in place.
+Options given as ``None`` mean "not set on the command line" and leave the pipeline value in place. Every key a
+config is given (as an option or in a pipelines file) must be one it knows; each rule about values is checked
+once, in the config's ``__post_init__`` or in the one function named for it.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -17,6 +19,93 @@ from fpt.store import CODECS, DEFAULT_CODEC
 from fpt.store.location import store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
+PIPELINES_ENV = "FPT_PIPELINES"        # a user pipelines file merged over the packaged one (--pipelines wins)
+
+# one option away: `--backbone NAME` takes these names as well as any timm ViT name
+BACKBONE_ALIASES = {
+    "fpt-code": "vit_base_patch16_384.orig_in21k_ft_in1k",   # the public FPT+ code's weights (the default)
+    "in21k": "vit_base_patch16_224.augreg_in21k",            # the paper's text: ViT-B/16 pre-trained on ImageNet-21K
+    "dino": "vit_base_patch16_224.dino",                     # the paper's self-supervised weights
+    "vit-l": "vit_large_patch16_384.augreg_in21k_ft_in1k",   # the paper's ViT-L
+}
+
+
+def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
+    """Refuse keys a config does not know, naming them and the valid ones."""
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise FptError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                       f"valid: {', '.join(sorted(valid))}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The side network's training augmentation, drawn per image (the LPM's input is never augmented). The
+    defaults are the published FPT+ configuration ("paper"); ``AUGMENT_PRESETS`` names the alternatives."""
+    scale: tuple[float, float] = (0.8, 1.0)     # random resized crop: share of the image area
+    ratio: tuple[float, float] = (0.7, 1.3)     # crop aspect ratio w/h, drawn log-uniformly
+    hflip: float = 0.5                          # probability of a horizontal flip
+    vflip: float = 0.0                          # probability of a vertical flip
+    brightness: float = 0.2                     # colour jitter: factor uniform in [max(0, 1 - x), 1 + x]
+    contrast: float = 0.2
+    saturation: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        object.__setattr__(self, "ratio", tuple(float(v) for v in self.ratio))
+        (s0, s1), (r0, r1) = self.scale, self.ratio
+        if not 0 < s0 <= s1 <= 1:
+            raise FptError(f"augment scale {self.scale}: need 0 < min <= max <= 1")
+        if not 0 < r0 <= r1:
+            raise FptError(f"augment ratio {self.ratio}: need 0 < min <= max")
+        for name in ("hflip", "vflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise FptError(f"augment {name} {getattr(self, name)}: a probability, in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise FptError(f"augment {name} {getattr(self, name)}: must not be negative")
+
+
+AUGMENT_PRESETS = {
+    "paper": AugmentConfig(),
+    # fpt's earlier default: wider crops, vertical flips (suit modalities without an up, e.g. dermoscopy, histology)
+    "strong": AugmentConfig(scale=(0.6, 1.0), ratio=(0.8, 1.25), vflip=0.5, saturation=0.1),
+    "none": AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, brightness=0.0, contrast=0.0),
+}
+AUGMENT_KEYS = tuple(f.name for f in fields(AugmentConfig))
+
+
+def parse_augment(value: AugmentConfig | str | dict | None) -> AugmentConfig:
+    """``--augment``: a preset name with optional overrides, ``paper``, ``strong,vflip=0``,
+    ``paper,scale=0.6:1`` (ranges as lo:hi); or a mapping (a pipelines file, a saved config) with an optional
+    ``preset`` and any ``AugmentConfig`` fields. ``None`` is the paper's."""
+    if isinstance(value, AugmentConfig):
+        return value
+    if value is None:
+        return AUGMENT_PRESETS["paper"]
+    if isinstance(value, str):
+        name, *pairs = [p.strip() for p in value.split(",")]
+        items: dict[str, Any] = {"preset": name}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            if not sep:
+                raise FptError(f"--augment {value!r}: expected PRESET[,key=value...], e.g. paper,vflip=0.5")
+            try:
+                items[key.strip()] = [float(v) for v in text.split(":")] if ":" in text else float(text)
+            except ValueError:
+                raise FptError(f"--augment {value!r}: {key.strip()} takes a number (ranges as lo:hi)") from None
+        value = items
+    if not isinstance(value, dict):
+        raise FptError(f"augment {value!r}: give a preset name or a mapping of {', '.join(AUGMENT_KEYS)}")
+    values = dict(value)
+    preset = values.pop("preset", "paper")
+    if preset not in AUGMENT_PRESETS:
+        raise FptError(f"augment preset {preset!r}: choose one of {', '.join(AUGMENT_PRESETS)}")
+    check_keys(values, AUGMENT_KEYS, "augment")
+    try:
+        return replace(AUGMENT_PRESETS[preset], **values)
+    except (TypeError, ValueError):
+        raise FptError(f"augment {value!r}: scale and ratio take two numbers, the others one") from None
 
 
 @dataclass
@@ -49,6 +138,25 @@ class ExtractConfig:
     on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
 
 
+METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
+PROMPT_METHODS = ("fpt+", "fpt")
+CACHE_MODES = ("auto", "none", "ram", "gpu")
+
+
+def resolve_method(method: str, prompts: int) -> tuple[str, int]:
+    """The method and prompt count a run means: ``fpt+`` with 0 prompts is the side network alone (the old
+    ``--prompts 0``), methods without prompts get 0, prompt methods need at least one."""
+    if method not in METHODS:
+        raise FptError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if prompts < 0:
+        raise FptError(f"--prompts {prompts}: must be 0 (side network alone) or more")
+    if method == "fpt+" and prompts == 0:
+        method = "side-only"
+    if method in PROMPT_METHODS and prompts == 0:
+        raise FptError(f"--method {method} needs --prompts > 0 (use --method side-only for no prompts)")
+    return method, prompts if method in PROMPT_METHODS else 0
+
+
 @dataclass
 class TrainConfig:
     store: str                            # a local path or an fsspec URL
@@ -59,10 +167,13 @@ class TrainConfig:
     epochs: int
     batch_size: int
     lr: float
-    weight_decay: float
+    weight_decay: float                   # AdamW, on all parameters
     seed: int
     device: str
     method: str = "fpt+"                  # one of METHODS; fpt+ with --prompts 0 means side-only
+    augment: AugmentConfig = field(default_factory=AugmentConfig)   # the side input's; a preset name or mapping
+    drop_last: bool = True                # drop each epoch's last partial train batch (the paper's), unless it
+                                          # is the only one (a split smaller than one batch still trains)
     cache: str = "auto"                   # one of CACHE_MODES: where the train/val arrays live while training
     cache_budget_mb: float | None = None  # auto-cache budget; None = half the free GPU memory / available RAM
     workers: int | None = None            # store-reading processes when streaming; None = chosen per device
@@ -72,9 +183,21 @@ class TrainConfig:
     compile: bool | None = None           # torch.compile the training step; None = on CUDA only
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
-CACHE_MODES = ("auto", "none", "ram", "gpu")
+    def __post_init__(self) -> None:
+        """Every rule on a training run's values, whoever builds it (options, a saved run, a sweep task)."""
+        self.augment = parse_augment(self.augment)
+        self.method, self.prompts = resolve_method(self.method, self.prompts)
+        if self.cache not in CACHE_MODES:
+            raise FptError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
+        if (self.workers is not None and self.workers < 0) or (
+                self.cache_budget_mb is not None and self.cache_budget_mb < 0):
+            raise FptError("--workers and --cache-budget-mb must not be negative")
+        if self.ft_memory_mb is not None and self.ft_memory_mb <= 0:
+            raise FptError(f"--ft-memory-mb {self.ft_memory_mb}: must be positive")
+        if self.reduction <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.side_res <= 0:
+            raise FptError("--reduction, --epochs, --batch-size and --side-res must be positive")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise FptError("--lr must be positive and --weight-decay non-negative")
 
 
 @dataclass
@@ -89,26 +212,82 @@ class SweepConfig:
     runs_per_gpu: int | None = None   # runs at once per GPU of a local scheduler; None = from memory (fpt.train.sweep)
 
 
-def load_pipelines(path: Path = PIPELINES_FILE) -> dict[str, Any]:
-    with open(path) as f:
-        return yaml.safe_load(f)
+# ----------------------------------------------------------------------------- pipelines files
+
+# keys a pipelines file may hold: `defaults` and every entry of `pipelines` share one schema
+ENTRY_KEYS = ("source", "classes", "counts", "seed", "mean", "std", "data", "data_env", "extract", "train", "sweep")
+EXTRACT_KEYS = tuple(f.name for f in fields(ExtractConfig) if f.name not in
+                     ("name", "data", "source", "classes", "counts", "seed"))   # these come from the entry
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("store", "extra"))
+SWEEP_KEYS = ("lr", "lr_scale", "weight_decay", "seeds", "scheduler")
+SECTION_KEYS = {"extract": EXTRACT_KEYS, "train": TRAIN_KEYS, "sweep": SWEEP_KEYS}
+
+
+def _read_pipelines(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FptError(f"pipelines file {path}: no such file") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise FptError(f"pipelines file {path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise FptError(f"pipelines file {path}: expected a mapping with `defaults` and/or `pipelines`")
+    validate_pipelines(data, str(path))
+    return data
+
+
+def validate_pipelines(data: dict[str, Any], where: str) -> None:
+    """Refuse unknown keys anywhere in a pipelines file (``defaults`` and every entry share one schema)."""
+    check_keys(data, ("defaults", "pipelines"), where)
+    if not isinstance(data.get("pipelines") or {}, dict):
+        raise FptError(f"{where}: pipelines must be a mapping of names to entries")
+    entries = {"defaults": data.get("defaults") or {},
+               **{f"pipelines.{name}": e for name, e in (data.get("pipelines") or {}).items()}}
+    for name, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise FptError(f"{where}: {name} must be a mapping")
+        check_keys(entry, ENTRY_KEYS, f"{where}: {name}")
+        for section, valid in SECTION_KEYS.items():
+            values = entry.get(section) or {}
+            if not isinstance(values, dict):
+                raise FptError(f"{where}: {name}.{section} must be a mapping")
+            check_keys(values, valid, f"{where}: {name}.{section}")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings key by key (recursively), anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_pipelines(user: Path | str | None = None) -> dict[str, Any]:
+    """The packaged pipelines.yaml with the file named by ``$FPT_PIPELINES`` merged over it, then ``user``
+    (``--pipelines FILE``) over both; an entry of a user file adds a pipeline or changes only the keys it names."""
+    pipelines = _read_pipelines(PIPELINES_FILE)
+    for path in (os.environ.get(PIPELINES_ENV), user):
+        if path:
+            pipelines = _merge(pipelines, _read_pipelines(Path(path)))
+    return pipelines
 
 
 def pipeline_entry(name: str | None, pipelines: dict[str, Any] | None = None) -> dict[str, Any]:
     """The pipeline ``name`` merged over ``defaults`` (``{}`` entry for ``None`` or an unlisted store name)."""
     pipelines = pipelines or load_pipelines()
     defaults = pipelines["defaults"]
-    entry = pipelines["pipelines"].get(name, {}) if name else {}
-    merged = {k: v for k, v in defaults.items() if k not in ("extract", "train", "sweep")}
-    merged.update({k: v for k, v in entry.items() if k not in ("extract", "train", "sweep")})
-    merged["extract"] = {**defaults["extract"], **entry.get("extract", {})}
-    merged["train"] = {**defaults["train"], **entry.get("train", {})}
-    merged["sweep"] = {**defaults.get("sweep", {}), **entry.get("sweep", {})}
+    entry = (pipelines.get("pipelines") or {}).get(name, {}) if name else {}
+    merged = {k: v for k, v in defaults.items() if k not in SECTION_KEYS}
+    merged.update({k: v for k, v in entry.items() if k not in SECTION_KEYS})
+    for section in SECTION_KEYS:
+        merged[section] = {**(defaults.get(section) or {}), **(entry.get(section) or {})}
     return merged
 
 
-def known_pipelines() -> list[str]:
-    return sorted(load_pipelines()["pipelines"])
+def known_pipelines(pipelines: dict[str, Any] | None = None) -> list[str]:
+    return sorted((pipelines or load_pipelines()).get("pipelines") or {})
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -155,14 +334,17 @@ def _given(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def extract_config(dataset: str | None = None, data: Path | None = None, **options: Any) -> ExtractConfig:
-    """Resolve ``fpt extract`` options. ``dataset`` names a pipeline; ``data`` points at raw data."""
-    pipelines = load_pipelines()
+def extract_config(dataset: str | None = None, data: Path | None = None, pipelines: Path | str | None = None,
+                   **options: Any) -> ExtractConfig:
+    """Resolve ``fpt extract`` options. ``dataset`` names a pipeline; ``data`` points at raw data; ``pipelines``
+    is a user pipelines file merged over the packaged one (see ``load_pipelines``)."""
+    check_keys(options, EXTRACT_KEYS, "extract options")
+    table = load_pipelines(pipelines)
     if dataset is None and data is None:
-        raise FptError("give --dataset NAME (one of: " + ", ".join(known_pipelines()) + ") or --data PATH")
-    if dataset is not None and dataset not in pipelines["pipelines"]:
-        raise FptError(f"unknown dataset {dataset!r}; known: {', '.join(known_pipelines())} (or use --data PATH)")
-    entry = pipeline_entry(dataset, pipelines)
+        raise FptError("give --dataset NAME (one of: " + ", ".join(known_pipelines(table)) + ") or --data PATH")
+    if dataset is not None and dataset not in known_pipelines(table):
+        raise FptError(f"unknown dataset {dataset!r}; known: {', '.join(known_pipelines(table))} (or use --data PATH)")
+    entry = pipeline_entry(dataset, table)
     name = dataset or (Path(data).resolve().stem if Path(data).is_file() else Path(data).resolve().name)
     source = entry.get("source", "folder")
     if source != "synthetic":
@@ -176,17 +358,21 @@ def extract_config(dataset: str | None = None, data: Path | None = None, **optio
     values: dict[str, Any] = {**entry["extract"], **_given(options)}
     values["mean"] = _normalization(values.get("mean") or entry["mean"])
     values["std"] = _normalization(values.get("std") or entry["std"])
-    values.setdefault("out", None)
-    values["out"] = str(values["out"] or f"{name}.zarr")
+    values["backbone"] = BACKBONE_ALIASES.get(values["backbone"], values["backbone"])
+    values["out"] = str(values.get("out") or f"{name}.zarr")
     values["layers"] = parse_layers(values["layers"]) if isinstance(values.get("layers"), str) else values.get("layers")
-    allowed = {f.name for f in fields(ExtractConfig)}
-    cfg = ExtractConfig(
-        name=name, data=Path(data) if data else None, source=source,
-        classes=entry.get("classes"), counts=entry.get("counts"), seed=entry.get("seed", 0),
-        **{k: v for k, v in values.items() if k in allowed and k not in ("name", "data", "source")},
-    )
+    cfg = ExtractConfig(name=name, data=Path(data) if data else None, source=source, classes=entry.get("classes"),
+                        counts=entry.get("counts"), seed=entry.get("seed", 0), **values)
     validate_extract(cfg)
     return cfg
+
+
+def check_lpm_weights(weights: Path | None, random_init: bool) -> None:
+    """``--weights FILE`` and ``--random-init``: at most one, and the file exists."""
+    if weights is not None and random_init:
+        raise FptError("--weights and --random-init exclude each other")
+    if weights is not None and not Path(weights).is_file():
+        raise FptError(f"--weights {weights}: no such file")
 
 
 def validate_extract(cfg: ExtractConfig) -> None:
@@ -207,10 +393,7 @@ def validate_extract(cfg: ExtractConfig) -> None:
     patch = re.search(r"patch(\d+)", cfg.backbone or "")      # timm names say their patch: vit_*_patch16_*
     if patch:                                                   # checked before the model loads (and again after)
         check_res_fits_patch(cfg.res, int(patch[1]), cfg.backbone)
-    if cfg.weights is not None and cfg.random_init:
-        raise FptError("--weights and --random-init exclude each other")
-    if cfg.weights is not None and not Path(cfg.weights).is_file():
-        raise FptError(f"--weights {cfg.weights}: no such file")
+    check_lpm_weights(cfg.weights, cfg.random_init)
     check_normalization(cfg.mean, cfg.std)
 
 
@@ -228,35 +411,19 @@ def check_normalization(mean: tuple[float, ...] | str, std: tuple[float, ...] | 
         raise FptError(f"--std {','.join(f'{s:g}' for s in std)}: every value must be in (0, 1]; {scale}")
 
 
-def train_config(store: str | Path, dataset: str | None = None, **options: Any) -> TrainConfig:
+def _entry_for_store(dataset: str | None, pipelines: Path | str | None) -> dict[str, Any]:
+    """The pipeline entry of a store's dataset name (defaults alone for a dataset without one)."""
+    table = load_pipelines(pipelines)
+    return pipeline_entry(dataset if dataset in known_pipelines(table) else None, table)
+
+
+def train_config(store: str | Path, dataset: str | None = None, pipelines: Path | str | None = None,
+                 **options: Any) -> TrainConfig:
     """Resolve ``fpt train`` options; ``dataset`` (from the store's attrs) selects per-dataset defaults."""
-    pipelines = load_pipelines()
-    entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)
-    values = {**entry["train"], **_given(options)}
-    allowed = {f.name for f in fields(TrainConfig)} - {"store", "extra"}
+    check_keys(options, TRAIN_KEYS, "train options")
+    values = {**_entry_for_store(dataset, pipelines)["train"], **_given(options)}
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
-    cfg = TrainConfig(store=str(store), **{k: values.get(k, defaults.get(k)) for k in allowed})
-    if cfg.prompts < 0:
-        raise FptError(f"--prompts {cfg.prompts}: must be 0 (side network alone) or more")
-    if cfg.method not in METHODS:
-        raise FptError(f"--method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    if cfg.method == "fpt+" and cfg.prompts == 0:
-        cfg.method = "side-only"                      # --prompts 0 keeps meaning "the side network alone"
-    if cfg.method == "fpt" and cfg.prompts == 0:
-        raise FptError("--method fpt needs --prompts > 0 (use --method side-only for no prompts)")
-    if cfg.method in ("side-only", "linear-probe"):
-        cfg.prompts = 0
-    if cfg.cache not in CACHE_MODES:
-        raise FptError(f"--cache {cfg.cache!r}: choose one of {', '.join(CACHE_MODES)}")
-    if (cfg.workers is not None and cfg.workers < 0) or (cfg.cache_budget_mb is not None and cfg.cache_budget_mb < 0):
-        raise FptError("--workers and --cache-budget-mb must not be negative")
-    if cfg.ft_memory_mb is not None and cfg.ft_memory_mb <= 0:
-        raise FptError(f"--ft-memory-mb {cfg.ft_memory_mb}: must be positive")
-    if cfg.reduction <= 0 or cfg.epochs <= 0 or cfg.batch_size <= 0 or cfg.side_res <= 0:
-        raise FptError("--reduction, --epochs, --batch-size and --side-res must be positive")
-    if cfg.lr <= 0 or cfg.weight_decay < 0:
-        raise FptError("--lr must be positive and --weight-decay non-negative")
-    return cfg
+    return TrainConfig(store=str(store), **{k: values.get(k, defaults.get(k)) for k in TRAIN_KEYS})
 
 
 def parse_grid(value: str | list | float | None, what: str) -> list[float] | None:
@@ -275,12 +442,16 @@ def parse_grid(value: str | list | float | None, what: str) -> list[float] | Non
 
 def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
                  seeds: int | None = None, scheduler: str | None = None, out: Path | None = None,
-                 runs_per_gpu: int | None = None, **train_options: Any) -> SweepConfig:
-    """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train."""
-    pipelines = load_pipelines()
-    entry = pipeline_entry(dataset if dataset in pipelines["pipelines"] else None, pipelines)["sweep"]
-    base = train_config(store, dataset, **train_options)
-    lrs = parse_grid(lr, "lr") or parse_grid(entry.get("lr"), "lr") or [base.lr]
+                 runs_per_gpu: int | None = None, pipelines: Path | str | None = None,
+                 **train_options: Any) -> SweepConfig:
+    """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train.
+    Learning rates: ``lr`` (absolute values), else the section's ``lr``, else its ``lr_scale`` times the run's
+    (the dataset's published) learning rate."""
+    entry = _entry_for_store(dataset, pipelines)["sweep"]
+    base = train_config(store, dataset, pipelines, **train_options)
+    scaled = parse_grid(entry.get("lr_scale"), "lr-scale")
+    lrs = (parse_grid(lr, "lr") or parse_grid(entry.get("lr"), "lr")
+           or (scaled and [float(f"{base.lr * s:.12g}") for s in scaled]) or [base.lr])
     weight_decays = (parse_grid(weight_decay, "weight-decay") or parse_grid(entry.get("weight_decay"), "weight-decay")
                      or [base.weight_decay])
     if min(lrs) <= 0 or min(weight_decays) < 0:

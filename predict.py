@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fpt import FptError
-from fpt.config import resolve_device
+from fpt.config import check_lpm_weights, resolve_device
 from fpt.extract.backbone import FrozenLPM, create_backbone
 from fpt.extract.encode import encode_batch
 from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, prepare_image
@@ -87,10 +87,7 @@ class LoadedPredictor:
 def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: bool = False,
                    device: str = "auto") -> LoadedPredictor:
     """The checkpoint's model and the LPM it was trained from; refused when the LPM weights differ."""
-    if weights is not None and random_init:
-        raise FptError("--weights and --random-init exclude each other")
-    if weights is not None and not Path(weights).is_file():
-        raise FptError(f"--weights {weights}: no such file")
+    check_lpm_weights(weights, random_init)
     ckpt = load_checkpoint(checkpoint)
     identity = ckpt.store
     check_lpm_weights_given(identity["weights_source"], weights, random_init)

@@ -15,7 +15,8 @@ from fpt.config import extract_config, pipeline_entry
 from fpt.extract.datasets import synthetic_texture_image
 from fpt.extract.images import prepare_image
 
-DEFAULTS = pipeline_entry(None)           # ImageNet mean/std, default layers/token ratio, train settings
+DEFAULTS = pipeline_entry(None)           # default layers/token ratio, train settings
+DEMO = pipeline_entry("demo")             # the synthetic task's fixed mean/std (the defaults' are "auto")
 SPLIT_SIZES = {"val": 2, "test": 2}
 CLASSES = ("plain", "textured")
 
@@ -23,8 +24,8 @@ CLASSES = ("plain", "textured")
 def synthetic_inputs(n: int, res: int, image_res: int = 256, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
     """n demo images -> (normalised LPM input float32 [n, 3, res, res], low-res copies uint8 [n, R, R, 3]),
     prepared exactly as ``fpt extract`` prepares them."""
-    mean = torch.tensor(DEFAULTS["mean"]).view(1, 3, 1, 1) * 255
-    std = torch.tensor(DEFAULTS["std"]).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(DEMO["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(DEMO["std"]).view(1, 3, 1, 1) * 255
     highs, lows = zip(*(prepare_image(Image.fromarray(synthetic_texture_image(res, i % 2, [seed, i])), res,
                                       image_res) for i in range(n)))
     x = torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2)
@@ -82,7 +83,8 @@ def ensure_dataset(model: str = "vit_base_patch16_224", res: int = 512, n_train:
         if not (root / "ours.done").exists():
             from fpt.extract.run import extract
             extract(extract_config(None, data.tree, backbone=model, random_init=True, res=res, image_res=image_res,
-                                   out=data.store, device="cpu", batch_size=2, overwrite=True))
+                                   out=data.store, device="cpu", batch_size=2, overwrite=True,
+                                   mean=DEMO["mean"], std=DEMO["std"]))
             (root / "ours.done").touch()
         if not (root / "official.done").exists():
             extract_official(data, DEFAULTS["extract"]["token_ratio"])
@@ -98,7 +100,7 @@ def extract_official(data: BenchData, token_ratio: float, batch_size: int = 2) -
 
     net, info = create_backbone(data.model, data.res, random_init=True)
     extractor = OfficialExtractor(net, default_layers(info.depth), token_ratio)
-    preprocess = lpm_preprocess(data.res, DEFAULTS["mean"], DEFAULTS["std"])
+    preprocess = lpm_preprocess(data.res, DEMO["mean"], DEMO["std"])
     paths = sorted(data.tree.rglob("*.png"))
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import transforms
 
+from fpt.config import AugmentConfig
 from fpt.extract.selection import num_selected
 
 
@@ -94,12 +95,13 @@ def lpm_preprocess(res: int, mean: Sequence[float], std: Sequence[float]) -> tra
 
 
 def side_augmentation(side_res: int, mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:
-    """The side network's per-image training transform on the decoded full-resolution PIL image. Same kinds and
-    ranges as fpt's ``SideInput`` so both sides do the same augmentation work."""
+    """The side network's per-image training transform on the decoded full-resolution PIL image. The same
+    settings as fpt's ``SideInput`` (the default ``AugmentConfig``, the paper's) so both sides do the same work."""
+    a = AugmentConfig()
     return transforms.Compose([
-        transforms.RandomResizedCrop(side_res, scale=(0.6, 1.0), ratio=(0.8, 1.25)),
-        transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(),
-        transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.1),
+        transforms.RandomResizedCrop(side_res, scale=a.scale, ratio=a.ratio),
+        transforms.RandomHorizontalFlip(a.hflip), transforms.RandomVerticalFlip(a.vflip),
+        transforms.ColorJitter(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation),
         transforms.ToTensor(), transforms.Normalize(mean, std),
     ])
 

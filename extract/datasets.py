@@ -160,13 +160,21 @@ def open_source(cfg: ExtractConfig) -> ImageSource:
     return ImageFolderSource(cfg.data, cfg.classes, size_hint=cfg.res)
 
 
-def compute_mean_std(source: ImageSource, res: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def compute_mean_std(source: ImageSource, res: int, skip_unreadable: bool = False
+                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std) of every pixel of the train split, as the LPM sees it: resized to ``res``, values
-    in [0, 1]. One pass, accumulating sums of x and x^2 in float64 (the official FPT code's ``auto``)."""
+    in [0, 1]. One pass, accumulating sums of x and x^2 in float64 (the official FPT code's ``auto``).
+    Unreadable images are left out with ``skip_unreadable`` (``--on-error skip``), else refused."""
     total, total_sq, n = np.zeros(3), np.zeros(3), 0
     for ref in source.samples:
         if ref.split == SPLITS.index("train"):
-            x = rgb_array(lpm_view(source.load(ref), res)).astype(np.float64) / 255    # [res, res, 3]
+            try:
+                image = source.load(ref)
+            except FptError as e:
+                if skip_unreadable:
+                    continue
+                raise FptError(f"{e} (pass --on-error skip to skip unreadable files)") from None
+            x = rgb_array(lpm_view(image, res)).astype(np.float64) / 255    # [res, res, 3]
             total += x.sum(axis=(0, 1))
             total_sq += np.square(x).sum(axis=(0, 1))
             n += x.shape[0] * x.shape[1]
@@ -181,7 +189,7 @@ def resolve_normalization(cfg: ExtractConfig, source: ImageSource) -> ExtractCon
     """``cfg`` with a mean/std of "auto" replaced by the train split's statistics (``compute_mean_std``)."""
     if cfg.mean != "auto" and cfg.std != "auto":
         return cfg
-    mean, std = compute_mean_std(source, cfg.res)
+    mean, std = compute_mean_std(source, cfg.res, skip_unreadable=cfg.on_error == "skip")
     if cfg.std == "auto" and min(std) == 0:
         raise FptError(f"--std auto: the train images have no variation (std {std}); give --std R,G,B")
     return replace(cfg, mean=mean if cfg.mean == "auto" else cfg.mean, std=std if cfg.std == "auto" else cfg.std)

@@ -373,8 +373,8 @@ def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers:
                     "counts": {split: {c: counts[(i, j)] for j, c in enumerate(source.classes)}
                                for i, split in enumerate(SPLITS)},
                     "warnings": list(dataset_warnings)},
-        **({"normalization": {"mean": list(cfg.mean), "std": list(cfg.std)}}
-           if "auto" not in (cfg.mean, cfg.std) else {}),
+        # before ``auto`` is resolved, only the given one of mean/std can be compared with a store
+        "normalization": {k: list(v) for k, v in (("mean", cfg.mean), ("std", cfg.std)) if v != "auto"},
     }
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from fpt import FptError
-from fpt.config import extract_config, parse_floats, parse_layers, pipeline_entry, train_config
+from fpt.config import extract_config, parse_floats, parse_layers, pipeline_entry, sweep_config, train_config
 
 
 def test_parse_layers():
@@ -40,3 +40,103 @@ def test_every_paper_dataset_has_a_pipeline():
         entry = pipeline_entry(name)
         assert entry["classes"] and len(entry["mean"]) == 3 and entry["train"]["lr"] > 0
         assert entry["extract"]["res"] == 512 and entry["train"]["side_res"] == 128
+
+
+# ---------------------------------------------------------------- configs refuse what they do not know
+
+def test_unknown_options_are_refused_with_the_valid_ones(tmp_path):
+    with pytest.raises(FptError, match=r"unknown key 'token_ratoi'; valid: .*token_ratio"):
+        extract_config("demo", token_ratoi=0.5)
+    with pytest.raises(FptError, match=r"unknown key 'epochz'; valid: .*epochs"):
+        train_config("x.zarr", None, epochz=3)
+    with pytest.raises(FptError, match=r"unknown key 'epochz'"):
+        sweep_config("x.zarr", None, epochz=3)
+    with pytest.raises(FptError, match=r"augment: unknown key 'vflp'; valid: .*vflip"):
+        train_config("x.zarr", None, augment="paper,vflp=1")
+
+
+def write_pipelines(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_pipelines_file_keys_are_checked(tmp_path, monkeypatch):
+    cases = {
+        "pipelines:\n  mine:\n    train: {epochz: 3}\n": r"pipelines.mine.train: unknown key 'epochz'; valid: .*epochs",
+        "pipelines:\n  mine:\n    extract: {token_ratoi: 0.1}\n": r"pipelines.mine.extract: unknown key 'token_ratoi'",
+        "pipelines:\n  mine:\n    clases: [a, b]\n": r"pipelines.mine: unknown key 'clases'; valid: .*classes",
+        "defaults:\n  sweep: {seed: 3}\n": r"defaults.sweep: unknown key 'seed'; valid: .*seeds",
+        "pipeline: {}\n": r"unknown key 'pipeline'; valid: defaults, pipelines",
+        "pipelines: [a]\n": r"must be a mapping|expected a mapping",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = write_pipelines(tmp_path / f"p{i}.yaml", text)
+        with pytest.raises(FptError, match=message):
+            train_config("x.zarr", "mine", path)
+        monkeypatch.setenv("FPT_PIPELINES", str(path))             # the environment variable, checked the same way
+        with pytest.raises(FptError, match=str(path)):
+            extract_config("demo")
+        monkeypatch.delenv("FPT_PIPELINES")
+    with pytest.raises(FptError, match="no such file"):
+        extract_config("demo", pipelines=tmp_path / "missing.yaml")
+
+
+def test_user_pipelines_merge_over_the_packaged_ones(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    env_file = write_pipelines(tmp_path / "env.yaml", f"""
+pipelines:
+  mine:
+    classes: [a, b]
+    data: {data}
+    mean: [0.1, 0.2, 0.3]
+    std: [0.3, 0.2, 0.1]
+    train: {{lr: 0.002, augment: strong}}
+  cmmd:
+    train: {{lr: 0.003}}
+""")
+    option_file = write_pipelines(tmp_path / "option.yaml", "pipelines:\n  mine:\n    train: {epochs: 7}\n")
+    monkeypatch.setenv("FPT_PIPELINES", str(env_file))
+    mine = extract_config("mine")
+    assert mine.classes == ["a", "b"] and mine.data == data and mine.mean == (0.1, 0.2, 0.3)
+    assert mine.backbone == pipeline_entry(None)["extract"]["backbone"]       # the packaged defaults still apply
+    cfg = train_config("x.zarr", "mine", option_file)                          # --pipelines over $FPT_PIPELINES
+    assert (cfg.lr, cfg.epochs, cfg.augment.vflip) == (0.002, 7, 0.5)
+    cmmd = train_config("x.zarr", "cmmd")
+    assert cmmd.lr == 0.003 and cmmd.weight_decay == 0.1                       # only the key it names changes
+    assert sweep_config("x.zarr", "mine", pipelines=option_file).train.epochs == 7
+    monkeypatch.delenv("FPT_PIPELINES")
+    with pytest.raises(FptError, match="unknown dataset 'mine'"):
+        extract_config("mine")
+
+
+def test_user_pipelines_values_are_validated_like_options(tmp_path):
+    path = write_pipelines(tmp_path / "p.yaml", "pipelines:\n  mine:\n    train: {method: fpt, prompts: 0}\n")
+    with pytest.raises(FptError, match="--method fpt needs --prompts > 0"):
+        train_config("x.zarr", "mine", path)
+    path = write_pipelines(tmp_path / "q.yaml", "pipelines:\n  mine:\n    train: {augment: {hflip: 2}}\n")
+    with pytest.raises(FptError, match="augment hflip 2"):
+        train_config("x.zarr", "mine", path)
+
+
+def test_cli_takes_a_pipelines_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from fpt.cli import app
+
+    path = write_pipelines(tmp_path / "p.yaml", "pipelines:\n  demo:\n    extract: {token_ratoi: 0.1}\n")
+    result = CliRunner().invoke(app, ["extract", "--dataset", "demo", "--pipelines", str(path)])
+    assert result.exit_code == 2 and "unknown key 'token_ratoi'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_saved_configs_rebuild_with_their_augmentation():
+    """A run's config goes through JSON (last.pt, metrics.json, sweep tasks) and comes back the same."""
+    import json
+    from dataclasses import asdict
+
+    from fpt.config import TrainConfig
+
+    cfg = train_config("x.zarr", None, augment="strong,hflip=0.25", drop_last=False)
+    again = TrainConfig(**json.loads(json.dumps(asdict(cfg), default=str)))
+    assert again.augment == cfg.augment and again.drop_last is False and again.store == cfg.store

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
-from fpt.config import train_config
+from fpt.config import AugmentConfig, train_config
 from fpt.store import StoreReader
 from fpt.train import data as data_module
 from fpt.train import train
@@ -165,7 +165,7 @@ def test_flips_mirror_exactly():
 
 
 def test_crop_takes_the_drawn_region():
-    side = SideInput(16, (0.5,) * 3, (0.25,) * 3, scale=(1.0, 1.0))       # no antialias pre-resize at 16 from 16
+    side = SideInput(16, (0.5,) * 3, (0.25,) * 3, augment=AugmentConfig(scale=(1.0, 1.0)))   # no pre-resize
     x = torch.zeros(1, 3, 16, 16)
     x[..., :8, 8:] = 1.0                                                   # top-right quadrant white
     p = AugmentParams.identity(1)

@@ -169,7 +169,7 @@ def test_auto_stays_literal_in_config_until_run_time(tmp_path):
     assert parse_normalization("auto", "mean") == "auto" and parse_normalization("0.5", "std") == (0.5,) * 3
     rows = [{"path": f"images/{i}.png", "label": "a", "split": SPLITS[i % 3]} for i in range(6)]
     csv_path = write_manifest(tmp_path, rows, ("path", "label", "split"))
-    cfg = extract_config(None, csv_path, mean="auto", backbone="x", out=tmp_path / "o.zarr")
+    cfg = extract_config(None, csv_path, mean="auto", std=(0.229, 0.224, 0.225), backbone="x", out=tmp_path / "o.zarr")
     assert cfg.mean == "auto" and cfg.std == (0.229, 0.224, 0.225) and cfg.name == "manifest"
     resolved = resolve_normalization(cfg, open_source(cfg))
     assert resolved.mean == compute_mean_std(open_source(cfg), cfg.res)[0] and resolved.std == cfg.std

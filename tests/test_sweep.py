@@ -32,7 +32,7 @@ TINY = dict(side_res=16, epochs=1, batch_size=4, prompts=3, device="cpu")
 def test_sweep_config_from_pipelines_and_options(tmp_path):
     store = tmp_path / "cmmd.zarr"
     cfg = sweep_config(store)
-    assert cfg.lrs == [0.0001, 0.0005, 0.001] and cfg.weight_decays == [0.0, 0.05] and cfg.seeds == 5
+    assert cfg.lrs == [0.00005, 0.0001, 0.0002] and cfg.weight_decays == [0.05, 0.1] and cfg.seeds == 5
     assert cfg.scheduler == "local" and cfg.out.as_posix() == "sweeps/cmmd-fpt+"
     cfg = sweep_config(store, lr="1e-3,2e-3", weight_decay="0", seeds=2, scheduler="local:3", method="side-only")
     assert cfg.lrs == [0.001, 0.002] and cfg.weight_decays == [0.0] and cfg.train.method == "side-only"

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
-from fpt.config import CACHE_MODES
+from fpt.config import AugmentConfig
 from fpt.store import StoreReader
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
@@ -63,9 +63,8 @@ def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: 
                budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val")) -> CachePlan:
     """Where the train and val splits live during training. ``auto``: on the GPU when they fit ``budget_mb``
     (default: half the free GPU memory), else in RAM when they fit (default: half the available RAM), else
-    streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all."""
-    if cache not in CACHE_MODES:
-        raise FptError(f"--cache {cache!r}: choose {', '.join(CACHE_MODES)}")
+    streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all. ``cache`` is
+    one of config.CACHE_MODES (TrainConfig checks it)."""
     need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names) / 2**20
     what = f"{'+'.join(splits)} {', '.join(names)}: {need:,.1f} MB"
     free_ram = psutil.virtual_memory().available / 2**20
@@ -320,15 +319,14 @@ def colour_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Ten
 class SideInput:
     """uint8 low-res images [B, 3, R, R] -> normalised float side-network input [B, 3, r, r], on their device.
 
-    Training: random resized crop, horizontal and vertical flips and colour jitter, drawn per image (the
-    paper's cropping, flipping and colour distortion), applied to the whole batch at once: an antialiased
-    resize (torchvision v2 on tensors), one ``grid_sample`` for every image's crop + flips, and the colour
-    jitter as batched blends. The draws come from a generator seeded with ``seed``. Evaluation: resize only.
+    Training: the ``augment`` settings (default: the paper's) drawn per image: random resized crop, horizontal
+    and vertical flips, colour jitter; applied to the whole batch at once: an antialiased resize (torchvision v2
+    on tensors), one ``grid_sample`` for every image's crop + flips, and the colour jitter as batched blends.
+    The draws come from a generator seeded with ``seed``. Evaluation: resize only.
     """
 
-    def __init__(self, side_res: int, mean, std, seed: int = 0, scale: tuple[float, float] = (0.6, 1.0),
-                 ratio: tuple[float, float] = (0.8, 1.25), jitter: tuple[float, float, float] = (0.2, 0.2, 0.1)):
-        self.side_res, self.scale, self.ratio, self.jitter = side_res, scale, ratio, jitter
+    def __init__(self, side_res: int, mean, std, seed: int = 0, augment: AugmentConfig | None = None):
+        self.side_res, self.augment_cfg = side_res, augment or AugmentConfig()
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -359,14 +357,19 @@ class SideInput:
         def uniform(row: int, lo: float, hi: float) -> torch.Tensor:
             return lo + (hi - lo) * u[row]
 
-        area = uniform(0, *self.scale)
-        aspect = torch.exp(uniform(1, math.log(self.ratio[0]), math.log(self.ratio[1])))
+        a = self.augment_cfg
+        area = uniform(0, *a.scale)
+        # aspect log-uniform over the ratios at which a crop of this area fits the image (torchvision redraws
+        # until one fits); w, h are clamped only where no ratio fits
+        lo = torch.log(area.clamp(min=a.ratio[0]))
+        hi = torch.maximum(torch.log((1 / area).clamp(max=a.ratio[1])), lo)
+        aspect = torch.exp(lo + (hi - lo) * u[1])
         w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
         centre_x, centre_y = (1 - w) * uniform(2, -1, 1), (1 - h) * uniform(3, -1, 1)
-        flip_x, flip_y = (torch.where(u[row] < 0.5, -1.0, 1.0) for row in (4, 5))
-        b, c, s = self.jitter
-        return AugmentParams(w, h, centre_x, centre_y, flip_x, flip_y, uniform(6, max(0, 1 - b), 1 + b),
-                             uniform(7, max(0, 1 - c), 1 + c), uniform(8, max(0, 1 - s), 1 + s))
+        flip_x, flip_y = (torch.where(u[row] < p, -1.0, 1.0) for row, p in ((4, a.hflip), (5, a.vflip)))
+        jitter = lambda row, x: uniform(row, max(0.0, 1 - x), 1 + x)  # noqa: E731
+        return AugmentParams(w, h, centre_x, centre_y, flip_x, flip_y, jitter(6, a.brightness),
+                             jitter(7, a.contrast), jitter(8, a.saturation))
 
     def sample(self, n: int) -> AugmentParams:
         return self.params(self.draw(1, n)[0])
@@ -375,7 +378,7 @@ class SideInput:
         """images [B, 3, R, R] (uint8, or float in [0, 1]) -> float [B, 3, r, r] in [0, 1]: crop + flips by one
         bilinear grid sample for the whole batch, then the colour jitter."""
         r, device = self.side_res, images.device
-        work = min(images.shape[-1], math.ceil(r / math.sqrt(self.scale[0])))
+        work = min(images.shape[-1], math.ceil(r / math.sqrt(self.augment_cfg.scale[0])))
         if work < images.shape[-1]:     # antialias first: the bilinear sampling below then shrinks by <= 1/sqrt(scale)
             images = TF.resize(images, [work, work], antialias=True)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images

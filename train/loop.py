@@ -212,7 +212,7 @@ def set_up(cfg: TrainConfig) -> Training:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]
-    side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed)
+    side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed, augment=cfg.augment)
     model = build_model(spec).to(device)
     optimizer, schedule = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch, device)
     step = TrainStep(model, side_input, optimizer, schedule, compile=compile)

@@ -10,7 +10,8 @@ from sklearn.metrics import (accuracy_score, cohen_kappa_score, f1_score, precis
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     """labels [N] int, probs [N, C]. AUC: binary on the positive class, macro one-vs-rest for C > 2.
-    F1/precision/recall: binary for C = 2, macro otherwise. A metric undefined on this data is None."""
+    F1/precision/recall: binary for C = 2, macro otherwise. Kappa: quadratic-weighted Cohen's kappa (as the
+    paper; equal to plain kappa for two classes). A metric undefined on this data is None."""
     n_classes = probs.shape[1]
     preds = probs.argmax(axis=1)
     average = "binary" if n_classes == 2 else "macro"
@@ -19,7 +20,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     if len(present) == n_classes:
         auc = roc_auc_score(labels, probs[:, 1]) if n_classes == 2 else roc_auc_score(
             labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes)))
-    kappa = cohen_kappa_score(labels, preds) if len(present) > 1 or len(np.unique(preds)) > 1 else None
+    kappa = (cohen_kappa_score(labels, preds, labels=list(range(n_classes)), weights="quadratic")
+             if len(present) > 1 or len(np.unique(preds)) > 1 else None)
     out = {
         "auc": auc,
         "acc": accuracy_score(labels, preds),

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from fpt import FptError
-from fpt.config import METHODS
+from fpt.config import resolve_method
 
-PROMPT_METHODS = ("fpt+", "fpt")
+PROMPT_INIT_STD = 1e-6    # the published FPT+ init: the first cross-attention is nearly uniform over the tokens
 
 
 @dataclass
@@ -40,14 +39,7 @@ class ModelSpec:
     method: str = "fpt+"  # one of METHODS; "fpt+" with 0 prompts means "side-only"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise FptError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.method == "fpt+" and self.prompts == 0:
-            self.method = "side-only"
-        if self.method in PROMPT_METHODS and self.prompts <= 0:
-            raise FptError(f"--method {self.method} needs --prompts > 0 (use --method side-only for none)")
-        if self.method not in PROMPT_METHODS:
-            self.prompts = 0
+        self.method, self.prompts = resolve_method(self.method, self.prompts)
 
     @property
     def side_dim(self) -> int:
@@ -91,7 +83,7 @@ class PromptFusion(nn.Module):
         super().__init__()
         self.heads = lpm_heads
         self.prompts = nn.Parameter(torch.empty(layers, prompts, prompt_dim))     # [L, P, prompt_dim]
-        nn.init.trunc_normal_(self.prompts, std=0.02)
+        nn.init.normal_(self.prompts, std=PROMPT_INIT_STD)
         self.dropout = nn.Dropout(dropout)
 
     def query(self) -> torch.Tensor:
