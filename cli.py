@@ -337,7 +337,8 @@ def train_cmd(
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                             compile=compile)
     else:
-        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs,
+        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
+                         epochs=epochs,
                          batch_size=batch_size, lr=fpt_config.parse_number(lr, "lr"),
                          weight_decay=fpt_config.parse_number(weight_decay, "weight-decay"), seed=seed, device=device,
                          method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
@@ -526,7 +527,7 @@ def _integrity_line(report) -> str:
     return f"[bold red]{len(report.bad_samples)} samples affected[/] (see below)"
 
 
-def show_problems(report, attrs) -> None:
+def show_problems(report) -> None:
     from fpt.store import StoreReader
 
     try:
@@ -553,7 +554,7 @@ def store_verify(path: str = typer.Argument(..., help="Store path or URL."),
                                              "as not done; the same `fpt extract` command then rewrites them.")):
     """Read every chunk of a store and check its crc32c checksum; exit 1 when any sample is unfinished, missing
     or corrupt."""
-    from fpt.store import StoreReader, mark_for_reextraction
+    from fpt.store import mark_for_reextraction
     from fpt.store import verify as verify_store
 
     with _progress() as progress:
@@ -562,7 +563,7 @@ def store_verify(path: str = typer.Argument(..., help="Store path or URL."),
     if report.ok:
         console.print(report.summary())
         return
-    show_problems(report, StoreReader(path).attrs)
+    show_problems(report)
     if repair and len(report.damaged):
         shards = mark_for_reextraction(path)
         err.print(f"[bold yellow]marked {len(shards)} shard(s) for re-extraction[/]: re-run the same `fpt extract` "
@@ -639,7 +640,7 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
         head.add_row("[bold yellow]warning", f"[yellow]{escape(warning)}")
     console.print(head)
     if not report.ok:
-        show_problems(report, s["attrs"])
+        show_problems(report)
     if s["counts"] is None:
         return
     counts = Table(title="samples per split and class")

@@ -1,15 +1,19 @@
-"""dask.distributed for training runs: connect to ``local``/``local:N`` (a LocalCluster started here) or a
+"""dask.distributed for extraction shards and sweep runs alike: connect to ``local``/``local:N`` (a LocalCluster
+started here) or a
 scheduler address, and pick a worker's GPU."""
 from __future__ import annotations
 
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from fpt import FptError
+
+if TYPE_CHECKING:
+    import distributed
 
 
 def local_worker_count(scheduler: str, cuda: bool, per_gpu: int = 1) -> int | None:

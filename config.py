@@ -10,9 +10,12 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 from fpt import FptError
 from fpt.store import CODECS, DEFAULT_CODEC
@@ -181,7 +184,6 @@ class TrainConfig:
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
     compile: bool | None = None           # torch.compile the training step; None = on CUDA only
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Every rule on a training run's values, whoever builds it (options, a saved run, a sweep task)."""
@@ -218,7 +220,7 @@ class SweepConfig:
 ENTRY_KEYS = ("source", "classes", "counts", "seed", "mean", "std", "data", "data_env", "extract", "train", "sweep")
 EXTRACT_KEYS = tuple(f.name for f in fields(ExtractConfig) if f.name not in
                      ("name", "data", "source", "classes", "counts", "seed"))   # these come from the entry
-TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("store", "extra"))
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "store")
 SWEEP_KEYS = ("lr", "lr_scale", "weight_decay", "seeds", "scheduler")
 SECTION_KEYS = {"extract": EXTRACT_KEYS, "train": TRAIN_KEYS, "sweep": SWEEP_KEYS}
 

@@ -1,4 +1,5 @@
-"""``fpt predict`` (above both stages: it runs the LPM as extraction does, then the trained side network): class probabilities for new images from a trained checkpoint.
+"""``fpt predict``: class probabilities for new images from a trained checkpoint. It lives above both stages:
+it runs the LPM as extraction does (``fpt.extract.encode_batch``), then the trained side network.
 
 Every image goes the way the store's samples went: the same LPM (its weights checked against the sha256 the
 checkpoint recorded from the store), the same resolution, layers, token ratio and importance, the same low-res

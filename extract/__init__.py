@@ -16,5 +16,6 @@ from fpt.extract.selection import (
 )
 
 __all__ = ["BackboneInfo", "FrozenLPM", "create_backbone", "ImageFolderSource", "SampleRef",
-           "SyntheticTextureSource", "open_source", "encode_batch", "load_image_file", "prepare_image", "ExtractResult", "default_layers", "extract",
+           "SyntheticTextureSource", "open_source", "encode_batch", "load_image_file", "prepare_image",
+           "ExtractResult", "default_layers", "extract",
            "num_selected", "select_important_tokens", "token_importance"]

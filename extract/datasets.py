@@ -29,7 +29,8 @@ class ImageFolderSource:
         self.name = self.root.name
         for split in SPLITS:
             if not (self.root / split).is_dir():
-                raise FptError(f"{self.root} has no {split}/ folder; expected {self.root}/{{train,val,test}}/<class>/<image>")
+                raise FptError(f"{self.root} has no {split}/ folder; "
+                               f"expected {self.root}/{{train,val,test}}/<class>/<image>")
         found = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
         check_distinct_classes(found, str(self.root / "train"))
         if classes is not None and sorted(classes) != found:
@@ -40,7 +41,8 @@ class ImageFolderSource:
             files = []
             for class_dir in sorted(p for p in (self.root / split).iterdir() if p.is_dir()):
                 if class_dir.name not in self.classes:
-                    raise FptError(f"{class_dir}: class {class_dir.name!r} is not among the train classes {self.classes}")
+                    raise FptError(f"{class_dir}: class {class_dir.name!r} is not among the train classes "
+                                   f"{self.classes}")
                 files += [(f, self.classes.index(class_dir.name)) for f in sorted(class_dir.rglob("*"))
                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
             if not files:

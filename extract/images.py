@@ -2,6 +2,7 @@
 low-res copy."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,18 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 
 # Scanner exports are large (a 20k x 20k pathology or mammography export is 400 M pixels); PIL's default bomb
 # guard (~179 M pixels) would refuse them. Above this, a file is refused as implausible.
-Image.MAX_IMAGE_PIXELS = 1_000_000_000
+MAX_PIXELS = 1_000_000_000
+
+
+@contextmanager
+def pixel_limit(limit: int):
+    """PIL's decompression-bomb limit (a module global PIL reads in ``Image.open``) set for one ``open`` only,
+    so importing fpt changes nothing for other code in the process."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
@@ -24,7 +36,9 @@ def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
     if path.suffix.lower() == ".dcm":
         return read_dicom(path)
     try:
-        with Image.open(path) as im:
+        with pixel_limit(MAX_PIXELS):
+            opened = Image.open(path)
+        with opened as im:
             if size_hint and im.format == "JPEG":
                 im.draft(im.mode, (size_hint, size_hint))
             im = ImageOps.exif_transpose(im)

@@ -124,7 +124,8 @@ def global_importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse
 
     q, k: [B, H, N, d], same dtype (fp32, bf16 or fp16), any strides, on CUDA (or on CPU under
     TRITON_INTERPRET=1). lse: optional [B, H, N] natural-log logsumexp_j(scale * q_i . k_j) of the rows, as
-    returned by flash/efficient attention (slice off any padding of N); given, pass 1 is skipped. config: overrides ``launch_config``
+    returned by flash/efficient attention (slice off any padding of N); given, pass 1 is skipped.
+    config: overrides ``launch_config``
     (e.g. small tiles in tests). Returns [B, H, N] float32.
     """
     if q.shape != k.shape or q.dim() != 4:

@@ -112,7 +112,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         pending = writer.pending_shards()
         write_threads = cfg.write_threads or default_write_threads(device)
         # shards waiting for their writer + the one being filled (per process on dask)
-        host_buffer_mb = (write_threads + 1) * writer.geometry.samples_per_shard * writer.geometry.bytes_per_sample() / 2**20
+        g = writer.geometry
+        host_buffer_mb = (write_threads + 1) * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -147,8 +148,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
 
 
 class DecodedImages(Dataset):
-    """Item i -> (high [3, res, res] in [0, 255] (float32, or ``high_dtype``), low uint8 [R, R, 3]), or the error message of an
-    unreadable source, so that a bad file in a DataLoader worker reaches the user as one clear line."""
+    """Item i -> (high [3, res, res] in [0, 255] (float32, or ``high_dtype``), low uint8 [R, R, 3]), or the error
+    message of an unreadable source, so that a bad file in a DataLoader worker reaches the user as one clear line."""
 
     def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, image_res: int, on_error: str,
                  high_dtype: torch.dtype = torch.float32):
@@ -171,7 +172,8 @@ class DecodedImages(Dataset):
         errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
         if errors and self.on_error != "skip":
             raise FptError(next(iter(errors.values())) + " (pass --on-error skip to skip unreadable files)")
-        blank = (torch.zeros(3, self.res, self.res, dtype=self.high_dtype), torch.zeros(self.image_res, self.image_res, 3, dtype=torch.uint8))
+        blank = (torch.zeros(3, self.res, self.res, dtype=self.high_dtype),
+                 torch.zeros(self.image_res, self.image_res, 3, dtype=torch.uint8))
         highs, lows = zip(*(blank if i in errors else item for i, item in enumerate(items)))
         return torch.stack(highs), torch.stack(lows), errors
 

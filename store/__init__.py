@@ -14,7 +14,8 @@ Public API:
     Geometry, SCHEMA_VERSION, SPLITS, SAMPLE_ARRAYS, FEATURE_DTYPES, choose_samples_per_shard
     CODECS, DEFAULT_CODEC  lossless chunk codecs for ``fpt extract --codec`` (measured in bench/codec.py)
 """
-from fpt.store.layout import CODECS, DEFAULT_CODEC, FEATURE_DTYPES, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry, choose_samples_per_shard
+from fpt.store.layout import (CODECS, DEFAULT_CODEC, FEATURE_DTYPES, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry,
+                              choose_samples_per_shard)
 from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import zarr
+
+if TYPE_CHECKING:
+    import dask.array
 
 from fpt import FptError
 from fpt.store.layout import ARRAY_NAMES, DONE, SCHEMA_VERSION, SPLITS, Geometry, decode_ids

@@ -120,7 +120,8 @@ class StoreWriter:
             data = np.asarray(arrays[name])
             array = self._array(name)
             if data.shape != (len(rows), *array.shape[1:]):
-                raise ValueError(f"{name}: shard {shard} expects shape {(len(rows), *array.shape[1:])}, got {data.shape}")
+                raise ValueError(f"{name}: shard {shard} expects shape {(len(rows), *array.shape[1:])}, "
+                                 f"got {data.shape}")
             array[sel] = data
         self._array(DONE)[sel] = True
 

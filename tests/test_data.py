@@ -94,7 +94,7 @@ def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     list(data.batches(2, shuffle=True, rng=np.random.default_rng(0)))
     read = np.concatenate(reads)
     assert sorted(read.tolist()) == train_idx.tolist()                       # every sample read once
-    for window in reads:                                                     # a window = whole shards (their train part)
+    for window in reads:                                             # a window = whole shards (their train part)
         shards = np.unique(window // sps)
         assert set(window.tolist()) == {i for i in train_idx.tolist() if i // sps in shards}
 

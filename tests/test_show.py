@@ -81,7 +81,8 @@ def test_show_refusals(trained, tmp_path):
         show(store, "0", tmp_path / "x.png", layers="7")
     with pytest.raises(FptError, match="is a .png"):
         show(store, "0", tmp_path / "x.jpg")
-    result = CliRunner().invoke(app, ["show", "--store", str(store), "--sample", "nope", "--out", str(tmp_path / "y.png")])
+    result = CliRunner().invoke(app, ["show", "--store", str(store), "--sample", "nope",
+                                      "--out", str(tmp_path / "y.png")])
     assert result.exit_code == 2 and "is not in" in result.output and "Traceback" not in result.output
     ok = CliRunner().invoke(app, ["show", "--store", str(store), "--sample", "3", "--checkpoint",
                                   str(root / "fpt+" / "best.pt"), "--out", str(tmp_path / "z.png")])

@@ -53,12 +53,6 @@ class CachePlan:
         return asdict(self)
 
 
-def read_rows(reader: StoreReader, idx: np.ndarray, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """The arrays ``names`` of the store rows ``idx`` (plus ``labels``): the one place the training data path
-    reads the store (StoreReader.read reads each run of consecutive rows as one slice)."""
-    return reader.read(idx, names)
-
-
 def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: torch.device,
                budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val")) -> CachePlan:
     """Where the train and val splits live during training. ``auto``: on the GPU when they fit ``budget_mb``
@@ -130,7 +124,7 @@ class MemorySplit:
 
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
                  on_device: bool = False):
-        arrays = read_rows(reader, reader.split_indices(split), names)
+        arrays = reader.read(reader.split_indices(split), names)
         self.arrays = None if on_device else arrays
         self.tensors = {n: torch.from_numpy(a).to(device) for n, a in arrays.items()} if on_device else None
         self.n, self.device = len(arrays["labels"]), device
@@ -170,7 +164,7 @@ class _WindowReads(Dataset):
         try:
             if self._reader is None:                                           # one reader per worker process
                 self._reader = StoreReader(self.path)
-            arrays = read_rows(self._reader, self.windows[i], self.names)
+            arrays = self._reader.read(self.windows[i], self.names)
         except FptError as e:
             return {"error": str(e)}
         return {n: torch.from_numpy(a) for n, a in arrays.items()}

@@ -29,7 +29,7 @@ from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, vali
 from fpt.train.step import TrainStep, compile_default, make_optimizer
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
-RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "extra", "corrupt",
+RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "corrupt",
                   "compile")
 
 
@@ -170,8 +170,8 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     split's ROC and confusion-matrix pictures (test-roc.png, test-confusion.png) to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
-    each epoch's log record, ``on_batch(epoch, steps done, steps per epoch)`` each training step. A run dir holding an unfinished run of the same configuration resumes from its
-    last finished epoch."""
+    each epoch's log record, ``on_batch(epoch, steps done, steps per epoch)`` each training step. A run dir
+    holding an unfinished run of the same configuration resumes from its last finished epoch."""
     run = set_up(cfg)
     if on_start:
         on_start(run.info)

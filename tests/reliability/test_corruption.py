@@ -120,5 +120,6 @@ def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, 
     sweep.run_sweep(cfg)
     assert len(calls) == 1                                            # not once per run
     runs = list((tmp_path / "sw").rglob("metrics.json"))
-    assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == [StoreReader(micro_store).ids[0]]
+    first_id = StoreReader(micro_store).ids[0]
+    assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == [first_id]
                                   for p in runs)
