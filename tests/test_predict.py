@@ -15,7 +15,7 @@ from fpt.config import train_config
 from fpt.store import StoreReader
 from fpt.train import load_checkpoint, train
 from fpt.train.data import SideInput, open_split
-from fpt.train.loop import predict
+from fpt.train.loop import predict_split
 from fpt.predict import collect_images, predict_images
 from tests.conftest import MICRO, micro_config, write_image_folder
 
@@ -46,7 +46,7 @@ def test_predict_gives_the_store_samples_probabilities(trained, method):
     ckpt = load_checkpoint(checkpoints[method], reader)
     norm = reader.attrs["normalization"]
     split = open_split(reader, "test", ckpt.spec.inputs, "none", torch.device("cpu"))
-    want, _ = predict(ckpt.model, split, SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]), 4)
+    want, _ = predict_split(ckpt.model, split, SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]), 4)
     ids = list(reader.ids[reader.split_indices("test")])
     got = {Path(r["image"]).relative_to(data).as_posix(): [r["probabilities"][c] for c in result["classes"]]
            for r in result["rows"]}

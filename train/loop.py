@@ -85,7 +85,7 @@ def load_checkpoint(path: Path, reader: StoreReader | None = None) -> Checkpoint
 
 
 @torch.no_grad()
-def predict(model: SideNetwork | LinearProbe, data: SplitData, side_input: SideInput, batch_size: int,
+def predict_split(model: SideNetwork | LinearProbe, data: SplitData, side_input: SideInput, batch_size: int,
             step: TrainStep | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities [N, C] and labels [N] for a split. With ``step`` its (possibly compiled) evaluation
     forward runs on batches padded to ``batch_size``; results stay on the device until the split is done."""
@@ -257,7 +257,7 @@ def train_epoch(run: Training, epoch: int, writer: CheckpointWriter,
     mean_loss = float(loss_sum) / samples                                    # the epoch's one host sync
     seconds = time.perf_counter() - start
     state.samples, state.seconds = state.samples + samples, state.seconds + seconds
-    probs, labels = predict(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
+    probs, labels = predict_split(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
     val = {**classification_metrics(labels, probs), "loss": cross_entropy(labels, probs)}
     if state.best.improved_by(epoch, val):
         writer.submit(run.out / "best.pt", "best", {
@@ -281,7 +281,7 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
     del run.train_data, run.val_data
     run.model.load_state_dict(read_checkpoint(run.out / "best.pt", "best")["model"])
     test_data = open_split(run.reader, "test", run.spec.inputs, "none", device, cfg.workers)
-    probs, labels = predict(run.model, test_data, run.side_input, cfg.batch_size, run.step)
+    probs, labels = predict_split(run.model, test_data, run.side_input, cfg.batch_size, run.step)
     test = classification_metrics(labels, probs)
     write_evaluation_plots(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
     params = parameter_counts(run.model, run.reader.attrs["backbone"]["n_params"])
@@ -391,7 +391,7 @@ def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batc
     data = open_split(reader, split, ckpt.spec.inputs, "none", dev)
     norm = reader.attrs["normalization"]
     side_input = SideInput(ckpt.spec.side_res, norm["mean"], norm["std"])
-    probs, labels = predict(model, data, side_input, batch_size)
+    probs, labels = predict_split(model, data, side_input, batch_size)
     result = Evaluation(split, len(labels), ckpt.spec.method, classification_metrics(labels, probs))
     if out is not None:
         atomic_write_text(Path(out), json.dumps({**jsonable(asdict(result)), "checkpoint": str(checkpoint),
