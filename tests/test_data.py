@@ -8,7 +8,6 @@ from torchvision.transforms.v2 import functional as TF
 from fpt import FptError
 from fpt.config import AugmentConfig, train_config
 from fpt.store import StoreReader
-from fpt.train import data as data_module
 from fpt.train import train
 from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid,
                              plan_cache)
@@ -75,7 +74,7 @@ def test_a_store_error_while_streaming_is_one_line(store, monkeypatch, workers):
     def store_gone(*args):
         raise FptError("s3://b/x.zarr: cannot reach the store (ConnectionError)")
 
-    monkeypatch.setattr(data_module, "read_rows", store_gone)             # inherited by forked workers
+    monkeypatch.setattr(StoreReader, "read", store_gone)                  # inherited by forked workers
     stream = StreamSplit(StoreReader(store), "train", NAMES, CPU, workers=workers, window_samples=4)
     with pytest.raises(FptError) as e:
         next(iter(stream.batches(3)))
@@ -87,9 +86,9 @@ def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     sps = reader.geometry.samples_per_shard
     train_idx = reader.split_indices("train")
     reads = []
-    original = data_module.read_rows
-    monkeypatch.setattr(data_module, "read_rows", lambda reader, idx, names: reads.append(np.asarray(idx))
-                        or original(reader, idx, names))
+    original = StoreReader.read
+    monkeypatch.setattr(StoreReader, "read", lambda self, idx, names: reads.append(np.asarray(idx))
+                        or original(self, idx, names))
     data = StreamSplit(reader, "train", NAMES, CPU, window_samples=4)
     list(data.batches(2, shuffle=True, rng=np.random.default_rng(0)))
     read = np.concatenate(reads)

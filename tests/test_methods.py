@@ -149,16 +149,16 @@ def test_without_a_full_fine_tuning_reference_there_is_no_pme(store, tmp_path):
 
 
 def test_side_only_reads_no_kv_and_probe_reads_only_cls(store, tmp_path, monkeypatch):
-    from fpt.train import data
+    from fpt.store import StoreReader
 
     read_names = []
-    original = data.read_rows
+    original = StoreReader.read
 
     def spy(reader, idx, names):
         read_names.append(tuple(names))
         return original(reader, idx, names)
 
-    monkeypatch.setattr(data, "read_rows", spy)
+    monkeypatch.setattr(StoreReader, "read", spy)
     train(tiny_train(store, tmp_path / "a", epochs=1, method="side-only"))
     assert set(read_names) == {("images",)}
     read_names.clear()
