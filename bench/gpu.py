@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fpt.bench.common import WORK_DIR, PeakRSS, command_line, write_results
+from fpt.bench.common import THREADS, WORK_DIR, PeakRSS, command_line, write_results
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOKEN_RATIO = 0.2
@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cases", nargs="+", default=[*MODEL_CASES, *E2E_CASES])
     p.add_argument("--workers", type=int, help="decode workers end to end [default: min(16, cores) on CUDA, 0 on CPU]")
     p.add_argument("--reps", type=int)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per child process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per child process [default: torch's own on CUDA, 1 on CPU (see bench/README.md: "
+                        "with 2 threads on a shared 2-core box every parallel region waits for a descheduled partner)]")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-train", action="store_true", help="skip the training table (fpt.bench.train_speed)")
     args = p.parse_args(argv)
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = _pairs(args.res) if args.res else steps
     e2e = [(r, n) for r, n in _pairs(args.e2e) if n] if args.e2e else e2e
     reps = args.reps or (10 if kind == "cuda" else 2)
+    threads = args.threads or (None if kind == "cuda" else THREADS)
     workers = args.workers if args.workers is not None else (min(16, os.cpu_count() or 1) if kind == "cuda" else 0)
     rows = []
     for res, batch in steps:
@@ -291,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             if case in ("plain_compiled", "official_bf16", "lpm_torch_importance") and kind != "cuda":
                 continue                 # no bf16 autocast on CPU; compiling ViTs on 2 cores takes minutes
             rows.append(run_child({"kind": "model", "case": case, "model": model, "res": res, "batch": batch,
-                                   "warmup": 2 if kind == "cuda" else 1, "reps": reps, "threads": args.threads},
+                                   "warmup": 2 if kind == "cuda" else 1, "reps": reps, "threads": threads},
                                   args.timeout))
             print(json.dumps({k: rows[-1].get(k) for k in ("case", "res", "images_per_s", "peak_mb", "error")}),
                   flush=True)
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     for res, images in e2e:
         for case in (c for c in E2E_CASES if c in args.cases):
             rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
-                                   "batch": batch_at.get(res, 8), "workers": workers, "threads": args.threads},
+                                   "batch": batch_at.get(res, 8), "workers": workers, "threads": threads},
                                   args.timeout))
             print(json.dumps({k: rows[-1].get(k) for k in ("case", "res", "images_per_s", "peak_mb", "error")}),
                   flush=True)

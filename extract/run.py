@@ -55,17 +55,21 @@ _PROCESS_CACHE: dict[tuple, object] = {}
 
 
 def load_lpm(cfg: ExtractConfig, device: torch.device) -> tuple[FrozenLPM, BackboneInfo]:
-    key = ("lpm", cfg.backbone, cfg.res, str(cfg.weights), cfg.random_init, tuple(cfg.layers or ()),
-           cfg.token_ratio, cfg.importance, cfg.query_block, str(device))
-    if key not in _PROCESS_CACHE:
-        _PROCESS_CACHE.pop(next((k for k in _PROCESS_CACHE if k[0] == "lpm"), None), None)
+    def key(layers) -> tuple:
+        return ("lpm", cfg.backbone, cfg.res, str(cfg.weights), cfg.random_init, tuple(layers or ()),
+                cfg.token_ratio, cfg.importance, cfg.query_block, str(device))
+
+    if key(cfg.layers) not in _PROCESS_CACHE:
+        for old in [k for k in _PROCESS_CACHE if k[0] == "lpm"]:          # one LPM per process
+            del _PROCESS_CACHE[old]
         model, info = create_backbone(cfg.backbone, cfg.res, cfg.weights, cfg.random_init)
         layers = cfg.layers or default_layers(info.depth)
         if min(layers) < 0 or max(layers) >= info.depth:
             raise FptError(f"--layers {layers}: {cfg.backbone} has layers 0-{info.depth - 1}")
-        _PROCESS_CACHE[key] = (FrozenLPM(model, layers, cfg.token_ratio, cfg.importance, cfg.query_block).to(device),
-                               info)
-    return _PROCESS_CACHE[key]
+        entry = (FrozenLPM(model, layers, cfg.token_ratio, cfg.importance, cfg.query_block).to(device), info)
+        # found again under the resolved layers too: extract() passes them on to the shard loop
+        _PROCESS_CACHE[key(cfg.layers)] = _PROCESS_CACHE[key(layers)] = entry
+    return _PROCESS_CACHE[key(cfg.layers)]
 
 
 def load_source(cfg: ExtractConfig) -> ImageSource:

@@ -62,3 +62,14 @@ def test_a_failed_shard_write_keeps_the_others_and_resumes(tmp_path, image_folde
     monkeypatch.setattr(StoreWriter, "write_shard", real_write)
     assert extract(micro_config(image_folder, store, samples_per_shard=2)).n_written == 16 - done.sum()
     assert_same_store(reference, store)
+
+
+def test_one_extraction_builds_the_lpm_once(tmp_path, image_folder, monkeypatch):
+    from fpt.extract import run
+
+    built = []
+    real = run.create_backbone
+    monkeypatch.setattr(run, "create_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
+    monkeypatch.setattr(run, "_PROCESS_CACHE", {})
+    extract(micro_config(image_folder, tmp_path / "s.zarr"))
+    assert len(built) == 1          # not again for the shard loop, which sees the resolved layers
