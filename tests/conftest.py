@@ -58,11 +58,3 @@ def micro_store(tmp_path: Path, image_folder: Path) -> Path:
     extract(micro_config(image_folder, out))
     return out
 
-
-def assert_is_topk(indices, importance, k, tol=1e-6):
-    """``indices`` [B, H, k] are a top-k of ``importance`` [B, H, N]: distinct, and none less important than
-    the naive k-th best by more than float noise (near-ties may order either way)."""
-    assert indices.shape[-1] == k
-    assert all(len(set(row.tolist())) == k for row in indices.reshape(-1, k))
-    kth = importance.topk(k, dim=-1).values[..., -1:]
-    assert (importance.gather(-1, indices) >= kth - tol).all()

@@ -2,35 +2,11 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from fpt import FptError
 from fpt.extract import FrozenLPM, create_backbone
-from tests.conftest import MICRO, assert_is_topk
-
-
-def reference_qkv(model, images, layers):
-    """Per layer: (q, k, v [B, H, N, d], attention output) recomputed by hand from each block's input."""
-    inputs, outputs = {}, {}
-    hooks = []
-    for l in layers:
-        attn = model.blocks[l].attn
-        hooks.append(attn.register_forward_pre_hook(lambda m, a, l=l: inputs.__setitem__(l, a[0])))
-        hooks.append(attn.register_forward_hook(lambda m, a, o, l=l: outputs.__setitem__(l, o)))
-    with torch.no_grad():
-        model(images)
-    for h in hooks:
-        h.remove()
-    result = {}
-    for l in layers:
-        attn, x = model.blocks[l].attn, inputs[l]
-        B, N, D = x.shape
-        qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, N, 3, attn.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        probs = torch.softmax(q @ k.transpose(-2, -1) * attn.head_dim ** -0.5, dim=-1)     # naive attention
-        out = attn.proj((probs @ v).transpose(1, 2).reshape(B, N, D))
-        result[l] = (q, k, v, probs, out, outputs[l])
-    return result
+from tests.conftest import MICRO
+from tests.helpers import assert_is_topk, reference_qkv
 
 
 @pytest.mark.parametrize("mode", ["global", "cls"])

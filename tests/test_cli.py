@@ -4,26 +4,11 @@ import os
 import subprocess
 import sys
 
-from typer.testing import CliRunner
-
 from fpt import cli
 from fpt.cli import app
 from fpt.store import StoreReader
-from tests.conftest import MICRO, write_image_folder
-
-runner = CliRunner()
-MICRO_ARGS = ["--backbone", MICRO, "--random-init", "--res", "64", "--image-res", "32", "--device", "cpu",
-              "--shard-size", "4", "--batch-size", "4"]
-
-
-def fails_cleanly(args, message):
-    result = runner.invoke(app, args)
-    text = result.output
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text and result.exception is None or isinstance(result.exception, SystemExit)
-    error_lines = [line for line in text.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in " ".join(text.split()), text
-    return text
+from tests.conftest import write_image_folder
+from tests.helpers import MICRO_ARGS, fails_cleanly, runner
 
 
 def test_missing_and_unknown_data(tmp_path, monkeypatch):

@@ -8,54 +8,15 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fpt import FptError
 from fpt.extract import dicom
 from fpt.extract.images import prepare_image
 from fpt.extract.dicom import read_dicom
-
-MAMMOGRAPHY = "1.2.840.10008.5.1.4.1.1.1.2"     # Digital Mammography X-Ray Image Storage - For Presentation
-
-
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 12,
-                window: tuple | None = None, rescale: tuple[float, float] | None = None,
-                patient: str | None = "P1", laterality: str | None = None, laterality_tag: str = "ImageLaterality",
-                voi_lut: tuple[int, np.ndarray] | None = None) -> Path:
-    """A real DICOM file: ``pixels`` uint16 [H, W] or [F, H, W] (grey) or uint8 [H, W, 3] (RGB).
-
-    window: (centres, widths) as numbers or lists; rescale: (slope, intercept); voi_lut: (first input, LUT data).
-    """
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MAMMOGRAPHY
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.Modality = "MG"
-    if patient is not None:
-        ds.PatientID = patient
-    if laterality is not None:
-        setattr(ds, laterality_tag, laterality)
-    ds.set_pixel_data(pixels, photometric, bits if photometric != "RGB" else 8)
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    if voi_lut is not None:
-        item = Dataset()
-        item.add_new("LUTDescriptor", "US", [len(voi_lut[1]), voi_lut[0], 16])
-        item.add_new("LUTData", "OW", np.asarray(voi_lut[1], dtype="<u2").tobytes())
-        ds.VOILUTSequence = Sequence([item])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def stored_12bit(shape=(24, 20), seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 4096, shape).astype(np.uint16)
+from tests.helpers import stored_12bit, write_dicom
 
 
 def linear_window(v: np.ndarray, centre: float, width: float) -> np.ndarray:

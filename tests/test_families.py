@@ -10,7 +10,7 @@ import torch
 import fpt.extract.backbone as backbone
 from fpt import FptError
 from fpt.extract import FrozenLPM, create_backbone
-from tests.conftest import assert_is_topk
+from tests.helpers import assert_is_topk
 
 RES, PATCH = 32, 8
 TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=RES, patch_size=PATCH, num_classes=0)

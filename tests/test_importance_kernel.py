@@ -17,7 +17,7 @@ import torch
 from fpt.extract import FrozenLPM, create_backbone, num_selected, select_important_tokens, token_importance
 from fpt.extract import selection
 from tests.conftest import MICRO
-from tests.test_backbone import assert_is_topk, reference_qkv
+from tests.helpers import assert_is_topk, naive_importance, reference_qkv
 
 pytest.importorskip("triton")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,11 +47,6 @@ def test_interpreter_tests_pass_in_a_subprocess():
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= 14 and "skipped" in summary, summary   # skipped: only this test
     assert re.search(r"\b1 skipped", summary), summary
-
-
-def naive_importance(q, k, scale):
-    """Mean over queries of the full fp64 softmax of the same (possibly rounded) inputs. -> [B, H, N] fp64."""
-    return torch.softmax(q.double() @ k.double().transpose(-2, -1) * scale, dim=-1).mean(dim=-2)
 
 
 def random_qk(shape, dtype, seed, device="cpu"):

@@ -13,6 +13,7 @@ from fpt.train import (FptFusionModule, LinearProbe, ModelSpec, SideNetwork, bui
                        ppe, train)
 from fpt.train.model import FusionModule, prompt_attention
 from tests.conftest import micro_config, write_image_folder
+from tests.helpers import tiny_train
 
 SPEC = dict(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=3, n_classes=4, side_res=32, prompts=5,
             reduction=4)
@@ -122,14 +123,9 @@ def store(tmp_path_factory):
     return out
 
 
-def tiny(store, out, **overrides):
-    options = dict(out=out, side_res=16, epochs=2, batch_size=4, prompts=3, device="cpu", seed=0)
-    return train_config(store, None, **{**options, **overrides})
-
-
 @pytest.mark.parametrize("method", ["fpt+", "fpt", "side-only", "linear-probe"])
 def test_every_method_trains_evaluates_and_reports_efficiency(store, tmp_path, method):
-    metrics = train(tiny(store, tmp_path / "run", method=method, ft_memory_mb=2000.0))
+    metrics = train(tiny_train(store, tmp_path / "run", method=method, ft_memory_mb=2000.0))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["method"] == method and saved["config"]["method"] == method
     lpm_params = StoreReader(store).attrs["backbone"]["n_params"]
@@ -148,7 +144,7 @@ def test_every_method_trains_evaluates_and_reports_efficiency(store, tmp_path, m
 
 
 def test_without_a_full_fine_tuning_reference_there_is_no_pme(store, tmp_path):
-    saved = train(tiny(store, tmp_path / "run", epochs=1))
+    saved = train(tiny_train(store, tmp_path / "run", epochs=1))
     assert saved.efficiency["pme"] is None and saved.efficiency["ppe"] is not None
 
 
@@ -163,27 +159,27 @@ def test_side_only_reads_no_kv_and_probe_reads_only_cls(store, tmp_path, monkeyp
         return original(reader, idx, names)
 
     monkeypatch.setattr(StoreReader, "read", spy)
-    train(tiny(store, tmp_path / "a", epochs=1, method="side-only"))
+    train(tiny_train(store, tmp_path / "a", epochs=1, method="side-only"))
     assert set(read_names) == {("images",)}
     read_names.clear()
-    train(tiny(store, tmp_path / "b", epochs=1, method="linear-probe"))
+    train(tiny_train(store, tmp_path / "b", epochs=1, method="linear-probe"))
     assert set(read_names) == {("cls",)}
 
 
 def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
-    whole = train(tiny(store, tmp_path / "whole", epochs=3))
+    whole = train(tiny_train(store, tmp_path / "whole", epochs=3))
 
     def stop_after_first(record):
         if record["epoch"] == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(store, tmp_path / "cut", epochs=3), on_epoch=stop_after_first)
+        train(tiny_train(store, tmp_path / "cut", epochs=3), on_epoch=stop_after_first)
     assert (tmp_path / "cut" / "last.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
     with pytest.raises(FptError, match="unfinished run with other settings \\(lr\\)"):
-        train(tiny(store, tmp_path / "cut", epochs=3, lr=0.5))
+        train(tiny_train(store, tmp_path / "cut", epochs=3, lr=0.5))
     started = []
-    resumed = train(tiny(store, tmp_path / "cut", epochs=3), on_start=started.append)
+    resumed = train(tiny_train(store, tmp_path / "cut", epochs=3), on_start=started.append)
     assert started[0]["resumed_from_epoch"] == 0
     assert resumed.test == whole.test and resumed.val == whole.val
     assert resumed.best_epoch == whole.best_epoch

@@ -2,20 +2,12 @@
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from fpt.extract import extract
 from fpt.extract.run import ShardBuffer, shard_batches
 from fpt.store import Geometry, StoreReader, StoreWriter
 from tests.conftest import micro_config
-
-ARRAYS = ("keys", "values", "indices", "cls", "images", "labels", "split", "done")
-
-
-def same_arrays(a, b):
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    for name in ARRAYS:
-        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+from tests.helpers import assert_same_store
 
 
 def test_batches_cover_every_shard_in_order_and_never_straddle():
@@ -47,7 +39,7 @@ def test_concurrent_shard_writers_give_the_serial_store(tmp_path, image_folder):
     extract(micro_config(image_folder, serial, samples_per_shard=2, write_threads=1))
     result = extract(micro_config(image_folder, parallel, samples_per_shard=2, write_threads=3, batch_size=1))
     assert result.n_written == 16
-    same_arrays(serial, parallel)
+    assert_same_store(serial, parallel)
     run = StoreReader(parallel).attrs["last_run"]
     assert run["write_threads"] == 3 and run["host_buffer_limit_mb"] > 0
 
@@ -69,7 +61,7 @@ def test_a_failed_shard_write_keeps_the_others_and_resumes(tmp_path, image_folde
     assert done[:6].all() and not done[6:8].any()       # shards 0-2 written whole, shard 3 not
     monkeypatch.setattr(StoreWriter, "write_shard", real_write)
     assert extract(micro_config(image_folder, store, samples_per_shard=2)).n_written == 16 - done.sum()
-    same_arrays(reference, store)
+    assert_same_store(reference, store)
 
 
 def test_one_extraction_builds_the_lpm_once(tmp_path, image_folder, monkeypatch):

@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from fpt import FptError
 from fpt.cli import app
@@ -16,9 +15,7 @@ from fpt.store import StoreLocation, StoreLock, StoreReader, summarize, verify
 from fpt.store import lock as lock_module
 from fpt.train.sweep import run_sweep
 from tests.conftest import micro_config, write_image_folder
-from tests.test_resume import DASK_CASE, assert_same_store, dask_case_single_process
-
-runner = CliRunner()
+from tests.helpers import DASK_CASE, assert_same_store, dask_case_single_process, runner
 
 
 @pytest.fixture(scope="module")

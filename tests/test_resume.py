@@ -2,12 +2,10 @@
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from fpt import FptError
 from fpt.config import extract_config
@@ -15,46 +13,8 @@ from fpt.extract import extract
 from fpt.extract.encode import forward_fitting
 from fpt.store import StoreLock, StoreReader
 from tests.conftest import write_image_folder
-
-ARRAYS = ("keys", "values", "indices", "cls", "images", "labels", "split", "done")
-TINY = dict(backbone="vit_tiny_patch16_224", random_init=True, image_res=32, device="cpu")
-
-
-def assert_same_store(a, b):
-    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
-    for name in ARRAYS:
-        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
-    assert ga["ids"][:].tolist() == gb["ids"][:].tolist()
-    for section in ("backbone", "extraction", "dataset", "normalization", "geometry"):
-        assert ga.attrs[section] == gb.attrs[section]
-
-
-def cli(*args):
-    return [sys.executable, "-m", "fpt.cli", "extract", *map(str, args)]
-
-
-def slow_extraction(tmp_path):
-    """(CLI options, data) for 24 images that take a few seconds: ViT-Tiny at 512 px, one image per batch."""
-    data = write_image_folder(tmp_path / "d", {"train": 8, "val": 2, "test": 2}, size=64)    # 24 images
-    return ["--backbone", "vit_tiny_patch16_224", "--random-init", "--res", "512", "--image-res", "32",
-            "--device", "cpu", "--shard-size", "4", "--batch-size", "1", "--data", data], data
-
-
-def interrupt_after_first_shard(args, store, sig) -> tuple[int, str]:
-    """Run ``fpt extract`` in a subprocess, send ``sig`` once its first shard is done; (exit code, stderr)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if zarr.open_group(store, mode="r")["done"][:].sum() >= 4:
-                break
-        except Exception:
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, f"extraction ended before it could be interrupted: {proc.stderr.read()[-500:]}"
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
-    return proc.returncode, stderr
+from tests.helpers import (DASK_CASE, TINY, assert_same_store, cli, dask_case_single_process,
+                           interrupt_after_first_shard, slow_extraction)
 
 
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_store(tmp_path):
@@ -90,22 +50,6 @@ def test_second_extraction_is_refused_while_one_runs(tmp_path):
     with StoreLock(store):          # the kernel released the dead holder's lock: taken over
         pass
     assert not (tmp_path / "s.zarr.lock").exists()
-
-
-DASK_CASE = dict(res=64, samples_per_shard=3, batch_size=2, **TINY)   # 20 images in 7 shards
-
-
-def dask_case_single_process(tmp_path):
-    """The data of the dask tests and its store written by one single-threaded process (like each of the 2
-    workers on this 2-core machine): (data, store)."""
-    data = write_image_folder(tmp_path / "d", {"train": 6, "val": 2, "test": 2})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        extract(extract_config(None, data, out=tmp_path / "single.zarr", **DASK_CASE))
-    finally:
-        torch.set_num_threads(threads)
-    return data, tmp_path / "single.zarr"
 
 
 def test_dask_local_cluster_writes_the_same_store(tmp_path):

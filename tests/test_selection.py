@@ -3,12 +3,7 @@ import pytest
 import torch
 
 from fpt.extract import num_selected, select_important_tokens, token_importance
-from tests.conftest import assert_is_topk
-
-
-def naive_importance(q, k, scale, mode):
-    attn = torch.softmax(q.double() @ k.double().transpose(-2, -1) * scale, dim=-1)   # [B, H, N, N]
-    return attn.mean(dim=-2) if mode == "global" else attn[:, :, 0]
+from tests.helpers import assert_is_topk, naive_importance
 
 
 @pytest.mark.parametrize("mode", ["global", "cls"])

@@ -2,7 +2,6 @@
 stratified group split, and --mean/--std auto."""
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 from openpyxl import Workbook
 from PIL import Image
-from typer.testing import CliRunner
 
 from fpt import FptError
 from fpt.cli import app
@@ -19,33 +17,10 @@ from fpt.extract.cmmd import CLINICAL_TABLE, CmmdSource
 from fpt.extract.datasets import (SPLITS, CsvManifestSource, compute_mean_std, open_source, resolve_normalization,
                                   stratified_group_split)
 from fpt.store import StoreReader
-from tests.test_cli import MICRO_ARGS, fails_cleanly
-from tests.test_dicom import stored_12bit, write_dicom
-
-runner = CliRunner()
+from tests.helpers import MICRO_ARGS, fails_cleanly, runner, stored_12bit, write_dicom, write_manifest
 
 
 # ---------------------------------------------------------------- CSV manifests
-
-def write_png(path: Path, seed: int, size: int = 24) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = np.random.default_rng(seed).integers(0, 256, (size, size + 2, 3)).astype(np.uint8)
-    Image.fromarray(a).save(path)
-    return path.name
-
-
-def write_manifest(folder: Path, rows: list[dict], columns: tuple[str, ...], create_images: bool = True) -> Path:
-    """folder/manifest.csv with ``rows`` (dicts of column -> value); images under folder/images/."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if create_images:
-        for i, row in enumerate(rows):
-            write_png(folder / row["path"], i)
-    with open(folder / "manifest.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder / "manifest.csv"
-
 
 def grouped_rows(n_groups: int, seed: int = 0) -> list[dict]:
     """1-3 images per group (patient); the label is the group's, ~1/3 malignant."""

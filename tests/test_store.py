@@ -5,27 +5,8 @@ import numpy as np
 import pytest
 
 from fpt import FptError
-from fpt.store import Geometry, StoreReader, StoreWriter, as_dask, summarize
-
-GEOM = Geometry(n_samples=7, layers=2, heads=3, k=4, head_dim=5, embed_dim=15, image_res=6, samples_per_shard=3)
-ATTRS = {"backbone": {"name": "x", "n_params": 1}, "extraction": {"res": 64, "layers": [2, 3]},
-         "dataset": {"name": "t", "classes": ["a", "b"]}, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
-
-
-def shard_arrays(n, seed):
-    rng = np.random.default_rng(seed)
-    g = GEOM
-    return {"keys": rng.standard_normal((n, g.layers, g.heads, g.k, g.head_dim)).astype(np.float16),
-            "values": rng.standard_normal((n, g.layers, g.heads, g.k, g.head_dim)).astype(np.float16),
-            "indices": rng.integers(0, 100, (n, g.layers, g.heads, g.k)).astype(np.int32),
-            "cls": rng.standard_normal((n, g.embed_dim)).astype(np.float16),
-            "images": rng.integers(0, 255, (n, g.image_res, g.image_res, 3)).astype(np.uint8)}
-
-
-def open_writer(path, attrs=ATTRS, ids=None, overwrite=False):
-    ids = np.array(ids or [f"s{i}" for i in range(7)], dtype=object)
-    return StoreWriter.open(path, GEOM, attrs, ids=ids, labels=np.array([0, 1, 0, 1, 0, 1, 1]),
-                            split=np.array([0, 0, 0, 1, 1, 2, 2]), overwrite=overwrite)
+from fpt.store import StoreReader, as_dask, summarize
+from tests.helpers import ATTRS, GEOM, open_writer, shard_arrays
 
 
 def test_round_trip_is_identical(tmp_path):

@@ -8,7 +8,7 @@ import zarr
 
 from fpt.store import SCHEMA_VERSION, StoreReader, as_dask
 from fpt.store.layout import ARRAY_NAMES, decode_ids, encode_ids
-from tests.test_store import GEOM, open_writer, shard_arrays
+from tests.helpers import GEOM, open_writer, shard_arrays
 
 
 def metadata(store, name):

@@ -6,17 +6,11 @@ import pytest
 import torch
 
 from fpt import FptError
-from fpt.config import train_config
 from fpt.extract import extract
 from fpt.store import StoreReader
 from fpt.train import classification_metrics, evaluate_checkpoint, train
 from tests.conftest import micro_config
-
-
-def tiny_train(store, out, **overrides):
-    options = dict(out=out, side_res=16, epochs=2, batch_size=4, prompts=3, device="cpu", seed=0)
-    options.update(overrides)
-    return train_config(store, None, **options)
+from tests.helpers import tiny_train
 
 
 def test_extract_writes_a_complete_store_matching_the_data(micro_store, image_folder):

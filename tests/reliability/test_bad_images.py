@@ -4,15 +4,12 @@ import io
 
 import numpy as np
 from PIL import Image
-from typer.testing import CliRunner
 
 from fpt.cli import app
 from fpt.extract.images import load_image_file
 from fpt.store import StoreReader
 from tests.conftest import write_image_folder
-from tests.test_cli import MICRO_ARGS, fails_cleanly
-
-runner = CliRunner()
+from tests.helpers import MICRO_ARGS, fails_cleanly, runner
 
 
 def jpeg_bytes(im: Image.Image, **kw) -> bytes:

@@ -4,31 +4,11 @@ import json
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from fpt import FptError, cli
-from fpt.cli import app
+from fpt import FptError
 from fpt.store import StoreReader, verify
+from tests.helpers import flip, run, shard_file
 from tests.reliability.fuzzing import fuzz_settings
-
-runner = CliRunner()
-
-
-def shard_file(store, array, shard=0):
-    ndim = len(json.loads((store / array / "zarr.json").read_text())["shape"])
-    return store / array / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))
-
-
-def flip(path, offset):
-    data = bytearray(path.read_bytes())
-    data[offset % len(data)] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def run(args, width=200):
-    cli.console.width = width
-    return runner.invoke(app, args)
-
 
 def test_flipped_bytes_in_keys_are_named_by_sample(micro_store):
     flip(shard_file(micro_store, "keys", 1), 40)                    # inside the first chunk of shard 1

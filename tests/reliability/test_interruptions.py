@@ -9,7 +9,7 @@ from fpt import FptError
 from fpt.extract import extract
 from fpt.store import StoreReader, verify
 from tests.conftest import micro_config, write_image_folder
-from tests.test_resume import assert_same_store, cli, interrupt_after_first_shard, slow_extraction
+from tests.helpers import assert_same_store, cli, interrupt_after_first_shard, slow_extraction
 
 
 @pytest.fixture

@@ -15,10 +15,7 @@ from fpt.extract import extract
 from fpt.extract import run as extract_run
 from fpt.store import StoreReader, StoreWriter, verify
 from tests.conftest import micro_config, write_image_folder
-from tests.reliability.test_corruption import flip, run, shard_file
-from tests.test_cli import MICRO_ARGS, fails_cleanly
-from tests.test_resume import assert_same_store
-from tests.test_sources import write_manifest
+from tests.helpers import MICRO_ARGS, assert_same_store, fails_cleanly, flip, run, shard_file, write_manifest
 
 
 @pytest.fixture
