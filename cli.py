@@ -127,8 +127,9 @@ DecodeWorkers = Annotated[Optional[int], option("Image-decoding processes.", HAR
                                                 default="0 on CPU, up to 8 on CUDA")]
 WriteThreads = Annotated[Optional[int], option("Shards compressed and written at once, overlapping the LPM.",
                                                HARDWARE, default="1 on CPU, 2-8 on CUDA")]
-Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-1 (fast), zstd-5 (~5% "
-                                        "smaller, ~5x slower to write) or lz4 (fastest, larger).", OUTPUT,
+Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-3 (balanced), zstd-1 "
+                                        "(faster, ~1% larger), zstd-5 (~3% smaller, ~3x slower to write) or lz4 "
+                                        "(fastest, ~4% larger).", OUTPUT,
                                         default=fpt_config.DEFAULT_CODEC)]
 Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
 

@@ -20,6 +20,14 @@ from fpt.bench.common import command_line, write_results
 
 CANDIDATES = [(cname, level, shuffle) for cname, levels in (("zstd", (1, 3, 5)), ("lz4", (5,)), ("blosclz", (5,)))
               for level in levels for shuffle in ("shuffle", "bitshuffle", "noshuffle")]
+STORE_ARRAYS = ("keys", "values", "indices", "cls", "images")
+
+
+def store_arrays(path: str) -> dict[str, np.ndarray]:
+    """The per-sample arrays of an existing store (e.g. one a benchmark extracted), as extraction wrote them."""
+    import zarr
+    group = zarr.open_group(path, mode="r")
+    return {name: group[name][:] for name in STORE_ARRAYS}
 
 
 def lpm_output(model: str, res: int, n: int) -> dict[str, np.ndarray]:
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--res", type=int, default=512)
     p.add_argument("--images", type=int, default=4)
+    p.add_argument("--store", help="measure on this store's arrays instead of running the LPM")
     args = p.parse_args(argv)
-    arrays = lpm_output(args.model, args.res, args.images)
+    arrays = store_arrays(args.store) if args.store else lpm_output(args.model, args.res, args.images)
     official = (arrays["keys"][0].size + arrays["values"][0].size) * 4          # fp32 K and V per image
     rows = []
     for cname, level, shuffle in CANDIDATES:
@@ -93,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{row['codec']:22s} {row['bytes_per_image'] / 1e6:7.3f} MB/image  x{row['ratio_to_official']:.3f} "
               f"of official  enc {row['encode_mb_s']:7.1f} MB/s  dec {row['decode_mb_s']:7.1f} MB/s", flush=True)
-    out = write_results(f"codec-{args.model}-{args.res}", "fpt.bench.codec", model=args.model, res=args.res,
-                        images=args.images, official_bytes_per_image=official, rows=rows,
+    name = f"codec-{args.model}-{args.res}" + ("-store" if args.store else "")
+    out = write_results(name, "fpt.bench.codec", model=args.model, res=args.res, store=args.store,
+                        images=len(arrays["keys"]), official_bytes_per_image=official, rows=rows,
                         command=command_line("fpt.bench.codec"))
     print(f"wrote {out}")
 
