@@ -250,7 +250,7 @@ class ShardBuffer:
 
     def __init__(self, geometry: Geometry, shard: int, pinned: bool):
         self.shard, self.rows = shard, geometry.shard_range(shard)
-        self.arrays = {name: torch.empty((len(self.rows), *shape), dtype=_torch_dtype(dtype), pin_memory=pinned)
+        self.arrays = {name: torch.empty((len(self.rows), *shape), dtype=getattr(torch, dtype), pin_memory=pinned)
                        for name, (shape, dtype) in geometry.sample_shapes().items() if name in SAMPLE_ARRAYS}
         self.excluded: list[int] = []
         self.ready = torch.cuda.Event() if pinned else None
@@ -271,14 +271,6 @@ class ShardBuffer:
             self.ready.synchronize()
         return {name: t.numpy() for name, t in self.arrays.items()}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.arrays.values())
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"uint8": torch.uint8, "int32": torch.int32, "float16": torch.float16}[name]
-
 
 def default_write_threads(device: torch.device) -> int:
     """Shards encoded and written at once: on CUDA enough to keep up with the GPU (each shard's chunks are also
@@ -297,7 +289,6 @@ class ShardWriterPool:
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
         self.pending: deque[Future] = deque()
         self.written = 0
-        self.peak_buffer_bytes = 0
 
     def __enter__(self) -> "ShardWriterPool":
         return self
@@ -307,7 +298,6 @@ class ShardWriterPool:
         while len(self.pending) >= self.threads:
             self._finish(self.pending.popleft())
         self.pending.append(self.executor.submit(self._write, shard))
-        self.peak_buffer_bytes = max(self.peak_buffer_bytes, shard.nbytes * (len(self.pending) + 1))
 
     def _write(self, shard: ShardBuffer) -> int:
         self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
