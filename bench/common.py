@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = Path(os.environ.get("FPT_BENCH_RESULTS", BENCH_DIR / "results"))  # bench/lease.sh: its $OUT
 WORK_DIR = BENCH_DIR / ".work"           # generated data sets, stores, safetensors dirs (git-ignored)
 MACHINE = "dev box, 2 CPU cores, 24 GB, no GPU, shared with other work"
 # One intra-op thread by default: on this 2-core box shared with other work (load average 4-8 while these
@@ -200,7 +200,9 @@ def code_version() -> str:
 def environment() -> dict[str, Any]:
     import timm
     import torch
-    return {"machine": MACHINE, "date": date.today().isoformat(), "code": code_version(),
+    machine = (f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores" if torch.cuda.is_available()
+               else MACHINE)
+    return {"machine": machine, "date": date.today().isoformat(), "code": code_version(),
             "python": platform.python_version(),
             "torch": torch.__version__, "timm": timm.__version__, "threads": THREADS,
             "cpu": platform.processor() or platform.machine(), "load_avg_at_start": os.getloadavg()}

@@ -296,16 +296,14 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(run_child({"kind": "model", "case": case, "model": model, "res": res, "batch": batch,
                                    "warmup": 2 if kind == "cuda" else 1, "reps": reps, "threads": threads},
                                   args.timeout))
-            print(json.dumps({k: rows[-1].get(k) for k in ("case", "res", "images_per_s", "peak_mb", "error")}),
-                  flush=True)
+            print(json.dumps(rows[-1]), flush=True)
     batch_at = dict(steps)
     for res, images in e2e:
         for case in (c for c in E2E_CASES if c in args.cases):
             rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
                                    "batch": batch_at.get(res, 8), "workers": workers, "threads": threads},
                                   args.timeout))
-            print(json.dumps({k: rows[-1].get(k) for k in ("case", "res", "images_per_s", "peak_mb", "error")}),
-                  flush=True)
+            print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
     training = [] if args.no_train else train_rows(kind)
     out = write_results(f"gpu-{kind}-{model}", "fpt.bench.gpu", device=device, model=model, rows=rows,

@@ -186,19 +186,19 @@ def run(device: torch.device | str, small: bool, workers: int | None = None,
     rows = []
     with tempfile.TemporaryDirectory(prefix="fpt-train-speed-") as tmp:
         work = Path(tmp)
-        if "step" in parts:
-            for batch in (16, 64):
-                for compile in (False, True):
-                    rows.append(step_row(device, batch, compile, small, reps=10 if small else 35))
-                    print(json.dumps(rows[-1]), flush=True)
-        if "train" in parts:
-            rows.append(fpt_train_row(device, small, work))
-            print(json.dumps(rows[-1]), flush=True)
-        if "official" in parts:
-            rows.append(official_loop_row(device, small, workers))
-            print(json.dumps(rows[-1]), flush=True)
-        if "sweep" in parts:
-            for row in sweep_rows(device, small, work):
+        for part in parts:                                  # in the order asked: a lease may end before the last
+            if part == "step":
+                new = (step_row(device, batch, compile, small, reps=10 if small else 35)    # lazily: each row
+                       for batch in (16, 64) for compile in (False, True))                  # printed when done
+            elif part == "train":
+                new = [fpt_train_row(device, small, work)]
+            elif part == "official":
+                new = [official_loop_row(device, small, workers)]
+            elif part == "sweep":
+                new = sweep_rows(device, small, work)
+            else:
+                raise ValueError(f"unknown part {part!r}: step, train, official, sweep")
+            for row in new:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for row in rows:

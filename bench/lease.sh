@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One lease of a lent GPU machine, as one prepared script: the carried wheels installed, the CUDA tests, the
+# extraction table (fpt.bench.gpu) and the training table (fpt.bench.train_speed). Everything lands in $OUT as it
+# is measured (lease.log: each row as one JSON line; the results/*.json of each bench that finished), so a run cut
+# short by its deadline still returns what it measured. Steps run in the order of their importance and each gets
+# at most what is left of FPT_LEASE_SECONDS.
+#
+#   bash bench/lease.sh                                       # the GPU machine, repository root, wheels in .whl/
+#   FPT_LEASE_DRY=1 PY=.venv/bin/python OUT=/tmp/o bash bench/lease.sh   # the same steps at CPU sizes, first
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/fpt-lease}
+PY=${PY:-python3}
+BUDGET=${FPT_LEASE_SECONDS:-540}
+DRY=${FPT_LEASE_DRY:-}
+mkdir -p "$OUT"
+export FPT_BENCH_RESULTS="$OUT"                               # the benches' results/*.json go straight to $OUT
+LOG="$OUT/lease.log"
+: >"$LOG"
+
+if [ -z "$DRY" ] && ls .whl/*.whl >/dev/null 2>&1; then      # zarr, dask, ... are missing on the GPU image
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+mkdir -p /tmp/fpt-pkg && ln -sfn "$PWD" /tmp/fpt-pkg/fpt      # the repository root is the package
+export PYTHONPATH=/tmp/fpt-pkg${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes on 2 cores
+  GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --no-train"
+  TRAIN_ARGS="--small --parts train,step"
+  IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
+else
+  GPU_ARGS="--cases plain lpm lpm_torch_importance official_fp32 official_bf16 --res 512:32 1024:8 2048:2 --e2e 512:512 1024:128 --timeout 120 --no-train"
+  TRAIN_ARGS="--parts train,step,official"
+  IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
+png_tree(512, 512); png_tree(1024, 128); ensure_images('vit_base_patch16_224', 512, 384)"
+fi
+
+step() {   # step NAME SECONDS CMD...: CMD with at most SECONDS (and what is left of the budget), output to the log
+  local name=$1 want=$2; shift 2
+  local left=$((BUDGET - SECONDS - 5))
+  local limit=$((want < left ? want : left))
+  if [ "$limit" -lt 20 ]; then echo "{\"step\": \"$name\", \"skipped\": \"budget spent\"}" | tee -a "$LOG"; return; fi
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s, at ${SECONDS}s)" >>"$LOG"
+  timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" | tee -a "$LOG"
+}
+
+{ date -u; nvidia-smi -L 2>/dev/null; nproc
+  $PY -c "import sys, torch, timm, triton, zarr, dask; print(sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())"
+  git log -1 --format='commit %h %s' 2>/dev/null; git status --short 2>/dev/null | head -20; } >>"$LOG" 2>&1
+head -n 12 "$LOG"
+
+# The bench's PNG inputs are written on half the cores while the kernel tests run (tests are not timed).
+$PY -c "$IMAGES" >>"$LOG" 2>&1 &
+IMAGES_PID=$!
+step tests-kernel 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile"
+wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG"
+
+step bench-gpu 300 $PY -m fpt.bench.gpu $GPU_ARGS
+step bench-train 240 $PY -m fpt.bench.train_speed $TRAIN_ARGS
+step tests-cuda 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py tests/test_data.py \
+  tests/test_resume.py -k "cuda or gpu or peak"
+
+grep -E '^\{' "$LOG" | cut -c1-400
+echo "lease script done at ${SECONDS}s"
