@@ -16,6 +16,7 @@ blocks, NaFlex, non-ViTs) is refused with one line before anything is loaded.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from torch import nn
 
 from fpt import FptError
 from fpt.config import check_res_fits_patch
-from fpt.extract.selection import num_selected, select_important_tokens
+from fpt.extract.attention_lse import AttentionLse
+from fpt.extract.selection import num_selected, select_important_tokens, uses_triton
 
 RANDOM_INIT_SEED = 0
 
@@ -264,13 +266,17 @@ class FrozenLPM(nn.Module):
     """Runs a timm ViT of a supported family with its own (fused) attention and captures, per chosen layer and
     head, the K/V of the ``token_ratio`` most important tokens, from the q/k/v the attention really uses.
 
+    When "global" importance runs the triton kernel, the chosen layers' attention also hands over its row
+    log-sum-exp (``attention_lse``), so the kernel makes one pass over the scores instead of two; the attention's
+    output is unchanged, so is every K/V. ``attention_lse=False`` turns that off (benches, tests).
+
     forward(images [B, 3, R, R]) -> dict:
         keys, values [B, L, H, k, d]; indices [B, L, H, k]; cls [B, D] (the final pooled feature: the normalised
         class token, or the family's pool when it has no class token)
     """
 
     def __init__(self, model: nn.Module, layers: list[int], token_ratio: float, importance: str = "global",
-                 query_block: int = 256, importance_backend: str = "auto"):
+                 query_block: int = 256, importance_backend: str = "auto", attention_lse: bool = True):
         super().__init__()
         family = vit_family(model, type(model).__name__)
         if importance == "cls" and not has_class_token(model):
@@ -279,25 +285,63 @@ class FrozenLPM(nn.Module):
         self.model, self.layers = model, layers
         self.token_ratio, self.importance, self.query_block = token_ratio, importance, query_block
         self.importance_backend = importance_backend     # see token_importance: triton kernel on CUDA by default
+        self.attention_lse = attention_lse
         self._captured: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._lse: AttentionLse | None = None            # during a forward that takes the attention's lse
+        self._waiting: dict[int, tuple[torch.Tensor, ...]] = {}    # q, k, v of a layer until its attention ran
         for layer in layers:
             attn = model.blocks[layer].attn
             family.capture(attn, self._make_hook(layer, attn))
+            attn.register_forward_pre_hook(self._enter_lse)
+            attn.register_forward_hook(self._make_finish(layer, attn))
 
     def n_selected(self, res: int) -> int:
         grid = res // self.model.patch_embed.patch_size[0]
         return num_selected(grid * grid + self.model.num_prefix_tokens, self.token_ratio)
 
+    def _select(self, attn: nn.Module, q, k, v, lse: torch.Tensor | None = None):
+        return select_important_tokens(q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block,
+                                       self.importance_backend, lse)
+
     def _make_hook(self, layer: int, attn: nn.Module) -> OnQKV:
         def hook(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-            self._captured[layer] = select_important_tokens(
-                q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block, self.importance_backend)
+            if self._lse is None:
+                self._captured[layer] = self._select(attn, q, k, v)
+                return
+            self._waiting[layer] = (q, k, v)
+
+            def on_lse(q, k, v, lse, scale):                  # the q/k/v the attention got, its lse and scale
+                del self._waiting[layer]
+                self._captured[layer] = self._select(attn, q, k, v, lse if math.isclose(scale, attn.scale) else None)
+            self._lse.arm(on_lse)
         return hook
+
+    def _enter_lse(self, *_) -> None:
+        if self._lse is not None:
+            self._lse.__enter__()
+
+    def _make_finish(self, layer: int, attn: nn.Module):
+        def finish(*_):
+            if self._lse is None:
+                return
+            self._lse.__exit__(None, None, None)
+            if layer in self._waiting:                        # the attention's call was not one the mode serves
+                self._lse.disarm()
+                self._captured[layer] = self._select(attn, *self._waiting.pop(layer))
+        return finish
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured.clear()
-        feats = self.model.forward_features(images)                      # [B, N, D], final norm applied
+        take_lse = self.attention_lse and self.importance == "global" and uses_triton(images, self.importance_backend)
+        self._lse = AttentionLse() if take_lse else None
+        try:
+            feats = self.model.forward_features(images)                  # [B, N, D], final norm applied
+        finally:
+            if self._lse is not None and self._lse.entered:              # an error inside an attention
+                self._lse.__exit__(None, None, None)
+            self._lse = None
+            self._waiting.clear()
         cls = self.model.forward_head(feats, pre_logits=True)            # [B, D]
         idx, keys, values = (torch.stack([self._captured[l][i] for l in self.layers], dim=1) for i in range(3))
         self._captured.clear()

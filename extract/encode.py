@@ -36,15 +36,16 @@ def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torc
             torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
-def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """The LPM on ``x`` [B, 3, res, res] (bf16 autocast on CUDA), halving the batch on CUDA out-of-memory."""
+def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16
+                    ) -> dict[str, torch.Tensor]:
+    """The LPM on ``x`` [B, 3, res, res] (``dtype`` autocast on CUDA), halving the batch on CUDA out-of-memory."""
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             return lpm(x)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         if len(x) == 1:
             raise FptError(f"one image at res {x.shape[-1]} does not fit in GPU memory; lower --res") from None
         half = len(x) // 2
-        a, b = forward_fitting(lpm, x[:half], device), forward_fitting(lpm, x[half:], device)
+        a, b = forward_fitting(lpm, x[:half], device, dtype), forward_fitting(lpm, x[half:], device, dtype)
         return {k: torch.cat([a[k], b[k]]) for k in a}

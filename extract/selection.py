@@ -19,7 +19,7 @@ CPU_TILE_ELEMENTS = 1 << 23
 
 
 def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str = "global",
-                     query_block: int = 256, backend: str = "auto") -> torch.Tensor:
+                     query_block: int = 256, backend: str = "auto", lse: torch.Tensor | None = None) -> torch.Tensor:
     """Importance of every token for every head.
 
     q, k: [B, H, N, d]. Returns [B, H, N] float32.
@@ -31,6 +31,8 @@ def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str =
     tiles in memory; CUDA tensors, or any under TRITON_INTERPRET=1); ``torch`` accumulates column sums over
     blocks of at most ``query_block`` queries, so peak memory is O(B * H * query_block * N) instead of
     O(B * H * N^2); ``auto`` is triton for CUDA tensors when triton is importable, torch otherwise.
+    ``lse`` (optional, [B, H, N]): the rows' logsumexp_j(scale * q_i . k_j) as the attention computed it
+    (``fpt.extract.attention_lse``); the triton kernel then skips its first pass, the torch path ignores it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown importance backend {backend!r}: choose one of {BACKENDS}")
@@ -39,10 +41,10 @@ def token_importance(q: torch.Tensor, k: torch.Tensor, scale: float, mode: str =
     if mode != "global":
         raise ValueError(f"unknown importance mode {mode!r}")
     if backend == "triton":
-        return _importance_triton(q, k, scale)
-    if backend == "auto" and q.is_cuda and _triton_usable():
+        return _importance_triton(q, k, scale, lse)
+    if uses_triton(q, backend):
         try:
-            return _importance_triton(q, k, scale)
+            return _importance_triton(q, k, scale, lse)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as e:     # e.g. a GPU triton cannot compile for: the torch path still works there
@@ -84,23 +86,30 @@ def _disable_triton(error: Exception) -> None:
                   "using the torch path from now on", RuntimeWarning, stacklevel=3)
 
 
-def _importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def uses_triton(x: torch.Tensor, backend: str) -> bool:
+    """Whether ``global`` importance of tensors like ``x`` runs the triton kernel under ``backend``."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda and _triton_usable())
+
+
+def _importance_triton(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor | None = None
+                       ) -> torch.Tensor:
     from fpt.extract.importance_kernel import global_importance_triton, interpreting
 
     if not (q.is_cuda or interpreting()):
         raise ValueError("the triton importance backend needs CUDA tensors (or TRITON_INTERPRET=1)")
-    return global_importance_triton(q, k, scale)
+    return global_importance_triton(q, k, scale, lse)
 
 
 def select_important_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, token_ratio: float,
-                            mode: str = "global", query_block: int = 256, backend: str = "auto"):
+                            mode: str = "global", query_block: int = 256, backend: str = "auto",
+                            lse: torch.Tensor | None = None):
     """Top-k tokens per head by importance, and their keys and values.
 
     q, k, v: [B, H, N, d]. Returns (indices [B, H, k] int64 in descending importance, keys [B, H, k, d],
-    values [B, H, k, d]). ``backend``: see ``token_importance``.
+    values [B, H, k, d]). ``backend``, ``lse``: see ``token_importance``.
     """
     n_keep = num_selected(k.shape[2], token_ratio)
-    scores = token_importance(q, k, scale, mode, query_block, backend)
+    scores = token_importance(q, k, scale, mode, query_block, backend, lse)
     indices = scores.topk(n_keep, dim=-1).indices                      # [B, H, k]
     gather = indices.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])
     return indices, k.gather(2, gather), v.gather(2, gather)

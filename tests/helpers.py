@@ -259,3 +259,19 @@ def assert_is_topk(indices, importance, k, tol=1e-6):
     assert all(len(set(row.tolist())) == k for row in indices.reshape(-1, k))
     kth = importance.topk(k, dim=-1).values[..., -1:]
     assert (importance.gather(-1, indices) >= kth - tol).all()
+
+
+TINY_FAMILY = dict(depth=2, embed_dim=64, num_heads=2, img_size=32, patch_size=8, num_classes=0)
+
+
+def tiny_family_model(name: str, **extra) -> torch.nn.Module:
+    """A 2-block, 64-wide random-init timm model of architecture ``name`` at 32 px, with every bias and norm
+    weight perturbed (random-init biases are often zero)."""
+    import timm
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **{**TINY_FAMILY, **extra}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model

@@ -10,10 +10,9 @@ import torch
 import fpt.extract.backbone as backbone
 from fpt import FptError
 from fpt.extract import FrozenLPM, create_backbone
-from tests.helpers import assert_is_topk
+from tests.helpers import TINY_FAMILY, assert_is_topk, tiny_family_model as tiny
 
-RES, PATCH = 32, 8
-TINY = dict(depth=2, embed_dim=64, num_heads=2, img_size=RES, patch_size=PATCH, num_classes=0)
+RES, PATCH = TINY_FAMILY["img_size"], TINY_FAMILY["patch_size"]
 
 # (timm name, extra kwargs, prefix tokens, class token)
 FAMILIES = {
@@ -32,16 +31,6 @@ FAMILIES = {
     "vit-rope-gqa": ("vit_small_patch16_rope_224", dict(qkv_fused=False, num_kv_heads=1), 1, True),
     "dinov3": ("vit_small_patch16_dinov3", {}, 5, True),
 }
-
-
-def tiny(name: str, **extra) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **{**TINY, **extra}).eval()
-    with torch.no_grad():             # random-init biases are often zero: make every bias and norm count
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def eager_attention(model, images, layers):
@@ -122,7 +111,7 @@ def test_rope_without_the_rotary_embedding_would_select_other_tokens():
 def tiny_architectures(monkeypatch):
     """create_backbone builds the tiny size of whatever timm name it is given."""
     real = timm.create_model
-    arch = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
+    arch = {k: v for k, v in TINY_FAMILY.items() if k not in ("img_size", "num_classes")}
     monkeypatch.setattr(timm, "create_model", lambda *a, **kw: real(*a, **{**arch, **kw}))
 
 
@@ -170,7 +159,7 @@ def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hub_constants
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    small = {k: v for k, v in TINY.items() if k not in ("img_size", "num_classes")}
+    small = {k: v for k, v in TINY_FAMILY.items() if k not in ("img_size", "num_classes")}
     write_hub_cache(tmp_path / "hub", "org/rad-dino-like", {
         "architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 0, "model_args": small,
         "pretrained_cfg": {"input_size": [3, RES, RES]}})

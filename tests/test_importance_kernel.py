@@ -250,3 +250,83 @@ def test_cuda_kernel_failure_falls_back_to_torch_with_a_warning(monkeypatch):
         ours = token_importance(q, k, 0.25)
     torch.testing.assert_close(ours, token_importance(q, k, 0.25, backend="torch"))
     assert not selection._triton_state["usable"]
+
+
+# ---- the attention's own log-sum-exp (fpt.extract.attention_lse) ----
+
+@pytest.mark.parametrize("family", ["vit_small_patch14_reg4_dinov2", "eva02_tiny_patch14_224",
+                                    "vit_small_patch16_rope_224"])
+def test_frozen_lpm_takes_the_attentions_lse_and_selects_the_same(interpret, family, monkeypatch):
+    """Every chosen layer's kernel call gets the attention's lse (its pass 1 skipped); K/V, indices and the
+    pooled feature are those of the two-pass kernel and of the torch path, exactly."""
+    from fpt.extract import importance_kernel
+    from tests.helpers import tiny_family_model
+
+    model = tiny_family_model(family)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    given, real = [], importance_kernel.global_importance_triton
+    monkeypatch.setattr(importance_kernel, "global_importance_triton",
+                        lambda q, k, scale, lse=None, config=None: given.append(lse is not None) or
+                        real(q, k, scale, lse, config))
+    one_pass = FrozenLPM(model, [0, 1], 0.25, importance_backend="triton")(images)
+    assert given == [True, True]
+    two_pass = FrozenLPM(model, [0, 1], 0.25, importance_backend="triton", attention_lse=False)(images)
+    torch_path = FrozenLPM(model, [0, 1], 0.25, importance_backend="torch")(images)
+    for name in ("indices", "keys", "values", "cls"):
+        assert torch.equal(one_pass[name], two_pass[name]) and torch.equal(one_pass[name], torch_path[name]), name
+
+
+def test_attention_lse_serves_plain_attention_with_sdpas_own_output():
+    import torch.nn.functional as F
+
+    from fpt.extract.attention_lse import AttentionLse
+
+    q, k, v = (torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    got = []
+    with AttentionLse() as mode:
+        mode.arm(lambda *args: got.append(args))
+        out = F.scaled_dot_product_attention(q, k, v)
+        assert not mode.pending()
+        again = F.scaled_dot_product_attention(q, k, v)                 # not armed: SDPA as it is
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)) and torch.equal(again, out)
+    (gq, gk, gv, lse, scale), = got
+    assert gq is q and gk is k and gv is v and scale == 16 ** -0.5
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-2, -1) * scale, dim=-1))
+
+
+def test_attention_lse_leaves_masked_attention_and_a_differing_kernel_alone(monkeypatch):
+    import torch.nn.functional as F
+
+    from fpt.extract import attention_lse
+
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(9)) > 0.3
+    monkeypatch.setattr(attention_lse, "_state", {})
+    with attention_lse.AttentionLse() as mode:
+        mode.arm(lambda *args: pytest.fail("a masked call was served"))
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                           F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        assert mode.pending()
+    real = attention_lse.sdpa_with_lse
+    monkeypatch.setattr(attention_lse, "sdpa_with_lse", lambda *a: (real(*a)[0] + 1e-3, real(*a)[1]))
+    with attention_lse.AttentionLse() as mode:
+        mode.arm(lambda *args: pytest.fail("served from a kernel that differs from SDPA"))
+        with pytest.warns(RuntimeWarning, match="log-sum-exp"):
+            out = F.scaled_dot_product_attention(q, k, v)
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)) and mode.pending()
+    assert attention_lse._state == {"identical": False}
+
+
+@cuda
+@pytest.mark.parametrize("res", [224, 512])
+def test_cuda_frozen_lpm_with_the_attentions_lse_stores_the_same_kv(res):
+    """bf16 on the GPU: the one-pass LPM stores bit for bit the K/V, indices and feature of the two-pass one."""
+    from fpt.extract.encode import forward_fitting
+
+    model, _ = create_backbone("vit_base_patch16_224", res, random_init=True)
+    x = torch.randn(4, 3, res, res, generator=torch.Generator().manual_seed(1))
+    device = torch.device("cuda")
+    outs = [forward_fitting(FrozenLPM(model, [6, 11], 0.2, attention_lse=flag).to(device), x, device)
+            for flag in (True, False)]
+    for name in ("indices", "keys", "values", "cls"):
+        assert torch.equal(outs[0][name], outs[1][name]), name
