@@ -127,6 +127,9 @@ DecodeWorkers = Annotated[Optional[int], option("Image-decoding processes.", HAR
                                                 default="0 on CPU, up to 8 on CUDA")]
 WriteThreads = Annotated[Optional[int], option("Shards compressed and written at once, overlapping the LPM.",
                                                HARDWARE, default="1 on CPU, 2-8 on CUDA")]
+Writers = Annotated[Optional[str], option("Who writes the shards: threads of this process, or writer processes "
+                                          "(each with its own zarr event loop, so writing scales with the cores).",
+                                          HARDWARE, default="processes on CUDA, threads on CPU")]
 Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-3 (balanced), zstd-1 "
                                         "(faster, ~1% larger), zstd-5 (~3% smaller, ~3x slower to write) or lz4 "
                                         "(fastest, ~4% larger).", OUTPUT,
@@ -244,6 +247,7 @@ def extract(
     device: Device = None,
     workers: DecodeWorkers = None,
     write_threads: WriteThreads = None,
+    writers: Writers = None,
     scheduler: Scheduler = None,
     pipelines: Pipelines = None,
 ):
@@ -254,7 +258,8 @@ def extract(
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
-        workers=workers, write_threads=write_threads, codec=codec, on_error=on_error, overwrite=overwrite or None)
+        workers=workers, write_threads=write_threads, writers=writers, codec=codec, on_error=on_error,
+        overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 
 

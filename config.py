@@ -137,10 +137,12 @@ class ExtractConfig:
     query_block: int = 256                 # queries per block in the importance computation
     workers: int | None = None             # image-decoding DataLoader workers (None: 0 on CPU, up to 8 on CUDA)
     write_threads: int | None = None       # shards encoded + written at once (None: 1 on CPU, 2-8 on CUDA)
+    writers: str = "auto"                  # who writes them: "threads", "processes" (auto: processes on CUDA)
     codec: str = DEFAULT_CODEC             # chunk compression of a new store, one of fpt.store.CODECS
     on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
 
 
+WRITERS = ("auto", "threads", "processes")
 METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
 PROMPT_METHODS = ("fpt+", "fpt")
 CACHE_MODES = ("auto", "none", "ram", "gpu")
@@ -384,6 +386,8 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError(f"--codec {cfg.codec!r}: choose one of {', '.join(CODECS)}")
     if cfg.write_threads is not None and cfg.write_threads < 1:
         raise FptError(f"--write-threads {cfg.write_threads}: must be at least 1")
+    if cfg.writers not in WRITERS:
+        raise FptError(f"--writers {cfg.writers!r}: choose one of {', '.join(WRITERS)}")
     if cfg.on_error not in ("fail", "skip"):
         raise FptError(f"--on-error {cfg.on_error!r}: choose fail or skip")
     if cfg.importance not in ("global", "cls"):

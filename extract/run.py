@@ -11,7 +11,8 @@ import os
 import time
 import warnings
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -27,8 +28,8 @@ from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
-from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, StoreLock, StoreReader, StoreWriter, check_same_extraction,
-                       choose_samples_per_shard, is_url)
+from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedShard, StoreLock, StoreReader, StoreWriter,
+                       check_same_extraction, choose_samples_per_shard, is_url, write_shared_shard)
 
 Progress = Callable[[int, int], None]
 
@@ -146,7 +147,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
-                "write_threads": write_threads, "host_buffer_limit_mb": round(host_buffer_mb, 1),
+                "write_threads": write_threads, "writers": writers_kind(cfg, device),
+                "host_buffer_limit_mb": round(host_buffer_mb, 1),
                 "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
         return result
 
@@ -211,7 +213,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate)
     total, skipped = len(refs), []
-    with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total) as pool:
+    with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
+                         writers_kind(cfg, device) == "processes") as pool:
         shard: ShardBuffer | None = None
         for batch, (high, low, errors) in zip(batches, loader):
             if shard is None:
@@ -272,6 +275,14 @@ class ShardBuffer:
         return {name: t.numpy() for name, t in self.arrays.items()}
 
 
+def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
+    """``cfg.writers`` resolved: writer processes on CUDA (the GPU outruns one process's zarr event loop, see
+    ``fpt.store.shared``), threads on a CPU (the LPM needs the cores there)."""
+    if cfg.writers != "auto":
+        return cfg.writers
+    return "processes" if device.type == "cuda" else "threads"
+
+
 def default_write_threads(device: torch.device) -> int:
     """Shards encoded and written at once: on CUDA enough to keep up with the GPU (each shard's chunks are also
     encoded in parallel by zarr's own thread pool), on CPU one, since the LPM needs the cores."""
@@ -282,11 +293,20 @@ class ShardWriterPool:
     """Writes sealed ShardBuffers on background threads, at most ``threads`` waiting at once (``submit`` blocks
     until one finishes), re-raising a writer's error in the caller. Leaving the ``with`` block waits for every
     submitted write, also when leaving on an error; a shard whose write failed stays not-done, so a re-run
-    rewrites it."""
+    rewrites it.
 
-    def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int):
+    ``processes``: each thread hands its shard to one of ``threads`` writer processes (``fpt.store.shared``), so
+    that zarr's per-process event loop is not the limit; otherwise the threads write in this process."""
+
+    def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
+                 processes: bool = False):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
+        # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
+        self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"))
+                          if processes else None)
+        for _ in range(self.threads if processes else 0):       # start them now, while the LPM warms up
+            self.processes.submit(os.getpid)
         self.pending: deque[Future] = deque()
         self.written = 0
 
@@ -300,7 +320,12 @@ class ShardWriterPool:
         self.pending.append(self.executor.submit(self._write, shard))
 
     def _write(self, shard: ShardBuffer) -> int:
-        self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
+        if self.processes is None:
+            self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
+        else:
+            with SharedShard(shard.numpy()) as (path, spec):
+                self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
+                                      shard.excluded).result()
         return len(shard.rows)
 
     def _finish(self, future: Future) -> None:
@@ -320,6 +345,8 @@ class ShardWriterPool:
                     future.exception()
         finally:
             self.executor.shutdown(wait=True)
+            if self.processes is not None:
+                self.processes.shutdown(wait=True)
 
 
 def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:

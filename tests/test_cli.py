@@ -17,6 +17,8 @@ def test_missing_and_unknown_data(tmp_path, monkeypatch):
     fails_cleanly(["extract", "--dataset", "cmmd"], "pass --data PATH or set FPT_DATA_CMMD=PATH")
     fails_cleanly(["extract", "--dataset", "nosuch"], "unknown dataset 'nosuch'")
     fails_cleanly(["extract"], "give --dataset NAME")
+    fails_cleanly(["extract", "--dataset", "demo", "--writers", "fibres"],
+                  "--writers 'fibres': choose one of auto, threads, processes")
 
 
 def test_empty_split_and_bad_res(tmp_path):

@@ -1,4 +1,8 @@
-"""The pipelined extraction loop: batches per shard, shard buffers, concurrent shard writers."""
+"""The pipelined extraction loop: batches per shard, shard buffers, concurrent shard writers (threads and
+writer processes)."""
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +11,7 @@ from fpt.extract import extract
 from fpt.extract.run import ShardBuffer, shard_batches
 from fpt.store import Geometry, StoreReader, StoreWriter
 from tests.conftest import micro_config
-from tests.helpers import assert_same_store
+from tests.helpers import GEOM, assert_same_store, open_writer, shard_arrays
 
 
 def test_batches_cover_every_shard_in_order_and_never_straddle():
@@ -73,3 +77,49 @@ def test_one_extraction_builds_the_lpm_once(tmp_path, image_folder, monkeypatch)
     monkeypatch.setattr(run, "_PROCESS_CACHE", {})
     extract(micro_config(image_folder, tmp_path / "s.zarr"))
     assert len(built) == 1          # not again for the shard loop, which sees the resolved layers
+
+
+def shared_files() -> set[str]:
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return {p.name for p in folder.glob("fpt-shard-*")}
+
+
+def test_writer_processes_give_the_serial_store(tmp_path, image_folder):
+    before = shared_files()
+    serial, parallel = tmp_path / "serial.zarr", tmp_path / "parallel.zarr"
+    extract(micro_config(image_folder, serial, samples_per_shard=2, write_threads=1))
+    result = extract(micro_config(image_folder, parallel, samples_per_shard=2, write_threads=2, writers="processes"))
+    assert result.n_written == 16
+    assert_same_store(serial, parallel)
+    assert StoreReader(parallel).attrs["last_run"]["writers"] == "processes"
+    assert shared_files() == before                        # every hand-over file removed
+
+
+class WrongShapeShard:
+    """Stands in for a ShardBuffer whose keys have the wrong shape: its write fails in the writer process."""
+
+    def __init__(self, shard, arrays):
+        self.shard, self.rows, self.excluded, self.arrays = shard, GEOM.shard_range(shard), [], arrays
+
+    def seal(self):
+        pass
+
+    def numpy(self):
+        return self.arrays
+
+
+def test_a_write_failing_in_a_writer_process_is_raised_and_the_other_shards_are_kept(tmp_path):
+    from fpt.extract.run import ShardWriterPool
+
+    before = shared_files()
+    writer = open_writer(tmp_path / "s.zarr")
+    good = shard_arrays(3, seed=0)
+    bad = {**shard_arrays(3, seed=1), "keys": np.zeros((3, 1), np.float16)}
+    with pytest.raises(ValueError, match="keys: shard 1 expects shape"):
+        with ShardWriterPool(writer, 2, None, 6, processes=True) as pool:
+            pool.submit(WrongShapeShard(0, good))
+            pool.submit(WrongShapeShard(1, bad))
+    done = StoreReader(tmp_path / "s.zarr").done()
+    assert done[:3].all() and not done[3:].any()
+    np.testing.assert_array_equal(StoreReader(tmp_path / "s.zarr").read(range(3), ("keys",))["keys"], good["keys"])
+    assert shared_files() == before
