@@ -147,7 +147,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
-                "write_threads": write_threads, "writers": writers_kind(cfg, device),
+                "write_threads": write_threads,
+                "writers": writers_kind(cfg, device) if scheduler is None else "threads",
                 "host_buffer_limit_mb": round(host_buffer_mb, 1),
                 "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
         return result
@@ -352,7 +353,8 @@ class ShardWriterPool:
 def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:
     if threads:
         torch.set_num_threads(threads)
-    return extract_shards(replace(cfg, device=worker_device(cfg.device)), [shard])
+    # a dask worker is a process of its own (and a daemon, which may not start writer processes)
+    return extract_shards(replace(cfg, device=worker_device(cfg.device), writers="threads"), [shard])
 
 
 def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None

@@ -324,8 +324,8 @@ def test_cuda_frozen_lpm_with_the_attentions_lse_stores_the_same_kv(res):
     from fpt.extract.encode import forward_fitting
 
     model, _ = create_backbone("vit_base_patch16_224", res, random_init=True)
-    x = torch.randn(4, 3, res, res, generator=torch.Generator().manual_seed(1))
     device = torch.device("cuda")
+    x = torch.randn(4, 3, res, res, generator=torch.Generator().manual_seed(1)).to(device)
     outs = [forward_fitting(FrozenLPM(model, [6, 11], 0.2, attention_lse=flag).to(device), x, device)
             for flag in (True, False)]
     for name in ("indices", "keys", "values", "cls"):
