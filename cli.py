@@ -21,7 +21,7 @@ from fpt import FptError, __version__
 from fpt import config as fpt_config
 
 if TYPE_CHECKING:
-    from fpt.train.results import RunMetrics
+    from fpt.train.results import RunMetrics, SweepSummary
 
 
 def _no_flag_types(params: list) -> list:
@@ -453,28 +453,28 @@ def sweep(
     show_sweep(summary)
 
 
-def show_sweep(s: dict) -> None:
+def show_sweep(s: "SweepSummary") -> None:
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    grid = Table(title=f"grid ({s['method']}, selection by val AUC)")
+    grid = Table(title=f"grid ({s.method}, selection by val AUC)")
     for col in ("lr", "weight decay", "val AUC", ""):
         grid.add_column(col, justify="right")
-    for g in s["grid"]:
-        best = (g["lr"], g["weight_decay"]) == (s["best"]["lr"], s["best"]["weight_decay"])
-        grid.add_row(f"{g['lr']:g}", f"{g['weight_decay']:g}", fmt(g["val_score"]), "best" if best else "")
+    for g in s.grid:
+        best = (g.lr, g.weight_decay) == (s.best_lr, s.best_weight_decay)
+        grid.add_row(f"{g.lr:g}", f"{g.weight_decay:g}", fmt(g.val_score), "best" if best else "")
     console.print(grid)
-    table = Table(title=f"test over {len(s['seeds'])} seeds: lr {s['best']['lr']:g}, "
-                        f"weight decay {s['best']['weight_decay']:g} (mean ± std)")
-    for col in ("metric", "mean ± std", *(f"seed {r['seed']}" for r in s["seeds"])):
+    table = Table(title=f"test over {len(s.seeds)} seeds: lr {s.best_lr:g}, "
+                        f"weight decay {s.best_weight_decay:g} (mean ± std)")
+    for col in ("metric", "mean ± std", *(f"seed {r.seed}" for r in s.seeds)):
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
-    for k, stat in s["test"].items():
-        mean_std = "-" if stat["mean"] is None else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
-        table.add_row(k, mean_std, *(fmt(r["test"][k]) for r in s["seeds"]))
-    e, p = s["efficiency"], s["params"]
+    for k, stat in s.test.items():
+        mean_std = "-" if stat.mean is None else f"{stat.mean:.4f} ± {stat.std:.4f}"
+        table.add_row(k, mean_std, *(fmt(r.test[k]) for r in s.seeds))
+    e, p = s.efficiency, s.params
     table.add_row("PPE / PME", f"{fmt(e['ppe'])} / {fmt(e['pme'])}")
     table.add_row("learnable", f"{p['learnable']:,} ({p['ratio_percent']:.2f} %)")
     console.print(table)
-    console.print(f"{s['ran']} runs trained, {s['skipped']} finished before; "
-                  f"results: {Path(s['config']['out']) / 'sweep.json'}, sweep.csv", highlight=False)
+    console.print(f"{s.ran} runs trained, {s.skipped} finished before; "
+                  f"results: {Path(s.config['out']) / 'sweep.json'}, sweep.csv", highlight=False)
 
 
 @app.command(cls=Command)
@@ -498,11 +498,11 @@ def predict(
         check_output(out)
     with console.status(f"loading the LPM of {checkpoint} and running it over the images"):
         result = predict_images(checkpoint, images, weights, random_init, device, batch_size)
-    table = Table(title=f"{result['method']} predictions ({checkpoint})")
-    for col in ("image", "prediction", *result["classes"]):
+    table = Table(title=f"{result.method} predictions ({checkpoint})")
+    for col in ("image", "prediction", *result.classes):
         table.add_column(col, justify="left" if col in ("image", "prediction") else "right")
-    for row in result["rows"]:
-        table.add_row(row["image"], row["prediction"], *(f"{row['probabilities'][c]:.4f}" for c in result["classes"]))
+    for row in result.rows:
+        table.add_row(row.image, row.prediction, *(f"{row.probabilities[c]:.4f}" for c in result.classes))
     console.print(table)
     if out is not None:
         write_predictions(result, out)

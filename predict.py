@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -123,11 +123,29 @@ def check_lpm_weights_given(source: str, weights: Path | None, random_init: bool
                    "pass it with --weights FILE")
 
 
+@dataclass(frozen=True)
+class Prediction:
+    image: str
+    prediction: str                       # the most probable class
+    probabilities: dict[str, float]       # class -> p
+
+
+@dataclass(frozen=True)
+class Predictions:
+    checkpoint: str
+    method: str
+    classes: list[str]
+    rows: list[Prediction]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @torch.no_grad()
 def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = None, random_init: bool = False,
                    device: str = "auto", batch_size: int = 8,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """{"classes", "method", "rows": [{"image", "prediction", "probabilities": {class: p}}]} for the images."""
+                   progress: Callable[[int, int], None] | None = None) -> Predictions:
+    """The class probabilities of every image of ``inputs`` (files, folders, CSV lists)."""
     images = collect_images(inputs)
     p = load_predictor(checkpoint, weights, random_init, device)
     rows = []
@@ -140,24 +158,24 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
         batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std)}
         probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()
         for path, row in zip(images[start:], probs.tolist()):
-            rows.append({"image": str(path), "prediction": p.classes[max(range(len(row)), key=row.__getitem__)],
-                         "probabilities": dict(zip(p.classes, row))})
+            rows.append(Prediction(str(path), p.classes[max(range(len(row)), key=row.__getitem__)],
+                                   dict(zip(p.classes, row))))
         if progress:
             progress(len(rows), len(images))
-    return {"checkpoint": str(checkpoint), "method": p.method, "classes": p.classes, "rows": rows}
+    return Predictions(str(checkpoint), p.method, list(p.classes), rows)
 
 
-def write_predictions(result: dict[str, Any], out: Path) -> None:
+def write_predictions(result: Predictions, out: Path) -> None:
     """``.json``: the whole result; ``.csv``: image, prediction, one probability column per class."""
     check_output(out)
     if out.suffix.lower() == ".json":
-        out.write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result.as_dict(), indent=2))
         return
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "prediction", *result["classes"]])
-        for row in result["rows"]:
-            writer.writerow([row["image"], row["prediction"], *(row["probabilities"][c] for c in result["classes"])])
+        writer.writerow(["image", "prediction", *result.classes])
+        for row in result.rows:
+            writer.writerow([row.image, row.prediction, *(row.probabilities[c] for c in result.classes)])
 
 
 def check_output(out: Path) -> None:

@@ -165,19 +165,19 @@ def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any], p
         if partial and section not in wanted:
             continue
         a = {k: v for k, v in (stored.get(section) or {}).items() if k not in VOLATILE_KEYS}
-        b = {k: v for k, v in _jsonable(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
+        b = {k: v for k, v in _as_stored(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
         for key in sorted(set(b) if partial else set(a) | set(b)):
             if a.get(key) != b.get(key):
                 return f"{section}.{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
     return None
 
 
-def _jsonable(value: Any) -> Any:
+def _as_stored(value: Any) -> Any:
     """What ``value`` looks like after a round trip through zarr.json (tuples become lists)."""
     if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: _as_stored(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_as_stored(v) for v in value]
     return value
 
 

@@ -41,19 +41,19 @@ def trained(tmp_path_factory):
 def test_predict_gives_the_store_samples_probabilities(trained, method):
     data, store, checkpoints = trained
     result = predict_images(checkpoints[method], [data / "test"], random_init=True, device="cpu")
-    assert result["method"] == method and result["classes"] == ["benign", "malignant"]
+    assert result.method == method and result.classes == ["benign", "malignant"]
     reader = StoreReader(store)
     ckpt = load_checkpoint(checkpoints[method], reader)
     norm = reader.attrs["normalization"]
     split = open_split(reader, "test", ckpt.spec.inputs, "none", torch.device("cpu"))
     want, _ = predict_split(ckpt.model, split, SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]), 4)
     ids = list(reader.ids[reader.split_indices("test")])
-    got = {Path(r["image"]).relative_to(data).as_posix(): [r["probabilities"][c] for c in result["classes"]]
-           for r in result["rows"]}
+    got = {Path(r.image).relative_to(data).as_posix(): [r.probabilities[c] for c in result.classes]
+           for r in result.rows}
     assert sorted(got) == sorted(ids)
     np.testing.assert_allclose([got[i] for i in ids], want, rtol=1e-5, atol=1e-6)
-    for r in result["rows"]:
-        assert r["prediction"] == max(r["probabilities"], key=r["probabilities"].get)
+    for r in result.rows:
+        assert r.prediction == max(r.probabilities, key=r.probabilities.get)
 
 
 def test_other_lpm_weights_are_refused(trained, tmp_path):

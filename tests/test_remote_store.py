@@ -168,7 +168,7 @@ def test_s3_store_from_a_dask_cluster_equals_a_local_store(tmp_path, s3):
     swept = run_sweep(sweep_config(url, lr="1e-3", weight_decay="0", seeds=1, scheduler="local:1",
                                    out=tmp_path / "sweep", cache="none", side_res=16, epochs=1, batch_size=4,
                                    device="cpu"))                       # a worker process streams from S3
-    assert swept["ran"] == 1 and (tmp_path / "sweep" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()
+    assert swept.ran == 1 and (tmp_path / "sweep" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()
 
     key = "fpt-test/dask.zarr/values/c/1/0/0/0/0"                       # shard 1: samples 3-5
     damaged = bytearray(fs.cat_file(key))

@@ -12,6 +12,7 @@ from fpt import FptError
 from fpt.cli import app
 from fpt.config import sweep_config
 from fpt.cluster import local_worker_count
+from fpt.train.results import MeanStd
 from fpt.train.sweep import mean_std, run_sweep
 from tests.conftest import micro_config, write_image_folder
 
@@ -62,9 +63,9 @@ def test_cli_refuses_a_bad_scheduler_before_any_work(store, tmp_path):
 def test_mean_and_sample_std():
     values = [0.8, 0.9, 0.85, None]
     got = mean_std(values)
-    assert got["mean"] == pytest.approx(statistics.mean([0.8, 0.9, 0.85]))
-    assert got["std"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.85])) and got["n"] == 3
-    assert mean_std([0.7]) == {"mean": 0.7, "std": 0.0, "n": 1} and mean_std([None])["mean"] is None
+    assert got.mean == pytest.approx(statistics.mean([0.8, 0.9, 0.85]))
+    assert got.std == pytest.approx(statistics.stdev([0.8, 0.9, 0.85])) and got.n == 3
+    assert mean_std([0.7]) == MeanStd(0.7, 0.0, 1) and mean_std([None]).mean is None
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_sweep_on_a_local_cluster_then_resume(store, tmp_path, cluster):
                        out=tmp_path / "sweep", **TINY)
     seen = []
     summary = run_sweep(cfg, on_run=lambda run, metrics, skipped: seen.append((run.name, skipped)))
-    assert summary["ran"] == 4 + 2 and summary["skipped"] == 0                   # grid 2x2, then 2 more seeds
+    assert summary.ran == 4 + 2 and summary.skipped == 0                   # grid 2x2, then 2 more seeds
     assert sorted(seen) == sorted((name, False) for name in {s for s, _ in seen}) and len(seen) == 6
     runs = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep" / "runs").glob("*/metrics.json")}
     assert len(runs) == 6
@@ -90,32 +91,36 @@ def test_sweep_on_a_local_cluster_then_resume(store, tmp_path, cluster):
         return m["val"]["auc"] if m["val"]["auc"] is not None else m["val"]["acc"]
     grid = [f"lr{lr:g}-wd{wd:g}-seed0" for lr in (0.001, 0.003) for wd in (0, 0.05)]
     best = max(grid, key=lambda name: val(runs[name]))
-    assert summary["best"] == {"lr": runs[best]["config"]["lr"], "weight_decay": runs[best]["config"]["weight_decay"]}
+    chosen = runs[best]["config"]
+    assert (summary.best_lr, summary.best_weight_decay) == (chosen["lr"], chosen["weight_decay"])
     seeds = [best.replace("seed0", f"seed{s}") for s in range(3)]
-    assert [s["run_dir"].split("/")[-1] for s in summary["seeds"]] == seeds
+    assert [s.run_dir.split("/")[-1] for s in summary.seeds] == seeds
     for k in ("auc", "acc", "f1"):
         values = [runs[name]["test"][k] for name in seeds]
-        assert summary["test"][k]["mean"] == pytest.approx(statistics.mean(values))
-        assert summary["test"][k]["std"] == pytest.approx(statistics.stdev(values))
-    assert summary["efficiency"]["ppe"] is not None and summary["efficiency"]["pme"] is None
-    assert {r["seed"] for r in summary["seeds"]} == {0, 1, 2}
-    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"] == summary["best"]
+        assert summary.test[k].mean == pytest.approx(statistics.mean(values))
+        assert summary.test[k].std == pytest.approx(statistics.stdev(values))
+    assert summary.efficiency["ppe"] is not None and summary.efficiency["pme"] is None
+    assert {r.seed for r in summary.seeds} == {0, 1, 2}
+    written = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert written == summary.as_dict()
+    assert written["best"] == {"lr": summary.best_lr, "weight_decay": summary.best_weight_decay}
+    assert written["test"]["auc"] == {"mean": summary.test["auc"].mean, "std": summary.test["auc"].std, "n": 3}
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
     assert [r["stage"] for r in rows] == ["grid"] * 4 + ["seeds"] * 3 + ["mean", "std"]
-    assert float(rows[-2]["test_auc"]) == pytest.approx(summary["test"]["auc"]["mean"])
+    assert float(rows[-2]["test_auc"]) == pytest.approx(summary.test["auc"].mean)
     assert Image.open(tmp_path / "sweep" / "sweep.png").size[0] > 100          # the grid's picture
 
     # re-running skips every finished run: nothing is trained or rewritten, no cluster is needed
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep" / "runs").glob("*/metrics.json")}
     again = run_sweep(sweep_config(store, lr="1e-3,3e-3", weight_decay="0,0.05", seeds=3, scheduler="tcp://nowhere:1",
                                    out=tmp_path / "sweep", **TINY))
-    assert again["ran"] == 0 and again["skipped"] == 6 and again["test"] == summary["test"]
+    assert again.ran == 0 and again.skipped == 6 and again.test == summary.test
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
     # a killed sweep: a run without metrics.json is trained again, the others are skipped
     (tmp_path / "sweep" / "runs" / seeds[2] / "metrics.json").unlink()
     resumed = run_sweep(cfg)
-    assert resumed["ran"] == 1 and resumed["skipped"] == 5
+    assert resumed.ran == 1 and resumed.skipped == 5
 
     # the CLI shows the finished sweep (nothing left to run) as tables
     result = CliRunner().invoke(app, ["sweep", "--store", str(store), "--out", str(tmp_path / "sweep"), "--lr",
@@ -135,7 +140,7 @@ def test_sweep_starts_its_own_local_cluster(store, tmp_path):
     cfg = sweep_config(store, lr="1e-3", weight_decay="0", seeds=1, scheduler="local:1", out=tmp_path / "s",
                        cache="none", workers=2, **TINY)
     summary = run_sweep(cfg)
-    assert summary["ran"] == 1 and summary["test"]["auc"]["n"] in (0, 1)
+    assert summary.ran == 1 and summary.test["auc"].n in (0, 1)
     assert (tmp_path / "s" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()
 
 
@@ -159,17 +164,17 @@ def test_concurrent_runs_give_the_results_of_each_run_alone(store, tmp_path, clu
     cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler=cluster.scheduler_address,
                        out=tmp_path / "sweep", **TINY)
     summary = run_sweep(cfg)
-    assert summary["ran"] == 2
+    assert summary.ran == 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                        # as in each single-threaded dask worker
     try:
-        for g in summary["grid"]:
-            alone = train(train_config(store, None, out=tmp_path / f"alone-{g['lr']}", lr=g["lr"],
-                                       weight_decay=g["weight_decay"], seed=g["seed"], **TINY))
-            swept = json.loads((tmp_path / "sweep" / "runs" / f"lr{g['lr']:g}-wd0-seed0" / "metrics.json").read_text())
+        for g in summary.grid:
+            alone = train(train_config(store, None, out=tmp_path / f"alone-{g.lr}", lr=g.lr,
+                                       weight_decay=g.weight_decay, seed=g.seed, **TINY))
+            swept = json.loads((tmp_path / "sweep" / "runs" / f"lr{g.lr:g}-wd0-seed0" / "metrics.json").read_text())
             assert swept["val"] == alone.val and swept["test"] == alone.test
-            a = torch.load(tmp_path / f"alone-{g['lr']}" / "best.pt", weights_only=True)["model"]
-            b = torch.load(tmp_path / "sweep" / "runs" / f"lr{g['lr']:g}-wd0-seed0" / "best.pt",
+            a = torch.load(tmp_path / f"alone-{g.lr}" / "best.pt", weights_only=True)["model"]
+            b = torch.load(tmp_path / "sweep" / "runs" / f"lr{g.lr:g}-wd0-seed0" / "best.pt",
                            weights_only=True)["model"]
             assert all(torch.equal(a[k], b[k]) for k in a)
     finally:

@@ -65,3 +65,62 @@ class Evaluation:
     n: int
     method: str
     metrics: Metrics
+
+
+# -- fpt sweep --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeanStd:
+    mean: float | None
+    std: float | None       # sample standard deviation (ddof 1; 0 for one value)
+    n: int                  # values that were defined
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One grid run: its configuration and validation result."""
+    lr: float
+    weight_decay: float
+    seed: int
+    val_score: float        # what selects the best point (validation_score: AUC, accuracy where undefined)
+    val: dict[str, Any]
+    run_dir: str
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """The best configuration at one seed: its test result."""
+    seed: int
+    test: dict[str, Any]
+    val: dict[str, Any]
+    best_epoch: int
+    best_reason: str
+    run_dir: str
+
+
+@dataclass
+class SweepSummary:
+    """What a sweep found (sweep.json is ``as_dict()``); ``ran``/``skipped``: runs trained in this call / found
+    finished."""
+    store: str
+    method: str
+    protocol: str
+    grid: list[GridPoint]
+    best_lr: float
+    best_weight_decay: float
+    seeds: list[SeedResult]
+    test: dict[str, MeanStd]              # per test metric, over the seeds
+    params: dict[str, Any]
+    efficiency: dict[str, Any]            # PPE / PME of the mean test AUC
+    throughput: dict[str, Any]            # per-run figures as MeanStd, and the memory kind
+    config: dict[str, Any]
+    ran: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """sweep.json."""
+        out = jsonable(asdict(self))
+        best = {"lr": out.pop("best_lr"), "weight_decay": out.pop("best_weight_decay")}
+        for key in ("ran", "skipped"):
+            out.pop(key)
+        return {**{k: out[k] for k in ("store", "method", "protocol", "grid")}, "best": best,
+                **{k: out[k] for k in ("seeds", "test", "params", "efficiency", "throughput", "config")}}

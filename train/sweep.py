@@ -32,7 +32,8 @@ from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import StoreReader
 from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
-from fpt.train.results import RunMetrics, jsonable, validation_score
+from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
+                               validation_score)
 from fpt.train.metrics import pme, ppe
 from fpt.train.plots import write_sweep_plot
 
@@ -176,52 +177,45 @@ def _free_gpu_mb() -> float:
     return torch.cuda.mem_get_info(0)[0] / 2**20
 
 
-def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
+def mean_std(values: list[float | None]) -> MeanStd:
     """Mean and sample standard deviation (ddof 1; 0 for a single value) of the defined values."""
     defined = np.array([v for v in values if v is not None], dtype=float)
     if len(defined) == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(defined.mean()), "std": float(defined.std(ddof=1)) if len(defined) > 1 else 0.0,
-            "n": int(len(defined))}
+        return MeanStd(None, None, 0)
+    return MeanStd(float(defined.mean()), float(defined.std(ddof=1)) if len(defined) > 1 else 0.0, len(defined))
 
 
 def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
-                  results: dict[str, RunMetrics]) -> dict[str, Any]:
-    """sweep.json: the grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
+                  results: dict[str, RunMetrics]) -> SweepSummary:
+    """The grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
     best = seeds[0]
     seed_metrics = [results[r.name] for r in seeds]
     test = {k: mean_std([m.test[k] for m in seed_metrics]) for k in TEST_METRICS}
     params = seed_metrics[0].params
     memory = mean_std([m.throughput.peak_memory_mb for m in seed_metrics])
-    auc = test["auc"]["mean"]
+    auc = test["auc"].mean
     ft = sweep.train.ft_memory_mb
-    return {
-        "store": str(sweep.train.store), "method": seed_metrics[0].method,
-        "protocol": "grid over lr x weight decay at the base seed, best by val AUC; then the best over "
-                    f"{len(seeds)} seeds; test mean ± sample std",
-        "grid": [{"lr": r.lr, "weight_decay": r.weight_decay, "seed": r.seed,
-                  "val_score": validation_score(results[r.name].val), "val": results[r.name].val,
-                  "run_dir": str(r.cfg.out)} for r in grid],
-        "best": {"lr": best.lr, "weight_decay": best.weight_decay},
-        "seeds": [{"seed": r.seed, "test": results[r.name].test, "val": results[r.name].val,
-                   "best_epoch": results[r.name].best_epoch, "best_reason": results[r.name].best_reason,
-                   "run_dir": str(r.cfg.out)} for r in seeds],
-        "test": test,
-        "params": params,
-        "efficiency": {"score": "mean test AUC",
-                       "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
-                       "pme": None if auc is None or ft is None else pme(auc, memory["mean"], ft),
-                       "ft_memory_mb": ft},
-        "throughput": {"train_samples_per_s": mean_std([m.throughput.train_samples_per_s for m in seed_metrics]),
-                       "steady_train_samples_per_s": mean_std([m.throughput.steady_train_samples_per_s
-                                                               for m in seed_metrics]),
-                       "peak_memory_mb": memory, "memory_kind": seed_metrics[0].throughput.memory_kind},
-        "config": {**jsonable(asdict(sweep.train)), "lr": sweep.lrs, "weight_decay": sweep.weight_decays,
-                   "seeds": sweep.seeds, "scheduler": sweep.scheduler, "out": str(sweep.out)},
-    }
+    return SweepSummary(
+        store=str(sweep.train.store), method=seed_metrics[0].method,
+        protocol="grid over lr x weight decay at the base seed, best by val AUC; then the best over "
+                 f"{len(seeds)} seeds; test mean ± sample std",
+        grid=[GridPoint(r.lr, r.weight_decay, r.seed, validation_score(results[r.name].val), results[r.name].val,
+                        str(r.cfg.out)) for r in grid],
+        best_lr=best.lr, best_weight_decay=best.weight_decay,
+        seeds=[SeedResult(r.seed, results[r.name].test, results[r.name].val, results[r.name].best_epoch,
+                          results[r.name].best_reason, str(r.cfg.out)) for r in seeds],
+        test=test, params=params,
+        efficiency={"score": "mean test AUC", "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
+                    "pme": None if auc is None or ft is None else pme(auc, memory.mean, ft), "ft_memory_mb": ft},
+        throughput={"train_samples_per_s": mean_std([m.throughput.train_samples_per_s for m in seed_metrics]),
+                    "steady_train_samples_per_s": mean_std([m.throughput.steady_train_samples_per_s
+                                                            for m in seed_metrics]),
+                    "peak_memory_mb": memory, "memory_kind": seed_metrics[0].throughput.memory_kind},
+        config={**jsonable(asdict(sweep.train)), "lr": sweep.lrs, "weight_decay": sweep.weight_decays,
+                "seeds": sweep.seeds, "scheduler": sweep.scheduler, "out": str(sweep.out)})
 
 
-def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> str:
+def sweep_csv(summary: SweepSummary, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> str:
     """One row per run (grid, then seeds), then the seeds' mean and std rows."""
     columns = ["stage", "lr", "weight_decay", "seed", "val_score", *(f"test_{k}" for k in TEST_METRICS),
                "samples_per_s", "peak_memory_mb", "run_dir"]
@@ -234,19 +228,18 @@ def sweep_csv(summary: dict, grid: list[Run], seeds: list[Run], results: dict[st
                          "val_score": validation_score(m.val), **{f"test_{k}": m.test[k] for k in TEST_METRICS},
                          "samples_per_s": m.throughput.train_samples_per_s,
                          "peak_memory_mb": m.throughput.peak_memory_mb, "run_dir": str(run.cfg.out)})
-    best = summary["best"]
     for stat in ("mean", "std"):
-        writer.writerow({"stage": stat, "lr": best["lr"], "weight_decay": best["weight_decay"],
-                         **{f"test_{k}": summary["test"][k][stat] for k in TEST_METRICS},
-                         "samples_per_s": summary["throughput"]["train_samples_per_s"][stat],
-                         "peak_memory_mb": summary["throughput"]["peak_memory_mb"][stat]})
+        writer.writerow({"stage": stat, "lr": summary.best_lr, "weight_decay": summary.best_weight_decay,
+                         **{f"test_{k}": getattr(summary.test[k], stat) for k in TEST_METRICS},
+                         "samples_per_s": getattr(summary.throughput["train_samples_per_s"], stat),
+                         "peak_memory_mb": getattr(summary.throughput["peak_memory_mb"], stat)})
     return out.getvalue()
 
 
 def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None] | None = None,
-              on_stage: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+              on_stage: Callable[[str, int], None] | None = None) -> SweepSummary:
     """Run (or resume) the sweep; writes sweep.json, sweep.csv and sweep.png (the grid) into ``sweep.out`` and
-    returns the summary (plus ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)``
+    returns the summary (with ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)``
     announces each stage, ``on_run(run, metrics, skipped)`` reports each run."""
     from fpt.cluster import local_worker_count
 
@@ -270,9 +263,9 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
         on_stage("seeds", len(seeds) - 1)
     results.update(execute(seeds[1:], sweep.scheduler, count, sweep.runs_per_gpu))
     summary = sweep_summary(sweep, grid, seeds, results)
-    atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=2))
+    atomic_write_text(sweep.out / "sweep.json", json.dumps(summary.as_dict(), indent=2))
     atomic_write_text(sweep.out / "sweep.csv", sweep_csv(summary, grid, seeds, results))
     write_sweep_plot(sweep.out / "sweep.png", sweep.lrs, sweep.weight_decays,
                      {(r.lr, r.weight_decay): validation_score(results[r.name].val) for r in grid},
                      (best.lr, best.weight_decay), [(r.seed, results[r.name].test["auc"]) for r in seeds])
-    return {**summary, **counts}
+    return replace(summary, **counts)
