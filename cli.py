@@ -130,6 +130,10 @@ WriteThreads = Annotated[Optional[int], option("Shards compressed and written at
 Writers = Annotated[Optional[str], option("Who writes the shards: threads of this process, or writer processes "
                                           "(each with its own zarr event loop, so writing scales with the cores).",
                                           HARDWARE, default="processes on CUDA, threads on CPU")]
+Precision = Annotated[Optional[str], option("The LPM's arithmetic: fp16, bf16 or fp32 (auto: fp16 on CUDA, where it "
+                                            "keeps the selection closest to fp32 at bf16's speed; fp32 on a CPU). "
+                                            "bf16 for backbones whose activations overflow fp16.", HARDWARE,
+                                            default="auto")]
 Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-3 (balanced), zstd-1 "
                                         "(faster, ~1% larger), zstd-5 (~3% smaller, ~3x slower to write) or lz4 "
                                         "(fastest, ~4% larger).", OUTPUT,
@@ -248,6 +252,7 @@ def extract(
     workers: DecodeWorkers = None,
     write_threads: WriteThreads = None,
     writers: Writers = None,
+    precision: Precision = None,
     scheduler: Scheduler = None,
     pipelines: Pipelines = None,
 ):
@@ -258,7 +263,8 @@ def extract(
         layers=fpt_config.parse_layers(layers), token_ratio=token_ratio, importance=importance,
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
-        workers=workers, write_threads=write_threads, writers=writers, codec=codec, on_error=on_error,
+        workers=workers, write_threads=write_threads, writers=writers, precision=precision, codec=codec,
+        on_error=on_error,
         overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 

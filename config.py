@@ -138,11 +138,13 @@ class ExtractConfig:
     workers: int | None = None             # image-decoding DataLoader workers (None: 0 on CPU, up to 8 on CUDA)
     write_threads: int | None = None       # shards encoded + written at once (None: 1 on CPU, 2-8 on CUDA)
     writers: str = "auto"                  # who writes them: "threads", "processes" (auto: processes on CUDA)
+    precision: str = "auto"                # the LPM's autocast: bf16, fp16, fp32 (auto: fp16 on CUDA, fp32 on CPU)
     codec: str = DEFAULT_CODEC             # chunk compression of a new store, one of fpt.store.CODECS
     on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
 
 
 WRITERS = ("auto", "threads", "processes")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
 PROMPT_METHODS = ("fpt+", "fpt")
 CACHE_MODES = ("auto", "none", "ram", "gpu")
@@ -388,6 +390,8 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError(f"--write-threads {cfg.write_threads}: must be at least 1")
     if cfg.writers not in WRITERS:
         raise FptError(f"--writers {cfg.writers!r}: choose one of {', '.join(WRITERS)}")
+    if cfg.precision not in PRECISIONS:
+        raise FptError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.on_error not in ("fail", "skip"):
         raise FptError(f"--on-error {cfg.on_error!r}: choose fail or skip")
     if cfg.importance not in ("global", "cls"):
@@ -481,6 +485,15 @@ def resolve_device(device: str) -> "torch.device":
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FptError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: "torch.device") -> str:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere. fp16 rather than bf16 on CUDA: the same speed there, and its 3 more
+    mantissa bits keep the selection with the fp32 reference (99.82 % of tokens against 98.67 % in bf16, ViT-B at
+    512 on a CPU; 98.86 % measured for bf16 on an H100); the K/V are stored as fp16 either way."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def parse_number(text: str | None, what: str) -> float | None:

@@ -83,6 +83,7 @@ class LoadedPredictor:
     classes: list[str]
     method: str
     device: torch.device
+    precision: str            # the store's (stores that predate its record: bf16 on CUDA, fp32 on a CPU, as then)
 
 
 def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: bool = False,
@@ -108,7 +109,8 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
         lpm=lpm, model=ckpt.model.to(dev).eval(), side_input=SideInput(ckpt.spec.side_res, norm["mean"], norm["std"]),
         res=ex["res"], image_res=ex["image_res"],
         mean=list(norm["mean"]), std=list(norm["std"]),
-        classes=list(identity["classes"]), method=ckpt.spec.method, device=dev)
+        classes=list(identity["classes"]), method=ckpt.spec.method, device=dev,
+        precision=ex.get("precision", "bf16" if dev.type == "cuda" else "fp32"))
 
 
 def check_lpm_weights_given(source: str, weights: Path | None, random_init: bool) -> None:
@@ -155,7 +157,7 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
                             for path in images[start:start + batch_size]))
         high = torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2)                # [B, 3, res, res]
         low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]
-        batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std)}
+        batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std, p.precision)}
         probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()
         for path, row in zip(images[start:], probs.tolist()):
             rows.append(Prediction(str(path), p.classes[max(range(len(row)), key=row.__getitem__)],

@@ -34,7 +34,7 @@ from fpt.bench.common import THREADS, WORK_DIR, PeakRSS, command_line, write_res
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOKEN_RATIO = 0.2
-MODEL_CASES = ("plain", "plain_compiled", "lpm", "lpm_two_pass", "lpm_fp16", "lpm_torch_importance", "official_fp32",
+MODEL_CASES = ("plain", "plain_compiled", "lpm", "lpm_two_pass", "lpm_bf16", "lpm_torch_importance", "official_fp32",
                "official_bf16")
 E2E_CASES = ("fpt_extract", "official_script")
 DEFAULTS = {  # device kind -> model, [(res, batch)] for model steps, [(res, images)] end to end
@@ -104,17 +104,17 @@ def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: i
             with torch.no_grad(), bf16:
                 forward(x)
     elif case.startswith("lpm"):
-        # lpm: as fpt extract runs it (the fused Triton importance on CUDA, taking the attention's lse);
-        # lpm_two_pass: the kernel computing the lse itself; lpm_fp16: fp16 autocast instead of bf16;
-        # lpm_torch_importance: the torch path
+        # lpm: as fpt extract runs it (fp16 autocast and the fused Triton importance taking the attention's lse
+        # on CUDA); lpm_two_pass: the kernel computing the lse itself; lpm_bf16: bf16 autocast (fpt extract's
+        # CUDA default up to 0.1.0); lpm_torch_importance: the torch path
         backend = "torch" if case == "lpm_torch_importance" else "auto"
         lpm = FrozenLPM(net, layers, TOKEN_RATIO, "global", importance_backend=backend,
                         attention_lse=case != "lpm_two_pass").to(device)
-        dtype = torch.float16 if case == "lpm_fp16" else torch.bfloat16
+        precision = "bf16" if case == "lpm_bf16" else "auto"
 
         def step():
-            forward_fitting(lpm, x, device, dtype)   # exactly what fpt extract runs per batch
-        row["selection_agreement"] = selection_agreement(lpm, x, device, dtype)
+            forward_fitting(lpm, x, device, precision)   # exactly what fpt extract runs per batch
+        row["selection_agreement"] = selection_agreement(lpm, x, device, precision)
     elif case in ("official_fp32", "official_bf16"):
         official = OfficialExtractor(net, layers, TOKEN_RATIO, "global").to(device)
         autocast = bf16 if case == "official_bf16" else torch.autocast(device.type, enabled=False)
@@ -128,8 +128,8 @@ def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: i
     return {**row, **timing, "images_per_s": round(batch / timing["median_s"], 2)}
 
 
-def selection_agreement(lpm, x, device, dtype) -> float:
-    """Share of selected tokens (per image, layer and head, as sets) that the LPM as run here (``dtype`` on CUDA)
+def selection_agreement(lpm, x, device, precision) -> float:
+    """Share of selected tokens (per image, layer and head, as sets) that the LPM as run here (``precision``)
     has in common with the fp32 reference: full softmax probabilities, column mean (``OfficialExtractor``)."""
     import copy
 
@@ -138,7 +138,7 @@ def selection_agreement(lpm, x, device, dtype) -> float:
     from fpt.bench.official import OfficialExtractor
     from fpt.extract.encode import forward_fitting
 
-    fast = forward_fitting(lpm, x[:2], device, dtype)["indices"]           # [b, L, H, k]
+    fast = forward_fitting(lpm, x[:2], device, precision)["indices"]       # [b, L, H, k]
     reference = OfficialExtractor(copy.deepcopy(lpm.model).float(), lpm.layers, lpm.token_ratio, "global")
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         ref = reference(x[:2].float())["indices"]
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for res, batch in steps:
         for case in (c for c in MODEL_CASES if c in args.cases):
-            if case in ("plain_compiled", "official_bf16", "lpm_torch_importance", "lpm_fp16") and kind != "cuda":
+            if case in ("plain_compiled", "official_bf16", "lpm_torch_importance", "lpm_bf16") and kind != "cuda":
                 continue                 # no bf16 autocast on CPU; compiling ViTs on 2 cores takes minutes
             rows.append(run_child({"kind": "model", "case": case, "model": model, "res": res, "batch": batch,
                                    "warmup": 2 if kind == "cuda" else 1, "reps": reps, "threads": threads},

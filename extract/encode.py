@@ -8,22 +8,26 @@ from typing import Sequence
 import torch
 
 from fpt import FptError
+from fpt.config import resolve_precision
 from fpt.extract.backbone import FrozenLPM
 from fpt.store import FEATURE_DTYPES
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}    # resolved precision -> dtype
+
+
 @torch.no_grad()
-def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-                 ) -> dict[str, torch.Tensor]:
+def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 precision: str = "auto") -> dict[str, torch.Tensor]:
     """high: [B, 3, res, res] in [0, 255] (any float dtype, any device); mean/std: per channel in [0, 1].
 
     Returns, on the LPM's device and in the store's dtypes: keys/values [B, L, H, k, d], indices [B, L, H, k],
-    cls [B, D]. Runs under bf16 autocast on CUDA, halving the batch when it does not fit.
+    cls [B, D]. Runs under ``precision`` autocast (``resolve_precision``), halving the batch when it does not fit.
     """
     device = next(lpm.parameters()).device
     shift, scale = _normalization(tuple(mean), tuple(std), device)
     x = (high.to(device, non_blocking=True).float() - shift) / scale
-    out = forward_fitting(lpm, x, device)
+    out = forward_fitting(lpm, x, device, precision)
     return {name: out[name].to(getattr(torch, dtype)) for name, dtype in FEATURE_DTYPES.items()}
 
 
@@ -36,16 +40,18 @@ def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torc
             torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
-def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.bfloat16
+def forward_fitting(lpm: FrozenLPM, x: torch.Tensor, device: torch.device, precision: str = "auto"
                     ) -> dict[str, torch.Tensor]:
-    """The LPM on ``x`` [B, 3, res, res] (``dtype`` autocast on CUDA), halving the batch on CUDA out-of-memory."""
+    """The LPM on ``x`` [B, 3, res, res] under ``precision`` autocast (``resolve_precision``: auto is fp16 on
+    CUDA, fp32 on a CPU), halving the batch on CUDA out-of-memory."""
+    dtype = AUTOCAST[resolve_precision(precision, device)]
     try:
-        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return lpm(x)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         if len(x) == 1:
             raise FptError(f"one image at res {x.shape[-1]} does not fit in GPU memory; lower --res") from None
         half = len(x) // 2
-        a, b = forward_fitting(lpm, x[:half], device, dtype), forward_fitting(lpm, x[half:], device, dtype)
+        a, b = forward_fitting(lpm, x[:half], device, precision), forward_fitting(lpm, x[half:], device, precision)
         return {k: torch.cat([a[k], b[k]]) for k in a}

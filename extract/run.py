@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError
 from fpt.cluster import dask_client, worker_device
-from fpt.config import ExtractConfig, resolve_device
+from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch
@@ -91,6 +91,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
     shards ``fpt store verify --repair`` marked gets exactly those shards rewritten; a concurrent extraction of
     the same store is refused (``StoreLock``).
     """
+    device = resolve_device(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))     # one precision for every worker
     with StoreLock(cfg.out):
         source = load_source(cfg)
         samples = source.samples
@@ -101,7 +103,6 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         for message in dataset_warnings:
             (warn or _warn)(message)
         cfg = resolve_normalization(cfg, source)                   # --mean/--std auto: train-split statistics
-        device = resolve_device(cfg.device)
         lpm, info = load_lpm(cfg, device if scheduler is None else torch.device("cpu"))
         cfg = replace(cfg, layers=lpm.layers)
         k = lpm.n_selected(cfg.res)
@@ -147,7 +148,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
-                "write_threads": write_threads,
+                "write_threads": write_threads, "precision": cfg.precision,
                 "writers": writers_kind(cfg, device) if scheduler is None else "threads",
                 "host_buffer_limit_mb": round(host_buffer_mb, 1),
                 "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
@@ -224,7 +225,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                 index = batch.indices[pos]
                 skipped.append((index, source.samples[index].id, message))
                 shard.excluded.append(index)
-            shard.add(batch.indices, {**encode_batch(lpm, high, cfg.mean, cfg.std), "images": low})
+            shard.add(batch.indices, {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision), "images": low})
             if batch.last_of_shard:
                 pool.submit(shard)
                 shard = None
@@ -250,7 +251,9 @@ def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> lis
 
 class ShardBuffer:
     """One shard's sample arrays, filled batch by batch: host tensors (pinned on CUDA, so the device-to-host
-    copies are asynchronous) in the store's shapes and dtypes."""
+    copies are asynchronous) in the store's shapes and dtypes. Whether every stored feature is finite is tracked
+    on the device and read with the arrays: a backbone whose activations overflow the precision (or the fp16 of
+    the store) is stopped before its shard is written."""
 
     def __init__(self, geometry: Geometry, shard: int, pinned: bool):
         self.shard, self.rows = shard, geometry.shard_range(shard)
@@ -258,22 +261,35 @@ class ShardBuffer:
                        for name, (shape, dtype) in geometry.sample_shapes().items() if name in SAMPLE_ARRAYS}
         self.excluded: list[int] = []
         self.ready = torch.cuda.Event() if pinned else None
+        self._finite: list[torch.Tensor] = []                     # one device bool per batch
+        self.finite = torch.ones((), dtype=torch.bool, pin_memory=pinned)
 
     def add(self, indices: list[int], batch: dict[str, torch.Tensor]) -> None:
         """Copy one batch (device or host tensors, [b, ...] each) into its rows; asynchronous from CUDA."""
         rows = slice(indices[0] - self.rows.start, indices[-1] + 1 - self.rows.start)
         for name, target in self.arrays.items():
             target[rows].copy_(batch[name], non_blocking=True)
+        self._finite.append(torch.stack([torch.isfinite(batch[n]).all() for n in FINITE_ARRAYS]).all())
 
     def seal(self) -> None:
         """Mark the end of the copies into this shard (an event the writer thread waits for)."""
+        if self._finite:
+            self.finite.copy_(torch.stack(self._finite).all(), non_blocking=True)
         if self.ready is not None:
             self.ready.record()
 
     def numpy(self) -> dict[str, np.ndarray]:
         if self.ready is not None:
             self.ready.synchronize()
+        if not bool(self.finite):
+            raise FptError(f"the LPM's output is not finite in shard {self.shard} (samples {self.rows.start}-"
+                           f"{self.rows.stop - 1}): the backbone overflows its precision or the store's fp16; "
+                           "re-run with --precision bf16 or fp32 and --overwrite (precision is part of the "
+                           "store's identity)")
         return {name: t.numpy() for name, t in self.arrays.items()}
+
+
+FINITE_ARRAYS = ("keys", "values", "cls")
 
 
 def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
@@ -389,7 +405,8 @@ def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers:
     """The store's identity and description (``None`` layers/k: not known yet, left out)."""
     counts = Counter((s.split, s.label) for s in source.samples)
     extraction = {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
-                  "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res}
+                  "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res,
+                  "precision": cfg.precision if cfg.precision != "auto" else None}
     return {
         "backbone": backbone,
         "extraction": {key: v for key, v in extraction.items() if v is not None},

@@ -19,6 +19,8 @@ def test_missing_and_unknown_data(tmp_path, monkeypatch):
     fails_cleanly(["extract"], "give --dataset NAME")
     fails_cleanly(["extract", "--dataset", "demo", "--writers", "fibres"],
                   "--writers 'fibres': choose one of auto, threads, processes")
+    fails_cleanly(["extract", "--dataset", "demo", "--precision", "fp8"],
+                  "--precision 'fp8': choose one of auto, bf16, fp16, fp32")
 
 
 def test_empty_split_and_bad_res(tmp_path):

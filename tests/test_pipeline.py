@@ -123,3 +123,48 @@ def test_a_write_failing_in_a_writer_process_is_raised_and_the_other_shards_are_
     assert done[:3].all() and not done[3:].any()
     np.testing.assert_array_equal(StoreReader(tmp_path / "s.zarr").read(range(3), ("keys",))["keys"], good["keys"])
     assert shared_files() == before
+
+
+def test_a_non_finite_lpm_output_stops_before_its_shard_and_keeps_the_others(tmp_path, image_folder, monkeypatch):
+    """fp16 overflow (or a backbone producing inf): the shard is not written, the error says what to do."""
+    from fpt import FptError
+    from fpt.extract import run
+
+    real = run.encode_batch
+    calls = []
+
+    def overflowing(lpm, high, mean, std, precision):
+        out = real(lpm, high, mean, std, precision)
+        calls.append(1)
+        if len(calls) == 3:                                    # batch 3 = the first of shard 1 (batch 2, shard 4)
+            out["values"][0, 0, 0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(run, "encode_batch", overflowing)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(FptError, match=r"not finite in shard 1 .*--precision bf16 or fp32 and --overwrite"):
+        extract(micro_config(image_folder, store, samples_per_shard=4, batch_size=2))
+    done = StoreReader(store).done()
+    assert done[:4].all() and not done[4:8].any()
+
+
+def test_precision_is_recorded_resolved_and_refused_when_it_changes(tmp_path, image_folder):
+    from fpt import FptError
+
+    store = tmp_path / "s.zarr"
+    extract(micro_config(image_folder, store))
+    reader = StoreReader(store)
+    assert reader.attrs["extraction"]["precision"] == "fp32" and reader.attrs["last_run"]["precision"] == "fp32"
+    with pytest.raises(FptError, match="extraction.precision: stored 'fp32', requested 'bf16'"):
+        extract(micro_config(image_folder, store, precision="bf16"))
+
+
+def test_bf16_and_fp16_autocast_run_on_a_cpu_and_stay_close_to_fp32(tmp_path, image_folder):
+    stores = {p: tmp_path / f"{p}.zarr" for p in ("fp32", "bf16", "fp16")}
+    for precision, store in stores.items():
+        extract(micro_config(image_folder, store, precision=precision))
+    ref = StoreReader(stores["fp32"]).read(range(16), ("keys", "cls"))
+    for precision in ("bf16", "fp16"):
+        got = StoreReader(stores[precision]).read(range(16), ("keys", "cls"))
+        assert StoreReader(stores[precision]).attrs["extraction"]["precision"] == precision
+        np.testing.assert_allclose(got["cls"].astype(np.float32), ref["cls"].astype(np.float32), atol=0.1)
