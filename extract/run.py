@@ -28,7 +28,7 @@ from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
-from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedShard, StoreLock, StoreReader, StoreWriter,
+from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedShard, StoreLocation, StoreLock, StoreReader, StoreWriter,
                        check_same_extraction, choose_samples_per_shard, is_url, write_shared_shard)
 
 Progress = Callable[[int, int], None]
@@ -295,6 +295,8 @@ FINITE_ARRAYS = ("keys", "values", "cls")
 def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
     """``cfg.writers`` resolved: writer processes on CUDA (the GPU outruns one process's zarr event loop, see
     ``fpt.store.shared``), threads on a CPU (the LPM needs the cores there)."""
+    if not StoreLocation(cfg.out).shared_between_processes:      # memory://: a writer process would write
+        return "threads"                                         # into a filesystem of its own
     if cfg.writers != "auto":
         return cfg.writers
     return "processes" if device.type == "cuda" else "threads"

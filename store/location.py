@@ -60,6 +60,12 @@ class StoreLocation:
         return f"StoreLocation({self.url!r})"
 
     @property
+    def shared_between_processes(self) -> bool:
+        """Whether another process sees what this one writes (not so for ``memory://``: one per process)."""
+        from fsspec.implementations.memory import MemoryFileSystem
+        return not isinstance(self.fs, MemoryFileSystem)
+
+    @property
     def name(self) -> str:
         """The last path component (``cmmd.zarr``)."""
         return self.root.rsplit("/", 1)[-1]

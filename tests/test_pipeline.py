@@ -168,3 +168,18 @@ def test_bf16_and_fp16_autocast_run_on_a_cpu_and_stay_close_to_fp32(tmp_path, im
         got = StoreReader(stores[precision]).read(range(16), ("keys", "cls"))
         assert StoreReader(stores[precision]).attrs["extraction"]["precision"] == precision
         np.testing.assert_allclose(got["cls"].astype(np.float32), ref["cls"].astype(np.float32), atol=0.1)
+
+
+def test_memory_stores_keep_writer_threads_even_when_processes_are_asked(tmp_path, image_folder):
+    """A memory:// filesystem lives in one process: a writer process would write into its own copy."""
+    import time
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    url = f"memory://fpt-writers-{time.time_ns()}/s.zarr"
+    try:
+        assert extract(micro_config(image_folder, url, writers="processes")).n_written == 16
+        reader = StoreReader(url)
+        assert reader.attrs["last_run"]["writers"] == "threads" and reader.done().all()
+    finally:
+        MemoryFileSystem().rm(url.removeprefix("memory://").rsplit("/", 1)[0], recursive=True)
