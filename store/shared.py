@@ -7,7 +7,8 @@ which is what ``fpt extract`` reached on an H100 machine (ViT-B: 111 images/s at
 number of writer threads). Each writer process has its own event loop, so writes scale with the cores.
 
 Transport: ``SharedShard`` copies a shard's arrays into one file under /dev/shm (the temporary directory where
-there is none) and the writer process maps it read-only: one memory copy on each side, no pickling of arrays.
+/dev/shm is missing or too small) and the writer process maps it read-only: one memory copy on each side, no
+pickling of arrays.
 The file is removed when the ``with`` block ends, also on errors.
 """
 from __future__ import annotations
@@ -36,8 +37,7 @@ class SharedShard:
         for name, a in arrays.items():
             self.spec[name] = (size, tuple(a.shape), a.dtype.str)
             size += -(-a.nbytes // ALIGN) * ALIGN
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        fd, self.path = tempfile.mkstemp(prefix="fpt-shard-", dir=folder)
+        fd, self.path = tempfile.mkstemp(prefix="fpt-shard-", dir=handover_folder(size))
         try:
             os.ftruncate(fd, max(size, 1))
             memory = np.memmap(self.path, np.uint8, "r+", shape=(max(size, 1),))
@@ -58,6 +58,18 @@ class SharedShard:
 
     def _remove(self) -> None:
         Path(self.path).unlink(missing_ok=True)
+
+
+def handover_folder(size: int) -> str:
+    """/dev/shm when it has room for ``size`` bytes twice over (containers often give it only 64 MB, and writing
+    past a full tmpfs through a memory map kills the process), else the temporary directory."""
+    try:
+        stat = os.statvfs("/dev/shm")
+        if stat.f_bavail * stat.f_frsize >= 2 * size:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return tempfile.gettempdir()
 
 
 def _view(memory: np.ndarray, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -183,3 +183,25 @@ def test_memory_stores_keep_writer_threads_even_when_processes_are_asked(tmp_pat
         assert reader.attrs["last_run"]["writers"] == "threads" and reader.done().all()
     finally:
         MemoryFileSystem().rm(url.removeprefix("memory://").rsplit("/", 1)[0], recursive=True)
+
+
+def test_shard_handover_avoids_a_full_dev_shm(monkeypatch):
+    """Containers often give /dev/shm 64 MB: a shard that does not fit twice goes through the temp directory."""
+    import os
+
+    from fpt.store import shared
+
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Full())
+    assert shared.handover_folder(1 << 20) == tempfile.gettempdir()
+    assert shared.handover_folder(1 << 10) == "/dev/shm"
+    Full.f_bavail = 0
+    arrays = shard_arrays(3, seed=2)
+    with shared.SharedShard(arrays) as (path, spec):
+        assert Path(path).parent == Path(tempfile.gettempdir())
+        memory = np.memmap(path, np.uint8, "r")
+        for name, a in arrays.items():
+            np.testing.assert_array_equal(shared._view(memory, *spec[name]), a)
+    assert not Path(path).exists()
