@@ -28,8 +28,8 @@ from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
-from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedShard, StoreLocation, StoreLock, StoreReader, StoreWriter,
-                       check_same_extraction, choose_samples_per_shard, is_url, write_shared_shard)
+from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedArrays, StoreLocation, StoreLock, StoreReader,
+                       StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, write_shared_shard)
 
 Progress = Callable[[int, int], None]
 
@@ -342,7 +342,7 @@ class ShardWriterPool:
         if self.processes is None:
             self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
         else:
-            with SharedShard(shard.numpy()) as (path, spec):
+            with SharedArrays(shard.numpy()) as (path, spec):
                 self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
                                       shard.excluded).result()
         return len(shard.rows)

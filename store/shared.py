@@ -1,4 +1,5 @@
-"""Whole-shard writes in writer processes: a shard's arrays handed over through one memory-mapped file.
+"""Arrays handed to other processes on this machine through one memory-mapped file (``SharedArrays``): a
+shard's arrays to a writer process (``write_shared_shard``), a store split to the concurrent runs of a sweep.
 
 Why processes: zarr runs every synchronous call of a process on one event-loop thread, and that thread does part
 of each write itself (the bytes and checksum codecs, assembling the shard from its encoded chunks: memory copies
@@ -6,9 +7,9 @@ proportional to the data). Measured on the dev box, about 2 ms per MB of K/V: on
 which is what ``fpt extract`` reached on an H100 machine (ViT-B: 111 images/s at 512, 33 at 1024, whatever the
 number of writer threads). Each writer process has its own event loop, so writes scale with the cores.
 
-Transport: ``SharedShard`` copies a shard's arrays into one file under /dev/shm (the temporary directory where
-/dev/shm is missing or too small) and the writer process maps it read-only: one memory copy on each side, no
-pickling of arrays.
+Transport: ``SharedArrays`` copies the arrays into one file under /dev/shm (the temporary directory where
+/dev/shm is missing or too small) and the other process maps it read-only (``open_shared``): one memory copy on
+the way in, none on the way out, no pickling of arrays.
 The file is removed when the ``with`` block ends, also on errors.
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ Spec = dict[str, tuple[int, tuple[int, ...], str]]
 ALIGN = 64
 
 
-class SharedShard:
-    """``with SharedShard(arrays) as (path, spec):`` the arrays copied into one memory-mapped file."""
+class SharedArrays:
+    """``with SharedArrays(arrays) as (path, spec):`` the arrays copied into one memory-mapped file, removed when
+    the block ends; ``open_shared(path, spec)`` gives them back in any process of this machine."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray]):
         self.spec: Spec = {}
@@ -37,7 +39,7 @@ class SharedShard:
         for name, a in arrays.items():
             self.spec[name] = (size, tuple(a.shape), a.dtype.str)
             size += -(-a.nbytes // ALIGN) * ALIGN
-        fd, self.path = tempfile.mkstemp(prefix="fpt-shard-", dir=handover_folder(size))
+        fd, self.path = tempfile.mkstemp(prefix="fpt-shared-", dir=handover_folder(size))
         try:
             os.ftruncate(fd, max(size, 1))
             memory = np.memmap(self.path, np.uint8, "r+", shape=(max(size, 1),))
@@ -72,9 +74,15 @@ def handover_folder(size: int) -> str:
     return tempfile.gettempdir()
 
 
-def _view(memory: np.ndarray, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+def _view(memory: np.ndarray, offset: int, shape: Sequence[int], dtype: str) -> np.ndarray:
     dtype = np.dtype(dtype)
-    return memory[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(shape)
+    return memory[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(tuple(shape))
+
+
+def open_shared(path: str, spec: Spec) -> dict[str, np.ndarray]:
+    """The arrays of a ``SharedArrays`` file, read-only (``spec`` may have come through JSON: lists for tuples)."""
+    memory = np.memmap(path, np.uint8, "r")
+    return {name: _view(memory, *s) for name, s in spec.items()}
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,6 +91,5 @@ def _writer(store: str) -> StoreWriter:
 
 
 def write_shared_shard(store: str, shard: int, path: str, spec: Spec, excluded: Sequence[int] = ()) -> None:
-    """In a writer process: ``StoreWriter.write_shard`` of the arrays a ``SharedShard`` holds."""
-    memory = np.memmap(path, np.uint8, "r")
-    _writer(store).write_shard(shard, {name: _view(memory, *s) for name, s in spec.items()}, excluded)
+    """In a writer process: ``StoreWriter.write_shard`` of the arrays a ``SharedArrays`` file holds."""
+    _writer(store).write_shard(shard, open_shared(path, spec), excluded)

@@ -81,7 +81,7 @@ def test_one_extraction_builds_the_lpm_once(tmp_path, image_folder, monkeypatch)
 
 def shared_files() -> set[str]:
     folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return {p.name for p in folder.glob("fpt-shard-*")}
+    return {p.name for p in folder.glob("fpt-shared-*")}
 
 
 def test_writer_processes_give_the_serial_store(tmp_path, image_folder):
@@ -199,7 +199,7 @@ def test_shard_handover_avoids_a_full_dev_shm(monkeypatch):
     assert shared.handover_folder(1 << 10) == "/dev/shm"
     Full.f_bavail = 0
     arrays = shard_arrays(3, seed=2)
-    with shared.SharedShard(arrays) as (path, spec):
+    with shared.SharedArrays(arrays) as (path, spec):
         assert Path(path).parent == Path(tempfile.gettempdir())
         memory = np.memmap(path, np.uint8, "r")
         for name, a in arrays.items():

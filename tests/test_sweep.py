@@ -179,3 +179,38 @@ def test_concurrent_runs_give_the_results_of_each_run_alone(store, tmp_path, clu
             assert all(torch.equal(a[k], b[k]) for k in a)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_local_runs_share_one_copy_of_the_splits_and_give_the_results_of_each_run_alone(store, tmp_path):
+    """local:2, cached splits: read once into shared memory for both runs; each run's metrics equal its
+    configuration trained alone (reading the store itself), and nothing is left in shared memory."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from fpt.config import train_config
+    from fpt.train import train
+
+    def shared_files():
+        return {p for d in ("/dev/shm", tempfile.gettempdir()) if Path(d).is_dir()
+                for p in Path(d).glob("fpt-shared-*")}
+
+    before = shared_files()
+    cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2", cache="ram",
+                       out=tmp_path / "sweep", **TINY)
+    summary = run_sweep(cfg)
+    assert summary.ran == 2 and shared_files() == before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))         # as each of the 2 local workers
+    try:
+        for g in summary.grid:
+            swept = json.loads((Path(g.run_dir) / "metrics.json").read_text())
+            assert swept["data"]["cache"]["mode"] == "ram" and swept["data"]["cache"]["shared"] is True
+            alone = train(train_config(store, None, out=tmp_path / f"alone-{g.lr}", lr=g.lr, cache="ram",
+                                       weight_decay=g.weight_decay, seed=g.seed, **TINY))
+            assert alone.data["cache"]["shared"] is False
+            assert swept["val"] == alone.val and swept["test"] == alone.test
+    finally:
+        torch.set_num_threads(threads)

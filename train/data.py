@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
 from fpt.config import AugmentConfig
-from fpt.store import StoreReader
+from fpt.store import StoreReader, open_shared
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
 DRAWS = 9                     # uniform random numbers per image of the training augmentation (SideInput.params)
@@ -103,11 +103,16 @@ def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+# split -> (path, spec) of a SharedArrays file holding the split's arrays (a sweep's runs share one copy)
+SharedSplits = dict[str, tuple[str, dict]]
+
+
 def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,
-               workers: int | None = None) -> SplitData:
-    """The split's data, in memory (mode ram/gpu) or streamed (none)."""
+               workers: int | None = None, shared: SharedSplits | None = None) -> SplitData:
+    """The split's data, in memory (mode ram/gpu: from ``shared`` when it holds the split) or streamed (none)."""
     if mode in ("ram", "gpu"):
-        return MemorySplit(reader, split, names, device, on_device=mode == "gpu")
+        arrays = open_shared(*shared[split]) if shared and split in shared else None
+        return MemorySplit(reader, split, names, device, on_device=mode == "gpu", arrays=arrays)
     return StreamSplit(reader, split, names, device, default_workers(device) if workers is None else workers)
 
 
@@ -120,13 +125,18 @@ def _to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
 
 class MemorySplit:
     """A split read once into RAM (numpy; a batch is a ``take`` of its rows, then one copy to the device) or,
-    with ``on_device``, onto the training GPU (tensors; a batch is an ``index_select`` there)."""
+    with ``on_device``, onto the training GPU (tensors; a batch is an ``index_select`` there). ``arrays``: the
+    split already read (read-only views of a shared copy); checked against the split's size and names."""
 
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
-                 on_device: bool = False):
-        arrays = reader.read(reader.split_indices(split), names)
+                 on_device: bool = False, arrays: dict[str, np.ndarray] | None = None):
+        n = len(reader.split_indices(split))
+        if arrays is None or set(arrays) != set(names) or any(len(a) != n for a in arrays.values()):
+            arrays = reader.read(reader.split_indices(split), names)
         self.arrays = None if on_device else arrays
-        self.tensors = {n: torch.from_numpy(a).to(device) for n, a in arrays.items()} if on_device else None
+        # a shared copy is read-only: np.require copies it (once, on the host) rather than torch warning about it
+        self.tensors = ({n: torch.from_numpy(np.require(a, requirements="W")).to(device) for n, a in arrays.items()}
+                        if on_device else None)
         self.n, self.device = len(arrays["labels"]), device
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ import torch
 from fpt import FptError
 from fpt.config import TrainConfig, resolve_device
 from fpt.store import StoreReader, store_stem, verify
-from fpt.train.data import SideInput, SplitData, batch_count, open_split, plan_cache
+from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
 from fpt.train.files import CheckpointWriter, atomic_write_text, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
@@ -165,14 +165,16 @@ class Training:
 
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
           on_start: Callable[[dict], None] | None = None,
-          on_batch: Callable[[int, int, int], None] | None = None) -> RunMetrics:
+          on_batch: Callable[[int, int, int], None] | None = None,
+          shared: SharedSplits | None = None) -> RunMetrics:
     """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt, log.jsonl and the test
     split's ROC and confusion-matrix pictures (test-roc.png, test-confusion.png) to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
     each epoch's log record, ``on_batch(epoch, steps done, steps per epoch)`` each training step. A run dir
-    holding an unfinished run of the same configuration resumes from its last finished epoch."""
-    run = set_up(cfg)
+    holding an unfinished run of the same configuration resumes from its last finished epoch. ``shared``: the
+    train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached."""
+    run = set_up(cfg, shared)
     if on_start:
         on_start(run.info)
     session: list[tuple[int, float]] = []          # (samples, seconds) of the epochs trained in this call
@@ -187,7 +189,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     return finish(run, memory, session)
 
 
-def set_up(cfg: TrainConfig) -> Training:
+def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
     """Check the store and the configuration, plan the data, build (or restore) model, optimizer and RNGs."""
     reader = StoreReader(cfg.store)
     reader.require_complete()
@@ -206,7 +208,7 @@ def set_up(cfg: TrainConfig) -> Training:
                        "and the last partial batch is dropped (drop_last); lower --batch-size")
     out.mkdir(parents=True, exist_ok=True)
 
-    train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers)
+    train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers, shared)
                             for s in ("train", "val"))
     compile = compile_default(device) if getattr(cfg, "compile", None) is None else cfg.compile
     torch.manual_seed(cfg.seed)
@@ -225,7 +227,8 @@ def set_up(cfg: TrainConfig) -> Training:
         state = RunState(resume["history"], BestEpoch(**resume["best"]), resume["samples"], resume["seconds"],
                          resume["epoch"] + 1)
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
-    info = {"method": spec.method, "cache": plan.as_dict(), "train": len(train_data), "val": len(val_data),
+    cache = {**plan.as_dict(), "shared": bool(shared) and plan.mode in ("ram", "gpu")}
+    info = {"method": spec.method, "cache": cache, "train": len(train_data), "val": len(val_data),
             "device": str(device), "compiled": step.is_compiled, "drop_last": drop_last(cfg),
             "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
             "dataset_warnings": reader.attrs["dataset"].get("warnings", [])}   # recorded at extraction

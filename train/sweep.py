@@ -12,10 +12,13 @@ sweep resumes where it stopped (and an unfinished run resumes from its last epoc
 One run at batch 16 leaves most of a GPU idle, so a local scheduler starts several worker processes per GPU
 (``runs_per_gpu``: given, or as many as fit the free GPU memory by the step's measured peak plus the cached
 split). Each run is still alone in its process, with its own seeded RNGs: a run's results are the same as
-running its configuration alone.
+running its configuration alone. Local runs that cache their splits read them from one copy in shared memory
+(``share_splits``; on the GPU each run still copies it to its own memory: one shared GPU copy would need CUDA
+IPC between the worker processes, not built).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -29,7 +32,8 @@ import psutil
 
 from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
-from fpt.store import StoreReader
+from fpt.store import SharedArrays, StoreReader
+from fpt.train.data import SharedSplits, sample_bytes
 from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
@@ -74,7 +78,7 @@ def finished_metrics(run: Run) -> RunMetrics | None:
     return metrics
 
 
-def train_task(cfg: dict[str, Any], threads: int | None) -> RunMetrics:
+def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | None = None) -> RunMetrics:
     """One run on a dask worker (module-level, so workers import it by name)."""
     import torch
 
@@ -84,7 +88,7 @@ def train_task(cfg: dict[str, Any], threads: int | None) -> RunMetrics:
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**{**cfg, "store": str(cfg["store"]), "out": Path(cfg["out"])})
-    return train(replace(cfg, device=worker_device(cfg.device)))
+    return train(replace(cfg, device=worker_device(cfg.device)), shared=shared)
 
 
 CUDA_CONTEXT_MB = 600         # a process's CUDA context and kernels (not counted by max_memory_allocated)
@@ -140,19 +144,26 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     from fpt.cluster import dask_client
 
     reader = StoreReader(runs[0].cfg.store)      # checksum the store once for the sweep, not once per run
-    corrupt = exclude_corrupt(reader, model_spec(reader, runs[0].cfg).inputs, runs[0].cfg.skip_corrupt)
+    names = model_spec(reader, runs[0].cfg).inputs
+    corrupt = exclude_corrupt(reader, names, runs[0].cfg.skip_corrupt)
     cuda = resolve_device(runs[0].cfg.device).type == "cuda"
     if cuda and scheduler == "local" and per_gpu is None:
         per_gpu, _ = measured_runs_per_gpu(runs[0].cfg)
-    with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads):
+    with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads), contextlib.ExitStack() as stack:
+        # local workers on this machine: the train and val splits read once into shared memory for all runs
+        shared = (share_splits(reader, names, stack) if threads is not None and len(todo) > 1
+                  and runs[0].cfg.cache != "none" else None)
         by_future = {}
         for run in todo:
             cfg = jsonable(asdict(replace(run.cfg, corrupt=corrupt)))
             if threads is not None and run.cfg.cache_budget_mb is None:
-                # N local runs share this machine's RAM (or each GPU): half of it, split N ways
+                # N local runs share this machine's RAM (or each GPU): half of it, split N ways (the RAM once
+                # when the runs share one copy of the splits)
                 cfg["cache_budget_mb"] = (_free_gpu_mb() / 2 / (per_gpu or 1) if cuda else
-                                          psutil.virtual_memory().available / 2**21 / len(client.nthreads()))
-            future = client.submit(train_task, cfg, threads, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
+                                          psutil.virtual_memory().available / 2**21
+                                          / (1 if shared else len(client.nthreads())))
+            future = client.submit(train_task, cfg, threads, shared,
+                                   key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)
             by_future[future] = run
         for future in as_completed(list(by_future)):
@@ -169,6 +180,16 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
             if on_run:
                 on_run(run, metrics, False)
     return results
+
+
+def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.ExitStack) -> SharedSplits | None:
+    """The train and val splits read once into shared memory (``SharedArrays``, removed when ``stack``
+    closes), when they fit in half the available RAM; else None (each run then reads what it caches)."""
+    need = sum(len(reader.split_indices(s)) for s in ("train", "val")) * sample_bytes(reader, names)
+    if need > psutil.virtual_memory().available / 2:
+        return None
+    return {split: stack.enter_context(SharedArrays(reader.read(reader.split_indices(split), names)))
+            for split in ("train", "val")}
 
 
 def _free_gpu_mb() -> float:
