@@ -211,8 +211,10 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
     if result.n_written == 0:
         console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
     else:
+        steady = (f", {result.steady_images_per_s:.3g} after the first shard" if result.steady_images_per_s
+                  else "")
         console.print(f"wrote {result.n_written} samples to [bold]{result.path}[/] in {result.seconds:.1f} s "
-                      f"({result.images_per_s:.3g} images/s, peak memory {result.peak_memory_mb:.0f} MB)")
+                      f"({result.images_per_s:.3g} images/s{steady}, peak memory {result.peak_memory_mb:.0f} MB)")
     if result.n_skipped:
         err.print(f"[bold yellow]skipped {result.n_skipped} unreadable images[/] (excluded from every split); "
                   f"paths and errors: {result.skipped_report}")

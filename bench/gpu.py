@@ -175,7 +175,8 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
             result = extract(extract_config(None, tree, out=str(out), backbone=model, random_init=True, res=res,
                                             batch_size=batch, device=device.type, mean=MEAN, std=STD,
                                             workers=workers, overwrite=True))
-            row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2)}
+            row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2),
+                   "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2)}
         elif case == "official_script":
             row = official_script(tree, out, model, res, batch, workers, device)
         else:
@@ -250,6 +251,8 @@ def add_ratios(rows: list[dict]) -> None:
             r[f"vs_{ref}"] = round(speed / by[(ref, res)]["images_per_s"], 3)
         if speed and r["case"] == "fpt_extract" and ("official_script", res) in by:
             r["vs_official_script"] = round(speed / by[("official_script", res)]["images_per_s"], 3)
+        if r.get("steady_images_per_s") and ("lpm", res) in by:          # without the start: the loop's own rate
+            r["steady_vs_lpm"] = round(r["steady_images_per_s"] / by[("lpm", res)]["images_per_s"], 3)
 
 
 def print_table(rows: list[dict], device: str) -> None:
@@ -259,7 +262,7 @@ def print_table(rows: list[dict], device: str) -> None:
     for column in ("case", "res", "batch", "images/s", "peak MB", "ratios", "note"):
         table.add_column(column, justify="right" if column in ("res", "batch", "images/s", "peak MB") else "left")
     for r in rows:
-        ratios = ", ".join(f"{k[3:]} {v:.2f}x" for k, v in r.items() if k.startswith("vs_"))
+        ratios = ", ".join(f"{k.replace('vs_', '')} {v:.2f}x" for k, v in r.items() if "vs_" in k)
         note = r.get("error") or (f"selection = fp32 on {r['selection_agreement']:.2%}" if "selection_agreement" in r
                                   else f"{r['disk_mb']} MB on disk" if "disk_mb" in r else "")
         table.add_row(r["case"], str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),

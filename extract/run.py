@@ -44,6 +44,27 @@ class ExtractResult:
     peak_memory_mb: float
     n_skipped: int = 0                  # unreadable sources skipped by this run (--on-error skip)
     skipped_report: str | None = None   # where their paths and errors are listed
+    # from the first finished shard to the last: without the start (workers, first batches, compiling); None
+    # with fewer than 3 shards written
+    steady_images_per_s: float | None = None
+
+
+class ShardClock:
+    """Wraps a progress callback and notes when each shard's samples were done (for the steady-state rate)."""
+
+    def __init__(self, progress: Progress | None, now: Callable[[], float] = time.perf_counter):
+        self.progress, self.now, self.marks = progress, now, []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.marks.append((self.now(), done))
+        if self.progress:
+            self.progress(done, total)
+
+    def steady_images_per_s(self) -> float | None:
+        if len(self.marks) < 3:
+            return None
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 def default_layers(depth: int) -> list[int]:
@@ -122,12 +143,12 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         host_buffer_mb = (write_threads + 1) * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+        start, clock = time.perf_counter(), ShardClock(progress)
         try:
             if scheduler is None:
-                written, skipped = extract_shards(cfg, pending, progress)
+                written, skipped = extract_shards(cfg, pending, clock)
             else:
-                written, skipped = extract_on_dask(cfg, pending, scheduler, progress)
+                written, skipped = extract_on_dask(cfg, pending, scheduler, clock)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 done = int(StoreReader(cfg.out).done().sum())
@@ -140,12 +161,13 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         seconds = time.perf_counter() - start
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
-                               n_skipped=len(skipped))
+                               n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s())
         if skipped:
             result.skipped_report = str(writer.record_skipped(sorted(skipped)))
         if written:
             writer.update_attrs(last_run={
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
+                "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
                 "write_threads": write_threads, "precision": cfg.precision,

@@ -205,3 +205,24 @@ def test_shard_handover_avoids_a_full_dev_shm(monkeypatch):
         for name, a in arrays.items():
             np.testing.assert_array_equal(shared._view(memory, *spec[name]), a)
     assert not Path(path).exists()
+
+
+def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_folder):
+    result = extract(micro_config(image_folder, tmp_path / "s.zarr", samples_per_shard=2))
+    run = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
+    assert result.steady_images_per_s and run["steady_images_per_s"] == round(result.steady_images_per_s, 3)
+    few = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))     # 2 shards
+    assert few.steady_images_per_s is None
+
+
+def test_shard_clock_rate_leaves_out_the_time_before_the_first_shard():
+    from fpt.extract import run
+
+    times = iter([10.0, 11.0, 12.5, 14.0])                  # the first shard took 10 s to arrive
+    seen = []
+    clock = run.ShardClock(lambda done, total: seen.append((done, total)), now=lambda: next(times))
+    for done in (4, 8, 12, 16):
+        clock(done, 16)
+    assert clock.steady_images_per_s() == (16 - 4) / (14.0 - 10.0)
+    assert seen == [(4, 16), (8, 16), (12, 16), (16, 16)]
+    assert run.ShardClock(None).steady_images_per_s() is None
