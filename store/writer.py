@@ -22,6 +22,8 @@ from fpt.store.reader import open_group
 # chose are compared before the backbone's derived facts, so a refusal names the option that changed.
 IDENTITY_SECTIONS = ("extraction", "normalization", "dataset", "backbone")
 VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through the ids instead
+# identity keys that stores written before them lack: such a store is not refused for lacking one
+LATER_KEYS = {("extraction", "precision")}
 
 
 class StoreWriter:
@@ -167,6 +169,8 @@ def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any], p
         a = {k: v for k, v in (stored.get(section) or {}).items() if k not in VOLATILE_KEYS}
         b = {k: v for k, v in _as_stored(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
         for key in sorted(set(b) if partial else set(a) | set(b)):
+            if key not in a and (section, key) in LATER_KEYS:
+                continue
             if a.get(key) != b.get(key):
                 return f"{section}.{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
     return None

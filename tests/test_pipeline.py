@@ -226,3 +226,15 @@ def test_shard_clock_rate_leaves_out_the_time_before_the_first_shard():
     assert clock.steady_images_per_s() == (16 - 4) / (14.0 - 10.0)
     assert seen == [(4, 16), (8, 16), (12, 16), (16, 16)]
     assert run.ShardClock(None).steady_images_per_s() is None
+
+
+def test_a_store_from_before_precision_was_recorded_is_still_resumed(tmp_path, image_folder):
+    import zarr
+
+    store = tmp_path / "s.zarr"
+    extract(micro_config(image_folder, store, samples_per_shard=4))
+    group = zarr.open_group(store, mode="r+")
+    extraction = dict(group.attrs["extraction"])
+    del extraction["precision"]                                # as fpt 0.1.0 before --precision wrote it
+    group.attrs["extraction"] = extraction
+    assert extract(micro_config(image_folder, store, samples_per_shard=4)).n_written == 0     # complete: no refusal
