@@ -640,7 +640,9 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
                               f"D={bb['embed_dim']}, H={bb['heads']}, d={bb['head_dim']}, patch {bb['patch_size']})"),
                  ("weights sha256", bb["weights_sha256"][:16] + "…"),
                  ("extraction", f"res {ex['res']}, layers {ex['layers']}, token ratio {ex['token_ratio']} "
-                                f"-> k={ex['k']}, importance {ex['importance']}, low-res {ex['image_res']} px"),
+                                f"-> k={ex['k']}, importance {ex['importance']}, "
+                                + (f"{ex['precision']} arithmetic, " if "precision" in ex else "")
+                                + f"low-res {ex['image_res']} px"),
                  ("complete", f"{s['done']}/{s['n_samples']} samples"
                               + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),
                  ("integrity", _integrity_line(report)),

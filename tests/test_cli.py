@@ -74,7 +74,8 @@ def test_inspect_shows_the_store(micro_store, monkeypatch):
     monkeypatch.setattr(cli.console, "width", 160)
     result = runner.invoke(app, ["inspect", str(micro_store)])
     assert result.exit_code == 0, result.output
-    for text in ("schema version", "fpt_test_vit_micro_patch8", "k=13", "16/16 samples", "keys", "crc32c"):
+    for text in ("schema version", "fpt_test_vit_micro_patch8", "k=13", "fp32 arithmetic", "16/16 samples", "keys",
+                 "crc32c"):
         assert text in result.output
     as_json = runner.invoke(app, ["inspect", str(micro_store), "--json"])
     assert json.loads(as_json.output)["counts"]["train"] == {"benign": 4, "malignant": 4}
