@@ -39,7 +39,8 @@ class SharedArrays:
         for name, a in arrays.items():
             self.spec[name] = (size, tuple(a.shape), a.dtype.str)
             size += -(-a.nbytes // ALIGN) * ALIGN
-        fd, self.path = tempfile.mkstemp(prefix="fpt-shared-", dir=handover_folder(size))
+        remove_stale()
+        fd, self.path = tempfile.mkstemp(prefix=f"fpt-shared-{os.getpid()}-", dir=handover_folder(size))
         try:
             os.ftruncate(fd, max(size, 1))
             memory = np.memmap(self.path, np.uint8, "r+", shape=(max(size, 1),))
@@ -60,6 +61,32 @@ class SharedArrays:
 
     def _remove(self) -> None:
         Path(self.path).unlink(missing_ok=True)
+
+
+_cleaned: list[bool] = []
+
+
+def remove_stale() -> None:
+    """Once per process: remove the hand-over files of processes that no longer exist (killed with -9, their
+    ``with`` block never ended), which would otherwise hold memory in /dev/shm until a reboot."""
+    if _cleaned:
+        return
+    _cleaned.append(True)
+    for folder in {"/dev/shm", tempfile.gettempdir()}:
+        for path in Path(folder).glob("fpt-shared-*-*"):
+            pid = path.name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process
+        return True
+    return True
 
 
 def handover_folder(size: int) -> str:

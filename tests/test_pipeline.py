@@ -1,5 +1,6 @@
 """The pipelined extraction loop: batches per shard, shard buffers, concurrent shard writers (threads and
 writer processes)."""
+import os
 import tempfile
 from pathlib import Path
 
@@ -238,3 +239,20 @@ def test_a_store_from_before_precision_was_recorded_is_still_resumed(tmp_path, i
     del extraction["precision"]                                # as fpt 0.1.0 before --precision wrote it
     group.attrs["extraction"] = extraction
     assert extract(micro_config(image_folder, store, samples_per_shard=4)).n_written == 0     # complete: no refusal
+
+
+def test_hand_over_files_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from fpt.store import shared
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setattr(shared.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(shared, "_cleaned", [])
+    stale, alive = tmp_path / f"fpt-shared-{dead}-abc", tmp_path / f"fpt-shared-{os.getpid()}-abc"
+    stale.write_bytes(b"x")
+    alive.write_bytes(b"x")
+    shared.remove_stale()
+    assert not stale.exists() and alive.exists()
