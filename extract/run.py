@@ -271,6 +271,9 @@ def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> lis
     return out
 
 
+FINITE_ARRAYS = ("keys", "values", "cls")      # the LPM's features, checked finite before a shard is written
+
+
 class ShardBuffer:
     """One shard's sample arrays, filled batch by batch: host tensors (pinned on CUDA, so the device-to-host
     copies are asynchronous) in the store's shapes and dtypes. Whether every stored feature is finite is tracked
@@ -309,9 +312,6 @@ class ShardBuffer:
                            "re-run with --precision bf16 or fp32 and --overwrite (precision is part of the "
                            "store's identity)")
         return {name: t.numpy() for name, t in self.arrays.items()}
-
-
-FINITE_ARRAYS = ("keys", "values", "cls")
 
 
 def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
@@ -430,7 +430,7 @@ def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers:
     counts = Counter((s.split, s.label) for s in source.samples)
     extraction = {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
                   "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res,
-                  "precision": cfg.precision if cfg.precision != "auto" else None}
+                  "precision": cfg.precision}
     return {
         "backbone": backbone,
         "extraction": {key: v for key, v in extraction.items() if v is not None},

@@ -126,13 +126,16 @@ def _to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
 class MemorySplit:
     """A split read once into RAM (numpy; a batch is a ``take`` of its rows, then one copy to the device) or,
     with ``on_device``, onto the training GPU (tensors; a batch is an ``index_select`` there). ``arrays``: the
-    split already read (read-only views of a shared copy); checked against the split's size and names."""
+    split already read as ``reader.read`` gives it (read-only views of a shared copy), used when its names and
+    size match the split (``shared``), else the split is read from the store."""
 
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
                  on_device: bool = False, arrays: dict[str, np.ndarray] | None = None):
-        n = len(reader.split_indices(split))
-        if arrays is None or set(arrays) != set(names) or any(len(a) != n for a in arrays.values()):
-            arrays = reader.read(reader.split_indices(split), names)
+        idx = reader.split_indices(split)
+        self.shared = (arrays is not None and set(arrays) == {*names, "labels"}
+                       and all(len(a) == len(idx) for a in arrays.values()))
+        if not self.shared:
+            arrays = reader.read(idx, names)
         self.arrays = None if on_device else arrays
         # a shared copy is read-only: np.require copies it (once, on the host) rather than torch warning about it
         self.tensors = ({n: torch.from_numpy(np.require(a, requirements="W")).to(device) for n, a in arrays.items()}

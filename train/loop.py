@@ -227,7 +227,7 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
         state = RunState(resume["history"], BestEpoch(**resume["best"]), resume["samples"], resume["seconds"],
                          resume["epoch"] + 1)
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
-    cache = {**plan.as_dict(), "shared": bool(shared) and plan.mode in ("ram", "gpu")}
+    cache = {**plan.as_dict(), "shared": getattr(train_data, "shared", False)}    # MemorySplit: from ``shared``
     info = {"method": spec.method, "cache": cache, "train": len(train_data), "val": len(val_data),
             "device": str(device), "compiled": step.is_compiled, "drop_last": drop_last(cfg),
             "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
