@@ -7,7 +7,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
 from fpt.config import AugmentConfig, train_config
-from fpt.store import StoreReader
+from fpt.store import SharedArrays, StoreReader
 from fpt.train import train
 from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid,
                              plan_cache)
@@ -111,6 +111,43 @@ def test_cache_plan(store):
     assert plan_cache(reader, NAMES, "ram", CPU).mode == "ram"
     with pytest.raises(FptError, match="--cache gpu needs a CUDA training device"):
         plan_cache(reader, NAMES, "gpu", CPU)
+    # a sweep's copy already on the device: used by auto and gpu (whatever the budget), not by ram or none
+    for cache in ("auto", "gpu"):
+        shared = plan_cache(reader, NAMES, cache, CPU, budget_mb=0, shared_on_device=True)
+        assert shared.mode == "gpu" and "shared" in shared.reason
+    assert plan_cache(reader, NAMES, "ram", CPU, shared_on_device=True).mode == "ram"
+    assert plan_cache(reader, NAMES, "none", CPU, shared_on_device=True).mode == "none"
+
+
+def test_a_split_shared_as_tensor_handles_is_used_without_reading_the_store(store, monkeypatch):
+    """SharedSplit.tensors rebuilds each array from the (rebuild, args) pair of reduce_tensor (on a GPU: a CUDA
+    IPC handle; here a CPU tensor, in this process), and MemorySplit gathers its batches from those tensors
+    without reading the store; a copy that does not match the split is ignored and the store read."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    from fpt.train.data import SharedSplit, open_split
+
+    reader = StoreReader(store)
+    arrays = reader.read(reader.split_indices("train"), NAMES)
+    with SharedArrays(arrays) as host:
+        copy = SharedSplit(host, {0: {n: reduce_tensor(torch.from_numpy(a)) for n, a in arrays.items()}})
+        cuda0 = torch.device("cuda", 0)
+        assert copy.on(cuda0) and not copy.on(torch.device("cuda", 1)) and not copy.on(CPU)
+        tensors = copy.tensors(cuda0)
+        assert set(tensors) == {*NAMES, "labels"}
+        read = []
+        monkeypatch.setattr(StoreReader, "read", lambda self, *a: read.append(a) or arrays)
+        data = MemorySplit(reader, "train", NAMES, CPU, on_device=True, tensors=tensors)
+        assert data.shared and not read
+        got, sizes = collect(data.batches(4))
+        np.testing.assert_array_equal(got["keys"], arrays["keys"])
+        np.testing.assert_array_equal(got["images"], arrays["images"].transpose(0, 3, 1, 2))
+        # open_split takes the device copy only for a GPU cache on that device; elsewhere the host copy
+        on_cpu = open_split(reader, "train", NAMES, "gpu", CPU, shared={"train": copy})
+        assert on_cpu.shared and on_cpu.tensors["keys"].data_ptr() != tensors["keys"].data_ptr() and not read
+    short = {n: t[:3] for n, t in tensors.items()}
+    assert MemorySplit(reader, "train", NAMES, CPU, on_device=True, tensors=short).shared is False
+    assert len(read) == 1
 
 
 def test_cache_modes_train_to_the_same_evaluation(store, tmp_path):

@@ -214,3 +214,26 @@ def test_local_runs_share_one_copy_of_the_splits_and_give_the_results_of_each_ru
             assert swept["val"] == alone.val and swept["test"] == alone.test
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_local_runs_on_a_gpu_share_one_device_copy_of_the_splits(store, tmp_path):
+    """local:2 on CUDA with --cache gpu: the sweep's process holds the splits on the GPU, each run maps them
+    through CUDA IPC (cache.shared, mode gpu) and gives the metrics of its configuration trained alone."""
+    from pathlib import Path
+
+    from fpt.config import train_config
+    from fpt.train import train
+
+    gpu = {**TINY, "device": "cuda", "compile": False}
+    summary = run_sweep(sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2",
+                                     cache="gpu", out=tmp_path / "sweep", **gpu))
+    assert summary.ran == 2
+    for g in summary.grid:
+        swept = json.loads((Path(g.run_dir) / "metrics.json").read_text())
+        assert swept["data"]["cache"]["mode"] == "gpu" and swept["data"]["cache"]["shared"] is True
+        assert "shared" in swept["data"]["cache"]["reason"]
+        alone = train(train_config(store, None, out=tmp_path / f"alone-{g.lr}", lr=g.lr, cache="gpu",
+                                   weight_decay=g.weight_decay, seed=g.seed, **gpu))
+        assert alone.data["cache"]["shared"] is False
+        assert swept["val"] == alone.val and swept["test"] == alone.test

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import queue
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -54,17 +54,21 @@ class CachePlan:
 
 
 def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: torch.device,
-               budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val")) -> CachePlan:
+               budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val"),
+               shared_on_device: bool = False) -> CachePlan:
     """Where the train and val splits live during training. ``auto``: on the GPU when they fit ``budget_mb``
     (default: half the free GPU memory), else in RAM when they fit (default: half the available RAM), else
     streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all. ``cache`` is
-    one of config.CACHE_MODES (TrainConfig checks it)."""
+    one of config.CACHE_MODES (TrainConfig checks it). ``shared_on_device``: a sweep holds the splits on
+    ``device`` already (``SharedSplit``), so ``auto`` and ``gpu`` use that copy."""
     need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names) / 2**20
     what = f"{'+'.join(splits)} {', '.join(names)}: {need:,.1f} MB"
     free_ram = psutil.virtual_memory().available / 2**20
     free_gpu = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else None
     if cache == "none":
         return CachePlan("none", need, None, f"--cache none: streaming {what} from the store")
+    if shared_on_device and cache in ("auto", "gpu"):
+        return CachePlan("gpu", need, None, f"{cache}: {what} on {device}, one copy shared by the sweep's runs")
     if cache == "gpu":
         if free_gpu is None:
             raise FptError("--cache gpu needs a CUDA training device; use --cache ram or --device cuda")
@@ -103,16 +107,44 @@ def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-# split -> (path, spec) of a SharedArrays file holding the split's arrays (a sweep's runs share one copy)
-SharedSplits = dict[str, tuple[str, dict]]
+@dataclass(frozen=True)
+class SharedSplit:
+    """A split a sweep read once for its local runs: its arrays in a ``SharedArrays`` file (``host``: path, spec)
+    and, for runs that cache on a GPU, one copy on each GPU (``gpus``: device index -> array name -> CUDA IPC
+    handle, made for this run by ``torch.multiprocessing.reductions.reduce_tensor``) that the run maps instead of
+    copying. The sweep's process owns the copies and keeps them until its runs are done."""
+    host: tuple[str, dict]
+    gpus: dict[int, dict[str, tuple]] = field(default_factory=dict)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The host copy, read-only."""
+        return open_shared(*self.host)
+
+    def on(self, device: torch.device) -> bool:
+        """Whether ``device`` holds a copy."""
+        return device.type == "cuda" and _gpu_index(device) in self.gpus
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The copy on ``device`` (``on(device)``), mapped into this process (no copy)."""
+        return {n: rebuild(*args) for n, (rebuild, args) in self.gpus[_gpu_index(device)].items()}
+
+
+def _gpu_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+SharedSplits = dict[str, SharedSplit]       # split name -> its shared copy
 
 
 def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,
                workers: int | None = None, shared: SharedSplits | None = None) -> SplitData:
     """The split's data, in memory (mode ram/gpu: from ``shared`` when it holds the split) or streamed (none)."""
     if mode in ("ram", "gpu"):
-        arrays = open_shared(*shared[split]) if shared and split in shared else None
-        return MemorySplit(reader, split, names, device, on_device=mode == "gpu", arrays=arrays)
+        on_device = mode == "gpu"
+        copy = shared.get(split) if shared else None
+        if copy is not None and on_device and copy.on(device):
+            return MemorySplit(reader, split, names, device, on_device, tensors=copy.tensors(device))
+        return MemorySplit(reader, split, names, device, on_device, arrays=copy.arrays() if copy else None)
     return StreamSplit(reader, split, names, device, default_workers(device) if workers is None else workers)
 
 
@@ -125,22 +157,28 @@ def _to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
 
 class MemorySplit:
     """A split read once into RAM (numpy; a batch is a ``take`` of its rows, then one copy to the device) or,
-    with ``on_device``, onto the training GPU (tensors; a batch is an ``index_select`` there). ``arrays``: the
-    split already read as ``reader.read`` gives it (read-only views of a shared copy), used when its names and
-    size match the split (``shared``), else the split is read from the store."""
+    with ``on_device``, onto the training GPU (tensors; a batch is an ``index_select`` there). A sweep's shared
+    copy of the split, as ``reader.read`` gives it, is used when its names and size match the split (``shared``):
+    ``arrays`` (read-only views of host memory) or ``tensors`` (already on ``device``); else the split is read
+    from the store."""
 
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
-                 on_device: bool = False, arrays: dict[str, np.ndarray] | None = None):
+                 on_device: bool = False, arrays: dict[str, np.ndarray] | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None):
         idx = reader.split_indices(split)
-        self.shared = (arrays is not None and set(arrays) == {*names, "labels"}
-                       and all(len(a) == len(idx) for a in arrays.values()))
-        if not self.shared:
-            arrays = reader.read(idx, names)
-        self.arrays = None if on_device else arrays
-        # a shared copy is read-only: np.require copies it (once, on the host) rather than torch warning about it
-        self.tensors = ({n: torch.from_numpy(np.require(a, requirements="W")).to(device) for n, a in arrays.items()}
-                        if on_device else None)
-        self.n, self.device = len(arrays["labels"]), device
+        given = tensors if tensors is not None else arrays
+        self.shared = (given is not None and set(given) == {*names, "labels"}
+                       and all(len(a) == len(idx) for a in given.values()))
+        if self.shared and tensors is not None:
+            self.arrays, self.tensors = None, tensors
+        else:
+            if not self.shared or arrays is None:
+                self.shared, arrays = False, reader.read(idx, names)
+            self.arrays = None if on_device else arrays
+            # a shared copy is read-only: np.require copies it (once, on the host) rather than torch warning
+            self.tensors = ({n: torch.from_numpy(np.require(a, requirements="W")).to(device)
+                             for n, a in arrays.items()} if on_device else None)
+        self.n, self.device = len(idx), device
 
     def __len__(self) -> int:
         return self.n

@@ -199,7 +199,8 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
-    plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb)
+    plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb,
+                      shared_on_device=bool(shared) and all(s.on(device) for s in shared.values()))
     corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt, known=cfg.corrupt)
     n_train = len(reader.split_indices("train"))
     steps_per_epoch = batch_count(n_train, cfg.batch_size, drop_last(cfg))

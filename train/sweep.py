@@ -12,9 +12,9 @@ sweep resumes where it stopped (and an unfinished run resumes from its last epoc
 One run at batch 16 leaves most of a GPU idle, so a local scheduler starts several worker processes per GPU
 (``runs_per_gpu``: given, or as many as fit the free GPU memory by the step's measured peak plus the cached
 split). Each run is still alone in its process, with its own seeded RNGs: a run's results are the same as
-running its configuration alone. Local runs that cache their splits read them from one copy in shared memory
-(``share_splits``; on the GPU each run still copies it to its own memory: one shared GPU copy would need CUDA
-IPC between the worker processes, not built).
+running its configuration alone. Local runs that cache their splits use one copy of them (``share_splits``):
+in shared memory for runs that cache in RAM, and on each GPU for runs that cache there (the sweep's process
+holds it; each run maps it through a CUDA IPC handle instead of copying it to its own memory).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import psutil
 from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import SharedArrays, StoreReader
-from fpt.train.data import SharedSplits, sample_bytes
+from fpt.train.data import SharedSplit, SharedSplits, sample_bytes
 from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
@@ -103,9 +103,10 @@ def runs_per_gpu(free_mb: float, step_peak_mb: float, cache_mb: float, cpu_cores
     return max(1, min(int(0.9 * free_mb // per_run), cpu_cores, MAX_RUNS_PER_GPU))
 
 
-def measured_runs_per_gpu(cfg: TrainConfig) -> tuple[int, str]:
+def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False) -> tuple[int, str]:
     """``runs_per_gpu`` for this machine's first GPU: the step of ``cfg`` measured once here (one step on random
-    data of the store's shapes), the train+val split as the GPU cache would hold it. (n, why)."""
+    data of the store's shapes), the train+val split as the GPU cache would hold it: once per run, or once for
+    all of them with ``shared_cache``. (n, why)."""
     import torch
 
     from fpt.train.data import plan_cache
@@ -120,9 +121,10 @@ def measured_runs_per_gpu(cfg: TrainConfig) -> tuple[int, str]:
     torch.cuda.empty_cache()
     cache = plan_cache(reader, spec.inputs, "none", device).need_mb
     free = torch.cuda.mem_get_info(device)[0] / 2**20
-    n = runs_per_gpu(free, peak, cache, os.cpu_count() or 1)
-    return n, (f"{n} runs per GPU: step peak {peak:,.0f} MB, cached split {cache:,.0f} MB, "
-               f"{free:,.0f} MB free")
+    n = runs_per_gpu(free - cache, peak, 0.0, os.cpu_count() or 1) if shared_cache else \
+        runs_per_gpu(free, peak, cache, os.cpu_count() or 1)
+    return n, (f"{n} runs per GPU: step peak {peak:,.0f} MB, cached split {cache:,.0f} MB "
+               f"({'one copy for all runs' if shared_cache else 'per run'}), {free:,.0f} MB free")
 
 
 def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, bool], None] | None,
@@ -141,18 +143,19 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
         return results
     from distributed import as_completed
 
-    from fpt.cluster import dask_client
+    from fpt.cluster import dask_client, local_worker_count
 
     reader = StoreReader(runs[0].cfg.store)      # checksum the store once for the sweep, not once per run
     names = model_spec(reader, runs[0].cfg).inputs
     corrupt = exclude_corrupt(reader, names, runs[0].cfg.skip_corrupt)
     cuda = resolve_device(runs[0].cfg.device).type == "cuda"
+    # local workers on this machine: the train and val splits read once, for all runs
+    share = local_worker_count(scheduler, cuda) is not None and len(todo) > 1 and runs[0].cfg.cache != "none"
+    share_gpu = share and cuda and runs[0].cfg.cache in ("auto", "gpu")
     if cuda and scheduler == "local" and per_gpu is None:
-        per_gpu, _ = measured_runs_per_gpu(runs[0].cfg)
+        per_gpu, _ = measured_runs_per_gpu(runs[0].cfg, shared_cache=share_gpu)
     with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads), contextlib.ExitStack() as stack:
-        # local workers on this machine: the train and val splits read once into shared memory for all runs
-        shared = (share_splits(reader, names, stack) if threads is not None and len(todo) > 1
-                  and runs[0].cfg.cache != "none" else None)
+        copies = share_splits(reader, names, stack, gpus=share_gpu) if share else None
         by_future = {}
         for run in todo:
             cfg = jsonable(asdict(replace(run.cfg, corrupt=corrupt)))
@@ -161,8 +164,8 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
                 # when the runs share one copy of the splits)
                 cfg["cache_budget_mb"] = (_free_gpu_mb() / 2 / (per_gpu or 1) if cuda else
                                           psutil.virtual_memory().available / 2**21
-                                          / (1 if shared else len(client.nthreads())))
-            future = client.submit(train_task, cfg, threads, shared,
+                                          / (1 if copies else len(client.nthreads())))
+            future = client.submit(train_task, cfg, threads, copies.for_run() if copies else None,
                                    key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)
             by_future[future] = run
@@ -182,14 +185,46 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     return results
 
 
-def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.ExitStack) -> SharedSplits | None:
+class SplitCopies:
+    """The train and val splits read once for a sweep's local runs (``share_splits``): a ``SharedArrays`` file
+    each (``host``: split -> (path, spec)) and, on the GPUs in ``gpu`` (index -> split -> array name -> tensor),
+    a copy that this process keeps until the sweep's runs are done. ``for_run()``: what one run opens."""
+
+    def __init__(self, host: dict[str, tuple[str, dict]], gpu: dict[int, dict[str, dict[str, Any]]]):
+        self.host, self.gpu = host, gpu
+
+    def for_run(self) -> SharedSplits:
+        """The splits for one run: the host file, and for each GPU copy a fresh CUDA IPC handle per array
+        (torch counts the processes a handle went to, so each run gets its own)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        return {split: SharedSplit(host, {i: {n: reduce_tensor(t) for n, t in splits[split].items()}
+                                          for i, splits in self.gpu.items()})
+                for split, host in self.host.items()}
+
+
+def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.ExitStack,
+                 gpus: bool = False) -> SplitCopies | None:
     """The train and val splits read once into shared memory (``SharedArrays``, removed when ``stack``
-    closes), when they fit in half the available RAM; else None (each run then reads what it caches)."""
-    need = sum(len(reader.split_indices(s)) for s in ("train", "val")) * sample_bytes(reader, names)
+    closes), when they fit in half the available RAM; else None (each run then reads what it caches). With
+    ``gpus``, also a copy on each GPU where they fit in half its free memory (freed when ``stack`` closes)."""
+    splits = ("train", "val")
+    need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names)
     if need > psutil.virtual_memory().available / 2:
         return None
-    return {split: stack.enter_context(SharedArrays(reader.read(reader.split_indices(split), names)))
-            for split in ("train", "val")}
+    devices = []
+    if gpus:
+        import torch
+
+        devices = [i for i in range(torch.cuda.device_count()) if need <= torch.cuda.mem_get_info(i)[0] / 2]
+    host, gpu = {}, {i: {} for i in devices}
+    stack.callback(gpu.clear)
+    for split in splits:
+        arrays = reader.read(reader.split_indices(split), names)
+        host[split] = stack.enter_context(SharedArrays(arrays))
+        for i in devices:
+            gpu[i][split] = {n: torch.from_numpy(a).to(f"cuda:{i}") for n, a in arrays.items()}
+    return SplitCopies(host, gpu)
 
 
 def _free_gpu_mb() -> float:
