@@ -160,6 +160,9 @@ Cache = Annotated[Optional[str], option("auto, none, ram or gpu: where train+val
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
                                                  "(CUDA graphs on CUDA). [default: on for CUDA, off for CPU]",
                                                  rich_help_panel=HARDWARE)]
+CheckpointSeconds = Annotated[Optional[float], option(
+    "Write last.pt (what --resume continues from) at most this often; 0 = after every epoch. Ctrl-C writes it "
+    "too.", OUTPUT, default=f"{TR['checkpoint_seconds']:g}", metavar="SECONDS")]
 FtMemory = Annotated[Optional[float], option("Full fine-tuning memory (MB, same device kind) to report PME.",
                                              OUTPUT, default="no PME")]
 
@@ -331,6 +334,7 @@ def train_cmd(
     seed: Seed = None,
     out: Annotated[Optional[Path], option("Run directory.", OUTPUT, default="runs/STORE-TIMESTAMP")] = None,
     resume: Annotated[Optional[Path], option("Continue the interrupted run in this directory.", OUTPUT)] = None,
+    checkpoint_seconds: CheckpointSeconds = None,
     ft_memory_mb: FtMemory = None,
     device: Device = None,
     cache: Cache = None,
@@ -349,7 +353,7 @@ def train_cmd(
         from fpt.train.loop import resume_config
 
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                            compile=compile)
+                            compile=compile, checkpoint_seconds=checkpoint_seconds)
     else:
         cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
                          epochs=epochs,
@@ -357,7 +361,7 @@ def train_cmd(
                          weight_decay=fpt_config.parse_number(weight_decay, "weight-decay"), seed=seed, device=device,
                          method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                          ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                         augment=augment, drop_last=drop_last)
+                         augment=augment, drop_last=drop_last, checkpoint_seconds=checkpoint_seconds)
     m = run_train(cfg)
     show_metrics([m])
 

@@ -188,6 +188,7 @@ class TrainConfig:
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
     compile: bool | None = None           # torch.compile the training step; None = on CUDA only
+    checkpoint_seconds: float = 30.0      # last.pt at most this often (0: every epoch); Ctrl-C always writes it
 
     def __post_init__(self) -> None:
         """Every rule on a training run's values, whoever builds it (options, a saved run, a sweep task)."""
@@ -202,6 +203,8 @@ class TrainConfig:
             raise FptError(f"--ft-memory-mb {self.ft_memory_mb}: must be positive")
         if self.reduction <= 0 or self.epochs <= 0 or self.batch_size <= 0 or self.side_res <= 0:
             raise FptError("--reduction, --epochs, --batch-size and --side-res must be positive")
+        if self.checkpoint_seconds < 0:
+            raise FptError(f"--checkpoint-seconds {self.checkpoint_seconds}: must not be negative")
         if self.lr <= 0 or self.weight_decay < 0:
             raise FptError("--lr must be positive and --weight-decay non-negative")
 

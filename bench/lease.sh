@@ -28,13 +28,13 @@ export PYTHONPATH=/tmp/fpt-pkg${PYTHONPATH:+:$PYTHONPATH}
 
 if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes on 2 cores
   GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --no-train"
-  TRAIN_ARGS="--small --parts train,step"
+  TRAIN_ARGS="--small --parts train,loop,step"
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
 else
   # what the leases of 2026-11-26 left unmeasured first: fp16 (the CUDA default since), writer processes end to
   # end (longer runs: steady state), fpt train, the 12-run sweep
   GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script --res 512:32 1024:8 2048:2 --e2e 512:1024 1024:256 --timeout 120 --no-train"
-  TRAIN_ARGS="--parts train,sweep,step"
+  TRAIN_ARGS="--parts train,loop,sweep,step"
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi

@@ -9,6 +9,8 @@ Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its train
   (CUDA graphs) on CUDA, the default mode on a CPU.
 * ``fpt-train``: ``fpt train`` on a store of the demo task, its steady-state train samples/s (epochs after the
   first) and peak memory from metrics.json.
+* ``loop-*``: ``fpt train``'s epoch taken apart (``loop_rows``): the step on one batch, on the gathered
+  batches, the whole timed epoch, the validation; ms per step each, to locate time spent outside the step.
 * ``official-loop``: the official way of feeding the same step (eager): per sample a PNG decode, torchvision
   augmentation on the PIL image and a safetensors load, in DataLoader worker processes; one epoch after a
   warm-up epoch.
@@ -154,6 +156,64 @@ def official_loop_row(device: torch.device, small: bool, workers: int) -> dict:
             "workers": workers, "train_samples": samples}
 
 
+def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None = None) -> list[dict]:
+    """Where an epoch of ``fpt train`` spends its time beyond the step, on one run set up as ``fpt train`` sets
+    it up (its store, config, compiled step) after two warm-up epochs, in ms per step:
+
+    * ``loop-one-batch``: the step on one gathered batch over and over (as the ``step-*`` rows);
+    * ``loop-gathered``: the step on the epoch's batches as the split gathers them, nothing else;
+    * ``loop-epoch``: ``train_epoch``'s own timed part (draws, gathering, steps, the loss sum), run right after
+      another epoch's validation and checkpoints, as in a run (the checkpoints are written by a background
+      thread during this epoch);
+    * ``loop-epoch-flushed``: the same once the previous epoch's checkpoints are on disk (no writer running);
+    * ``loop-validation``: the validation forward over the val split (outside the timed part of an epoch).
+    """
+    from fpt.train.files import CheckpointWriter
+    from fpt.train.loop import RunCheckpoints, predict_split, set_up, train_epoch
+
+    data = bench_store(small)
+    run = set_up(train_config_for(data.store, device, small, work / "fpt-loop", epochs=5))
+    bs, rng = run.cfg.batch_size, np.random.default_rng(0)
+    steps = steps or run.steps_per_epoch
+    draws = run.side_input.draw(steps, bs).to(device)
+
+    def timed(fn) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    def gathered():
+        for i, b in enumerate(run.train_data.batches(bs, shuffle=True, rng=rng, drop_last=True)):
+            run.step(b, draws[i % steps])
+
+    rows = []
+    with CheckpointWriter() as writer:
+        checkpoints = RunCheckpoints(run, writer, every_s=0)           # files after every epoch
+
+        def epoch(i: int) -> float:
+            seconds = train_epoch(run, i)["seconds"]
+            checkpoints.epoch_done(i)
+            return seconds
+
+        for i in range(2):
+            epoch(i)
+        one = next(run.train_data.batches(bs, shuffle=True, rng=rng, drop_last=True))
+        seconds = {"loop-one-batch": (timed(lambda: [run.step(one, draws[i]) for i in range(steps)]), steps),
+                   "loop-gathered": (timed(gathered), run.steps_per_epoch)}
+        epoch(2)
+        seconds["loop-epoch"] = (epoch(3), run.steps_per_epoch)
+        writer.flush()
+        seconds["loop-epoch-flushed"] = (epoch(4), run.steps_per_epoch)
+        seconds["loop-validation"] = (timed(lambda: predict_split(run.model, run.val_data, run.side_input, bs,
+                                                                  run.step)), -(-len(run.val_data) // bs))
+    for name, (s, n) in seconds.items():
+        rows.append({"name": name, "batch": bs, "steps": n, "ms_per_step": round(1e3 * s / n, 3),
+                     "samples_per_s": round(n * bs / s, 1), "compiled": run.step.is_compiled, "peak_mb": None})
+    return rows
+
+
 def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
     """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another."""
     from fpt.config import SweepConfig
@@ -194,10 +254,12 @@ def run(device: torch.device | str, small: bool, workers: int | None = None,
                 new = [fpt_train_row(device, small, work)]
             elif part == "official":
                 new = [official_loop_row(device, small, workers)]
+            elif part == "loop":
+                new = loop_rows(device, small, work)
             elif part == "sweep":
                 new = sweep_rows(device, small, work)
             else:
-                raise ValueError(f"unknown part {part!r}: step, train, official, sweep")
+                raise ValueError(f"unknown part {part!r}: step, train, loop, official, sweep")
             for row in new:
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -191,6 +191,31 @@ def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
     assert len(logs[1]) == 3 and logs[0] == logs[1]                      # same losses: same order, draws, dropout
 
 
+def test_checkpoints_follow_checkpoint_seconds_without_changing_results(store, tmp_path, monkeypatch):
+    """--checkpoint-seconds 0 writes last.pt after every epoch; a long interval writes none during the run and
+    best.pt once, at the end, holding the selected epoch's model; the results are the same."""
+    from fpt.train import files
+
+    real_save, saves = files.save_checkpoint, []
+
+    def spy(path, kind, content):
+        saves.append((path.parent.name, kind, content["epoch"]))
+        real_save(path, kind, content)
+
+    monkeypatch.setattr(files, "save_checkpoint", spy)
+    every = train(tiny_train(store, tmp_path / "every", epochs=3, checkpoint_seconds=0))
+    rare = train(tiny_train(store, tmp_path / "rare", epochs=3, checkpoint_seconds=1e9))
+    written = {(run, kind): [e for r, k, e in saves if (r, k) == (run, kind)] for run in ("every", "rare")
+               for kind in ("best", "last")}
+    assert written[("every", "last")] == [0, 1, 2] and written[("rare", "last")] == []
+    assert written[("rare", "best")] == [rare.best_epoch] == [written[("every", "best")][-1]]
+    assert rare.test == every.test and rare.val == every.val
+    a, b = (torch.load(tmp_path / run / "best.pt", weights_only=True)["model"] for run in ("every", "rare"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FptError, match="--checkpoint-seconds -1"):
+        tiny_train(store, tmp_path / "bad", checkpoint_seconds=-1)
+
+
 def test_fpt_with_all_twelve_layers_has_the_papers_learnable_share():
     """Paper Table 1: FPT 1.81 % of ViT-B's parameters at 512 px (all 12 layers), FPT+ 1.03 % (6 layers)."""
     import timm

@@ -74,14 +74,15 @@ def read_checkpoint(path: Path, kind: str, what: str = "--checkpoint") -> dict[s
     return content
 
 
-def to_cpu(obj: Any) -> Any:
-    """A copy of ``obj`` (nested dicts/lists of tensors) with every tensor on the CPU, detached."""
+def copy_tensors(obj: Any, device: torch.device | str | None = None) -> Any:
+    """A copy of ``obj`` (nested dicts/lists of tensors and plain values) with every tensor detached and copied
+    to ``device`` (default: where it is; a copy on a GPU does not wait for the GPU)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to(obj.device if device is None else device, copy=True)
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        return {k: copy_tensors(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
+        return type(obj)(copy_tensors(v, device) for v in obj)
     return obj
 
 
@@ -119,7 +120,7 @@ class CheckpointWriter:
 
     def submit(self, path: Path, kind: str, content: dict[str, Any]) -> None:
         self._raise()
-        self._queue.put((path, kind, to_cpu(content)))
+        self._queue.put((path, kind, copy_tensors(content, "cpu")))
 
     def flush(self) -> None:
         """Wait until every submitted checkpoint is written; raise a write's failure."""

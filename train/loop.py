@@ -1,9 +1,10 @@
 """``fpt train`` / ``fpt evaluate``: one training loop for every method (fpt+, fpt, side-only, linear-probe):
 AdamW + cosine schedule on the store's train split, model selection by val AUC, test evaluation of the best
-checkpoint. A killed run resumes from its last finished epoch (``last.pt``) with identical results.
+checkpoint. A stopped run resumes from its last checkpoint (``last.pt``: the last finished epoch after Ctrl-C
+or an error, at most ``checkpoint_seconds`` old after a kill) with identical results.
 
 ``train`` = ``set_up`` (store, config, data plan, model, optimizer, resume) -> ``train_epoch`` per epoch (the
-steps of ``fpt.train.step.TrainStep``, validation, checkpoints) -> ``finish`` (test, metrics.json)."""
+steps of ``fpt.train.step.TrainStep``, validation) + ``RunCheckpoints`` -> ``finish`` (test, metrics.json)."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from fpt import FptError
 from fpt.config import TrainConfig, resolve_device
 from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
-from fpt.train.files import CheckpointWriter, atomic_write_text, read_checkpoint
+from fpt.train.files import CheckpointWriter, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
@@ -30,7 +31,7 @@ from fpt.train.step import TrainStep, compile_default, make_optimizer
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
 RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "corrupt",
-                  "compile")
+                  "compile", "checkpoint_seconds")
 
 
 def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
@@ -179,13 +180,20 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
         on_start(run.info)
     session: list[tuple[int, float]] = []          # (samples, seconds) of the epochs trained in this call
     with PeakMemory(run.device) as memory, CheckpointWriter() as writer:
-        for epoch in range(run.state.first_epoch, cfg.epochs):
-            record = train_epoch(run, epoch, writer, on_batch)
-            session.append((record.pop("samples"), record["seconds"]))
-            with open(run.out / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            if on_epoch:
-                on_epoch(record)
+        checkpoints = RunCheckpoints(run, writer, cfg.checkpoint_seconds)
+        try:
+            for epoch in range(run.state.first_epoch, cfg.epochs):
+                record = train_epoch(run, epoch, on_batch)
+                checkpoints.epoch_done(epoch)
+                session.append((record.pop("samples"), record["seconds"]))
+                with open(run.out / "log.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+                if on_epoch:
+                    on_epoch(record)
+        except BaseException:
+            checkpoints.write()                 # stopped (Ctrl-C, an error): resumable from the last whole epoch
+            raise
+        checkpoints.write(last=False)           # the best model; finish removes last.pt anyway
     return finish(run, memory, session)
 
 
@@ -241,10 +249,10 @@ def drop_last(cfg: TrainConfig) -> bool:
     return getattr(cfg, "drop_last", True)
 
 
-def train_epoch(run: Training, epoch: int, writer: CheckpointWriter,
+def train_epoch(run: Training, epoch: int,
                 on_batch: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """One epoch: training steps with no host synchronisation (the loss is summed on the device and read once),
-    validation, checkpoints handed to the background writer. Returns the epoch's log record (+ ``samples``)."""
+    then validation and model selection. Returns the epoch's log record (+ ``samples``)."""
     cfg, state = run.cfg, run.state
     run.model.train()
     start = time.perf_counter()
@@ -263,20 +271,54 @@ def train_epoch(run: Training, epoch: int, writer: CheckpointWriter,
     state.samples, state.seconds = state.samples + samples, state.seconds + seconds
     probs, labels = predict_split(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
     val = {**classification_metrics(labels, probs), "loss": cross_entropy(labels, probs)}
-    if state.best.improved_by(epoch, val):
-        writer.submit(run.out / "best.pt", "best", {
-            "model": run.model.state_dict(), "spec": run.spec.as_dict(), "store": store_identity(run.reader),
-            "config": jsonable(asdict(cfg)), "epoch": epoch})
+    state.best.improved_by(epoch, val)
     record = {"epoch": epoch, "loss": mean_loss, "lr": run.step.schedule.get_last_lr()[0], "val": val,
               "seconds": round(seconds, 3), "best_epoch": state.best.epoch}
     state.history.append(record)
-    writer.submit(run.out / "last.pt", "last", {
-        "model": run.model.state_dict(), "spec": run.spec.as_dict(), "store": store_identity(run.reader),
-        "optimizer": run.step.optimizer.state_dict(), "schedule": run.step.schedule.state_dict(),
-        "rng": _rng_state(run.rng, run.side_input, run.device), "history": state.history,
-        "best": asdict(state.best), "samples": state.samples, "seconds": state.seconds, "epoch": epoch,
-        "config": comparable_config(cfg)})
     return {**record, "samples": samples}
+
+
+class RunCheckpoints:
+    """A run's best.pt and last.pt, written by a background ``CheckpointWriter``.
+
+    After each epoch (``epoch_done``) what a resume needs is copied where it is (a GPU copy does not wait for
+    the GPU), with the model as best.pt's content when that epoch is the new best. The files are written from
+    those copies (``write``) once ``every_s`` seconds have passed since the last write (0: after every epoch),
+    when training stops early (Ctrl-C, an error) and, for best.pt, when it ends. So epochs of a fraction of a
+    second do not spend their time on files and a resumed run still continues from the last epoch written,
+    with the results of an uninterrupted run; a kill -9 loses at most ``every_s`` seconds of training."""
+
+    def __init__(self, run: Training, writer: CheckpointWriter, every_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.run, self.writer, self.every_s, self.clock = run, writer, every_s, clock
+        self.written = clock()
+        self.best: dict | None = None               # best.pt's content, not yet written
+        self.last: dict | None = None               # last.pt's content after the latest epoch, not yet written
+
+    def epoch_done(self, epoch: int) -> None:
+        run, state = self.run, self.run.state
+        model = {"model": copy_tensors(run.model.state_dict()), "spec": run.spec.as_dict(),
+                 "store": store_identity(run.reader)}
+        if state.best.epoch == epoch:
+            self.best = {**model, "config": jsonable(asdict(run.cfg)), "epoch": epoch}
+        self.last = {**model, "optimizer": copy_tensors(run.step.optimizer.state_dict()),
+                     "schedule": copy_tensors(run.step.schedule.state_dict()),
+                     "rng": _rng_state(run.rng, run.side_input, run.device), "history": list(state.history),
+                     "best": asdict(state.best), "samples": state.samples, "seconds": state.seconds,
+                     "epoch": epoch, "config": comparable_config(run.cfg)}
+        if self.clock() - self.written >= self.every_s:
+            self.write()
+
+    def write(self, last: bool = True) -> None:
+        """Hand what is pending to the writer: best.pt before last.pt, so that a last.pt on disk never names a
+        best epoch whose model is not."""
+        if self.best is not None:
+            self.writer.submit(self.run.out / "best.pt", "best", self.best)
+            self.best = None
+        if last and self.last is not None:
+            self.writer.submit(self.run.out / "last.pt", "last", self.last)
+            self.last = None
+        self.written = self.clock()
 
 
 def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) -> RunMetrics:

@@ -122,7 +122,6 @@ class TrainStep:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = self._loss(batch, draws)
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss
 
@@ -139,6 +138,9 @@ class TrainStep:
             self._proven = True
         torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         self.optimizer.step()
+        # released right after the update, not at the next step: with CUDA graphs the gradients are outputs of
+        # the backward's replay, and none then stays alive into the next replay or into evaluation
+        self.optimizer.zero_grad(set_to_none=True)
         if self.schedule is not None:
             self.schedule.step()
         return loss.detach().clone()        # a CUDA graph's output is overwritten by its next replay

@@ -65,7 +65,7 @@ def test_ctrl_c_during_training_resumes_with_resume(micro_store, tmp_path, monke
 
     runner = CliRunner()
     args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "4", "--device", "cpu",
-            "--prompts", "2", "--batch-size", "4"]
+            "--prompts", "2", "--batch-size", "4", "--checkpoint-seconds", "0"]
     real_save = files.save_checkpoint
     saves = []
 
