@@ -33,7 +33,7 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
 else
   # what the leases of 2026-11-26 left unmeasured first: fp16 (the CUDA default since), writer processes end to
   # end (longer runs: steady state), fpt train, the 12-run sweep
-  GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script --res 512:32 1024:8 2048:2 --e2e 512:1024 1024:256 --timeout 120 --no-train"
+  GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script host_processes --res 512:32 1024:8 2048:2 --e2e 512:1024 1024:256 --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,loop,sweep,step"
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
