@@ -239,7 +239,7 @@ def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
 
 
 def run(device: torch.device | str, small: bool, workers: int | None = None,
-        parts: tuple[str, ...] = ("step", "train", "official", "sweep")) -> list[dict]:
+        parts: tuple[str, ...] = ("step", "train", "loop", "official", "sweep")) -> list[dict]:
     """The training table's rows for ``device`` (see the module docstring)."""
     device = torch.device(device)
     workers = workers if workers is not None else (2 if small else 8)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="CPU-sized models, store and sweep")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the official loop")
-    p.add_argument("--parts", default="step,train,official,sweep")
+    p.add_argument("--parts", default="step,train,loop,official,sweep")
     args = p.parse_args(argv)
     rows = run(args.device, args.small, args.workers, tuple(args.parts.split(",")))
     name = f"train_speed-{args.device.split(':')[0]}{'-small' if args.small else ''}"
