@@ -461,7 +461,8 @@ def sweep(
 
         def done(run, metrics, skipped: bool):
             progress.update(task, advance=1, rate=f"{run.name} {'(finished before)' if skipped else ''}")
-        summary = run_sweep(cfg, on_run=done, on_stage=stage)
+        summary = run_sweep(cfg, on_run=done, on_stage=stage,
+                            on_note=lambda text: console.print(text, highlight=False))
     show_sweep(summary)
 
 

@@ -71,3 +71,23 @@ def worker_device(device: str) -> str:
     except (ImportError, ValueError):
         return device
     return f"cuda:{name % torch.cuda.device_count()}" if isinstance(name, int) else device
+
+
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon runs on this machine. Only under MPS do the kernels of several
+    processes (a sweep's concurrent runs on one GPU) execute at the same time; without it the GPU switches
+    between the processes' contexts, so concurrent runs fill only the gaps each one leaves."""
+    import psutil
+
+    return any(p.info["name"] == "nvidia-cuda-mps-control" for p in psutil.process_iter(["name"]))
+
+
+def gpu_sharing_note(runs_per_gpu: int, mps: bool) -> str:
+    """What a user should know about ``runs_per_gpu`` processes sharing each GPU."""
+    if runs_per_gpu < 2:
+        return "one run per GPU"
+    return (f"{runs_per_gpu} runs per GPU; CUDA MPS " + (
+        "is running: their kernels overlap" if mps else
+        "is not running: the GPU time-slices between them (start `nvidia-cuda-mps-control -d` so that their "
+        "kernels overlap)"))
+

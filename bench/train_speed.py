@@ -216,6 +216,7 @@ def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None =
 
 def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
     """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another."""
+    from fpt.cluster import mps_running
     from fpt.config import SweepConfig
     from fpt.train.sweep import execute, make_run
 
@@ -233,7 +234,8 @@ def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
         seconds = time.perf_counter() - start
         samples = sum(m.data["train"] for m in results.values()) * epochs
         rows.append({"name": name, "batch": 16, "runs": len(runs), "epochs": epochs, "scheduler": scheduler,
-                     "seconds": round(seconds, 1), "samples_per_s": round(samples / seconds, 1), "peak_mb": None})
+                     "seconds": round(seconds, 1), "samples_per_s": round(samples / seconds, 1), "peak_mb": None,
+                     "mps": mps_running() if device.type == "cuda" else None})
     rows[0]["speedup_vs_sequential"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
     return rows
 

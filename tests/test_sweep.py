@@ -154,6 +154,25 @@ def test_runs_per_gpu_fit_free_memory_and_cores():
     assert runs_per_gpu(free_mb=100, step_peak_mb=400, cache_mb=1000, cpu_cores=16) == 1
 
 
+def test_the_gpu_sharing_note_says_whether_kernels_of_concurrent_runs_can_overlap(monkeypatch):
+    import psutil
+
+    from fpt.cluster import gpu_sharing_note, mps_running
+
+    class Proc:
+        def __init__(self, name):
+            self.info = {"name": name}
+
+    monkeypatch.setattr(psutil, "process_iter", lambda attrs: iter([Proc("python"), Proc("nvidia-cuda-mps-control")]))
+    assert mps_running()
+    monkeypatch.setattr(psutil, "process_iter", lambda attrs: iter([Proc("python")]))
+    assert not mps_running()
+    assert gpu_sharing_note(1, mps=False) == "one run per GPU"
+    assert "kernels overlap" in gpu_sharing_note(4, mps=True) and "time-slices" not in gpu_sharing_note(4, mps=True)
+    off = gpu_sharing_note(4, mps=False)
+    assert off.startswith("4 runs per GPU") and "time-slices" in off and "nvidia-cuda-mps-control -d" in off
+
+
 def test_concurrent_runs_give_the_results_of_each_run_alone(store, tmp_path, cluster):
     """Two grid runs trained at once (one per worker process) = each configuration trained alone, same seed."""
     import torch

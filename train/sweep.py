@@ -123,13 +123,14 @@ def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False) -> tuple
     free = torch.cuda.mem_get_info(device)[0] / 2**20
     n = runs_per_gpu(free - cache, peak, 0.0, os.cpu_count() or 1) if shared_cache else \
         runs_per_gpu(free, peak, cache, os.cpu_count() or 1)
-    return n, (f"{n} runs per GPU: step peak {peak:,.0f} MB, cached split {cache:,.0f} MB "
+    return n, (f"step peak {peak:,.0f} MB, cached split {cache:,.0f} MB "
                f"({'one copy for all runs' if shared_cache else 'per run'}), {free:,.0f} MB free")
 
 
 def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, bool], None] | None,
-            per_gpu: int | None = None) -> dict[str, RunMetrics]:
-    """Metrics of every run by name: finished ones read back, the others trained as dask tasks."""
+            per_gpu: int | None = None, on_note: Callable[[str], None] | None = None) -> dict[str, RunMetrics]:
+    """Metrics of every run by name: finished ones read back, the others trained as dask tasks. ``on_note``
+    gets how local runs share each GPU (how many, why, whether their kernels can overlap)."""
     results, todo = {}, []
     for run in runs:
         done = finished_metrics(run)
@@ -143,7 +144,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
         return results
     from distributed import as_completed
 
-    from fpt.cluster import dask_client, local_worker_count
+    from fpt.cluster import dask_client, gpu_sharing_note, local_worker_count, mps_running
 
     reader = StoreReader(runs[0].cfg.store)      # checksum the store once for the sweep, not once per run
     names = model_spec(reader, runs[0].cfg).inputs
@@ -152,8 +153,11 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     # local workers on this machine: the train and val splits read once, for all runs
     share = local_worker_count(scheduler, cuda) is not None and len(todo) > 1 and runs[0].cfg.cache != "none"
     share_gpu = share and cuda and runs[0].cfg.cache in ("auto", "gpu")
+    why = "set by --runs-per-gpu"
     if cuda and scheduler == "local" and per_gpu is None:
-        per_gpu, _ = measured_runs_per_gpu(runs[0].cfg, shared_cache=share_gpu)
+        per_gpu, why = measured_runs_per_gpu(runs[0].cfg, shared_cache=share_gpu)
+    if cuda and scheduler == "local" and on_note:
+        on_note(f"{gpu_sharing_note(per_gpu, mps_running())} ({why})")
     with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads), contextlib.ExitStack() as stack:
         copies = share_splits(reader, names, stack, gpus=share_gpu) if share else None
         by_future = {}
@@ -293,10 +297,12 @@ def sweep_csv(summary: SweepSummary, grid: list[Run], seeds: list[Run], results:
 
 
 def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None] | None = None,
-              on_stage: Callable[[str, int], None] | None = None) -> SweepSummary:
+              on_stage: Callable[[str, int], None] | None = None,
+              on_note: Callable[[str], None] | None = None) -> SweepSummary:
     """Run (or resume) the sweep; writes sweep.json, sweep.csv and sweep.png (the grid) into ``sweep.out`` and
     returns the summary (with ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)``
-    announces each stage, ``on_run(run, metrics, skipped)`` reports each run."""
+    announces each stage, ``on_run(run, metrics, skipped)`` reports each run, ``on_note(text)`` how runs share
+    a GPU."""
     from fpt.cluster import local_worker_count
 
     local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
@@ -312,12 +318,12 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     grid = [make_run(sweep, "grid", lr, wd, base_seed) for lr in sweep.lrs for wd in sweep.weight_decays]
     if on_stage:
         on_stage("grid", len(grid))
-    results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu)
+    results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu, on_note)
     best = max(grid, key=lambda r: validation_score(results[r.name].val))     # max keeps the first of equal scores
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
     if on_stage:
         on_stage("seeds", len(seeds) - 1)
-    results.update(execute(seeds[1:], sweep.scheduler, count, sweep.runs_per_gpu))
+    results.update(execute(seeds[1:], sweep.scheduler, count, sweep.runs_per_gpu, on_note))
     summary = sweep_summary(sweep, grid, seeds, results)
     atomic_write_text(sweep.out / "sweep.json", json.dumps(summary.as_dict(), indent=2))
     atomic_write_text(sweep.out / "sweep.csv", sweep_csv(summary, grid, seeds, results))
