@@ -60,7 +60,7 @@ head -n 12 "$LOG"
 $PY -c "$IMAGES" >>"$LOG" 2>&1 &
 IMAGES_PID=$!
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu bench-train tests-cuda}; do
+for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda bench-train}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile"
                   wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG" ;;
@@ -69,7 +69,7 @@ for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu bench-train tests-cuda}; d
     bench-train)  step $name 240 $PY -m fpt.bench.train_speed $TRAIN_ARGS ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
-                    tests/test_data.py tests/test_resume.py -k "cuda or gpu or peak" ;;
+                    tests/test_data.py tests/test_resume.py tests/test_sweep.py -k "cuda or gpu or peak" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done

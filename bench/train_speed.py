@@ -16,7 +16,8 @@ Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its train
   warm-up epoch.
 * ``sweep-concurrent`` / ``sweep-sequential``: 12 runs (3 learning rates x 2 weight decays x 2 seeds) of
   ``fpt sweep``'s machinery on that store, several at once (``--scheduler local`` on CUDA: runs per GPU from
-  memory; ``local:2`` on a CPU) against one after another (``local:1``); wall-clock seconds.
+  memory; ``local:2`` on a CPU) against one after another (``local:1``; on CUDA 3 of them, scaled to 12);
+  wall-clock seconds.
 
 ``small``: sizes for a CPU (a ViT-Tiny-shaped LPM at 256 px, side 64, a 64-image store, 2 epochs); otherwise
 the paper's setting (ViT-B K/V from 512: L=6, H=12, k=205, d=64; side 128; 16 prompts) and 20-epoch sweeps.
@@ -214,8 +215,12 @@ def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None =
     return rows
 
 
-def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
-    """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another."""
+def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: int | None = None) -> list[dict]:
+    """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another. One after another,
+    only the first ``sequential_runs`` of them are run (default: all on a CPU, 3 on CUDA, where each run
+    compiles its step and 12 would not fit a lease) and ``seconds`` is extrapolated to the 12: the measured
+    wall time (start, those runs, shutdown) plus each missing run at the median time between two runs finishing
+    (the runs differ only in lr, weight decay and seed: the same work each); the row says how many ran."""
     from fpt.cluster import mps_running
     from fpt.config import SweepConfig
     from fpt.train.sweep import execute, make_run
@@ -224,17 +229,24 @@ def sweep_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
     epochs = 2 if small else 20
     rows = []
     concurrent = "local" if device.type == "cuda" else "local:2"
+    sequential_runs = sequential_runs or (12 if small or device.type != "cuda" else 3)
     for name, scheduler in (("sweep-concurrent", concurrent), ("sweep-sequential", "local:1")):
         base = train_config_for(data.store, device, small, None, epochs)
         sweep = SweepConfig(base, [1e-4, 5e-4, 1e-3], [0.0, 0.05], 2, work / name, scheduler)
         runs = [make_run(sweep, "grid", lr, wd, seed) for lr in sweep.lrs for wd in sweep.weight_decays
                 for seed in (0, 1)]
+        ran = runs if scheduler != "local:1" else runs[:sequential_runs]
+        finished = []
         start = time.perf_counter()
-        results = execute(runs, scheduler, None)
+        results = execute(ran, scheduler, lambda *_: finished.append(time.perf_counter() - start))
         seconds = time.perf_counter() - start
-        samples = sum(m.data["train"] for m in results.values()) * epochs
-        rows.append({"name": name, "batch": 16, "runs": len(runs), "epochs": epochs, "scheduler": scheduler,
-                     "seconds": round(seconds, 1), "samples_per_s": round(samples / seconds, 1), "peak_mb": None,
+        if len(ran) < len(runs):
+            gaps = [b - a for a, b in zip(finished, finished[1:])]
+            seconds += (len(runs) - len(ran)) * statistics.median(gaps)
+        samples = sum(m.data["train"] for m in results.values()) * epochs * len(runs) / len(ran)
+        rows.append({"name": name, "batch": 16, "runs": len(runs), "runs_timed": len(ran), "epochs": epochs,
+                     "scheduler": scheduler, "seconds": round(seconds, 1),
+                     "samples_per_s": round(samples / seconds, 1), "peak_mb": None,
                      "mps": mps_running() if device.type == "cuda" else None})
     rows[0]["speedup_vs_sequential"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
     return rows
