@@ -216,6 +216,24 @@ def test_checkpoints_follow_checkpoint_seconds_without_changing_results(store, t
         tiny_train(store, tmp_path / "bad", checkpoint_seconds=-1)
 
 
+def test_a_run_that_stops_and_cannot_save_keeps_its_own_error(store, tmp_path, monkeypatch):
+    """When saving last.pt after a stop fails too (e.g. the device is gone), the stop's error is what is raised,
+    with one warning that --resume continues from the previous last.pt."""
+    from fpt.train import files
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    def stop(record):
+        monkeypatch.setattr(files, "copy_tensors", lost)
+        raise ValueError("stopped by the caller")
+
+    with pytest.warns(RuntimeWarning, match="last.pt not updated .*device lost"), \
+            pytest.raises(ValueError, match="stopped by the caller"):
+        train(tiny_train(store, tmp_path / "run", epochs=3), on_epoch=stop)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_fpt_with_all_twelve_layers_has_the_papers_learnable_share():
     """Paper Table 1: FPT 1.81 % of ViT-B's parameters at 512 px (all 12 layers), FPT+ 1.03 % (6 layers)."""
     import timm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -173,7 +174,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
     each epoch's log record, ``on_batch(epoch, steps done, steps per epoch)`` each training step. A run dir
-    holding an unfinished run of the same configuration resumes from its last finished epoch. ``shared``: the
+    holding an unfinished run of the same configuration resumes from its last checkpoint. ``shared``: the
     train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached."""
     run = set_up(cfg, shared)
     if on_start:
@@ -190,8 +191,13 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
                     log.write(json.dumps(record) + "\n")
                 if on_epoch:
                     on_epoch(record)
-        except BaseException:
-            checkpoints.write()                 # stopped (Ctrl-C, an error): resumable from the last whole epoch
+        except BaseException as stop:           # Ctrl-C, an error: resumable from the last whole epoch
+            try:
+                checkpoints.write()
+            except Exception as e:              # noqa: BLE001 - e.g. the device failed: the first error matters
+                warnings.warn(f"last.pt not updated after the run stopped ({type(e).__name__}: {e}); "
+                              "--resume continues from the previous one", RuntimeWarning, stacklevel=2)
+                raise stop from None
             raise
         checkpoints.write(last=False)           # the best model; finish removes last.pt anyway
     return finish(run, memory, session)
