@@ -157,7 +157,7 @@ def official_loop_row(device: torch.device, small: bool, workers: int) -> dict:
             "workers": workers, "train_samples": samples}
 
 
-def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None = None) -> list[dict]:
+def loop_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
     """Where an epoch of ``fpt train`` spends its time beyond the step, on one run set up as ``fpt train`` sets
     it up (its store, config, compiled step) after two warm-up epochs, in ms per step:
 
@@ -174,8 +174,7 @@ def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None =
 
     data = bench_store(small)
     run = set_up(train_config_for(data.store, device, small, work / "fpt-loop", epochs=5))
-    bs, rng = run.cfg.batch_size, np.random.default_rng(0)
-    steps = steps or run.steps_per_epoch
+    bs, rng, steps = run.cfg.batch_size, np.random.default_rng(0), run.steps_per_epoch
     draws = run.side_input.draw(steps, bs).to(device)
 
     def timed(fn) -> float:
@@ -187,7 +186,7 @@ def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None =
 
     def gathered():
         for i, b in enumerate(run.train_data.batches(bs, shuffle=True, rng=rng, drop_last=True)):
-            run.step(b, draws[i % steps])
+            run.step(b, draws[i])
 
     rows = []
     with CheckpointWriter() as writer:
@@ -202,11 +201,11 @@ def loop_rows(device: torch.device, small: bool, work: Path, steps: int | None =
             epoch(i)
         one = next(run.train_data.batches(bs, shuffle=True, rng=rng, drop_last=True))
         seconds = {"loop-one-batch": (timed(lambda: [run.step(one, draws[i]) for i in range(steps)]), steps),
-                   "loop-gathered": (timed(gathered), run.steps_per_epoch)}
+                   "loop-gathered": (timed(gathered), steps)}
         epoch(2)
-        seconds["loop-epoch"] = (epoch(3), run.steps_per_epoch)
+        seconds["loop-epoch"] = (epoch(3), steps)
         writer.flush()
-        seconds["loop-epoch-flushed"] = (epoch(4), run.steps_per_epoch)
+        seconds["loop-epoch-flushed"] = (epoch(4), steps)
         seconds["loop-validation"] = (timed(lambda: predict_split(run.model, run.val_data, run.side_input, bs,
                                                                   run.step)), -(-len(run.val_data) // bs))
     for name, (s, n) in seconds.items():

@@ -169,15 +169,12 @@ class MemorySplit:
         given = tensors if tensors is not None else arrays
         self.shared = (given is not None and set(given) == {*names, "labels"}
                        and all(len(a) == len(idx) for a in given.values()))
-        if self.shared and tensors is not None:
-            self.arrays, self.tensors = None, tensors
-        else:
-            if not self.shared or arrays is None:
-                self.shared, arrays = False, reader.read(idx, names)
-            self.arrays = None if on_device else arrays
+        if not self.shared:
+            arrays, tensors = reader.read(idx, names), None
+        if on_device and tensors is None:
             # a shared copy is read-only: np.require copies it (once, on the host) rather than torch warning
-            self.tensors = ({n: torch.from_numpy(np.require(a, requirements="W")).to(device)
-                             for n, a in arrays.items()} if on_device else None)
+            tensors = {n: torch.from_numpy(np.require(a, requirements="W")).to(device) for n, a in arrays.items()}
+        self.arrays, self.tensors = (None, tensors) if on_device else (arrays, None)
         self.n, self.device = len(idx), device
 
     def __len__(self) -> int:
