@@ -134,9 +134,9 @@ Precision = Annotated[Optional[str], option("The LPM's arithmetic: fp16, bf16 or
                                             "keeps the selection closest to fp32 at bf16's speed; fp32 on a CPU). "
                                             "bf16 for backbones whose activations overflow fp16.", HARDWARE,
                                             default="auto")]
-Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-3 (balanced), zstd-1 "
-                                        "(faster, ~1% larger), zstd-5 (~3% smaller, ~3x slower to write) or lz4 "
-                                        "(fastest, ~4% larger).", OUTPUT,
+Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-1 (fast and small), "
+                                        "zstd-3 (~2% larger, ~3x slower to write), zstd-5 (~1% smaller, ~9x "
+                                        "slower) or lz4 (fastest, ~5% larger).", OUTPUT,
                                         default=fpt_config.DEFAULT_CODEC)]
 Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
 

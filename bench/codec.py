@@ -1,5 +1,5 @@
 """The store's chunk codec, chosen by measurement: bytes per image against single-thread encode/decode MB/s for
-Blosc compressors, levels and shuffles, on real LPM output (``FrozenLPM`` K/V, indices, class token of the demo's
+Blosc compressors, levels, shuffles and block sizes, on real LPM output (``FrozenLPM`` K/V, indices, class token of the demo's
 images at the given backbone and res; random-init weights here, since none can be downloaded).
 
     python -m fpt.bench.codec --model vit_base_patch16_224 --res 512 --images 4
@@ -18,8 +18,13 @@ import numpy as np
 
 from fpt.bench.common import command_line, write_results
 
-CANDIDATES = [(cname, level, shuffle) for cname, levels in (("zstd", (1, 3, 5)), ("lz4", (5,)), ("blosclz", (5,)))
-              for level in levels for shuffle in ("shuffle", "bitshuffle", "noshuffle")]
+# (cname, level, shuffle, Blosc block size in bytes: 0 = Blosc's automatic choice, tens of KB at low levels).
+# Blosc compresses each block on its own, so the block size bounds what zstd can match across; byte shuffle
+# gains most from large blocks.
+BLOCK_SIZES = (0, 256 << 10, 512 << 10, 1 << 20)
+CANDIDATES = ([(cname, level, shuffle, block) for cname, levels in (("zstd", (1, 3, 5)), ("lz4", (5,)))
+               for level in levels for shuffle in ("shuffle", "bitshuffle") for block in BLOCK_SIZES]
+              + [(cname, 5, "noshuffle", 0) for cname in ("zstd", "lz4")])
 STORE_ARRAYS = ("keys", "values", "indices", "cls", "images")
 
 
@@ -48,19 +53,25 @@ def lpm_output(model: str, res: int, n: int) -> dict[str, np.ndarray]:
             "indices": out["indices"].int().numpy(), "cls": out["cls"].half().numpy(), "images": low}
 
 
-def blosc_codec(cname: str, level: int, shuffle: str):
+def blosc_codec(cname: str, level: int, shuffle: str, blocksize: int = 0):
     """numcodecs' Blosc with the settings zarr's BloscCodec gets from ``fpt.store.CODECS`` (same typesize from
     the chunk dtype), to measure chunks outside a store."""
     from numcodecs import Blosc
-    return Blosc(cname=cname, clevel=level, shuffle={"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE,
-                                                     "noshuffle": Blosc.NOSHUFFLE}[shuffle])
+    shuffles = {"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE, "noshuffle": Blosc.NOSHUFFLE}
+    return Blosc(cname=cname, clevel=level, shuffle=shuffles[shuffle], blocksize=blocksize)
 
 
-def measure_codec(arrays: dict[str, np.ndarray], cname: str, level: int, shuffle: str, reps: int = 3) -> dict:
+def codec_label(cname: str, level: int, shuffle: str, blocksize: int) -> str:
+    return f"{cname}-{level}-{shuffle}-" + (f"{blocksize >> 10}k" if blocksize else "auto")
+
+
+def measure_codec(arrays: dict[str, np.ndarray], cname: str, level: int, shuffle: str, blocksize: int = 0,
+                  reps: int = 3) -> dict:
     from numcodecs import blosc
 
     blosc.set_nthreads(1)
-    codec = blosc_codec(cname, level, shuffle)
+    codec = blosc_codec(cname, level, shuffle, blocksize)
+    label = codec_label(cname, level, shuffle, blocksize)
     chunks = {name: [np.ascontiguousarray(s) for s in a] for name, a in arrays.items()}
     n = len(next(iter(arrays.values())))
     sizes, raw, enc_s, dec_s = {}, 0, [], []
@@ -75,11 +86,11 @@ def measure_codec(arrays: dict[str, np.ndarray], cname: str, level: int, shuffle
     for name, cs in chunks.items():
         for c, d in zip(cs, decoded[name]):
             if np.frombuffer(d, dtype=c.dtype).tobytes() != c.tobytes():
-                raise AssertionError(f"{cname}/{level}/{shuffle} is not lossless on {name}")
+                raise AssertionError(f"{label} is not lossless on {name}")
         sizes[name] = sum(len(e) for e in encoded[name]) / n
     raw = sum(a.nbytes for a in arrays.values())
     kv_raw = arrays["keys"].nbytes + arrays["values"].nbytes
-    return {"codec": f"{cname}-{level}-{shuffle}", "cname": cname, "level": level, "shuffle": shuffle,
+    return {"codec": label, "cname": cname, "level": level, "shuffle": shuffle, "blocksize": blocksize,
             "bytes_per_image": sum(sizes.values()), "kv_bytes_per_image": sizes["keys"] + sizes["values"],
             "per_array_bytes_per_image": sizes,
             "kv_ratio_to_fp16": (sizes["keys"] + sizes["values"]) * n / kv_raw,
@@ -92,19 +103,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--res", type=int, default=512)
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--store", help="measure on this store's arrays instead of running the LPM")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per codec (the fastest counts)")
     args = p.parse_args(argv)
     arrays = store_arrays(args.store) if args.store else lpm_output(args.model, args.res, args.images)
     official = (arrays["keys"][0].size + arrays["values"][0].size) * 4          # fp32 K and V per image
     rows = []
-    for cname, level, shuffle in CANDIDATES:
-        row = measure_codec(arrays, cname, level, shuffle)
+    for cname, level, shuffle, blocksize in CANDIDATES:
+        row = measure_codec(arrays, cname, level, shuffle, blocksize, args.reps)
         row["ratio_to_official"] = row["bytes_per_image"] / official
         rows.append(row)
-        print(f"{row['codec']:22s} {row['bytes_per_image'] / 1e6:7.3f} MB/image  x{row['ratio_to_official']:.3f} "
+        print(f"{row['codec']:28s} {row['bytes_per_image'] / 1e6:7.3f} MB/image  x{row['ratio_to_official']:.3f} "
               f"of official  enc {row['encode_mb_s']:7.1f} MB/s  dec {row['decode_mb_s']:7.1f} MB/s", flush=True)
     name = f"codec-{args.model}-{args.res}" + ("-store" if args.store else "")
     out = write_results(name, "fpt.bench.codec", model=args.model, res=args.res, store=args.store,
-                        images=len(arrays["keys"]), official_bytes_per_image=official, rows=rows,
+                        images=len(arrays["keys"]), reps=args.reps, official_bytes_per_image=official, rows=rows,
                         command=command_line("fpt.bench.codec"))
     print(f"wrote {out}")
 

@@ -145,13 +145,16 @@ def choose_samples_per_shard(bytes_per_sample: int, target_bytes: int = 64 << 20
     return int(max(1, min(1024, target_bytes // max(1, bytes_per_sample))))
 
 
-# Blosc settings per --codec name, all lossless; chosen by measurement on LPM output (bench/codec.py, figure 7 of
-# bench/README.md): zstd-3 + bit shuffle keeps a ViT-B/512 store at 0.436-0.445x the official fp32 files (goal
-# <= 0.45x) and encodes 2.6-3.3x faster than zstd-5 + byte shuffle (0.417-0.431x); zstd-1 is faster again but at
-# 0.441-0.451x; lz4 the fastest and largest.
-CODECS = {"zstd-3": ("zstd", 3, "bitshuffle"), "zstd-1": ("zstd", 1, "bitshuffle"), "zstd-5": ("zstd", 5, "shuffle"),
-          "lz4": ("lz4", 5, "bitshuffle")}
-DEFAULT_CODEC = "zstd-3"
+# Blosc settings per --codec name: (compressor, level, shuffle, block size in bytes; 0 = Blosc's automatic one),
+# all lossless, chosen by measurement on LPM output (bench/codec.py, figure 7 of bench/README.md). Blosc compresses
+# each block on its own: with 512 KB blocks instead of its automatic tens of KB, zstd-1 + byte shuffle keeps a
+# ViT-B store at 0.426-0.435x the official fp32 files (goal <= 0.45x) and encodes 2.4-3x faster than zstd-3 + bit
+# shuffle with automatic blocks (0.434-0.445x, the earlier default; stores written before this change under the
+# name zstd-1 used bit shuffle and automatic blocks: each array's zarr.json says what it holds). zstd-5 is the
+# smallest and slowest, lz4 the fastest and largest.
+CODECS = {"zstd-1": ("zstd", 1, "shuffle", 512 << 10), "zstd-3": ("zstd", 3, "bitshuffle", 0),
+          "zstd-5": ("zstd", 5, "shuffle", 0), "lz4": ("lz4", 5, "bitshuffle", 0)}
+DEFAULT_CODEC = "zstd-1"
 
 
 def compressors(codec: str = DEFAULT_CODEC) -> list:
@@ -159,5 +162,5 @@ def compressors(codec: str = DEFAULT_CODEC) -> list:
     indices carry one too)."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-    cname, level, shuffle = CODECS[codec]
-    return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle), Crc32cCodec()]
+    cname, level, shuffle, blocksize = CODECS[codec]
+    return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle, blocksize=blocksize), Crc32cCodec()]

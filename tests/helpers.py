@@ -22,7 +22,7 @@ from fpt import cli as fpt_cli
 from fpt.cli import app
 from fpt.config import extract_config, train_config
 from fpt.extract import extract
-from fpt.store import Geometry, StoreWriter
+from fpt.store import DEFAULT_CODEC, Geometry, StoreWriter
 from tests.conftest import MICRO, write_image_folder
 
 # ---------------------------------------------------------------- the fpt command in-process
@@ -140,11 +140,11 @@ def shard_arrays(n, seed):
             "images": rng.integers(0, 255, (n, g.image_res, g.image_res, 3)).astype(np.uint8)}
 
 
-def open_writer(path, attrs=ATTRS, ids=None, overwrite=False):
+def open_writer(path, attrs=ATTRS, ids=None, overwrite=False, codec=DEFAULT_CODEC):
     """A StoreWriter of GEOM's 7 samples (labels 0101011, splits 0001122)."""
     ids = np.array(ids or [f"s{i}" for i in range(7)], dtype=object)
     return StoreWriter.open(path, GEOM, attrs, ids=ids, labels=np.array([0, 1, 0, 1, 0, 1, 1]),
-                            split=np.array([0, 0, 0, 1, 1, 2, 2]), overwrite=overwrite)
+                            split=np.array([0, 0, 0, 1, 1, 2, 2]), overwrite=overwrite, codec=codec)
 
 
 def tiny_train(store, out, **overrides):
