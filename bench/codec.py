@@ -1,6 +1,6 @@
 """The store's chunk codec, chosen by measurement: bytes per image against single-thread encode/decode MB/s for
-Blosc compressors, levels, shuffles and block sizes, on real LPM output (``FrozenLPM`` K/V, indices, class token of the demo's
-images at the given backbone and res; random-init weights here, since none can be downloaded).
+Blosc compressors, levels, shuffles and block sizes, on real LPM output (``FrozenLPM`` K/V, indices, class token
+of the demo's images at the given backbone and res; random-init weights here, since none can be downloaded).
 
     python -m fpt.bench.codec --model vit_base_patch16_224 --res 512 --images 4
 

@@ -274,6 +274,13 @@ def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> lis
 FINITE_ARRAYS = ("keys", "values", "cls")      # the LPM's features, checked finite before a shard is written
 
 
+def all_finite(x: torch.Tensor) -> torch.Tensor:
+    """Whether every element of the fp16 tensor ``x`` is finite, as a 0-d bool on its device. An fp32 sum of fp16
+    values (each at most 65504 in size) cannot overflow for any tensor that fits in memory, so it is finite exactly
+    when no element is inf or NaN: one reduction, ~10x cheaper on a CPU than ``isfinite(x).all()``."""
+    return torch.isfinite(x.sum(dtype=torch.float32))
+
+
 class ShardBuffer:
     """One shard's sample arrays, filled batch by batch: host tensors (pinned on CUDA, so the device-to-host
     copies are asynchronous) in the store's shapes and dtypes. Whether every stored feature is finite is tracked
@@ -294,7 +301,7 @@ class ShardBuffer:
         rows = slice(indices[0] - self.rows.start, indices[-1] + 1 - self.rows.start)
         for name, target in self.arrays.items():
             target[rows].copy_(batch[name], non_blocking=True)
-        self._finite.append(torch.stack([torch.isfinite(batch[n]).all() for n in FINITE_ARRAYS]).all())
+        self._finite.append(torch.stack([all_finite(batch[n]) for n in FINITE_ARRAYS]).all())
 
     def seal(self) -> None:
         """Mark the end of the copies into this shard (an event the writer thread waits for)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fpt.extract import extract
-from fpt.extract.run import ShardBuffer, shard_batches
+from fpt.extract.run import ShardBuffer, all_finite, shard_batches
 from fpt.store import Geometry, StoreReader, StoreWriter
 from tests.conftest import micro_config
 from tests.helpers import GEOM, assert_same_store, open_writer, shard_arrays
@@ -147,6 +147,21 @@ def test_a_non_finite_lpm_output_stops_before_its_shard_and_keeps_the_others(tmp
         extract(micro_config(image_folder, store, samples_per_shard=4, batch_size=2))
     done = StoreReader(store).done()
     assert done[:4].all() and not done[4:8].any()
+
+
+def test_all_finite_equals_the_elementwise_check():
+    """The one-reduction check against isfinite().all(): any inf, -inf or NaN anywhere is caught, and tensors full
+    of fp16's largest values (whose fp32 sum is huge but finite) pass."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        x = torch.from_numpy(rng.standard_normal((3, 4, 5, 7)).astype(np.float16))
+        for _ in range(trial % 3):
+            x.view(-1)[int(rng.integers(x.numel()))] = float(rng.choice([np.inf, -np.inf, np.nan]))
+        assert bool(all_finite(x)) == bool(torch.isfinite(x).all())
+    for sign in (1, -1):
+        assert bool(all_finite(torch.full((1 << 20,), sign * 65504.0, dtype=torch.float16)))
+    both = torch.tensor([float("inf"), -float("inf")], dtype=torch.float16)
+    assert not bool(all_finite(both)) and bool(all_finite(torch.empty(0, dtype=torch.float16)))
 
 
 def test_precision_is_recorded_resolved_and_refused_when_it_changes(tmp_path, image_folder):
