@@ -35,19 +35,23 @@ def store_arrays(path: str) -> dict[str, np.ndarray]:
     return {name: group[name][:] for name in STORE_ARRAYS}
 
 
-def lpm_output(model: str, res: int, n: int) -> dict[str, np.ndarray]:
-    """The arrays extraction stores for ``n`` demo images, in the store's dtypes (per sample on axis 0)."""
+def lpm_output(model: str, res: int, n: int, precision: str = "fp32") -> dict[str, np.ndarray]:
+    """The arrays extraction stores for ``n`` demo images, in the store's dtypes (per sample on axis 0), with the
+    LPM run under ``precision`` autocast as ``fpt extract --precision`` runs it (bf16 K/V have three mantissa
+    bits fewer than the stored fp16, which compresses them further)."""
     import torch
 
     from fpt.bench.data import synthetic_inputs
     from fpt.extract.backbone import FrozenLPM, create_backbone
+    from fpt.extract.encode import AUTOCAST
     from fpt.extract.run import default_layers
 
     warnings.filterwarnings("ignore")
     net, info = create_backbone(model, res, random_init=True)
     lpm = FrozenLPM(net, default_layers(info.depth), 0.2, "global")
     x, low = synthetic_inputs(n, res)
-    with torch.no_grad():
+    dtype = AUTOCAST[precision]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
         out = lpm(x)
     return {"keys": out["keys"].half().numpy(), "values": out["values"].half().numpy(),
             "indices": out["indices"].int().numpy(), "cls": out["cls"].half().numpy(), "images": low}
@@ -104,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--store", help="measure on this store's arrays instead of running the LPM")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per codec (the fastest counts)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the LPM's autocast precision on this CPU (as fpt extract --precision)")
     args = p.parse_args(argv)
-    arrays = store_arrays(args.store) if args.store else lpm_output(args.model, args.res, args.images)
+    arrays = store_arrays(args.store) if args.store else lpm_output(args.model, args.res, args.images, args.precision)
     official = (arrays["keys"][0].size + arrays["values"][0].size) * 4          # fp32 K and V per image
     rows = []
     for cname, level, shuffle, blocksize in CANDIDATES:
@@ -114,9 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{row['codec']:28s} {row['bytes_per_image'] / 1e6:7.3f} MB/image  x{row['ratio_to_official']:.3f} "
               f"of official  enc {row['encode_mb_s']:7.1f} MB/s  dec {row['decode_mb_s']:7.1f} MB/s", flush=True)
-    name = f"codec-{args.model}-{args.res}" + ("-store" if args.store else "")
+    name = (f"codec-{args.model}-{args.res}" + ("-store" if args.store else "")
+            + (f"-{args.precision}" if args.precision != "fp32" and not args.store else ""))
     out = write_results(name, "fpt.bench.codec", model=args.model, res=args.res, store=args.store,
-                        images=len(arrays["keys"]), reps=args.reps, official_bytes_per_image=official, rows=rows,
+                        images=len(arrays["keys"]), reps=args.reps, precision=None if args.store else args.precision,
+                        official_bytes_per_image=official, rows=rows,
                         command=command_line("fpt.bench.codec"))
     print(f"wrote {out}")
 

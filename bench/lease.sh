@@ -30,11 +30,13 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --no-train"
   TRAIN_ARGS="--small --parts train,loop,step"
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
+  HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 --shards 1 --reps 1"
 else
   # what the leases of 2026-11-26 left unmeasured first: fp16 (the CUDA default since), writer processes end to
   # end (longer runs: steady state), fpt train, the 12-run sweep
   GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script host_processes --res 512:32 1024:8 2048:2 --e2e 512:1024 1024:256 --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,loop,sweep,step"
+  HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 --cores $(nproc)"    # this host's cores: what they can feed
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi
@@ -60,7 +62,7 @@ head -n 12 "$LOG"
 $PY -c "$IMAGES" >>"$LOG" 2>&1 &
 IMAGES_PID=$!
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda bench-train}; do
+for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda bench-train host-cost}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile"
                   wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG" ;;
@@ -68,6 +70,7 @@ for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda bench-train}; d
     bench-gpu-2)  FPT_BENCH_RESULTS="$OUT/second" step $name 120 $PY -m fpt.bench.gpu $FPT_LEASE_GPU_ARGS_2 ;;
     bench-train)  step $name 240 $PY -m fpt.bench.train_speed $TRAIN_ARGS ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
+    host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
                     tests/test_data.py tests/test_resume.py tests/test_sweep.py -k "cuda or gpu or peak" ;;
     *) echo "unknown step $name"; exit 2 ;;

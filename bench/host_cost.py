@@ -1,0 +1,120 @@
+"""The host's CPU per image of extraction, and what a machine's cores can feed: process CPU time of what a decode
+worker does for one image (``load_image_file`` + ``prepare_image`` of a PNG at the LPM's size) and of what a
+writer does (``StoreWriter.write_shard`` of the LPM's real output, in shards of 16, per ``--codec``), and the
+images/s that ``--cores`` cores could sustain with nothing else running: cores / (decode + write).
+
+    python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 zstd-3 --cores 16
+
+The model's output is computed once per res (random init, 2 demo images tiled to a shard); the write is timed on a
+fresh store per codec, median of ``--reps``. One torch/zarr process, so the CPU time includes zarr's codec threads.
+Results: bench/results/host_cost-<model>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fpt.bench.common import command_line, write_results
+
+SHARD = 16         # samples per shard, as choose_samples_per_shard gives ViT-B/512
+
+
+def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
+    """CPU ms of a decode worker's work for one PNG of [res, res] (RGB, or grey as most medical PNGs are)."""
+    from fpt.extract.datasets import synthetic_texture_image
+    from fpt.extract.images import load_image_file, prepare_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pixels = synthetic_texture_image(res, 1, [0, res])
+        path = Path(tmp) / "image.png"
+        Image.fromarray(pixels if colour else pixels[..., 0]).save(path)
+        times = []
+        for _ in range(reps + 1):
+            start = time.process_time()
+            prepare_image(load_image_file(path, size_hint=res), res, image_res)
+            times.append(time.process_time() - start)
+    return statistics.median(times[1:]) * 1000
+
+
+def lpm_shard(model: str, res: int, image_res: int) -> dict[str, np.ndarray]:
+    """A shard of SHARD samples of the LPM's real output (2 demo images, tiled) in the store's dtypes."""
+    import torch
+
+    from fpt.bench.data import synthetic_inputs
+    from fpt.extract.backbone import FrozenLPM, create_backbone
+    from fpt.extract.run import default_layers
+
+    warnings.filterwarnings("ignore")
+    net, info = create_backbone(model, res, random_init=True)
+    lpm = FrozenLPM(net, default_layers(info.depth), 0.2, "global")
+    x, low = synthetic_inputs(2, res, image_res)
+    with torch.no_grad():
+        out = lpm(x)
+    two = {"keys": out["keys"].half().numpy(), "values": out["values"].half().numpy(),
+           "indices": out["indices"].int().numpy(), "cls": out["cls"].half().numpy(), "images": low}
+    return {name: np.concatenate([a] * (SHARD // 2)) for name, a in two.items()}
+
+
+def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> float:
+    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``."""
+    from fpt.store import Geometry, StoreWriter
+
+    _, layers, heads, k, head_dim = shard["keys"].shape
+    geometry = Geometry(n_samples=SHARD * shards, layers=layers, heads=heads, k=k, head_dim=head_dim,
+                        embed_dim=shard["cls"].shape[1], image_res=shard["images"].shape[1],
+                        samples_per_shard=SHARD)
+    attrs = {"backbone": {"name": "bench"}, "extraction": {}, "dataset": {"name": "bench", "classes": ["a", "b"]},
+             "normalization": {}}
+    n = geometry.n_samples
+    ids = np.array([f"s{i}" for i in range(n)], dtype=object)
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(reps):
+            writer = StoreWriter.open(Path(tmp) / "s.zarr", geometry, attrs, ids=ids, labels=np.zeros(n, int),
+                                      split=np.zeros(n, int), overwrite=True, codec=codec)
+            start = time.process_time()
+            for s in range(shards):
+                writer.write_shard(s, shard)
+            times.append((time.process_time() - start) / n)
+    return statistics.median(times) * 1000
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--res", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--image-res", type=int, default=256)
+    p.add_argument("--codecs", nargs="+", default=["zstd-1", "zstd-3"])
+    p.add_argument("--cores", type=int, default=16, help="the host to size for (the H100 machine has 16)")
+    p.add_argument("--shards", type=int, default=6)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for res in args.res:
+        decode = {kind: decode_ms(res, args.image_res, kind == "rgb", 5) for kind in ("rgb", "grey")}
+        shard = lpm_shard(args.model, res, args.image_res)
+        for codec in args.codecs:
+            write = write_ms(shard, codec, args.shards, args.reps)
+            rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
+                         "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
+                         "write_ms": round(write, 1), "cores": args.cores,
+                         "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + write)),
+                         "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + write))})
+            print(rows[-1], flush=True)
+    out = write_results(f"host_cost-{args.model}", "fpt.bench.host_cost", model=args.model, rows=rows,
+                        command=command_line("fpt.bench.host_cost"))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
