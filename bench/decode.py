@@ -68,6 +68,7 @@ def write_j2k_dicom(path: Path) -> None:
 
 
 def cpu_ms(path: Path, res: int, image_res: int, reps: int) -> float:
+    """Median process CPU ms of decoding ``path`` and preparing both views, as a decode worker does."""
     from fpt.extract.images import load_image_file, prepare_image
 
     times = []

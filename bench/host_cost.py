@@ -28,19 +28,14 @@ SHARD = 16         # samples per shard, as choose_samples_per_shard gives ViT-B/
 
 def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
     """CPU ms of a decode worker's work for one PNG of [res, res] (RGB, or grey as most medical PNGs are)."""
+    from fpt.bench.decode import cpu_ms
     from fpt.extract.datasets import synthetic_texture_image
-    from fpt.extract.images import load_image_file, prepare_image
 
     with tempfile.TemporaryDirectory() as tmp:
         pixels = synthetic_texture_image(res, 1, [0, res])
         path = Path(tmp) / "image.png"
         Image.fromarray(pixels if colour else pixels[..., 0]).save(path)
-        times = []
-        for _ in range(reps + 1):
-            start = time.process_time()
-            prepare_image(load_image_file(path, size_hint=res), res, image_res)
-            times.append(time.process_time() - start)
-    return statistics.median(times[1:]) * 1000
+        return cpu_ms(path, res, image_res, reps)
 
 
 def lpm_shard(model: str, res: int, image_res: int) -> dict[str, np.ndarray]:
