@@ -24,7 +24,8 @@ MAMMOGRAM = (3328, 2560)     # rows, columns of a typical full-field digital mam
 
 
 def make_sources(root: Path) -> dict[str, Path]:
-    """The test files, generated once: demo-task PNGs at 512-4096 px, a 4096 px JPEG, a 16-bit J2K DICOM."""
+    """The test files, generated once: demo-task PNGs at 512-4096 px (RGB; grey at 1024 and 2048), a 4096 px JPEG,
+    a 16-bit J2K DICOM."""
     from fpt.extract.datasets import synthetic_texture_image
 
     root.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,10 @@ def make_sources(root: Path) -> dict[str, Path]:
         path = files[f"png {side}px"] = root / f"demo-{side}.png"
         if not path.exists():
             Image.fromarray(synthetic_texture_image(side, 1, [0, side])).save(path)
+    for side in (1024, 2048):                  # 8-bit grey, as most medical PNGs are
+        path = files[f"png grey {side}px"] = root / f"demo-grey-{side}.png"
+        if not path.exists():
+            Image.fromarray(synthetic_texture_image(side, 1, [0, side])[..., 0]).save(path)
     path = files["jpeg 4096px (q 90)"] = root / "demo-4096.jpg"
     if not path.exists():
         Image.open(files["png 4096px"]).save(path, quality=90)

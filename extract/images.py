@@ -48,11 +48,12 @@ def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """An image ``prepare_image`` accepts: 8-bit RGB, or for high-bit-depth grey (16-bit PNG/TIFF) a float
-    image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
+    """An image ``prepare_image`` accepts: 8-bit RGB; 8-bit grey ("L", made RGB only as the last step, so its
+    resizes cost a third; the same pixels as converting first); or for high-bit-depth grey (16-bit PNG/TIFF) a
+    float image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return grey_float(np.asarray(im, dtype=np.float64))
-    return im.convert("RGB")
+    return im.convert("L" if im.mode in ("L", "LA", "1") else "RGB")
 
 
 def grey_float(a: np.ndarray) -> Image.Image:
@@ -63,7 +64,7 @@ def grey_float(a: np.ndarray) -> Image.Image:
 
 
 def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
-    """The LPM's input and the stored low-res copy, from an RGB or a float grey ("F", [0, 1]) image.
+    """The LPM's input and the stored low-res copy, from an RGB, 8-bit grey or float grey ("F", [0, 1]) image.
 
     Returns (high float32 [res, res, 3] in [0, 255], low uint8 [image_res, image_res, 3]). The high-res image is
     resized with (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
@@ -75,13 +76,15 @@ def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndar
 
 
 def lpm_view(image: Image.Image, res: int) -> Image.Image:
-    """The image as the LPM sees it: RGB or float grey ("F"), resized to [res, res] with bicubic."""
-    if image.mode not in ("RGB", "F"):
+    """The image as the LPM sees it: RGB, grey ("L") or float grey ("F"), resized to [res, res] with bicubic."""
+    if image.mode not in ("RGB", "L", "F"):
         image = to_rgb(image)
     return image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
-    """float32 [H, W, 3] in [0, 255] from an RGB or a float grey ("F", [0, 1]) image."""
+    """float32 [H, W, 3] in [0, 255] from an RGB, a grey ("L") or a float grey ("F", [0, 1]) image."""
     a = np.asarray(image, dtype=np.float32)
-    return np.repeat(a[..., None] * 255, 3, -1) if image.mode == "F" else a
+    if image.mode == "RGB":
+        return a
+    return np.repeat(a[..., None] * (255 if image.mode == "F" else 1), 3, -1)

@@ -94,6 +94,28 @@ def test_metrics_follow_sklearn_conventions():
     assert classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))["auc"] is None
 
 
+@pytest.mark.parametrize("mode", ["L", "LA", "1"])
+def test_eight_bit_grey_is_prepared_as_its_rgb_conversion_would_be(mode):
+    """Grey stays one channel through the resizes (a third of the work) and gives exactly the pixels of
+    converting to RGB first: LPM input and low-res copy, resized up, down, not at all and from a non-square."""
+    from PIL import Image
+
+    from fpt.extract import prepare_image
+    from fpt.extract.images import to_rgb
+
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64), (50, 70), (130, 97), (16, 16)]:
+        grey = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        im = grey.convert(mode)
+        assert to_rgb(im).mode == "L"
+        for res, image_res in [(64, 16), (32, 48), (16, 16)]:
+            high, low = prepare_image(to_rgb(im), res, image_res)
+            want_high, want_low = prepare_image(im.convert("RGB"), res, image_res)
+            assert high.dtype == want_high.dtype and low.dtype == want_low.dtype
+            np.testing.assert_array_equal(high, want_high)
+            np.testing.assert_array_equal(low, want_low)
+
+
 def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     from PIL import Image
 
