@@ -32,7 +32,7 @@ def handled_images(folder):
     exif[0x0112] = 6                                       # orientation: rotate 90 degrees clockwise
     Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
     return {"grey16.png": ("F", (40, 30)), "rgba.png": ("RGB", (40, 30)), "palette.png": ("RGB", (40, 30)),
-            "cmyk.jpg": ("RGB", (40, 30)), "huge.jpg": ("RGB", (2500, 2500)), "one.png": ("RGB", (1, 1)),
+            "cmyk.jpg": ("RGB", (40, 30)), "huge.jpg": ("L", (2500, 2500)), "one.png": ("RGB", (1, 1)),
             "rotated.jpg": ("RGB", (30, 40))}
 
 
