@@ -30,7 +30,7 @@ def pixel_limit(limit: int):
 
 
 def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
-    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_rgb`` gives it, EXIF orientation applied;
+    """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_supported_mode`` gives it, EXIF orientation applied;
     unreadable -> FptError naming the file. ``size_hint`` (the LPM side) lets JPEG decode at a reduced scale
     that still covers it, so huge JPEGs cost little memory."""
     if path.suffix.lower() == ".dcm":
@@ -42,12 +42,12 @@ def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
             if size_hint and im.format == "JPEG":
                 im.draft(im.mode, (size_hint, size_hint))
             im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+            return to_supported_mode(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FptError(f"cannot read image {path}: {e}") from None
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
+def to_supported_mode(im: Image.Image) -> Image.Image:
     """An image ``prepare_image`` accepts: 8-bit RGB; 8-bit grey ("L", made RGB only as the last step, so its
     resizes cost a third; the same pixels as converting first); or for high-bit-depth grey (16-bit PNG/TIFF) a
     float image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
@@ -78,7 +78,7 @@ def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndar
 def lpm_view(image: Image.Image, res: int) -> Image.Image:
     """The image as the LPM sees it: RGB, grey ("L") or float grey ("F"), resized to [res, res] with bicubic."""
     if image.mode not in ("RGB", "L", "F"):
-        image = to_rgb(image)
+        image = to_supported_mode(image)
     return image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
 
 

@@ -101,15 +101,15 @@ def test_eight_bit_grey_is_prepared_as_its_rgb_conversion_would_be(mode):
     from PIL import Image
 
     from fpt.extract import prepare_image
-    from fpt.extract.images import to_rgb
+    from fpt.extract.images import to_supported_mode
 
     rng = np.random.default_rng(0)
     for shape in [(64, 64), (50, 70), (130, 97), (16, 16)]:
         grey = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
         im = grey.convert(mode)
-        assert to_rgb(im).mode == "L"
+        assert to_supported_mode(im).mode == "L"
         for res, image_res in [(64, 16), (32, 48), (16, 16)]:
-            high, low = prepare_image(to_rgb(im), res, image_res)
+            high, low = prepare_image(to_supported_mode(im), res, image_res)
             want_high, want_low = prepare_image(im.convert("RGB"), res, image_res)
             assert high.dtype == want_high.dtype and low.dtype == want_low.dtype
             np.testing.assert_array_equal(high, want_high)
@@ -120,10 +120,10 @@ def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     from PIL import Image
 
     from fpt.extract import prepare_image
-    from fpt.extract.images import to_rgb
+    from fpt.extract.images import to_supported_mode
 
     ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)     # 12 bits of distinct levels
-    im = to_rgb(Image.fromarray(ramp))
+    im = to_supported_mode(Image.fromarray(ramp))
     assert im.mode == "F"
     high, low = prepare_image(im, 64, 16)
     assert high.dtype == np.float32 and high.shape == (64, 64, 3)
