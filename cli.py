@@ -599,16 +599,31 @@ def _bytes(n: float) -> str:
         n /= 1024
 
 
+def _codec_chain(array: dict) -> list[str]:
+    """An array's codecs inside its shards, without the plain ``bytes`` serialiser."""
+    chain = "+".join(array["codecs"]).removeprefix("shard(").removesuffix(")").split("+")
+    return [c for c in chain if c != "bytes"]
+
+
+def _kv_codecs(arrays: list[dict], name: str | None) -> str:
+    """The K/V's codecs with their settings (what decides the store's size and write speed), after the --codec
+    ``name`` the store was created with (stores from before it was recorded have none)."""
+    keys = next((a for a in arrays if a["name"] == "keys"), None)
+    chain = " + ".join(_codec_chain(keys)) if keys else "unreadable"
+    return f"--codec {name}: {chain}" if name else chain
+
+
 def arrays_table(arrays: list[dict]) -> Table:
     """The store's arrays, readable at 80 columns: chunk and shard in samples (every other axis is whole in each
-    chunk), codecs without the plain ``bytes`` serialiser, wrapped when the terminal is narrow."""
+    chunk), codec names without settings (the header's compression line has them for the K/V) and without the
+    plain ``bytes`` serialiser, wrapped when the terminal is narrow."""
     table = Table(title="arrays", caption="chunk/shard: samples per chunk / per shard file (- = not sharded)",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("array", "shape", "dtype", "chunk/shard", "codecs", "raw", "disk"):
         table.add_column(col, no_wrap=col != "codecs", overflow="fold",
                          justify="right" if col in ("raw", "disk") else "left")
     for r in sorted(arrays, key=lambda r: r["name"]):
-        codecs = [c for c in "+".join(r["codecs"]).removeprefix("shard(").removesuffix(")").split("+") if c != "bytes"]
+        codecs = [c.split("(")[0] for c in _codec_chain(r)]
         table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"].replace("StringDType()", "string"),
                       f"{r['chunks'][0]}/{r['shards'][0] if r['shards'] else '-'}", " ".join(codecs),
                       _bytes(r["raw_bytes"]) if r["raw_bytes"] else "-", _bytes(r["disk_bytes"]))
@@ -651,6 +666,7 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
                  ("complete", f"{s['done']}/{s['n_samples']} samples"
                               + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),
                  ("integrity", _integrity_line(report)),
+                 ("compression", _kv_codecs(s["arrays"], a.get("storage", {}).get("codec"))),
                  ("size", f"{_bytes(s['disk_bytes'])} on disk, {_bytes(s['raw_bytes'])} raw "
                           f"({s['disk_bytes'] / max(1, s['raw_bytes']):.2f}x), "
                           f"{_bytes(s['disk_bytes'] / max(1, s['n_samples']))} per sample")]:

@@ -126,11 +126,20 @@ def _dask_array(arr: zarr.Array):
     return da.from_zarr(arr, chunks=arr.shards or arr.chunks)
 
 
+def _codec_name(codec: dict[str, Any]) -> str:
+    """A codec of zarr.json as ``fpt inspect`` shows it; Blosc with its settings (``blosc(zstd-1,shuffle,512k)``)."""
+    if codec.get("name") != "blosc":
+        return codec.get("name")
+    c = codec.get("configuration", {})
+    blocks = f"{c['blocksize'] >> 10}k" if c.get("blocksize") else "auto"
+    return f"blosc({c.get('cname')}-{c.get('clevel')},{c.get('shuffle')},{blocks})"
+
+
 def _describe(path: StoreLocation, name: str, arr: zarr.Array) -> dict[str, Any]:
     codecs = arr.metadata.to_dict()["codecs"]
-    names = [c.get("name") for c in codecs]
+    names = [_codec_name(c) for c in codecs]
     if names == ["sharding_indexed"]:
-        names = ["shard(" + "+".join(c["name"] for c in codecs[0]["configuration"]["codecs"]) + ")"]
+        names = ["shard(" + "+".join(_codec_name(c) for c in codecs[0]["configuration"]["codecs"]) + ")"]
     return {"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
             "shards": tuple(arr.shards) if arr.shards else None, "codecs": names,
             "raw_bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize,

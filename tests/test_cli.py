@@ -75,7 +75,7 @@ def test_inspect_shows_the_store(micro_store, monkeypatch):
     result = runner.invoke(app, ["inspect", str(micro_store)])
     assert result.exit_code == 0, result.output
     for text in ("schema version", "fpt_test_vit_micro_patch8", "k=13", "fp32 arithmetic", "16/16 samples", "keys",
-                 "crc32c"):
+                 "crc32c", "--codec zstd-1: blosc(zstd-1,shuffle,512k) + crc32c"):
         assert text in result.output
     as_json = runner.invoke(app, ["inspect", str(micro_store), "--json"])
     assert json.loads(as_json.output)["counts"]["train"] == {"benign": 4, "malignant": 4}

@@ -117,7 +117,7 @@ def test_dask_view_and_summary(tmp_path):
     assert s["counts"] == {"train": {"a": 2, "b": 1}, "val": {"a": 1, "b": 1}, "test": {"a": 0, "b": 2}}
     assert s["done"] == 7 and s["disk_bytes"] > 0
     keys = next(a for a in s["arrays"] if a["name"] == "keys")
-    assert keys["codecs"] == ["shard(bytes+blosc+crc32c)"] and keys["shards"] == (3, 2, 3, 4, 5)
+    assert keys["codecs"] == ["shard(bytes+blosc(zstd-1,shuffle,512k)+crc32c)"] and keys["shards"] == (3, 2, 3, 4, 5)
 
 
 def test_corrupted_chunk_is_detected_by_checksum(tmp_path):
