@@ -35,10 +35,11 @@ def store_arrays(path: str) -> dict[str, np.ndarray]:
     return {name: group[name][:] for name in STORE_ARRAYS}
 
 
-def lpm_output(model: str, res: int, n: int, precision: str = "fp32") -> dict[str, np.ndarray]:
+def lpm_output(model: str, res: int, n: int, precision: str = "fp32", image_res: int = 256
+               ) -> dict[str, np.ndarray]:
     """The arrays extraction stores for ``n`` demo images, in the store's dtypes (per sample on axis 0), with the
     LPM run under ``precision`` autocast as ``fpt extract --precision`` runs it (bf16 K/V have three mantissa
-    bits fewer than the stored fp16, which compresses them further)."""
+    bits fewer than the stored fp16, which compresses them further) and low-res copies of ``image_res``."""
     import torch
 
     from fpt.bench.data import synthetic_inputs
@@ -49,7 +50,7 @@ def lpm_output(model: str, res: int, n: int, precision: str = "fp32") -> dict[st
     warnings.filterwarnings("ignore")
     net, info = create_backbone(model, res, random_init=True)
     lpm = FrozenLPM(net, default_layers(info.depth), 0.2, "global")
-    x, low = synthetic_inputs(n, res)
+    x, low = synthetic_inputs(n, res, image_res)
     dtype = AUTOCAST[precision]
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
         out = lpm(x)

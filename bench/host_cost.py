@@ -15,7 +15,6 @@ import argparse
 import statistics
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +39,9 @@ def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
 
 def lpm_shard(model: str, res: int, image_res: int) -> dict[str, np.ndarray]:
     """A shard of SHARD samples of the LPM's real output (2 demo images, tiled) in the store's dtypes."""
-    import torch
+    from fpt.bench.codec import lpm_output
 
-    from fpt.bench.data import synthetic_inputs
-    from fpt.extract.backbone import FrozenLPM, create_backbone
-    from fpt.extract.run import default_layers
-
-    warnings.filterwarnings("ignore")
-    net, info = create_backbone(model, res, random_init=True)
-    lpm = FrozenLPM(net, default_layers(info.depth), 0.2, "global")
-    x, low = synthetic_inputs(2, res, image_res)
-    with torch.no_grad():
-        out = lpm(x)
-    two = {"keys": out["keys"].half().numpy(), "values": out["values"].half().numpy(),
-           "indices": out["indices"].int().numpy(), "cls": out["cls"].half().numpy(), "images": low}
+    two = lpm_output(model, res, 2, image_res=image_res)
     return {name: np.concatenate([a] * (SHARD // 2)) for name, a in two.items()}
 
 
