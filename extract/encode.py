@@ -16,6 +16,14 @@ from fpt.store import FEATURE_DTYPES
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}    # resolved precision -> dtype
 
 
+def pixel_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype decoded pixels travel in to ``encode_batch``. fp16 on CUDA under fp16/bf16 autocast: exact for
+    8-bit sources, about as fine as the half-precision input of the LPM's first layer for 16-bit ones, and half the
+    host-to-device traffic. fp32 otherwise: with ``--precision fp32`` a 16-bit source keeps its precision."""
+    half = device.type == "cuda" and AUTOCAST[resolve_precision(precision, device)] is not None
+    return torch.float16 if half else torch.float32
+
+
 @torch.no_grad()
 def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  precision: str = "auto") -> dict[str, torch.Tensor]:

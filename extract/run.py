@@ -7,11 +7,11 @@ and marked done last, so an interrupted run resumes where it stopped and gives t
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import time
 import warnings
 from collections import Counter, deque
-import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -25,7 +25,7 @@ from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
-from fpt.extract.encode import encode_batch
+from fpt.extract.encode import encode_batch, pixel_dtype
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedArrays, StoreLocation, StoreLock, StoreReader,
@@ -229,10 +229,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     batches = shard_batches(geometry, shards, batch_size)
     refs = [source.samples[i] for batch in batches for i in batch.indices]
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    # On CUDA the LPM runs in bf16, so fp16 pixels (exact for 8-bit sources, finer than bf16 for 16-bit ones)
-    # lose nothing and halve the host-to-device traffic.
-    images = DecodedImages(source, refs, cfg.res, cfg.image_res, cfg.on_error,
-                           torch.float16 if device.type == "cuda" else torch.float32)
+    images = DecodedImages(source, refs, cfg.res, cfg.image_res, cfg.on_error, pixel_dtype(cfg.precision, device))
     offsets = np.cumsum([0] + [len(b.indices) for b in batches])
     loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate)

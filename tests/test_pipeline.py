@@ -149,6 +149,15 @@ def test_a_non_finite_lpm_output_stops_before_its_shard_and_keeps_the_others(tmp
     assert done[:4].all() and not done[4:8].any()
 
 
+@pytest.mark.parametrize("precision, device, dtype", [
+    ("auto", "cuda", torch.float16), ("fp16", "cuda", torch.float16), ("bf16", "cuda", torch.float16),
+    ("fp32", "cuda", torch.float32), ("auto", "cpu", torch.float32), ("bf16", "cpu", torch.float32)])
+def test_pixels_travel_in_half_precision_only_to_a_half_precision_lpm_on_cuda(precision, device, dtype):
+    from fpt.extract.encode import pixel_dtype
+
+    assert pixel_dtype(precision, torch.device(device)) == dtype
+
+
 def test_all_finite_equals_the_elementwise_check():
     """The one-reduction check against isfinite().all(): any inf, -inf or NaN anywhere is caught, and tensors full
     of fp16's largest values (whose fp32 sum is huge but finite) pass."""
