@@ -269,8 +269,7 @@ def extract(
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
         workers=workers, write_threads=write_threads, writers=writers, precision=precision, codec=codec,
-        on_error=on_error,
-        overwrite=overwrite or None)
+        on_error=on_error, overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 
 
