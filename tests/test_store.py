@@ -120,6 +120,24 @@ def test_dask_view_and_summary(tmp_path):
     assert keys["codecs"] == ["shard(bytes+blosc(zstd-1,shuffle,512k)+crc32c)"] and keys["shards"] == (3, 2, 3, 4, 5)
 
 
+def test_chunks_equal_to_the_fill_value_are_still_written(tmp_path):
+    """A black image equals the images' fill value: its chunk is written anyway, so that a missing chunk or shard
+    file always means lost data (verify reports it) rather than zeros that were never stored."""
+    from fpt.store.verify import verify
+
+    path = tmp_path / "s.zarr"
+    w = open_writer(path)
+    for s in range(2):
+        arrays = shard_arrays(len(GEOM.shard_range(s)), s)
+        arrays["images"][:] = 0
+        w.write_shard(s, arrays)
+    shard_file = path / "images" / "c" / "1" / "0" / "0" / "0"
+    assert shard_file.is_file()
+    assert not verify(path, ("images",)).damaged.size
+    shard_file.unlink()
+    assert list(verify(path, ("images",)).damaged) == [3, 4, 5]
+
+
 def test_corrupted_chunk_is_detected_by_checksum(tmp_path):
     path = tmp_path / "s.zarr"
     w = open_writer(path)
