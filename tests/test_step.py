@@ -45,6 +45,29 @@ def test_compiled_step_gives_the_eager_losses():
         torch.testing.assert_close(compiled_weights[k], w, rtol=1e-3, atol=1e-4)
 
 
+def test_the_step_and_the_evaluation_compile_once(monkeypatch):
+    """Steps after the first and evaluation batches (a partial one padded) reuse the compiled code: a recompile
+    (a guard failing on state the first call changed) would cost a whole compilation, and on CUDA a second graph
+    capture, in every run. Dynamo's own backend, so the test checks the guards without inductor's codegen."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step = make_step(SMALL, CPU, compile=True, steps=STEPS)
+            draws = step.side_input.draw(STEPS, SHAPE.batch_size)
+            for i in range(STEPS):
+                step(step_batch(SMALL, SHAPE, CPU), draws[i])
+            step.model.eval()
+            step.probabilities(step_batch(SMALL, SHAPE, CPU), SHAPE.batch_size)
+            step.probabilities(step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), CPU), SHAPE.batch_size)
+    finally:
+        torch._dynamo.reset()
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert step.is_compiled
+
+
 def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(fn, **_):
         def run(*args):

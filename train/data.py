@@ -372,7 +372,13 @@ class SideInput:
         self.generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def to(self, device: torch.device | str) -> "SideInput":
+        """Keep the normalisation constants on ``device`` (once, not per batch). ``TrainStep`` calls it before
+        compiling: moving them inside the compiled function would change its state and so recompile it on the
+        next call."""
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
 
     def __call__(self, images: torch.Tensor, train: bool, draws: torch.Tensor | None = None) -> torch.Tensor:
         """``draws`` [DRAWS, B] (``draw``), on the images' device: the training augmentation's random numbers;
@@ -384,10 +390,9 @@ class SideInput:
             if x.shape[-1] != self.side_res or x.shape[-2] != self.side_res:
                 x = TF.resize(x, [self.side_res, self.side_res], antialias=True)
             x = x.float() / 255.0
-        if x.device not in self._norm:       # copied to the device once, not per batch
-            self._norm[x.device] = (self.mean.to(x.device), self.std.to(x.device))
-        mean, std = self._norm[x.device]
-        return (x - mean) / std
+        if self.mean.device != x.device:
+            self.to(x.device)
+        return (x - self.mean) / self.std
 
     def draw(self, steps: int, n: int) -> torch.Tensor:
         """The uniform random numbers of ``steps`` batches of ``n`` images, [steps, DRAWS, n], from the generator

@@ -99,7 +99,9 @@ class TrainStep:
         self.model, self.side_input, self.optimizer, self.schedule = model, side_input, optimizer, schedule
         self.clip_norm = clip_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if mode is None and next(model.parameters()).device.type == "cuda":
+        device = next(model.parameters()).device
+        side_input.to(device)
+        if mode is None and device.type == "cuda":
             mode = "reduce-overhead"
         self.cuda_graphs = compile and mode == "reduce-overhead"
         self._loss = CompiledOrEager(self.loss, compile, mode, "training step")
