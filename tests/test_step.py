@@ -11,7 +11,7 @@ from fpt.train.files import (FORMAT_VERSION, CheckpointWriter, atomic_write, ato
                              save_checkpoint)
 from fpt.train.memory import StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
-from fpt.train.step import CompiledOrEager, pad_batch
+from fpt.train.step import CompiledOrEager, TrainStep, pad_batch
 
 SMALL = ModelSpec(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=2, n_classes=2, side_res=16, prompts=3,
                   reduction=4)
@@ -45,27 +45,34 @@ def test_compiled_step_gives_the_eager_losses():
         torch.testing.assert_close(compiled_weights[k], w, rtol=1e-3, atol=1e-4)
 
 
-def test_the_step_and_the_evaluation_compile_once(monkeypatch):
-    """Steps after the first and evaluation batches (a partial one padded) reuse the compiled code: a recompile
-    (a guard failing on state the first call changed) would cost a whole compilation, and on CUDA a second graph
-    capture, in every run. Dynamo's own backend, so the test checks the guards without inductor's codegen."""
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
+def steps_and_evaluation_without_recompiling(device: torch.device) -> TrainStep:
+    """STEPS compiled steps, then evaluation of a full and of a padded partial batch, with dynamo's
+    ``error_on_recompile``: a recompile (a guard failing on state the first call changed) costs a whole
+    compilation, and on CUDA a second graph capture, in every run. Returns the step; fails on any warning."""
     torch._dynamo.reset()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            step = make_step(SMALL, CPU, compile=True, steps=STEPS)
-            draws = step.side_input.draw(STEPS, SHAPE.batch_size)
+            step = make_step(SMALL, device, compile=True, steps=STEPS)
+            draws = step.side_input.draw(STEPS, SHAPE.batch_size).to(device)
             for i in range(STEPS):
-                step(step_batch(SMALL, SHAPE, CPU), draws[i])
+                step(step_batch(SMALL, SHAPE, device), draws[i])
             step.model.eval()
-            step.probabilities(step_batch(SMALL, SHAPE, CPU), SHAPE.batch_size)
-            step.probabilities(step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), CPU), SHAPE.batch_size)
+            step.probabilities(step_batch(SMALL, SHAPE, device), SHAPE.batch_size)
+            step.probabilities(step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), device),
+                               SHAPE.batch_size)
     finally:
         torch._dynamo.reset()
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
     assert step.is_compiled
+    return step
+
+
+def test_the_step_and_the_evaluation_compile_once(monkeypatch):
+    """Dynamo's own backend here: the guards are dynamo's whatever the backend, and no inductor codegen."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
+    steps_and_evaluation_without_recompiling(CPU)
 
 
 def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
@@ -181,6 +188,17 @@ def test_cuda_graph_step_gives_the_eager_losses():
     with inductor.patch(fallback_random=True):
         compiled = losses(True)
     assert compiled == pytest.approx(eager, rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_compiles_and_captures_once():
+    """reduce-overhead mode on CUDA: one compilation each for the step and the evaluation, and no CUDA-graph
+    capture skipped (inductor skips the graphs of a function with CPU tensors or mutated inputs)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    step = steps_and_evaluation_without_recompiling(torch.device("cuda"))
+    assert step.cuda_graphs and counters["inductor"]["cudagraph_skips"] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
