@@ -46,7 +46,7 @@ def test_compiled_step_gives_the_eager_losses():
 
 
 def steps_and_evaluation_without_recompiling(device: torch.device) -> TrainStep:
-    """STEPS compiled steps, then evaluation of a full and of a padded partial batch, with dynamo's
+    """STEPS compiled steps, evaluation of a full and of a padded partial batch, one more step, with dynamo's
     ``error_on_recompile``: a recompile (a guard failing on state the first call changed) costs a whole
     compilation, and on CUDA a second graph capture, in every run. Returns the step; fails on any warning."""
     torch._dynamo.reset()
@@ -61,6 +61,8 @@ def steps_and_evaluation_without_recompiling(device: torch.device) -> TrainStep:
             step.probabilities(step_batch(SMALL, SHAPE, device), SHAPE.batch_size)
             step.probabilities(step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), device),
                                SHAPE.batch_size)
+            step.model.train()                            # the next epoch
+            step(step_batch(SMALL, SHAPE, device), draws[0])
     finally:
         torch._dynamo.reset()
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
