@@ -152,7 +152,8 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
     p = load_predictor(checkpoint, weights, random_init, device)
     rows = []
     for start in range(0, len(images), batch_size):
-        # as extraction prepares a sample: high float32 [res, res, 3] in [0, 255], low uint8 [R, R, 3]
+        # as extraction prepares a sample: high [res, res, 3] in [0, 255] (uint8, float32 from a 16-bit source),
+        # low uint8 [R, R, 3]
         highs, lows = zip(*(prepare_image(load_image_file(path), p.res, p.image_res)
                             for path in images[start:start + batch_size]))
         high = torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2)                # [B, 3, res, res]

@@ -1,5 +1,6 @@
-"""Where image decoding becomes the limit of extraction: CPU time per image of ``load_image_file`` +
-``prepare_image`` (what each DataLoader worker of ``fpt extract`` does per sample) for PNG originals of several
+"""Where image decoding becomes the limit of extraction: CPU time per image of what each DataLoader worker of
+``fpt extract`` does per sample (``DecodedImages``: ``load_image_file`` + ``prepare_image`` + the LPM input as a
+tensor in the dtype it travels in on CUDA, and the batch's collate) for PNG originals of several
 sizes, a large JPEG (decoded at reduced scale through PIL's draft mode), and a mammogram-sized 16-bit DICOM in
 JPEG 2000 lossless (CMMD's kind), and how many cores a given images/s needs.
 
@@ -72,14 +73,29 @@ def write_j2k_dicom(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def cpu_ms(path: Path, res: int, image_res: int, reps: int) -> float:
-    """Median process CPU ms of decoding ``path`` and preparing both views, as a decode worker does."""
-    from fpt.extract.images import load_image_file, prepare_image
+class FileSource:
+    """A source of one file per sample id, loaded as fpt's ImageFolder and CSV sources load theirs."""
 
+    def __init__(self, size_hint: int):
+        self.size_hint = size_hint
+
+    def load(self, path: Path):
+        from fpt.extract.images import load_image_file
+        return load_image_file(path, self.size_hint)
+
+
+def cpu_ms(path: Path, res: int, image_res: int, reps: int) -> float:
+    """Median process CPU ms of what a decode worker of ``fpt extract`` on CUDA does for the sample ``path``:
+    decoding it, preparing both views, the LPM input as a tensor and collating it."""
+    import torch
+
+    from fpt.extract.run import DecodedImages
+
+    images = DecodedImages(FileSource(res), [path], res, image_res, "fail", torch.float16)
     times = []
     for _ in range(reps + 1):
         start = time.process_time()
-        prepare_image(load_image_file(path, size_hint=res), res, image_res)
+        images.collate([images[0]])
         times.append(time.process_time() - start)
     return statistics.median(times[1:]) * 1000
 

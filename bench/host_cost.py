@@ -1,7 +1,8 @@
 """The host's CPU per image of extraction, and what a machine's cores can feed: process CPU time of what a decode
-worker does for one image (``load_image_file`` + ``prepare_image`` of a PNG at the LPM's size) and of what a
-writer does (``StoreWriter.write_shard`` of the LPM's real output, in shards of 16, per ``--codec``), and the
-images/s that ``--cores`` cores could sustain with nothing else running: cores / (decode + write).
+worker does for one image (``bench.decode.cpu_ms``: decoding a PNG at the LPM's size, both views, the LPM input
+as a tensor, the collate) and of what a writer does (``StoreWriter.write_shard`` of the LPM's real output, in
+shards of 16, per ``--codec``), and the images/s that ``--cores`` cores could sustain with nothing else running:
+cores / (decode + write).
 
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 zstd-3 --cores 16
 

@@ -17,9 +17,9 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}    # re
 
 
 def pixel_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype decoded pixels travel in to ``encode_batch``. fp16 on CUDA under fp16/bf16 autocast: exact for
-    8-bit sources, about as fine as the half-precision input of the LPM's first layer for 16-bit ones, and half the
-    host-to-device traffic. fp32 otherwise: with ``--precision fp32`` a 16-bit source keeps its precision."""
+    """The dtype decoded pixels of a float (16-bit) source travel in to ``encode_batch`` (8-bit ones stay uint8).
+    fp16 on CUDA under fp16/bf16 autocast: about as fine as the half-precision input of the LPM's first layer, and
+    half the host-to-device traffic. fp32 otherwise: with ``--precision fp32`` a 16-bit source keeps its precision."""
     half = device.type == "cuda" and AUTOCAST[resolve_precision(precision, device)] is not None
     return torch.float16 if half else torch.float32
 
@@ -27,7 +27,7 @@ def pixel_dtype(precision: str, device: torch.device) -> torch.dtype:
 @torch.no_grad()
 def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  precision: str = "auto") -> dict[str, torch.Tensor]:
-    """high: [B, 3, res, res] in [0, 255] (any float dtype, any device); mean/std: per channel in [0, 1].
+    """high: [B, 3, res, res] in [0, 255] (uint8 or any float dtype, any device); mean/std: per channel in [0, 1].
 
     Returns, on the LPM's device and in the store's dtypes: keys/values [B, L, H, k, d], indices [B, L, H, k],
     cls [B, D]. Runs under ``precision`` autocast (``resolve_precision``), halving the batch when it does not fit.

@@ -66,13 +66,17 @@ def grey_float(a: np.ndarray) -> Image.Image:
 def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
     """The LPM's input and the stored low-res copy, from an RGB, 8-bit grey or float grey ("F", [0, 1]) image.
 
-    Returns (high float32 [res, res, 3] in [0, 255], low uint8 [image_res, image_res, 3]). The high-res image is
-    resized with (antialiased) bicubic; the low-res copy is an area average of it, the standard for downscaling.
-    A float image stays float until here, so 16-bit sources keep their precision through the resize.
+    Returns (high [res, res, 3] in [0, 255]: uint8 from an 8-bit image, float32 from a float one; low uint8
+    [image_res, image_res, 3]). The high-res image is resized with (antialiased) bicubic; the low-res copy is an
+    area average of it, the standard for downscaling. A float image stays float until here, so 16-bit sources keep
+    their precision through the resize; 8-bit pixels stay 8-bit until the LPM's device makes them float (exact).
     """
     high = lpm_view(image, res)
-    low = high.resize((image_res, image_res), Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC)
-    return rgb_array(high), np.clip(rgb_array(low), 0, 255).round().astype(np.uint8)
+    low = pixel_array(high.resize((image_res, image_res),
+                                  Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC))
+    if low.dtype != np.uint8:                                # a float image's copy, rounded to the stored 8 bits
+        low = np.clip(low, 0, 255).round().astype(np.uint8)
+    return pixel_array(high), low
 
 
 def lpm_view(image: Image.Image, res: int) -> Image.Image:
@@ -80,6 +84,15 @@ def lpm_view(image: Image.Image, res: int) -> Image.Image:
     if image.mode not in ("RGB", "L", "F"):
         image = to_supported_mode(image)
     return image if image.size == (res, res) else image.resize((res, res), Image.Resampling.BICUBIC)
+
+
+def pixel_array(image: Image.Image) -> np.ndarray:
+    """[H, W, 3] in [0, 255], writable, in the image's own precision: uint8 from RGB or grey ("L"), float32 from
+    float grey ("F", [0, 1])."""
+    if image.mode == "F":
+        return rgb_array(image)
+    a = np.array(image)
+    return a if image.mode == "RGB" else np.repeat(a[..., None], 3, -1)
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:

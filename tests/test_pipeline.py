@@ -158,6 +158,39 @@ def test_pixels_travel_in_half_precision_only_to_a_half_precision_lpm_on_cuda(pr
     assert pixel_dtype(precision, torch.device(device)) == dtype
 
 
+def test_8_bit_pixels_travel_as_uint8_and_encode_to_the_same_features():
+    """An 8-bit source's LPM input stays uint8 through the workers (a batch with a float source becomes the float
+    dtype, exactly), and the LPM's outputs from uint8 pixels equal those from the same pixels as float."""
+    from PIL import Image
+
+    from fpt.extract import FrozenLPM, create_backbone, encode_batch
+    from fpt.extract.images import grey_float
+    from fpt.extract.run import DecodedImages
+    from tests.conftest import MICRO
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8))
+    sixteen = grey_float(rng.integers(0, 4096, (40, 40)).astype(np.float64))
+
+    class Source:
+        def load(self, ref):
+            return ref
+
+    images = DecodedImages(Source(), [rgb, grey, sixteen], 64, 16, "skip", torch.float16)
+    eight_bit, _, _ = images.collate([images[0], images[1], "unreadable"])
+    assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (3, 3, 64, 64) and not eight_bit[2].any()
+    mixed, _, _ = images.collate([images[0], images[2]])
+    assert mixed.dtype == torch.float16 and torch.equal(mixed[0], eight_bit[0].half())
+    assert images[2][0].dtype == torch.float16
+
+    lpm = FrozenLPM(create_backbone(MICRO, 64, random_init=True)[0], [2, 3], 0.25)
+    from_uint8 = encode_batch(lpm, eight_bit, (0.5,) * 3, (0.25,) * 3, "fp32")
+    from_float = encode_batch(lpm, eight_bit.float(), (0.5,) * 3, (0.25,) * 3, "fp32")
+    for name, t in from_uint8.items():
+        assert torch.equal(t, from_float[name]), name
+
+
 def test_all_finite_equals_the_elementwise_check():
     """The one-reduction check against isfinite().all(): any inf, -inf or NaN anywhere is caught, and tensors full
     of fp16's largest values (whose fp32 sum is huge but finite) pass."""
