@@ -21,7 +21,7 @@ import torch
 from fpt import FptError
 from fpt.config import check_lpm_weights, resolve_device
 from fpt.extract.backbone import FrozenLPM, create_backbone
-from fpt.extract.encode import encode_batch
+from fpt.extract.encode import encode_batch, stack_pixels
 from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, prepare_image
 from fpt.train.data import SideInput
 from fpt.train.loop import load_checkpoint
@@ -152,11 +152,10 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
     p = load_predictor(checkpoint, weights, random_init, device)
     rows = []
     for start in range(0, len(images), batch_size):
-        # as extraction prepares a sample: high [res, res, 3] in [0, 255] (uint8, float32 from a 16-bit source),
-        # low uint8 [R, R, 3]
+        # as extraction prepares a sample: high [res, res, C] in [0, 255] (prepare_image), low uint8 [R, R, 3]
         highs, lows = zip(*(prepare_image(load_image_file(path), p.res, p.image_res)
                             for path in images[start:start + batch_size]))
-        high = torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2)                # [B, 3, res, res]
+        high = stack_pixels([torch.from_numpy(h).permute(2, 0, 1) for h in highs], torch.float32)  # [B, C, res, res]
         low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]
         batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std, p.precision)}
         probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()

@@ -66,17 +66,18 @@ def grey_float(a: np.ndarray) -> Image.Image:
 def prepare_image(image: Image.Image, res: int, image_res: int) -> tuple[np.ndarray, np.ndarray]:
     """The LPM's input and the stored low-res copy, from an RGB, 8-bit grey or float grey ("F", [0, 1]) image.
 
-    Returns (high [res, res, 3] in [0, 255]: uint8 from an 8-bit image, float32 from a float one; low uint8
-    [image_res, image_res, 3]). The high-res image is resized with (antialiased) bicubic; the low-res copy is an
-    area average of it, the standard for downscaling. A float image stays float until here, so 16-bit sources keep
-    their precision through the resize; 8-bit pixels stay 8-bit until the LPM's device makes them float (exact).
+    Returns (high [res, res, C] in [0, 255]: C = 3 for RGB, 1 for grey; uint8 from an 8-bit image, float32 from a
+    float one; low uint8 [image_res, image_res, 3]). The high-res image is resized with (antialiased) bicubic; the
+    low-res copy is an area average of it, the standard for downscaling. A float image stays float until here, so
+    16-bit sources keep their precision through the resize; 8-bit pixels stay 8-bit, and grey stays one channel,
+    until the LPM's device makes them float RGB (``stack_pixels``, ``encode_batch``: exact).
     """
     high = lpm_view(image, res)
     low = pixel_array(high.resize((image_res, image_res),
                                   Image.Resampling.BOX if image_res <= res else Image.Resampling.BICUBIC))
     if low.dtype != np.uint8:                                # a float image's copy, rounded to the stored 8 bits
         low = np.clip(low, 0, 255).round().astype(np.uint8)
-    return pixel_array(high), low
+    return pixel_array(high), three_channels(low)
 
 
 def lpm_view(image: Image.Image, res: int) -> Image.Image:
@@ -87,17 +88,19 @@ def lpm_view(image: Image.Image, res: int) -> Image.Image:
 
 
 def pixel_array(image: Image.Image) -> np.ndarray:
-    """[H, W, 3] in [0, 255], writable, in the image's own precision: uint8 from RGB or grey ("L"), float32 from
-    float grey ("F", [0, 1])."""
+    """[H, W, C] in [0, 255], writable, in the image's own precision and channels: uint8 from RGB (C = 3) or grey
+    ("L", C = 1), float32 from float grey ("F" in [0, 1], C = 1)."""
     if image.mode == "F":
-        return rgb_array(image)
+        return np.asarray(image, dtype=np.float32)[..., None] * 255
     a = np.array(image)
-    return a if image.mode == "RGB" else np.repeat(a[..., None], 3, -1)
+    return a if image.mode == "RGB" else a[..., None]
+
+
+def three_channels(a: np.ndarray) -> np.ndarray:
+    """[..., C] -> [..., 3]: grey (C = 1) repeated, RGB as it is."""
+    return a if a.shape[-1] == 3 else np.repeat(a, 3, -1)
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:
     """float32 [H, W, 3] in [0, 255] from an RGB, a grey ("L") or a float grey ("F", [0, 1]) image."""
-    a = np.asarray(image, dtype=np.float32)
-    if image.mode == "RGB":
-        return a
-    return np.repeat(a[..., None] * (255 if image.mode == "F" else 1), 3, -1)
+    return three_channels(pixel_array(image).astype(np.float32, copy=False))

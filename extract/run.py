@@ -25,7 +25,7 @@ from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
-from fpt.extract.encode import encode_batch, pixel_dtype
+from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedArrays, StoreLocation, StoreLock, StoreReader,
@@ -178,10 +178,11 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
 
 
 class DecodedImages(Dataset):
-    """Item i -> (high [3, res, res] in [0, 255], low uint8 [R, R, 3]), or the error message of an unreadable
-    source, so that a bad file in a DataLoader worker reaches the user as one clear line. ``high`` stays uint8 for
-    an 8-bit source (half the bytes of fp16 through the workers' shared memory, pinning and the copy to the GPU,
-    and no conversion in the worker) and is ``high_dtype`` for a float (16-bit) one."""
+    """Item i -> (high [C, res, res] in [0, 255], low uint8 [R, R, 3]), or the error message of an unreadable
+    source, so that a bad file in a DataLoader worker reaches the user as one clear line. ``high`` stays as the
+    source has it until the GPU: one channel for grey (C = 1), uint8 for 8-bit (a sixth of an fp16 RGB copy's
+    bytes for 8-bit grey through the workers' shared memory, pinning and the copy to the GPU, and no conversion
+    in the worker); a float (16-bit) source's is ``high_dtype``."""
 
     def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, image_res: int, on_error: str,
                  high_dtype: torch.dtype = torch.float32):
@@ -200,18 +201,15 @@ class DecodedImages(Dataset):
         return high if high.dtype == torch.uint8 else high.to(self.high_dtype), torch.from_numpy(low)
 
     def collate(self, items) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
-        """-> (high [B, 3, res, res], low [B, R, R, 3], {position in batch: error}); unreadable items are zeros
-        with ``on_error="skip"`` and raise with ``"fail"``. ``high`` is uint8 when every source in the batch is
-        8-bit, else ``high_dtype``."""
+        """-> (high [B, C, res, res] (``stack_pixels``), low [B, R, R, 3], {position in batch: error});
+        unreadable items are zeros with ``on_error="skip"`` and raise with ``"fail"``."""
         errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
         if errors and self.on_error != "skip":
             raise FptError(next(iter(errors.values())) + " (pass --on-error skip to skip unreadable files)")
-        blank = (torch.zeros(3, self.res, self.res, dtype=torch.uint8),
+        blank = (torch.zeros(1, self.res, self.res, dtype=torch.uint8),
                  torch.zeros(self.image_res, self.image_res, 3, dtype=torch.uint8))
         highs, lows = zip(*(blank if i in errors else item for i, item in enumerate(items)))
-        if any(h.dtype != torch.uint8 for h in highs):
-            highs = [h.to(self.high_dtype) for h in highs]
-        return torch.stack(highs), torch.stack(lows), errors
+        return stack_pixels(highs, self.high_dtype), torch.stack(lows), errors
 
 
 def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None

@@ -62,7 +62,7 @@ def test_no_voi_keeps_sixteen_bit_precision_until_the_resize(tmp_path):
     np.testing.assert_allclose(out, x / x.max(), atol=1e-6)
     assert len(np.unique(out)) == 4096                                    # not rounded to 8 bits
     high, low = prepare_image(read_dicom(tmp_path / "a.dcm"), 64, 32)
-    assert len(np.unique(high)) > 256 and high.shape == (64, 64, 3) and low.dtype == np.uint8
+    assert len(np.unique(high)) > 256 and high.shape == (64, 64, 1) and low.dtype == np.uint8
 
 
 def test_voi_lut_sequence_wins_and_uses_its_output_range(tmp_path):

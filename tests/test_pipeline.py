@@ -158,9 +158,10 @@ def test_pixels_travel_in_half_precision_only_to_a_half_precision_lpm_on_cuda(pr
     assert pixel_dtype(precision, torch.device(device)) == dtype
 
 
-def test_8_bit_pixels_travel_as_uint8_and_encode_to_the_same_features():
-    """An 8-bit source's LPM input stays uint8 through the workers (a batch with a float source becomes the float
-    dtype, exactly), and the LPM's outputs from uint8 pixels equal those from the same pixels as float."""
+def test_pixels_travel_as_the_source_has_them_and_encode_to_the_same_features():
+    """An 8-bit source's LPM input stays uint8 and a grey one stays one channel through the workers; a batch
+    mixing kinds becomes RGB and the float dtype, exactly. The LPM's outputs from a uint8 grey batch equal those
+    from the same pixels as float RGB."""
     from PIL import Image
 
     from fpt.extract import FrozenLPM, create_backbone, encode_batch
@@ -178,17 +179,20 @@ def test_8_bit_pixels_travel_as_uint8_and_encode_to_the_same_features():
             return ref
 
     images = DecodedImages(Source(), [rgb, grey, sixteen], 64, 16, "skip", torch.float16)
-    eight_bit, _, _ = images.collate([images[0], images[1], "unreadable"])
-    assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (3, 3, 64, 64) and not eight_bit[2].any()
+    greys, _, _ = images.collate([images[1], "unreadable", images[1]])
+    assert greys.dtype == torch.uint8 and greys.shape == (3, 1, 64, 64) and not greys[1].any()
+    eight_bit, lows, _ = images.collate([images[0], images[1]])
+    assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (2, 3, 64, 64)
+    assert torch.equal(eight_bit[1], greys[0].expand(3, -1, -1)) and lows.shape == (2, 16, 16, 3)
     mixed, _, _ = images.collate([images[0], images[2]])
     assert mixed.dtype == torch.float16 and torch.equal(mixed[0], eight_bit[0].half())
-    assert images[2][0].dtype == torch.float16
+    assert images[2][0].dtype == torch.float16 and images[2][0].shape == (1, 64, 64)
 
     lpm = FrozenLPM(create_backbone(MICRO, 64, random_init=True)[0], [2, 3], 0.25)
-    from_uint8 = encode_batch(lpm, eight_bit, (0.5,) * 3, (0.25,) * 3, "fp32")
-    from_float = encode_batch(lpm, eight_bit.float(), (0.5,) * 3, (0.25,) * 3, "fp32")
-    for name, t in from_uint8.items():
-        assert torch.equal(t, from_float[name]), name
+    from_grey = encode_batch(lpm, greys, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), "fp32")
+    from_rgb_float = encode_batch(lpm, greys.expand(-1, 3, -1, -1).float(), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), "fp32")
+    for name, t in from_grey.items():
+        assert torch.equal(t, from_rgb_float[name]), name
 
 
 def test_all_finite_equals_the_elementwise_check():

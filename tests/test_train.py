@@ -96,8 +96,9 @@ def test_metrics_follow_sklearn_conventions():
 
 @pytest.mark.parametrize("mode", ["L", "LA", "1"])
 def test_eight_bit_grey_is_prepared_as_its_rgb_conversion_would_be(mode):
-    """Grey stays one channel through the resizes (a third of the work) and gives exactly the pixels of
-    converting to RGB first: LPM input and low-res copy, resized up, down, not at all and from a non-square."""
+    """Grey stays one channel through the resizes (a third of the work) and in the LPM input, and gives exactly the
+    pixels of converting to RGB first: LPM input and low-res copy, resized up, down, not at all and from a
+    non-square."""
     from PIL import Image
 
     from fpt.extract import prepare_image
@@ -111,8 +112,8 @@ def test_eight_bit_grey_is_prepared_as_its_rgb_conversion_would_be(mode):
         for res, image_res in [(64, 16), (32, 48), (16, 16)]:
             high, low = prepare_image(to_supported_mode(im), res, image_res)
             want_high, want_low = prepare_image(im.convert("RGB"), res, image_res)
-            assert high.dtype == want_high.dtype and low.dtype == want_low.dtype
-            np.testing.assert_array_equal(high, want_high)
+            assert high.dtype == want_high.dtype and low.dtype == want_low.dtype and high.shape[-1] == 1
+            np.testing.assert_array_equal(np.repeat(high, 3, -1), want_high)
             np.testing.assert_array_equal(low, want_low)
 
 
@@ -126,7 +127,7 @@ def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     im = to_supported_mode(Image.fromarray(ramp))
     assert im.mode == "F"
     high, low = prepare_image(im, 64, 16)
-    assert high.dtype == np.float32 and high.shape == (64, 64, 3)
+    assert high.dtype == np.float32 and high.shape == (64, 64, 1)
     assert len(np.unique(high[..., 0])) > 256                              # more levels than 8 bits can hold
     np.testing.assert_allclose(high[..., 0], ramp / ramp.max() * 255, rtol=1e-5, atol=1e-3)
     assert low.dtype == np.uint8 and low.shape == (16, 16, 3)
