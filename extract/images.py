@@ -48,9 +48,10 @@ def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
 
 
 def to_supported_mode(im: Image.Image) -> Image.Image:
-    """An image ``prepare_image`` accepts: 8-bit RGB; 8-bit grey ("L", made RGB only as the last step, so its
-    resizes cost a third; the same pixels as converting first); or for high-bit-depth grey (16-bit PNG/TIFF) a
-    float image (mode "F", values in [0, 1], scaled by its own range) so precision is kept until the final resize."""
+    """An image ``prepare_image`` accepts: 8-bit RGB; 8-bit grey ("L": kept one channel until the LPM's device
+    makes it RGB, so its resizes and transfers cost a third, with the same pixels as converting first); or for
+    high-bit-depth grey (16-bit PNG/TIFF) a float image (mode "F", values in [0, 1], scaled by its own range) so
+    precision is kept until the final resize."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return grey_float(np.asarray(im, dtype=np.float64))
     return im.convert("L" if im.mode in ("L", "LA", "1") else "RGB")
