@@ -28,7 +28,7 @@ from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
-from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, SharedArrays, StoreLocation, StoreLock, StoreReader,
+from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, HandoverSlots, StoreLocation, StoreLock, StoreReader,
                        StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, write_shared_shard)
 
 Progress = Callable[[int, int], None]
@@ -345,7 +345,8 @@ class ShardWriterPool:
     rewrites it.
 
     ``processes``: each thread hands its shard to one of ``threads`` writer processes (``fpt.store.shared``), so
-    that zarr's per-process event loop is not the limit; otherwise the threads write in this process."""
+    that zarr's per-process event loop is not the limit, through hand-over files reused from shard to shard
+    (``HandoverSlots``: at most ``threads``); otherwise the threads write in this process."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
                  processes: bool = False):
@@ -354,6 +355,7 @@ class ShardWriterPool:
         # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
         self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"))
                           if processes else None)
+        self.slots = HandoverSlots() if processes else None
         for _ in range(self.threads if processes else 0):       # start them now, while the LPM warms up
             self.processes.submit(os.getpid)
         self.pending: deque[Future] = deque()
@@ -372,7 +374,7 @@ class ShardWriterPool:
         if self.processes is None:
             self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
         else:
-            with SharedArrays(shard.numpy()) as (path, spec):
+            with self.slots.put(shard.numpy()) as (path, spec):
                 self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
                                       shard.excluded).result()
         return len(shard.rows)
@@ -395,7 +397,10 @@ class ShardWriterPool:
         finally:
             self.executor.shutdown(wait=True)
             if self.processes is not None:
-                self.processes.shutdown(wait=True)
+                try:
+                    self.processes.shutdown(wait=True)
+                finally:
+                    self.slots.close()
 
 
 def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:

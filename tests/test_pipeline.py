@@ -269,6 +269,59 @@ def test_shard_handover_avoids_a_full_dev_shm(monkeypatch):
     assert not Path(path).exists()
 
 
+def test_hand_over_slots_are_reused_grown_and_removed():
+    """A stream of shards goes through as many files as are in flight at once, each filled again and again."""
+    from fpt.store.shared import HandoverSlots, open_shared
+
+    before = shared_files()
+    slots = HandoverSlots()
+    small, other, big = shard_arrays(2, seed=0), shard_arrays(2, seed=1), shard_arrays(3, seed=2)
+    with slots.put(small) as (first, spec):
+        with slots.put(other) as (second, _):                   # two hand-overs at once: two files
+            assert second != first
+    for arrays in (other, small):
+        with slots.put(arrays) as (path, spec):
+            assert path in (first, second)                      # the same files again, holding the new arrays
+            for name, a in open_shared(path, spec).items():
+                np.testing.assert_array_equal(a, arrays[name], err_msg=name)
+    with slots.put(big) as (path, spec):
+        with slots.put(big) as (path2, spec2):                  # both free slots were too small: replaced
+            assert {path, path2}.isdisjoint({first, second}) and not Path(first).exists()
+            np.testing.assert_array_equal(open_shared(path2, spec2)["keys"], big["keys"])
+    assert len(shared_files() - before) == 2
+    slots.close()
+    assert shared_files() == before
+
+
+def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tmp_path):
+    """write_shared_shard keeps one mapping per slot; new contents, and a new file under the same name, are seen."""
+    from fpt.store.shared import SharedSlot, layout, write_shared_shard
+
+    writer = open_writer(tmp_path / "s.zarr")
+    a, b, c = (shard_arrays(3, seed=s) for s in (0, 1, 2))
+    slot = SharedSlot(layout(a)[1])
+    try:
+        for shard, arrays in ((0, a), (1, b)):
+            write_shared_shard(str(writer.location), shard, *slot.put(arrays))
+    finally:
+        slot.close()
+    with open(slot.path, "wb") as f:                                # another file under the same name and size
+        f.write(bytes(slot.size))
+    try:
+        memory = np.memmap(slot.path, np.uint8, "r+")
+        spec = layout(c)[0]
+        for name, arr in c.items():
+            offset, shape, dtype = spec[name]
+            memory[offset:offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        memory.flush()
+        write_shared_shard(str(writer.location), 0, slot.path, spec)
+    finally:
+        os.unlink(slot.path)
+    read = StoreReader(tmp_path / "s.zarr").read(range(6), ("keys", "indices"))
+    for name in ("keys", "indices"):
+        np.testing.assert_array_equal(read[name], np.concatenate([c[name], b[name]]), err_msg=name)
+
+
 def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_folder):
     result = extract(micro_config(image_folder, tmp_path / "s.zarr", samples_per_shard=2))
     run = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
