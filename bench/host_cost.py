@@ -1,8 +1,10 @@
 """The host's CPU per image of extraction, and what a machine's cores can feed: process CPU time of what a decode
 worker does for one image (``bench.decode.cpu_ms``: decoding a PNG at the LPM's size, both views, the LPM input
-as a tensor, the collate) and of what a writer does (``StoreWriter.write_shard`` of the LPM's real output, in
+as a tensor, the collate), of handing a shard to a writer process (the main process's copy into a reused
+hand-over file, ``fpt.store.shared.HandoverSlots``; ``handover_fresh_ms``: into a new file per shard, as before
+the slots were reused) and of what a writer does (``StoreWriter.write_shard`` of the LPM's real output, in
 shards of 16, per ``--codec``), and the images/s that ``--cores`` cores could sustain with nothing else running:
-cores / (decode + write).
+cores / (decode + hand-over + write), as on a GPU machine, where the writers are processes.
 
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 zstd-3 --cores 16
 
@@ -46,6 +48,35 @@ def lpm_shard(model: str, res: int, image_res: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate([a] * (SHARD // 2)) for name, a in two.items()}
 
 
+def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
+    """CPU ms per image of copying ``shard`` into a reused hand-over slot, and into a fresh file each time."""
+    from fpt.store.shared import HandoverSlots, SharedArrays
+
+    def per_image(put) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.process_time()
+            put()
+            times.append((time.process_time() - start) / SHARD)
+        return statistics.median(times) * 1000
+
+    def fresh():
+        with SharedArrays(shard):
+            pass
+
+    slots = HandoverSlots()
+    try:
+        with slots.put(shard):                  # the slot's first fill faults its pages in, once per run
+            pass
+
+        def reused():
+            with slots.put(shard):
+                pass
+        return per_image(reused), per_image(fresh)
+    finally:
+        slots.close()
+
+
 def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> float:
     """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``."""
     from fpt.store import Geometry, StoreWriter
@@ -87,13 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     for res in args.res:
         decode = {kind: decode_ms(res, args.image_res, kind == "rgb", 5) for kind in ("rgb", "grey")}
         shard = lpm_shard(args.model, res, args.image_res)
+        handover, handover_fresh = handover_ms(shard, max(args.reps, 5))
         for codec in args.codecs:
             write = write_ms(shard, codec, args.shards, args.reps)
             rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
                          "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
+                         "handover_ms": round(handover, 2), "handover_fresh_ms": round(handover_fresh, 2),
                          "write_ms": round(write, 1), "cores": args.cores,
-                         "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + write)),
-                         "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + write))})
+                         "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + handover + write)),
+                         "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + handover + write))})
             print(rows[-1], flush=True)
     out = write_results(f"host_cost-{args.model}", "fpt.bench.host_cost", model=args.model, rows=rows,
                         command=command_line("fpt.bench.host_cost"))

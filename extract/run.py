@@ -25,7 +25,7 @@ from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
-from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
+from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, HandoverSlots, StoreLocation, StoreLock, StoreReader,
@@ -209,7 +209,7 @@ class DecodedImages(Dataset):
         blank = (torch.zeros(1, self.res, self.res, dtype=torch.uint8),
                  torch.zeros(self.image_res, self.image_res, 3, dtype=torch.uint8))
         highs, lows = zip(*(blank if i in errors else item for i, item in enumerate(items)))
-        return stack_pixels(highs, self.high_dtype), torch.stack(lows), errors
+        return stack_pixels(highs, self.high_dtype), stack_batch(lows), errors
 
 
 def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None

@@ -195,6 +195,36 @@ def test_pixels_travel_as_the_source_has_them_and_encode_to_the_same_features():
         assert torch.equal(t, from_rgb_float[name]), name
 
 
+def test_a_worker_collates_into_shared_memory_and_sends_the_same_batch(monkeypatch):
+    """In a DataLoader worker the batch is stacked straight into shared memory (no second copy to send it);
+    through a real worker it arrives equal to collating in this process."""
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from fpt.extract import encode
+    from fpt.extract.run import DecodedImages
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)) for _ in range(3)]
+
+    class Source:
+        def load(self, ref):
+            return frames[ref]
+
+    images = DecodedImages(Source(), [0, 1, 2], 32, 8, "fail")
+    here = images.collate([images[i] for i in range(3)])
+    assert not here[0].is_shared()
+    with monkeypatch.context() as m:
+        m.setattr(encode, "get_worker_info", lambda: object())
+        items = [images[i] for i in range(3)]
+        high, low = encode.stack_batch([h for h, _ in items]), encode.stack_batch([lo for _, lo in items])
+        assert high.is_shared() and low.is_shared()
+        assert torch.equal(high, here[0]) and torch.equal(low, here[1])
+    loader = DataLoader(images, batch_size=3, num_workers=1, collate_fn=images.collate)
+    high, low, errors = next(iter(loader))
+    assert torch.equal(high, here[0]) and torch.equal(low, here[1]) and errors == {}
+
+
 def test_all_finite_equals_the_elementwise_check():
     """The one-reduction check against isfinite().all(): any inf, -inf or NaN anywhere is caught, and tensors full
     of fp16's largest values (whose fp32 sum is huge but finite) pass."""
