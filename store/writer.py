@@ -13,8 +13,8 @@ import zarr
 
 from fpt import FptError, __version__
 from fpt.store.layout import (ARRAY_ATTRS, DEFAULT_CODEC, DIMENSION_NAMES, DONE, EXCLUDED_SPLIT, FILL_VALUES,
-                              SAMPLE_ARRAYS, SCHEMA_VERSION, SKIPPED_REPORT, Geometry, compressors, decode_ids,
-                              encode_ids, group_attrs)
+                              SAMPLE_ARRAYS, SCHEMA_VERSION, SHARDED_ARRAYS, SKIPPED_REPORT, Geometry, compressors,
+                              decode_ids, encode_ids, group_attrs)
 from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
 
@@ -75,9 +75,9 @@ class StoreWriter:
         S, per = g.n_samples, g.samples_per_shard
         writer = cls(path, group, g)
         for name, (shape, dtype) in g.sample_shapes().items():
-            per_sample = name in SAMPLE_ARRAYS
-            group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if per_sample else per, *shape),
-                               shards=(per, *shape) if per_sample else None, compressors=compressors(codec),
+            sharded = name in SHARDED_ARRAYS
+            group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if sharded else per, *shape),
+                               shards=(per, *shape) if sharded else None, compressors=compressors(codec),
                                fill_value=FILL_VALUES[name], dimension_names=DIMENSION_NAMES[name],
                                attributes=ARRAY_ATTRS[name])
         writer._array("ids")[:] = encoded_ids

@@ -120,6 +120,24 @@ def test_dask_view_and_summary(tmp_path):
     assert keys["codecs"] == ["shard(bytes+blosc(zstd-1,shuffle,512k)+crc32c)"] and keys["shards"] == (3, 2, 3, 4, 5)
 
 
+def test_keys_and_values_are_chunked_per_sample_and_the_rest_per_shard(tmp_path):
+    """K/V: one sample per inner chunk (read and named alone); the small arrays: one chunk per shard, so damage
+    there names the shard's samples, and damage in keys names the one sample."""
+    from fpt.store.verify import verify
+    from tests.helpers import flip, shard_file
+
+    path = tmp_path / "s.zarr"
+    w = open_writer(path)
+    for s in range(3):
+        w.write_shard(s, shard_arrays(len(GEOM.shard_range(s)), s))
+    chunking = {a["name"]: (a["chunks"][0], a["shards"]) for a in summarize(path)["arrays"]}
+    assert chunking["keys"] == chunking["values"] == (1, (3, 2, 3, 4, 5))
+    assert all(chunking[name] == (3, None) for name in ("indices", "cls", "images", "labels", "split", "ids", "done"))
+    flip(shard_file(path, "images", 1), 40)
+    flip(shard_file(path, "keys", 0), 40)                       # inside the first sample's chunk
+    assert sorted((p.array, tuple(p.samples)) for p in verify(path).problems) == [("images", (3, 4, 5)), ("keys", (0,))]
+
+
 def test_chunks_equal_to_the_fill_value_are_still_written(tmp_path):
     """A black image equals the images' fill value: its chunk is written anyway, so that a missing chunk or shard
     file always means lost data (verify reports it) rather than zeros that were never stored."""

@@ -73,7 +73,7 @@ def test_random_damage_is_always_found_or_harmless(micro_store, tmp_path_factory
 
 
 def test_training_refuses_corrupt_samples_or_skips_them(micro_store, tmp_path):
-    flip(shard_file(micro_store, "images", 0), 60)                     # sample 0: a train image
+    flip(shard_file(micro_store, "keys", 0), 60)                       # sample 0's chunk: a train image
     ids = StoreReader(micro_store).ids
     args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "1", "--device", "cpu",
             "--batch-size", "4"]
@@ -94,7 +94,7 @@ def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, 
 
     calls = []
     monkeypatch.setattr(loop, "verify", lambda *a, **k: calls.append(a) or real_verify(*a, **k))
-    flip(shard_file(micro_store, "images", 0), 60)
+    flip(shard_file(micro_store, "keys", 0), 60)
     cfg = sweep_config(micro_store, None, lr="0.001,0.01", weight_decay="0", seeds=1, scheduler="local:1",
                        out=tmp_path / "sw", side_res=16, epochs=1, batch_size=4, device="cpu", skip_corrupt=True)
     sweep.run_sweep(cfg)
