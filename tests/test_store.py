@@ -138,6 +138,26 @@ def test_keys_and_values_are_chunked_per_sample_and_the_rest_per_shard(tmp_path)
     assert sorted((p.array, tuple(p.samples)) for p in verify(path).problems) == [("images", (3, 4, 5)), ("keys", (0,))]
 
 
+def test_a_store_with_every_per_sample_array_sharded_is_resumed_and_read(tmp_path, monkeypatch):
+    """Stores written before the small arrays got one chunk per shard keep working: resumed, read, verified."""
+    from fpt.store import SAMPLE_ARRAYS, verify, writer
+
+    path = tmp_path / "s.zarr"
+    written = {s: shard_arrays(len(GEOM.shard_range(s)), s) for s in range(GEOM.n_shards())}
+    with monkeypatch.context() as m:
+        m.setattr(writer, "SHARDED_ARRAYS", SAMPLE_ARRAYS)               # the layout before
+        open_writer(path).write_shard(0, written[0])
+    assert next(a for a in summarize(path)["arrays"] if a["name"] == "images")["shards"] == (3, 6, 6, 3)
+    w = open_writer(path)                                              # resumed by today's writer
+    assert w.pending_shards() == [1, 2]
+    for s in (1, 2):
+        w.write_shard(s, written[s])
+    every = StoreReader(path).read(range(7), SAMPLE_ARRAYS)
+    for name in SAMPLE_ARRAYS:
+        np.testing.assert_array_equal(every[name], np.concatenate([written[s][name] for s in range(3)]), err_msg=name)
+    assert verify(path).ok
+
+
 def test_chunks_equal_to_the_fill_value_are_still_written(tmp_path):
     """A black image equals the images' fill value: its chunk is written anyway, so that a missing chunk or shard
     file always means lost data (verify reports it) rather than zeros that were never stored."""
