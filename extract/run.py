@@ -138,9 +138,12 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
             overwrite=cfg.overwrite, codec=cfg.codec)
         pending = writer.pending_shards()
         write_threads = cfg.write_threads or default_write_threads(device)
-        # shards waiting for their writer + the one being filled (per process on dask)
+        writers = writers_kind(cfg, device) if scheduler is None else "threads"
+        # shards waiting for their writer + the one being filled (per process on dask); with writer processes
+        # each shard being written is also in its hand-over file
         g = writer.geometry
-        host_buffer_mb = (write_threads + 1) * g.samples_per_shard * g.bytes_per_sample() / 2**20
+        buffers = write_threads + 1 + (write_threads if writers == "processes" else 0)
+        host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start, clock = time.perf_counter(), ShardClock(progress)
@@ -171,8 +174,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
                 "write_threads": write_threads, "precision": cfg.precision,
-                "writers": writers_kind(cfg, device) if scheduler is None else "threads",
-                "host_buffer_limit_mb": round(host_buffer_mb, 1),
+                "writers": writers, "host_buffer_limit_mb": round(host_buffer_mb, 1),
                 "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
         return result
 
@@ -221,8 +223,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     and copied to the device from pinned memory; the LPM runs asynchronously on CUDA; its outputs are copied
     back into the shard's pinned host buffers (``ShardBuffer``); a finished shard is encoded and written by
     writer threads (``cfg.write_threads``) while the next one is computed. At most ``write_threads`` shards wait
-    for writing, so host memory stays below (write_threads + 1) x the shard size. A batch that does not fit on
-    the GPU is split in halves until it does.
+    for writing, so host memory stays below (write_threads + 1) x the shard size (plus a hand-over file per shard
+    being written with writer processes). A batch that does not fit on the GPU is split in halves until it does.
     """
     device = resolve_device(cfg.device)
     lpm, _ = load_lpm(cfg, device)

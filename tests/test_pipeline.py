@@ -46,7 +46,8 @@ def test_concurrent_shard_writers_give_the_serial_store(tmp_path, image_folder):
     assert result.n_written == 16
     assert_same_store(serial, parallel)
     run = StoreReader(parallel).attrs["last_run"]
-    assert run["write_threads"] == 3 and run["host_buffer_limit_mb"] > 0
+    shard_mb = 2 * StoreReader(parallel).geometry.bytes_per_sample() / 2**20
+    assert run["write_threads"] == 3 and run["host_buffer_limit_mb"] == round((3 + 1) * shard_mb, 1)
 
 
 def test_a_failed_shard_write_keeps_the_others_and_resumes(tmp_path, image_folder, monkeypatch):
@@ -92,7 +93,9 @@ def test_writer_processes_give_the_serial_store(tmp_path, image_folder):
     result = extract(micro_config(image_folder, parallel, samples_per_shard=2, write_threads=2, writers="processes"))
     assert result.n_written == 16
     assert_same_store(serial, parallel)
-    assert StoreReader(parallel).attrs["last_run"]["writers"] == "processes"
+    run = StoreReader(parallel).attrs["last_run"]
+    shard_mb = 2 * StoreReader(parallel).geometry.bytes_per_sample() / 2**20
+    assert run["writers"] == "processes" and run["host_buffer_limit_mb"] == round((2 * 2 + 1) * shard_mb, 1)
     assert shared_files() == before                        # every hand-over file removed
 
 
