@@ -50,7 +50,7 @@ def layout(arrays: Mapping[str, np.ndarray]) -> tuple[Spec, int]:
 class SharedSlot:
     """A memory-mapped file of ``size`` bytes that other processes of this machine read: ``put(arrays)`` copies
     arrays into it and returns the ``(path, spec)`` that ``open_shared`` takes; it can be filled again once the
-    reader is done. ``close`` removes the file (also usable as ``with``)."""
+    reader is done. ``close`` removes the file."""
 
     def __init__(self, size: int):
         self.size = max(size, 1)
