@@ -155,7 +155,7 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
         # as extraction prepares a sample: high [res, res, C] in [0, 255] (prepare_image), low uint8 [R, R, 3]
         highs, lows = zip(*(prepare_image(load_image_file(path), p.res, p.image_res)
                             for path in images[start:start + batch_size]))
-        high = stack_pixels([torch.from_numpy(h).permute(2, 0, 1) for h in highs], torch.float32)  # [B, C, res, res]
+        high = stack_pixels([torch.from_numpy(h) for h in highs], torch.float32)     # [B, res, res, C]
         low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]
         batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std, p.precision)}
         probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()

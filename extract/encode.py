@@ -26,11 +26,12 @@ def pixel_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def stack_pixels(highs: Sequence[torch.Tensor], float_dtype: torch.dtype) -> torch.Tensor:
-    """LPM inputs [C, res, res] (C = 3 RGB or 1 grey; uint8 or float) -> one batch [B, C', res, res]: grey kept
-    one channel when every image is grey (C' = 1; ``encode_batch`` makes it RGB on the device) else repeated, and
-    uint8 when every image is 8-bit, else ``float_dtype``. The values are those of converting each image first."""
-    if len({h.shape[0] for h in highs}) > 1:
-        highs = [h.expand(3, -1, -1) for h in highs]
+    """LPM inputs [res, res, C] (channels last as decoded; C = 3 RGB or 1 grey; uint8 or float) -> one batch
+    [B, res, res, C']: grey kept one channel when every image is grey (C' = 1; ``encode_batch`` makes it RGB on
+    the device) else repeated, and uint8 when every image is 8-bit, else ``float_dtype``. The values are those of
+    converting each image first."""
+    if len({h.shape[-1] for h in highs}) > 1:
+        highs = [h.expand(-1, -1, 3) for h in highs]
     if any(h.dtype != torch.uint8 for h in highs):
         highs = [h.to(float_dtype) for h in highs]
     return stack_batch(highs)
@@ -50,16 +51,16 @@ def stack_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def encode_batch(lpm: FrozenLPM, high: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                  precision: str = "auto") -> dict[str, torch.Tensor]:
-    """high: [B, 3, res, res], or [B, 1, res, res] for grey, in [0, 255] (uint8 or any float dtype, any device);
-    mean/std: per channel in [0, 1].
+    """high: [B, res, res, 3] (channels last, as decoded), or [B, res, res, 1] for grey, in [0, 255] (uint8 or any
+    float dtype, any device); mean/std: per channel in [0, 1].
 
     Returns, on the LPM's device and in the store's dtypes: keys/values [B, L, H, k, d], indices [B, L, H, k],
     cls [B, D]. Runs under ``precision`` autocast (``resolve_precision``), halving the batch when it does not fit.
     """
     device = next(lpm.parameters()).device
     shift, scale = _normalization(tuple(mean), tuple(std), device)
-    x = high.to(device, non_blocking=True).float().expand(-1, 3, -1, -1)      # grey -> RGB on the device
-    x = (x - shift) / scale
+    x = high.to(device, non_blocking=True).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1)   # grey -> RGB
+    x = ((x - shift) / scale).contiguous()          # [B, 3, res, res]: the transpose is done here, on the device
     out = forward_fitting(lpm, x, device, precision)
     return {name: out[name].to(getattr(torch, dtype)) for name, dtype in FEATURE_DTYPES.items()}
 

@@ -167,7 +167,7 @@ def test_pixels_travel_as_the_source_has_them_and_encode_to_the_same_features():
     from the same pixels as float RGB."""
     from PIL import Image
 
-    from fpt.extract import FrozenLPM, create_backbone, encode_batch
+    from fpt.extract import FrozenLPM, create_backbone, encode_batch, prepare_image
     from fpt.extract.images import grey_float
     from fpt.extract.run import DecodedImages
     from tests.conftest import MICRO
@@ -183,17 +183,25 @@ def test_pixels_travel_as_the_source_has_them_and_encode_to_the_same_features():
 
     images = DecodedImages(Source(), [rgb, grey, sixteen], 64, 16, "skip", torch.float16)
     greys, _, _ = images.collate([images[1], "unreadable", images[1]])
-    assert greys.dtype == torch.uint8 and greys.shape == (3, 1, 64, 64) and not greys[1].any()
+    assert greys.dtype == torch.uint8 and greys.shape == (3, 64, 64, 1) and not greys[1].any()
     eight_bit, lows, _ = images.collate([images[0], images[1]])
-    assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (2, 3, 64, 64)
-    assert torch.equal(eight_bit[1], greys[0].expand(3, -1, -1)) and lows.shape == (2, 16, 16, 3)
+    assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (2, 64, 64, 3)
+    assert torch.equal(eight_bit[1], greys[0].expand(-1, -1, 3)) and lows.shape == (2, 16, 16, 3)
     mixed, _, _ = images.collate([images[0], images[2]])
     assert mixed.dtype == torch.float16 and torch.equal(mixed[0], eight_bit[0].half())
-    assert images[2][0].dtype == torch.float16 and images[2][0].shape == (1, 64, 64)
+    assert images[2][0].dtype == torch.float16 and images[2][0].shape == (64, 64, 1)
 
     lpm = FrozenLPM(create_backbone(MICRO, 64, random_init=True)[0], [2, 3], 0.25)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    # the channels-last uint8 batch against the LPM on the plain NCHW normalised float input, made here
+    planes = np.stack([np.asarray(prepare_image(im, 64, 16)[0], np.float32).transpose(2, 0, 1) for im in (rgb,)])
+    reference = lpm((torch.from_numpy(planes) - torch.tensor(mean).view(1, 3, 1, 1) * 255)
+                    / (torch.tensor(std).view(1, 3, 1, 1) * 255))
+    encoded = encode_batch(lpm, eight_bit[:1], mean, std, "fp32")
+    for name, t in encoded.items():
+        assert torch.equal(t, reference[name].to(t.dtype)), name
     from_grey = encode_batch(lpm, greys, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), "fp32")
-    from_rgb_float = encode_batch(lpm, greys.expand(-1, 3, -1, -1).float(), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), "fp32")
+    from_rgb_float = encode_batch(lpm, greys.expand(-1, -1, -1, 3).float(), (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), "fp32")
     for name, t in from_grey.items():
         assert torch.equal(t, from_rgb_float[name]), name
 
