@@ -124,9 +124,9 @@ ExtractBatch = Annotated[Optional[int], option("Images per LPM forward pass.", H
 Device = Annotated[Optional[str], option("auto, cpu or cuda (auto: CUDA when present).", HARDWARE,
                                          default=EX["device"])]
 DecodeWorkers = Annotated[Optional[int], option("Image-decoding processes.", HARDWARE,
-                                                default="0 on CPU, up to 8 on CUDA")]
+                                                default="0 on CPU, one per core (up to 16) on CUDA")]
 WriteThreads = Annotated[Optional[int], option("Shards compressed and written at once, overlapping the LPM.",
-                                               HARDWARE, default="1 on CPU, 2-8 on CUDA")]
+                                               HARDWARE, default="1 on CPU, one per core (2-16) on CUDA")]
 Writers = Annotated[Optional[str], option("Who writes the shards: threads of this process, or writer processes "
                                           "(each with its own zarr event loop, so writing scales with the cores).",
                                           HARDWARE, default="processes on CUDA, threads on CPU")]

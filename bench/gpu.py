@@ -303,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--res", nargs="+", help="RES:BATCH for the model steps")
     p.add_argument("--e2e", nargs="+", help="RES:IMAGES end to end (0 to skip)")
     p.add_argument("--cases", nargs="+", default=[*MODEL_CASES, *E2E_CASES])
-    p.add_argument("--workers", type=int, help="decode workers end to end [default: min(16, cores) on CUDA, 0 on CPU]")
+    p.add_argument("--workers", type=int, help="decode workers end to end [default: fpt extract's, one per core up "
+                                               "to 16 on CUDA, 0 on CPU]")
     p.add_argument("--reps", type=int)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per child process [default: torch's own on CUDA, 1 on CPU (see bench/README.md: "
@@ -314,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.case:
         return _child(json.loads(args.case))
     import torch
+
+    from fpt.extract.run import default_workers
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.cuda.get_device_name(0) if kind == "cuda" else f"CPU ({os.cpu_count()} cores)"
     model, steps, e2e = DEFAULTS[kind]
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     e2e = [(r, n) for r, n in _pairs(args.e2e) if n] if args.e2e else e2e
     reps = args.reps or (10 if kind == "cuda" else 2)
     threads = args.threads or (None if kind == "cuda" else THREADS)
-    workers = args.workers if args.workers is not None else (min(16, os.cpu_count() or 1) if kind == "cuda" else 0)
+    workers = args.workers if args.workers is not None else default_workers(torch.device(kind))
     rows = []
     for res, batch in steps:
         for case in (c for c in MODEL_CASES if c in args.cases):

@@ -310,6 +310,18 @@ def test_shard_handover_avoids_a_full_dev_shm(monkeypatch):
     assert not Path(path).exists()
 
 
+def test_on_cuda_decoders_and_writers_may_each_use_every_core(monkeypatch):
+    """One decode worker and one writer per core (2-16 writers), so the kernel gives the cores to whichever side
+    the source and resolution make the limit; on a CPU the LPM keeps the cores."""
+    from fpt.extract import run
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for cores, workers, writers in ((1, 1, 2), (2, 2, 2), (16, 16, 16), (64, 16, 16)):
+        monkeypatch.setattr(run.os, "cpu_count", lambda: cores)
+        assert (run.default_workers(cuda), run.default_write_threads(cuda)) == (workers, writers)
+        assert (run.default_workers(cpu), run.default_write_threads(cpu)) == (0, 1)
+
+
 def test_hand_over_slots_are_reused_grown_and_removed():
     """A stream of shards goes through as many files as are in flight at once, each filled again and again."""
     from fpt.store.shared import HandoverSlots, open_shared
