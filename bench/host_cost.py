@@ -60,18 +60,18 @@ def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
             times.append((time.process_time() - start) / SHARD)
         return statistics.median(times) * 1000
 
+    slots = HandoverSlots()
+
+    def reused():
+        with slots.put(shard):
+            pass
+
     def fresh():
         with SharedArrays(shard):
             pass
 
-    slots = HandoverSlots()
     try:
-        with slots.put(shard):                  # the slot's first fill faults its pages in, once per run
-            pass
-
-        def reused():
-            with slots.put(shard):
-                pass
+        reused()                                # the slot's first fill faults its pages in, once per run
         return per_image(reused), per_image(fresh)
     finally:
         slots.close()
