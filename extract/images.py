@@ -41,7 +41,9 @@ def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
         with opened as im:
             if size_hint and im.format == "JPEG":
                 im.draft(im.mode, (size_hint, size_hint))
-            im = ImageOps.exif_transpose(im)
+            im.load()                                  # the pixels stay when the file closes
+            # in place: the copying default copies every image, even one without an orientation tag
+            ImageOps.exif_transpose(im, in_place=True)
             return to_supported_mode(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FptError(f"cannot read image {path}: {e}") from None
@@ -54,7 +56,8 @@ def to_supported_mode(im: Image.Image) -> Image.Image:
     precision is kept until the final resize."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return grey_float(np.asarray(im, dtype=np.float64))
-    return im.convert("L" if im.mode in ("L", "LA", "1") else "RGB")
+    mode = "L" if im.mode in ("L", "LA", "1") else "RGB"
+    return im if im.mode == mode else im.convert(mode)      # convert() to the same mode would copy
 
 
 def grey_float(a: np.ndarray) -> Image.Image:

@@ -117,6 +117,34 @@ def test_eight_bit_grey_is_prepared_as_its_rgb_conversion_would_be(mode):
             np.testing.assert_array_equal(low, want_low)
 
 
+@pytest.mark.parametrize("mode, suffix", [(m, ".png") for m in ("RGB", "RGBA", "P", "L", "LA", "1", "I;16")]
+                         + [("RGB", ".jpg"), ("L", ".jpg")])
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_image_files_load_as_their_straightforward_reading(tmp_path, mode, suffix, orientation):
+    """``load_image_file`` skips the copies of an already-RGB or -grey image (decoding, orienting and converting in
+    place): the pixels and mode are those of opening, applying the EXIF orientation and converting; the result
+    stays usable after its file is gone."""
+    from PIL import Image, ImageOps
+
+    from fpt.extract.images import load_image_file, to_supported_mode
+
+    rng = np.random.default_rng(1)
+    base = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    im = (Image.fromarray(rng.integers(0, 4096, (24, 40), dtype=np.uint16)) if mode == "I;16"
+          else base.convert(mode))
+    path = tmp_path / f"image{suffix}"
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation                        # rotated 90 degrees: width and height swap
+    im.save(path, exif=exif)
+
+    want = to_supported_mode(ImageOps.exif_transpose(Image.open(path)))
+    got = load_image_file(path)
+    path.unlink()
+    assert got.mode == want.mode and got.size == want.size == ((24, 40) if orientation else (40, 24))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     from PIL import Image
 
