@@ -25,6 +25,8 @@ def open_group(path: str | Path | StoreLocation, mode: str = "r") -> zarr.Group:
     try:
         group = zarr.open_group(path.zarr_target(), mode=mode, zarr_format=3)
         version = group.attrs.get("fpt_store_version")
+    except zarr.errors.ContainsArrayError:
+        raise FptError(f"{path} is one array of a store, not a store; name the store's folder (its parent)") from None
     except Exception as e:  # unreadable / truncated metadata
         raise FptError(f"{path}: cannot read store metadata ({type(e).__name__}: {e})") from None
     if version != SCHEMA_VERSION:

@@ -48,6 +48,7 @@ def test_corrupt_image_is_named_and_written_shards_survive(tmp_path):
 
 def test_store_problems(tmp_path, micro_store):
     fails_cleanly(["inspect", str(tmp_path)], "is not an fpt store")
+    fails_cleanly(["inspect", str(micro_store / "keys")], "is one array of a store, not a store")
     fails_cleanly(["train", "--store", str(micro_store), "--side-res", "12", "--out", str(tmp_path / "r")],
                   "not a multiple of the patch size 8")
     meta = json.loads((micro_store / "zarr.json").read_text())

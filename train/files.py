@@ -13,9 +13,11 @@ A checkpoint of another format version is refused with a clear message (no guess
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,11 +58,17 @@ def read_checkpoint(path: Path, kind: str, what: str = "--checkpoint") -> dict[s
     """A checkpoint's dict (on the CPU), refused unless it is an fpt checkpoint of this format version; ``kind``
     "best" also accepts a last.pt (it holds the model too). ``what`` names the option in error messages."""
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # a foreign pickle's protocol warning would precede the one-line refusal
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            content = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FptError(f"{what} {path}: no such file") from None
+    except pickle.UnpicklingError:      # torch's own text is a page long and suggests an unsafe load
+        raise FptError(f"{what} {path} is not an fpt checkpoint (not a file torch.save wrote, or one holding "
+                       "objects a safe, weights-only load refuses)") from None
     except Exception as e:
-        raise FptError(f"{what} {path} is not an fpt checkpoint ({type(e).__name__}: {e})") from e
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise FptError(f"{what} {path} is not an fpt checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(content, dict) or "fpt_checkpoint" not in content:
         raise FptError(f"{what} {path} is not an fpt checkpoint of a known format (no format version; "
                        "checkpoints written before format 1 cannot be read: train again)")
