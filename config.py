@@ -365,6 +365,8 @@ def extract_config(dataset: str | None = None, data: Path | None = None, pipelin
         if not Path(data).exists():
             raise FptError(f"data path {data} does not exist")
     values: dict[str, Any] = {**entry["extract"], **_given(options)}
+    if options.get("weights") is not None and options.get("random_init") is None:
+        values["random_init"] = False       # given weights replace a pipeline's random init (the demo's)
     values["mean"] = _normalization(values.get("mean") or entry["mean"])
     values["std"] = _normalization(values.get("std") or entry["std"])
     values["backbone"] = BACKBONE_ALIASES.get(values["backbone"], values["backbone"])

@@ -33,6 +33,11 @@ def test_precedence_defaults_entry_cli(tmp_path, monkeypatch):
     assert train_config("x.zarr", "cmmd").lr == pipeline_entry("cmmd")["train"]["lr"]
     assert train_config("x.zarr", "cmmd", lr=0.1).lr == 0.1
     assert train_config("x.zarr", "not-a-pipeline").side_res == 128
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    assert demo.random_init and not extract_config("demo", weights=weights).random_init   # given weights win
+    with pytest.raises(FptError, match="exclude each other"):                           # unless both are given
+        extract_config("demo", weights=weights, random_init=True)
 
 
 def test_every_paper_dataset_has_a_pipeline():
