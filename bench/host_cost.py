@@ -3,8 +3,9 @@ worker does for one image (``bench.decode.cpu_ms``: decoding a PNG at the LPM's 
 as a tensor, the collate), of handing a shard to a writer process (the main process's copy into a reused
 hand-over file, ``fpt.store.shared.HandoverSlots``; ``handover_fresh_ms``: into a new file per shard, as before
 the slots were reused) and of what a writer does (``StoreWriter.write_shard`` of the LPM's real output, in
-shards of 16, per ``--codec``), and the images/s that ``--cores`` cores could sustain with nothing else running:
-cores / (decode + hand-over + write), as on a GPU machine, where the writers are processes.
+shards of the size ``fpt extract`` chooses, per ``--codec``), and the images/s that ``--cores`` cores could
+sustain with nothing else running: cores / (decode + hand-over + write), as on a GPU machine, where the writers
+are processes.
 
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 zstd-3 --cores 16
 
@@ -25,9 +26,6 @@ from PIL import Image
 
 from fpt.bench.common import command_line, write_results
 
-SHARD = 16         # samples per shard, as choose_samples_per_shard gives ViT-B/512
-
-
 def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
     """CPU ms of a decode worker's work for one PNG of [res, res] (RGB, or grey as most medical PNGs are)."""
     from fpt.bench.decode import cpu_ms
@@ -41,11 +39,14 @@ def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
 
 
 def lpm_shard(model: str, res: int, image_res: int) -> dict[str, np.ndarray]:
-    """A shard of SHARD samples of the LPM's real output (2 demo images, tiled) in the store's dtypes."""
+    """A shard of the LPM's real output (2 demo images, tiled) in the store's dtypes, of as many samples as
+    ``fpt extract`` puts in one (``choose_samples_per_shard``: 16 for ViT-B at 512, 4 at 1024)."""
     from fpt.bench.codec import lpm_output
+    from fpt.store import choose_samples_per_shard
 
     two = lpm_output(model, res, 2, image_res=image_res)
-    return {name: np.concatenate([a] * (SHARD // 2)) for name, a in two.items()}
+    n = choose_samples_per_shard(sum(a[0].nbytes for a in two.values()))
+    return {name: np.concatenate([a] * -(-n // 2))[:n] for name, a in two.items()}
 
 
 def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
@@ -57,7 +58,7 @@ def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
         for _ in range(reps):
             start = time.process_time()
             put()
-            times.append((time.process_time() - start) / SHARD)
+            times.append((time.process_time() - start) / len(shard["keys"]))
         return statistics.median(times) * 1000
 
     slots = HandoverSlots()
@@ -81,10 +82,10 @@ def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -
     """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``."""
     from fpt.store import Geometry, StoreWriter
 
-    _, layers, heads, k, head_dim = shard["keys"].shape
-    geometry = Geometry(n_samples=SHARD * shards, layers=layers, heads=heads, k=k, head_dim=head_dim,
+    per, layers, heads, k, head_dim = shard["keys"].shape
+    geometry = Geometry(n_samples=per * shards, layers=layers, heads=heads, k=k, head_dim=head_dim,
                         embed_dim=shard["cls"].shape[1], image_res=shard["images"].shape[1],
-                        samples_per_shard=SHARD)
+                        samples_per_shard=per)
     attrs = {"backbone": {"name": "bench"}, "extraction": {}, "dataset": {"name": "bench", "classes": ["a", "b"]},
              "normalization": {}}
     n = geometry.n_samples
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
             write = write_ms(shard, codec, args.shards, args.reps)
             rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
                          "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
-                         "handover_ms": round(handover, 2), "handover_fresh_ms": round(handover_fresh, 2),
+                         "samples_per_shard": len(shard["keys"]), "handover_ms": round(handover, 2),
+                         "handover_fresh_ms": round(handover_fresh, 2),
                          "write_ms": round(write, 1), "cores": args.cores,
                          "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + handover + write)),
                          "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + handover + write))})
