@@ -163,6 +163,9 @@ def loop_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
 
     * ``loop-one-batch``: the step on one gathered batch over and over (as the ``step-*`` rows);
     * ``loop-gathered``: the step on the epoch's batches as the split gathers them, nothing else;
+    * ``loop-gathered-after-validation``: the same right after a validation pass (untimed): what switching
+      from the compiled evaluation forward back to the training step costs (with CUDA graphs, a re-recording
+      would show here and not in ``loop-gathered``);
     * ``loop-epoch``: ``train_epoch``'s own timed part (draws, gathering, steps, the loss sum), run right after
       another epoch's validation and checkpoints, as in a run (the checkpoints are written by a background
       thread during this epoch);
@@ -200,14 +203,20 @@ def loop_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
         for i in range(2):
             epoch(i)
         one = next(run.train_data.batches(bs, shuffle=True, rng=rng, drop_last=True))
+        def validate():
+            return predict_split(run.model, run.val_data, run.side_input, bs, run.step)
+
+        run.model.train()       # validation leaves the model in eval mode (train_epoch sets train mode itself)
         seconds = {"loop-one-batch": (timed(lambda: [run.step(one, draws[i]) for i in range(steps)]), steps),
                    "loop-gathered": (timed(gathered), steps)}
+        validate()
+        run.model.train()
+        seconds["loop-gathered-after-validation"] = (timed(gathered), steps)
         epoch(2)
         seconds["loop-epoch"] = (epoch(3), steps)
         writer.flush()
         seconds["loop-epoch-flushed"] = (epoch(4), steps)
-        seconds["loop-validation"] = (timed(lambda: predict_split(run.model, run.val_data, run.side_input, bs,
-                                                                  run.step)), -(-len(run.val_data) // bs))
+        seconds["loop-validation"] = (timed(validate), -(-len(run.val_data) // bs))
     for name, (s, n) in seconds.items():
         rows.append({"name": name, "batch": bs, "steps": n, "ms_per_step": round(1e3 * s / n, 3),
                      "samples_per_s": round(n * bs / s, 1), "compiled": run.step.is_compiled, "peak_mb": None})
