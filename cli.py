@@ -97,6 +97,10 @@ Std = Annotated[Optional[str], option("Normalisation std, R,G,B in (0, 1], or au
                                       default="the pipeline entry's")]
 OnError = Annotated[Optional[str], option("Unreadable image: fail, or skip (listed in the store's skipped.csv, "
                                           "excluded from every split).", DATA, default="fail")]
+J2kDecode = Annotated[Optional[str], option("JPEG 2000 DICOMs (mammograms): full, or reduced: decoded at the "
+                                            "coarsest wavelet level that still covers --res (4-18x faster for a "
+                                            "3328 x 2560 mammogram at 1024 / 512; the LPM input then differs "
+                                            "slightly from a full decode's).", DATA, default="full")]
 Res = Annotated[Optional[int], option("LPM input side in pixels (a multiple of the patch size).", LPM,
                                       default=EX["res"])]
 Backbone = Annotated[Optional[str], option("timm ViT name or hf-hub:ORG/NAME (see the README's supported "
@@ -240,6 +244,7 @@ def extract(
     mean: Mean = None,
     std: Std = None,
     on_error: OnError = None,
+    j2k_decode: J2kDecode = None,
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
@@ -269,7 +274,7 @@ def extract(
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
         workers=workers, write_threads=write_threads, writers=writers, precision=precision, codec=codec,
-        on_error=on_error, overwrite=overwrite or None)
+        on_error=on_error, j2k_decode=j2k_decode, overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 
 

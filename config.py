@@ -141,10 +141,13 @@ class ExtractConfig:
     precision: str = "auto"                # the LPM's autocast: bf16, fp16, fp32 (auto: fp16 on CUDA, fp32 on CPU)
     codec: str = DEFAULT_CODEC             # chunk compression of a new store, one of fpt.store.CODECS
     on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
+    j2k_decode: str = "full"               # JPEG 2000 DICOMs: "full", or "reduced" (the coarsest wavelet level
+                                           # that still covers res: faster, not bit-identical; in the store's identity)
 
 
 WRITERS = ("auto", "threads", "processes")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+J2K_DECODES = ("full", "reduced")
 METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
 PROMPT_METHODS = ("fpt+", "fpt")
 CACHE_MODES = ("auto", "none", "ram", "gpu")
@@ -399,6 +402,8 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError(f"--precision {cfg.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if cfg.on_error not in ("fail", "skip"):
         raise FptError(f"--on-error {cfg.on_error!r}: choose fail or skip")
+    if cfg.j2k_decode not in J2K_DECODES:
+        raise FptError(f"--j2k-decode {cfg.j2k_decode!r}: choose one of {', '.join(J2K_DECODES)}")
     if cfg.importance not in ("global", "cls"):
         raise FptError(f"--importance {cfg.importance!r}: choose global or cls")
     if cfg.res <= 0 or cfg.image_res <= 0 or (cfg.batch_size is not None and cfg.batch_size <= 0):

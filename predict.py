@@ -22,7 +22,7 @@ from fpt import FptError
 from fpt.config import check_lpm_weights, resolve_device
 from fpt.extract.backbone import FrozenLPM, create_backbone
 from fpt.extract.encode import encode_batch, stack_pixels
-from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, prepare_image
+from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, prepare_image
 from fpt.train.data import SideInput
 from fpt.train.loop import load_checkpoint
 
@@ -84,6 +84,7 @@ class LoadedPredictor:
     method: str
     device: torch.device
     precision: str            # the store's (stores that predate its record: bf16 on CUDA, fp32 on a CPU, as then)
+    decoding: FileDecoding    # files decoded as the store's extraction decoded them
 
 
 def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: bool = False,
@@ -110,7 +111,8 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
         res=ex["res"], image_res=ex["image_res"],
         mean=list(norm["mean"]), std=list(norm["std"]),
         classes=list(identity["classes"]), method=ckpt.spec.method, device=dev,
-        precision=ex.get("precision", "bf16" if dev.type == "cuda" else "fp32"))
+        precision=ex.get("precision", "bf16" if dev.type == "cuda" else "fp32"),
+        decoding=FileDecoding(ex["res"], reduced_j2k=ex.get("j2k_decode") == "reduced"))
 
 
 def check_lpm_weights_given(source: str, weights: Path | None, random_init: bool) -> None:
@@ -153,7 +155,7 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
     rows = []
     for start in range(0, len(images), batch_size):
         # as extraction prepares a sample: high [res, res, C] in [0, 255] (prepare_image), low uint8 [R, R, 3]
-        highs, lows = zip(*(prepare_image(load_image_file(path), p.res, p.image_res)
+        highs, lows = zip(*(prepare_image(p.decoding.load(path), p.res, p.image_res)
                             for path in images[start:start + batch_size]))
         high = stack_pixels([torch.from_numpy(h) for h in highs], torch.float32)     # [B, res, res, C]
         low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]

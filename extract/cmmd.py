@@ -17,7 +17,8 @@ from PIL import Image
 
 from fpt import FptError
 from fpt.extract.samples import SampleRef, check_splits_filled, class_names, stratified_group_split
-from fpt.extract.dicom import read_dataset, read_dicom
+from fpt.extract.dicom import read_dataset
+from fpt.extract.images import FileDecoding
 
 CLINICAL_TABLE = "CMMD_clinicaldata_revision.xlsx"
 TABLE_COLUMNS = ("ID1", "LeftRight", "classification")
@@ -27,8 +28,9 @@ HEADER_TAGS = ["PatientID", "ImageLaterality", "Laterality"]
 class CmmdSource:
     """CMMD images with per-breast labels; ``attrs`` reports the table used and the images skipped."""
 
-    def __init__(self, root: Path, classes: list[str] | None = None, seed: int = 0):
-        self.root, self.name = Path(root), "cmmd"
+    def __init__(self, root: Path, classes: list[str] | None = None, seed: int = 0,
+                 decoding: FileDecoding = FileDecoding()):
+        self.root, self.name, self.decoding = Path(root), "cmmd", decoding
         if not self.root.is_dir():
             raise FptError(f"CMMD data {self.root}: expected a folder holding {CLINICAL_TABLE} and CMMD/")
         table_path = find_clinical_table(self.root)
@@ -46,7 +48,7 @@ class CmmdSource:
         self.attrs = {"clinical_table": table_path.name, "skipped_images": dict(skipped)}
 
     def load(self, ref: SampleRef) -> Image.Image:
-        return read_dicom(self.root / ref.id)
+        return self.decoding.load(self.root / ref.id)      # a .dcm file (labelled_images lists only those)
 
 
 def find_clinical_table(root: Path) -> Path:

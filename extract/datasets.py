@@ -13,7 +13,7 @@ from PIL import Image
 from fpt import FptError
 from fpt.config import ExtractConfig
 from fpt.extract.cmmd import CmmdSource
-from fpt.extract.images import IMAGE_EXTENSIONS, load_image_file, lpm_view, rgb_array
+from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, lpm_view, rgb_array
 from fpt.extract.samples import (ImageSource, SampleRef, check_distinct_classes, check_files_exist,
                                  check_splits_filled, class_names, parse_split_names,
                                  stratified_group_split)
@@ -23,8 +23,8 @@ from fpt.store import SPLITS
 class ImageFolderSource:
     """``root/{train,val,test}/<class>/<image>``: the layout of the official FPT code."""
 
-    def __init__(self, root: Path, classes: list[str] | None = None, size_hint: int | None = None):
-        self.size_hint = size_hint
+    def __init__(self, root: Path, classes: list[str] | None = None, decoding: FileDecoding = FileDecoding()):
+        self.decoding = decoding
         self.root = Path(root)
         self.name = self.root.name
         for split in SPLITS:
@@ -50,7 +50,7 @@ class ImageFolderSource:
             self.samples += [SampleRef(f.relative_to(self.root).as_posix(), label, s) for f, label in files]
 
     def load(self, ref: SampleRef) -> Image.Image:
-        return load_image_file(self.root / ref.id, self.size_hint)
+        return self.decoding.load(self.root / ref.id)
 
 
 class CsvManifestSource:
@@ -61,8 +61,8 @@ class CsvManifestSource:
     """
 
     def __init__(self, csv_path: Path, classes: list[str] | None = None, seed: int = 0,
-                 size_hint: int | None = None):
-        self.size_hint = size_hint
+                 decoding: FileDecoding = FileDecoding()):
+        self.decoding = decoding
         self.csv_path = Path(csv_path)
         self.root, self.name = self.csv_path.parent, self.csv_path.stem
         rows = read_manifest(self.csv_path)
@@ -78,7 +78,7 @@ class CsvManifestSource:
         check_splits_filled(self.samples, str(self.csv_path))
 
     def load(self, ref: SampleRef) -> Image.Image:
-        return load_image_file(self.root / ref.id, self.size_hint)
+        return self.decoding.load(self.root / ref.id)
 
 
 MANIFEST_COLUMNS = ("path", "label")
@@ -153,13 +153,17 @@ def open_source(cfg: ExtractConfig) -> ImageSource:
         return SyntheticTextureSource(cfg.counts or {"train": 240, "val": 80, "test": 80}, cfg.res, cfg.seed,
                                       cfg.classes)
     if cfg.source == "cmmd":
-        return CmmdSource(cfg.data, cfg.classes, cfg.seed)
+        return CmmdSource(cfg.data, cfg.classes, cfg.seed, file_decoding(cfg))
     if cfg.data is not None and Path(cfg.data).is_file() and Path(cfg.data).suffix.lower() == ".csv":
-        return CsvManifestSource(cfg.data, cfg.classes, cfg.seed, size_hint=cfg.res)
+        return CsvManifestSource(cfg.data, cfg.classes, cfg.seed, file_decoding(cfg))
     if cfg.data is None or not Path(cfg.data).is_dir():
         raise FptError(f"--data {cfg.data}: expected a folder {{train,val,test}}/<class>/<image> "
                        "or a CSV manifest path,label[,split][,group]")
-    return ImageFolderSource(cfg.data, cfg.classes, size_hint=cfg.res)
+    return ImageFolderSource(cfg.data, cfg.classes, file_decoding(cfg))
+
+
+def file_decoding(cfg: ExtractConfig) -> FileDecoding:
+    return FileDecoding(cfg.res, reduced_j2k=cfg.j2k_decode == "reduced")
 
 
 def compute_mean_std(source: ImageSource, res: int, skip_unreadable: bool = False

@@ -8,9 +8,15 @@ their precision. Multi-frame files give their first frame; in enhanced multi-fra
 tomosynthesis, enhanced MG/CT/MR) that frame's rescale and window come from its functional groups. Compressed
 transfer syntaxes need a pydicom pixel decoder plugin: those beyond what Pillow decodes come with the ``dicom``
 extra (``pip install 'fpt[dicom]'``).
+
+JPEG 2000 grey images can also be decoded at a coarser wavelet level (``read_dicom(path, reduce_to=res)``, ``fpt
+extract --j2k-decode reduced``): the decoder then skips the finer levels' code blocks, 4x faster per level for a
+mammogram, and the image is the level's low-pass approximation, not bit-identical to a full decode after resizing
+(bench/README.md gives both figures).
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -18,7 +24,9 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from fpt import FptError
 
@@ -31,17 +39,21 @@ FRAME_DISPLAY_MACROS = {
 DICOM_EXTRA = "pip install 'fpt[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
 
 
-def read_dicom(path: Path) -> Image.Image:
+def read_dicom(path: Path, reduce_to: int | None = None) -> Image.Image:
     """The first frame of the DICOM file ``path`` as a PIL image: mode "F" [H, W] in [0, 1] for grey
-    (MONOCHROME1/2), mode "RGB" [H, W, 3] uint8 for colour. Any problem -> FptError naming the file."""
+    (MONOCHROME1/2), mode "RGB" [H, W, 3] uint8 for colour. Any problem -> FptError naming the file.
+    ``reduce_to``: a JPEG 2000 grey frame is decoded at the coarsest wavelet level whose image still covers
+    ``reduce_to`` x ``reduce_to`` (``reduced_j2k_frame``); other files decode in full."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")    # header quirks pydicom reads anyway (implicit VR, odd UIDs, ...)
-        return _read_dicom(Path(path))
+        return _read_dicom(Path(path), reduce_to)
 
 
-def _read_dicom(path: Path) -> Image.Image:
+def _read_dicom(path: Path, reduce_to: int | None) -> Image.Image:
     ds = read_dataset(path)
-    pixels = first_frame(ds, path)
+    pixels = reduced_j2k_frame(ds, reduce_to) if reduce_to else None
+    if pixels is None:
+        pixels = first_frame(ds, path)
     try:
         if ds.get("PhotometricInterpretation") in GREY:
             return Image.fromarray(display_grey(pixels, frame_display_view(ds, 0)).astype(np.float32), mode="F")
@@ -78,6 +90,50 @@ def first_frame(ds: Dataset, path: Path) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - decoder plugins raise anything from RuntimeError to struct.error
         raise FptError(f"cannot decode DICOM {path} ({syntax.name if syntax else 'no transfer syntax'}): "
                        f"{one_line(e)}") from None
+
+
+J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+
+
+def reduced_j2k_frame(ds: Dataset, side: int) -> np.ndarray | None:
+    """Stored values of frame 0 of a JPEG 2000 grey image, decoded at the coarsest wavelet level whose image
+    (ceil(H / 2^level) x ceil(W / 2^level)) still covers ``side`` x ``side``: uint16 [h, w]. None where that does
+    not apply or would not help (another transfer syntax, colour, signed or 8-bit values, no coarser level that
+    covers ``side``, a codestream the decoder refuses at that level); the caller then decodes in full."""
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    if syntax not in J2K_SYNTAXES or ds.get("SamplesPerPixel", 1) != 1 or ds.get("PixelRepresentation", 0) != 0:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    level = 0
+    while -(-min(rows, cols) // 2 ** (level + 1)) >= side:
+        level += 1
+    if level == 0 or "PixelData" not in ds:
+        return None
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
+        precision = codestream_precision(frame)
+        if precision is None or not 8 < precision <= 16:
+            return None
+        with Image.open(io.BytesIO(frame)) as im:
+            im.reduce = level              # Pillow's JPEG 2000 plugin: decode `level` wavelet levels coarser
+            im.load()
+            if im.mode != "I;16":
+                return None
+            # Pillow scales the values to 16 bits (a left shift by 16 - precision): undo it exactly
+            values = np.asarray(im) >> (16 - precision)
+    except Exception:  # noqa: BLE001 - any decoder trouble: the full decode says what is wrong, or succeeds
+        return None
+    return values if values.shape == (-(-rows // 2 ** level), -(-cols // 2 ** level)) else None
+
+
+def codestream_precision(frame: bytes) -> int | None:
+    """Bits per value of a one-component, unsigned JPEG 2000 codestream, from its SIZ marker segment (ISO 15444-1
+    A.5.1: SOC, SIZ, Lsiz, Rsiz, 8 sizes of 4 bytes, Csiz, then Ssiz per component); None for anything else (a
+    JP2 file wrapper, several components, signed values)."""
+    if len(frame) < 45 or frame[:4] != b"\xff\x4f\xff\x51" or int.from_bytes(frame[40:42], "big") != 1:
+        return None
+    ssiz = frame[42]
+    return None if ssiz & 0x80 else (ssiz & 0x7F) + 1
 
 
 def frame_display_view(ds: Dataset, frame: int) -> Dataset:

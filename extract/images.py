@@ -3,6 +3,7 @@ low-res copy."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,13 @@ def pixel_limit(limit: int):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
+def load_image_file(path: Path, size_hint: int | None = None, reduced_j2k: bool = False) -> Image.Image:
     """An image file (PNG, JPEG, TIFF, ... or DICOM) as ``to_supported_mode`` gives it, EXIF orientation applied;
     unreadable -> FptError naming the file. ``size_hint`` (the LPM side) lets JPEG decode at a reduced scale
-    that still covers it, so huge JPEGs cost little memory."""
+    that still covers it, so huge JPEGs cost little memory; with ``reduced_j2k`` (``--j2k-decode reduced``) a
+    JPEG 2000 DICOM decodes at the coarsest wavelet level that still covers it (``dicom.reduced_j2k_frame``)."""
     if path.suffix.lower() == ".dcm":
-        return read_dicom(path)
+        return read_dicom(path, size_hint if reduced_j2k else None)
     try:
         with pixel_limit(MAX_PIXELS):
             opened = Image.open(path)
@@ -47,6 +49,17 @@ def load_image_file(path: Path, size_hint: int | None = None) -> Image.Image:
             return to_supported_mode(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FptError(f"cannot read image {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class FileDecoding:
+    """How a source decodes its files for an LPM of side ``res``: JPEGs at a reduced DCT scale that still covers
+    it, and with ``reduced_j2k`` (``--j2k-decode reduced``) JPEG 2000 DICOMs at a coarser wavelet level too."""
+    res: int | None = None
+    reduced_j2k: bool = False
+
+    def load(self, path: Path) -> Image.Image:
+        return load_image_file(path, self.res, self.reduced_j2k)
 
 
 def to_supported_mode(im: Image.Image) -> Image.Image:

@@ -460,7 +460,7 @@ def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers:
     counts = Counter((s.split, s.label) for s in source.samples)
     extraction = {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
                   "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res,
-                  "precision": cfg.precision}
+                  "precision": cfg.precision, "j2k_decode": cfg.j2k_decode}
     return {
         "backbone": backbone,
         "extraction": {key: v for key, v in extraction.items() if v is not None},

@@ -22,8 +22,10 @@ from fpt.store.reader import open_group
 # chose are compared before the backbone's derived facts, so a refusal names the option that changed.
 IDENTITY_SECTIONS = ("extraction", "normalization", "dataset", "backbone")
 VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through the ids instead
-# identity keys that stores written before them lack: such a store is not refused for lacking one
-LATER_KEYS = {("extraction", "precision")}
+# identity keys that stores written before them lack, and what such a store holds: None = unknown (not compared;
+# the precision of then depended on the device), else the value it was written with (every store before
+# ``j2k_decode`` decoded JPEG 2000 in full), so that a resumed extraction never mixes two settings
+LATER_KEYS = {("extraction", "precision"): None, ("extraction", "j2k_decode"): "full"}
 
 
 class StoreWriter:
@@ -174,7 +176,9 @@ def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any], p
         b = {k: v for k, v in _as_stored(wanted.get(section) or {}).items() if k not in VOLATILE_KEYS}
         for key in sorted(set(b) if partial else set(a) | set(b)):
             if key not in a and (section, key) in LATER_KEYS:
-                continue
+                if LATER_KEYS[section, key] is None:
+                    continue
+                a[key] = LATER_KEYS[section, key]
             if a.get(key) != b.get(key):
                 return f"{section}.{key}: stored {a.get(key)!r}, requested {b.get(key)!r}"
     return None

@@ -213,6 +213,30 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     return path
 
 
+def j2k_dicom(path: Path, stored: np.ndarray, bits: int = 12, window: tuple | None = None) -> Path:
+    """``write_dicom``, then JPEG 2000 lossless (pydicom's encoder: skips the test where none is installed)."""
+    import pydicom
+    import pytest
+    from pydicom.pixels import get_encoder
+    from pydicom.uid import JPEG2000Lossless
+
+    if not get_encoder(JPEG2000Lossless).is_available:
+        pytest.skip("no JPEG 2000 encoder installed (pip install 'fpt[dicom]')")
+    write_dicom(path, stored, bits=bits, window=window)
+    ds = pydicom.dcmread(path)
+    ds.compress(JPEG2000Lossless)
+    ds.save_as(path)
+    return path
+
+
+def smooth_stored(shape: tuple[int, int], bits: int, seed: int = 0) -> np.ndarray:
+    """A smooth wave with a little noise, in the range of ``bits``-bit stored values: uint16 ``shape``."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    top = 2 ** bits - 1
+    wave = top * (0.45 + 0.3 * np.sin(yy / 17) * np.cos(xx / 23))
+    return np.clip(wave + np.random.default_rng(seed).normal(0, top / 60, shape), 0, top).astype(np.uint16)
+
+
 def stored_12bit(shape=(24, 20), seed=0) -> np.ndarray:
     """Random 12-bit stored pixel values, uint16 ``shape``."""
     return np.random.default_rng(seed).integers(0, 4096, shape).astype(np.uint16)

@@ -38,6 +38,9 @@ def test_precedence_defaults_entry_cli(tmp_path, monkeypatch):
     assert demo.random_init and not extract_config("demo", weights=weights).random_init   # given weights win
     with pytest.raises(FptError, match="exclude each other"):                           # unless both are given
         extract_config("demo", weights=weights, random_init=True)
+    assert demo.j2k_decode == "full" and extract_config("demo", j2k_decode="reduced").j2k_decode == "reduced"
+    with pytest.raises(FptError, match="--j2k-decode 'fast': choose one of full, reduced"):
+        extract_config("demo", j2k_decode="fast")
 
 
 def test_every_paper_dataset_has_a_pipeline():

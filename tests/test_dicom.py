@@ -16,7 +16,7 @@ from fpt import FptError
 from fpt.extract import dicom
 from fpt.extract.images import prepare_image
 from fpt.extract.dicom import read_dicom
-from tests.helpers import stored_12bit, write_dicom
+from tests.helpers import j2k_dicom, smooth_stored, stored_12bit, write_dicom
 
 
 def linear_window(v: np.ndarray, centre: float, width: float) -> np.ndarray:
@@ -194,3 +194,61 @@ def test_missing_decoder_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(dicom, "get_decoder", lambda syntax: Unavailable())
     with pytest.raises(FptError, match=r"no installed decoder for JPEG 2000.*fpt\[dicom\]"):
         read_dicom(path)
+
+
+# ---------------------------------------------------------------- JPEG 2000 at a coarser wavelet level
+
+def lowpass_53(x: np.ndarray, axis: int) -> np.ndarray:
+    """One level of JPEG 2000's reversible 5/3 wavelet (ISO 15444-1 Annex F, lifting, whole-sample symmetric
+    extension) along ``axis`` of an even-length integer array: the low-pass half."""
+    x = np.moveaxis(x.astype(np.int64), axis, 0)
+    even, odd = x[0::2], x[1::2]
+    after = np.concatenate([even[1:], even[-1:]])             # x[2n + 2]; at the end x[N] = x[N - 2]
+    high = odd - np.floor_divide(even + after, 2)
+    before = np.concatenate([high[:1], high[:-1]])            # d[n - 1]; at the start d[-1] = d[0]
+    return np.moveaxis(even + np.floor_divide(before + high + 2, 4), 0, axis)
+
+
+def j2k_level(stored: np.ndarray, level: int, bits: int) -> np.ndarray:
+    """What a JPEG 2000 decoder gives at ``level`` levels coarser: the DC-shifted image's low-pass band of each
+    level (columns, then rows), shifted back and clipped to the stored range."""
+    shift = 2 ** (bits - 1)
+    band = stored.astype(np.int64) - shift
+    for _ in range(level):
+        band = lowpass_53(lowpass_53(band, 0), 1)
+    return np.clip(band + shift, 0, 2 ** bits - 1)
+
+
+@pytest.mark.parametrize("bits", [12, 16])
+def test_reduced_j2k_decoding_is_the_wavelet_low_pass_at_the_coarsest_covering_level(tmp_path, bits):
+    """A lossless JPEG 2000 mammogram-like file decoded for an LPM side of 100 (128 x 100 covers it, 64 x 50 does
+    not) and of 50: exactly the 5/3 low-pass of one and two levels, through the same display chain as a full
+    decode (window, [0, 1])."""
+    stored = smooth_stored((256, 200), bits)
+    path = j2k_dicom(tmp_path / "mg.dcm", stored, bits, window=(2 ** (bits - 1), 2 ** bits))
+    ds = dicom.read_dataset(path)
+    for side, level in [(100, 1), (50, 2), (64, 1)]:
+        got = dicom.reduced_j2k_frame(ds, side)
+        np.testing.assert_array_equal(got, j2k_level(stored, level, bits))
+        image = read_dicom(path, reduce_to=side)
+        assert image.mode == "F" and image.size == (200 // 2 ** level, 256 // 2 ** level)
+        centre, width = 2 ** (bits - 1), 2 ** bits
+        np.testing.assert_allclose(np.asarray(image, dtype=np.float64),
+                                   linear_window(got.astype(np.float64), centre, width), atol=1e-6)
+    full = read_dicom(path)
+    np.testing.assert_array_equal(np.asarray(read_dicom(path, reduce_to=101)), np.asarray(full))   # no level covers
+    assert dicom.reduced_j2k_frame(ds, 101) is None
+
+
+def test_reduced_j2k_decoding_leaves_other_files_to_the_full_decode(tmp_path):
+    """Uncompressed, 8-bit and signed JPEG 2000 files decode in full whatever ``reduce_to`` asks."""
+    plain = write_dicom(tmp_path / "plain.dcm", smooth_stored((64, 64), 12))
+    assert dicom.reduced_j2k_frame(dicom.read_dataset(plain), 16) is None
+    np.testing.assert_array_equal(np.asarray(read_dicom(plain, reduce_to=16)), np.asarray(read_dicom(plain)))
+    path = bundled("JPEG2000.dcm")                  # pydicom's own: signed 16-bit values
+    need_decoder(path)
+    ds = dicom.read_dataset(path)
+    assert ds.PixelRepresentation == 1 and dicom.reduced_j2k_frame(ds, 64) is None
+    assert dicom.codestream_precision(b"\xff\x4f\xff\x51" + bytes(36) + b"\x00\x01" + bytes([0x8B]) + bytes(3)) \
+        is None                                    # a signed component
+    assert dicom.codestream_precision(b"\xff\x4f\xff\x51" + bytes(36) + b"\x00\x01" + bytes([0x0B]) + bytes(3)) == 12

@@ -16,7 +16,7 @@ from fpt.store import StoreReader
 from fpt.train import load_checkpoint, train
 from fpt.train.data import SideInput, open_split
 from fpt.train.loop import predict_split
-from fpt.predict import collect_images, predict_images
+from fpt.predict import collect_images, load_predictor, predict_images
 from tests.conftest import MICRO, micro_config, write_image_folder
 
 
@@ -122,3 +122,34 @@ def test_a_random_init_checkpoint_without_random_init_is_refused_before_any_mode
     monkeypatch.setattr(fpt.predict, "create_backbone", no_backbone)
     with pytest.raises(FptError, match="random-init LPM; pass --random-init"):
         predict_images(checkpoints["fpt+"], [data / "test"], device="cpu")
+
+
+def test_reduced_j2k_decoding_reaches_the_store_and_prediction(tmp_path):
+    """``--j2k-decode reduced`` on a folder of JPEG 2000 DICOMs: every stored low-res copy is that of the image
+    decoded at the coarser level (not the full decode's), the store records it, and ``fpt predict`` decodes the
+    same files the same way."""
+    from fpt.extract import extract, prepare_image
+    from fpt.extract.dicom import read_dicom
+    from tests.helpers import j2k_dicom, smooth_stored
+
+    data = tmp_path / "data"
+    for split, n in {"train": 3, "val": 1, "test": 2}.items():
+        for c, name in enumerate(("benign", "malignant")):
+            for i in range(n):
+                j2k_dicom(data / split / name / f"{i}.dcm", smooth_stored((256, 200), 12, seed=10 * c + i),
+                          window=(2048, 4096))
+    store = tmp_path / "j2k.zarr"
+    extract(micro_config(data, store, j2k_decode="reduced"))        # res 64: decoded at 128 x 100, not 256 x 200
+    reader = StoreReader(store)
+    assert reader.attrs["extraction"]["j2k_decode"] == "reduced"
+    stored = reader.read(np.arange(len(reader.ids)), ("images",))["images"]
+    for sample_id, low in zip(reader.ids, stored):
+        np.testing.assert_array_equal(low, prepare_image(read_dicom(data / sample_id, reduce_to=64), 64, 32)[1])
+    assert any(not np.array_equal(low, prepare_image(read_dicom(data / i), 64, 32)[1])
+               for i, low in zip(reader.ids, stored))
+
+    train(train_config(store, None, out=tmp_path / "run", side_res=16, epochs=1, batch_size=4, device="cpu",
+                       method="side-only"))
+    predictor = load_predictor(tmp_path / "run" / "best.pt", random_init=True, device="cpu")
+    for sample_id, low in zip(reader.ids, stored):                # what predict makes of each file
+        np.testing.assert_array_equal(low, prepare_image(predictor.decoding.load(data / sample_id), 64, 32)[1])

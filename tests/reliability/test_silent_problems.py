@@ -4,6 +4,7 @@ shards. A store of another extraction is refused naming the changed option, befo
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from fpt import FptError
 from fpt.config import extract_config
 from fpt.extract import extract
 from fpt.extract import run as extract_run
-from fpt.store import StoreReader, StoreWriter, verify
+from fpt.extract.datasets import open_source
+from fpt.store import StoreReader, StoreWriter, check_same_extraction, verify
 from tests.conftest import micro_config, write_image_folder
 from tests.helpers import MICRO_ARGS, assert_same_store, fails_cleanly, flip, run, shard_file, write_manifest
 
@@ -149,9 +151,18 @@ def test_refusal_names_the_changed_setting_before_loading_the_lpm(micro_store, i
     for change, named in [(dict(res=128), "extraction.res: stored 64, requested 128"),
                           (dict(token_ratio=0.5), "extraction.token_ratio"),
                           (dict(mean=(0.1, 0.1, 0.1)), "normalization.mean"),
-                          (dict(layers=[0, 1]), "extraction.layers: stored [2, 3], requested [0, 1]")]:
+                          (dict(layers=[0, 1]), "extraction.layers: stored [2, 3], requested [0, 1]"),
+                          (dict(j2k_decode="reduced"), "extraction.j2k_decode: stored 'full', requested 'reduced'")]:
         with pytest.raises(FptError, match=re.escape(f"different extraction ({named}")):
             extract(micro_config(image_folder, micro_store, **change))
+    # a store written before j2k_decode was recorded decoded JPEG 2000 in full: resumed as such, never reduced
+    group = zarr.open_group(micro_store, mode="r+")
+    group.attrs["extraction"] = {k: v for k, v in group.attrs["extraction"].items() if k != "j2k_decode"}
+    with pytest.raises(FptError, match=re.escape("extraction.j2k_decode: stored 'full', requested 'reduced'")):
+        extract(micro_config(image_folder, micro_store, j2k_decode="reduced"))
+    full = replace(micro_config(image_folder, micro_store), precision="fp32")   # as extract() resolves it here
+    source = open_source(full)
+    check_same_extraction(micro_store, extract_run.settings_attrs(full, source, []), [s.id for s in source.samples])
     (image_folder / "train" / "benign" / "000.png").rename(image_folder / "train" / "benign" / "100.png")
     extract_run._PROCESS_CACHE.clear()                         # forget the listing of the unchanged folder
     with pytest.raises(FptError, match="sample ids differ"):
