@@ -3,7 +3,8 @@
 tensor in the dtype it travels in on CUDA, the batch's collate and its way into shared memory, timed in a
 DataLoader worker) for PNG originals of several
 sizes, a large JPEG (decoded at reduced scale through PIL's draft mode), and a mammogram-sized 16-bit DICOM in
-JPEG 2000 lossless (CMMD's kind), and how many cores a given images/s needs.
+JPEG 2000 lossless (CMMD's kind; also with ``--j2k-decode reduced``, at the coarsest wavelet level that still
+covers the res), and how many cores a given images/s needs.
 
     python -m fpt.bench.decode --res 512 1024 --target 250
 
@@ -27,7 +28,7 @@ MAMMOGRAM = (3328, 2560)     # rows, columns of a typical full-field digital mam
 
 def make_sources(root: Path) -> dict[str, Path]:
     """The test files, generated once: demo-task PNGs at 512-4096 px (RGB; grey at 1024 and 2048), a 4096 px JPEG,
-    a 16-bit J2K DICOM."""
+    a 16-bit J2K DICOM, and the same DICOM with a window."""
     from fpt.extract.datasets import synthetic_texture_image
 
     root.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,25 @@ def make_sources(root: Path) -> dict[str, Path]:
     path = files[f"dicom j2k-lossless {MAMMOGRAM[0]}x{MAMMOGRAM[1]} 12-bit"] = root / "mammogram-j2k.dcm"
     if not path.exists():
         write_j2k_dicom(path)
+    windowed = files[f"dicom j2k-lossless {MAMMOGRAM[0]}x{MAMMOGRAM[1]} 12-bit, window"] = root / "mammogram-j2k-w.dcm"
+    if not windowed.exists():                  # the same pixels, displayed through a window as clinical files are
+        import pydicom
+        ds = pydicom.dcmread(path)
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.save_as(windowed)
     return files
+
+
+def reduced_j2k_difference(path: Path, res: int, image_res: int) -> dict[str, float]:
+    """How far the LPM input of ``--j2k-decode reduced`` is from the full decode's: |difference| of
+    ``prepare_image``'s high-res view in 0-255 units (mean, 99th percentile, max)."""
+    from fpt.extract.images import FileDecoding, prepare_image
+
+    full, reduced = (prepare_image(FileDecoding(res, r).load(path), res, image_res)[0].astype(np.float64)
+                     for r in (False, True))
+    d = np.abs(full - reduced)
+    return {"mean": round(float(d.mean()), 3), "p99": round(float(np.percentile(d, 99)), 3),
+            "max": round(float(d.max()), 3)}
 
 
 def write_j2k_dicom(path: Path) -> None:
@@ -74,17 +93,6 @@ def write_j2k_dicom(path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-class FileSource:
-    """A source of one file per sample id, loaded as fpt's ImageFolder and CSV sources load theirs."""
-
-    def __init__(self, size_hint: int):
-        self.size_hint = size_hint
-
-    def load(self, path: Path):
-        from fpt.extract.images import load_image_file
-        return load_image_file(path, self.size_hint)
-
-
 class _WorkerTiming:
     """A one-item dataset whose item is the timing itself, so that it runs inside a DataLoader worker (where the
     collate stacks into shared memory) and leaves out the worker's start. The first ``warmup`` images are not
@@ -106,16 +114,17 @@ class _WorkerTiming:
         return statistics.median(times[self.warmup:]) * 1000
 
 
-def cpu_ms(path: Path, res: int, image_res: int, reps: int) -> float:
+def cpu_ms(path: Path, res: int, image_res: int, reps: int, reduced_j2k: bool = False) -> float:
     """Median process CPU ms of what a decode worker of ``fpt extract`` on CUDA does for the sample ``path``:
-    decoding it, preparing both views, the LPM input as a tensor, collating it and putting it in shared memory
-    for the main process, timed inside a DataLoader worker."""
+    decoding it (as fpt's file sources do: ``FileDecoding``), preparing both views, the LPM input as a tensor,
+    collating it and putting it in shared memory for the main process, timed inside a DataLoader worker."""
     import torch
     from torch.utils.data import DataLoader
 
+    from fpt.extract.images import FileDecoding
     from fpt.extract.run import DecodedImages
 
-    images = DecodedImages(FileSource(res), [path], res, image_res, "fail", torch.float16)
+    images = DecodedImages(FileDecoding(res, reduced_j2k), [path], res, image_res, "fail", torch.float16)
     return next(iter(DataLoader(_WorkerTiming(images, reps), batch_size=None, num_workers=1)))
 
 
@@ -130,12 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    for name, path in make_sources(WORK_DIR / "decode").items():
+    cases = [(name, path, False) for name, path in make_sources(WORK_DIR / "decode").items()]
+    cases += [(f"{name} (--j2k-decode reduced)", path, True) for name, path, _ in cases if "j2k" in name]
+    for name, path, reduced_j2k in cases:
         for res in args.res:
-            ms = cpu_ms(path, res, args.image_res, args.reps)
+            ms = cpu_ms(path, res, args.image_res, args.reps, reduced_j2k)
             rows.append({"source": name, "res": res, "cpu_ms_per_image": round(ms, 1),
                          "images_per_s_per_core": round(1000 / ms, 1),
-                         f"cores_for_{args.target:g}_per_s": round(args.target * ms / 1000, 1)})
+                         f"cores_for_{args.target:g}_per_s": round(args.target * ms / 1000, 1),
+                         **({"lpm_input_vs_full_0_255": reduced_j2k_difference(path, res, args.image_res)}
+                            if reduced_j2k else {})})
             print(rows[-1], flush=True)
     out = write_results("decode", "fpt.bench.decode", rows=rows, target=args.target,
                         command=command_line("fpt.bench.decode"))
