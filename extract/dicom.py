@@ -103,7 +103,7 @@ def reduced_j2k_frame(ds: Dataset, side: int) -> np.ndarray | None:
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if syntax not in J2K_SYNTAXES or ds.get("SamplesPerPixel", 1) != 1 or ds.get("PixelRepresentation", 0) != 0:
         return None
-    rows, cols = int(ds.Rows), int(ds.Columns)
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)      # missing: the full decode says so
     level = 0
     while -(-min(rows, cols) // 2 ** (level + 1)) >= side:
         level += 1

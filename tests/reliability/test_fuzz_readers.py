@@ -1,6 +1,8 @@
 """Fuzzing the readers users point at their data: whatever the bytes, a source or one clear FptError.
 (Fixed examples in the suite; see fuzzing.py to explore new ones.)"""
+import functools
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from fpt import FptError
 from fpt.extract.datasets import CsvManifestSource, ImageFolderSource
 from fpt.extract.images import load_image_file, prepare_image
 from fpt.extract.dicom import read_dicom
+from tests.helpers import j2k_dicom, smooth_stored
 from tests.reliability.fuzzing import fuzz_settings
 
 FUZZ = fuzz_settings(40)
@@ -51,6 +54,29 @@ def test_damaged_real_dicom_reads_or_fails_cleanly(tmp_path, flip, cut):
     path.write_bytes(bytes(data[: max(1, cut % (len(data) + 1))]))
     try:
         image = read_dicom(path)
+    except FptError as e:
+        assert "\n" not in str(e)
+        return
+    assert np.isfinite(np.asarray(image, dtype=np.float32)).all()
+
+
+@functools.cache
+def j2k_mammogram_bytes() -> bytes:
+    """A small 12-bit lossless JPEG 2000 DICOM (with a window), made once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return j2k_dicom(Path(tmp) / "mg.dcm", smooth_stored((64, 48), 12), window=(2048, 4096)).read_bytes()
+
+
+@FUZZ
+@given(flip=st.integers(0, 10**6), cut=st.integers(0, 10**6))
+def test_damaged_j2k_dicom_decoded_reduced_reads_or_fails_cleanly(tmp_path, flip, cut):
+    """``--j2k-decode reduced`` on damaged JPEG 2000 (the codestream, the header): an image or one clear line."""
+    data = bytearray(j2k_mammogram_bytes())
+    data[flip % len(data)] ^= 0xFF
+    path = tmp_path / "mg.dcm"
+    path.write_bytes(bytes(data[: max(1, cut % (len(data) + 1))]))
+    try:
+        image = read_dicom(path, reduce_to=16)
     except FptError as e:
         assert "\n" not in str(e)
         return
