@@ -666,6 +666,7 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
                  ("extraction", f"res {ex['res']}, layers {ex['layers']}, token ratio {ex['token_ratio']} "
                                 f"-> k={ex['k']}, importance {ex['importance']}, "
                                 + (f"{ex['precision']} arithmetic, " if "precision" in ex else "")
+                                + ("JPEG 2000 decoded reduced, " if ex.get("j2k_decode") == "reduced" else "")
                                 + f"low-res {ex['image_res']} px"),
                  ("complete", f"{s['done']}/{s['n_samples']} samples"
                               + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),

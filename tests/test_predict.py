@@ -142,6 +142,7 @@ def test_reduced_j2k_decoding_reaches_the_store_and_prediction(tmp_path):
     extract(micro_config(data, store, j2k_decode="reduced"))        # res 64: decoded at 128 x 100, not 256 x 200
     reader = StoreReader(store)
     assert reader.attrs["extraction"]["j2k_decode"] == "reduced"
+    assert "JPEG 2000 decoded reduced" in " ".join(CliRunner().invoke(app, ["inspect", str(store)]).output.split())
     stored = reader.read(np.arange(len(reader.ids)), ("images",))["images"]
     for sample_id, low in zip(reader.ids, stored):
         np.testing.assert_array_equal(low, prepare_image(read_dicom(data / sample_id, reduce_to=64), 64, 32)[1])
