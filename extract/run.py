@@ -95,7 +95,7 @@ def load_lpm(cfg: ExtractConfig, device: torch.device) -> tuple[FrozenLPM, Backb
 
 
 def load_source(cfg: ExtractConfig) -> ImageSource:
-    key = ("source", cfg.source, str(cfg.data), cfg.res, cfg.seed)
+    key = ("source", cfg.source, str(cfg.data), cfg.res, cfg.seed, tuple(cfg.classes or ()), cfg.j2k_decode)
     if key not in _PROCESS_CACHE:
         _PROCESS_CACHE[key] = open_source(cfg)
     return _PROCESS_CACHE[key]

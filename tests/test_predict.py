@@ -138,6 +138,7 @@ def test_reduced_j2k_decoding_reaches_the_store_and_prediction(tmp_path):
             for i in range(n):
                 j2k_dicom(data / split / name / f"{i}.dcm", smooth_stored((256, 200), 12, seed=10 * c + i),
                           window=(2048, 4096))
+    extract(micro_config(data, tmp_path / "full.zarr"))               # first in full, in this same process
     store = tmp_path / "j2k.zarr"
     extract(micro_config(data, store, j2k_decode="reduced"))        # res 64: decoded at 128 x 100, not 256 x 200
     reader = StoreReader(store)
