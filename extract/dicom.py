@@ -26,6 +26,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+from pydicom.pixels.utils import get_j2k_parameters
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from fpt import FptError
@@ -111,8 +112,9 @@ def reduced_j2k_frame(ds: Dataset, side: int) -> np.ndarray | None:
         return None
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1)))
-        precision = codestream_precision(frame)
-        if precision is None or not 8 < precision <= 16:
+        codestream = get_j2k_parameters(frame)
+        precision = codestream.get("precision")
+        if precision is None or codestream["is_signed"] or not 8 < precision <= 16:
             return None
         with Image.open(io.BytesIO(frame)) as im:
             im.reduce = level              # Pillow's JPEG 2000 plugin: decode `level` wavelet levels coarser
@@ -124,16 +126,6 @@ def reduced_j2k_frame(ds: Dataset, side: int) -> np.ndarray | None:
     except Exception:  # noqa: BLE001 - any decoder trouble: the full decode says what is wrong, or succeeds
         return None
     return values if values.shape == (-(-rows // 2 ** level), -(-cols // 2 ** level)) else None
-
-
-def codestream_precision(frame: bytes) -> int | None:
-    """Bits per value of a one-component, unsigned JPEG 2000 codestream, from its SIZ marker segment (ISO 15444-1
-    A.5.1: SOC, SIZ, Lsiz, Rsiz, 8 sizes of 4 bytes, Csiz, then Ssiz per component); None for anything else (a
-    JP2 file wrapper, several components, signed values)."""
-    if len(frame) < 45 or frame[:4] != b"\xff\x4f\xff\x51" or int.from_bytes(frame[40:42], "big") != 1:
-        return None
-    ssiz = frame[42]
-    return None if ssiz & 0x80 else (ssiz & 0x7F) + 1
 
 
 def frame_display_view(ds: Dataset, frame: int) -> Dataset:
