@@ -7,6 +7,7 @@
 #
 #   bash bench/lease.sh                                       # the GPU machine, repository root, wheels in .whl/
 #   FPT_LEASE_DRY=1 PY=.venv/bin/python OUT=/tmp/o bash bench/lease.sh   # the same steps at CPU sizes, first
+#   FPT_LEASE_STEPS=bench-sweep bash bench/lease.sh            # one step (names in the loop below)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/fpt-lease}
@@ -33,9 +34,10 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 --shards 1 --reps 1"
 else
   # what the leases of 2026-11-26 left unmeasured first: fp16 (the CUDA default since), writer processes end to
-  # end (longer runs: steady state), fpt train, the 12-run sweep
-  GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script host_processes --res 512:32 1024:8 2048:2 --e2e 512:1024 1024:256 --timeout 120 --no-train"
-  TRAIN_ARGS="--parts train,loop,sweep,step"
+  # end (longer runs: steady state), fpt train and where its epoch goes; 2048 and the step rows were measured
+  # then, and the 12-run sweep is a step of its own (bench-sweep) for a lease with time left
+  GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script host_processes --res 512:32 1024:8 --e2e 512:1024 1024:256 --timeout 120 --no-train"
+  TRAIN_ARGS="--parts train,loop"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 --cores $(nproc)"    # this host's cores: what they can feed
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
@@ -59,16 +61,17 @@ step() {   # step NAME SECONDS CMD...: CMD with at most SECONDS (and what is lef
 head -n 12 "$LOG"
 
 # The bench's PNG inputs are written on half the cores while the kernel tests run (tests are not timed).
-$PY -c "$IMAGES" >>"$LOG" 2>&1 &
+$PY -c "${FPT_LEASE_IMAGES-$IMAGES}" >>"$LOG" 2>&1 &      # FPT_LEASE_IMAGES="" when the steps need none
 IMAGES_PID=$!
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda bench-train host-cost}; do
+for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu bench-train tests-cuda host-cost}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile"
                   wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG" ;;
-    bench-gpu)    step $name 300 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
+    bench-gpu)    step $name 260 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
     bench-gpu-2)  FPT_BENCH_RESULTS="$OUT/second" step $name 120 $PY -m fpt.bench.gpu $FPT_LEASE_GPU_ARGS_2 ;;
-    bench-train)  step $name 240 $PY -m fpt.bench.train_speed $TRAIN_ARGS ;;
+    bench-train)  step $name 180 $PY -m fpt.bench.train_speed ${FPT_LEASE_TRAIN_ARGS:-$TRAIN_ARGS} ;;
+    bench-sweep)  step $name 300 $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
