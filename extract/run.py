@@ -12,9 +12,10 @@ import os
 import time
 import warnings
 from collections import Counter, deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -241,8 +242,9 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate)
     total, skipped = len(refs), []
-    with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
-                         writers_kind(cfg, device) == "processes") as pool:
+    with (intra_op_threads(1 if device.type == "cuda" else None),
+          ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
+                          writers_kind(cfg, device) == "processes") as pool):
         shard: ShardBuffer | None = None
         for batch, (high, low, errors) in zip(batches, loader):
             if shard is None:
@@ -256,6 +258,28 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                 pool.submit(shard)
                 shard = None
     return pool.written, skipped
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads for this thread's CPU ops set to ``n`` inside the block (None: left alone), and
+    restored after it.
+
+    Extraction's main thread on CUDA does no CPU compute worth a team: each batch's CPU work is one small copy
+    (its low-res images into the shard buffer). But every OpenMP region, however small, leaves the team's other
+    threads spinning afterwards (libgomp waits ~5 ms for more work; dev box: 5.0 ms of CPU per 0.8 MB copy with
+    2 threads against 0.15 with 1), one batch after another, on the cores the decode workers and writer
+    processes need. torch.set_num_threads sets the calling thread's team, and the default of threads that start
+    using torch inside the block (the DataLoader's pinning thread sets one for itself anyway; the writer threads
+    run no torch CPU ops)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(before)
 
 
 @dataclass
@@ -296,7 +320,9 @@ class ShardBuffer:
         self.arrays = {name: torch.empty((len(self.rows), *shape), dtype=getattr(torch, dtype), pin_memory=pinned)
                        for name, (shape, dtype) in geometry.sample_shapes().items() if name in SAMPLE_ARRAYS}
         self.excluded: list[int] = []
-        self.ready = torch.cuda.Event() if pinned else None
+        # blocking: a writer thread waiting for this shard's copies sleeps (the default event makes it spin a core
+        # for up to a batch's GPU time, CPU the decode workers and writer processes need)
+        self.ready = torch.cuda.Event(blocking=True) if pinned else None
         self._finite: list[torch.Tensor] = []                     # one device bool per batch
         self.finite = torch.ones((), dtype=torch.bool, pin_memory=pinned)
 

@@ -423,3 +423,36 @@ def test_hand_over_files_of_dead_processes_are_removed(tmp_path, monkeypatch):
     alive.write_bytes(b"x")
     shared.remove_stale()
     assert not stale.exists() and alive.exists()
+
+
+def test_intra_op_threads_are_set_inside_the_block_and_restored_after_it():
+    from fpt.extract.run import intra_op_threads
+
+    before = torch.get_num_threads()
+    with intra_op_threads(None):
+        assert torch.get_num_threads() == before
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="boom"), intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_the_extraction_loop_runs_on_one_intra_op_thread_only_on_cuda(tmp_path, image_folder, device):
+    """On CUDA the loop's thread does only small CPU copies, and each OpenMP region would leave the team spinning
+    on cores the decoders and writers need; on a CPU the LPM runs there and keeps every thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        seen = []
+        extract(micro_config(image_folder, tmp_path / "s.zarr", device=device),
+                progress=lambda done, total: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == ({1} if device == "cuda" else {2})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
