@@ -13,9 +13,12 @@ Every case runs in its own Python process (``python -m fpt.bench.gpu --case JSON
 CUDA context, allocator or compiled kernel; a case that fails (out of memory) reports its error in its row.
 Model steps: warm-up, then the median of timed steps, each ended by a device synchronisation. End to end: images
 decoded from PNG files, model, selection and writing, timed from the first batch to the last write (model
-loading excluded on both sides). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the process's RSS
-high-water mark above its start on CPU. Weights are random-init (nothing can be downloaded); the LPM's input
-statistics (ImageNet mean/std) are the same on both sides.
+loading excluded on both sides); for ``fpt extract`` also the CPU it used per image, in its own process
+(``cpu_main_ms``: the loop, the pinning and writer threads) and in the decode workers and writer processes
+(``cpu_children_ms``), and how many cores that kept busy on average (``cores_busy``). Peak memory:
+``torch.cuda.max_memory_allocated`` on CUDA, the process's RSS high-water mark above its start on CPU. Weights
+are random-init (nothing can be downloaded); the LPM's input statistics (ImageNet mean/std) are the same on both
+sides.
 Results: bench/results/gpu-<device>-<model>.json (figures in bench/README.md).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -97,7 +101,7 @@ def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: i
     layers = default_layers(info.depth)
     x = _images(res, batch, device)
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    row: dict[str, Any] = {}
+    after_timing = dict                 # extra figures computed once the steps are timed
     if case in ("plain", "plain_compiled"):
         net = net.to(device)
         forward = torch.compile(net.forward_features) if case == "plain_compiled" else net.forward_features
@@ -116,7 +120,9 @@ def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: i
 
         def step():
             forward_fitting(lpm, x, device, precision)   # exactly what fpt extract runs per batch
-        row["selection_agreement"] = selection_agreement(lpm, x, device, precision)
+
+        def after_timing():     # after the steps: its fp32 copy of the model must not count in their peak
+            return {"selection_agreement": selection_agreement(lpm, x, device, precision)}
     elif case in ("official_fp32", "official_bf16"):
         official = OfficialExtractor(net, layers, TOKEN_RATIO, "global").to(device)
         autocast = bf16 if case == "official_bf16" else torch.autocast(device.type, enabled=False)
@@ -127,7 +133,7 @@ def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: i
     else:
         raise ValueError(f"unknown case {case!r}")
     timing = _timed(step, device, warmup, reps)
-    return {**row, **timing, "images_per_s": round(batch / timing["median_s"], 2)}
+    return {**after_timing(), **timing, "images_per_s": round(batch / timing["median_s"], 2)}
 
 
 def selection_agreement(lpm, x, device, precision) -> float:
@@ -174,15 +180,23 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
         if case == "fpt_extract" or case.startswith("host_"):
             from fpt.config import extract_config
             from fpt.extract import extract
+            from fpt.extract.run import load_lpm
             writers = "auto"
             if case.startswith("host_"):
                 writers = case.removeprefix("host_")
                 _free_lpm()
-            result = extract(extract_config(None, tree, out=str(out), backbone=model, random_init=True, res=res,
-                                            batch_size=batch, device=device.type, mean=MEAN, std=STD,
-                                            workers=workers, writers=writers, overwrite=True))
+            cfg = extract_config(None, tree, out=str(out), backbone=model, random_init=True, res=res,
+                                 batch_size=batch, device=device.type, mean=MEAN, std=STD, workers=workers,
+                                 writers=writers, overwrite=True)
+            load_lpm(cfg, device)           # built before the CPU clocks start, as the timing leaves it out
+            cpu_before = cpu_seconds()
+            result = extract(cfg)
+            main, children = (b - a for a, b in zip(cpu_before, cpu_seconds()))
             row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2),
-                   "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2)}
+                   "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2),
+                   "cpu_main_ms": round(1e3 * main / images, 2), "cpu_children_ms": round(1e3 * children / images, 2),
+                   "cores_busy": round((main + children) / result.seconds, 1), "cores": os.cpu_count(),
+                   "main_intra_op_threads": torch.get_num_threads()}
         elif case == "official_script":
             row = official_script(tree, out, model, res, batch, workers, device)
         else:
@@ -191,6 +205,13 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
     row["disk_mb"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20, 1)
     shutil.rmtree(out, ignore_errors=True)
     return {**row, "peak_mb": round(peak, 1)}
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds so far of this process (all its threads) and of its children that have ended
+    (an extraction's decode workers and writer processes end with it)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def _free_lpm() -> None:
@@ -291,6 +312,10 @@ def print_table(rows: list[dict], device: str) -> None:
         ratios = ", ".join(f"{k.replace('vs_', '')} {v:.2f}x" for k, v in r.items() if "vs_" in k)
         note = r.get("error") or (f"selection = fp32 on {r['selection_agreement']:.2%}" if "selection_agreement" in r
                                   else f"{r['disk_mb']} MB on disk" if "disk_mb" in r else "")
+        if "cores_busy" in r:
+            note += f"; {r['cores_busy']} of {r['cores']} cores busy"
+        if r.get("steady_images_per_s"):
+            note += f"; steady {r['steady_images_per_s']} img/s"
         table.add_row(r["case"], str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
                       str(r.get("peak_mb", "-")), ratios, note)
     Console(width=140).print(table)

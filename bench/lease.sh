@@ -56,7 +56,8 @@ step() {   # step NAME SECONDS CMD...: CMD with at most SECONDS (and what is lef
 }
 
 { date -u; nvidia-smi -L 2>/dev/null; nproc
-  $PY -c "import sys, torch, timm, triton, zarr, dask; print(sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())"
+  lscpu 2>/dev/null | grep -E '^(Model name|Thread|Core|Socket|CPU\(s\)|NUMA node\(s\))'     # hyper-threads?
+  $PY -c "import sys, torch, timm, triton, zarr, dask; print(sys.version.split()[0], 'torch', torch.__version__, 'intra-op threads', torch.get_num_threads(), 'timm', timm.__version__, 'triton', triton.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())"
   git log -1 --format='commit %h %s' 2>/dev/null; git status --short 2>/dev/null | head -20; } >>"$LOG" 2>&1
 head -n 12 "$LOG"
 
@@ -75,7 +76,8 @@ for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu bench-train tests-cuda hos
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
-                    tests/test_data.py tests/test_resume.py tests/test_sweep.py -k "cuda or gpu or peak" ;;
+                    tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py \
+                    -k "cuda or gpu or peak" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done
