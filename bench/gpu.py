@@ -194,6 +194,7 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
             main, children = (b - a for a, b in zip(cpu_before, cpu_seconds()))
             row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2),
                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2),
+                   "first_shard_s": result.first_shard_seconds and round(result.first_shard_seconds, 2),
                    "cpu_main_ms": round(1e3 * main / images, 2), "cpu_children_ms": round(1e3 * children / images, 2),
                    "cores_busy": round((main + children) / result.seconds, 1), "cores": os.cpu_count(),
                    "main_intra_op_threads": torch.get_num_threads()}

@@ -33,12 +33,12 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 --shards 1 --reps 1"
 else
-  # what the leases of 2026-11-26 left unmeasured first: fp16 (the CUDA default since), writer processes end to
-  # end (longer runs: steady state), fpt train and where its epoch goes; 2048 and the step rows were measured
-  # then, and the 12-run sweep is a step of its own (bench-sweep) for a lease with time left
-  GPU_ARGS="--cases plain lpm lpm_bf16 fpt_extract official_script host_processes --res 512:32 1024:8 --e2e 512:1024 1024:256 --timeout 120 --no-train"
+  # what the third lease (2026-11-27) left open first: fpt extract end to end with the main process's CPU
+  # fixes (and where the host's CPU goes: cpu_main_ms / cpu_children_ms / cores_busy), the CUDA tests of those
+  # fixes, the GPU host's CPU budget at 1024, then fpt train's epochs; the 12-run sweep is bench-sweep
+  GPU_ARGS="--cases plain lpm fpt_extract official_script host_processes --res 512:32 1024:8 --e2e 512:1024 1024:256 --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,loop"
-  HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 --cores $(nproc)"    # this host's cores: what they can feed
+  HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi
@@ -65,7 +65,7 @@ head -n 12 "$LOG"
 $PY -c "${FPT_LEASE_IMAGES-$IMAGES}" >>"$LOG" 2>&1 &      # FPT_LEASE_IMAGES="" when the steps need none
 IMAGES_PID=$!
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu bench-train tests-cuda host-cost}; do
+for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda host-cost bench-train}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile"
                   wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG" ;;

@@ -48,6 +48,7 @@ class ExtractResult:
     # from the first finished shard to the last: without the start (workers, first batches, compiling); None
     # with fewer than 3 shards written
     steady_images_per_s: float | None = None
+    first_shard_seconds: float | None = None    # from the start to the first finished shard (None: none written)
 
 
 class ShardClock:
@@ -165,7 +166,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         seconds = time.perf_counter() - start
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
-                               n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s())
+                               n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
+                               first_shard_seconds=clock.marks[0][0] - start if clock.marks else None)
         if skipped:
             result.skipped_report = str(writer.record_skipped(sorted(skipped)))
         if written:

@@ -379,8 +379,11 @@ def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_fo
     result = extract(micro_config(image_folder, tmp_path / "s.zarr", samples_per_shard=2))
     run = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
     assert result.steady_images_per_s and run["steady_images_per_s"] == round(result.steady_images_per_s, 3)
+    assert 0 < result.first_shard_seconds < result.seconds
     few = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))     # 2 shards
     assert few.steady_images_per_s is None
+    again = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))   # nothing to do
+    assert again.n_written == 0 and again.first_shard_seconds is None
 
 
 def test_shard_clock_rate_leaves_out_the_time_before_the_first_shard():
