@@ -268,12 +268,12 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
     restored after it.
 
     Extraction's main thread on CUDA does no CPU compute worth a team: each batch's CPU work is one small copy
-    (its low-res images into the shard buffer). But every OpenMP region, however small, leaves the team's other
-    threads spinning afterwards (libgomp waits ~5 ms for more work; dev box: 5.0 ms of CPU per 0.8 MB copy with
-    2 threads against 0.15 with 1), one batch after another, on the cores the decode workers and writer
-    processes need. torch.set_num_threads sets the calling thread's team, and the default of threads that start
-    using torch inside the block (the DataLoader's pinning thread sets one for itself anyway; the writer threads
-    run no torch CPU ops)."""
+    (its low-res images into the shard buffer). But torch runs a copy of more than ~32 K elements on its OpenMP
+    team, and every such region leaves the team's other threads spinning afterwards (libgomp waits ~5 ms for
+    more work; dev box: 5.0 ms of CPU per 0.8 MB copy with 2 threads against 0.15 with 1), one batch after
+    another, on the cores the decode workers and writer processes need. torch.set_num_threads sets the calling
+    thread's team, and the default of threads that start using torch inside the block (the DataLoader's pinning
+    thread sets one for itself anyway; the writer threads run no torch CPU ops)."""
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
