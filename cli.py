@@ -222,11 +222,21 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
                   else "")
         console.print(f"wrote {result.n_written} samples to [bold]{result.path}[/] in {result.seconds:.1f} s "
                       f"({result.images_per_s:.3g} images/s{steady}, peak memory {result.peak_memory_mb:.0f} MB)")
+        if limit := result.limit():
+            console.print(LIMIT_LINES[limit[0]].format(share=limit[1]), highlight=False)
     if result.n_skipped:
         err.print(f"[bold yellow]skipped {result.n_skipped} unreadable images[/] (excluded from every split); "
                   f"paths and errors: {result.skipped_report}")
     return result
 
+
+LIMIT_LINES = {   # ExtractResult.limit() -> what the user reads
+    "decoding": "decoding limited this run: the loop waited {share:.0%} of it for images (more --workers or cores "
+                "help; for JPEG 2000 DICOMs also --j2k-decode reduced)",
+    "writing": "writing limited this run: the loop waited {share:.0%} of it for the shard writers (more "
+               "--write-threads or cores help)",
+    "model": "the model limited this run: the loop was issuing the LPM's work {share:.0%} of it",
+}
 
 Pipelines = Annotated[Optional[Path], option("Your own pipelines file, merged over the packaged pipelines.yaml.",
                                              DATA, default="$FPT_PIPELINES")]

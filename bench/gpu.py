@@ -195,6 +195,8 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
             row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2),
                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2),
                    "first_shard_s": result.first_shard_seconds and round(result.first_shard_seconds, 2),
+                   "waited_for_decoding_s": round(result.waited_for_decoding_s, 2),
+                   "waited_for_writers_s": round(result.waited_for_writers_s, 2),
                    "cpu_main_ms": round(1e3 * main / images, 2), "cpu_children_ms": round(1e3 * children / images, 2),
                    "cores_busy": round((main + children) / result.seconds, 1), "cores": os.cpu_count(),
                    "main_intra_op_threads": torch.get_num_threads()}
@@ -315,6 +317,8 @@ def print_table(rows: list[dict], device: str) -> None:
                                   else f"{r['disk_mb']} MB on disk" if "disk_mb" in r else "")
         if "cores_busy" in r:
             note += f"; {r['cores_busy']} of {r['cores']} cores busy"
+        if "waited_for_decoding_s" in r:
+            note += f"; waited {r['waited_for_decoding_s']} s decoding, {r['waited_for_writers_s']} s writers"
         if r.get("steady_images_per_s"):
             note += f"; steady {r['steady_images_per_s']} img/s"
         table.add_row(r["case"], str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),

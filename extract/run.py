@@ -49,6 +49,53 @@ class ExtractResult:
     # with fewer than 3 shards written
     steady_images_per_s: float | None = None
     first_shard_seconds: float | None = None    # from the start to the first finished shard (None: none written)
+    # seconds the loop waited for decoded batches and for a free shard writer (``LoopWaits``; None on dask)
+    waited_for_decoding_s: float | None = None
+    waited_for_writers_s: float | None = None
+
+    def limit(self) -> tuple[str, float] | None:
+        """What limited the run, with the share of its time the loop waited for it: ``decoding`` or ``writing``
+        when the loop waited for that stage half of the run or more, else ``model`` (the loop was busy issuing
+        the LPM's work, or the device was); None without the figures."""
+        if self.waited_for_decoding_s is None or self.waited_for_writers_s is None or self.seconds <= 0:
+            return None
+        shares = {"decoding": self.waited_for_decoding_s / self.seconds,
+                  "writing": self.waited_for_writers_s / self.seconds}
+        stage = max(shares, key=shares.get)
+        if shares[stage] >= 0.5:
+            return stage, shares[stage]
+        return "model", 1 - sum(shares.values())
+
+
+class LoopWaits:
+    """Where the extraction loop's thread waited, in seconds: for its next decoded batch (``decoding``: the decode
+    workers, or the decoding itself without workers) and for a free shard writer (``writing``: compressing and
+    writing, and the writers' wait for the shard's copies from the device). The rest of its time it issued work
+    to the device."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now, self.decoding, self.writing = now, 0.0, 0.0
+
+    def batches(self, loader) -> Iterator:
+        """``loader``'s items, the wait for each (and for the end) added to ``decoding``."""
+        items = iter(loader)
+        while True:
+            with self.waiting("decoding"):
+                item = next(items, _END)
+            if item is _END:
+                return
+            yield item
+
+    @contextmanager
+    def waiting(self, stage: str) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + self.now() - start)
+
+
+_END = object()
 
 
 class ShardClock:
@@ -148,10 +195,10 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start, clock = time.perf_counter(), ShardClock(progress)
+        start, clock, waits = time.perf_counter(), ShardClock(progress), LoopWaits()
         try:
             if scheduler is None:
-                written, skipped = extract_shards(cfg, pending, clock)
+                written, skipped = extract_shards(cfg, pending, clock, waits)
             else:
                 written, skipped = extract_on_dask(cfg, pending, scheduler, clock)
         except OSError as e:
@@ -167,13 +214,17 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
                                n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
-                               first_shard_seconds=clock.marks[0][0] - start if clock.marks else None)
+                               first_shard_seconds=clock.marks[0][0] - start if clock.marks else None,
+                               **({"waited_for_decoding_s": waits.decoding, "waited_for_writers_s": waits.writing}
+                                  if scheduler is None else {}))
         if skipped:
             result.skipped_report = str(writer.record_skipped(sorted(skipped)))
         if written:
             writer.update_attrs(last_run={
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
                 "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
+                "waited_for_decoding_s": result.waited_for_decoding_s and round(result.waited_for_decoding_s, 3),
+                "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
                 "write_threads": write_threads, "precision": cfg.precision,
@@ -218,8 +269,8 @@ class DecodedImages(Dataset):
         return stack_pixels(highs, self.high_dtype), stack_batch(lows), errors
 
 
-def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None
-                   ) -> tuple[int, list[tuple[int, str, str]]]:
+def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None,
+                   waits: LoopWaits | None = None) -> tuple[int, list[tuple[int, str, str]]]:
     """Extract ``shards`` of the existing store at ``cfg.out`` and write each one whole. Runs in any process.
     Returns (samples written, [(index, id, error)] of the unreadable sources skipped).
 
@@ -229,7 +280,9 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     writer threads (``cfg.write_threads``) while the next one is computed. At most ``write_threads`` shards wait
     for writing, so host memory stays below (write_threads + 1) x the shard size (plus a hand-over file per shard
     being written with writer processes). A batch that does not fit on the GPU is split in halves until it does.
+    ``waits`` (a ``LoopWaits``) gets where the loop waited.
     """
+    waits = waits or LoopWaits()
     device = resolve_device(cfg.device)
     lpm, _ = load_lpm(cfg, device)
     source = load_source(cfg)
@@ -246,9 +299,9 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     total, skipped = len(refs), []
     with (intra_op_threads(1 if device.type == "cuda" else None),
           ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
-                          writers_kind(cfg, device) == "processes") as pool):
+                          writers_kind(cfg, device) == "processes", waits) as pool):
         shard: ShardBuffer | None = None
-        for batch, (high, low, errors) in zip(batches, loader):
+        for batch, (high, low, errors) in zip(batches, waits.batches(loader)):
             if shard is None:
                 shard = ShardBuffer(geometry, batch.shard, pinned=device.type == "cuda")
             for pos, message in errors.items():
@@ -394,8 +447,9 @@ class ShardWriterPool:
     (``HandoverSlots``: at most ``threads``); otherwise the threads write in this process."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
-                 processes: bool = False):
+                 processes: bool = False, waits: LoopWaits | None = None):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
+        self.waits = waits or LoopWaits()               # the caller's wait for a free writer goes to ``writing``
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
         # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
         self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"))
@@ -411,8 +465,9 @@ class ShardWriterPool:
 
     def submit(self, shard: ShardBuffer) -> None:
         shard.seal()
-        while len(self.pending) >= self.threads:
-            self._finish(self.pending.popleft())
+        with self.waits.waiting("writing"):
+            while len(self.pending) >= self.threads:
+                self._finish(self.pending.popleft())
         self.pending.append(self.executor.submit(self._write, shard))
 
     def _write(self, shard: ShardBuffer) -> int:
@@ -433,12 +488,13 @@ class ShardWriterPool:
         # Shards already computed are written even when the loop failed (a bad image, an interrupt): they are
         # whole and correct, and the re-run then has less to do. Only the first error is raised.
         try:
-            while self.pending:
-                future = self.pending.popleft()
-                if exc_type is None:
-                    self._finish(future)
-                else:
-                    future.exception()
+            with self.waits.waiting("writing"):           # the last shards' writes: the run's tail
+                while self.pending:
+                    future = self.pending.popleft()
+                    if exc_type is None:
+                        self._finish(future)
+                    else:
+                        future.exception()
         finally:
             self.executor.shutdown(wait=True)
             if self.processes is not None:

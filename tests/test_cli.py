@@ -44,6 +44,7 @@ def test_corrupt_image_is_named_and_written_shards_survive(tmp_path):
     result = runner.invoke(app, ["extract", "--data", str(data), *MICRO_ARGS, "--out", str(store)])
     assert result.exit_code == 0, result.output
     assert "wrote 4 samples" in result.output and StoreReader(store).done().all()
+    assert "limited this run" in result.output                # which stage the run waited for
 
 
 def test_store_problems(tmp_path, micro_store):

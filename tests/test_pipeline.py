@@ -459,3 +459,47 @@ def test_the_extraction_loop_runs_on_one_intra_op_thread_only_on_cuda(tmp_path, 
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_loop_waits_add_up_the_time_spent_waiting_for_each_stage():
+    from fpt.extract.run import LoopWaits
+
+    ticks = iter(range(0, 100, 1))
+    waits = LoopWaits(now=lambda: float(next(ticks)))
+    assert list(waits.batches(["a", "b"])) == ["a", "b"]
+    assert waits.decoding == 3.0 and waits.writing == 0.0      # two batches and the end, one tick each
+    with pytest.raises(ValueError), waits.waiting("writing"):
+        raise ValueError                                        # a wait ended by an error still counts
+    assert waits.writing == 1.0
+
+
+def test_the_result_names_the_stage_the_loop_waited_for():
+    from fpt.extract.run import ExtractResult
+
+    def result(decoding, writing):
+        return ExtractResult("s", 8, 8, 10.0, 0.8, 0.0, waited_for_decoding_s=decoding, waited_for_writers_s=writing)
+
+    assert result(6.0, 1.0).limit() == ("decoding", 0.6)
+    assert result(1.0, 5.0).limit() == ("writing", 0.5)
+    assert result(2.0, 1.0).limit() == ("model", 0.7)
+    assert ExtractResult("s", 8, 8, 10.0, 0.8, 0.0).limit() is None           # dask: not measured
+
+
+def test_an_extraction_counts_its_waits_for_decoding_and_for_writers(tmp_path, image_folder, monkeypatch):
+    """Slow decoding (no workers: the loop decodes) and slow writes (one writer thread) show up in the loop's
+    waits, at least as long as the sleeps put there."""
+    import time
+
+    from fpt.extract import run
+    from fpt.store import StoreWriter
+
+    load = run.DecodedImages.__getitem__
+    monkeypatch.setattr(run.DecodedImages, "__getitem__", lambda self, i: (time.sleep(0.02), load(self, i))[1])
+    write = StoreWriter.write_shard
+    monkeypatch.setattr(StoreWriter, "write_shard", lambda self, *a, **k: (time.sleep(0.1), write(self, *a, **k))[1])
+    result = extract(micro_config(image_folder, tmp_path / "s.zarr", workers=0, write_threads=1))
+    assert result.waited_for_decoding_s >= 0.02 * result.n_written
+    assert result.waited_for_writers_s >= 0.1           # the last shard's write, which nothing else overlaps
+    assert result.waited_for_decoding_s + result.waited_for_writers_s <= result.seconds
+    run_attrs = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
+    assert run_attrs["waited_for_writers_s"] == round(result.waited_for_writers_s, 3)
