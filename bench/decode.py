@@ -4,7 +4,7 @@ tensor in the dtype it travels in on CUDA, the batch's collate and its way into 
 DataLoader worker) for PNG originals of several
 sizes, a large JPEG (decoded at reduced scale through PIL's draft mode), and a mammogram-sized 16-bit DICOM in
 JPEG 2000 lossless (CMMD's kind; also with ``--j2k-decode reduced``, at the coarsest wavelet level that still
-covers the res), and how many cores a given images/s needs.
+covers the res) and uncompressed, and how many cores a given images/s needs.
 
     python -m fpt.bench.decode --res 512 1024 --target 250
 
@@ -53,6 +53,12 @@ def make_sources(root: Path) -> dict[str, Path]:
         ds = pydicom.dcmread(path)
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
         ds.save_as(windowed)
+    raw = files[f"dicom uncompressed {MAMMOGRAM[0]}x{MAMMOGRAM[1]} 12-bit, window"] = root / "mammogram-raw-w.dcm"
+    if not raw.exists():                       # the same, stored uncompressed, as many PACS exports are
+        import pydicom
+        ds = pydicom.dcmread(windowed)
+        ds.decompress()
+        ds.save_as(raw)
     return files
 
 

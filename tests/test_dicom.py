@@ -8,9 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
 from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
 
 from fpt import FptError
 from fpt.extract import dicom
@@ -251,3 +252,59 @@ def test_reduced_j2k_decoding_leaves_other_files_to_the_full_decode(tmp_path):
     assert ds.PixelRepresentation == 1 and dicom.reduced_j2k_frame(ds, 64) is None
     ds.PixelRepresentation = 0                      # a header that says unsigned: the codestream's signed component
     assert dicom.reduced_j2k_frame(ds, 64) is None  # still decides
+
+
+def _grey_dataset(bits: int = 12, signed: bool = False, photometric: str = "MONOCHROME2", **display) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian      # LUT data's byte order
+    ds.PhotometricInterpretation, ds.BitsStored, ds.BitsAllocated = photometric, bits, 8 if bits <= 8 else 16
+    ds.PixelRepresentation = int(signed)
+    for name, value in display.items():
+        setattr(ds, name, value)
+    return ds
+
+
+def _lut_item(first: int, data: np.ndarray, vr: str = "OW") -> Dataset:
+    item = Dataset()
+    item.add_new("LUTDescriptor", "US", [len(data), first, 16])
+    item.add_new("LUTData", vr, np.asarray(data, dtype="<u2").tobytes())
+    item.ModalityLUTType = "US"
+    return item
+
+
+@pytest.mark.parametrize("case", ["own range", "rescale + window", "linear exact", "sigmoid", "voi lut",
+                                  "monochrome1", "signed ct", "8-bit", "modality lut", "big endian", "sparse values"])
+def test_the_display_table_gives_the_chain_run_over_every_pixel(case):
+    """For 8/16-bit pixels ``display_grey`` runs pydicom's chain once per possible value and looks the frame up:
+    bit for bit what the chain gives run over every pixel (float64, then float32), for every kind of chain."""
+    rng = np.random.default_rng(7)
+    stored = rng.integers(0, 4096, (40, 56)).astype(np.uint16)
+    ds = {
+        "own range": lambda: _grey_dataset(),
+        "rescale + window": lambda: _grey_dataset(RescaleSlope=2.0, RescaleIntercept=-100.0, WindowCenter=1500,
+                                                  WindowWidth=2000),
+        "linear exact": lambda: _grey_dataset(WindowCenter=2000, WindowWidth=1000, VOILUTFunction="LINEAR_EXACT"),
+        "sigmoid": lambda: _grey_dataset(WindowCenter=2000, WindowWidth=1000, VOILUTFunction="SIGMOID"),
+        "voi lut": lambda: _grey_dataset(VOILUTSequence=Sequence([_lut_item(50, np.linspace(1000, 3000, 200))])),
+        "monochrome1": lambda: _grey_dataset(photometric="MONOCHROME1", RescaleSlope=0.5, RescaleIntercept=10.0),
+        "signed ct": lambda: _grey_dataset(16, True, RescaleSlope=1.0, RescaleIntercept=-1024.0, WindowCenter=40,
+                                           WindowWidth=400),
+        "8-bit": lambda: _grey_dataset(8),
+        "modality lut": lambda: _grey_dataset(ModalityLUTSequence=Sequence([_lut_item(0, np.arange(4096)[::-1] * 3)])),
+        "big endian": lambda: _grey_dataset(WindowCenter=2048, WindowWidth=1024),
+        "sparse values": lambda: _grey_dataset(RescaleSlope=-1.0, RescaleIntercept=5000.0),
+    }[case]()
+    if case == "signed ct":
+        stored = rng.integers(-2000, 3000, (40, 56)).astype(np.int16)
+    elif case == "8-bit":
+        stored = rng.integers(0, 256, (40, 56)).astype(np.uint8)
+    elif case == "big endian":
+        stored = stored.astype(">u2")
+    elif case == "sparse values":                  # the own range is that of the values present, not of the table
+        stored = rng.choice(np.array([100, 200, 3000], dtype=np.uint16), (40, 56))
+    reference = dicom.display_chain(stored, ds, dicom.voi_output_range(ds)).astype(np.float32)
+    out = dicom.display_grey(stored, ds)
+    assert out.dtype == np.float32 and out.shape == stored.shape
+    np.testing.assert_array_equal(out, reference)
+    assert 0 < out.mean() < 1 and len(np.unique(out)) > 2
