@@ -163,3 +163,17 @@ def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     assert len(np.unique(high[..., 0])) > 256                              # more levels than 8 bits can hold
     np.testing.assert_allclose(high[..., 0], ramp / ramp.max() * 255, rtol=1e-5, atol=1e-3)
     assert low.dtype == np.uint8 and low.shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("dtype", ["<u2", ">u2", "u1", "<i4", "<f4"])
+def test_grey_float_scales_every_kind_of_grey_as_float64_arithmetic_does(dtype):
+    """Unsigned 8/16-bit images go through a table of every value: bit for bit the float64 min-max scaling."""
+    from fpt.extract.images import grey_float
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(7, 250 if dtype == "u1" else 60_000, (33, 47)).astype(dtype)
+    reference = ((a.astype(np.float64) - a.min()) / (float(a.max()) - float(a.min()))).astype(np.float32)
+    out = np.asarray(grey_float(a))
+    assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
+    np.testing.assert_array_equal(out, reference)
+    assert not np.asarray(grey_float(np.full((4, 4), 9, dtype=dtype))).any()      # one value: all black
