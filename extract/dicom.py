@@ -163,7 +163,7 @@ def display_grey(stored: np.ndarray, ds: Dataset) -> np.ndarray:
     The chain maps each stored value to one display value, so for 8- and 16-bit integer pixels it runs once per
     possible value (a table of at most 65,536 entries) and the frame is one look-up in that table: the same
     numbers as running it over every pixel in float64, at a fraction of the cost (a 3328 x 2560 mammogram with a
-    window: 252 -> ~20 ms of CPU; bench/README.md). Other pixels (32-bit, float) go through the chain directly."""
+    window: 252 -> ~35 ms of CPU; bench/README.md). Other pixels (32-bit, float) go through the chain directly."""
     voi_range = voi_output_range(ds)
     if stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2:
         return display_chain(stored, ds, voi_range).astype(np.float32)
