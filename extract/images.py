@@ -76,7 +76,7 @@ def to_supported_mode(im: Image.Image) -> Image.Image:
 def grey_float(a: np.ndarray) -> Image.Image:
     """grey [H, W] of any range and dtype -> PIL "F" image in [0, 1]: min-max scaled in float64, then float32.
     Unsigned 8/16-bit values are scaled once per possible value and looked up (the same numbers without a float64
-    copy of the image: a 3328 x 2560 16-bit PNG, 105 -> ~25 ms of CPU)."""
+    copy of the image: a 3328 x 2560 16-bit PNG, 106 -> 69 ms of CPU with the PIL image made)."""
     lo, hi = float(a.min()), float(a.max())
     if a.dtype.kind == "u" and a.dtype.itemsize <= 2:
         values = np.arange(2 ** (8 * a.dtype.itemsize), dtype=np.float64)
