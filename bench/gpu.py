@@ -70,9 +70,16 @@ def _images(res: int, batch: int, device):
 
 
 def _timed(step, device, warmup: int, reps: int) -> dict[str, Any]:
+    """Median of ``reps`` steps after ``warmup`` ones; ``first_step_s``: the first step of this fresh process
+    alone (the libraries' lazy start: cuBLAS, cuDNN, Triton kernels loaded from their cache), which a run pays
+    once."""
     import torch
-    for _ in range(warmup):
+    start = time.perf_counter()
+    for i in range(warmup):
         step()
+        if i == 0:
+            _sync(device)
+            first = time.perf_counter() - start
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,7 +91,8 @@ def _timed(step, device, warmup: int, reps: int) -> dict[str, Any]:
             _sync(device)
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak_mb
-    return {"median_s": statistics.median(times), "peak_mb": round(peak, 1)}
+    return {"median_s": statistics.median(times), "peak_mb": round(peak, 1),
+            "first_step_s": round(first, 3) if warmup else None}
 
 
 def model_case(case: str, model: str, res: int, batch: int, warmup: int, reps: int) -> dict[str, Any]:
