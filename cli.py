@@ -235,7 +235,8 @@ LIMIT_LINES = {   # ExtractResult.limit() -> what the user reads
                 "help; for JPEG 2000 DICOMs also --j2k-decode reduced)",
     "writing": "writing limited this run: the loop waited {share:.0%} of it for the shard writers (more "
                "--write-threads or cores help)",
-    "model": "the model limited this run: the loop was issuing the LPM's work {share:.0%} of it",
+    "model": "the model limited this run: the loop was issuing the LPM's work (or waiting for the device) "
+             "{share:.0%} of it",
 }
 
 Pipelines = Annotated[Optional[Path], option("Your own pipelines file, merged over the packaged pipelines.yaml.",
@@ -613,6 +614,14 @@ def _bytes(n: float) -> str:
         n /= 1024
 
 
+def _last_run_line(run: dict) -> str:
+    """The store's last extraction run (its ``last_run`` attrs) in one line."""
+    steady = f", {run['steady_images_per_s']:.3g} after the first shard" if run.get("steady_images_per_s") else ""
+    limit = f", limited by {run['limited_by']}" if run.get("limited_by") else ""
+    return (f"{run['samples']} samples in {run['seconds']:.1f} s on {run['device']} ({run['images_per_s']:.3g} "
+            f"images/s{steady}{limit})")
+
+
 def _codec_chain(array: dict) -> list[str]:
     """An array's codecs inside its shards, without the plain ``bytes`` serialiser."""
     chain = "+".join(array["codecs"]).removeprefix("shard(").removesuffix(")").split("+")
@@ -684,7 +693,8 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
                  ("compression", _kv_codecs(s["arrays"], a.get("storage", {}).get("codec"))),
                  ("size", f"{_bytes(s['disk_bytes'])} on disk, {_bytes(s['raw_bytes'])} raw "
                           f"({s['disk_bytes'] / max(1, s['raw_bytes']):.2f}x), "
-                          f"{_bytes(s['disk_bytes'] / max(1, s['n_samples']))} per sample")]:
+                          f"{_bytes(s['disk_bytes'] / max(1, s['n_samples']))} per sample"),
+                 *([("last run", _last_run_line(a["last_run"]))] if a.get("last_run") else [])]:
         head.add_row(f"[bold]{k}", str(v))
     if bb["random_init"]:
         head.add_row("[bold red]warning", "[red]random-init LPM: no pre-trained knowledge")

@@ -54,17 +54,16 @@ class ExtractResult:
     waited_for_writers_s: float | None = None
 
     def limit(self) -> tuple[str, float] | None:
-        """What limited the run, with the share of its time the loop waited for it: ``decoding`` or ``writing``
-        when the loop waited for that stage half of the run or more, else ``model`` (the loop was busy issuing
-        the LPM's work, or the device was); None without the figures."""
+        """What limited the run most, with its share of the run: ``decoding`` or ``writing`` (the loop waited for
+        that stage) or ``model`` (the rest: the loop was issuing the LPM's work, or waiting for the device);
+        None without the figures."""
         if self.waited_for_decoding_s is None or self.waited_for_writers_s is None or self.seconds <= 0:
             return None
         shares = {"decoding": self.waited_for_decoding_s / self.seconds,
                   "writing": self.waited_for_writers_s / self.seconds}
+        shares["model"] = 1 - sum(shares.values())
         stage = max(shares, key=shares.get)
-        if shares[stage] >= 0.5:
-            return stage, shares[stage]
-        return "model", 1 - sum(shares.values())
+        return stage, shares[stage]
 
 
 class LoopWaits:
@@ -225,6 +224,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
                 "waited_for_decoding_s": result.waited_for_decoding_s and round(result.waited_for_decoding_s, 3),
                 "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
+                "limited_by": (result.limit() or (None,))[0],
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
                 "write_threads": write_threads, "precision": cfg.precision,

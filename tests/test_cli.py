@@ -77,8 +77,10 @@ def test_inspect_shows_the_store(micro_store, monkeypatch):
     result = runner.invoke(app, ["inspect", str(micro_store)])
     assert result.exit_code == 0, result.output
     for text in ("schema version", "fpt_test_vit_micro_patch8", "k=13", "fp32 arithmetic", "16/16 samples", "keys",
-                 "crc32c", "--codec zstd-1: blosc(zstd-1,shuffle,512k) + crc32c"):
+                 "crc32c", "--codec zstd-1: blosc(zstd-1,shuffle,512k) + crc32c", "16 samples in", "on cpu"):
         assert text in result.output
+    limited_by = StoreReader(micro_store).attrs["last_run"]["limited_by"]
+    assert limited_by in ("decoding", "writing", "model") and f"limited by {limited_by}" in result.output
     assert "JPEG 2000 decoded reduced" not in result.output           # said only of a --j2k-decode reduced store
     as_json = runner.invoke(app, ["inspect", str(micro_store), "--json"])
     assert json.loads(as_json.output)["counts"]["train"] == {"benign": 4, "malignant": 4}

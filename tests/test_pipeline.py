@@ -482,6 +482,7 @@ def test_the_result_names_the_stage_the_loop_waited_for():
     assert result(6.0, 1.0).limit() == ("decoding", 0.6)
     assert result(1.0, 5.0).limit() == ("writing", 0.5)
     assert result(2.0, 1.0).limit() == ("model", 0.7)
+    assert result(4.0, 3.0).limit() == ("decoding", 0.4)                      # the largest share, not a majority
     assert ExtractResult("s", 8, 8, 10.0, 0.8, 0.0).limit() is None           # dask: not measured
 
 
