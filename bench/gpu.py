@@ -204,6 +204,7 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2),
                    "first_shard_s": result.first_shard_seconds and round(result.first_shard_seconds, 2),
                    "waited_for_decoding_s": round(result.waited_for_decoding_s, 2),
+                   "waited_for_device_s": round(result.waited_for_device_s, 2),
                    "waited_for_writers_s": round(result.waited_for_writers_s, 2),
                    "cpu_main_ms": round(1e3 * main / images, 2), "cpu_children_ms": round(1e3 * children / images, 2),
                    "cores_busy": round((main + children) / result.seconds, 1), "cores": os.cpu_count(),
@@ -326,7 +327,8 @@ def print_table(rows: list[dict], device: str) -> None:
         if "cores_busy" in r:
             note += f"; {r['cores_busy']} of {r['cores']} cores busy"
         if "waited_for_decoding_s" in r:
-            note += f"; waited {r['waited_for_decoding_s']} s decoding, {r['waited_for_writers_s']} s writers"
+            note += (f"; waited {r['waited_for_decoding_s']} s decoding, {r.get('waited_for_device_s')} s device, "
+                     f"{r['waited_for_writers_s']} s writers")
         if r.get("steady_images_per_s"):
             note += f"; steady {r['steady_images_per_s']} img/s"
         table.add_row(r["case"], str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),

@@ -49,13 +49,15 @@ class ExtractResult:
     # with fewer than 3 shards written
     steady_images_per_s: float | None = None
     first_shard_seconds: float | None = None    # from the start to the first finished shard (None: none written)
-    # seconds the loop waited for decoded batches and for a free shard writer (``LoopWaits``; None on dask)
+    # seconds the loop waited for decoded batches, for shards' copies from the device and for shard writers
+    # (``LoopWaits``; None on dask)
     waited_for_decoding_s: float | None = None
+    waited_for_device_s: float | None = None
     waited_for_writers_s: float | None = None
 
     def limit(self) -> tuple[str, float] | None:
         """What limited the run most, with its share of the run: ``decoding`` or ``writing`` (the loop waited for
-        that stage) or ``model`` (the rest: the loop was issuing the LPM's work, or waiting for the device);
+        that stage) or ``model`` (the rest: issuing the LPM's work and waiting for the device's results);
         None without the figures."""
         if self.waited_for_decoding_s is None or self.waited_for_writers_s is None or self.seconds <= 0:
             return None
@@ -68,12 +70,12 @@ class ExtractResult:
 
 class LoopWaits:
     """Where the extraction loop's thread waited, in seconds: for its next decoded batch (``decoding``: the decode
-    workers, or the decoding itself without workers) and for a free shard writer (``writing``: compressing and
-    writing, and the writers' wait for the shard's copies from the device). The rest of its time it issued work
-    to the device."""
+    workers, or the decoding itself without workers), for a submitted shard's copies from the device (``device``)
+    and then for its write (``writing``: compressing and writing) before it could hand out another. The rest of
+    its time it issued work to the device."""
 
     def __init__(self, now: Callable[[], float] = time.perf_counter):
-        self.now, self.decoding, self.writing = now, 0.0, 0.0
+        self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
 
     def batches(self, loader) -> Iterator:
         """``loader``'s items, the wait for each (and for the end) added to ``decoding``."""
@@ -214,8 +216,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
                                n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
                                first_shard_seconds=clock.marks[0][0] - start if clock.marks else None,
-                               **({"waited_for_decoding_s": waits.decoding, "waited_for_writers_s": waits.writing}
-                                  if scheduler is None else {}))
+                               **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
+                                   "waited_for_writers_s": waits.writing} if scheduler is None else {}))
         if skipped:
             result.skipped_report = str(writer.record_skipped(sorted(skipped)))
         if written:
@@ -223,6 +225,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
                 "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
                 "waited_for_decoding_s": result.waited_for_decoding_s and round(result.waited_for_decoding_s, 3),
+                "waited_for_device_s": result.waited_for_device_s and round(result.waited_for_device_s, 3),
                 "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
                 "limited_by": (result.limit() or (None,))[0],
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
@@ -395,9 +398,13 @@ class ShardBuffer:
         if self.ready is not None:
             self.ready.record()
 
-    def numpy(self) -> dict[str, np.ndarray]:
+    def copied(self) -> None:
+        """Wait until the device's copies into this shard are done (sleeping; at once on a CPU)."""
         if self.ready is not None:
             self.ready.synchronize()
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        self.copied()
         if not bool(self.finite):
             raise FptError(f"the LPM's output is not finite in shard {self.shard} (samples {self.rows.start}-"
                            f"{self.rows.stop - 1}): the backbone overflows its precision or the store's fp16; "
@@ -457,7 +464,7 @@ class ShardWriterPool:
         self.slots = HandoverSlots() if processes else None
         for _ in range(self.threads if processes else 0):       # start them now, while the LPM warms up
             self.processes.submit(os.getpid)
-        self.pending: deque[Future] = deque()
+        self.pending: deque[tuple[Future, ShardBuffer]] = deque()
         self.written = 0
 
     def __enter__(self) -> "ShardWriterPool":
@@ -465,10 +472,9 @@ class ShardWriterPool:
 
     def submit(self, shard: ShardBuffer) -> None:
         shard.seal()
-        with self.waits.waiting("writing"):
-            while len(self.pending) >= self.threads:
-                self._finish(self.pending.popleft())
-        self.pending.append(self.executor.submit(self._write, shard))
+        while len(self.pending) >= self.threads:
+            self._finish(*self.pending.popleft())
+        self.pending.append((self.executor.submit(self._write, shard), shard))
 
     def _write(self, shard: ShardBuffer) -> int:
         if self.processes is None:
@@ -479,8 +485,13 @@ class ShardWriterPool:
                                       shard.excluded).result()
         return len(shard.rows)
 
-    def _finish(self, future: Future) -> None:
-        self.written += future.result()
+    def _finish(self, future: Future, shard: ShardBuffer) -> None:
+        """Wait for a submitted shard: for its copies from the device (``waits.device``: a run whose GPU is the
+        slower side waits there), then for its write (``waits.writing``)."""
+        with self.waits.waiting("device"):
+            shard.copied()
+        with self.waits.waiting("writing"):
+            self.written += future.result()
         if self.progress:
             self.progress(self.written, self.total)
 
@@ -488,13 +499,12 @@ class ShardWriterPool:
         # Shards already computed are written even when the loop failed (a bad image, an interrupt): they are
         # whole and correct, and the re-run then has less to do. Only the first error is raised.
         try:
-            with self.waits.waiting("writing"):           # the last shards' writes: the run's tail
-                while self.pending:
-                    future = self.pending.popleft()
-                    if exc_type is None:
-                        self._finish(future)
-                    else:
-                        future.exception()
+            while self.pending:                               # the last shards: the run's tail
+                future, shard = self.pending.popleft()
+                if exc_type is None:
+                    self._finish(future, shard)
+                else:
+                    future.exception()
         finally:
             self.executor.shutdown(wait=True)
             if self.processes is not None:

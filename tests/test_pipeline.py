@@ -108,6 +108,9 @@ class WrongShapeShard:
     def seal(self):
         pass
 
+    def copied(self):
+        pass
+
     def numpy(self):
         return self.arrays
 
@@ -501,6 +504,40 @@ def test_an_extraction_counts_its_waits_for_decoding_and_for_writers(tmp_path, i
     result = extract(micro_config(image_folder, tmp_path / "s.zarr", workers=0, write_threads=1))
     assert result.waited_for_decoding_s >= 0.02 * result.n_written
     assert result.waited_for_writers_s >= 0.1           # the last shard's write, which nothing else overlaps
-    assert result.waited_for_decoding_s + result.waited_for_writers_s <= result.seconds
+    assert result.waited_for_device_s == pytest.approx(0, abs=0.05)    # a CPU's shards are copied at once
+    assert result.waited_for_decoding_s + result.waited_for_device_s + result.waited_for_writers_s <= result.seconds
     run_attrs = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
     assert run_attrs["waited_for_writers_s"] == round(result.waited_for_writers_s, 3)
+
+
+def test_the_writer_pool_counts_the_wait_for_a_shards_device_copies_apart_from_its_write():
+    """A run whose GPU is the slower side waits for the shards' copies, not for the writers: counted apart, so
+    that the verdict does not send the user to add writers."""
+    import time
+
+    from fpt.extract.run import LoopWaits, ShardWriterPool
+
+    class SlowCopies:          # a ShardBuffer whose copies from the device take 50 ms
+        def __init__(self, i):
+            self.shard, self.rows, self.excluded = i, range(2 * i, 2 * i + 2), []
+
+        def seal(self):
+            pass
+
+        def copied(self):
+            time.sleep(0.05)
+
+        def numpy(self):
+            self.copied()
+            return {}
+
+    class Writer:
+        def write_shard(self, shard, arrays, excluded):
+            pass
+
+    waits = LoopWaits()
+    with ShardWriterPool(Writer(), 1, None, 6, waits=waits) as pool:
+        for i in range(3):
+            pool.submit(SlowCopies(i))
+    assert pool.written == 6
+    assert waits.device >= 3 * 0.05                 # each shard waited for by the loop: two handed on, one drained
