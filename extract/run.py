@@ -110,6 +110,10 @@ class ShardClock:
         if self.progress:
             self.progress(done, total)
 
+    def first_shard_seconds(self, start: float) -> float | None:
+        """From ``start`` to the first finished shard (None: none finished)."""
+        return self.marks[0][0] - start if self.marks else None
+
     def steady_images_per_s(self) -> float | None:
         if len(self.marks) < 3:
             return None
@@ -215,7 +219,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
                                n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
-                               first_shard_seconds=clock.marks[0][0] - start if clock.marks else None,
+                               first_shard_seconds=clock.first_shard_seconds(start),
                                **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
                                    "waited_for_writers_s": waits.writing} if scheduler is None else {}))
         if skipped:
@@ -456,7 +460,7 @@ class ShardWriterPool:
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
                  processes: bool = False, waits: LoopWaits | None = None):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
-        self.waits = waits or LoopWaits()               # the caller's wait for a free writer goes to ``writing``
+        self.waits = waits or LoopWaits()               # where the caller waited for a shard: device, writing
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
         # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
         self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"))
