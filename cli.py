@@ -140,7 +140,9 @@ Precision = Annotated[Optional[str], option("The LPM's arithmetic: fp16, bf16 or
                                             default="auto")]
 Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossless): zstd-1 (fast and small), "
                                         "zstd-3 (~2% larger, ~3x slower to write), zstd-5 (~1% smaller, ~9x "
-                                        "slower) or lz4 (fastest, ~5% larger).", OUTPUT,
+                                        "slower), lz4 (~5% larger) or none (checksummed, not compressed: half the "
+                                        "writers' CPU or less, ~1.2x larger; for hosts whose CPUs limit "
+                                        "extraction).", OUTPUT,
                                         default=fpt_config.DEFAULT_CODEC)]
 Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
 
@@ -234,7 +236,7 @@ LIMIT_LINES = {   # ExtractResult.limit() -> what the user reads
     "decoding": "decoding limited this run: the loop waited {share:.0%} of it for images (more --workers or cores "
                 "help; for JPEG 2000 DICOMs also --j2k-decode reduced)",
     "writing": "writing limited this run: the loop waited {share:.0%} of it for the shard writers (more "
-               "--write-threads or cores help)",
+               "--write-threads or cores help, or --codec none: half the writers' CPU for a ~1.2x larger store)",
     "model": "the model limited this run: the loop was issuing the LPM's work (or waiting for the device) "
              "{share:.0%} of it",
 }

@@ -174,8 +174,10 @@ def png_tree(res: int, n: int) -> Path:
     return tree
 
 
-def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: int) -> dict[str, Any]:
-    """End to end from PNG files to bytes on disk, one side."""
+def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: int, codec: str | None = None
+             ) -> dict[str, Any]:
+    """End to end from PNG files to bytes on disk, one side; ``codec``: ``fpt extract --codec`` (None: its
+    default)."""
     import torch
 
     device = _device()
@@ -195,7 +197,7 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                 _free_lpm()
             cfg = extract_config(None, tree, out=str(out), backbone=model, random_init=True, res=res,
                                  batch_size=batch, device=device.type, mean=MEAN, std=STD, workers=workers,
-                                 writers=writers, overwrite=True)
+                                 writers=writers, overwrite=True, **({"codec": codec} if codec else {}))
             load_lpm(cfg, device)           # built before the CPU clocks start, as the timing leaves it out
             cpu_before = cpu_seconds()
             result = extract(cfg)
@@ -331,7 +333,8 @@ def print_table(rows: list[dict], device: str) -> None:
                      f"{r['waited_for_writers_s']} s writers")
         if r.get("steady_images_per_s"):
             note += f"; steady {r['steady_images_per_s']} img/s"
-        table.add_row(r["case"], str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
+        case = r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")
+        table.add_row(case, str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
                       str(r.get("peak_mb", "-")), ratios, note)
     Console(width=140).print(table)
 
@@ -349,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per child process [default: torch's own on CUDA, 1 on CPU (see bench/README.md: "
                         "with 2 threads on a shared 2-core box every parallel region waits for a descheduled partner)]")
+    p.add_argument("--codecs", nargs="+", default=[None],
+                   help="fpt extract --codec of the fpt_extract and host_* cases, each a row [default: its default]")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-train", action="store_true", help="skip the training table (fpt.bench.train_speed)")
     args = p.parse_args(argv)
@@ -378,10 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     batch_at = dict(steps)
     for res, images in e2e:
         for case in (c for c in E2E_CASES if c in args.cases):
-            rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
-                                   "batch": batch_at.get(res, 8), "workers": workers, "threads": threads},
-                                  args.timeout))
-            print(json.dumps(rows[-1]), flush=True)
+            for codec in (args.codecs if case != "official_script" else [None]):
+                rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
+                                       "batch": batch_at.get(res, 8), "workers": workers, "threads": threads,
+                                       **({"codec": codec} if codec else {})}, args.timeout))
+                print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
     training = [] if args.no_train else train_rows(kind)
     out = write_results(f"gpu-{kind}-{model}", "fpt.bench.gpu", device=device, model=model, rows=rows,

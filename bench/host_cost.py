@@ -9,7 +9,7 @@ are processes. ``main_copy_ms``: the extraction loop's own CPU op per batch on C
 ``fpt extract`` runs it, and with torch's default team for this machine (``main_copy_ms_default_threads``,
 the OpenMP team's spinning after each copy included).
 
-    python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 zstd-3 --cores 16
+    python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 none --cores 16
 
 The model's output is computed once per res (random init, 2 demo images tiled to a shard); the write is timed on a
 fresh store per codec, median of ``--reps``. One torch/zarr process, so the CPU time includes zarr's codec threads.
@@ -80,8 +80,9 @@ def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
         slots.close()
 
 
-def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> float:
-    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``."""
+def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> tuple[float, float]:
+    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``, and
+    the bytes per image its sample arrays take on disk (chunks, shard indices, checksums)."""
     from fpt.store import Geometry, StoreWriter
 
     per, layers, heads, k, head_dim = shard["keys"].shape
@@ -101,7 +102,14 @@ def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -
             for s in range(shards):
                 writer.write_shard(s, shard)
             times.append((time.process_time() - start) / n)
-    return statistics.median(times) * 1000
+        disk = sum(f.stat().st_size for name in shard for f in (Path(tmp) / "s.zarr" / name).rglob("*")
+                   if f.is_file() and f.name != "zarr.json")
+    return statistics.median(times) * 1000, disk / n
+
+
+def official_bytes(shard: dict[str, np.ndarray]) -> int:
+    """Bytes per image of the official layout: fp32 K and V (the reference of the store's size goal)."""
+    return (shard["keys"][0].size + shard["values"][0].size) * 4
 
 
 def main_copy_ms(images: np.ndarray, threads: int, batches: int = 25, pause_s: float = 0.02) -> float:
@@ -132,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--res", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--image-res", type=int, default=256)
-    p.add_argument("--codecs", nargs="+", default=["zstd-1", "zstd-3"])
+    p.add_argument("--codecs", nargs="+", default=["zstd-1", "none"])
     p.add_argument("--cores", type=int, default=16, help="the host to size for (the H100 machine has 16)")
     p.add_argument("--shards", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
@@ -146,14 +154,15 @@ def main(argv: list[str] | None = None) -> None:
         handover, handover_fresh = handover_ms(shard, max(args.reps, 5))
         main_copy = {n: main_copy_ms(shard["images"], n) for n in (1, default_threads)}
         for codec in args.codecs:
-            write = write_ms(shard, codec, args.shards, args.reps)
+            write, disk = write_ms(shard, codec, args.shards, args.reps)
             rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
                          "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
                          "samples_per_shard": len(shard["keys"]), "handover_ms": round(handover, 2),
                          "handover_fresh_ms": round(handover_fresh, 2),
                          "main_copy_ms": round(main_copy[1], 3), "intra_op_threads_default": default_threads,
                          "main_copy_ms_default_threads": round(main_copy[default_threads], 3),
-                         "write_ms": round(write, 1), "cores": args.cores,
+                         "write_ms": round(write, 1), "disk_mb_per_image": round(disk / 1e6, 3),
+                         "disk_vs_official": round(disk / official_bytes(shard), 3), "cores": args.cores,
                          "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + handover + write)),
                          "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + handover + write))})
             print(rows[-1], flush=True)

@@ -28,17 +28,19 @@ mkdir -p /tmp/fpt-pkg && ln -sfn "$PWD" /tmp/fpt-pkg/fpt      # the repository r
 export PYTHONPATH=/tmp/fpt-pkg${PYTHONPATH:+:$PYTHONPATH}
 
 if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes on 2 cores
-  GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --no-train"
+  GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --codecs zstd-1 none --no-train"
   TRAIN_ARGS="--small --parts train,loop,step"
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
-  HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 --shards 1 --reps 1"
+  HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
 else
   # what the third lease (2026-11-27) left open first: fpt extract end to end with the main process's CPU
-  # fixes (and where the host's CPU goes: cpu_main_ms / cpu_children_ms / cores_busy), the CUDA tests of those
-  # fixes, the GPU host's CPU budget at 1024, then fpt train's epochs; the 12-run sweep is bench-sweep
-  GPU_ARGS="--cases plain lpm fpt_extract official_script host_processes --res 512:32 1024:8 --e2e 512:1024 1024:256 --timeout 120 --no-train"
+  # fixes (and where the host's CPU goes: cpu_main_ms / cpu_children_ms / cores_busy), with the default codec and
+  # without compression (--codec none: half the writers' CPU), the CUDA tests of those fixes, the GPU host's CPU
+  # budget at 1024, then fpt train's epochs; the 12-run sweep is bench-sweep. host_processes (the pipeline
+  # without the LPM) was measured by lease 3; the 4th bench-gpu run of lease 3 ended at its time limit there.
+  GPU_ARGS="--cases plain lpm fpt_extract official_script --res 512:32 1024:8 --e2e 512:1024 1024:256 --codecs zstd-1 none --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,loop"
-  HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 --reps 2 --cores $(nproc)"    # this host's cores: what they feed
+  HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi

@@ -157,16 +157,21 @@ def choose_samples_per_shard(bytes_per_sample: int, target_bytes: int = 64 << 20
 # ViT-B store at 0.426-0.435x the official fp32 files (goal <= 0.45x) and encodes 2.4-3x faster than zstd-3 + bit
 # shuffle with automatic blocks (0.434-0.445x, the earlier default; stores written before this change under the
 # name zstd-1 used bit shuffle and automatic blocks: each array's zarr.json says what it holds). zstd-5 is the
-# smallest and slowest, lz4 the fastest and largest.
-CODECS = {"zstd-1": ("zstd", 1, "shuffle", 512 << 10), "zstd-3": ("zstd", 3, "bitshuffle", 0),
-          "zstd-5": ("zstd", 5, "shuffle", 0), "lz4": ("lz4", 5, "bitshuffle", 0)}
+# smallest and slowest, lz4 the fastest and largest of the compressed ones. ``none`` (None) stores the bytes as they
+# are, checksummed: fp16 K/V compress only to ~0.85 of their size, so on a host whose CPUs limit extraction it
+# halves the writers' CPU per image for a store ~1.2x larger (0.52x the official files; bench/README.md figure 7).
+CODECS: dict[str, tuple[str, int, str, int] | None] = {
+    "zstd-1": ("zstd", 1, "shuffle", 512 << 10), "zstd-3": ("zstd", 3, "bitshuffle", 0),
+    "zstd-5": ("zstd", 5, "shuffle", 0), "lz4": ("lz4", 5, "bitshuffle", 0), "none": None}
 DEFAULT_CODEC = "zstd-1"
 
 
 def compressors(codec: str = DEFAULT_CODEC) -> list:
-    """Blosc with the ``codec``'s compressor, level and shuffle, then a crc32c checksum on every chunk (shard
-    indices carry one too)."""
+    """Blosc with the ``codec``'s compressor, level and shuffle (none for ``none``), then a crc32c checksum on
+    every chunk (shard indices carry one too)."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if CODECS[codec] is None:
+        return [Crc32cCodec()]
     cname, level, shuffle, blocksize = CODECS[codec]
     return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle, blocksize=blocksize), Crc32cCodec()]

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from fpt import cli
 from fpt.cli import app
 from fpt.store import StoreReader
@@ -84,6 +86,25 @@ def test_inspect_shows_the_store(micro_store, monkeypatch):
     assert "JPEG 2000 decoded reduced" not in result.output           # said only of a --j2k-decode reduced store
     as_json = runner.invoke(app, ["inspect", str(micro_store), "--json"])
     assert json.loads(as_json.output)["counts"]["train"] == {"benign": 4, "malignant": 4}
+
+
+def test_codec_none_stores_the_same_features_uncompressed(tmp_path, image_folder, monkeypatch):
+    """``--codec none``: the same extraction as the default codec's store, sample for sample, with chunks of the
+    raw bytes (each checksummed), and inspect names it."""
+    out, compressed = tmp_path / "raw.zarr", tmp_path / "default.zarr"
+    for path, codec in ((out, ["--codec", "none"]), (compressed, [])):
+        result = runner.invoke(app, ["extract", "--data", str(image_folder), *MICRO_ARGS, "--out", str(path), *codec])
+        assert result.exit_code == 0, result.output
+    names = ("keys", "values", "indices", "cls", "images")
+    raw, default = StoreReader(out), StoreReader(compressed)
+    n = raw.geometry.n_samples
+    for name, got in raw.read(range(n), names).items():
+        np.testing.assert_array_equal(got, default.read(range(n), names)[name])
+    assert out.joinpath("keys", "zarr.json").read_text().count('"blosc"') == 0
+    keys_bytes = sum(f.stat().st_size for f in (out / "keys").rglob("*") if f.name != "zarr.json")
+    assert keys_bytes >= raw.group["keys"].nbytes                    # nothing compressed: every byte is there
+    monkeypatch.setattr(cli.console, "width", 160)
+    assert "--codec none: crc32c" in runner.invoke(app, ["inspect", str(out)]).output
 
 
 def test_demo_shows_fpt_plus_reading_what_the_side_network_cannot_see(tmp_path):

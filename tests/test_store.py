@@ -45,6 +45,11 @@ def test_every_codec_is_lossless_and_recorded_in_the_arrays_metadata(tmp_path, c
         if name != "labels":
             np.testing.assert_array_equal(got, np.concatenate([written[s][name] for s in range(3)]))
     inner = json.loads((tmp_path / "s.zarr" / "keys" / "zarr.json").read_text())["codecs"][0]["configuration"]
+    names = [c["name"] for c in inner["codecs"]]
+    assert names[-1] == "crc32c"                                 # every chunk checksummed, compressed or not
+    if CODECS[codec] is None:                                    # --codec none: the bytes as they are
+        assert names == ["bytes", "crc32c"]
+        return
     blosc = next(c["configuration"] for c in inner["codecs"] if c["name"] == "blosc")
     cname, level, shuffle, blocksize = CODECS[codec]
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"], blosc["blocksize"]) == (cname, level, shuffle,
@@ -176,9 +181,12 @@ def test_chunks_equal_to_the_fill_value_are_still_written(tmp_path):
     assert list(verify(path, ("images",)).damaged) == [3, 4, 5]
 
 
-def test_corrupted_chunk_is_detected_by_checksum(tmp_path):
+@pytest.mark.parametrize("codec", ["zstd-1", "none"])
+def test_corrupted_chunk_is_detected_by_checksum(tmp_path, codec):
+    """A flipped byte fails the chunk's crc32c, compressed or not (--codec none stores the bytes as they are:
+    only the checksum can tell)."""
     path = tmp_path / "s.zarr"
-    w = open_writer(path)
+    w = open_writer(path, codec=codec)
     w.write_shard(0, shard_arrays(3, 0))
     shard_file = path / "keys" / "c" / "0" / "0" / "0" / "0" / "0"
     data = bytearray(shard_file.read_bytes())
