@@ -4,10 +4,11 @@ as a tensor, the collate), of handing a shard to a writer process (the main proc
 hand-over file, ``fpt.store.shared.HandoverSlots``; ``handover_fresh_ms``: into a new file per shard, as before
 the slots were reused) and of what a writer does (``StoreWriter.write_shard`` of the LPM's real output, in
 shards of the size ``fpt extract`` chooses, per ``--codec``), and the images/s that ``--cores`` cores could
-sustain with nothing else running: cores / (decode + hand-over + write), as on a GPU machine, where the writers
-are processes. ``main_copy_ms``: the extraction loop's own CPU op per batch on CUDA, on one intra-op thread as
-``fpt extract`` runs it, and with torch's default team for this machine (``main_copy_ms_default_threads``,
-the OpenMP team's spinning after each copy included).
+sustain with nothing else running: cores / (decode + write), as on a GPU machine, where the writers are
+processes and the device copies each shard straight into its hand-over file (``handover_ms`` is the copy that
+takes where the driver refuses to page-lock those files, and took before). ``main_copy_ms``: the extraction
+loop's own CPU op per batch on CUDA, on one intra-op thread as ``fpt extract`` runs it, and with torch's default
+team for this machine (``main_copy_ms_default_threads``, the OpenMP team's spinning after each copy included).
 
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 none --cores 16
 
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                          "main_copy_ms_default_threads": round(main_copy[default_threads], 3),
                          "write_ms": round(write, 1), "disk_mb_per_image": round(disk / 1e6, 3),
                          "disk_vs_official": round(disk / official_bytes(shard), 3), "cores": args.cores,
-                         "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + handover + write)),
-                         "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + handover + write))})
+                         "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + write)),
+                         "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + write))})
             print(rows[-1], flush=True)
     out = write_results(f"host_cost-{args.model}", "fpt.bench.host_cost", model=args.model, rows=rows,
                         command=command_line("fpt.bench.host_cost"))

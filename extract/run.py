@@ -29,8 +29,8 @@ from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
 from fpt.extract.images import prepare_image
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
-from fpt.store import (SAMPLE_ARRAYS, SPLITS, Geometry, HandoverSlots, StoreLocation, StoreLock, StoreReader,
-                       StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, write_shared_shard)
+from fpt.store import (SPLITS, Geometry, HandoverSlots, SharedSlot, Spec, StoreLocation, StoreLock, StoreReader,
+                       StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, plan, write_shared_shard)
 
 Progress = Callable[[int, int], None]
 
@@ -193,10 +193,10 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         pending = writer.pending_shards()
         write_threads = cfg.write_threads or default_write_threads(device)
         writers = writers_kind(cfg, device) if scheduler is None else "threads"
-        # shards waiting for their writer + the one being filled (per process on dask); with writer processes
-        # each shard being written is also in its hand-over file
+        # shards waiting for their writer + the one being filled (per process on dask); with writer processes they
+        # are filled in their hand-over files (unless the driver refuses to page-lock those: see ShardWriterPool)
         g = writer.geometry
-        buffers = write_threads + 1 + (write_threads if writers == "processes" else 0)
+        buffers = write_threads + 1
         host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -306,11 +306,11 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     total, skipped = len(refs), []
     with (intra_op_threads(1 if device.type == "cuda" else None),
           ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
-                          writers_kind(cfg, device) == "processes", waits) as pool):
+                          writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda") as pool):
         shard: ShardBuffer | None = None
         for batch, (high, low, errors) in zip(batches, waits.batches(loader)):
             if shard is None:
-                shard = ShardBuffer(geometry, batch.shard, pinned=device.type == "cuda")
+                shard = pool.buffer(batch.shard)
             for pos, message in errors.items():
                 index = batch.indices[pos]
                 skipped.append((index, source.samples[index].id, message))
@@ -375,12 +375,18 @@ class ShardBuffer:
     """One shard's sample arrays, filled batch by batch: host tensors (pinned on CUDA, so the device-to-host
     copies are asynchronous) in the store's shapes and dtypes. Whether every stored feature is finite is tracked
     on the device and read with the arrays: a backbone whose activations overflow the precision (or the fp16 of
-    the store) is stopped before its shard is written."""
+    the store) is stopped before its shard is written.
 
-    def __init__(self, geometry: Geometry, shard: int, pinned: bool):
-        self.shard, self.rows = shard, geometry.shard_range(shard)
-        self.arrays = {name: torch.empty((len(self.rows), *shape), dtype=getattr(torch, dtype), pin_memory=pinned)
-                       for name, (shape, dtype) in geometry.sample_shapes().items() if name in SAMPLE_ARRAYS}
+    ``slot``: fill a hand-over slot in place (``(slot, spec)``, the arrays at ``spec``'s places: page-locked on
+    CUDA), so that a writer process reads what the device copied there; else the buffer allocates its own."""
+
+    def __init__(self, geometry: Geometry, shard: int, pinned: bool, slot: tuple[SharedSlot, Spec] | None = None):
+        self.shard, self.rows, self.slot = shard, geometry.shard_range(shard), slot
+        if slot is None:
+            self.arrays = {name: torch.empty(shape, dtype=getattr(torch, dtype), pin_memory=pinned)
+                           for name, (shape, dtype) in geometry.shard_shapes(shard).items()}
+        else:
+            self.arrays = {name: torch.from_numpy(a) for name, a in slot[0].views(slot[1]).items()}
         self.excluded: list[int] = []
         # blocking: a writer thread waiting for this shard's copies sleeps (the default event makes it spin a core
         # for up to a batch's GPU time, CPU the decode workers and writer processes need)
@@ -408,6 +414,7 @@ class ShardBuffer:
             self.ready.synchronize()
 
     def numpy(self) -> dict[str, np.ndarray]:
+        """The arrays, once the device's copies are done and the features checked finite."""
         self.copied()
         if not bool(self.finite):
             raise FptError(f"the LPM's output is not finite in shard {self.shard} (samples {self.rows.start}-"
@@ -415,6 +422,33 @@ class ShardBuffer:
                            "re-run with --precision bf16 or fp32 and --overwrite (precision is part of the "
                            "store's identity)")
         return {name: t.numpy() for name, t in self.arrays.items()}
+
+
+CUDA_HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: page-locked for every CUDA context, not only one
+
+
+def page_lock(memory: np.ndarray) -> bool:
+    """Page-lock host ``memory`` for CUDA as pinned memory is (``cudaHostRegister``), so that device-to-host
+    copies into it run asynchronously; False where the driver refuses. On a thread of its own: a failed call
+    leaves its error as the CUDA runtime's last error of the calling thread, which torch would report at that
+    thread's next kernel launch."""
+    def register() -> bool:
+        return int(torch.cuda.cudart().cudaHostRegister(memory.ctypes.data, memory.nbytes,
+                                                        CUDA_HOST_REGISTER_PORTABLE)) == 0
+    try:
+        return _on_own_thread(register)
+    except Exception:          # noqa: BLE001 - no CUDA runtime here: the caller keeps memory of its own
+        return False
+
+
+def page_unlock(memory: np.ndarray) -> None:
+    """Undo ``page_lock`` (before the memory is unmapped)."""
+    _on_own_thread(lambda: torch.cuda.cudart().cudaHostUnregister(memory.ctypes.data))
+
+
+def _on_own_thread(fn: Callable[[], object]):
+    with ThreadPoolExecutor(1, thread_name_prefix="fpt-page-lock") as thread:
+        return thread.submit(fn).result()
 
 
 def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
@@ -455,17 +489,23 @@ class ShardWriterPool:
 
     ``processes``: each thread hands its shard to one of ``threads`` writer processes (``fpt.store.shared``), so
     that zarr's per-process event loop is not the limit, through hand-over files reused from shard to shard
-    (``HandoverSlots``: at most ``threads``); otherwise the threads write in this process."""
+    (``HandoverSlots``: at most ``threads`` + 1). ``buffer`` puts each shard in one of them, so the device's
+    copies land where the writer process reads (on CUDA the files are page-locked for that; where the driver
+    refuses, shards get buffers of their own and are copied into a file at the hand-over, as with threads);
+    otherwise the threads write in this process. ``pinned``: buffers in page-locked memory (CUDA)."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
-                 processes: bool = False, waits: LoopWaits | None = None):
+                 processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
         self.waits = waits or LoopWaits()               # where the caller waited for a shard: device, writing
+        self.pinned = pinned
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
         # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
         self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"))
                           if processes else None)
-        self.slots = HandoverSlots() if processes else None
+        self.slots = HandoverSlots(before_close=self._unlock) if processes else None
+        self._locked: set[str] = set()                  # page-locked slots (their paths)
+        self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
         for _ in range(self.threads if processes else 0):       # start them now, while the LPM warms up
             self.processes.submit(os.getpid)
         self.pending: deque[tuple[Future, ShardBuffer]] = deque()
@@ -473,6 +513,35 @@ class ShardWriterPool:
 
     def __enter__(self) -> "ShardWriterPool":
         return self
+
+    def buffer(self, shard: int) -> ShardBuffer:
+        """The buffer the device's output for ``shard`` goes to: in a hand-over slot with writer processes, else
+        (or once page-locking was refused) memory of its own."""
+        geometry = self.writer.geometry
+        if self.copy_at_handover:
+            return ShardBuffer(geometry, shard, self.pinned)
+        # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
+        slot = self.slots.take(plan(geometry.shard_shapes(0))[1])
+        if self.pinned and not self._lock(slot):
+            self.slots.give(slot)
+            self.copy_at_handover = True
+            warnings.warn("the CUDA driver did not page-lock the hand-over files, so each shard is copied once more "
+                          "on its way to a writer process (more host CPU and memory; extraction is otherwise "
+                          "unchanged)", RuntimeWarning, stacklevel=2)
+            return ShardBuffer(geometry, shard, self.pinned)
+        return ShardBuffer(geometry, shard, self.pinned, slot=(slot, plan(geometry.shard_shapes(shard))[0]))
+
+    def _lock(self, slot: SharedSlot) -> bool:
+        if slot.path not in self._locked:
+            if not page_lock(slot.memory):
+                return False
+            self._locked.add(slot.path)
+        return True
+
+    def _unlock(self, slot: SharedSlot) -> None:
+        if slot.path in self._locked:
+            self._locked.discard(slot.path)
+            page_unlock(slot.memory)
 
     def submit(self, shard: ShardBuffer) -> None:
         shard.seal()
@@ -483,11 +552,21 @@ class ShardWriterPool:
     def _write(self, shard: ShardBuffer) -> int:
         if self.processes is None:
             self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
+        elif shard.slot is not None:                    # filled in place: handed over as it is
+            slot, spec = shard.slot
+            try:
+                shard.numpy()
+                self._write_in_process(shard, slot.path, spec)
+            finally:
+                self.slots.give(slot)
         else:
             with self.slots.put(shard.numpy()) as (path, spec):
-                self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
-                                      shard.excluded).result()
+                self._write_in_process(shard, path, spec)
         return len(shard.rows)
+
+    def _write_in_process(self, shard: ShardBuffer, path: str, spec: Spec) -> None:
+        self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
+                              shard.excluded).result()
 
     def _finish(self, future: Future, shard: ShardBuffer) -> None:
         """Wait for a submitted shard: for its copies from the device (``waits.device``: a run whose GPU is the
@@ -515,6 +594,8 @@ class ShardWriterPool:
                 try:
                     self.processes.shutdown(wait=True)
                 finally:
+                    if self._locked:            # a shard left unfinished by an error may still be receiving copies
+                        torch.cuda.synchronize()
                     self.slots.close()
 
 

@@ -106,6 +106,13 @@ class Geometry:
             DONE: ((), "bool"),
         }
 
+    def shard_shapes(self, shard: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """[n, ...] shape and dtype of each per-sample array of ``shard`` (what ``StoreWriter.write_shard`` takes;
+        n = the shard's samples: shard 0 is the largest)."""
+        n = len(self.shard_range(shard))
+        return {name: ((n, *shape), dtype) for name, (shape, dtype) in self.sample_shapes().items()
+                if name in SAMPLE_ARRAYS}
+
     def bytes_per_sample(self) -> int:
         return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in self.sample_shapes().values())
 

@@ -8,8 +8,9 @@ proportional to the data). Measured on the dev box, about 2 ms per MB of K/V: on
 which is what ``fpt extract`` reached on an H100 machine (ViT-B: 111 images/s at 512, 33 at 1024, whatever the
 number of writer threads). Each writer process has its own event loop, so writes scale with the cores.
 
-Transport: the arrays are copied into a file under /dev/shm (the temporary directory where /dev/shm is missing or
-too small) that the other process maps read-only (``open_shared``): one memory copy on the way in, none on the way
+Transport: the arrays are in a file under /dev/shm (the temporary directory where /dev/shm is missing or too small)
+that the other process maps read-only (``open_shared``): copied into it (``SharedSlot.put``), or filled in place
+(``SharedSlot.views``: extraction's device copies land there, so a shard crosses without a copy); none on the way
 out, no pickling of arrays. ``SharedArrays`` is one such file for one hand-over (a sweep's splits), removed when
 its ``with`` block ends, also on errors. ``HandoverSlots`` keeps files and reuses them, for a stream of hand-overs
 (extraction's shards): a fresh file's pages are allocated and zeroed on first touch on both sides, which cost
@@ -20,13 +21,14 @@ and a writer process maps each slot once (``write_shared_shard``).
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import queue
 import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,11 +41,17 @@ ALIGN = 64
 
 def layout(arrays: Mapping[str, np.ndarray]) -> tuple[Spec, int]:
     """Where each array goes in a hand-over file (64-byte aligned, in order) and the file's size."""
+    return plan({name: (a.shape, a.dtype) for name, a in arrays.items()})
+
+
+def plan(shapes: Mapping[str, tuple[Sequence[int], np.dtype | str]]) -> tuple[Spec, int]:
+    """``layout`` of arrays of these (shape, dtype), before they exist (to fill them in place, ``SharedSlot.views``)."""
     spec: Spec = {}
     size = 0
-    for name, a in arrays.items():
-        spec[name] = (size, tuple(a.shape), a.dtype.str)
-        size += -(-a.nbytes // ALIGN) * ALIGN
+    for name, (shape, dtype) in shapes.items():
+        dtype = np.dtype(dtype)
+        spec[name] = (size, tuple(shape), dtype.str)
+        size += -(-int(np.prod(shape)) * dtype.itemsize // ALIGN) * ALIGN
     return spec, size
 
 
@@ -53,7 +61,7 @@ class SharedSlot:
     reader is done. ``close`` removes the file."""
 
     def __init__(self, size: int):
-        self.size = max(size, 1)
+        self.size = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE      # whole pages (e.g. to page-lock)
         remove_stale()
         fd, self.path = tempfile.mkstemp(prefix=f"fpt-shared-{os.getpid()}-", dir=handover_folder(self.size))
         try:
@@ -66,12 +74,23 @@ class SharedSlot:
             os.close(fd)
 
     def put(self, arrays: Mapping[str, np.ndarray]) -> tuple[str, Spec]:
-        spec, size = layout(arrays)
-        if size > self.size:
-            raise ValueError(f"{size} bytes do not fit a hand-over slot of {self.size}")
-        for name, a in arrays.items():
-            np.copyto(_view(self._memory, *spec[name]), a)
+        spec = layout(arrays)[0]
+        for name, view in self.views(spec).items():
+            np.copyto(view, arrays[name])
         return self.path, spec
+
+    def views(self, spec: Spec) -> dict[str, np.ndarray]:
+        """Writable arrays over this slot's memory where ``spec`` (``plan``) puts them: filled in place, they are
+        handed over as ``(slot.path, spec)`` with no copy."""
+        if max((offset + int(np.prod(shape)) * np.dtype(dtype).itemsize for offset, shape, dtype in spec.values()),
+               default=0) > self.size:
+            raise ValueError(f"the arrays do not fit a hand-over slot of {self.size} bytes")
+        return {name: _view(self._memory, *s) for name, s in spec.items()}
+
+    @property
+    def memory(self) -> np.ndarray:
+        """The whole mapping (uint8 [size]), e.g. to page-lock it for a device's copies."""
+        return self._memory
 
     def close(self) -> None:
         self._memory = None
@@ -99,18 +118,29 @@ class SharedArrays(SharedSlot):
 
 
 class HandoverSlots:
-    """Hand-over files reused from one hand-over to the next (thread-safe): ``with slots.put(arrays) as (path,
-    spec):`` fills a free slot (a new one when none is free or the free one is too small) and frees it when the
-    block ends, so there are never more slots than hand-overs at once. ``close`` removes every file."""
+    """Hand-over files reused from one hand-over to the next (thread-safe). ``with slots.put(arrays) as (path,
+    spec):`` fills a free slot and frees it when the block ends; ``take(size)`` lends a slot to fill in place
+    (``SharedSlot.views``) until ``give(slot)``. A new slot is made when none is free (or the free one is too
+    small: it is removed), so there are never more slots than hand-overs at once. ``close`` removes every file;
+    ``before_close(slot)`` runs for each slot just before its file is unmapped and removed (e.g. to undo a
+    page-lock)."""
 
-    def __init__(self):
+    def __init__(self, before_close: Callable[[SharedSlot], None] | None = None):
         self._free: queue.SimpleQueue[SharedSlot] = queue.SimpleQueue()
         self._all: list[SharedSlot] = []
         self._lock = threading.Lock()
+        self._before_close = before_close
 
     @contextmanager
     def put(self, arrays: Mapping[str, np.ndarray]) -> Iterator[tuple[str, Spec]]:
-        size = layout(arrays)[1]
+        slot = self.take(layout(arrays)[1])
+        try:
+            yield slot.put(arrays)
+        finally:
+            self.give(slot)
+
+    def take(self, size: int) -> SharedSlot:
+        """A slot of at least ``size`` bytes, the caller's until ``give``."""
         try:
             slot = self._free.get_nowait()
         except queue.Empty:
@@ -122,20 +152,27 @@ class HandoverSlots:
             slot = SharedSlot(size)
             with self._lock:
                 self._all.append(slot)
-        try:
-            yield slot.put(arrays)
-        finally:
-            self._free.put(slot)
+        return slot
+
+    def give(self, slot: SharedSlot) -> None:
+        self._free.put(slot)
 
     def _remove(self, slot: SharedSlot) -> None:
         with self._lock:
             self._all.remove(slot)
-        slot.close()
+        self._close(slot)
 
     def close(self) -> None:
         with self._lock:
             slots, self._all = self._all, []
         for slot in slots:
+            self._close(slot)
+
+    def _close(self, slot: SharedSlot) -> None:
+        try:
+            if self._before_close:
+                self._before_close(slot)
+        finally:
             slot.close()
 
 
@@ -189,10 +226,11 @@ def open_shared(path: str, spec: Spec, memory: np.ndarray | None = None) -> dict
     return {name: _view(memory, *s) for name, s in spec.items()}
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _mapped(path: str, inode: int, size: int) -> np.memmap:
     # A writer process maps each slot once: mapping it again per shard would fault its pages in again. Keyed by
-    # inode and size too, so a new file under a reused name is never read through an old mapping.
+    # inode and size too, so a new file under a reused name is never read through an old mapping. Room for every
+    # slot of an extraction (at most its writers + 1, and fpt extract starts at most 16 writers).
     return np.memmap(path, np.uint8, "r")
 
 

@@ -86,21 +86,106 @@ def shared_files() -> set[str]:
     return {p.name for p in folder.glob("fpt-shared-*")}
 
 
-def test_writer_processes_give_the_serial_store(tmp_path, image_folder):
+def test_writer_processes_give_the_serial_store(tmp_path, image_folder, monkeypatch):
+    """Each shard is filled in its hand-over file, which the writer process reads: nothing is copied at the
+    hand-over, at most one file per writer plus the shard being filled, the serial store's bytes."""
+    from fpt.store import shared
+
+    def no_copy(self, arrays):
+        raise AssertionError("a shard was copied into its hand-over file")
+
+    taken, real_take = set(), shared.HandoverSlots.take
+
+    def take(self, size):
+        slot = real_take(self, size)
+        taken.add(slot.path)
+        return slot
+
     before = shared_files()
     serial, parallel = tmp_path / "serial.zarr", tmp_path / "parallel.zarr"
     extract(micro_config(image_folder, serial, samples_per_shard=2, write_threads=1))
+    monkeypatch.setattr(shared.SharedSlot, "put", no_copy)
+    monkeypatch.setattr(shared.HandoverSlots, "take", take)
     result = extract(micro_config(image_folder, parallel, samples_per_shard=2, write_threads=2, writers="processes"))
     assert result.n_written == 16
     assert_same_store(serial, parallel)
+    assert 1 <= len(taken) <= 2 + 1
     run = StoreReader(parallel).attrs["last_run"]
     shard_mb = 2 * StoreReader(parallel).geometry.bytes_per_sample() / 2**20
-    assert run["writers"] == "processes" and run["host_buffer_limit_mb"] == round((2 * 2 + 1) * shard_mb, 1)
+    assert run["writers"] == "processes" and run["host_buffer_limit_mb"] == round((2 + 1) * shard_mb, 1)
     assert shared_files() == before                        # every hand-over file removed
+
+
+def test_where_the_driver_refuses_to_page_lock_shards_are_copied_at_the_hand_over(tmp_path, monkeypatch):
+    """On CUDA the hand-over files are page-locked so the device copies into them asynchronously; where that is
+    refused (one warning), each shard gets memory of its own and is copied into a file when handed over."""
+    from fpt.extract import run
+
+    class Unpinned(run.ShardBuffer):          # this machine has no CUDA to pin memory with
+        def __init__(self, geometry, shard, pinned, slot=None):
+            super().__init__(geometry, shard, False, slot)
+
+    locked = []
+    monkeypatch.setattr(run, "ShardBuffer", Unpinned)
+    monkeypatch.setattr(run, "page_lock", lambda memory: locked.append(memory.nbytes) or False)
+    writer = open_writer(tmp_path / "s.zarr")
+    arrays = {s: shard_arrays(len(GEOM.shard_range(s)), seed=s) for s in range(GEOM.n_shards())}
+    before = shared_files()
+    with run.ShardWriterPool(writer, 2, None, GEOM.n_samples, processes=True, pinned=True) as pool:
+        for s in range(GEOM.n_shards()):
+            if s == 0:
+                with pytest.warns(RuntimeWarning, match="did not page-lock"):
+                    buffer = pool.buffer(s)
+            else:
+                buffer = pool.buffer(s)
+            assert buffer.slot is None
+            buffer.add(list(GEOM.shard_range(s)), {k: torch.from_numpy(v) for k, v in arrays[s].items()})
+            pool.submit(buffer)
+    assert len(locked) == 1 and pool.copy_at_handover
+    read = StoreReader(tmp_path / "s.zarr").read(range(GEOM.n_samples), ("keys", "images"))
+    for name in ("keys", "images"):
+        np.testing.assert_array_equal(read[name], np.concatenate([arrays[s][name] for s in arrays]), err_msg=name)
+    assert shared_files() == before
+
+
+def test_page_lock_says_no_without_a_cuda_device_and_leaves_the_caller_able_to_go_on():
+    from fpt.extract.run import page_lock
+
+    memory = np.zeros(1 << 16, np.uint8)
+    if torch.cuda.is_available():
+        pytest.skip("checks the refusal; the CUDA test of the hand-over files checks the lock")
+    assert page_lock(memory) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_device_copies_into_page_locked_hand_over_files(tmp_path, image_folder, monkeypatch):
+    """The shard buffers of writer processes are their page-locked hand-over files (no copy on the way, no
+    warning), and the store is the one writer threads make from the same device."""
+    import warnings
+
+    from fpt.extract import run
+
+    seen, real_init = [], run.ShardBuffer.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        seen.append((self.slot is not None, all(t.is_pinned() for t in self.arrays.values())))
+
+    monkeypatch.setattr(run.ShardBuffer, "__init__", spy)
+    options = dict(device="cuda", samples_per_shard=2, write_threads=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        extract(micro_config(image_folder, tmp_path / "p.zarr", writers="processes", **options))
+    assert not [w for w in caught if "page-lock" in str(w.message)]
+    assert seen and set(seen) == {(True, True)}
+    extract(micro_config(image_folder, tmp_path / "t.zarr", writers="threads", **options))
+    assert_same_store(tmp_path / "t.zarr", tmp_path / "p.zarr")
 
 
 class WrongShapeShard:
     """Stands in for a ShardBuffer whose keys have the wrong shape: its write fails in the writer process."""
+
+    slot = None
 
     def __init__(self, shard, arrays):
         self.shard, self.rows, self.excluded, self.arrays = shard, GEOM.shard_range(shard), [], arrays
@@ -331,7 +416,8 @@ def test_hand_over_slots_are_reused_grown_and_removed():
 
     before = shared_files()
     slots = HandoverSlots()
-    small, other, big = shard_arrays(2, seed=0), shard_arrays(2, seed=1), shard_arrays(3, seed=2)
+    small, other = shard_arrays(2, seed=0), shard_arrays(2, seed=1)
+    big = {**shard_arrays(3, seed=2), "more": np.ones(3 << 12, np.uint8)}     # past the small ones' pages
     with slots.put(small) as (first, spec):
         with slots.put(other) as (second, _):                   # two hand-overs at once: two files
             assert second != first
@@ -518,6 +604,8 @@ def test_the_writer_pool_counts_the_wait_for_a_shards_device_copies_apart_from_i
     from fpt.extract.run import LoopWaits, ShardWriterPool
 
     class SlowCopies:          # a ShardBuffer whose copies from the device take 50 ms
+        slot = None
+
         def __init__(self, i):
             self.shard, self.rows, self.excluded = i, range(2 * i, 2 * i + 2), []
 
