@@ -15,14 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from fpt import FptError
 from fpt.config import check_lpm_weights, resolve_device
 from fpt.extract.backbone import FrozenLPM, create_backbone
 from fpt.extract.encode import encode_batch, stack_pixels
-from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, prepare_image
+from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, low_res_copy, lpm_input
 from fpt.train.data import SideInput
 from fpt.train.loop import load_checkpoint
 
@@ -154,11 +153,10 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
     p = load_predictor(checkpoint, weights, random_init, device)
     rows = []
     for start in range(0, len(images), batch_size):
-        # as extraction prepares a sample: high [res, res, C] in [0, 255] (prepare_image), low uint8 [R, R, 3]
-        highs, lows = zip(*(prepare_image(p.decoding.load(path), p.res, p.image_res)
-                            for path in images[start:start + batch_size]))
-        high = stack_pixels([torch.from_numpy(h) for h in highs], torch.float32)     # [B, res, res, C]
-        low = torch.from_numpy(np.stack(lows)).to(p.device)                        # [B, R, R, 3]
+        # as extraction prepares a sample: the LPM's input, and on its device the low-res copy of it
+        high = stack_pixels([torch.from_numpy(lpm_input(p.decoding.load(path), p.res))
+                             for path in images[start:start + batch_size]], torch.float32).to(p.device)
+        low = low_res_copy(high, p.image_res)                                        # [B, R, R, 3]
         batch = {"images": low.permute(0, 3, 1, 2), **encode_batch(p.lpm, high, p.mean, p.std, p.precision)}
         probs = p.model.forward_batch(batch, partial(p.side_input, train=False)).float().softmax(-1).cpu()
         for path, row in zip(images[start:], probs.tolist()):

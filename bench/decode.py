@@ -1,7 +1,7 @@
 """Where image decoding becomes the limit of extraction: CPU time per image of what each DataLoader worker of
-``fpt extract`` does per sample (``DecodedImages``: ``load_image_file`` + ``prepare_image`` + the LPM input as a
-tensor in the dtype it travels in on CUDA, the batch's collate and its way into shared memory, timed in a
-DataLoader worker) for PNG originals of several
+``fpt extract`` does per sample (``DecodedImages``: ``load_image_file`` + ``lpm_input`` as a tensor in the dtype
+it travels in on CUDA, the batch's collate and its way into shared memory, timed in a DataLoader worker; the
+low-res copy is made on the device since 2026-11-27) for PNG originals of several
 sizes, a large JPEG (decoded at reduced scale through PIL's draft mode), and a mammogram-sized 16-bit DICOM in
 JPEG 2000 lossless (CMMD's kind; also with ``--j2k-decode reduced``, at the coarsest wavelet level that still
 covers the res) and uncompressed, and how many cores a given images/s needs.
@@ -114,15 +114,15 @@ class _WorkerTiming:
         times = []
         for _ in range(self.warmup + self.reps):
             start = time.process_time()
-            high, low, _ = self.images.collate([self.images[0]])
-            high.share_memory_(), low.share_memory_()     # what sending the batch does (nothing when already shared)
+            high, _ = self.images.collate([self.images[0]])
+            high.share_memory_()                          # what sending the batch does (nothing when already shared)
             times.append(time.process_time() - start)
         return statistics.median(times[self.warmup:]) * 1000
 
 
-def cpu_ms(path: Path, res: int, image_res: int, reps: int, reduced_j2k: bool = False) -> float:
+def cpu_ms(path: Path, res: int, reps: int, reduced_j2k: bool = False) -> float:
     """Median process CPU ms of what a decode worker of ``fpt extract`` on CUDA does for the sample ``path``:
-    decoding it (as fpt's file sources do: ``FileDecoding``), preparing both views, the LPM input as a tensor,
+    decoding it (as fpt's file sources do: ``FileDecoding``), the LPM input as a tensor,
     collating it and putting it in shared memory for the main process, timed inside a DataLoader worker."""
     import torch
     from torch.utils.data import DataLoader
@@ -130,7 +130,7 @@ def cpu_ms(path: Path, res: int, image_res: int, reps: int, reduced_j2k: bool = 
     from fpt.extract.images import FileDecoding
     from fpt.extract.run import DecodedImages
 
-    images = DecodedImages(FileDecoding(res, reduced_j2k), [path], res, image_res, "fail", torch.float16)
+    images = DecodedImages(FileDecoding(res, reduced_j2k), [path], res, "fail", torch.float16)
     return next(iter(DataLoader(_WorkerTiming(images, reps), batch_size=None, num_workers=1)))
 
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     cases += [(f"{name} (--j2k-decode reduced)", path, True) for name, path, _ in cases if "j2k" in name]
     for name, path, reduced_j2k in cases:
         for res in args.res:
-            ms = cpu_ms(path, res, args.image_res, args.reps, reduced_j2k)
+            ms = cpu_ms(path, res, args.reps, reduced_j2k)
             rows.append({"source": name, "res": res, "cpu_ms_per_image": round(ms, 1),
                          "images_per_s_per_core": round(1000 / ms, 1),
                          f"cores_for_{args.target:g}_per_s": round(args.target * ms / 1000, 1),

@@ -29,7 +29,7 @@ from PIL import Image
 
 from fpt.bench.common import command_line, write_results
 
-def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
+def decode_ms(res: int, colour: bool, reps: int) -> float:
     """CPU ms of a decode worker's work for one PNG of [res, res] (RGB, or grey as most medical PNGs are)."""
     from fpt.bench.decode import cpu_ms
     from fpt.extract.datasets import synthetic_texture_image
@@ -38,7 +38,7 @@ def decode_ms(res: int, image_res: int, colour: bool, reps: int) -> float:
         pixels = synthetic_texture_image(res, 1, [0, res])
         path = Path(tmp) / "image.png"
         Image.fromarray(pixels if colour else pixels[..., 0]).save(path)
-        return cpu_ms(path, res, image_res, reps)
+        return cpu_ms(path, res, reps)
 
 
 def lpm_shard(model: str, res: int, image_res: int) -> dict[str, np.ndarray]:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     rows = []
     for res in args.res:
-        decode = {kind: decode_ms(res, args.image_res, kind == "rgb", 5) for kind in ("rgb", "grey")}
+        decode = {kind: decode_ms(res, kind == "rgb", 5) for kind in ("rgb", "grey")}
         shard = lpm_shard(args.model, res, args.image_res)
         handover, handover_fresh = handover_ms(shard, max(args.reps, 5))
         main_copy = {n: main_copy_ms(shard["images"], n) for n in (1, default_threads)}

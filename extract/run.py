@@ -26,8 +26,8 @@ from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
-from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
-from fpt.extract.images import prepare_image
+from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
+from fpt.extract.images import low_res_copy, lpm_input
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.store import (SPLITS, Geometry, HandoverSlots, SharedSlot, Spec, StoreLocation, StoreLock, StoreReader,
                        StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, plan, write_shared_shard)
@@ -241,16 +241,17 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
 
 
 class DecodedImages(Dataset):
-    """Item i -> (high [res, res, C] in [0, 255], low uint8 [R, R, 3]), or the error message of an unreadable
-    source, so that a bad file in a DataLoader worker reaches the user as one clear line. ``high`` stays as the
-    source has it until the GPU: channels last as decoded (the GPU transposes for free what cost a worker ~1 ms
-    per 512 px RGB image), one channel for grey (C = 1), uint8 for 8-bit (a sixth of an fp16 RGB copy's bytes
-    for 8-bit grey through the workers' shared memory, pinning and the copy to the GPU, and no conversion in the
-    worker); a float (16-bit) source's is ``high_dtype``."""
+    """Item i -> the LPM's input high [res, res, C] in [0, 255] (``lpm_input``), or the error message of an
+    unreadable source, so that a bad file in a DataLoader worker reaches the user as one clear line. ``high`` stays
+    as the source has it until the LPM's device: channels last as decoded (the device transposes for free what cost
+    a worker ~1 ms per 512 px RGB image), one channel for grey (C = 1), uint8 for 8-bit (a sixth of an fp16 RGB
+    copy's bytes for 8-bit grey through the workers' shared memory, pinning and the copy to the GPU, and no
+    conversion in the worker); a float (16-bit) source's is ``high_dtype``. The low-res copy is made from it on
+    the device too (``low_res_copy``)."""
 
-    def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, image_res: int, on_error: str,
+    def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, on_error: str,
                  high_dtype: torch.dtype = torch.float32):
-        self.source, self.refs, self.res, self.image_res, self.on_error = source, refs, res, image_res, on_error
+        self.source, self.refs, self.res, self.on_error = source, refs, res, on_error
         self.high_dtype = high_dtype
 
     def __len__(self) -> int:
@@ -258,22 +259,19 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            high, low = prepare_image(self.source.load(self.refs[i]), self.res, self.image_res)
+            high = torch.from_numpy(lpm_input(self.source.load(self.refs[i]), self.res))
         except FptError as e:
             return str(e)
-        high = torch.from_numpy(high)
-        return high if high.dtype == torch.uint8 else high.to(self.high_dtype), torch.from_numpy(low)
+        return high if high.dtype == torch.uint8 else high.to(self.high_dtype)
 
-    def collate(self, items) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
-        """-> (high [B, res, res, C] (``stack_pixels``), low [B, R, R, 3], {position in batch: error});
-        unreadable items are zeros with ``on_error="skip"`` and raise with ``"fail"``."""
+    def collate(self, items) -> tuple[torch.Tensor, dict[int, str]]:
+        """-> (high [B, res, res, C] (``stack_pixels``), {position in batch: error}); unreadable items are zeros
+        with ``on_error="skip"`` and raise with ``"fail"``."""
         errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
         if errors and self.on_error != "skip":
             raise FptError(next(iter(errors.values())) + " (pass --on-error skip to skip unreadable files)")
-        blank = (torch.zeros(self.res, self.res, 1, dtype=torch.uint8),
-                 torch.zeros(self.image_res, self.image_res, 3, dtype=torch.uint8))
-        highs, lows = zip(*(blank if i in errors else item for i, item in enumerate(items)))
-        return stack_pixels(highs, self.high_dtype), stack_batch(lows), errors
+        blank = torch.zeros(self.res, self.res, 1, dtype=torch.uint8)
+        return stack_pixels([blank if i in errors else item for i, item in enumerate(items)], self.high_dtype), errors
 
 
 def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None,
@@ -285,8 +283,9 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     and copied to the device from pinned memory; the LPM runs asynchronously on CUDA; its outputs are copied
     back into the shard's pinned host buffers (``ShardBuffer``); a finished shard is encoded and written by
     writer threads (``cfg.write_threads``) while the next one is computed. At most ``write_threads`` shards wait
-    for writing, so host memory stays below (write_threads + 1) x the shard size (plus a hand-over file per shard
-    being written with writer processes). A batch that does not fit on the GPU is split in halves until it does.
+    for writing, so host memory stays below (write_threads + 1) x the shard size (with writer processes the
+    shards are filled in their hand-over files). A batch that does not fit on the GPU is split in halves until it
+    does.
     ``waits`` (a ``LoopWaits``) gets where the loop waited.
     """
     waits = waits or LoopWaits()
@@ -299,7 +298,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     batches = shard_batches(geometry, shards, batch_size)
     refs = [source.samples[i] for batch in batches for i in batch.indices]
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
-    images = DecodedImages(source, refs, cfg.res, cfg.image_res, cfg.on_error, pixel_dtype(cfg.precision, device))
+    images = DecodedImages(source, refs, cfg.res, cfg.on_error, pixel_dtype(cfg.precision, device))
     offsets = np.cumsum([0] + [len(b.indices) for b in batches])
     loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate)
@@ -308,14 +307,16 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
           ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
                           writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda") as pool):
         shard: ShardBuffer | None = None
-        for batch, (high, low, errors) in zip(batches, waits.batches(loader)):
+        for batch, (high, errors) in zip(batches, waits.batches(loader)):
             if shard is None:
                 shard = pool.buffer(batch.shard)
             for pos, message in errors.items():
                 index = batch.indices[pos]
                 skipped.append((index, source.samples[index].id, message))
                 shard.excluded.append(index)
-            shard.add(batch.indices, {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision), "images": low})
+            high = high.to(device, non_blocking=True)                           # [B, res, res, C]
+            shard.add(batch.indices, {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
+                                      "images": low_res_copy(high, cfg.image_res)})
             if batch.last_of_shard:
                 pool.submit(shard)
                 shard = None
@@ -633,13 +634,18 @@ def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progr
         return written, skipped
 
 
+# how the stored low-res copy is made (``low_res_copy``); stores from before it was recorded used PIL's BOX resize
+# (two 8-bit passes), which differs by a level here and there, so a resumed store never mixes the two
+LOW_RES_METHOD = "area"
+
+
 def store_attrs(cfg: ExtractConfig, source: ImageSource, backbone: dict, layers: list[int] | None, k: int | None,
                 dataset_warnings: list[str] = ()) -> dict:
     """The store's identity and description (``None`` layers/k: not known yet, left out)."""
     counts = Counter((s.split, s.label) for s in source.samples)
     extraction = {"res": cfg.res, "layers": layers, "token_ratio": cfg.token_ratio, "k": k,
                   "importance": cfg.importance, "dtype": "float16", "image_res": cfg.image_res,
-                  "precision": cfg.precision, "j2k_decode": cfg.j2k_decode}
+                  "precision": cfg.precision, "j2k_decode": cfg.j2k_decode, "low_res": LOW_RES_METHOD}
     return {
         "backbone": backbone,
         "extraction": {key: v for key, v in extraction.items() if v is not None},

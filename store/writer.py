@@ -24,8 +24,10 @@ IDENTITY_SECTIONS = ("extraction", "normalization", "dataset", "backbone")
 VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through the ids instead
 # identity keys that stores written before them lack, and what such a store holds: None = unknown (not compared;
 # the precision of then depended on the device), else the value it was written with (every store before
-# ``j2k_decode`` decoded JPEG 2000 in full), so that a resumed extraction never mixes two settings
-LATER_KEYS = {("extraction", "precision"): None, ("extraction", "j2k_decode"): "full"}
+# ``j2k_decode`` decoded JPEG 2000 in full, and every store before ``low_res`` made its low-res copies with PIL's
+# BOX resize), so that a resumed extraction never mixes two settings
+LATER_KEYS = {("extraction", "precision"): None, ("extraction", "j2k_decode"): "full",
+              ("extraction", "low_res"): "pil-box"}
 
 
 class StoreWriter:

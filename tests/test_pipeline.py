@@ -269,15 +269,16 @@ def test_pixels_travel_as_the_source_has_them_and_encode_to_the_same_features():
         def load(self, ref):
             return ref
 
-    images = DecodedImages(Source(), [rgb, grey, sixteen], 64, 16, "skip", torch.float16)
-    greys, _, _ = images.collate([images[1], "unreadable", images[1]])
+    images = DecodedImages(Source(), [rgb, grey, sixteen], 64, "skip", torch.float16)
+    greys, errors = images.collate([images[1], "unreadable", images[1]])
     assert greys.dtype == torch.uint8 and greys.shape == (3, 64, 64, 1) and not greys[1].any()
-    eight_bit, lows, _ = images.collate([images[0], images[1]])
+    assert errors == {1: "unreadable"}
+    eight_bit, _ = images.collate([images[0], images[1]])
     assert eight_bit.dtype == torch.uint8 and eight_bit.shape == (2, 64, 64, 3)
-    assert torch.equal(eight_bit[1], greys[0].expand(-1, -1, 3)) and lows.shape == (2, 16, 16, 3)
-    mixed, _, _ = images.collate([images[0], images[2]])
+    assert torch.equal(eight_bit[1], greys[0].expand(-1, -1, 3))
+    mixed, _ = images.collate([images[0], images[2]])
     assert mixed.dtype == torch.float16 and torch.equal(mixed[0], eight_bit[0].half())
-    assert images[2][0].dtype == torch.float16 and images[2][0].shape == (64, 64, 1)
+    assert images[2].dtype == torch.float16 and images[2].shape == (64, 64, 1)
 
     lpm = FrozenLPM(create_backbone(MICRO, 64, random_init=True)[0], [2, 3], 0.25)
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -310,18 +311,16 @@ def test_a_worker_collates_into_shared_memory_and_sends_the_same_batch(monkeypat
         def load(self, ref):
             return frames[ref]
 
-    images = DecodedImages(Source(), [0, 1, 2], 32, 8, "fail")
-    here = images.collate([images[i] for i in range(3)])
-    assert not here[0].is_shared()
+    images = DecodedImages(Source(), [0, 1, 2], 32, "fail")
+    here, _ = images.collate([images[i] for i in range(3)])
+    assert not here.is_shared()
     with monkeypatch.context() as m:
         m.setattr(encode, "get_worker_info", lambda: object())
-        items = [images[i] for i in range(3)]
-        high, low = encode.stack_batch([h for h, _ in items]), encode.stack_batch([lo for _, lo in items])
-        assert high.is_shared() and low.is_shared()
-        assert torch.equal(high, here[0]) and torch.equal(low, here[1])
+        high = encode.stack_batch([images[i] for i in range(3)])
+        assert high.is_shared() and torch.equal(high, here)
     loader = DataLoader(images, batch_size=3, num_workers=1, collate_fn=images.collate)
-    high, low, errors = next(iter(loader))
-    assert torch.equal(high, here[0]) and torch.equal(low, here[1]) and errors == {}
+    high, errors = next(iter(loader))
+    assert torch.equal(high, here) and errors == {}
 
 
 def test_all_finite_equals_the_elementwise_check():
@@ -498,6 +497,24 @@ def test_a_store_from_before_precision_was_recorded_is_still_resumed(tmp_path, i
     del extraction["precision"]                                # as fpt 0.1.0 before --precision wrote it
     group.attrs["extraction"] = extraction
     assert extract(micro_config(image_folder, store, samples_per_shard=4)).n_written == 0     # complete: no refusal
+
+
+def test_a_store_whose_low_res_copies_were_made_the_old_way_is_not_resumed_with_the_new(tmp_path, image_folder):
+    """Stores from before ``extraction.low_res`` made the copies with PIL's BOX resize: finishing one with the area
+    mean would mix two kinds of copies in one store, so it is refused, naming the setting."""
+    import zarr
+
+    from fpt import FptError
+
+    store = tmp_path / "s.zarr"
+    extract(micro_config(image_folder, store, samples_per_shard=4))
+    assert StoreReader(store).attrs["extraction"]["low_res"] == "area"
+    group = zarr.open_group(store, mode="r+")
+    extraction = dict(group.attrs["extraction"])
+    del extraction["low_res"]                                  # as written before the key existed
+    group.attrs["extraction"] = extraction
+    with pytest.raises(FptError, match="extraction.low_res: stored 'pil-box', requested 'area'"):
+        extract(micro_config(image_folder, store, samples_per_shard=4))
 
 
 def test_hand_over_files_of_dead_processes_are_removed(tmp_path, monkeypatch):

@@ -149,6 +149,45 @@ def test_image_files_load_as_their_straightforward_reading(tmp_path, mode, suffi
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("res, image_res", [(64, 16), (48, 16), (64, 64), (50, 20), (16, 24)])
+def test_low_res_copy_is_the_area_mean_rounded_once(res, image_res):
+    """``low_res_copy`` against a plain reference: for a res that is a multiple of image_res every pixel is the
+    mean of its block, rounded to 8 bits once (half to even); otherwise torch's area pooling (each pixel the mean
+    of the pixels it covers) or, upward, bicubic. Grey gives the RGB conversion's copy, float input its rounding."""
+    import torch.nn.functional as F
+
+    from fpt.extract.images import low_res_copy
+
+    rng = np.random.default_rng(res + image_res)
+    rgb = torch.from_numpy(rng.integers(0, 256, (2, res, res, 3), dtype=np.uint8))
+    low = low_res_copy(rgb, image_res)
+    assert low.dtype == torch.uint8 and low.shape == (2, image_res, image_res, 3)
+    x = rgb.numpy().astype(np.float64)
+    if res % image_res == 0:
+        f = res // image_res
+        want = np.round(x.reshape(2, image_res, f, image_res, f, 3).mean(axis=(2, 4)))
+    elif image_res < res:                    # adaptive bins: [floor(i * res / R), ceil((i + 1) * res / R))
+        edges = [(i * res // image_res, -(-(i + 1) * res // image_res)) for i in range(image_res)]
+        want = np.round(np.array([[x[:, a:b, c:d].mean(axis=(1, 2)) for c, d in edges] for a, b in edges]))
+        want = want.transpose(2, 0, 1, 3)
+    else:
+        want = F.interpolate(rgb.permute(0, 3, 1, 2).double(), size=(image_res, image_res), mode="bicubic",
+                             align_corners=False).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(low.numpy(), want)
+    grey = rgb[..., :1]
+    np.testing.assert_array_equal(low_res_copy(grey, image_res), low_res_copy(grey.expand(-1, -1, -1, 3), image_res))
+    np.testing.assert_array_equal(low_res_copy(rgb.float(), image_res), low)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_low_res_copy_on_the_gpu_equals_the_cpus():
+    from fpt.extract.images import low_res_copy
+
+    rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 512, 512, 3), dtype=np.uint8))
+    for image_res in (256, 128):
+        np.testing.assert_array_equal(low_res_copy(rgb.cuda(), image_res).cpu(), low_res_copy(rgb, image_res))
+
+
 def test_sixteen_bit_grey_keeps_precision_until_the_resize():
     from PIL import Image
 
