@@ -78,7 +78,7 @@ for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda host-cost bench
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
-                    tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py \
+                    tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py tests/test_train.py \
                     -k "cuda or gpu or peak" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
