@@ -280,13 +280,13 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     Returns (samples written, [(index, id, error)] of the unreadable sources skipped).
 
     A pipeline, every stage overlapping the others: images are decoded in DataLoader workers (``cfg.workers``)
-    and copied to the device from pinned memory; the LPM runs asynchronously on CUDA; its outputs are copied
-    back into the shard's pinned host buffers (``ShardBuffer``); a finished shard is encoded and written by
-    writer threads (``cfg.write_threads``) while the next one is computed. At most ``write_threads`` shards wait
-    for writing, so host memory stays below (write_threads + 1) x the shard size (with writer processes the
-    shards are filled in their hand-over files). A batch that does not fit on the GPU is split in halves until it
-    does.
-    ``waits`` (a ``LoopWaits``) gets where the loop waited.
+    and copied to the device from pinned memory; the LPM and the low-res copy run asynchronously on CUDA; their
+    outputs are copied back into the shard's page-locked host buffers (``ShardBuffer``: with writer processes,
+    the hand-over file the writer process reads); a finished shard is encoded and written by writer threads
+    (``cfg.write_threads``, each handing it to a writer process on CUDA) while the next one is computed. At most
+    ``write_threads`` shards wait for writing, so host memory stays below (write_threads + 1) x the shard size. A
+    batch that does not fit on the GPU is split in halves until it does. ``waits`` (a ``LoopWaits``) gets where
+    the loop waited.
     """
     waits = waits or LoopWaits()
     device = resolve_device(cfg.device)
