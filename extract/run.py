@@ -443,8 +443,11 @@ def page_lock(memory: np.ndarray) -> bool:
 
 
 def page_unlock(memory: np.ndarray) -> None:
-    """Undo ``page_lock`` (before the memory is unmapped)."""
-    _on_own_thread(lambda: torch.cuda.cudart().cudaHostUnregister(memory.ctypes.data))
+    """Undo ``page_lock`` (before the memory is unmapped). A failure is ignored: the lock ends with the process."""
+    try:
+        _on_own_thread(lambda: torch.cuda.cudart().cudaHostUnregister(memory.ctypes.data))
+    except Exception:          # noqa: BLE001 - e.g. the device failed: the run's own error is the one to report
+        pass
 
 
 def _on_own_thread(fn: Callable[[], object]):
@@ -595,9 +598,20 @@ class ShardWriterPool:
                 try:
                     self.processes.shutdown(wait=True)
                 finally:
-                    if self._locked:            # a shard left unfinished by an error may still be receiving copies
-                        torch.cuda.synchronize()
-                    self.slots.close()
+                    self._close_slots(failing=exc_type is not None)
+
+    def _close_slots(self, failing: bool) -> None:
+        """Remove the hand-over files, page-locked ones unlocked first. A shard that an error left unfinished may
+        still be receiving the device's copies, so those end first; a device that fails there is reported only
+        when nothing else failed before."""
+        try:
+            if self._locked:
+                torch.cuda.synchronize()
+        except Exception:               # noqa: BLE001 - the loop's own error comes first
+            if not failing:
+                raise
+        finally:
+            self.slots.close()
 
 
 def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:

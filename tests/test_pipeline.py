@@ -148,6 +148,46 @@ def test_where_the_driver_refuses_to_page_lock_shards_are_copied_at_the_hand_ove
     assert shared_files() == before
 
 
+def test_page_locked_hand_over_files_are_unlocked_after_the_device_and_before_they_are_removed(tmp_path,
+                                                                                                 monkeypatch):
+    """With the files page-locked (pretended here), shards are filled in place, each slot is locked once, and at
+    the end the device's copies are waited for, then every file is unlocked while it still exists, then removed."""
+    from fpt.extract import run
+
+    class Unpinned(run.ShardBuffer):          # this machine has no CUDA to pin memory with
+        def __init__(self, geometry, shard, pinned, slot=None):
+            super().__init__(geometry, shard, False, slot)
+
+    events = []
+    monkeypatch.setattr(run, "ShardBuffer", Unpinned)
+    monkeypatch.setattr(run, "page_lock", lambda memory: events.append("lock") or True)
+    monkeypatch.setattr(run, "page_unlock", lambda memory: events.append("unlock"))
+    monkeypatch.setattr(run.torch.cuda, "synchronize", lambda: events.append("synchronize"))
+    writer = open_writer(tmp_path / "s.zarr")
+    arrays = {s: shard_arrays(len(GEOM.shard_range(s)), seed=s) for s in range(GEOM.n_shards())}
+    before = shared_files()
+    real_close = run.SharedSlot.close
+
+    def close(slot):
+        events.append(("exists at close", Path(slot.path).exists()))
+        real_close(slot)
+
+    monkeypatch.setattr(run.SharedSlot, "close", close)
+    with run.ShardWriterPool(writer, 1, None, GEOM.n_samples, processes=True, pinned=True) as pool:
+        for s in range(GEOM.n_shards()):
+            buffer = pool.buffer(s)
+            assert buffer.slot is not None
+            buffer.add(list(GEOM.shard_range(s)), {k: torch.from_numpy(v) for k, v in arrays[s].items()})
+            pool.submit(buffer)
+    slots = events.count("lock")
+    assert 1 <= slots <= 2 and events.count("unlock") == slots
+    assert events[slots] == "synchronize" and events[slots + 1::2] == ["unlock"] * slots
+    assert events[slots + 2::2] == [("exists at close", True)] * slots
+    read = StoreReader(tmp_path / "s.zarr").read(range(GEOM.n_samples), ("keys",))["keys"]
+    np.testing.assert_array_equal(read, np.concatenate([arrays[s]["keys"] for s in arrays]))
+    assert shared_files() == before
+
+
 def test_page_lock_says_no_without_a_cuda_device_and_leaves_the_caller_able_to_go_on():
     from fpt.extract.run import page_lock
 
