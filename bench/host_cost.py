@@ -1,14 +1,13 @@
 """The host's CPU per image of extraction, and what a machine's cores can feed: process CPU time of what a decode
-worker does for one image (``bench.decode.cpu_ms``: decoding a PNG at the LPM's size, both views, the LPM input
-as a tensor, the collate), of handing a shard to a writer process (the main process's copy into a reused
+worker does for one image (``bench.decode.cpu_ms``: decoding a PNG at the LPM's size, the LPM's input as a
+tensor, the collate), of handing a shard to a writer process (the main process's copy into a reused
 hand-over file, ``fpt.store.shared.HandoverSlots``; ``handover_fresh_ms``: into a new file per shard, as before
 the slots were reused) and of what a writer does (``StoreWriter.write_shard`` of the LPM's real output, in
 shards of the size ``fpt extract`` chooses, per ``--codec``), and the images/s that ``--cores`` cores could
 sustain with nothing else running: cores / (decode + write), as on a GPU machine, where the writers are
 processes and the device copies each shard straight into its hand-over file (``handover_ms`` is the copy that
-takes where the driver refuses to page-lock those files, and took before). ``main_copy_ms``: the extraction
-loop's own CPU op per batch on CUDA, on one intra-op thread as ``fpt extract`` runs it, and with torch's default
-team for this machine (``main_copy_ms_default_threads``, the OpenMP team's spinning after each copy included).
+takes where the driver refuses to page-lock those files, and took before). The loop's CPU copy of each batch's
+low-res images that ``main_copy_ms`` timed until 2026-11-27 is gone: that copy is made on the device now.
 
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 none --cores 16
 
@@ -113,27 +112,6 @@ def official_bytes(shard: dict[str, np.ndarray]) -> int:
     return (shard["keys"][0].size + shard["values"][0].size) * 4
 
 
-def main_copy_ms(images: np.ndarray, threads: int, batches: int = 25, pause_s: float = 0.02) -> float:
-    """CPU ms per image of the extraction loop's one CPU op per batch on CUDA (``ShardBuffer.add`` copying the
-    batch's low-res ``images`` into the shard buffer), with ``threads`` intra-op threads and one batch every
-    ``pause_s`` (the GPU's pace). With more than one thread, each copy leaves torch's OpenMP team spinning for
-    a while (why ``fpt extract`` runs its loop on one: ``extract.run.intra_op_threads``)."""
-    import torch
-
-    src = torch.from_numpy(images)
-    dst = torch.empty_like(src)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        start = time.process_time()
-        for _ in range(batches):
-            dst.copy_(src)
-            time.sleep(pause_s)
-        return (time.process_time() - start) / (batches * len(images)) * 1000
-    finally:
-        torch.set_num_threads(before)
-
-
 def main(argv: list[str] | None = None) -> None:
     import torch
 
@@ -146,22 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args(argv)
-    default_threads = torch.get_num_threads()          # torch's default team on this machine
     torch.set_num_threads(1)
     rows = []
     for res in args.res:
         decode = {kind: decode_ms(res, kind == "rgb", 5) for kind in ("rgb", "grey")}
         shard = lpm_shard(args.model, res, args.image_res)
         handover, handover_fresh = handover_ms(shard, max(args.reps, 5))
-        main_copy = {n: main_copy_ms(shard["images"], n) for n in (1, default_threads)}
         for codec in args.codecs:
             write, disk = write_ms(shard, codec, args.shards, args.reps)
             rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
                          "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
                          "samples_per_shard": len(shard["keys"]), "handover_ms": round(handover, 2),
                          "handover_fresh_ms": round(handover_fresh, 2),
-                         "main_copy_ms": round(main_copy[1], 3), "intra_op_threads_default": default_threads,
-                         "main_copy_ms_default_threads": round(main_copy[default_threads], 3),
                          "write_ms": round(write, 1), "disk_mb_per_image": round(disk / 1e6, 3),
                          "disk_vs_official": round(disk / official_bytes(shard), 3), "cores": args.cores,
                          "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + write)),

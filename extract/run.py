@@ -328,13 +328,14 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op threads for this thread's CPU ops set to ``n`` inside the block (None: left alone), and
     restored after it.
 
-    Extraction's main thread on CUDA does no CPU compute worth a team: each batch's CPU work is one small copy
-    (its low-res images into the shard buffer). But torch runs a copy of more than ~32 K elements on its OpenMP
-    team, and every such region leaves the team's other threads spinning afterwards (libgomp waits ~5 ms for
-    more work; dev box: 5.0 ms of CPU per 0.8 MB copy with 2 threads against 0.15 with 1), one batch after
-    another, on the cores the decode workers and writer processes need. torch.set_num_threads sets the calling
-    thread's team, and the default of threads that start using torch inside the block (the DataLoader's pinning
-    thread sets one for itself anyway; the writer threads run no torch CPU ops)."""
+    Extraction's main thread on CUDA does no CPU compute worth a team (its one CPU op per batch, copying the
+    low-res images into the shard buffer, moved to the device with ``low_res_copy``). Any CPU op of more than
+    ~32 K elements would run on torch's OpenMP team, and every such region leaves the team's other threads
+    spinning afterwards (libgomp waits ~5 ms for more work; dev box: 5.0 ms of CPU per 0.8 MB copy with 2 threads
+    against 0.15 with 1), on the cores the decode workers and writer processes need; one thread rules that out.
+    torch.set_num_threads sets the calling thread's team, and the default of threads that start using torch
+    inside the block (the DataLoader's pinning thread sets one for itself anyway; the writer threads run no torch
+    CPU ops)."""
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -415,14 +416,18 @@ class ShardBuffer:
             self.ready.synchronize()
 
     def numpy(self) -> dict[str, np.ndarray]:
-        """The arrays, once the device's copies are done and the features checked finite."""
+        """The arrays, once they can be written (``check_writable``)."""
+        self.check_writable()
+        return {name: t.numpy() for name, t in self.arrays.items()}
+
+    def check_writable(self) -> None:
+        """Wait for the device's copies, then refuse (FptError) a shard whose features are not finite."""
         self.copied()
         if not bool(self.finite):
             raise FptError(f"the LPM's output is not finite in shard {self.shard} (samples {self.rows.start}-"
                            f"{self.rows.stop - 1}): the backbone overflows its precision or the store's fp16; "
                            "re-run with --precision bf16 or fp32 and --overwrite (precision is part of the "
                            "store's identity)")
-        return {name: t.numpy() for name, t in self.arrays.items()}
 
 
 CUDA_HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: page-locked for every CUDA context, not only one
@@ -559,7 +564,7 @@ class ShardWriterPool:
         elif shard.slot is not None:                    # filled in place: handed over as it is
             slot, spec = shard.slot
             try:
-                shard.numpy()
+                shard.check_writable()
                 self._write_in_process(shard, slot.path, spec)
             finally:
                 self.slots.give(slot)
