@@ -204,7 +204,9 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
             main, children = (b - a for a, b in zip(cpu_before, cpu_seconds()))
             row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2),
                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2),
-                   "first_shard_s": result.first_shard_seconds and round(result.first_shard_seconds, 2),
+                   # the start taken apart: first decoded batch, first shard copied from the device, written
+                   **{f"first_{what}_s": getattr(result, f"first_{what}_seconds") and
+                      round(getattr(result, f"first_{what}_seconds"), 2) for what in ("batch", "copied", "shard")},
                    "waited_for_decoding_s": round(result.waited_for_decoding_s, 2),
                    "waited_for_device_s": round(result.waited_for_device_s, 2),
                    "waited_for_writers_s": round(result.waited_for_writers_s, 2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import threading
 import time
 import warnings
 from collections import Counter, deque
@@ -30,7 +31,8 @@ from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
 from fpt.extract.images import low_res_copy, lpm_input
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.store import (SPLITS, Geometry, HandoverSlots, SharedSlot, Spec, StoreLocation, StoreLock, StoreReader,
-                       StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, plan, write_shared_shard)
+                       StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, plan, start_writer,
+                       write_shared_shard)
 
 Progress = Callable[[int, int], None]
 
@@ -48,7 +50,12 @@ class ExtractResult:
     # from the first finished shard to the last: without the start (workers, first batches, compiling); None
     # with fewer than 3 shards written
     steady_images_per_s: float | None = None
-    first_shard_seconds: float | None = None    # from the start to the first finished shard (None: none written)
+    # the start, taken apart: from the start to the loop's first decoded batch (decode workers starting, the first
+    # batch's decoding), to the end of the first shard's copies from the device (+ the LPM's first steps) and to
+    # the first written shard (+ its write); None where there was none (or on dask, for the first two)
+    first_batch_seconds: float | None = None
+    first_copied_seconds: float | None = None
+    first_shard_seconds: float | None = None
     # seconds the loop waited for decoded batches, for shards' copies from the device and for shard writers
     # (``LoopWaits``; None on dask)
     waited_for_decoding_s: float | None = None
@@ -76,6 +83,7 @@ class LoopWaits:
 
     def __init__(self, now: Callable[[], float] = time.perf_counter):
         self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
+        self.first_batch: float | None = None          # when the first item arrived (``now``'s clock)
 
     def batches(self, loader) -> Iterator:
         """``loader``'s items, the wait for each (and for the end) added to ``decoding``."""
@@ -85,6 +93,8 @@ class LoopWaits:
                 item = next(items, _END)
             if item is _END:
                 return
+            if self.first_batch is None:
+                self.first_batch = self.now()
             yield item
 
     @contextmanager
@@ -100,21 +110,33 @@ _END = object()
 
 
 class ShardClock:
-    """Wraps a progress callback and notes when each shard's samples were done (for the steady-state rate)."""
+    """When the run's shards were written: ``shard_written(n)`` as each shard's write ends (from any thread: the
+    writer threads call it, so the times are the writes' own, not when the loop next looked), ``shard_copied()``
+    as a shard's copies from the device are done (the first one is kept: the start's model part)."""
 
-    def __init__(self, progress: Progress | None, now: Callable[[], float] = time.perf_counter):
-        self.progress, self.now, self.marks = progress, now, []
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now, self.marks, self.first_copied = now, [], None
+        self._lock, self._done = threading.Lock(), 0
 
-    def __call__(self, done: int, total: int) -> None:
-        self.marks.append((self.now(), done))
-        if self.progress:
-            self.progress(done, total)
+    def shard_written(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            self.marks.append((self.now(), self._done))
+
+    def shard_copied(self) -> None:
+        if self.first_copied is None:
+            self.first_copied = self.now()
 
     def first_shard_seconds(self, start: float) -> float | None:
-        """From ``start`` to the first finished shard (None: none finished)."""
+        """From ``start`` to the first written shard (None: none written)."""
         return self.marks[0][0] - start if self.marks else None
 
+    def first_copied_seconds(self, start: float) -> float | None:
+        """From ``start`` to the end of the first shard's copies from the device (None: none)."""
+        return self.first_copied - start if self.first_copied is not None else None
+
     def steady_images_per_s(self) -> float | None:
+        """Samples written after the first shard, per second since it (None: fewer than 3 shards)."""
         if len(self.marks) < 3:
             return None
         (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
@@ -200,12 +222,12 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start, clock, waits = time.perf_counter(), ShardClock(progress), LoopWaits()
+        start, clock, waits = time.perf_counter(), ShardClock(), LoopWaits()
         try:
             if scheduler is None:
-                written, skipped = extract_shards(cfg, pending, clock, waits)
+                written, skipped = extract_shards(cfg, pending, progress, waits, clock)
             else:
-                written, skipped = extract_on_dask(cfg, pending, scheduler, clock)
+                written, skipped = extract_on_dask(cfg, pending, scheduler, progress, clock)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 done = int(StoreReader(cfg.out).done().sum())
@@ -220,6 +242,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
                                n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
                                first_shard_seconds=clock.first_shard_seconds(start),
+                               first_copied_seconds=clock.first_copied_seconds(start),
+                               first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
                                **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
                                    "waited_for_writers_s": waits.writing} if scheduler is None else {}))
         if skipped:
@@ -275,7 +299,8 @@ class DecodedImages(Dataset):
 
 
 def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None,
-                   waits: LoopWaits | None = None) -> tuple[int, list[tuple[int, str, str]]]:
+                   waits: LoopWaits | None = None, clock: ShardClock | None = None
+                   ) -> tuple[int, list[tuple[int, str, str]]]:
     """Extract ``shards`` of the existing store at ``cfg.out`` and write each one whole. Runs in any process.
     Returns (samples written, [(index, id, error)] of the unreadable sources skipped).
 
@@ -286,7 +311,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     (``cfg.write_threads``, each handing it to a writer process on CUDA) while the next one is computed. At most
     ``write_threads`` shards wait for writing, so host memory stays below (write_threads + 1) x the shard size. A
     batch that does not fit on the GPU is split in halves until it does. ``waits`` (a ``LoopWaits``) gets where
-    the loop waited.
+    the loop waited, ``clock`` (a ``ShardClock``) when each shard was copied and written.
     """
     waits = waits or LoopWaits()
     device = resolve_device(cfg.device)
@@ -305,7 +330,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     total, skipped = len(refs), []
     with (intra_op_threads(1 if device.type == "cuda" else None),
           ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
-                          writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda") as pool):
+                          writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
+                          clock=clock, shards=len(shards)) as pool):
         shard: ShardBuffer | None = None
         for batch, (high, errors) in zip(batches, waits.batches(loader)):
             if shard is None:
@@ -504,18 +530,25 @@ class ShardWriterPool:
     otherwise the threads write in this process. ``pinned``: buffers in page-locked memory (CUDA)."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
-                 processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False):
+                 processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False,
+                 clock: ShardClock | None = None, shards: int | None = None):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
         self.waits = waits or LoopWaits()               # where the caller waited for a shard: device, writing
+        self.clock = clock or ShardClock()              # when each shard's copies and write ended
         self.pinned = pinned
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
         # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
-        self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"))
+        self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=start_writer, initargs=(str(writer.location),))
                           if processes else None)
         self.slots = HandoverSlots(before_close=self._unlock) if processes else None
         self._locked: set[str] = set()                  # page-locked slots (their paths)
+        self.lock_refused = False                       # the driver refused to page-lock a slot
         self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
-        for _ in range(self.threads if processes else 0):       # start them now, while the LPM warms up
+        if processes:                                   # every slot the run will use, made while the LPM warms up
+            count = min(self.threads + 1, shards or self.threads + 1)
+            self.slots.prepare(plan(writer.geometry.shard_shapes(0))[1], count, ready=self._prepare_slot)
+        for _ in range(self.threads if processes else 0):       # start them (``start_writer``) while the LPM warms up
             self.processes.submit(os.getpid)
         self.pending: deque[tuple[Future, ShardBuffer]] = deque()
         self.written = 0
@@ -531,7 +564,7 @@ class ShardWriterPool:
             return ShardBuffer(geometry, shard, self.pinned)
         # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
         slot = self.slots.take(plan(geometry.shard_shapes(0))[1])
-        if self.pinned and not self._lock(slot):
+        if self.pinned and (self.lock_refused or not self._lock(slot)):
             self.slots.give(slot)
             self.copy_at_handover = True
             warnings.warn("the CUDA driver did not page-lock the hand-over files, so each shard is copied once more "
@@ -539,6 +572,10 @@ class ShardWriterPool:
                           "unchanged)", RuntimeWarning, stacklevel=2)
             return ShardBuffer(geometry, shard, self.pinned)
         return ShardBuffer(geometry, shard, self.pinned, slot=(slot, plan(geometry.shard_shapes(shard))[0]))
+
+    def _prepare_slot(self, slot: SharedSlot) -> None:
+        if self.pinned and not self.lock_refused and not self._lock(slot):
+            self.lock_refused = True                    # ``buffer`` says so, once, on the loop's thread
 
     def _lock(self, slot: SharedSlot) -> bool:
         if slot.path not in self._locked:
@@ -559,6 +596,8 @@ class ShardWriterPool:
         self.pending.append((self.executor.submit(self._write, shard), shard))
 
     def _write(self, shard: ShardBuffer) -> int:
+        shard.copied()
+        self.clock.shard_copied()
         if self.processes is None:
             self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
         elif shard.slot is not None:                    # filled in place: handed over as it is
@@ -571,6 +610,7 @@ class ShardWriterPool:
         else:
             with self.slots.put(shard.numpy()) as (path, spec):
                 self._write_in_process(shard, path, spec)
+        self.clock.shard_written(len(shard.rows))
         return len(shard.rows)
 
     def _write_in_process(self, shard: ShardBuffer, path: str, spec: Spec) -> None:
@@ -626,8 +666,8 @@ def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[in
     return extract_shards(replace(cfg, device=worker_device(cfg.device), writers="threads"), [shard])
 
 
-def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None
-                    ) -> tuple[int, list[tuple[int, str, str]]]:
+def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progress: Progress | None,
+                    clock: ShardClock | None = None) -> tuple[int, list[tuple[int, str, str]]]:
     """Extract ``shards`` as dask.distributed tasks, one per shard (workers never write the same file).
 
     scheduler: ``local``/``local:N`` starts a LocalCluster of worker processes here; anything else is a scheduler
@@ -645,6 +685,8 @@ def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progr
             try:
                 n, shard_skipped = future.result()
                 written, skipped = written + n, skipped + shard_skipped
+                if clock:
+                    clock.shard_written(n)
             except BaseException:
                 client.cancel(futures)
                 raise

@@ -121,15 +121,52 @@ class HandoverSlots:
     """Hand-over files reused from one hand-over to the next (thread-safe). ``with slots.put(arrays) as (path,
     spec):`` fills a free slot and frees it when the block ends; ``take(size)`` lends a slot to fill in place
     (``SharedSlot.views``) until ``give(slot)``. A new slot is made when none is free (or the free one is too
-    small: it is removed), so there are never more slots than hand-overs at once. ``close`` removes every file;
-    ``before_close(slot)`` runs for each slot just before its file is unmapped and removed (e.g. to undo a
-    page-lock)."""
+    small: it is removed), so there are never more slots than hand-overs at once; ``prepare`` makes them ahead, on
+    a thread of its own. ``close`` removes every file; ``before_close(slot)`` runs for each slot just before its
+    file is unmapped and removed (e.g. to undo a page-lock)."""
 
     def __init__(self, before_close: Callable[[SharedSlot], None] | None = None):
         self._free: queue.SimpleQueue[SharedSlot] = queue.SimpleQueue()
         self._all: list[SharedSlot] = []
         self._lock = threading.Lock()
         self._before_close = before_close
+        self._coming = 0                                # slots ``prepare`` has yet to hand out
+        self._preparer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def prepare(self, size: int, count: int, ready: Callable[[SharedSlot], object] | None = None) -> None:
+        """Make ``count`` slots of ``size`` bytes on a background thread, each with its pages faulted in and then
+        ``ready(slot)`` run on it (e.g. page-locking it), and hand them out (``take`` waits for one that is on its
+        way rather than making another). A fresh file's pages are allocated and zeroed on first touch, which
+        costs more than filling it (see the module's docstring): done here, that happens before the first
+        hand-overs need the slots, not on the thread that fills them. A failure stops the preparation; ``take``
+        then makes slots as usual."""
+        with self._lock:
+            self._coming = count
+
+        def run() -> None:
+            try:
+                for _ in range(count):
+                    if self._stop.is_set():
+                        break
+                    slot = SharedSlot(size)
+                    with self._lock:
+                        self._all.append(slot)
+                    slot.memory[::mmap.PAGESIZE] = 0            # one write per page: allocated now
+                    if ready:
+                        ready(slot)
+                    with self._lock:
+                        self._coming -= 1
+                        self._free.put(slot)
+            except Exception:           # noqa: BLE001 - e.g. /dev/shm full: ``take`` meets it and reports it
+                pass
+            finally:
+                with self._lock:
+                    self._coming = 0
+                    self._free.put(None)                        # wakes a ``take`` waiting for a slot that won't come
+
+        self._preparer = threading.Thread(target=run, name="fpt-handover-prepare", daemon=True)
+        self._preparer.start()
 
     @contextmanager
     def put(self, arrays: Mapping[str, np.ndarray]) -> Iterator[tuple[str, Spec]]:
@@ -141,10 +178,14 @@ class HandoverSlots:
 
     def take(self, size: int) -> SharedSlot:
         """A slot of at least ``size`` bytes, the caller's until ``give``."""
-        try:
-            slot = self._free.get_nowait()
-        except queue.Empty:
-            slot = None
+        while True:         # a free slot, waiting for one that ``prepare`` has on its way
+            try:
+                slot = self._free.get(block=self._coming > 0)
+            except queue.Empty:
+                slot = None
+                break
+            if slot is not None:                        # (None: the end of a preparation; look again)
+                break
         if slot is not None and slot.size < size:       # a bigger shard than before: its slot grows
             self._remove(slot)
             slot = None
@@ -163,6 +204,10 @@ class HandoverSlots:
         self._close(slot)
 
     def close(self) -> None:
+        """Stop any preparation (after its current slot) and remove every file."""
+        self._stop.set()
+        if self._preparer is not None:
+            self._preparer.join()
         with self._lock:
             slots, self._all = self._all, []
         for slot in slots:
@@ -237,6 +282,16 @@ def _mapped(path: str, inode: int, size: int) -> np.memmap:
 @functools.lru_cache(maxsize=4)
 def _writer(store: str) -> StoreWriter:
     return StoreWriter.reopen(store)
+
+
+def start_writer(store: str) -> None:
+    """A writer process's initializer: zarr imported and the store's arrays opened before its first shard arrives
+    (~0.3 s of a fresh process on the dev box, otherwise paid by the first shard of each writer). A failure is left
+    to that first write to report, with the write's own error."""
+    try:
+        _writer(store).open_arrays()
+    except Exception:           # noqa: BLE001 - only a head start (a failed open is not cached: tried again)
+        pass
 
 
 def write_shared_shard(store: str, shard: int, path: str, spec: Spec, excluded: Sequence[int] = ()) -> None:

@@ -107,6 +107,12 @@ class StoreWriter:
             self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
         return self._arrays[name]
 
+    def open_arrays(self) -> None:
+        """Open every array a shard's write touches, now rather than at the first shard (a writer process does
+        this as it starts, while the first shard is being computed)."""
+        for name in (*SAMPLE_ARRAYS, "split", DONE):
+            self._array(name)
+
     # -- writing ---------------------------------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
         done = self.group[DONE][:]

@@ -10,7 +10,7 @@ import torch
 
 from fpt.extract import extract
 from fpt.extract.run import ShardBuffer, all_finite, shard_batches
-from fpt.store import Geometry, StoreReader, StoreWriter
+from fpt.store import SAMPLE_ARRAYS, Geometry, StoreReader, StoreWriter
 from tests.conftest import micro_config
 from tests.helpers import GEOM, assert_same_store, open_writer, shard_arrays
 
@@ -474,6 +474,69 @@ def test_hand_over_slots_are_reused_grown_and_removed():
     assert shared_files() == before
 
 
+def test_prepared_hand_over_slots_are_waited_for_not_made_again():
+    """``prepare`` makes the slots ahead (pages touched, then ``ready``); a ``take`` while they are on their way
+    gets one of them, so no more files exist than were prepared; past them, ``take`` makes slots as before."""
+    import time
+
+    from fpt.store.shared import HandoverSlots
+
+    before = shared_files()
+    slots, readied = HandoverSlots(), []
+    slots.prepare(1 << 16, 3, ready=lambda slot: (time.sleep(0.05), readied.append(slot.path)))
+    taken = [slots.take(1 << 16) for _ in range(3)]           # faster than the preparation: each one waited for
+    assert [slot.path for slot in taken] == readied and len(shared_files() - before) == 3
+    assert all(slot.size >= 1 << 16 for slot in taken)
+    extra = slots.take(1 << 16)                                 # nothing free, nothing coming: a new one
+    assert extra.path not in readied and len(shared_files() - before) == 4
+    for slot in (*taken, extra):
+        slots.give(slot)
+    assert slots.take(1 << 16).path in {*readied, extra.path}   # reused
+    slots.close()
+    assert shared_files() == before
+
+
+def test_closing_hand_over_slots_while_they_are_prepared_leaves_no_file():
+    import time
+
+    from fpt.store.shared import HandoverSlots
+
+    before = shared_files()
+    slots = HandoverSlots()
+    slots.prepare(1 << 16, 50, ready=lambda slot: time.sleep(0.02))
+    time.sleep(0.05)
+    slots.close()                                # stops after the slot in hand, removes every one made
+    assert shared_files() == before
+
+
+def test_a_failed_preparation_leaves_take_making_slots(tmp_path):
+    from fpt.store.shared import HandoverSlots
+
+    def refuse(slot):
+        raise OSError("no")
+
+    slots = HandoverSlots()
+    slots.prepare(1 << 16, 3, ready=refuse)
+    slot = slots.take(1 << 16)                    # neither hangs nor fails
+    assert slot.size >= 1 << 16
+    slots.close()
+
+
+def test_a_writer_process_starts_with_the_store_open(tmp_path):
+    """``start_writer`` (the writer processes' initializer) opens every array a shard write needs; a store it
+    cannot open is left for the first write to report."""
+    from fpt.store import shared
+
+    writer = open_writer(tmp_path / "s.zarr")
+    shared._writer.cache_clear()
+    shared.start_writer(str(writer.location))
+    opened = shared._writer(str(writer.location))._arrays
+    assert {*SAMPLE_ARRAYS, "split", "done"} <= set(opened)
+    shared.start_writer(str(tmp_path / "missing.zarr"))            # no error here
+    assert shared._writer.cache_info().currsize == 1
+    shared._writer.cache_clear()
+
+
 def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tmp_path):
     """write_shared_shard keeps one mapping per slot; new contents, and a new file under the same name, are seen."""
     from fpt.store.shared import SharedSlot, layout, write_shared_shard
@@ -507,24 +570,60 @@ def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_fo
     result = extract(micro_config(image_folder, tmp_path / "s.zarr", samples_per_shard=2))
     run = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
     assert result.steady_images_per_s and run["steady_images_per_s"] == round(result.steady_images_per_s, 3)
-    assert 0 < result.first_shard_seconds < result.seconds
+    assert 0 < result.first_batch_seconds <= result.first_copied_seconds <= result.first_shard_seconds < result.seconds
     few = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))     # 2 shards
     assert few.steady_images_per_s is None
     again = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))   # nothing to do
-    assert again.n_written == 0 and again.first_shard_seconds is None
+    assert again.n_written == 0 and again.first_shard_seconds is None and again.first_batch_seconds is None
 
 
 def test_shard_clock_rate_leaves_out_the_time_before_the_first_shard():
     from fpt.extract import run
 
     times = iter([10.0, 11.0, 12.5, 14.0])                  # the first shard took 10 s to arrive
-    seen = []
-    clock = run.ShardClock(lambda done, total: seen.append((done, total)), now=lambda: next(times))
-    for done in (4, 8, 12, 16):
-        clock(done, 16)
+    clock = run.ShardClock(now=lambda: next(times))
+    for _ in range(4):
+        clock.shard_written(4)
+    assert clock.marks == [(10.0, 4), (11.0, 8), (12.5, 12), (14.0, 16)]
     assert clock.steady_images_per_s() == (16 - 4) / (14.0 - 10.0)
-    assert seen == [(4, 16), (8, 16), (12, 16), (16, 16)]
-    assert run.ShardClock(None).steady_images_per_s() is None
+    assert clock.first_shard_seconds(start=2.0) == 8.0
+    assert run.ShardClock().steady_images_per_s() is None
+
+
+def test_shards_are_timed_when_their_writes_end_not_when_the_loop_next_looks():
+    """With 4 writer threads the loop confirms (and reports) a shard only once 4 wait; the clock must not wait so,
+    or the start would count the time the loop took to fill 4 more shards."""
+    from concurrent.futures import wait
+
+    from fpt.extract.run import ShardClock, ShardWriterPool
+
+    class Written:             # a ShardBuffer whose copies are done
+        slot, excluded = None, []
+
+        def __init__(self, i):
+            self.shard, self.rows = i, range(2 * i, 2 * i + 2)
+
+        def seal(self):
+            pass
+
+        def copied(self):
+            pass
+
+        def numpy(self):
+            return {}
+
+    class Writer:
+        def write_shard(self, shard, arrays, excluded):
+            pass
+
+    clock, reported = ShardClock(), []
+    with ShardWriterPool(Writer(), 4, lambda done, total: reported.append(done), 6, clock=clock) as pool:
+        for i in range(3):
+            pool.submit(Written(i))
+        wait([future for future, _ in pool.pending])
+        assert [n for _, n in clock.marks] == [2, 4, 6] and reported == []    # written; not yet confirmed
+        assert clock.first_copied is not None and clock.first_copied <= clock.marks[0][0]
+    assert reported == [2, 4, 6]
 
 
 def test_a_store_from_before_precision_was_recorded_is_still_resumed(tmp_path, image_folder):
