@@ -335,6 +335,11 @@ def print_table(rows: list[dict], device: str) -> None:
                      f"{r['waited_for_writers_s']} s writers")
         if r.get("steady_images_per_s"):
             note += f"; steady {r['steady_images_per_s']} img/s"
+        if r.get("first_shard_s"):
+            note += (f"; start: first batch {r.get('first_batch_s')} s, shard copied {r.get('first_copied_s')} s, "
+                     f"written {r['first_shard_s']} s")
+        if r.get("first_step_s"):
+            note += f"; first step {r['first_step_s']} s"
         case = r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")
         table.add_row(case, str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
                       str(r.get("peak_mb", "-")), ratios, note)
