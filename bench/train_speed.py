@@ -172,7 +172,11 @@ def loop_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
       another epoch's validation and checkpoints, as in a run (the checkpoints are written by a background
       thread during this epoch);
     * ``loop-epoch-flushed``: the same once the previous epoch's checkpoints are on disk (no writer running);
-    * ``loop-validation``: the validation forward over the val split (outside the timed part of an epoch).
+    * ``loop-validation``: the validation forward over the val split (outside the timed part of an epoch);
+    * on CUDA, ``loop-host-issue`` and ``loop-device``: the gathered steps' host time to issue their work while
+      the GPU is held busy (nothing waits for the device: what launching costs the host, which a CUDA graph of
+      the whole step would save), and the device's time to run that work back to back (CUDA events: the step's
+      floor on this GPU). A step whose host time exceeds its device time is launch-bound.
     """
     from fpt.train.files import CheckpointWriter
     from fpt.train.loop import RunCheckpoints, predict_split, set_up, train_epoch
@@ -219,10 +223,31 @@ def loop_rows(device: torch.device, small: bool, work: Path) -> list[dict]:
         writer.flush()
         seconds["loop-epoch-flushed"] = (epoch(4), steps)
         seconds["loop-validation"] = (timed(validate), -(-len(run.val_data) // bs))
+        if device.type == "cuda":
+            run.model.train()
+            host, on_device = host_and_device_seconds(gathered, device)
+            seconds["loop-host-issue"], seconds["loop-device"] = (host, steps), (on_device, steps)
     for name, (s, n) in seconds.items():
         rows.append({"name": name, "batch": bs, "steps": n, "ms_per_step": round(1e3 * s / n, 3),
                      "samples_per_s": round(n * bs / s, 1), "compiled": run.step.is_compiled, "peak_mb": None})
     return rows
+
+
+def host_and_device_seconds(fn, device: torch.device, hold_s: float = 1.0) -> tuple[float, float]:
+    """``fn()``'s host seconds with the GPU held busy for about ``hold_s`` first (``torch.cuda._sleep``), so that
+    none of its calls waits for the device, and the device's seconds for the work it queued, which then runs back
+    to back (CUDA events from the end of the hold). A host time near ``hold_s`` means ``fn`` waited for the device
+    (a synchronisation) and the device time includes idle gaps."""
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(hold_s * 2e9))                # cycles: ~1 s at an H100's ~2 GHz
+    start.record()
+    t = time.perf_counter()
+    fn()
+    host = time.perf_counter() - t
+    end.record()
+    end.synchronize()
+    return host, start.elapsed_time(end) / 1e3
 
 
 def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: int | None = None) -> list[dict]:

@@ -38,3 +38,34 @@ def test_official_files_and_loader(tmp_path):
     order = batch["labels"].tolist()
     torch.testing.assert_close(batch["keys"], keys[order])
     torch.testing.assert_close(batch["values"], values[order])
+
+
+def test_host_and_device_times_hold_the_gpu_before_the_timed_work(monkeypatch):
+    """The launch-bound check of bench/train_speed.py: the device is held busy before the first timed event, so
+    the host's issue time never includes a wait, and the device time runs from the end of the hold."""
+    train_speed = pytest.importorskip("fpt.bench.train_speed")
+    events = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.name = "start" if not any(e.startswith("Event") for e in events) else "end"
+            events.append(f"Event {self.name}")
+
+        def record(self):
+            events.append(f"record {self.name}")
+
+        def synchronize(self):
+            events.append(f"synchronize {self.name}")
+
+        def elapsed_time(self, other):
+            return 250.0                                            # ms
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize device"))
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: events.append(("sleep", cycles)))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    host, device = train_speed.host_and_device_seconds(lambda: events.append("work"), torch.device("cuda"),
+                                                       hold_s=0.5)
+    assert events == ["synchronize device", "Event start", "Event end", ("sleep", int(1e9)), "record start", "work",
+                      "record end", "synchronize end"]
+    assert device == 0.25 and 0 <= host < 0.1
