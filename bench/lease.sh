@@ -29,18 +29,19 @@ export PYTHONPATH=/tmp/fpt-pkg${PYTHONPATH:+:$PYTHONPATH}
 
 if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes on 2 cores
   GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --codecs zstd-1 none --no-train"
-  TRAIN_ARGS="--small --parts train,loop,step"
+  TRAIN_ARGS="--small --parts train,loop,graph,step"
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
 else
   # what the third lease (2026-11-27) left open first: fpt extract end to end with the main process's CPU
   # fixes (and where the host's CPU goes: cpu_main_ms / cpu_children_ms / cores_busy), with the default codec and
   # without compression (--codec none: half the writers' CPU), the CUDA tests of those fixes, the GPU host's CPU
-  # budget at 1024, then fpt train's epochs; the 12-run sweep is bench-sweep. host_processes (the pipeline
+  # budget at 1024, then fpt train's epochs, its loop taken apart (with, since 2026-11-27, the step's host issue
+  # time against its device time) and the whole step as one CUDA graph (part graph); the 12-run sweep is bench-sweep. host_processes (the pipeline
   # without the LPM) and the plain forward (1,384 / 256 img/s) were measured by lease 3, whose bench-gpu step
   # ended at its time limit: left out, so both codecs fit.
   GPU_ARGS="--cases lpm fpt_extract official_script --res 512:32 1024:8 --e2e 512:1024 1024:256 --codecs zstd-1 none --timeout 120 --no-train"
-  TRAIN_ARGS="--parts train,loop"
+  TRAIN_ARGS="--parts train,loop,graph"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
@@ -80,6 +81,7 @@ for name in ${FPT_LEASE_STEPS:-tests-kernel bench-gpu tests-cuda host-cost bench
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
                     tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py tests/test_train.py \
+                    tests/test_bench_reference.py \
                     -k "cuda or gpu or peak" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac

@@ -11,6 +11,12 @@ Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its train
   first; 10 epochs on a GPU, 5 until 2026-11-27) and peak memory from metrics.json, and each epoch's seconds.
 * ``loop-*``: ``fpt train``'s epoch taken apart (``loop_rows``): the step on one batch, on the gathered
   batches, the whole timed epoch, the validation; ms per step each, to locate time spent outside the step.
+* ``step-graph-b16``, ``step-graph-compiled-b16`` (part ``graph``): the same step as one CUDA graph, captured once
+  and replayed (``WholeStepGraph``): augmentation, forward, backward, clip and AdamW (fused, capturable, lr a
+  device tensor set from the closed-form cosine each step) inside the graph, the batch copied into its static
+  buffers each step; the forward+backward eager or compiled (torch.compile, default mode) inside it. What
+  capturing the whole step would give against ``step-compiled-b16`` (forward+backward graphs, clip and AdamW
+  launched from Python); an experiment, not ``fpt train``'s step. On a CPU it runs without capture.
 * ``official-loop``: the official way of feeding the same step (eager): per sample a PNG decode, torchvision
   augmentation on the PIL image and a safetensors load, in DataLoader worker processes; one epoch after a
   warm-up epoch.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 
 from fpt.bench.common import command_line, merge_cases, write_results
+from fpt.train.data import DRAWS
 from fpt.train.memory import PAPER_SPEC, PeakMemory, StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
 
@@ -78,6 +86,105 @@ def step_row(device: torch.device, batch: int, compile: bool, small: bool, warmu
             "samples_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 3),
             "warmup_s": round(warm_s, 2), "peak_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
             "compiled": step.is_compiled, "steps_timed": reps}
+
+
+class WholeStepGraph:
+    """``fpt train``'s step (its model, augmentation, loss, clip, AdamW) captured whole as one CUDA graph: call it
+    with step ``i``'s batch and draws; the first ``warmup`` steps run eagerly on a side stream (as capture needs:
+    AdamW's state and the allocator settle), step ``warmup`` is captured and every step from then on is a copy of
+    its inputs into the static buffers, the lr's update and one replay. AdamW is fused and capturable with its lr
+    a device tensor, set from CosineAnnealingLR's closed form over ``total`` steps (the scheduler itself would
+    read the tensor back to the host every step). On a CPU nothing is captured (the same steps, eagerly).
+    Returns the step's loss, valid until the next call."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, total: int, compile: bool = False, warmup: int = 3,
+                 base_lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0):
+        from fpt.train.data import SideInput
+        from fpt.train.model import build_model
+        from fpt.train.step import TrainStep
+
+        self.device, self.total, self.warmup, self.base_lr = device, total, warmup, base_lr
+        self.cuda = device.type == "cuda"
+        self.model = build_model(spec).to(device)
+        self.lr = torch.tensor(base_lr, device=device)   # read by the captured AdamW kernel at each replay
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, weight_decay=weight_decay,
+            **({"fused": True, "capturable": True} if self.cuda else {"foreach": False}))
+        side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
+        loss = TrainStep(self.model, side_input, optimizer=None).loss
+        self.loss_fn = torch.compile(loss, dynamic=False) if compile else loss
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.static: dict[str, torch.Tensor] | None = None
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _step(self) -> torch.Tensor:
+        from fpt.train.step import CLIP_NORM
+        loss = self.loss_fn(self.static, self.static["draws"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+        self.optimizer.step()
+        return loss
+
+    def __call__(self, batch: dict[str, torch.Tensor], draws: torch.Tensor, i: int) -> torch.Tensor:
+        inputs = {**batch, "draws": draws}
+        if self.static is None:
+            self.static = {name: t.clone() for name, t in inputs.items()}
+        else:
+            for name, t in inputs.items():
+                self.static[name].copy_(t, non_blocking=True)
+        self.lr.fill_(self.base_lr * (1 + math.cos(math.pi * i / self.total)) / 2)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        if not self.cuda:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step().detach()
+        if i < self.warmup:
+            current = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(current)
+            with torch.cuda.stream(self.side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._step().detach()
+            current.wait_stream(self.side)
+            return loss
+        self.optimizer.zero_grad(set_to_none=True)        # the backward allocates the grads inside the graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self._step().detach()
+        self.graph.replay()                               # capturing recorded step i; this runs it
+        return self.loss
+
+
+def graph_step_row(device: torch.device, batch: int, compile: bool, small: bool, warmup: int = 3,
+                   reps: int = 35) -> dict:
+    """Samples/s of the median step of ``WholeStepGraph`` (each step: a new batch copied into the static buffers,
+    the lr's update and one replay, ended by a synchronisation), as ``step_row`` times ``fpt train``'s step."""
+    spec = SMALL_SPEC if small else PAPER_SPEC
+    shape = StepShape(batch_size=batch, **(SMALL_SHAPE if small else PAPER_SHAPE))
+    torch.manual_seed(0)
+    with PeakMemory(device) as memory:
+        total = warmup + 1 + reps
+        step = WholeStepGraph(spec, device, total, compile=compile, warmup=warmup)
+        batches = [step_batch(spec, shape, device) for _ in range(2)]
+        draws = torch.rand(total, DRAWS, batch, generator=torch.Generator().manual_seed(0)).to(device)
+        start = time.perf_counter()
+        for i in range(warmup + 1):                       # the eager steps and the captured one
+            step(batches[i % 2], draws[i], i)
+        _sync(device)
+        warm_s = time.perf_counter() - start
+        times = []
+        for i in range(warmup + 1, total):
+            t = time.perf_counter()
+            loss = step(batches[i % 2], draws[i], i)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        finite = bool(torch.isfinite(loss).item())
+    median = statistics.median(times)
+    return {"name": f"step-graph{'-compiled' if compile else ''}-b{batch}", "batch": batch,
+            "samples_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 3),
+            "warmup_s": round(warm_s, 2), "peak_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
+            "compiled": compile, "captured": step.graph is not None, "loss_finite": finite, "steps_timed": reps}
 
 
 def bench_store(small: bool):
@@ -299,6 +406,9 @@ def run(device: torch.device | str, small: bool, workers: int | None = None,
             if part == "step":
                 new = (step_row(device, batch, compile, small, reps=10 if small else 35)    # lazily: each row
                        for batch in (16, 64) for compile in (False, True))                  # printed when done
+            elif part == "graph":
+                new = (_row_or_error(f"step-graph{'-compiled' if compile else ''}-b16", graph_step_row, device, 16,
+                                     compile, small, reps=10 if small else 35) for compile in (False, True))
             elif part == "train":
                 new = [fpt_train_row(device, small, work)]
             elif part == "official":
@@ -308,13 +418,21 @@ def run(device: torch.device | str, small: bool, workers: int | None = None,
             elif part == "sweep":
                 new = sweep_rows(device, small, work)
             else:
-                raise ValueError(f"unknown part {part!r}: step, train, loop, official, sweep")
+                raise ValueError(f"unknown part {part!r}: step, graph, train, loop, official, sweep")
             for row in new:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     for row in rows:
         row["device"] = str(device)
     return rows
+
+
+def _row_or_error(name: str, fn, *args, **kwargs) -> dict:
+    """``fn``'s row, or a row naming its error (an experiment that fails on a device reports, the rest goes on)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:      # noqa: BLE001
+        return {"name": name, "error": f"{type(e).__name__}: {e}"[:300], "peak_mb": None}
 
 
 def main(argv: list[str] | None = None) -> None:
