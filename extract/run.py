@@ -545,13 +545,13 @@ class ShardWriterPool:
         self._locked: set[str] = set()                  # page-locked slots (their paths)
         self.lock_refused = False                       # the driver refused to page-lock a slot
         self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
-        if processes:                                   # every slot the run will use, made while the LPM warms up
-            count = min(self.threads + 1, shards or self.threads + 1)
-            self.slots.prepare(plan(writer.geometry.shard_shapes(0))[1], count, ready=self._prepare_slot)
-        for _ in range(self.threads if processes else 0):       # start them (``start_writer``) while the LPM warms up
-            self.processes.submit(os.getpid)
         self.pending: deque[tuple[Future, ShardBuffer]] = deque()
         self.written = 0
+        for _ in range(self.threads if processes else 0):       # start them (``start_writer``) while the LPM warms up
+            self.processes.submit(os.getpid)
+        if processes:            # last (nothing can fail after it): every slot the run will use, made meanwhile too
+            count = min(self.threads + 1, shards or self.threads + 1)
+            self.slots.prepare(plan(writer.geometry.shard_shapes(0))[1], count, ready=self._prepare_slot)
 
     def __enter__(self) -> "ShardWriterPool":
         return self
