@@ -362,7 +362,12 @@ def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: i
     only the first ``sequential_runs`` of them are run (default: all on a CPU, 3 on CUDA, where each run
     compiles its step and 12 would not fit a lease) and ``seconds`` is extrapolated to the 12: the measured
     wall time (start, those runs, shutdown) plus each missing run at the median time between two runs finishing
-    (the runs differ only in lr, weight decay and seed: the same work each); the row says how many ran."""
+    (the runs differ only in lr, weight decay and seed: the same work each); the row says how many ran. Each side
+    starts with empty torch.compile caches (inductor's and Triton's, in folders of its own), as on a machine that
+    has not compiled this step before: the side measured second would otherwise load what the first compiled."""
+    import os
+    from unittest.mock import patch
+
     from fpt.cluster import mps_running
     from fpt.config import SweepConfig
     from fpt.train.sweep import execute, make_run
@@ -378,9 +383,12 @@ def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: i
         runs = [make_run(sweep, "grid", lr, wd, seed) for lr in sweep.lrs for wd in sweep.weight_decays
                 for seed in (0, 1)]
         ran = runs if scheduler != "local:1" else runs[:sequential_runs]
+        caches = {variable: str(work / f"{name}-{variable.lower()}") for variable in
+                  ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}          # read by the workers it starts
         finished = []
         start = time.perf_counter()
-        results = execute(ran, scheduler, lambda *_: finished.append(time.perf_counter() - start))
+        with patch.dict(os.environ, caches):
+            results = execute(ran, scheduler, lambda *_: finished.append(time.perf_counter() - start))
         seconds = time.perf_counter() - start
         if len(ran) < len(runs):
             gaps = [b - a for a, b in zip(finished, finished[1:])]

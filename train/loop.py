@@ -28,7 +28,7 @@ from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
 from fpt.train.plots import write_evaluation_plots
 from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
-from fpt.train.step import TrainStep, compile_default, make_optimizer
+from fpt.train.step import TrainStep, make_optimizer, step_compiles
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
 RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "corrupt",
@@ -225,7 +225,7 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
 
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers, shared)
                             for s in ("train", "val"))
-    compile = compile_default(device) if getattr(cfg, "compile", None) is None else cfg.compile
+    compile = step_compiles(getattr(cfg, "compile", None), device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]

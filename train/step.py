@@ -28,6 +28,11 @@ def compile_default(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def step_compiles(compile: bool | None, device: torch.device) -> bool:
+    """Whether a run's step is compiled: ``compile`` as given (``--compile`` / ``--no-compile``), else by default."""
+    return compile_default(device) if compile is None else compile
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
                    device: torch.device) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.CosineAnnealingLR]:
     """AdamW (its fused kernel on CUDA) and the cosine schedule over ``total_steps`` steps."""
