@@ -124,8 +124,9 @@ class ShardClock:
             self.marks.append((self.now(), self._done))
 
     def shard_copied(self) -> None:
-        if self.first_copied is None:
-            self.first_copied = self.now()
+        with self._lock:
+            if self.first_copied is None:
+                self.first_copied = self.now()
 
     def first_shard_seconds(self, start: float) -> float | None:
         """From ``start`` to the first written shard (None: none written)."""
