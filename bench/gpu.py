@@ -207,6 +207,7 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                    # the start taken apart: first decoded batch, first shard copied from the device, written
                    **{f"first_{what}_s": getattr(result, f"first_{what}_seconds") and
                       round(getattr(result, f"first_{what}_seconds"), 2) for what in ("batch", "copied", "shard")},
+                   "last_shard_s": result.last_shard_seconds and round(result.last_shard_seconds, 2),   # then stopping
                    "waited_for_decoding_s": round(result.waited_for_decoding_s, 2),
                    "waited_for_device_s": round(result.waited_for_device_s, 2),
                    "waited_for_writers_s": round(result.waited_for_writers_s, 2),
@@ -337,7 +338,7 @@ def print_table(rows: list[dict], device: str) -> None:
             note += f"; steady {r['steady_images_per_s']} img/s"
         if r.get("first_shard_s"):
             note += (f"; start: first batch {r.get('first_batch_s')} s, shard copied {r.get('first_copied_s')} s, "
-                     f"written {r['first_shard_s']} s")
+                     f"written {r['first_shard_s']} s; last shard written {r.get('last_shard_s')} s of {r['seconds']}")
         if r.get("first_step_s"):
             note += f"; first step {r['first_step_s']} s"
         case = r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")

@@ -52,10 +52,12 @@ class ExtractResult:
     steady_images_per_s: float | None = None
     # the start, taken apart: from the start to the loop's first decoded batch (decode workers starting, the first
     # batch's decoding), to the end of the first shard's copies from the device (+ the LPM's first steps) and to
-    # the first written shard (+ its write); None where there was none (or on dask, for the first two)
+    # the first written shard (+ its write); None where there was none (or on dask, for the first two). The end:
+    # to the last written shard (the rest of ``seconds`` is stopping the workers and writers)
     first_batch_seconds: float | None = None
     first_copied_seconds: float | None = None
     first_shard_seconds: float | None = None
+    last_shard_seconds: float | None = None
     # seconds the loop waited for decoded batches, for shards' copies from the device and for shard writers
     # (``LoopWaits``; None on dask)
     waited_for_decoding_s: float | None = None
@@ -131,6 +133,10 @@ class ShardClock:
     def first_shard_seconds(self, start: float) -> float | None:
         """From ``start`` to the first written shard (None: none written)."""
         return self.marks[0][0] - start if self.marks else None
+
+    def last_shard_seconds(self, start: float) -> float | None:
+        """From ``start`` to the last written shard (None: none written)."""
+        return self.marks[-1][0] - start if self.marks else None
 
     def first_copied_seconds(self, start: float) -> float | None:
         """From ``start`` to the end of the first shard's copies from the device (None: none)."""
@@ -243,6 +249,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
                                n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
                                first_shard_seconds=clock.first_shard_seconds(start),
+                               last_shard_seconds=clock.last_shard_seconds(start),
                                first_copied_seconds=clock.first_copied_seconds(start),
                                first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
                                **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,

@@ -570,7 +570,8 @@ def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_fo
     result = extract(micro_config(image_folder, tmp_path / "s.zarr", samples_per_shard=2))
     run = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
     assert result.steady_images_per_s and run["steady_images_per_s"] == round(result.steady_images_per_s, 3)
-    assert 0 < result.first_batch_seconds <= result.first_copied_seconds <= result.first_shard_seconds < result.seconds
+    assert 0 < result.first_batch_seconds <= result.first_copied_seconds <= result.first_shard_seconds
+    assert result.first_shard_seconds < result.last_shard_seconds <= result.seconds
     few = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))     # 2 shards
     assert few.steady_images_per_s is None
     again = extract(micro_config(image_folder, tmp_path / "t.zarr", samples_per_shard=8))   # nothing to do
@@ -586,7 +587,7 @@ def test_shard_clock_rate_leaves_out_the_time_before_the_first_shard():
         clock.shard_written(4)
     assert clock.marks == [(10.0, 4), (11.0, 8), (12.5, 12), (14.0, 16)]
     assert clock.steady_images_per_s() == (16 - 4) / (14.0 - 10.0)
-    assert clock.first_shard_seconds(start=2.0) == 8.0
+    assert clock.first_shard_seconds(start=2.0) == 8.0 and clock.last_shard_seconds(start=2.0) == 12.0
     assert run.ShardClock().steady_images_per_s() is None
 
 
