@@ -7,14 +7,11 @@ and marked done last, so an interrupted run resumes where it stopped and gives t
 from __future__ import annotations
 
 import errno
-import multiprocessing
 import os
-import threading
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from contextlib import contextmanager
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -30,11 +27,10 @@ from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
 from fpt.extract.images import low_res_copy, lpm_input
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
-from fpt.store import (SPLITS, Geometry, HandoverSlots, SharedSlot, Spec, StoreLocation, StoreLock, StoreReader,
-                       StoreWriter, check_same_extraction, choose_samples_per_shard, is_url, plan, start_writer,
-                       write_shared_shard)
-
-Progress = Callable[[int, int], None]
+from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
+from fpt.extract.timing import LoopWaits, Progress, ShardClock
+from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
+                       choose_samples_per_shard, is_url)
 
 
 @dataclass
@@ -75,79 +71,6 @@ class ExtractResult:
         shares["model"] = 1 - sum(shares.values())
         stage = max(shares, key=shares.get)
         return stage, shares[stage]
-
-
-class LoopWaits:
-    """Where the extraction loop's thread waited, in seconds: for its next decoded batch (``decoding``: the decode
-    workers, or the decoding itself without workers), for a submitted shard's copies from the device (``device``)
-    and then for its write (``writing``: compressing and writing) before it could hand out another. The rest of
-    its time it issued work to the device."""
-
-    def __init__(self, now: Callable[[], float] = time.perf_counter):
-        self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
-        self.first_batch: float | None = None          # when the first item arrived (``now``'s clock)
-
-    def batches(self, loader) -> Iterator:
-        """``loader``'s items, the wait for each (and for the end) added to ``decoding``."""
-        items = iter(loader)
-        while True:
-            with self.waiting("decoding"):
-                item = next(items, _END)
-            if item is _END:
-                return
-            if self.first_batch is None:
-                self.first_batch = self.now()
-            yield item
-
-    @contextmanager
-    def waiting(self, stage: str) -> Iterator[None]:
-        start = self.now()
-        try:
-            yield
-        finally:
-            setattr(self, stage, getattr(self, stage) + self.now() - start)
-
-
-_END = object()
-
-
-class ShardClock:
-    """When the run's shards were written: ``shard_written(n)`` as each shard's write ends (from any thread: the
-    writer threads call it, so the times are the writes' own, not when the loop next looked), ``shard_copied()``
-    as a shard's copies from the device are done (the first one is kept: the start's model part)."""
-
-    def __init__(self, now: Callable[[], float] = time.perf_counter):
-        self.now, self.marks, self.first_copied = now, [], None
-        self._lock, self._done = threading.Lock(), 0
-
-    def shard_written(self, n: int) -> None:
-        with self._lock:
-            self._done += n
-            self.marks.append((self.now(), self._done))
-
-    def shard_copied(self) -> None:
-        with self._lock:
-            if self.first_copied is None:
-                self.first_copied = self.now()
-
-    def first_shard_seconds(self, start: float) -> float | None:
-        """From ``start`` to the first written shard (None: none written)."""
-        return self.marks[0][0] - start if self.marks else None
-
-    def last_shard_seconds(self, start: float) -> float | None:
-        """From ``start`` to the last written shard (None: none written)."""
-        return self.marks[-1][0] - start if self.marks else None
-
-    def first_copied_seconds(self, start: float) -> float | None:
-        """From ``start`` to the end of the first shard's copies from the device (None: none)."""
-        return self.first_copied - start if self.first_copied is not None else None
-
-    def steady_images_per_s(self) -> float | None:
-        """Samples written after the first shard, per second since it (None: fewer than 3 shards)."""
-        if len(self.marks) < 3:
-            return None
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 def default_layers(depth: int) -> list[int]:
@@ -397,103 +320,6 @@ def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> lis
     return out
 
 
-FINITE_ARRAYS = ("keys", "values", "cls")      # the LPM's features, checked finite before a shard is written
-
-
-def all_finite(x: torch.Tensor) -> torch.Tensor:
-    """Whether every element of the fp16 tensor ``x`` is finite, as a 0-d bool on its device. An fp32 sum of fp16
-    values (each at most 65504 in size) cannot overflow for any tensor that fits in memory, so it is finite exactly
-    when no element is inf or NaN: one reduction, ~10x cheaper on a CPU than ``isfinite(x).all()``."""
-    return torch.isfinite(x.sum(dtype=torch.float32))
-
-
-class ShardBuffer:
-    """One shard's sample arrays, filled batch by batch: host tensors (pinned on CUDA, so the device-to-host
-    copies are asynchronous) in the store's shapes and dtypes. Whether every stored feature is finite is tracked
-    on the device and read with the arrays: a backbone whose activations overflow the precision (or the fp16 of
-    the store) is stopped before its shard is written.
-
-    ``slot``: fill a hand-over slot in place (``(slot, spec)``, the arrays at ``spec``'s places: page-locked on
-    CUDA), so that a writer process reads what the device copied there; else the buffer allocates its own."""
-
-    def __init__(self, geometry: Geometry, shard: int, pinned: bool, slot: tuple[SharedSlot, Spec] | None = None):
-        self.shard, self.rows, self.slot = shard, geometry.shard_range(shard), slot
-        if slot is None:
-            self.arrays = {name: torch.empty(shape, dtype=getattr(torch, dtype), pin_memory=pinned)
-                           for name, (shape, dtype) in geometry.shard_shapes(shard).items()}
-        else:
-            self.arrays = {name: torch.from_numpy(a) for name, a in slot[0].views(slot[1]).items()}
-        self.excluded: list[int] = []
-        # blocking: a writer thread waiting for this shard's copies sleeps (the default event makes it spin a core
-        # for up to a batch's GPU time, CPU the decode workers and writer processes need)
-        self.ready = torch.cuda.Event(blocking=True) if pinned else None
-        self._finite: list[torch.Tensor] = []                     # one device bool per batch
-        self.finite = torch.ones((), dtype=torch.bool, pin_memory=pinned)
-
-    def add(self, indices: list[int], batch: dict[str, torch.Tensor]) -> None:
-        """Copy one batch (device or host tensors, [b, ...] each) into its rows; asynchronous from CUDA."""
-        rows = slice(indices[0] - self.rows.start, indices[-1] + 1 - self.rows.start)
-        for name, target in self.arrays.items():
-            target[rows].copy_(batch[name], non_blocking=True)
-        self._finite.append(torch.stack([all_finite(batch[n]) for n in FINITE_ARRAYS]).all())
-
-    def seal(self) -> None:
-        """Mark the end of the copies into this shard (an event the writer thread waits for)."""
-        if self._finite:
-            self.finite.copy_(torch.stack(self._finite).all(), non_blocking=True)
-        if self.ready is not None:
-            self.ready.record()
-
-    def copied(self) -> None:
-        """Wait until the device's copies into this shard are done (sleeping; at once on a CPU)."""
-        if self.ready is not None:
-            self.ready.synchronize()
-
-    def numpy(self) -> dict[str, np.ndarray]:
-        """The arrays, once they can be written (``check_writable``)."""
-        self.check_writable()
-        return {name: t.numpy() for name, t in self.arrays.items()}
-
-    def check_writable(self) -> None:
-        """Wait for the device's copies, then refuse (FptError) a shard whose features are not finite."""
-        self.copied()
-        if not bool(self.finite):
-            raise FptError(f"the LPM's output is not finite in shard {self.shard} (samples {self.rows.start}-"
-                           f"{self.rows.stop - 1}): the backbone overflows its precision or the store's fp16; "
-                           "re-run with --precision bf16 or fp32 and --overwrite (precision is part of the "
-                           "store's identity)")
-
-
-CUDA_HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: page-locked for every CUDA context, not only one
-
-
-def page_lock(memory: np.ndarray) -> bool:
-    """Page-lock host ``memory`` for CUDA as pinned memory is (``cudaHostRegister``), so that device-to-host
-    copies into it run asynchronously; False where the driver refuses. On a thread of its own: a failed call
-    leaves its error as the CUDA runtime's last error of the calling thread, which torch would report at that
-    thread's next kernel launch."""
-    def register() -> bool:
-        return int(torch.cuda.cudart().cudaHostRegister(memory.ctypes.data, memory.nbytes,
-                                                        CUDA_HOST_REGISTER_PORTABLE)) == 0
-    try:
-        return _on_own_thread(register)
-    except Exception:          # noqa: BLE001 - no CUDA runtime here: the caller keeps memory of its own
-        return False
-
-
-def page_unlock(memory: np.ndarray) -> None:
-    """Undo ``page_lock`` (before the memory is unmapped). A failure is ignored: the lock ends with the process."""
-    try:
-        _on_own_thread(lambda: torch.cuda.cudart().cudaHostUnregister(memory.ctypes.data))
-    except Exception:          # noqa: BLE001 - e.g. the device failed: the run's own error is the one to report
-        pass
-
-
-def _on_own_thread(fn: Callable[[], object]):
-    with ThreadPoolExecutor(1, thread_name_prefix="fpt-page-lock") as thread:
-        return thread.submit(fn).result()
-
-
 def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
     """``cfg.writers`` resolved: writer processes on CUDA (the GPU outruns one process's zarr event loop, see
     ``fpt.store.shared``), threads on a CPU (the LPM needs the cores there)."""
@@ -522,149 +348,6 @@ def default_write_threads(device: torch.device) -> int:
     of each as cores the kernel divides the cores by demand; a side's idle processes cost only their memory.
     On a CPU one, since the LPM needs the cores."""
     return max(2, min(HOST_PROCESSES_MAX, os.cpu_count() or 2)) if device.type == "cuda" else 1
-
-
-class ShardWriterPool:
-    """Writes sealed ShardBuffers on background threads, at most ``threads`` waiting at once (``submit`` blocks
-    until one finishes), re-raising a writer's error in the caller. Leaving the ``with`` block waits for every
-    submitted write, also when leaving on an error; a shard whose write failed stays not-done, so a re-run
-    rewrites it.
-
-    ``processes``: each thread hands its shard to one of ``threads`` writer processes (``fpt.store.shared``), so
-    that zarr's per-process event loop is not the limit, through hand-over files reused from shard to shard
-    (``HandoverSlots``: at most ``threads`` + 1). ``buffer`` puts each shard in one of them, so the device's
-    copies land where the writer process reads (on CUDA the files are page-locked for that; where the driver
-    refuses, shards get buffers of their own and are copied into a file at the hand-over, as with threads);
-    otherwise the threads write in this process. ``pinned``: buffers in page-locked memory (CUDA)."""
-
-    def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
-                 processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False,
-                 clock: ShardClock | None = None, shards: int | None = None):
-        self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
-        self.waits = waits or LoopWaits()               # where the caller waited for a shard: device, writing
-        self.clock = clock or ShardClock()              # when each shard's copies and write ended
-        self.pinned = pinned
-        self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
-        # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
-        self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=start_writer, initargs=(str(writer.location),))
-                          if processes else None)
-        self.slots = HandoverSlots(before_close=self._unlock) if processes else None
-        self._locked: set[str] = set()                  # page-locked slots (their paths)
-        self.lock_refused = False                       # the driver refused to page-lock a slot
-        self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
-        self.pending: deque[tuple[Future, ShardBuffer]] = deque()
-        self.written = 0
-        for _ in range(self.threads if processes else 0):       # start them (``start_writer``) while the LPM warms up
-            self.processes.submit(os.getpid)
-        if processes:            # last (nothing can fail after it): every slot the run will use, made meanwhile too
-            count = min(self.threads + 1, shards or self.threads + 1)
-            self.slots.prepare(plan(writer.geometry.shard_shapes(0))[1], count, ready=self._prepare_slot)
-
-    def __enter__(self) -> "ShardWriterPool":
-        return self
-
-    def buffer(self, shard: int) -> ShardBuffer:
-        """The buffer the device's output for ``shard`` goes to: in a hand-over slot with writer processes, else
-        (or once page-locking was refused) memory of its own."""
-        geometry = self.writer.geometry
-        if self.copy_at_handover:
-            return ShardBuffer(geometry, shard, self.pinned)
-        # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
-        slot = self.slots.take(plan(geometry.shard_shapes(0))[1])
-        if self.pinned and (self.lock_refused or not self._lock(slot)):
-            self.slots.give(slot)
-            self.copy_at_handover = True
-            warnings.warn("the CUDA driver did not page-lock the hand-over files, so each shard is copied once more "
-                          "on its way to a writer process (more host CPU and memory; extraction is otherwise "
-                          "unchanged)", RuntimeWarning, stacklevel=2)
-            return ShardBuffer(geometry, shard, self.pinned)
-        return ShardBuffer(geometry, shard, self.pinned, slot=(slot, plan(geometry.shard_shapes(shard))[0]))
-
-    def _prepare_slot(self, slot: SharedSlot) -> None:
-        if self.pinned and not self.lock_refused and not self._lock(slot):
-            self.lock_refused = True                    # ``buffer`` says so, once, on the loop's thread
-
-    def _lock(self, slot: SharedSlot) -> bool:
-        if slot.path not in self._locked:
-            if not page_lock(slot.memory):
-                return False
-            self._locked.add(slot.path)
-        return True
-
-    def _unlock(self, slot: SharedSlot) -> None:
-        if slot.path in self._locked:
-            self._locked.discard(slot.path)
-            page_unlock(slot.memory)
-
-    def submit(self, shard: ShardBuffer) -> None:
-        shard.seal()
-        while len(self.pending) >= self.threads:
-            self._finish(*self.pending.popleft())
-        self.pending.append((self.executor.submit(self._write, shard), shard))
-
-    def _write(self, shard: ShardBuffer) -> int:
-        shard.copied()
-        self.clock.shard_copied()
-        if self.processes is None:
-            self.writer.write_shard(shard.shard, shard.numpy(), shard.excluded)
-        elif shard.slot is not None:                    # filled in place: handed over as it is
-            slot, spec = shard.slot
-            try:
-                shard.check_writable()
-                self._write_in_process(shard, slot.path, spec)
-            finally:
-                self.slots.give(slot)
-        else:
-            with self.slots.put(shard.numpy()) as (path, spec):
-                self._write_in_process(shard, path, spec)
-        self.clock.shard_written(len(shard.rows))
-        return len(shard.rows)
-
-    def _write_in_process(self, shard: ShardBuffer, path: str, spec: Spec) -> None:
-        self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
-                              shard.excluded).result()
-
-    def _finish(self, future: Future, shard: ShardBuffer) -> None:
-        """Wait for a submitted shard: for its copies from the device (``waits.device``: a run whose GPU is the
-        slower side waits there), then for its write (``waits.writing``)."""
-        with self.waits.waiting("device"):
-            shard.copied()
-        with self.waits.waiting("writing"):
-            self.written += future.result()
-        if self.progress:
-            self.progress(self.written, self.total)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        # Shards already computed are written even when the loop failed (a bad image, an interrupt): they are
-        # whole and correct, and the re-run then has less to do. Only the first error is raised.
-        try:
-            while self.pending:                               # the last shards: the run's tail
-                future, shard = self.pending.popleft()
-                if exc_type is None:
-                    self._finish(future, shard)
-                else:
-                    future.exception()
-        finally:
-            self.executor.shutdown(wait=True)
-            if self.processes is not None:
-                try:
-                    self.processes.shutdown(wait=True)
-                finally:
-                    self._close_slots(failing=exc_type is not None)
-
-    def _close_slots(self, failing: bool) -> None:
-        """Remove the hand-over files, page-locked ones unlocked first. A shard that an error left unfinished may
-        still be receiving the device's copies, so those end first; a device that fails there is reported only
-        when nothing else failed before."""
-        try:
-            if self._locked:
-                torch.cuda.synchronize()
-        except Exception:               # noqa: BLE001 - the loop's own error comes first
-            if not failing:
-                raise
-        finally:
-            self.slots.close()
 
 
 def _shard_task(cfg: ExtractConfig, shard: int, threads: int | None) -> tuple[int, list]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fpt.extract import extract
-from fpt.extract.run import ShardBuffer, all_finite, shard_batches
+from fpt.extract.run import shard_batches
+from fpt.extract.shard_writing import ShardBuffer, all_finite
 from fpt.store import SAMPLE_ARRAYS, Geometry, StoreReader, StoreWriter
 from tests.conftest import micro_config
 from tests.helpers import GEOM, assert_same_store, open_writer, shard_arrays
@@ -119,19 +120,19 @@ def test_writer_processes_give_the_serial_store(tmp_path, image_folder, monkeypa
 def test_where_the_driver_refuses_to_page_lock_shards_are_copied_at_the_hand_over(tmp_path, monkeypatch):
     """On CUDA the hand-over files are page-locked so the device copies into them asynchronously; where that is
     refused (one warning), each shard gets memory of its own and is copied into a file when handed over."""
-    from fpt.extract import run
+    from fpt.extract import shard_writing
 
-    class Unpinned(run.ShardBuffer):          # this machine has no CUDA to pin memory with
+    class Unpinned(shard_writing.ShardBuffer):     # this machine has no CUDA to pin memory with
         def __init__(self, geometry, shard, pinned, slot=None):
             super().__init__(geometry, shard, False, slot)
 
     locked = []
-    monkeypatch.setattr(run, "ShardBuffer", Unpinned)
-    monkeypatch.setattr(run, "page_lock", lambda memory: locked.append(memory.nbytes) or False)
+    monkeypatch.setattr(shard_writing, "ShardBuffer", Unpinned)
+    monkeypatch.setattr(shard_writing, "page_lock", lambda memory: locked.append(memory.nbytes) or False)
     writer = open_writer(tmp_path / "s.zarr")
     arrays = {s: shard_arrays(len(GEOM.shard_range(s)), seed=s) for s in range(GEOM.n_shards())}
     before = shared_files()
-    with run.ShardWriterPool(writer, 2, None, GEOM.n_samples, processes=True, pinned=True) as pool:
+    with shard_writing.ShardWriterPool(writer, 2, None, GEOM.n_samples, processes=True, pinned=True) as pool:
         for s in range(GEOM.n_shards()):
             if s == 0:
                 with pytest.warns(RuntimeWarning, match="did not page-lock"):
@@ -152,28 +153,28 @@ def test_page_locked_hand_over_files_are_unlocked_after_the_device_and_before_th
                                                                                                  monkeypatch):
     """With the files page-locked (pretended here), shards are filled in place, each slot is locked once, and at
     the end the device's copies are waited for, then every file is unlocked while it still exists, then removed."""
-    from fpt.extract import run
+    from fpt.extract import shard_writing
 
-    class Unpinned(run.ShardBuffer):          # this machine has no CUDA to pin memory with
+    class Unpinned(shard_writing.ShardBuffer):     # this machine has no CUDA to pin memory with
         def __init__(self, geometry, shard, pinned, slot=None):
             super().__init__(geometry, shard, False, slot)
 
     events = []
-    monkeypatch.setattr(run, "ShardBuffer", Unpinned)
-    monkeypatch.setattr(run, "page_lock", lambda memory: events.append("lock") or True)
-    monkeypatch.setattr(run, "page_unlock", lambda memory: events.append("unlock"))
-    monkeypatch.setattr(run.torch.cuda, "synchronize", lambda: events.append("synchronize"))
+    monkeypatch.setattr(shard_writing, "ShardBuffer", Unpinned)
+    monkeypatch.setattr(shard_writing, "page_lock", lambda memory: events.append("lock") or True)
+    monkeypatch.setattr(shard_writing, "page_unlock", lambda memory: events.append("unlock"))
+    monkeypatch.setattr(shard_writing.torch.cuda, "synchronize", lambda: events.append("synchronize"))
     writer = open_writer(tmp_path / "s.zarr")
     arrays = {s: shard_arrays(len(GEOM.shard_range(s)), seed=s) for s in range(GEOM.n_shards())}
     before = shared_files()
-    real_close = run.SharedSlot.close
+    real_close = shard_writing.SharedSlot.close
 
     def close(slot):
         events.append(("exists at close", Path(slot.path).exists()))
         real_close(slot)
 
-    monkeypatch.setattr(run.SharedSlot, "close", close)
-    with run.ShardWriterPool(writer, 1, None, GEOM.n_samples, processes=True, pinned=True) as pool:
+    monkeypatch.setattr(shard_writing.SharedSlot, "close", close)
+    with shard_writing.ShardWriterPool(writer, 1, None, GEOM.n_samples, processes=True, pinned=True) as pool:
         for s in range(GEOM.n_shards()):
             buffer = pool.buffer(s)
             assert buffer.slot is not None
@@ -189,7 +190,7 @@ def test_page_locked_hand_over_files_are_unlocked_after_the_device_and_before_th
 
 
 def test_page_lock_says_no_without_a_cuda_device_and_leaves_the_caller_able_to_go_on():
-    from fpt.extract.run import page_lock
+    from fpt.extract.shard_writing import page_lock
 
     memory = np.zeros(1 << 16, np.uint8)
     if torch.cuda.is_available():
@@ -203,15 +204,15 @@ def test_on_cuda_the_device_copies_into_page_locked_hand_over_files(tmp_path, im
     warning), and the store is the one writer threads make from the same device."""
     import warnings
 
-    from fpt.extract import run
+    from fpt.extract import shard_writing
 
-    seen, real_init = [], run.ShardBuffer.__init__
+    seen, real_init = [], shard_writing.ShardBuffer.__init__
 
     def spy(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         seen.append((self.slot is not None, all(t.is_pinned() for t in self.arrays.values())))
 
-    monkeypatch.setattr(run.ShardBuffer, "__init__", spy)
+    monkeypatch.setattr(shard_writing.ShardBuffer, "__init__", spy)
     options = dict(device="cuda", samples_per_shard=2, write_threads=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -241,7 +242,7 @@ class WrongShapeShard:
 
 
 def test_a_write_failing_in_a_writer_process_is_raised_and_the_other_shards_are_kept(tmp_path):
-    from fpt.extract.run import ShardWriterPool
+    from fpt.extract.shard_writing import ShardWriterPool
 
     before = shared_files()
     writer = open_writer(tmp_path / "s.zarr")
@@ -579,16 +580,16 @@ def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_fo
 
 
 def test_shard_clock_rate_leaves_out_the_time_before_the_first_shard():
-    from fpt.extract import run
+    from fpt.extract.timing import ShardClock
 
     times = iter([10.0, 11.0, 12.5, 14.0])                  # the first shard took 10 s to arrive
-    clock = run.ShardClock(now=lambda: next(times))
+    clock = ShardClock(now=lambda: next(times))
     for _ in range(4):
         clock.shard_written(4)
     assert clock.marks == [(10.0, 4), (11.0, 8), (12.5, 12), (14.0, 16)]
     assert clock.steady_images_per_s() == (16 - 4) / (14.0 - 10.0)
     assert clock.first_shard_seconds(start=2.0) == 8.0 and clock.last_shard_seconds(start=2.0) == 12.0
-    assert run.ShardClock().steady_images_per_s() is None
+    assert ShardClock().steady_images_per_s() is None
 
 
 def test_shards_are_timed_when_their_writes_end_not_when_the_loop_next_looks():
@@ -596,7 +597,8 @@ def test_shards_are_timed_when_their_writes_end_not_when_the_loop_next_looks():
     or the start would count the time the loop took to fill 4 more shards."""
     from concurrent.futures import wait
 
-    from fpt.extract.run import ShardClock, ShardWriterPool
+    from fpt.extract.shard_writing import ShardWriterPool
+    from fpt.extract.timing import ShardClock
 
     class Written:             # a ShardBuffer whose copies are done
         slot, excluded = None, []
@@ -708,7 +710,7 @@ def test_the_extraction_loop_runs_on_one_intra_op_thread_only_on_cuda(tmp_path, 
 
 
 def test_loop_waits_add_up_the_time_spent_waiting_for_each_stage():
-    from fpt.extract.run import LoopWaits
+    from fpt.extract.timing import LoopWaits
 
     ticks = iter(range(0, 100, 1))
     waits = LoopWaits(now=lambda: float(next(ticks)))
@@ -758,7 +760,8 @@ def test_the_writer_pool_counts_the_wait_for_a_shards_device_copies_apart_from_i
     that the verdict does not send the user to add writers."""
     import time
 
-    from fpt.extract.run import LoopWaits, ShardWriterPool
+    from fpt.extract.shard_writing import ShardWriterPool
+    from fpt.extract.timing import LoopWaits
 
     class SlowCopies:          # a ShardBuffer whose copies from the device take 50 ms
         slot = None

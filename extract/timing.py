@@ -1,0 +1,83 @@
+"""Where an extraction's time goes: ``LoopWaits`` (what the loop's thread waited for) and ``ShardClock`` (when each
+shard's copies from the device and its write ended: the start, the steady rate and the end of a run)."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+Progress = Callable[[int, int], None]          # progress(samples done, samples in the run)
+
+
+class LoopWaits:
+    """Where the extraction loop's thread waited, in seconds: for its next decoded batch (``decoding``: the decode
+    workers, or the decoding itself without workers), for a submitted shard's copies from the device (``device``)
+    and then for its write (``writing``: compressing and writing) before it could hand out another. The rest of
+    its time it issued work to the device."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
+        self.first_batch: float | None = None          # when the first item arrived (``now``'s clock)
+
+    def batches(self, loader) -> Iterator:
+        """``loader``'s items, the wait for each (and for the end) added to ``decoding``."""
+        items = iter(loader)
+        while True:
+            with self.waiting("decoding"):
+                item = next(items, _END)
+            if item is _END:
+                return
+            if self.first_batch is None:
+                self.first_batch = self.now()
+            yield item
+
+    @contextmanager
+    def waiting(self, stage: str) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + self.now() - start)
+
+
+_END = object()
+
+
+class ShardClock:
+    """When the run's shards were written: ``shard_written(n)`` as each shard's write ends (from any thread: the
+    writer threads call it, so the times are the writes' own, not when the loop next looked), ``shard_copied()``
+    as a shard's copies from the device are done (the first one is kept: the start's model part)."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter):
+        self.now, self.marks, self.first_copied = now, [], None
+        self._lock, self._done = threading.Lock(), 0
+
+    def shard_written(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+            self.marks.append((self.now(), self._done))
+
+    def shard_copied(self) -> None:
+        with self._lock:
+            if self.first_copied is None:
+                self.first_copied = self.now()
+
+    def first_shard_seconds(self, start: float) -> float | None:
+        """From ``start`` to the first written shard (None: none written)."""
+        return self.marks[0][0] - start if self.marks else None
+
+    def last_shard_seconds(self, start: float) -> float | None:
+        """From ``start`` to the last written shard (None: none written)."""
+        return self.marks[-1][0] - start if self.marks else None
+
+    def first_copied_seconds(self, start: float) -> float | None:
+        """From ``start`` to the end of the first shard's copies from the device (None: none)."""
+        return self.first_copied - start if self.first_copied is not None else None
+
+    def steady_images_per_s(self) -> float | None:
+        """Samples written after the first shard, per second since it (None: fewer than 3 shards)."""
+        if len(self.marks) < 3:
+            return None
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
