@@ -235,31 +235,33 @@ def test_local_runs_share_one_copy_of_the_splits_and_give_the_results_of_each_ru
         torch.set_num_threads(threads)
 
 
-def test_where_runs_compile_the_first_runs_alone_until_its_first_epoch_is_done(store, tmp_path, monkeypatch):
-    """torch.compile keeps compiled graphs in on-disk caches: the other local runs are started once the first
-    has compiled and trained its first epoch, so that they load its compiled step rather than all compiling it at
-    once. Compiling is pretended (the runs train eagerly: a CPU compile takes a minute); checked is what the
-    first run had done when each run was handed to the cluster."""
+def test_where_runs_compile_the_first_runs_alone_until_its_first_step_is_done(store, tmp_path, monkeypatch):
+    """torch.compile keeps compiled graphs in on-disk caches: the other local runs are handed to the cluster only
+    once the first has compiled and taken its first training step (it sets a dask Event; the first run is still
+    training then), so that they load its compiled step rather than all compiling it at once. Compiling is
+    pretended (the runs train eagerly: a CPU compile takes a minute)."""
     from distributed import Client
 
     from fpt.train import sweep
 
     monkeypatch.setattr(sweep, "step_compiles", lambda compile, device: True)
-    cfg = sweep_config(store, lr="1e-3,3e-3,1e-2", weight_decay="0", seeds=1, scheduler="local:2",
-                       out=tmp_path / "sweep", **{**TINY, "epochs": 2})
-    first_log = cfg.out / "runs" / sweep.run_name(1e-3, 0.0, cfg.train.seed) / "log.jsonl"
-    epochs_of_the_first, real_submit = [], Client.submit
+    events, real_submit, real_wait = [], Client.submit, sweep.wait_for_first_step
 
     def submit(self, fn, *args, **kwargs):
         if fn is sweep.train_task:
-            epochs_of_the_first.append(len(first_log.read_text().splitlines()) if first_log.exists() else 0)
+            events.append("submit")
         return real_submit(self, fn, *args, **kwargs)
 
+    def wait(client, event, future):
+        real_wait(client, event, future)
+        events.append(("released; the first run had ended:", future.done()))
+
     monkeypatch.setattr(Client, "submit", submit)
-    summary = run_sweep(cfg)
+    monkeypatch.setattr(sweep, "wait_for_first_step", wait)
+    summary = run_sweep(sweep_config(store, lr="1e-3,3e-3,1e-2", weight_decay="0", seeds=1, scheduler="local:2",
+                                     out=tmp_path / "sweep", **{**TINY, "epochs": 3}))
     assert summary.ran == 3
-    assert epochs_of_the_first[0] == 0 and len(epochs_of_the_first) == 3
-    assert all(n >= 1 for n in epochs_of_the_first[1:])
+    assert events == ["submit", ("released; the first run had ended:", False), "submit", "submit"]
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

@@ -15,8 +15,8 @@ split). Each run is still alone in its process, with its own seeded RNGs: a run'
 running its configuration alone. Local runs that cache their splits use one copy of them (``share_splits``):
 in shared memory for runs that cache in RAM, and on each GPU for runs that cache there (the sweep's process
 holds it; each run maps it through a CUDA IPC handle instead of copying it to its own memory). Where the runs
-compile their step, the first one runs alone until its first epoch is done, so that the others load the compiled
-step from torch.compile's on-disk caches instead of all compiling it at once (``execute``).
+compile their step, the first one runs alone until it has compiled and taken its first step, so that the others
+load the compiled step from torch.compile's on-disk caches instead of all compiling it at once (``execute``).
 """
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ def finished_metrics(run: Run) -> RunMetrics | None:
 
 
 def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | None = None,
-               first_epoch_event: str | None = None) -> RunMetrics:
-    """One run on a dask worker (module-level, so workers import it by name); ``first_epoch_event``: the name of a
-    dask ``Event`` to set once the run's first epoch is done (its step compiled and run, its evaluation too)."""
+               first_step_event: str | None = None) -> RunMetrics:
+    """One run on a dask worker (module-level, so workers import it by name); ``first_step_event``: the name of a
+    dask ``Event`` to set once the run's first training step is done (compiled and run)."""
     import torch
 
     from fpt.cluster import worker_device
@@ -93,16 +93,16 @@ def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | 
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**{**cfg, "store": str(cfg["store"]), "out": Path(cfg["out"])})
-    on_epoch = None
-    if first_epoch_event:
+    on_batch = None
+    if first_step_event:
         from distributed import Event
-        event, signalled = Event(first_epoch_event), []
+        event, signalled = Event(first_step_event), []
 
-        def on_epoch(record: dict) -> None:
+        def on_batch(epoch: int, step: int, steps: int) -> None:
             if not signalled:
                 event.set()
                 signalled.append(True)
-    return train(replace(cfg, device=worker_device(cfg.device)), on_epoch=on_epoch, shared=shared)
+    return train(replace(cfg, device=worker_device(cfg.device)), on_batch=on_batch, shared=shared)
 
 
 CUDA_CONTEXT_MB = 600         # a process's CUDA context and kernels (not counted by max_memory_allocated)
@@ -177,13 +177,15 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     # The runs compile the same step (lr, weight decay and seed are not in its graphs), and torch.compile keeps
     # what it compiled in on-disk caches that every process of this machine reads. Started together, local runs
     # would each compile it from nothing on the same cores (CPU, small model: 51 s cold against 3 s from the
-    # cache); the first one runs alone until its first epoch is done, then the others find the cache warm.
+    # cache); the first one runs alone until it has compiled and taken its first step (not its first epoch, which
+    # may be long), then the others find the training step in the cache (its evaluation forward, compiled at the
+    # end of the first epoch, reaches the cache about when they need it).
     first_alone = local and len(todo) > 1 and step_compiles(runs[0].cfg.compile, device)
     with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads), contextlib.ExitStack() as stack:
         copies = share_splits(reader, names, stack, gpus=share_gpu) if share else None
         by_future = {}
 
-        def submit(run: Run, first_epoch_event: str | None = None):
+        def submit(run: Run, first_step_event: str | None = None):
             cfg = jsonable(asdict(replace(run.cfg, corrupt=corrupt)))
             if threads is not None and run.cfg.cache_budget_mb is None:
                 # N local runs share this machine's RAM (or each GPU): half of it, split N ways (the RAM once
@@ -191,7 +193,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
                 cfg["cache_budget_mb"] = (_free_gpu_mb() / 2 / (per_gpu or 1) if cuda else
                                           psutil.virtual_memory().available / 2**21
                                           / (1 if copies else len(client.nthreads())))
-            future = client.submit(train_task, cfg, threads, copies.for_run() if copies else None, first_epoch_event,
+            future = client.submit(train_task, cfg, threads, copies.for_run() if copies else None, first_step_event,
                                    key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)
             by_future[future] = run
@@ -199,9 +201,9 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
 
         rest = todo
         if first_alone:
-            event = f"fpt-first-epoch-{os.urandom(4).hex()}"
+            event = f"fpt-first-step-{os.urandom(4).hex()}"
             first = submit(todo[0], event)
-            wait_for_first_epoch(client, event, first)
+            wait_for_first_step(client, event, first)
             rest = [] if first.status == "error" else todo[1:]          # its error is raised below
         for run in rest:
             submit(run)
@@ -221,8 +223,8 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     return results
 
 
-def wait_for_first_epoch(client, event: str, future) -> None:
-    """Until the run of ``future`` has set the dask ``Event`` named ``event`` (its first epoch is done) or has
+def wait_for_first_step(client, event: str, future) -> None:
+    """Until the run of ``future`` has set the dask ``Event`` named ``event`` (its first step is done) or has
     ended (failed, or had no epoch left to train)."""
     from distributed import Event
 
