@@ -60,11 +60,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def setting(small: bool, batch: int) -> tuple[ModelSpec, StepShape]:
+    """The side network and the batch's data shape: CPU-sized (``small``) or the paper's."""
+    return SMALL_SPEC if small else PAPER_SPEC, StepShape(batch_size=batch, **(SMALL_SHAPE if small else PAPER_SHAPE))
+
+
 def step_row(device: torch.device, batch: int, compile: bool, small: bool, warmup: int = 3,
              reps: int = 35) -> dict:
     """Samples/s (median step) and peak memory of ``fpt train``'s step on a batch already on ``device``."""
-    spec = SMALL_SPEC if small else PAPER_SPEC
-    shape = StepShape(batch_size=batch, **(SMALL_SHAPE if small else PAPER_SHAPE))
+    spec, shape = setting(small, batch)
     torch.manual_seed(0)
     with PeakMemory(device) as memory:
         step = make_step(spec, device, compile=compile, steps=warmup + reps)
@@ -160,8 +164,7 @@ def graph_step_row(device: torch.device, batch: int, compile: bool, small: bool,
                    reps: int = 35) -> dict:
     """Samples/s of the median step of ``WholeStepGraph`` (each step: a new batch copied into the static buffers,
     the lr's update and one replay, ended by a synchronisation), as ``step_row`` times ``fpt train``'s step."""
-    spec = SMALL_SPEC if small else PAPER_SPEC
-    shape = StepShape(batch_size=batch, **(SMALL_SHAPE if small else PAPER_SHAPE))
+    spec, shape = setting(small, batch)
     torch.manual_seed(0)
     with PeakMemory(device) as memory:
         total = warmup + 1 + reps

@@ -142,6 +142,8 @@ class ShardWriterPool:
                                               initializer=start_writer, initargs=(str(writer.location),))
                           if processes else None)
         self.slots = HandoverSlots(before_close=self._unlock) if processes else None
+        # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
+        self.slot_size = plan(writer.geometry.shard_shapes(0))[1] if processes else 0
         self._locked: set[str] = set()                  # page-locked slots (their paths)
         self.lock_refused = False                       # the driver refused to page-lock a slot
         self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
@@ -151,7 +153,7 @@ class ShardWriterPool:
             self.processes.submit(os.getpid)
         if processes:            # last (nothing can fail after it): every slot the run will use, made meanwhile too
             count = min(self.threads + 1, shards or self.threads + 1)
-            self.slots.prepare(plan(writer.geometry.shard_shapes(0))[1], count, ready=self._prepare_slot)
+            self.slots.prepare(self.slot_size, count, ready=self._prepare_slot)
 
     def __enter__(self) -> "ShardWriterPool":
         return self
@@ -162,8 +164,7 @@ class ShardWriterPool:
         geometry = self.writer.geometry
         if self.copy_at_handover:
             return ShardBuffer(geometry, shard, self.pinned)
-        # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
-        slot = self.slots.take(plan(geometry.shard_shapes(0))[1])
+        slot = self.slots.take(self.slot_size)
         if self.pinned and (self.lock_refused or not self._lock(slot)):
             self.slots.give(slot)
             self.copy_at_handover = True

@@ -51,8 +51,12 @@ def plan(shapes: Mapping[str, tuple[Sequence[int], np.dtype | str]]) -> tuple[Sp
     for name, (shape, dtype) in shapes.items():
         dtype = np.dtype(dtype)
         spec[name] = (size, tuple(shape), dtype.str)
-        size += -(-int(np.prod(shape)) * dtype.itemsize // ALIGN) * ALIGN
+        size += -(-_nbytes(shape, dtype) // ALIGN) * ALIGN
     return spec, size
+
+
+def _nbytes(shape: Sequence[int], dtype: np.dtype | str) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 class SharedSlot:
@@ -82,8 +86,7 @@ class SharedSlot:
     def views(self, spec: Spec) -> dict[str, np.ndarray]:
         """Writable arrays over this slot's memory where ``spec`` (``plan``) puts them: filled in place, they are
         handed over as ``(slot.path, spec)`` with no copy."""
-        if max((offset + int(np.prod(shape)) * np.dtype(dtype).itemsize for offset, shape, dtype in spec.values()),
-               default=0) > self.size:
+        if max((offset + _nbytes(shape, dtype) for offset, shape, dtype in spec.values()), default=0) > self.size:
             raise ValueError(f"the arrays do not fit a hand-over slot of {self.size} bytes")
         return {name: _view(self._memory, *s) for name, s in spec.items()}
 
@@ -261,7 +264,7 @@ def handover_folder(size: int) -> str:
 
 def _view(memory: np.ndarray, offset: int, shape: Sequence[int], dtype: str) -> np.ndarray:
     dtype = np.dtype(dtype)
-    return memory[offset:offset + int(np.prod(shape)) * dtype.itemsize].view(dtype).reshape(tuple(shape))
+    return memory[offset:offset + _nbytes(shape, dtype)].view(dtype).reshape(tuple(shape))
 
 
 def open_shared(path: str, spec: Spec, memory: np.ndarray | None = None) -> dict[str, np.ndarray]:
