@@ -163,9 +163,12 @@ Seed = Annotated[Optional[int], option("Seed of initialisation, shuffling and au
                                        default=TR["seed"])]
 Cache = Annotated[Optional[str], option("auto, none, ram or gpu: where train+val live while training.", HARDWARE,
                                         default=TR["cache"])]
-Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step "
-                                                 "(CUDA graphs on CUDA). [default: on for CUDA, off for CPU]",
-                                                 rich_help_panel=HARDWARE)]
+Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the training step: "
+                                                 "faster steps for tens of seconds of compiling per run. "
+                                                 "[default: off]", rich_help_panel=HARDWARE)]
+CudaGraph = Annotated[Optional[bool], typer.Option("--cuda-graph/--no-cuda-graph", help="Capture the whole training "
+                                                   "step (and the evaluation forward) as one CUDA graph. "
+                                                   "[default: on for CUDA]", rich_help_panel=HARDWARE)]
 CheckpointSeconds = Annotated[Optional[float], option(
     "Write last.pt (what --resume continues from) at most this often; 0 = after every epoch. Ctrl-C writes it "
     "too.", OUTPUT, default=f"{TR['checkpoint_seconds']:g}", metavar="SECONDS")]
@@ -360,6 +363,7 @@ def train_cmd(
     workers: Annotated[Optional[int], option("Store-reading processes when streaming.", HARDWARE,
                                              default="chosen per device")] = None,
     compile: Compile = None,
+    cuda_graph: CudaGraph = None,
     augment: Augment = None,
     drop_last: DropLast = None,
     pipelines: Pipelines = None,
@@ -370,7 +374,7 @@ def train_cmd(
         from fpt.train.loop import resume_config
 
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                            compile=compile, checkpoint_seconds=checkpoint_seconds)
+                            compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds)
     else:
         cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
                          epochs=epochs,
@@ -378,7 +382,8 @@ def train_cmd(
                          weight_decay=fpt_config.parse_number(weight_decay, "weight-decay"), seed=seed, device=device,
                          method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                          ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                         augment=augment, drop_last=drop_last, checkpoint_seconds=checkpoint_seconds)
+                         cuda_graph=cuda_graph, augment=augment, drop_last=drop_last,
+                         checkpoint_seconds=checkpoint_seconds)
     m = run_train(cfg)
     show_metrics([m])
 
@@ -453,6 +458,7 @@ def sweep(
                                                "address.", HARDWARE, default=DEFAULTS["sweep"].get("scheduler"))
                          ] = None,
     compile: Compile = None,
+    cuda_graph: CudaGraph = None,
     runs_per_gpu: Annotated[Optional[int], option("Runs trained at once on each GPU of a local scheduler.", HARDWARE,
                                                   default="from free GPU memory and the step's measured peak")] = None,
     augment: Augment = None,
@@ -468,8 +474,8 @@ def sweep(
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
                                   ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                                  runs_per_gpu=runs_per_gpu, augment=augment, drop_last=drop_last,
-                                  pipelines=pipelines)
+                                  cuda_graph=cuda_graph, runs_per_gpu=runs_per_gpu, augment=augment,
+                                  drop_last=drop_last, pipelines=pipelines)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 

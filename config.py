@@ -190,7 +190,8 @@ class TrainConfig:
     ft_memory_mb: float | None = None     # full fine-tuning memory (same device kind) for PME; None = no PME
     skip_corrupt: bool = False            # leave out samples whose chunks fail their checksums (else: refuse)
     corrupt: list[str] | None = None      # ids a caller already found corrupt (None: checksum the store first)
-    compile: bool | None = None           # torch.compile the training step; None = on CUDA only
+    compile: bool | None = None           # torch.compile the training step; None = off
+    cuda_graph: bool | None = None        # capture the step as one CUDA graph; None = on CUDA devices
     checkpoint_seconds: float = 30.0      # last.pt at most this often (0: every epoch); Ctrl-C always writes it
 
     def __post_init__(self) -> None:

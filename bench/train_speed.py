@@ -4,19 +4,19 @@ official-style training loop, and a 12-run sweep concurrently vs one run after a
 Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its training table):
 
 * ``step-eager-b{16,64}``, ``step-compiled-b{16,64}``: ``fpt train``'s step (``fpt.train.step.TrainStep``:
-  augmentation, forward, backward, clip, AdamW, schedule) on a batch already on the device; median of the
-  timed steps after warm-up (compiling included in the warm-up). Compiled = torch.compile, ``reduce-overhead``
-  (CUDA graphs) on CUDA, the default mode on a CPU.
+  augmentation, forward, backward, clip, AdamW, schedule) on a batch already on the device, not captured;
+  median of the timed steps after warm-up (compiling included in the warm-up). Compiled = torch.compile's
+  default mode (until 2026-11-27 on CUDA: ``reduce-overhead``, CUDA graphs of the forward and backward).
 * ``fpt-train``: ``fpt train`` on a store of the demo task, its steady-state train samples/s (epochs after the
   first; 10 epochs on a GPU, 5 until 2026-11-27) and peak memory from metrics.json, and each epoch's seconds.
 * ``loop-*``: ``fpt train``'s epoch taken apart (``loop_rows``): the step on one batch, on the gathered
   batches, the whole timed epoch, the validation; ms per step each, to locate time spent outside the step.
-* ``step-graph-b16``, ``step-graph-compiled-b16`` (part ``graph``): the same step as one CUDA graph, captured once
-  and replayed (``WholeStepGraph``): augmentation, forward, backward, clip and AdamW (fused, capturable, lr a
-  device tensor set from the closed-form cosine each step) inside the graph, the batch copied into its static
-  buffers each step; the forward+backward eager or compiled (torch.compile, default mode) inside it. What
-  capturing the whole step would give against ``step-compiled-b16`` (forward+backward graphs, clip and AdamW
-  launched from Python); an experiment, not ``fpt train``'s step. On a CPU it runs without capture.
+* ``step-graph-b{16,64}``, ``step-graph-compiled-b{16,64}`` (part ``graph``): the same step captured whole as
+  one CUDA graph and replayed, ``fpt train``'s step on CUDA since 2026-11-27 (``fpt.train.step.StepGraph``):
+  augmentation, forward, backward, clip and AdamW (fused, capturable, its lr a device tensor) inside the graph,
+  the batch copied into its static buffers each step; the forward+backward eager or compiled (torch.compile,
+  default mode) inside it. (Until then an experiment of this bench, ``WholeStepGraph``, with the same design.)
+  On a CPU nothing is captured (the rows are named as the step runs: ``step-eager``, ``step-compiled``).
 * ``official-loop``: the official way of feeding the same step (eager): per sample a PNG decode, torchvision
   augmentation on the PIL image and a safetensors load, in DataLoader worker processes; one epoch after a
   warm-up epoch.
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -45,9 +44,9 @@ import numpy as np
 import torch
 
 from fpt.bench.common import command_line, merge_cases, write_results
-from fpt.train.data import DRAWS
 from fpt.train.memory import PAPER_SPEC, PeakMemory, StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
+from fpt.train.step import GRAPH_WARMUP
 
 SMALL_SPEC = ModelSpec(lpm_dim=192, lpm_heads=3, head_dim=64, patch_size=16, layers=6, n_classes=2, side_res=64,
                        prompts=16, reduction=8)
@@ -65,13 +64,16 @@ def setting(small: bool, batch: int) -> tuple[ModelSpec, StepShape]:
     return SMALL_SPEC if small else PAPER_SPEC, StepShape(batch_size=batch, **(SMALL_SHAPE if small else PAPER_SHAPE))
 
 
-def step_row(device: torch.device, batch: int, compile: bool, small: bool, warmup: int = 3,
+def step_row(device: torch.device, batch: int, compile: bool, small: bool, cuda_graph: bool = False,
              reps: int = 35) -> dict:
-    """Samples/s (median step) and peak memory of ``fpt train``'s step on a batch already on ``device``."""
+    """Samples/s (median step, each ended by a synchronisation) and peak memory of ``fpt train``'s step on a
+    batch already on ``device``: eager or compiled, captured as one CUDA graph or not. The warm-up (compiling,
+    the eager steps before a capture and the capture) is timed apart."""
     spec, shape = setting(small, batch)
+    warmup = GRAPH_WARMUP + 1
     torch.manual_seed(0)
     with PeakMemory(device) as memory:
-        step = make_step(spec, device, compile=compile, steps=warmup + reps)
+        step = make_step(spec, device, compile=compile, steps=warmup + reps, cuda_graph=cuda_graph)
         data = step_batch(spec, shape, device)
         draws = step.side_input.draw(warmup + reps, batch).to(device)
         start = time.perf_counter()
@@ -82,112 +84,17 @@ def step_row(device: torch.device, batch: int, compile: bool, small: bool, warmu
         times = []
         for i in range(warmup, warmup + reps):
             t = time.perf_counter()
-            step(data, draws[i])
-            _sync(device)
-            times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    return {"name": f"step-{'compiled' if step.is_compiled else 'eager'}-b{batch}", "batch": batch,
-            "samples_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 3),
-            "warmup_s": round(warm_s, 2), "peak_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
-            "compiled": step.is_compiled, "steps_timed": reps}
-
-
-class WholeStepGraph:
-    """``fpt train``'s step (its model, augmentation, loss, clip, AdamW) captured whole as one CUDA graph: call it
-    with step ``i``'s batch and draws; the first ``warmup`` steps run eagerly on a side stream (as capture needs:
-    AdamW's state and the allocator settle), step ``warmup`` is captured and every step from then on is a copy of
-    its inputs into the static buffers, the lr's update and one replay. AdamW is fused and capturable with its lr
-    a device tensor, set from CosineAnnealingLR's closed form over ``total`` steps (the scheduler itself would
-    read the tensor back to the host every step). On a CPU nothing is captured (the same steps, eagerly).
-    Returns the step's loss, valid until the next call."""
-
-    def __init__(self, spec: ModelSpec, device: torch.device, total: int, compile: bool = False, warmup: int = 3,
-                 base_lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0):
-        from fpt.train.data import SideInput
-        from fpt.train.model import build_model
-        from fpt.train.step import TrainStep
-
-        self.device, self.total, self.warmup, self.base_lr = device, total, warmup, base_lr
-        self.cuda = device.type == "cuda"
-        self.model = build_model(spec).to(device)
-        self.lr = torch.tensor(base_lr, device=device)   # read by the captured AdamW kernel at each replay
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.lr, weight_decay=weight_decay,
-            **({"fused": True, "capturable": True} if self.cuda else {"foreach": False}))
-        side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
-        loss = TrainStep(self.model, side_input, optimizer=None).loss
-        self.loss_fn = torch.compile(loss, dynamic=False) if compile else loss
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.static: dict[str, torch.Tensor] | None = None
-        self.side = torch.cuda.Stream(device) if self.cuda else None
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def _step(self) -> torch.Tensor:
-        from fpt.train.step import CLIP_NORM
-        loss = self.loss_fn(self.static, self.static["draws"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
-        self.optimizer.step()
-        return loss
-
-    def __call__(self, batch: dict[str, torch.Tensor], draws: torch.Tensor, i: int) -> torch.Tensor:
-        inputs = {**batch, "draws": draws}
-        if self.static is None:
-            self.static = {name: t.clone() for name, t in inputs.items()}
-        else:
-            for name, t in inputs.items():
-                self.static[name].copy_(t, non_blocking=True)
-        self.lr.fill_(self.base_lr * (1 + math.cos(math.pi * i / self.total)) / 2)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.loss
-        if not self.cuda:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._step().detach()
-        if i < self.warmup:
-            current = torch.cuda.current_stream(self.device)
-            self.side.wait_stream(current)
-            with torch.cuda.stream(self.side):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self._step().detach()
-            current.wait_stream(self.side)
-            return loss
-        self.optimizer.zero_grad(set_to_none=True)        # the backward allocates the grads inside the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self._step().detach()
-        self.graph.replay()                               # capturing recorded step i; this runs it
-        return self.loss
-
-
-def graph_step_row(device: torch.device, batch: int, compile: bool, small: bool, warmup: int = 3,
-                   reps: int = 35) -> dict:
-    """Samples/s of the median step of ``WholeStepGraph`` (each step: a new batch copied into the static buffers,
-    the lr's update and one replay, ended by a synchronisation), as ``step_row`` times ``fpt train``'s step."""
-    spec, shape = setting(small, batch)
-    torch.manual_seed(0)
-    with PeakMemory(device) as memory:
-        total = warmup + 1 + reps
-        step = WholeStepGraph(spec, device, total, compile=compile, warmup=warmup)
-        batches = [step_batch(spec, shape, device) for _ in range(2)]
-        draws = torch.rand(total, DRAWS, batch, generator=torch.Generator().manual_seed(0)).to(device)
-        start = time.perf_counter()
-        for i in range(warmup + 1):                       # the eager steps and the captured one
-            step(batches[i % 2], draws[i], i)
-        _sync(device)
-        warm_s = time.perf_counter() - start
-        times = []
-        for i in range(warmup + 1, total):
-            t = time.perf_counter()
-            loss = step(batches[i % 2], draws[i], i)
+            loss = step(data, draws[i])
             _sync(device)
             times.append(time.perf_counter() - t)
         finite = bool(torch.isfinite(loss).item())
     median = statistics.median(times)
-    return {"name": f"step-graph{'-compiled' if compile else ''}-b{batch}", "batch": batch,
+    kind = ("graph-" if step.is_captured else "") + ("compiled" if step.is_compiled else "eager")
+    return {"name": f"step-{kind.replace('graph-eager', 'graph')}-b{batch}", "batch": batch,
             "samples_per_s": round(batch / median, 1), "step_ms": round(median * 1e3, 3),
             "warmup_s": round(warm_s, 2), "peak_mb": round(memory.peak_mb, 1), "memory_kind": memory.kind,
-            "compiled": compile, "captured": step.graph is not None, "loss_finite": finite, "steps_timed": reps}
+            "compiled": step.is_compiled, "captured": step.is_captured, "loss_finite": finite,
+            "steps_timed": reps}
 
 
 def bench_store(small: bool):
@@ -417,9 +324,10 @@ def run(device: torch.device | str, small: bool, workers: int | None = None,
             if part == "step":
                 new = (step_row(device, batch, compile, small, reps=10 if small else 35)    # lazily: each row
                        for batch in (16, 64) for compile in (False, True))                  # printed when done
-            elif part == "graph":
-                new = (_row_or_error(f"step-graph{'-compiled' if compile else ''}-b16", graph_step_row, device, 16,
-                                     compile, small, reps=10 if small else 35) for compile in (False, True))
+            elif part == "graph":           # fpt train's step on CUDA (on a CPU: nothing to capture)
+                new = (_row_or_error(f"step-graph{'-compiled' if compile else ''}-b{batch}", step_row, device,
+                                     batch, compile, small, cuda_graph=device.type == "cuda",
+                                     reps=10 if small else 35) for batch in (16, 64) for compile in (False, True))
             elif part == "train":
                 new = [fpt_train_row(device, small, work)]
             elif part == "official":

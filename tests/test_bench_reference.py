@@ -70,31 +70,3 @@ def test_host_and_device_times_hold_the_gpu_before_the_timed_work(monkeypatch):
                       "record end", "synchronize end"]
     assert device == 0.25 and 0 <= host < 0.1
 
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_the_whole_step_graph_gives_the_losses_of_fpt_trains_step(device):
-    """The experiment of bench/train_speed.py (the whole step as one CUDA graph: eager steps, then one capture,
-    then replays into static buffers) trains as ``fpt train``'s step does: the same losses and weights, step by
-    step, through the lr schedule. On a CPU nothing is captured, so only the bookkeeping is checked there."""
-    from dataclasses import replace
-
-    train_speed = pytest.importorskip("fpt.bench.train_speed")
-    from fpt.train.memory import StepShape, make_step, step_batch
-
-    device, steps = torch.device(device), 7
-    spec = replace(train_speed.SMALL_SPEC, dropout=0.0)     # the two would draw their masks in another order
-    shape = StepShape(batch_size=4, **train_speed.SMALL_SHAPE)
-    torch.manual_seed(0)
-    graphed = train_speed.WholeStepGraph(spec, device, total=steps, warmup=2)
-    torch.manual_seed(0)
-    eager = make_step(spec, device, steps=steps)
-    batches = [step_batch(spec, shape, device) for _ in range(steps)]
-    draws = eager.side_input.draw(steps, shape.batch_size).to(device)
-    for i in range(steps):
-        ours = float(graphed(batches[i], draws[i], i))
-        reference = float(eager(batches[i], draws[i]))
-        assert ours == pytest.approx(reference, rel=1e-4, abs=1e-5), f"step {i}"
-    assert (graphed.graph is not None) == (device.type == "cuda")
-    for a, b in zip(graphed.model.parameters(), eager.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

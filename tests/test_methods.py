@@ -191,6 +191,35 @@ def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
     assert len(logs[1]) == 3 and logs[0] == logs[1]                      # same losses: same order, draws, dropout
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_interrupted_captured_cuda_run_resumes_to_the_same_result(store, tmp_path):
+    """On CUDA the step is captured after its eager warm-up steps, and a resumed run warms up and captures again:
+    the same losses (the replayed kernels are the eager ones, dropout's draws come from the same generator
+    offsets) and the same selected model as the uninterrupted run."""
+    def run(out, **kw):
+        return train(tiny_train(store, tmp_path / out, epochs=3, device="cuda", cache="gpu", checkpoint_seconds=0),
+                     **kw)
+
+    whole = run("whole")
+
+    def stop_after_first(record):
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", on_epoch=stop_after_first)
+    resumed = run("cut")
+    assert whole.throughput.captured and resumed.throughput.captured
+    logs = [[json.loads(line) for line in (tmp_path / r / "log.jsonl").read_text().splitlines()]
+            for r in ("whole", "cut")]
+    assert [e["loss"] for e in logs[1]] == pytest.approx([e["loss"] for e in logs[0]], rel=1e-5)
+    assert resumed.best_epoch == whole.best_epoch
+    a = torch.load(tmp_path / "whole" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoints_follow_checkpoint_seconds_without_changing_results(store, tmp_path, monkeypatch):
     """--checkpoint-seconds 0 writes last.pt after every epoch; a long interval writes none during the run and
     best.pt once, at the end, holding the selected epoch's model; the results are the same."""

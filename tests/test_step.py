@@ -1,6 +1,7 @@
 """The one training step: compiled (torch.compile's default mode on the CPU here) and eager give the same losses
 and weights; the fallback to eager when compiling fails; padded evaluation; the versioned checkpoint and
 atomic writes; the background checkpoint writer."""
+import math
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from fpt.train.files import (FORMAT_VERSION, CheckpointWriter, atomic_write, ato
                              save_checkpoint)
 from fpt.train.memory import StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
-from fpt.train.step import CompiledOrEager, TrainStep, pad_batch
+from fpt.train.step import GRAPH_WARMUP, CompiledOrEager, TrainStep, pad_batch
 
 SMALL = ModelSpec(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=2, n_classes=2, side_res=16, prompts=3,
                   reduction=4)
@@ -84,7 +85,7 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch)
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    twice = CompiledOrEager(lambda x: x * 2, compile=True, mode=None, what="test function")
+    twice = CompiledOrEager(lambda x: x * 2, compile=True, what="test function")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert twice(torch.tensor(3.0)) == 6 and twice(torch.tensor(4.0)) == 8
@@ -113,6 +114,25 @@ def test_a_failing_backward_compilation_falls_back_to_eager(monkeypatch):
     assert any(not torch.equal(a, p) for a, p in zip(before, step.params))     # the eager step still trained
 
 
+def test_a_cuda_graph_is_refused_off_cuda_in_one_line():
+    with pytest.raises(FptError, match=r"^--cuda-graph needs a CUDA device \(this run's device is cpu\)$"):
+        make_step(SMALL, CPU, cuda_graph=True)
+    assert not make_step(SMALL, CPU).is_captured and not make_step(SMALL, CPU, cuda_graph=False).is_captured
+
+
+def test_a_restored_optimizer_state_takes_the_options_of_this_runs_step():
+    """last.pt of a run captured on CUDA holds AdamW's capturable option; resumed on a CPU the step sets it back
+    (AdamW refuses capturable on a CPU)."""
+    torch.manual_seed(0)
+    step = make_step(SMALL, CPU)
+    saved = step.optimizer.state_dict()
+    saved["param_groups"][0]["capturable"] = True
+    step.optimizer.load_state_dict(saved)
+    resumed = TrainStep(step.model, step.side_input, step.optimizer, step.schedule)
+    assert not resumed.optimizer.param_groups[0]["capturable"]
+    assert math.isfinite(float(resumed(step_batch(SMALL, SHAPE, CPU), step.side_input.draw(1, SHAPE.batch_size)[0])))
+
+
 def test_padded_evaluation_gives_the_unpadded_probabilities():
     torch.manual_seed(0)
     step = make_step(SMALL, CPU)
@@ -120,7 +140,8 @@ def test_padded_evaluation_gives_the_unpadded_probabilities():
     batch = step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), CPU)
     padded = pad_batch(batch, 8)
     assert len(padded["labels"]) == 8 and torch.equal(padded["keys"][3:], batch["keys"][2:3].expand(5, -1, -1, -1, -1))
-    torch.testing.assert_close(step.probabilities(batch, 8), step.probabilities(batch))
+    torch.testing.assert_close(step.eval_probabilities(padded)[:3], step.probabilities(batch))
+    torch.testing.assert_close(step.probabilities(batch, 8), step.probabilities(batch))   # eager: no padding
 
 
 def test_checkpoints_carry_a_format_version(tmp_path):
@@ -170,45 +191,95 @@ def test_checkpoint_writer_writes_cpu_copies_and_reports_a_failure(tmp_path):
             writer.flush()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_losses(compile: bool, cuda_graph: bool, steps: int, spec: ModelSpec = SMALL, shapes=None
+                ) -> tuple[list[float], TrainStep]:
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    step = make_step(spec, cuda, compile=compile, steps=steps, cuda_graph=cuda_graph)
+    batches = [step_batch(spec, shape, cuda) for shape in (shapes or [SHAPE] * steps)]
+    draws = step.side_input.draw(steps, SHAPE.batch_size).to(cuda)
+    torch.manual_seed(1)                                  # the dropout draws start from the same state
+    return [float(step(b, draws[i, :, :len(b["labels"])])) for i, b in enumerate(batches)], step
+
+
+@CUDA
 def test_cuda_graph_step_gives_the_eager_losses():
-    """On CUDA the step compiles in reduce-overhead mode (CUDA graphs): same losses as the eager step."""
+    """On CUDA the whole step is captured after GRAPH_WARMUP eager steps and replayed: the same losses (the same
+    kernels: to float precision) and weights as the step run eagerly, through the lr schedule; with
+    torch.compile inside the graph too."""
     import torch._inductor.config as inductor
 
-    cuda = torch.device("cuda")
-
-    def losses(compile: bool) -> list[float]:
-        torch.manual_seed(0)
-        step = make_step(SMALL, cuda, compile=compile, steps=STEPS)
-        assert step.is_compiled == compile and step.cuda_graphs == compile
-        batches = [step_batch(SMALL, SHAPE, cuda) for _ in range(STEPS)]
-        draws = step.side_input.draw(STEPS, SHAPE.batch_size).to(cuda)
-        torch.manual_seed(1)
-        return [float(step(b, draws[i])) for i, b in enumerate(batches)]
-
-    eager = losses(False)
+    steps = GRAPH_WARMUP + 5
+    eager, eager_step = cuda_losses(compile=False, cuda_graph=False, steps=steps)
+    captured, captured_step = cuda_losses(compile=False, cuda_graph=True, steps=steps)
+    assert captured_step.is_captured and not eager_step.is_captured and len(set(eager)) == steps
+    assert captured == pytest.approx(eager, rel=1e-5)
+    for a, b in zip(captured_step.model.parameters(), eager_step.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with inductor.patch(fallback_random=True):
-        compiled = losses(True)
+        compiled, compiled_step = cuda_losses(compile=True, cuda_graph=True, steps=steps)
+    assert compiled_step.is_compiled and compiled_step.is_captured
     assert compiled == pytest.approx(eager, rel=1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_step_compiles_and_captures_once():
-    """reduce-overhead mode on CUDA: one compilation each for the step and the evaluation, and no CUDA-graph
-    capture skipped (inductor skips the graphs of a function with CPU tensors or mutated inputs)."""
-    from torch._dynamo.utils import counters
+@CUDA
+def test_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_same():
+    """drop_last off: the last batch of an epoch is smaller than the captured one; it runs eagerly (the graph
+    holds one shape), on the same weights and AdamW state, and the step after it replays the graph again."""
+    small = StepShape(**{**vars(SHAPE), "batch_size": 3})
+    shapes = [SHAPE] * (GRAPH_WARMUP + 2) + [small, SHAPE, SHAPE]
+    eager, _ = cuda_losses(compile=False, cuda_graph=False, steps=len(shapes), shapes=shapes)
+    captured, step = cuda_losses(compile=False, cuda_graph=True, steps=len(shapes), shapes=shapes)
+    assert step.is_captured and captured == pytest.approx(eager, rel=1e-5)
 
-    counters.clear()
+
+@CUDA
+def test_the_captured_evaluation_gives_the_eager_probabilities():
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    step = make_step(SMALL, cuda, cuda_graph=True)
+    step.model.eval()
+    batches = [step_batch(SMALL, SHAPE, cuda) for _ in range(GRAPH_WARMUP + 3)]
+    partial = step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": 3}), cuda)
+    for b in [*batches, partial]:
+        expected = step.eval_probabilities(b)
+        torch.testing.assert_close(step.probabilities(b, SHAPE.batch_size), expected, rtol=1e-5, atol=1e-6)
+    assert step._eval_graph.is_captured
+
+
+@CUDA
+def test_a_failing_capture_falls_back_to_eager_with_one_warning(monkeypatch):
+    class Refused(torch.cuda.CUDAGraph):
+        def capture_begin(self, *args, **kwargs):
+            raise RuntimeError("capture refused here")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Refused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, step = cuda_losses(compile=False, cuda_graph=True, steps=GRAPH_WARMUP + 3)
+    refused = [w for w in caught if "CUDA graph failed" in str(w.message)]
+    assert len(refused) == 1 and "capture refused here" in str(refused[0].message)
+    assert not step.is_captured and all(map(math.isfinite, losses))
+
+
+@CUDA
+def test_cuda_graph_step_compiles_once():
+    """Compiled and captured: one compilation each for the step and the evaluation (a recompile would cost a
+    whole compilation in every run)."""
     step = steps_and_evaluation_without_recompiling(torch.device("cuda"))
-    assert step.cuda_graphs and counters["inductor"]["cudagraph_skips"] == 0
+    assert step.is_captured
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_cuda_training_run(micro_store, tmp_path):
+@CUDA
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_training_run(micro_store, tmp_path, compile):
     from fpt.config import train_config
     from fpt.train import train
 
     m = train(train_config(micro_store, None, out=tmp_path / "run", side_res=16, epochs=3, batch_size=4, prompts=3,
-                           device="cuda", cache="gpu", compile=True))
-    assert m.throughput.compiled and m.data["cache"]["mode"] == "gpu"
+                           device="cuda", cache="gpu", compile=compile))
+    assert m.throughput.captured and m.throughput.compiled == compile and m.data["cache"]["mode"] == "gpu"
     assert m.throughput.steady_train_samples_per_s > 0 and 0 <= m.test["auc"] <= 1

@@ -28,11 +28,11 @@ from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
 from fpt.train.plots import write_evaluation_plots
 from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
-from fpt.train.step import TrainStep, make_optimizer, step_compiles
+from fpt.train.step import TrainStep, make_optimizer, step_captures, step_compiles
 
 # config fields that do not change what a run computes (a resumed or re-used run may differ in these)
 RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "corrupt",
-                  "compile", "checkpoint_seconds")
+                  "compile", "cuda_graph", "checkpoint_seconds")
 
 
 def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
@@ -89,14 +89,15 @@ def load_checkpoint(path: Path, reader: StoreReader | None = None) -> Checkpoint
 @torch.no_grad()
 def predict_split(model: SideNetwork | LinearProbe, data: SplitData, side_input: SideInput, batch_size: int,
             step: TrainStep | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities [N, C] and labels [N] for a split. With ``step`` its (possibly compiled) evaluation
-    forward runs on batches padded to ``batch_size``; results stay on the device until the split is done."""
+    """Class probabilities [N, C] and labels [N] for a split. With ``step`` its evaluation forward runs (compiled
+    or captured, on batches padded to ``batch_size``, where the step is); results stay on the device until the
+    split is done."""
     model.eval()
     if step is None:
         step = TrainStep(model, side_input, optimizer=None)
     probs, labels = [], []
     for b in data.batches(batch_size):
-        probs.append(step.probabilities(b, batch_size if step.is_compiled else None))
+        probs.append(step.probabilities(b, batch_size))
         labels.append(b["labels"])
     return torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
 
@@ -226,13 +227,13 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers, shared)
                             for s in ("train", "val"))
     compile = step_compiles(getattr(cfg, "compile", None), device)
+    cuda_graph = step_captures(getattr(cfg, "cuda_graph", None), device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]
     side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed, augment=cfg.augment)
     model = build_model(spec).to(device)
     optimizer, schedule = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch, device)
-    step = TrainStep(model, side_input, optimizer, schedule, compile=compile)
     state = RunState()
     if resume:
         model.load_state_dict(resume["model"])
@@ -241,10 +242,13 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
         _set_rng_state(resume["rng"], rng, side_input, device)
         state = RunState(resume["history"], BestEpoch(**resume["best"]), resume["samples"], resume["seconds"],
                          resume["epoch"] + 1)
+    # after the optimizer's state is restored: the step sets the options its kind of step needs (capturable)
+    step = TrainStep(model, side_input, optimizer, schedule, compile=compile, cuda_graph=cuda_graph)
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.history))
     cache = {**plan.as_dict(), "shared": getattr(train_data, "shared", False)}    # MemorySplit: from ``shared``
     info = {"method": spec.method, "cache": cache, "train": len(train_data), "val": len(val_data),
-            "device": str(device), "compiled": step.is_compiled, "drop_last": drop_last(cfg),
+            "device": str(device), "compiled": step.is_compiled, "cuda_graph": cuda_graph,
+            "drop_last": drop_last(cfg),
             "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
             "dataset_warnings": reader.attrs["dataset"].get("warnings", [])}   # recorded at extraction
     return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
@@ -347,7 +351,8 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
             train_samples_per_s=round(state.samples / state.seconds, 2) if state.seconds else None,
             steady_train_samples_per_s=round(steady_samples / steady_seconds, 2) if steady_seconds else None,
             peak_memory_mb=peak_mb, memory_kind=memory.kind, memory_baseline_mb=round(memory.baseline_mb, 1),
-            device=str(device), compiled=run.step.is_compiled, torch_threads=torch.get_num_threads()),
+            device=str(device), compiled=run.step.is_compiled, captured=run.step.is_captured,
+            torch_threads=torch.get_num_threads()),
         data=run.info, config=jsonable(asdict(cfg)), store=str(cfg.store), run_dir=str(run.out))
     (run.out / "last.pt").unlink(missing_ok=True)
     atomic_write_text(run.out / "metrics.json", json.dumps(metrics.as_dict(), indent=2))

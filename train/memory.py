@@ -3,7 +3,7 @@
 given model shape (the paper's setting).
 
 ``python -m fpt.train.memory`` measures the paper's setting (ViT-B-shaped K/V: L=6, H=12, k=205, d=64; side
-128 px; batch 16; 16 prompts) on this machine's device."""
+128 px; batch 16; 16 prompts) on this machine's device (on CUDA through the captured step and one replay)."""
 from __future__ import annotations
 
 import threading
@@ -14,7 +14,7 @@ import torch
 
 from fpt.train.data import SideInput
 from fpt.train.model import ModelSpec, build_model, parameter_counts
-from fpt.train.step import TrainStep, make_optimizer
+from fpt.train.step import GRAPH_WARMUP, TrainStep, make_optimizer
 
 MB = 2**20
 
@@ -95,12 +95,13 @@ def step_batch(spec: ModelSpec, shape: StepShape, device: torch.device) -> dict[
 
 
 def make_step(spec: ModelSpec, device: torch.device, compile: bool = False, steps: int = 1,
-              seed: int = 0) -> TrainStep:
-    """The training step of ``fpt train`` (AdamW, cosine schedule over ``steps``, clip) for a new model ``spec``."""
+              seed: int = 0, cuda_graph: bool | None = None) -> TrainStep:
+    """The training step of ``fpt train`` (AdamW, cosine schedule over ``steps``, clip) for a new model ``spec``;
+    ``cuda_graph`` as ``TrainStep``'s (default: captured on CUDA, from its GRAPH_WARMUP + 1-th step)."""
     model = build_model(spec).to(device)
     optimizer, schedule = make_optimizer(model, 1e-3, 0.05, steps, device)
     side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
-    return TrainStep(model, side_input, optimizer, schedule, compile=compile)
+    return TrainStep(model, side_input, optimizer, schedule, compile=compile, cuda_graph=cuda_graph)
 
 
 def measure_training_step(spec: ModelSpec = PAPER_SPEC, shape: StepShape = StepShape(),
@@ -120,6 +121,7 @@ def measure_training_step(spec: ModelSpec = PAPER_SPEC, shape: StepShape = StepS
             torch.cuda.synchronize(device)
     return {**mem.as_dict(), "added_mb": round(mem.peak_mb - mem.baseline_mb, 1), "device": str(device),
             "learnable": parameter_counts(step.model, 0)["learnable"], "compiled": step.is_compiled,
+            "captured": step.is_captured, "steps": steps,
             "spec": spec.as_dict(), "shape": vars(shape)}
 
 
@@ -127,4 +129,6 @@ if __name__ == "__main__":
     import json
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps(measure_training_step(device=dev), indent=2))
+    # on CUDA: the eager warm-up steps, the captured one and a replay, as fpt train runs them
+    print(json.dumps(measure_training_step(device=dev, steps=GRAPH_WARMUP + 2 if dev.type == "cuda" else 1),
+                     indent=2))

@@ -29,6 +29,7 @@ class Throughput:
     memory_baseline_mb: float
     device: str
     compiled: bool
+    captured: bool                             # the training step ran as one CUDA graph
     torch_threads: int
 
 

@@ -1,36 +1,44 @@
 """The training step, one for every caller (``fpt train``, the memory measurement, the benches): augmentation,
 forward, cross-entropy, backward, gradient-norm clip, AdamW, cosine schedule; and the evaluation forward.
 
-On CUDA the forward (augmentation included) and its backward are compiled with ``torch.compile`` in
-``reduce-overhead`` mode (CUDA graphs: one replay instead of hundreds of kernel launches); the optimizer is
-AdamW's fused kernel. Shapes are static — training batches are full (the last partial batch is dropped) and
-evaluation batches are padded to the batch size — so nothing recompiles between epochs. Elsewhere the step runs
-eagerly (compiling on the CPU is possible, in torch.compile's default mode). When compilation fails the step
-says so in one warning and runs eagerly.
+On CUDA the whole step (augmentation, forward, backward, clip and AdamW's fused update) is captured once as a
+CUDA graph and replayed (``StepGraph``: one launch instead of hundreds, so a small side network is not bound by
+Python's kernel launches), and so is the evaluation forward. Shapes are static for that — training batches are
+full (the last partial batch is dropped; one that is not runs eagerly) and evaluation batches are padded to the
+batch size. ``compile`` adds torch.compile (default mode) of the forward and backward, inside the graph on CUDA:
+faster steps for a compilation of tens of seconds per run, so off by default. Elsewhere the step runs eagerly.
+When compiling or capturing fails the step says so in one warning and runs eagerly.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Callable
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from fpt import FptError
 from fpt.train.data import Batch, SideInput
 from fpt.train.model import LinearProbe, SideNetwork
 
 CLIP_NORM = 1.0
-
-
-def compile_default(device: torch.device) -> bool:
-    """Compile the step by default on CUDA only (on the CPU, compiling takes longer than it saves)."""
-    return device.type == "cuda"
+GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's workspaces and AdamW's state settle
 
 
 def step_compiles(compile: bool | None, device: torch.device) -> bool:
-    """Whether a run's step is compiled: ``compile`` as given (``--compile`` / ``--no-compile``), else by default."""
-    return compile_default(device) if compile is None else compile
+    """Whether a run's step is compiled: ``compile`` as given (``--compile`` / ``--no-compile``); off by default
+    (on CUDA the captured step is fast without it, and compiling costs each run tens of seconds)."""
+    return bool(compile)
+
+
+def step_captures(cuda_graph: bool | None, device: torch.device) -> bool:
+    """Whether a run's step is captured as a CUDA graph: ``cuda_graph`` as given (``--cuda-graph`` /
+    ``--no-cuda-graph``), by default on CUDA devices."""
+    if cuda_graph and device.type != "cuda":
+        raise FptError(f"--cuda-graph needs a CUDA device (this run's device is {device})")
+    return device.type == "cuda" if cuda_graph is None else cuda_graph
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, total_steps: int,
@@ -45,11 +53,11 @@ class CompiledOrEager:
     """``fn`` compiled with ``torch.compile`` (static shapes) on first use, or ``fn`` itself when ``compile`` is
     off or compiling fails (then one warning names the reason and the rest of the run is eager)."""
 
-    def __init__(self, fn: Callable, compile: bool, mode: str | None, what: str):
+    def __init__(self, fn: Callable, compile: bool, what: str):
         self.eager, self.what, self.compiled = fn, what, None
         if compile:
             try:
-                self.compiled = torch.compile(fn, mode=mode, dynamic=False)
+                self.compiled = torch.compile(fn, dynamic=False)
             except Exception as e:          # noqa: BLE001 - torch.compile unavailable here (platform, Python)
                 self._fall_back(e)
         self._tried = False
@@ -64,9 +72,8 @@ class CompiledOrEager:
             self._fall_back(error)
 
     def _fall_back(self, error: BaseException) -> None:
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        warnings.warn(f"torch.compile of the {self.what} failed ({type(error).__name__}: {reason}); "
-                      "running it eagerly (--no-compile skips the attempt)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"torch.compile of the {self.what} failed ({first_line(error)}); running it eagerly "
+                      "(--no-compile skips the attempt)", RuntimeWarning, stacklevel=3)
         self.compiled = None
 
     def __call__(self, *args):
@@ -82,40 +89,122 @@ class CompiledOrEager:
             return self.eager(*args)
 
 
-def pad_batch(batch: Batch, size: int) -> Batch:
-    """A batch of n < ``size`` samples padded to ``size`` by repeating its last sample (the padded rows' outputs
-    are dropped): evaluation keeps one static shape."""
-    n = len(batch["labels"])
-    return {k: torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) for k, t in batch.items()}
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: " + (str(error).strip().splitlines() or [""])[0][:200]
+
+
+class StepGraph:
+    """``fn(inputs) -> tensor`` replayed from one CUDA graph, ``inputs`` a dict of device tensors.
+
+    The first ``warmup`` calls run ``fn`` eagerly on a side stream (as capturing needs); the next is captured
+    (inside ``around_capture()``) and replayed, and every call after it copies its inputs into the captured ones
+    and replays: no kernel launches but the copies. The result is the graph's own tensor, overwritten by the next
+    replay. A call whose inputs differ in shape or dtype from the captured ones runs ``fn`` eagerly. If capturing
+    fails, one warning says why and ``fn`` runs eagerly from then on. Off CUDA (``enabled`` False) ``fn`` runs as
+    it is."""
+
+    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enabled: bool, what: str,
+                 warmup: int = GRAPH_WARMUP, around_capture: Callable[[], ContextManager] = nullcontext):
+        self.fn, self.enabled, self.what, self.warmup, self.around_capture = fn, enabled, what, warmup, around_capture
+        self.calls = 0
+        self.side: torch.cuda.Stream | None = None      # where the warm-up calls run
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: dict[str, torch.Tensor] = {}
+        self.output: torch.Tensor | None = None
+
+    @property
+    def is_captured(self) -> bool:
+        return self.graph is not None
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.graph is not None:
+            if not self._fits(inputs):
+                return self.fn(inputs)
+            for name, t in inputs.items():
+                self.static[name].copy_(t, non_blocking=True)
+            self.graph.replay()
+            return self.output
+        if not self.enabled:
+            return self.fn(inputs)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self._on_side_stream(inputs)
+        try:
+            return self._capture(inputs)
+        except Exception as e:          # noqa: BLE001 - an op that cannot be captured: eager from now on
+            self.enabled, self.graph, self.static, self.output = False, None, {}, None
+            warnings.warn(f"capturing the {self.what} as a CUDA graph failed ({first_line(e)}); running it "
+                          "eagerly (--no-cuda-graph skips the attempt)", RuntimeWarning, stacklevel=2)
+            return self.fn(inputs)
+
+    def _fits(self, inputs: dict[str, torch.Tensor]) -> bool:
+        return inputs.keys() == self.static.keys() and all(
+            t.shape == self.static[n].shape and t.dtype == self.static[n].dtype for n, t in inputs.items())
+
+    def _on_side_stream(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        current = torch.cuda.current_stream()
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
+            out = self.fn(inputs)
+        current.wait_stream(self.side)
+        return out
+
+    def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        static = {name: t.clone() for name, t in inputs.items()}
+        graph = torch.cuda.CUDAGraph()
+        with self.around_capture(), torch.cuda.graph(graph):
+            output = self.fn(static)
+        self.graph, self.static, self.output = graph, static, output
+        graph.replay()                  # capturing recorded this call's work; this runs it
+        return output
 
 
 class TrainStep:
     """``step(batch, draws) -> loss``: one optimisation step of ``model`` on a batch of store arrays (on the
     training device), with the side network's augmentation from ``draws`` [DRAWS, B] (``SideInput.draw``).
-    Returns the loss as a detached device tensor (no host sync). ``step.probabilities(batch)`` is the
-    evaluation forward (softmax [B, C]).
+    Returns the loss as a detached device tensor of its own (no host sync). ``step.probabilities(batch)`` is
+    the evaluation forward (softmax [B, C]).
 
-    ``compile``: compile forward+backward (and the evaluation forward); ``mode``: torch.compile's mode (default:
-    ``reduce-overhead`` on CUDA, torch.compile's default elsewhere)."""
+    ``compile``: compile forward+backward (and the evaluation forward) with torch.compile; ``cuda_graph``:
+    capture the whole step and the evaluation forward as CUDA graphs (``StepGraph``; default: on CUDA). The
+    optimizer's lr is read by the captured AdamW from a device tensor, set from the schedule before each step
+    (one lr for every parameter group, as ``make_optimizer`` makes them)."""
 
     def __init__(self, model: SideNetwork | LinearProbe, side_input: SideInput, optimizer: torch.optim.Optimizer,
                  schedule: torch.optim.lr_scheduler.LRScheduler | None = None, compile: bool = False,
-                 mode: str | None = None, clip_norm: float = CLIP_NORM):
+                 cuda_graph: bool | None = None, clip_norm: float = CLIP_NORM):
         self.model, self.side_input, self.optimizer, self.schedule = model, side_input, optimizer, schedule
         self.clip_norm = clip_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
         device = next(model.parameters()).device
         side_input.to(device)
-        if mode is None and device.type == "cuda":
-            mode = "reduce-overhead"
-        self.cuda_graphs = compile and mode == "reduce-overhead"
-        self._loss = CompiledOrEager(self.loss, compile, mode, "training step")
+        captures = step_captures(cuda_graph, device) and optimizer is not None
+        # AdamW inside a graph keeps its step count and lr on the device; set either way, since a restored
+        # optimizer state brings the option of the run that saved it (a CPU run cannot use it)
+        for group in optimizer.param_groups if optimizer is not None else ():
+            group["capturable"] = captures
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device) if captures else None
+        self._loss = CompiledOrEager(self.loss, compile, "training step")
         self._proven = False                # a whole step (forward and backward) ran
-        self._probabilities = CompiledOrEager(self.eval_probabilities, compile, mode, "evaluation forward")
+        self._probabilities = CompiledOrEager(self.eval_probabilities, compile, "evaluation forward")
+        self._step_graph = StepGraph(self._update, captures, "training step",
+                                     around_capture=self._lr_from_tensor)
+        self._eval_graph = StepGraph(self._probabilities, captures, "evaluation forward")
 
     @property
     def is_compiled(self) -> bool:
         return self._loss.is_compiled
+
+    @property
+    def is_captured(self) -> bool:
+        """Whether the training step runs from a CUDA graph (once it has been captured)."""
+        return self._step_graph.is_captured
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether evaluation batches should come padded to the batch size (compiled or captured)."""
+        return self._loss.is_compiled or self._step_graph.enabled
 
     def loss(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the model on the augmented batch (what is compiled)."""
@@ -126,39 +215,66 @@ class TrainStep:
         return self.model.forward_batch(batch, partial(self.side_input, train=False)).float().softmax(-1)
 
     def _forward_backward(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         loss = self._loss(batch, draws)
         loss.backward()
         return loss
 
-    def __call__(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
+    def _update(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward, backward, clip, AdamW on ``inputs`` (a batch + its ``draws``): what is captured. The
+        gradients start as None, in the captured step too, whose backward then allocates them in the graph's
+        memory (and writes, not adds, them at each replay)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        batch = {k: v for k, v in inputs.items() if k != "draws"}
         if self._proven or not self._loss.is_compiled:
-            loss = self._forward_backward(batch, draws)
+            loss = self._forward_backward(batch, inputs["draws"])
         else:       # the backward compiles on its first call: a failure there falls back to eager too
             try:
-                loss = self._forward_backward(batch, draws)
+                loss = self._forward_backward(batch, inputs["draws"])
             except Exception as e:          # noqa: BLE001
                 self._loss.fall_back(e)
-                self.cuda_graphs = False
-                loss = self._forward_backward(batch, draws)
+                loss = self._forward_backward(batch, inputs["draws"])
             self._proven = True
         torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         self.optimizer.step()
-        # released right after the update, not at the next step: with CUDA graphs the gradients are outputs of
-        # the backward's replay, and none then stays alive into the next replay or into evaluation
+        return loss.detach()
+
+    @contextmanager
+    def _lr_from_tensor(self) -> Iterator[None]:
+        """While capturing, AdamW's lr is the device tensor ``self.lr`` (a float would be fixed in the graph);
+        the schedule keeps updating a float, copied into the tensor before each step."""
+        groups = self.optimizer.param_groups
+        floats = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = self.lr
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, floats):
+                g["lr"] = lr
+
+    def __call__(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
+        if self._step_graph.enabled:
+            self.lr.fill_(float(self.optimizer.param_groups[0]["lr"]))
+        loss = self._step_graph({**batch, "draws": draws})
+        # released right after the update, not at the next step: no gradient stays alive into evaluation (in a
+        # captured step they live in the graph's own memory, which the next replay rewrites)
         self.optimizer.zero_grad(set_to_none=True)
         if self.schedule is not None:
             self.schedule.step()
-        return loss.detach().clone()        # a CUDA graph's output is overwritten by its next replay
+        return loss.clone()        # a CUDA graph's output is overwritten by its next replay
 
     @torch.no_grad()
     def probabilities(self, batch: Batch, batch_size: int | None = None) -> torch.Tensor:
-        """Class probabilities [n, C] of a batch of n samples; with ``batch_size`` the batch is padded to that
-        size first (one static shape for the compiled forward)."""
+        """Class probabilities [n, C] of a batch of n samples; with ``batch_size`` a compiled or captured
+        evaluation pads the batch to that size first (one static shape)."""
         n = len(batch["labels"])
-        if batch_size is not None and n < batch_size:
+        if batch_size is not None and n < batch_size and self.static_shapes:
             batch = pad_batch(batch, batch_size)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._probabilities(batch)[:n].clone()
+        return self._eval_graph(batch)[:n].clone()
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+    """A batch of n < ``size`` samples padded to ``size`` by repeating its last sample (the padded rows' outputs
+    are dropped): evaluation keeps one static shape."""
+    n = len(batch["labels"])
+    return {k: torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])]) for k, t in batch.items()}

@@ -111,7 +111,7 @@ MAX_RUNS_PER_GPU = 8
 
 def runs_per_gpu(free_mb: float, step_peak_mb: float, cache_mb: float, cpu_cores: int) -> int:
     """How many runs share one GPU: as many as fit 90 % of its free memory, each needing its step's peak (with
-    half again for the compiled step's graph pool), its cached split and a CUDA context; at most one per CPU
+    half again for the captured step's graph pool), its cached split and a CUDA context; at most one per CPU
     core (each process launches its own kernels) and ``MAX_RUNS_PER_GPU``."""
     per_run = 1.5 * step_peak_mb + cache_mb + CUDA_CONTEXT_MB
     return max(1, min(int(0.9 * free_mb // per_run), cpu_cores, MAX_RUNS_PER_GPU))
