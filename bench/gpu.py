@@ -14,8 +14,10 @@ CUDA context, allocator or compiled kernel; a case that fails (out of memory) re
 Model steps: warm-up, then the median of timed steps, each ended by a device synchronisation. End to end: images
 decoded from PNG files, model, selection and writing, timed from the first batch to the last write (model
 loading excluded on both sides); for ``fpt extract`` also the CPU it used per image, in its own process
-(``cpu_main_ms``: the loop, the pinning and writer threads) and in the decode workers and writer processes
-(``cpu_children_ms``), and how many cores that kept busy on average (``cores_busy``). Peak memory:
+(``cpu_main_ms``: the loop, the pinning and writer threads; by thread in ``cpu_main_threads_ms``) and in the rest
+of the machine (``cpu_others_ms``: the decode workers, the writer processes, the kernel's writeback; until
+2026-11-27 ``cpu_children_ms``, the processes this one started), and how many cores the machine kept busy on
+average (``cores_busy``). Peak memory:
 ``torch.cuda.max_memory_allocated`` on CUDA, the process's RSS high-water mark above its start on CPU. Weights
 are random-init (nothing can be downloaded); the LPM's input statistics (ImageNet mean/std) are the same on both
 sides.
@@ -36,7 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fpt.bench.common import THREADS, WORK_DIR, PeakRSS, command_line, write_results
+from fpt.bench.common import THREADS, WORK_DIR, PeakRSS, ThreadCPU, command_line, write_results
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOKEN_RATIO = 0.2
@@ -200,8 +202,9 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                                  writers=writers, overwrite=True, **({"codec": codec} if codec else {}))
             load_lpm(cfg, device)           # built before the CPU clocks start, as the timing leaves it out
             cpu_before = cpu_seconds()
-            result = extract(cfg)
-            main, children = (b - a for a, b in zip(cpu_before, cpu_seconds()))
+            with ThreadCPU() as threads:
+                result = extract(cfg)
+            main, machine = (b - a for a, b in zip(cpu_before, cpu_seconds()))
             row = {"images_per_s": round(result.images_per_s, 2), "seconds": round(result.seconds, 2),
                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 2),
                    # the start taken apart: first decoded batch, first shard copied from the device, written
@@ -211,8 +214,10 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                    "waited_for_decoding_s": round(result.waited_for_decoding_s, 2),
                    "waited_for_device_s": round(result.waited_for_device_s, 2),
                    "waited_for_writers_s": round(result.waited_for_writers_s, 2),
-                   "cpu_main_ms": round(1e3 * main / images, 2), "cpu_children_ms": round(1e3 * children / images, 2),
-                   "cores_busy": round((main + children) / result.seconds, 1), "cores": os.cpu_count(),
+                   "cpu_main_ms": round(1e3 * main / images, 2),
+                   "cpu_others_ms": round(1e3 * (machine - main) / images, 2),
+                   "cpu_main_threads_ms": {name: round(1e3 * s / images, 2) for name, s in threads.seconds.items()},
+                   "cores_busy": round(machine / result.seconds, 1), "cores": os.cpu_count(),
                    "main_intra_op_threads": torch.get_num_threads()}
         elif case == "official_script":
             row = official_script(tree, out, model, res, batch, workers, device)
@@ -225,10 +230,15 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """User + system CPU seconds so far of this process (all its threads) and of its children that have ended
-    (an extraction's decode workers and writer processes end with it)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+    """CPU seconds so far (user + system) of this process (all its threads) and of the whole machine (every
+    core's busy time: the decode workers, the writer processes, which are the fork server's children rather
+    than ours, and the kernel's own work, such as writing back the page cache). The machine runs the bench
+    alone, so its busy time is the extraction's."""
+    import psutil
+
+    own, machine = resource.getrusage(resource.RUSAGE_SELF), psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + getattr(machine, "irq", 0) + getattr(machine, "softirq", 0)
+    return own.ru_utime + own.ru_stime, busy
 
 
 def _free_lpm() -> None:

@@ -84,6 +84,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train tests-kernel hos
     bench-sweep)  images_ready; step $name 300 $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
+    writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
                     tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py tests/test_train.py \
                     tests/test_bench_reference.py \

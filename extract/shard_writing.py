@@ -3,8 +3,8 @@ device, in a writer process's page-locked hand-over file on CUDA) and ``ShardWri
 handing its shard to a writer process on CUDA, at most so many shards in flight)."""
 from __future__ import annotations
 
-import multiprocessing
 import os
+import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fpt import FptError
+from fpt.forkserver import fork_server_context, starting
 from fpt.extract.timing import LoopWaits, Progress, ShardClock
 from fpt.store import (Geometry, HandoverSlots, SharedSlot, Spec, StoreWriter, plan, start_writer,
                        write_shared_shard)
@@ -137,8 +138,9 @@ class ShardWriterPool:
         self.clock = clock or ShardClock()              # when each shard's copies and write ended
         self.pinned = pinned
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
-        # spawn: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning), unsafe to fork
-        self.processes = (ProcessPoolExecutor(self.threads, mp_context=multiprocessing.get_context("spawn"),
+        # forked from a fork server, not spawned (``fpt.forkserver``: no new import of the program per process),
+        # and not forked from here: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning)
+        self.processes = (ProcessPoolExecutor(self.threads, mp_context=fork_server_context([start_writer.__module__]),
                                               initializer=start_writer, initargs=(str(writer.location),))
                           if processes else None)
         self.slots = HandoverSlots(before_close=self._unlock) if processes else None
@@ -149,11 +151,22 @@ class ShardWriterPool:
         self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
         self.pending: deque[tuple[Future, ShardBuffer]] = deque()
         self.written = 0
-        for _ in range(self.threads if processes else 0):       # start them (``start_writer``) while the LPM warms up
-            self.processes.submit(os.getpid)
+        # the writer processes start (``start_writer``) while the loop starts: on a thread of their own, since the
+        # first of a program waits for its fork server to start and import what they need
+        self._starter = threading.Thread(target=self._start_processes, name="fpt-writer-start", daemon=True)
+        if processes:
+            self._starter.start()
         if processes:            # last (nothing can fail after it): every slot the run will use, made meanwhile too
             count = min(self.threads + 1, shards or self.threads + 1)
             self.slots.prepare(self.slot_size, count, ready=self._prepare_slot)
+
+    def _start_processes(self) -> None:
+        try:
+            with starting():
+                for _ in range(self.threads):
+                    self.processes.submit(os.getpid)
+        except Exception:       # noqa: BLE001 - only a head start: the first shard's own submit meets the error
+            pass
 
     def __enter__(self) -> "ShardWriterPool":
         return self
@@ -241,6 +254,7 @@ class ShardWriterPool:
         finally:
             self.executor.shutdown(wait=True)
             if self.processes is not None:
+                self._starter.join()
                 try:
                     self.processes.shutdown(wait=True)
                 finally:

@@ -1,7 +1,10 @@
 """The pipelined extraction loop: batches per shard, shard buffers, concurrent shard writers (threads and
 writer processes)."""
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -789,3 +792,30 @@ def test_the_writer_pool_counts_the_wait_for_a_shards_device_copies_apart_from_i
             pool.submit(SlowCopies(i))
     assert pool.written == 6
     assert waits.device >= 3 * 0.05                 # each shard waited for by the loop: two handed on, one drained
+
+
+@pytest.mark.parametrize("run_as", ["script", "module"])
+def test_writer_processes_do_not_each_import_the_programs_main_module(tmp_path, image_folder, run_as):
+    """A program that imports something heavy at its top (torch, as a user's script or ``python -m
+    fpt.bench.gpu`` does) runs that import once more for all its writer processes (in the fork server they are
+    forked from, ``fpt.forkserver``), not once in each of them as spawned processes do. Every import of the
+    program's main module adds a line to a file: the program's own and the server's, with three writer
+    processes; run as a script (``python program.py``) and as a module (``python -m program``)."""
+    imports, out = tmp_path / "imports.txt", tmp_path / "s.zarr"
+    program = tmp_path / "program.py"
+    program.write_text(textwrap.dedent(f"""
+        import os
+        with open({str(imports)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        if __name__ == "__main__":
+            from fpt.config import extract_config
+            from fpt.extract import extract
+            extract(extract_config(None, {str(image_folder)!r}, out={str(out)!r}, backbone="vit_tiny_patch16_224",
+                                   random_init=True, res=32, image_res=16, batch_size=4, device="cpu",
+                                   samples_per_shard=4, writers="processes", write_threads=3))
+    """))
+    command = [sys.executable, str(program)] if run_as == "script" else [sys.executable, "-m", "program"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert StoreReader(out).done().all()
+    assert len(imports.read_text().split()) == 2
