@@ -11,8 +11,9 @@ import os
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from itertools import groupby
 from typing import Callable, Iterator
 
 import numpy as np
@@ -145,10 +146,10 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         pending = writer.pending_shards()
         write_threads = cfg.write_threads or default_write_threads(device)
         writers = writers_kind(cfg, device) if scheduler is None else "threads"
-        # shards waiting for their writer + the one being filled (per process on dask); with writer processes they
+        # shards waiting for their writer + those being filled (per process on dask); with writer processes they
         # are filled in their hand-over files (unless the driver refuses to page-lock those: see ShardWriterPool)
         g = writer.geometry
-        buffers = write_threads + 1
+        buffers = write_threads + shards_filling(cfg.batch_size or default_batch_size(device), g.samples_per_shard)
         host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -250,33 +251,40 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     source = load_source(cfg)
     writer = StoreWriter.reopen(cfg.out)
     geometry = writer.geometry
-    batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
+    batch_size = cfg.batch_size or default_batch_size(device)
     batches = shard_batches(geometry, shards, batch_size)
-    refs = [source.samples[i] for batch in batches for i in batch.indices]
+    refs = [source.samples[i] for batch in batches for part in batch for i in part.indices]
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     images = DecodedImages(source, refs, cfg.res, cfg.on_error, pixel_dtype(cfg.precision, device))
-    offsets = np.cumsum([0] + [len(b.indices) for b in batches])
+    offsets = np.cumsum([0] + [sum(len(part.indices) for part in b) for b in batches])
     loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate)
     total, skipped = len(refs), []
-    with (intra_op_threads(1 if device.type == "cuda" else None),
+    # the device current while the loop runs: its streams are the ones the copies and events follow (cuda:1 too)
+    with (torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
+          intra_op_threads(1 if device.type == "cuda" else None),
           ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
                           writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
-                          clock=clock, shards=len(shards)) as pool):
-        shard: ShardBuffer | None = None
+                          clock=clock, shards=len(shards),
+                          filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool):
+        filling: dict[int, ShardBuffer] = {}                # shards with rows still to come, in store order
         for batch, (high, errors) in zip(batches, waits.batches(loader)):
-            if shard is None:
-                shard = pool.buffer(batch.shard)
-            for pos, message in errors.items():
-                index = batch.indices[pos]
-                skipped.append((index, source.samples[index].id, message))
-                shard.excluded.append(index)
             high = high.to(device, non_blocking=True)                           # [B, res, res, C]
-            shard.add(batch.indices, {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
-                                      "images": low_res_copy(high, cfg.image_res)})
-            if batch.last_of_shard:
-                pool.submit(shard)
-                shard = None
+            out = {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
+                   "images": low_res_copy(high, cfg.image_res)}
+            start = 0
+            for part in batch:                          # the batch's rows of each shard it covers
+                shard = filling.get(part.shard) or filling.setdefault(part.shard, pool.buffer(part.shard))
+                end = start + len(part.indices)
+                for pos in range(start, end):
+                    if pos in errors:
+                        index = part.indices[pos - start]
+                        skipped.append((index, source.samples[index].id, errors[pos]))
+                        shard.excluded.append(index)
+                shard.add(part.indices, {name: t[start:end] for name, t in out.items()})
+                if part.last_of_shard:
+                    pool.submit(filling.pop(part.shard))
+                start = end
     return pool.written, skipped
 
 
@@ -304,20 +312,37 @@ def intra_op_threads(n: int | None) -> Iterator[None]:
 
 
 @dataclass
-class ShardBatch:
+class BatchPart:
+    """The rows of one batch that belong to one shard."""
     shard: int
-    indices: list[int]          # global sample indices, inside one shard
-    last_of_shard: bool
+    indices: list[int]          # global sample indices, inside ``shard``, in order
+    last_of_shard: bool         # the shard's last rows: it is whole after them
 
 
-def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> list[ShardBatch]:
-    """The batches that cover ``shards`` in order; a batch never straddles two shards."""
-    out = []
-    for shard in shards:
-        rows = list(geometry.shard_range(shard))
-        for start in range(0, len(rows), batch_size):
-            out.append(ShardBatch(shard, rows[start:start + batch_size], start + batch_size >= len(rows)))
-    return out
+def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> list[list[BatchPart]]:
+    """The batches that cover ``shards`` in order, ``batch_size`` samples each (the last one may be smaller),
+    each as its parts in one shard: a batch runs on across the end of a shard, so the LPM runs at the batch size
+    asked for whatever the shard size (ViT-B at 1024: 4 samples per shard)."""
+    rows = [(shard, i) for shard in shards for i in geometry.shard_range(shard)]
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        parts = []
+        for shard, group in groupby(rows[start:start + batch_size], key=lambda row: row[0]):
+            indices = [i for _, i in group]
+            parts.append(BatchPart(shard, indices, indices[-1] == geometry.shard_range(shard).stop - 1))
+        batches.append(parts)
+    return batches
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per LPM step unless ``--batch-size`` says: 32 on CUDA (halved while it does not fit), 4 on a CPU."""
+    return 32 if device.type == "cuda" else 4
+
+
+def shards_filling(batch_size: int, samples_per_shard: int) -> int:
+    """At most how many shards are being filled at once: those one batch covers, (b - 1) // s + 2 for a batch of
+    b samples and shards of s (a batch may start anywhere in a shard)."""
+    return (batch_size - 1) // samples_per_shard + 2
 
 
 def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:

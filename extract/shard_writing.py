@@ -8,7 +8,8 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -37,10 +38,14 @@ class ShardBuffer:
     the store) is stopped before its shard is written.
 
     ``slot``: fill a hand-over slot in place (``(slot, spec)``, the arrays at ``spec``'s places: page-locked on
-    CUDA), so that a writer process reads what the device copied there; else the buffer allocates its own."""
+    CUDA), so that a writer process reads what the device copied there; else the buffer allocates its own.
+    ``copy_stream`` (CUDA): the stream the device-to-host copies run on, so that they overlap the LPM's next
+    batch on the copy engine instead of waiting in line on the LPM's stream."""
 
-    def __init__(self, geometry: Geometry, shard: int, pinned: bool, slot: tuple[SharedSlot, Spec] | None = None):
+    def __init__(self, geometry: Geometry, shard: int, pinned: bool, slot: tuple[SharedSlot, Spec] | None = None,
+                 copy_stream: torch.cuda.Stream | None = None):
         self.shard, self.rows, self.slot = shard, geometry.shard_range(shard), slot
+        self.copy_stream = copy_stream
         if slot is None:
             self.arrays = {name: torch.empty(shape, dtype=getattr(torch, dtype), pin_memory=pinned)
                            for name, (shape, dtype) in geometry.shard_shapes(shard).items()}
@@ -56,16 +61,32 @@ class ShardBuffer:
     def add(self, indices: list[int], batch: dict[str, torch.Tensor]) -> None:
         """Copy one batch (device or host tensors, [b, ...] each) into its rows; asynchronous from CUDA."""
         rows = slice(indices[0] - self.rows.start, indices[-1] + 1 - self.rows.start)
-        for name, target in self.arrays.items():
-            target[rows].copy_(batch[name], non_blocking=True)
         self._finite.append(torch.stack([all_finite(batch[n]) for n in FINITE_ARRAYS]).all())
+        with self._copying(batch.values()):
+            for name, target in self.arrays.items():
+                target[rows].copy_(batch[name], non_blocking=True)
 
     def seal(self) -> None:
         """Mark the end of the copies into this shard (an event the writer thread waits for)."""
         if self._finite:
-            self.finite.copy_(torch.stack(self._finite).all(), non_blocking=True)
+            finite = torch.stack(self._finite).all()
+            with self._copying([finite]):
+                self.finite.copy_(finite, non_blocking=True)
         if self.ready is not None:
-            self.ready.record()
+            self.ready.record(self.copy_stream)
+
+    @contextmanager
+    def _copying(self, sources: Iterable[torch.Tensor]) -> Iterator[None]:
+        """The block's copies of ``sources`` on the copy stream, after the work that made them on the current
+        stream; the allocator keeps their memory until the copies are done."""
+        if self.copy_stream is None:
+            yield
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            yield
+        for t in sources:
+            t.record_stream(self.copy_stream)
 
     def copied(self) -> None:
         """Wait until the device's copies into this shard are done (sleeping; at once on a CPU)."""
@@ -125,18 +146,21 @@ class ShardWriterPool:
 
     ``processes``: each thread hands its shard to one of ``threads`` writer processes (``fpt.store.shared``), so
     that zarr's per-process event loop is not the limit, through hand-over files reused from shard to shard
-    (``HandoverSlots``: at most ``threads`` + 1). ``buffer`` puts each shard in one of them, so the device's
-    copies land where the writer process reads (on CUDA the files are page-locked for that; where the driver
-    refuses, shards get buffers of their own and are copied into a file at the hand-over, as with threads);
-    otherwise the threads write in this process. ``pinned``: buffers in page-locked memory (CUDA)."""
+    (``HandoverSlots``: at most ``threads`` + the shards being filled at once, ``filling``). ``buffer`` puts each
+    shard in one of them, so the device's copies land where the writer process reads (on CUDA the files are
+    page-locked for that; where the driver refuses, shards get buffers of their own and are copied into a file at
+    the hand-over, as with threads); otherwise the threads write in this process. ``pinned``: buffers in
+    page-locked memory (CUDA)."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
                  processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False,
-                 clock: ShardClock | None = None, shards: int | None = None):
+                 clock: ShardClock | None = None, shards: int | None = None, filling: int = 1):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
         self.waits = waits or LoopWaits()               # where the caller waited for a shard: device, writing
         self.clock = clock or ShardClock()              # when each shard's copies and write ended
         self.pinned = pinned
+        # the device-to-host copies' stream (ShardBuffer); pinned means CUDA, which a test without it simulates
+        self.copy_stream = torch.cuda.Stream() if pinned and torch.cuda.is_available() else None
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fpt-shard-writer")
         # forked from a fork server, not spawned (``fpt.forkserver``: no new import of the program per process),
         # and not forked from here: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning)
@@ -157,7 +181,7 @@ class ShardWriterPool:
         if processes:
             self._starter.start()
         if processes:            # last (nothing can fail after it): every slot the run will use, made meanwhile too
-            count = min(self.threads + 1, shards or self.threads + 1)
+            count = min(self.threads + filling, shards or self.threads + filling)
             self.slots.prepare(self.slot_size, count, ready=self._prepare_slot)
 
     def _start_processes(self) -> None:
@@ -176,7 +200,7 @@ class ShardWriterPool:
         (or once page-locking was refused) memory of its own."""
         geometry = self.writer.geometry
         if self.copy_at_handover:
-            return ShardBuffer(geometry, shard, self.pinned)
+            return ShardBuffer(geometry, shard, self.pinned, copy_stream=self.copy_stream)
         slot = self.slots.take(self.slot_size)
         if self.pinned and (self.lock_refused or not self._lock(slot)):
             self.slots.give(slot)
@@ -184,8 +208,9 @@ class ShardWriterPool:
             warnings.warn("the CUDA driver did not page-lock the hand-over files, so each shard is copied once more "
                           "on its way to a writer process (more host CPU and memory; extraction is otherwise "
                           "unchanged)", RuntimeWarning, stacklevel=2)
-            return ShardBuffer(geometry, shard, self.pinned)
-        return ShardBuffer(geometry, shard, self.pinned, slot=(slot, plan(geometry.shard_shapes(shard))[0]))
+            return ShardBuffer(geometry, shard, self.pinned, copy_stream=self.copy_stream)
+        return ShardBuffer(geometry, shard, self.pinned, slot=(slot, plan(geometry.shard_shapes(shard))[0]),
+                           copy_stream=self.copy_stream)
 
     def _prepare_slot(self, slot: SharedSlot) -> None:
         if self.pinned and not self.lock_refused and not self._lock(slot):

@@ -12,20 +12,24 @@ import pytest
 import torch
 
 from fpt.extract import extract
-from fpt.extract.run import shard_batches
+from fpt.extract.run import shard_batches, shards_filling
 from fpt.extract.shard_writing import ShardBuffer, all_finite
 from fpt.store import SAMPLE_ARRAYS, Geometry, StoreReader, StoreWriter
 from tests.conftest import micro_config
 from tests.helpers import GEOM, assert_same_store, open_writer, shard_arrays
 
 
-def test_batches_cover_every_shard_in_order_and_never_straddle():
+def test_batches_cover_every_shard_in_order_at_the_batch_size_across_shard_ends():
     g = Geometry(n_samples=23, layers=1, heads=1, k=1, head_dim=1, embed_dim=1, image_res=1, samples_per_shard=5)
     batches = shard_batches(g, [0, 2, 4], batch_size=3)
-    assert [i for b in batches for i in b.indices] == [*range(0, 5), *range(10, 15), *range(20, 23)]
-    for b in batches:
-        assert all(i in g.shard_range(b.shard) for i in b.indices)
-    assert [b.last_of_shard for b in batches] == [False, True, False, True, True]
+    assert [i for b in batches for p in b for i in p.indices] == [*range(0, 5), *range(10, 15), *range(20, 23)]
+    assert [sum(len(p.indices) for p in b) for b in batches] == [3, 3, 3, 3, 1]
+    assert [[(p.shard, p.indices, p.last_of_shard) for p in b] for b in batches] == [
+        [(0, [0, 1, 2], False)], [(0, [3, 4], True), (2, [10], False)], [(2, [11, 12, 13], False)],
+        [(2, [14], True), (4, [20, 21], False)], [(4, [22], True)]]
+    wide = shard_batches(g, [0, 1, 2], batch_size=12)          # a batch wider than a shard covers several
+    assert [[p.shard for p in b] for b in wide] == [[0, 1, 2], [2]]
+    assert max(len(b) for b in shard_batches(g, [0, 1, 2, 3, 4], 12)) <= shards_filling(12, 5) == 4
 
 
 def test_shard_buffer_assembles_batches_in_store_dtypes():
@@ -43,6 +47,35 @@ def test_shard_buffer_assembles_batches_in_store_dtypes():
         np.testing.assert_array_equal(out[name], expected, err_msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_shards_copies_run_on_the_copy_stream_and_keep_their_sources_alive():
+    """The device-to-host copies run on a stream of their own (overlapping the LPM's next batch): held back there
+    behind a long kernel while the batch's tensors are freed and their memory filled again on the LPM's stream,
+    the shard still receives the batch's values (the allocator keeps the sources until the copies are done)."""
+    g = Geometry(n_samples=8, layers=2, heads=3, k=4, head_dim=5, embed_dim=6, image_res=7, samples_per_shard=8)
+    copy_stream = torch.cuda.Stream()
+    buf = ShardBuffer(g, 0, pinned=True, copy_stream=copy_stream)
+    expected = []
+    for rows in ([0, 1, 2], [3, 4, 5, 6, 7]):
+        n = len(rows)
+        batch = {"keys": torch.randn(n, 2, 3, 4, 5), "values": torch.randn(n, 2, 3, 4, 5),
+                 "indices": torch.randint(0, 9, (n, 2, 3, 4)), "cls": torch.randn(n, 6),
+                 "images": torch.randint(0, 255, (n, 7, 7, 3), dtype=torch.uint8)}
+        expected.append(batch)
+        on_device = {k: v.cuda() for k, v in batch.items()}
+        with torch.cuda.stream(copy_stream):
+            torch.cuda._sleep(int(5e8))                     # the copies wait behind this (~0.25 s)
+        buf.add(rows, on_device)
+        del on_device
+        overwrite = [torch.full((n * 2 * 3 * 4 * 5,), 7.0, device="cuda") for _ in range(4)]    # reuses freed blocks
+        del overwrite
+    buf.seal()
+    out = buf.numpy()
+    for name in out:
+        want = torch.cat([b[name] for b in expected]).numpy().astype(out[name].dtype)
+        np.testing.assert_array_equal(out[name], want, err_msg=name)
+
+
 def test_concurrent_shard_writers_give_the_serial_store(tmp_path, image_folder):
     serial, parallel = tmp_path / "serial.zarr", tmp_path / "parallel.zarr"
     extract(micro_config(image_folder, serial, samples_per_shard=2, write_threads=1))
@@ -51,7 +84,8 @@ def test_concurrent_shard_writers_give_the_serial_store(tmp_path, image_folder):
     assert_same_store(serial, parallel)
     run = StoreReader(parallel).attrs["last_run"]
     shard_mb = 2 * StoreReader(parallel).geometry.bytes_per_sample() / 2**20
-    assert run["write_threads"] == 3 and run["host_buffer_limit_mb"] == round((3 + 1) * shard_mb, 1)
+    # one image per batch: one shard filled at a time, and a batch never covers two
+    assert run["write_threads"] == 3 and run["host_buffer_limit_mb"] == round((3 + 2) * shard_mb, 1)
 
 
 def test_a_failed_shard_write_keeps_the_others_and_resumes(tmp_path, image_folder, monkeypatch):
@@ -113,10 +147,11 @@ def test_writer_processes_give_the_serial_store(tmp_path, image_folder, monkeypa
     result = extract(micro_config(image_folder, parallel, samples_per_shard=2, write_threads=2, writers="processes"))
     assert result.n_written == 16
     assert_same_store(serial, parallel)
-    assert 1 <= len(taken) <= 2 + 1
+    filling = shards_filling(3, 2)                         # batches of 3 cover up to 3 shards of 2
+    assert filling == 3 and 1 <= len(taken) <= 2 + filling
     run = StoreReader(parallel).attrs["last_run"]
     shard_mb = 2 * StoreReader(parallel).geometry.bytes_per_sample() / 2**20
-    assert run["writers"] == "processes" and run["host_buffer_limit_mb"] == round((2 + 1) * shard_mb, 1)
+    assert run["writers"] == "processes" and run["host_buffer_limit_mb"] == round((2 + filling) * shard_mb, 1)
     assert shared_files() == before                        # every hand-over file removed
 
 
@@ -126,8 +161,8 @@ def test_where_the_driver_refuses_to_page_lock_shards_are_copied_at_the_hand_ove
     from fpt.extract import shard_writing
 
     class Unpinned(shard_writing.ShardBuffer):     # this machine has no CUDA to pin memory with
-        def __init__(self, geometry, shard, pinned, slot=None):
-            super().__init__(geometry, shard, False, slot)
+        def __init__(self, geometry, shard, pinned, slot=None, copy_stream=None):
+            super().__init__(geometry, shard, False, slot, copy_stream)
 
     locked = []
     monkeypatch.setattr(shard_writing, "ShardBuffer", Unpinned)
@@ -159,8 +194,8 @@ def test_page_locked_hand_over_files_are_unlocked_after_the_device_and_before_th
     from fpt.extract import shard_writing
 
     class Unpinned(shard_writing.ShardBuffer):     # this machine has no CUDA to pin memory with
-        def __init__(self, geometry, shard, pinned, slot=None):
-            super().__init__(geometry, shard, False, slot)
+        def __init__(self, geometry, shard, pinned, slot=None, copy_stream=None):
+            super().__init__(geometry, shard, False, slot, copy_stream)
 
     events = []
     monkeypatch.setattr(shard_writing, "ShardBuffer", Unpinned)
