@@ -33,15 +33,13 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
 else
-  # what the third lease (2026-11-27) left open: fpt extract end to end with the main process's CPU
-  # fixes (and where the host's CPU goes: cpu_main_ms / cpu_children_ms / cores_busy), with the default codec and
-  # without compression (--codec none: half the writers' CPU), the CUDA tests of those fixes, the GPU host's CPU
-  # budget at 1024, then fpt train's epochs, its loop taken apart (with, since 2026-11-27, the step's host issue
-  # time against its device time) and the whole step as one CUDA graph (part graph); the 12-run sweep is bench-sweep. host_processes (the pipeline
-  # without the LPM) and the plain forward (1,384 / 256 img/s) were measured by lease 3, whose bench-gpu step
-  # ended at its time limit: left out, so both codecs fit.
+  # what the fourth lease (2026-11-27, H200) left open: fpt extract end to end with the writers from the fork
+  # server, batches across shard ends and the copies on their own stream (and where the main process's CPU goes:
+  # cpu_main_threads_ms), both codecs; fpt train with its step captured as one CUDA graph (part train) and the
+  # step rows (part graph); the 12-run sweep without compiling; the writers' start on 16 cores. The plain forward
+  # is left out for time (lease 3 measured it on an H100).
   GPU_ARGS="--cases lpm fpt_extract official_script --res 512:32 1024:8 --e2e 512:1024 1024:256 --codecs zstd-1 none --timeout 120 --no-train"
-  TRAIN_ARGS="--parts train,loop,graph"
+  TRAIN_ARGS="--parts train,graph,loop"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
@@ -72,10 +70,9 @@ images_ready() {   # once, before the first step that reads them
   if [ -n "$IMAGES_PID" ]; then wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG"; IMAGES_PID=; fi
 }
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-# First the CUDA tests of what changed since lease 3 (the page-locked hand-over, the low-res copy on the GPU, the
-# whole-step graph), then the two tables; the kernel's tests (unchanged since they passed in lease 3) and the
-# host's CPU budget last.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train tests-kernel host-cost}; do
+# First the CUDA tests of what changed since lease 4 (the captured training step, the copy stream, the resumed
+# captured run), then the tables; the kernel's tests (unchanged since they passed in lease 3) are tests-kernel.
+for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train bench-sweep writer-start host-cost}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 260 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
@@ -87,7 +84,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train tests-kernel hos
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
     tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
                     tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py tests/test_train.py \
-                    tests/test_bench_reference.py \
+                    tests/test_bench_reference.py tests/test_methods.py \
                     -k "cuda or gpu or peak" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
