@@ -21,7 +21,8 @@ class LoopWaits:
         self.first_batch: float | None = None          # when the first item arrived (``now``'s clock)
 
     def batches(self, loader) -> Iterator:
-        """``loader``'s items, the wait for each (and for the end) added to ``decoding``."""
+        """``loader``'s items (a loader or its iterator, already started), the wait for each (and for the end)
+        added to ``decoding``."""
         items = iter(loader)
         while True:
             with self.waiting("decoding"):

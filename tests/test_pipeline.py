@@ -854,3 +854,26 @@ def test_writer_processes_do_not_each_import_the_programs_main_module(tmp_path, 
     assert done.returncode == 0, done.stderr[-2000:]
     assert StoreReader(out).done().all()
     assert len(imports.read_text().split()) == 2
+
+
+def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothing(tmp_path, image_folder,
+                                                                                    monkeypatch):
+    """On CUDA the loop runs the LPM once on zeros while the decode workers start (``warms_up``): forced here on
+    the CPU, one call of the LPM on a batch of zeros of the run's shape comes first, and the store is the one a
+    run without it writes."""
+    from fpt.extract import run
+
+    plain, warmed = tmp_path / "plain.zarr", tmp_path / "warmed.zarr"
+    extract(micro_config(image_folder, plain, workers=1))
+    calls, real = [], run.encode_batch
+
+    def spy(lpm, high, *args, **kwargs):
+        calls.append((tuple(high.shape), bool((high == 0).all())))
+        return real(lpm, high, *args, **kwargs)
+
+    monkeypatch.setattr(run, "encode_batch", spy)
+    monkeypatch.setattr(run, "warms_up", lambda device, workers: workers > 0)
+    extract(micro_config(image_folder, warmed, workers=1))
+    assert calls[0] == ((3, 64, 64, 3), True) and not any(zero for _, zero in calls[1:])
+    assert len(calls) == 1 + -(-16 // 3)                    # the warm-up, then 16 images in batches of 3
+    assert_same_store(plain, warmed)
