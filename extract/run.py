@@ -277,12 +277,13 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                    "images": low_res_copy(high, cfg.image_res)}
             start = 0
             for part in batch:                          # the batch's rows of each shard it covers
-                shard = filling.get(part.shard) or filling.setdefault(part.shard, pool.buffer(part.shard))
-                end = start + len(part.indices)
-                for pos in range(start, end):
-                    if pos in errors:
+                if part.shard not in filling:
+                    filling[part.shard] = pool.buffer(part.shard)
+                shard, end = filling[part.shard], start + len(part.indices)
+                for pos, message in errors.items():
+                    if start <= pos < end:
                         index = part.indices[pos - start]
-                        skipped.append((index, source.samples[index].id, errors[pos]))
+                        skipped.append((index, source.samples[index].id, message))
                         shard.excluded.append(index)
                 shard.add(part.indices, {name: t[start:end] for name, t in out.items()})
                 if part.last_of_shard:

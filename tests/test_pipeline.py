@@ -877,3 +877,19 @@ def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothi
     assert calls[0] == ((3, 64, 64, 3), True) and not any(zero for _, zero in calls[1:])
     assert len(calls) == 1 + -(-16 // 3)                    # the warm-up, then 16 images in batches of 3
     assert_same_store(plain, warmed)
+
+
+def test_unreadable_images_in_batches_across_shard_ends_are_skipped_where_they_are(tmp_path, image_folder):
+    """--on-error skip with batches of 3 over shards of 2: each unreadable image is excluded from its own shard
+    (a batch's positions map to the shard each row belongs to), as in a run of one image per batch."""
+    broken = sorted((image_folder / "train").rglob("*.png"))[1:4:2]
+    for path in broken:
+        path.write_bytes(b"not a png")
+    one, three = tmp_path / "one.zarr", tmp_path / "three.zarr"
+    extract(micro_config(image_folder, one, on_error="skip", batch_size=1, samples_per_shard=2))
+    result = extract(micro_config(image_folder, three, on_error="skip", batch_size=3, samples_per_shard=2))
+    assert result.n_skipped == 2
+    assert_same_store(one, three)
+    reader = StoreReader(three)
+    skipped = sorted(str(reader.ids[i]) for i in np.flatnonzero(reader.split == 255))
+    assert skipped == sorted(str(p.relative_to(image_folder)) for p in broken)
