@@ -226,7 +226,7 @@ def test_cuda_graph_step_gives_the_eager_losses():
 
 
 @CUDA
-def test_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_same():
+def test_on_cuda_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_same():
     """drop_last off: the last batch of an epoch is smaller than the captured one; it runs eagerly (the graph
     holds one shape), on the same weights and AdamW state, and the step after it replays the graph again."""
     small = StepShape(**{**vars(SHAPE), "batch_size": 3})
@@ -237,7 +237,7 @@ def test_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_same():
 
 
 @CUDA
-def test_the_captured_evaluation_gives_the_eager_probabilities():
+def test_on_cuda_the_captured_evaluation_gives_the_eager_probabilities():
     cuda = torch.device("cuda")
     torch.manual_seed(0)
     step = make_step(SMALL, cuda, cuda_graph=True)
@@ -251,7 +251,7 @@ def test_the_captured_evaluation_gives_the_eager_probabilities():
 
 
 @CUDA
-def test_a_failing_capture_falls_back_to_eager_with_one_warning(monkeypatch):
+def test_on_cuda_a_failing_capture_falls_back_to_eager_with_one_warning(monkeypatch):
     class Refused(torch.cuda.CUDAGraph):
         def capture_begin(self, *args, **kwargs):
             raise RuntimeError("capture refused here")
