@@ -266,6 +266,34 @@ def test_on_cuda_a_failing_capture_falls_back_to_eager_with_one_warning(monkeypa
 
 
 @CUDA
+def test_on_cuda_the_capture_lets_another_thread_copy_from_the_device_meanwhile():
+    """fpt train's checkpoint writer copies tensors from the GPU on a thread of its own, possibly while the step
+    or the evaluation is being captured: neither the capture nor those copies fail."""
+    import threading
+
+    stop, errors, copies = threading.Event(), [], []
+
+    def copy_from_the_device():
+        try:
+            while not stop.is_set():
+                copies.append(float(torch.randn(1 << 16, device="cuda").cpu().sum()))
+        except Exception as e:          # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    writer = threading.Thread(target=copy_from_the_device)
+    writer.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses, step = cuda_losses(compile=False, cuda_graph=True, steps=GRAPH_WARMUP + 3)
+    finally:
+        stop.set()
+        writer.join()
+    assert step.is_captured and not errors and copies and all(map(math.isfinite, losses))
+    assert not [w for w in caught if "CUDA graph failed" in str(w.message)]
+
+
+@CUDA
 def test_cuda_graph_step_compiles_once():
     """Compiled and captured: one compilation each for the step and the evaluation (a recompile would cost a
     whole compilation in every run)."""

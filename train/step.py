@@ -153,7 +153,10 @@ class StepGraph:
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         static = {name: t.clone() for name, t in inputs.items()}
         graph = torch.cuda.CUDAGraph()
-        with self.around_capture(), torch.cuda.graph(graph):
+        # thread_local: other threads' CUDA work goes on meanwhile (fpt train's checkpoint writer copies the last
+        # epoch's tensors to the host on a thread of its own); in the default "global" mode it would break the
+        # capture, or fail itself
+        with self.around_capture(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             output = self.fn(static)
         self.graph, self.static, self.output = graph, static, output
         graph.replay()                  # capturing recorded this call's work; this runs it
