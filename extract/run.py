@@ -29,7 +29,7 @@ from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
 from fpt.extract.images import low_res_copy, lpm_input
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
-from fpt.extract.timing import LoopWaits, Progress, ShardClock
+from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
                        choose_samples_per_shard, is_url)
 
@@ -271,6 +271,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         decoded = iter(loader)                              # the decode workers start on the first batches
         if warms_up(device, workers):
             warm_up(lpm, cfg, batch_size, device)
+        lead = DeviceLead(waits, (lambda: torch.cuda.Event(blocking=True)) if device.type == "cuda" else None)
         for batch, (high, errors) in zip(batches, waits.batches(decoded)):
             high = high.to(device, non_blocking=True)                           # [B, res, res, C]
             out = {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
@@ -289,6 +290,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                 if part.last_of_shard:
                     pool.submit(filling.pop(part.shard))
                 start = end
+            lead.issued()
     return pool.written, skipped
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -12,9 +13,10 @@ Progress = Callable[[int, int], None]          # progress(samples done, samples 
 
 class LoopWaits:
     """Where the extraction loop's thread waited, in seconds: for its next decoded batch (``decoding``: the decode
-    workers, or the decoding itself without workers), for a submitted shard's copies from the device (``device``)
-    and then for its write (``writing``: compressing and writing) before it could hand out another. The rest of
-    its time it issued work to the device."""
+    workers, or the decoding itself without workers), for the device (``device``: to catch up with the batches
+    issued, ``DeviceLead``, or to finish a submitted shard's copies) and for a shard's write (``writing``:
+    compressing and writing) before it could hand out another. The rest of its time it issued work to the
+    device."""
 
     def __init__(self, now: Callable[[], float] = time.perf_counter):
         self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
@@ -43,6 +45,28 @@ class LoopWaits:
 
 
 _END = object()
+
+
+class DeviceLead:
+    """Keeps the loop at most ``batches`` batches ahead of the device: ``issued()`` after each batch records an
+    event (``event()``, a blocking CUDA event), and once more than ``batches`` are in flight waits for the oldest,
+    asleep, in ``waits.device``. Unchecked, the loop runs ahead until the driver's launch queue is full and then
+    waits inside a kernel launch, which CUDA's default scheduling does by spinning a core on a host with more
+    cores than GPUs, a core the decode workers and writers need. ``event`` None (a CPU): nothing to wait for."""
+
+    def __init__(self, waits: LoopWaits, event: Callable[[], object] | None, batches: int = 2):
+        self.waits, self.event, self.batches = waits, event, batches
+        self.in_flight: deque = deque()
+
+    def issued(self) -> None:
+        if self.event is None:
+            return
+        done = self.event()
+        done.record()
+        self.in_flight.append(done)
+        if len(self.in_flight) > self.batches:
+            with self.waits.waiting("device"):
+                self.in_flight.popleft().synchronize()
 
 
 class ShardClock:

@@ -759,6 +759,37 @@ def test_loop_waits_add_up_the_time_spent_waiting_for_each_stage():
     assert waits.writing == 1.0
 
 
+def test_the_loop_stays_a_few_batches_ahead_of_the_device_waiting_asleep_in_device_time():
+    """``DeviceLead``: after each batch an event is recorded; with more than 2 in flight the loop waits for the
+    oldest (in order), and that wait counts as waiting for the device. Without events (a CPU) it never waits."""
+    from fpt.extract.timing import DeviceLead, LoopWaits
+
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.n = len([e for e in log if e[0] == "record"])
+
+        def record(self):
+            log.append(("record", self.n))
+
+        def synchronize(self):
+            log.append(("wait", self.n))
+
+    ticks = iter(range(100))
+    waits = LoopWaits(now=lambda: float(next(ticks)))
+    lead = DeviceLead(waits, Event, batches=2)
+    for _ in range(5):
+        lead.issued()
+    assert [e for e in log if e[0] == "wait"] == [("wait", 0), ("wait", 1), ("wait", 2)]
+    assert log.index(("wait", 0)) == log.index(("record", 2)) + 1       # the third batch waits for the first
+    assert waits.device == 3.0 and waits.decoding == waits.writing == 0.0
+    cpu = DeviceLead(LoopWaits(), None)
+    for _ in range(5):
+        cpu.issued()
+    assert not cpu.in_flight
+
+
 def test_the_result_names_the_stage_the_loop_waited_for():
     from fpt.extract.run import ExtractResult
 
