@@ -55,8 +55,8 @@ class ExtractResult:
     first_copied_seconds: float | None = None
     first_shard_seconds: float | None = None
     last_shard_seconds: float | None = None
-    # seconds the loop waited for decoded batches, for shards' copies from the device and for shard writers
-    # (``LoopWaits``; None on dask)
+    # seconds the loop waited for decoded batches, for the device (to catch up with the batches issued, or to finish
+    # a shard's copies) and for shard writers (``LoopWaits``; None on dask)
     waited_for_decoding_s: float | None = None
     waited_for_device_s: float | None = None
     waited_for_writers_s: float | None = None
