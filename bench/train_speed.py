@@ -269,8 +269,9 @@ def host_and_device_seconds(fn, device: torch.device, hold_s: float = 1.0) -> tu
 
 def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: int | None = None) -> list[dict]:
     """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another. One after another,
-    only the first ``sequential_runs`` of them are run (default: all on a CPU, 3 on CUDA, where each run
-    compiles its step and 12 would not fit a lease) and ``seconds`` is extrapolated to the 12: the measured
+    only the first ``sequential_runs`` of them are run (default: all on a CPU, 3 on CUDA, so that the sweep fits
+    what is left of a lease; in lease 4 each run still compiled its step) and ``seconds`` is extrapolated to the
+    12: the measured
     wall time (start, those runs, shutdown) plus each missing run at the median time between two runs finishing
     (the runs differ only in lr, weight decay and seed: the same work each); the row says how many ran. Each side
     starts with empty torch.compile caches (inductor's and Triton's, in folders of its own), as on a machine that
