@@ -60,6 +60,8 @@ class ExtractResult:
     waited_for_decoding_s: float | None = None
     waited_for_device_s: float | None = None
     waited_for_writers_s: float | None = None
+    # the LPM's first step on zeros while the decode workers start (``warm_up``: CUDA with workers; else None)
+    warm_up_seconds: float | None = None
 
     def limit(self) -> tuple[str, float] | None:
         """What limited the run most, with its share of the run: ``decoding`` or ``writing`` (the loop waited for
@@ -176,6 +178,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                                last_shard_seconds=clock.last_shard_seconds(start),
                                first_copied_seconds=clock.first_copied_seconds(start),
                                first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
+                               warm_up_seconds=waits.warm_up,
                                **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
                                    "waited_for_writers_s": waits.writing} if scheduler is None else {}))
         if skipped:
@@ -270,7 +273,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         filling: dict[int, ShardBuffer] = {}                # shards with rows still to come, in store order
         decoded = iter(loader)                              # the decode workers start on the first batches
         if warms_up(device, workers):
-            warm_up(lpm, cfg, batch_size, device)
+            with waits.timed("warm_up"):
+                warm_up(lpm, cfg, batch_size, device)
         lead = DeviceLead(waits, (lambda: torch.cuda.Event(blocking=True)) if device.type == "cuda" else None)
         for batch, (high, errors) in zip(batches, waits.batches(decoded)):
             high = high.to(device, non_blocking=True)                           # [B, res, res, C]

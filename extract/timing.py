@@ -21,6 +21,7 @@ class LoopWaits:
     def __init__(self, now: Callable[[], float] = time.perf_counter):
         self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
         self.first_batch: float | None = None          # when the first item arrived (``now``'s clock)
+        self.warm_up: float | None = None              # seconds of the LPM's warm-up step, where there was one
 
     def batches(self, loader) -> Iterator:
         """``loader``'s items (a loader or its iterator, already started), the wait for each (and for the end)
@@ -34,6 +35,15 @@ class LoopWaits:
             if self.first_batch is None:
                 self.first_batch = self.now()
             yield item
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        """The block's seconds in ``what`` (a piece of work of the loop's own, not a wait)."""
+        start = self.now()
+        try:
+            yield
+        finally:
+            setattr(self, what, self.now() - start)
 
     @contextmanager
     def waiting(self, stage: str) -> Iterator[None]:

@@ -904,10 +904,12 @@ def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothi
 
     monkeypatch.setattr(run, "encode_batch", spy)
     monkeypatch.setattr(run, "warms_up", lambda device, workers: workers > 0)
-    extract(micro_config(image_folder, warmed, workers=1))
+    result = extract(micro_config(image_folder, warmed, workers=1))
     assert calls[0] == ((3, 64, 64, 3), True) and not any(zero for _, zero in calls[1:])
     assert len(calls) == 1 + -(-16 // 3)                    # the warm-up, then 16 images in batches of 3
     assert_same_store(plain, warmed)
+    assert result.warm_up_seconds > 0 and extract(micro_config(image_folder, tmp_path / "c.zarr")).warm_up_seconds \
+        is None
 
 
 def test_unreadable_images_in_batches_across_shard_ends_are_skipped_where_they_are(tmp_path, image_folder):
