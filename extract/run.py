@@ -273,8 +273,9 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         filling: dict[int, ShardBuffer] = {}                # shards with rows still to come, in store order
         decoded = iter(loader)                              # the decode workers start on the first batches
         if warms_up(device, workers):
-            with waits.timed("warm_up"):
-                warm_up(lpm, cfg, batch_size, device)
+            began = waits.now()
+            warm_up(lpm, cfg, batch_size, device)
+            waits.warm_up = waits.now() - began
         lead = DeviceLead(waits, (lambda: torch.cuda.Event(blocking=True)) if device.type == "cuda" else None)
         for batch, (high, errors) in zip(batches, waits.batches(decoded)):
             high = high.to(device, non_blocking=True)                           # [B, res, res, C]

@@ -37,15 +37,6 @@ class LoopWaits:
             yield item
 
     @contextmanager
-    def timed(self, what: str) -> Iterator[None]:
-        """The block's seconds in ``what`` (a piece of work of the loop's own, not a wait)."""
-        start = self.now()
-        try:
-            yield
-        finally:
-            setattr(self, what, self.now() - start)
-
-    @contextmanager
     def waiting(self, stage: str) -> Iterator[None]:
         start = self.now()
         try:
