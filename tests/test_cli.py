@@ -54,6 +54,9 @@ def test_store_problems(tmp_path, micro_store):
     fails_cleanly(["inspect", str(micro_store / "keys")], "is one array of a store, not a store")
     fails_cleanly(["train", "--store", str(micro_store), "--side-res", "12", "--out", str(tmp_path / "r")],
                   "not a multiple of the patch size 8")
+    fails_cleanly(["train", "--store", str(micro_store), "--side-res", "16", "--device", "cpu", "--cuda-graph", "--out",
+                   str(tmp_path / "g")], "--cuda-graph needs a CUDA device (this run's device is cpu)")
+    assert not (tmp_path / "g").exists()                       # refused before the run wrote anything
     meta = json.loads((micro_store / "zarr.json").read_text())
     meta["attributes"]["fpt_store_version"] = 0
     (micro_store / "zarr.json").write_text(json.dumps(meta))

@@ -210,6 +210,8 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
     reader.require_complete()
     spec = model_spec(reader, cfg)
     device = resolve_device(cfg.device)
+    compile = step_compiles(getattr(cfg, "compile", None), device)
+    cuda_graph = step_captures(getattr(cfg, "cuda_graph", None), device)        # before anything is written
     out = Path(cfg.out or f"runs/{store_stem(cfg.store)}-{datetime.now():%Y%m%d-%H%M%S}")
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
@@ -226,8 +228,6 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
 
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers, shared)
                             for s in ("train", "val"))
-    compile = step_compiles(getattr(cfg, "compile", None), device)
-    cuda_graph = step_captures(getattr(cfg, "cuda_graph", None), device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]
