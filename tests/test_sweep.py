@@ -58,6 +58,10 @@ def test_cli_refuses_a_bad_scheduler_before_any_work(store, tmp_path):
                                       str(tmp_path / "s"), "--device", "cpu"])
     assert result.exit_code == 2 and "expected local, local:N" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "s").exists()
+    result = CliRunner().invoke(app, ["sweep", "--store", str(store), "--cuda-graph", "--out", str(tmp_path / "g"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 2 and "--cuda-graph needs a CUDA device" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and not (tmp_path / "g").exists()
 
 
 def test_mean_and_sample_std():

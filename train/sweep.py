@@ -42,7 +42,7 @@ from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, Sweep
                                validation_score)
 from fpt.train.metrics import pme, ppe
 from fpt.train.plots import write_sweep_plot
-from fpt.train.step import step_compiles
+from fpt.train.step import step_captures, step_compiles
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
 
@@ -350,6 +350,8 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     from fpt.cluster import local_worker_count
 
     local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
+    if sweep.train.device != "auto":                             # (auto: each worker's own device decides)
+        step_captures(sweep.train.cuda_graph, resolve_device(sweep.train.device))
     sweep.out.mkdir(parents=True, exist_ok=True)
     counts = {"ran": 0, "skipped": 0}
 
