@@ -82,7 +82,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train bench-sweep writ
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
-    tests-cuda)   step $name 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
+    tests-cuda)   step $name 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
                     tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py tests/test_train.py \
                     tests/test_bench_reference.py tests/test_methods.py \
                     -k "cuda or gpu or peak" ;;
