@@ -72,7 +72,7 @@ images_ready() {   # once, before the first step that reads them
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
 # First the CUDA tests of what changed since lease 4 (the captured training step, the copy stream, the resumed
 # captured run), then the tables; the kernel's tests (unchanged since they passed in lease 3) are tests-kernel.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train bench-sweep writer-start host-cost}; do
+for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train train-memory bench-sweep writer-start host-cost}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 260 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
