@@ -5,8 +5,8 @@ fpt.bench.gpu``, the ``fpt`` script or a user's script that imports torch, up to
 is one clean process, started once per program (no CUDA, no threads, so safe to fork), that imports what the
 helpers need and runs the main module once; each helper is then a fork of it, and finds the main module in place.
 
-``multiprocessing`` alone does not get there: the CPython versions fpt supports never hand a script's path to
-their fork server (``"__main__"`` among the preloaded modules does nothing; fixed later, gh-126631), and a module
+``multiprocessing`` alone does not get there: CPython 3.11 and 3.12 never hand a script's path to their fork
+server (``"__main__"`` among the preloaded modules does nothing; fixed in later versions, gh-126631), and a module
 run with ``-m`` is only imported there, so every child runs it again as its ``__mp_main__``. So this module,
 preloaded by the server, runs the main module there as a spawned child would (``MAIN_ENV`` names it, set only
 while the server starts).
