@@ -10,6 +10,7 @@ import errno
 import os
 import time
 import warnings
+import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -272,7 +273,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                           filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool):
         filling: dict[int, ShardBuffer] = {}                # shards with rows still to come, in store order
         decoded = iter(loader)                              # the decode workers start on the first batches
-        if warms_up(device, workers):
+        if warms_up(device, workers) and lpm not in _WARMED_UP:
             began = waits.now()
             warm_up(lpm, cfg, batch_size, device)
             waits.warm_up = waits.now() - began
@@ -309,10 +310,14 @@ def warms_up(device: torch.device, workers: int) -> bool:
 @torch.no_grad()
 def warm_up(lpm: FrozenLPM, cfg: ExtractConfig, batch_size: int, device: torch.device) -> None:
     """The LPM's first step (and the low-res copy's) on a batch of zeros of the run's shape; its output is
-    dropped. ``warms_up`` says when."""
+    dropped. ``warms_up`` says when; once per LPM (a dask worker keeps its LPM from one shard task to the next)."""
     zeros = torch.zeros(batch_size, cfg.res, cfg.res, 3, dtype=torch.uint8, device=device)
     encode_batch(lpm, zeros, cfg.mean, cfg.std, cfg.precision)
     low_res_copy(zeros, cfg.image_res)
+    _WARMED_UP.add(lpm)
+
+
+_WARMED_UP: weakref.WeakSet = weakref.WeakSet()      # the LPMs of this process that ran ``warm_up``
 
 
 @contextmanager

@@ -908,8 +908,10 @@ def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothi
     assert calls[0] == ((3, 64, 64, 3), True) and not any(zero for _, zero in calls[1:])
     assert len(calls) == 1 + -(-16 // 3)                    # the warm-up, then 16 images in batches of 3
     assert_same_store(plain, warmed)
-    assert result.warm_up_seconds > 0 and extract(micro_config(image_folder, tmp_path / "c.zarr")).warm_up_seconds \
-        is None
+    assert result.warm_up_seconds > 0
+    calls.clear()                                           # the same LPM again (a dask worker's next shard task)
+    assert extract(micro_config(image_folder, tmp_path / "again.zarr", workers=1)).warm_up_seconds is None
+    assert not any(zero for _, zero in calls)               # once per LPM: no second warm-up
 
 
 def test_unreadable_images_in_batches_across_shard_ends_are_skipped_where_they_are(tmp_path, image_folder):
