@@ -117,6 +117,14 @@ class StepGraph:
         return self.graph is not None
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.graph is None and not self.enabled:
+            return self.fn(inputs)
+        # the inputs' device current: its streams, and its random generator, which a capture may draw from only
+        # when its device is the current one (a run on cuda:1)
+        with torch.cuda.device(next(iter(inputs.values())).device):
+            return self._call(inputs)
+
+    def _call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.graph is not None:
             if not self._fits(inputs):
                 return self.fn(inputs)
@@ -134,7 +142,7 @@ class StepGraph:
         except Exception as e:          # noqa: BLE001 - an op that cannot be captured: eager from now on
             self.enabled, self.graph, self.static, self.output = False, None, {}, None
             warnings.warn(f"capturing the {self.what} as a CUDA graph failed ({first_line(e)}); running it "
-                          "eagerly (--no-cuda-graph skips the attempt)", RuntimeWarning, stacklevel=2)
+                          "eagerly (--no-cuda-graph skips the attempt)", RuntimeWarning, stacklevel=3)
             return self.fn(inputs)
 
     def _fits(self, inputs: dict[str, torch.Tensor]) -> bool:
