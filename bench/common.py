@@ -67,6 +67,16 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of this machine has been busy so far (user, nice, system, interrupts): on a machine
+    running one bench alone, the CPU of everything it started, its children's children and the kernel's
+    writeback included."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
+
 class ThreadCPU:
     """CPU seconds of this process's threads inside the ``with`` block, by what they are: each thread's clock
     (``/proc/self/task/<tid>/stat``) read every ``interval`` seconds and named by its Python thread's name with

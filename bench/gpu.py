@@ -38,7 +38,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fpt.bench.common import THREADS, WORK_DIR, PeakRSS, ThreadCPU, command_line, write_results
+from fpt.bench.common import (THREADS, WORK_DIR, PeakRSS, ThreadCPU, command_line, machine_busy_seconds,
+                              write_results)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TOKEN_RATIO = 0.2
@@ -235,11 +236,8 @@ def cpu_seconds() -> tuple[float, float]:
     core's busy time: the decode workers, the writer processes, which are the fork server's children rather
     than ours, and the kernel's own work, such as writing back the page cache). The machine runs the bench
     alone, so its busy time is the extraction's."""
-    import psutil
-
-    own, machine = resource.getrusage(resource.RUSAGE_SELF), psutil.cpu_times()
-    busy = machine.user + machine.nice + machine.system + getattr(machine, "irq", 0) + getattr(machine, "softirq", 0)
-    return own.ru_utime + own.ru_stime, busy
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime, machine_busy_seconds()
 
 
 def _free_lpm() -> None:

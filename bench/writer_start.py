@@ -20,14 +20,7 @@ import time
 
 import torch  # noqa: F401 - the heavy main module this measures (see the docstring)
 
-from fpt.bench.common import write_results
-
-
-def machine_busy_s() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+from fpt.bench.common import machine_busy_seconds, write_results
 
 
 def start(how: str, writers: int, store: str) -> dict:
@@ -40,14 +33,14 @@ def start(how: str, writers: int, store: str) -> dict:
     from fpt.store import start_writer
 
     hold = 0.5
-    before, t0 = machine_busy_s(), time.perf_counter()
+    before, t0 = machine_busy_seconds(), time.perf_counter()
     context = (multiprocessing.get_context("spawn") if how == "spawn"
                else fork_server_context([start_writer.__module__]))
     pool = ProcessPoolExecutor(writers, mp_context=context, initializer=start_writer, initargs=(store,))
     with starting():
         tasks = [pool.submit(time.sleep, hold) for _ in range(writers)]     # busy: so that all of them start
     wait(tasks)
-    seconds, busy = time.perf_counter() - t0 - hold, machine_busy_s() - before
+    seconds, busy = time.perf_counter() - t0 - hold, machine_busy_seconds() - before
     pool.shutdown()
     return {"how": how, "writers": writers, "all_started_s": round(seconds, 2), "machine_cpu_s": round(busy, 2)}
 

@@ -9,6 +9,7 @@ import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -178,9 +179,8 @@ class ShardWriterPool:
         # the writer processes start (``start_writer``) while the loop starts: on a thread of their own, since the
         # first of a program waits for its fork server to start and import what they need
         self._starter = threading.Thread(target=self._start_processes, name="fpt-writer-start", daemon=True)
-        if processes:
-            self._starter.start()
         if processes:            # last (nothing can fail after it): every slot the run will use, made meanwhile too
+            self._starter.start()
             count = min(self.threads + filling, shards or self.threads + filling)
             self.slots.prepare(self.slot_size, count, ready=self._prepare_slot)
 
@@ -199,8 +199,9 @@ class ShardWriterPool:
         """The buffer the device's output for ``shard`` goes to: in a hand-over slot with writer processes, else
         (or once page-locking was refused) memory of its own."""
         geometry = self.writer.geometry
+        new = partial(ShardBuffer, geometry, shard, self.pinned, copy_stream=self.copy_stream)
         if self.copy_at_handover:
-            return ShardBuffer(geometry, shard, self.pinned, copy_stream=self.copy_stream)
+            return new()
         slot = self.slots.take(self.slot_size)
         if self.pinned and (self.lock_refused or not self._lock(slot)):
             self.slots.give(slot)
@@ -208,9 +209,8 @@ class ShardWriterPool:
             warnings.warn("the CUDA driver did not page-lock the hand-over files, so each shard is copied once more "
                           "on its way to a writer process (more host CPU and memory; extraction is otherwise "
                           "unchanged)", RuntimeWarning, stacklevel=2)
-            return ShardBuffer(geometry, shard, self.pinned, copy_stream=self.copy_stream)
-        return ShardBuffer(geometry, shard, self.pinned, slot=(slot, plan(geometry.shard_shapes(shard))[0]),
-                           copy_stream=self.copy_stream)
+            return new()
+        return new(slot=(slot, plan(geometry.shard_shapes(shard))[0]))
 
     def _prepare_slot(self, slot: SharedSlot) -> None:
         if self.pinned and not self.lock_refused and not self._lock(slot):

@@ -248,7 +248,7 @@ def test_where_runs_compile_the_first_runs_alone_until_its_first_step_is_done(st
 
     from fpt.train import sweep
 
-    monkeypatch.setattr(sweep, "step_compiles", lambda compile, device: True)
+    monkeypatch.setattr(sweep, "step_compiles", lambda compile: True)
     events, real_submit, real_wait = [], Client.submit, sweep.wait_for_first_step
 
     def submit(self, fn, *args, **kwargs):

@@ -210,7 +210,7 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
     reader.require_complete()
     spec = model_spec(reader, cfg)
     device = resolve_device(cfg.device)
-    compile = step_compiles(getattr(cfg, "compile", None), device)
+    compile = step_compiles(getattr(cfg, "compile", None))
     cuda_graph = step_captures(getattr(cfg, "cuda_graph", None), device)        # before anything is written
     out = Path(cfg.out or f"runs/{store_stem(cfg.store)}-{datetime.now():%Y%m%d-%H%M%S}")
     if (out / "metrics.json").exists():

@@ -27,7 +27,7 @@ CLIP_NORM = 1.0
 GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's workspaces and AdamW's state settle
 
 
-def step_compiles(compile: bool | None, device: torch.device) -> bool:
+def step_compiles(compile: bool | None) -> bool:
     """Whether a run's step is compiled: ``compile`` as given (``--compile`` / ``--no-compile``); off by default
     (on CUDA the captured step is fast without it, and compiling costs each run tens of seconds)."""
     return bool(compile)

@@ -180,7 +180,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     # cache); the first one runs alone until it has compiled and taken its first step (not its first epoch, which
     # may be long), then the others find the training step in the cache (its evaluation forward, compiled at the
     # end of the first epoch, reaches the cache about when they need it).
-    first_alone = local and len(todo) > 1 and step_compiles(runs[0].cfg.compile, device)
+    first_alone = local and len(todo) > 1 and step_compiles(runs[0].cfg.compile)
     with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads), contextlib.ExitStack() as stack:
         copies = share_splits(reader, names, stack, gpus=share_gpu) if share else None
         by_future = {}
