@@ -461,6 +461,10 @@ def sweep(
     cuda_graph: CudaGraph = None,
     runs_per_gpu: Annotated[Optional[int], option("Runs trained at once on each GPU of a local scheduler.", HARDWARE,
                                                   default="from free GPU memory and the step's measured peak")] = None,
+    runs_in: Annotated[Optional[str], option("How a local scheduler runs concurrent runs: threads (of this "
+                                             "process, a CUDA stream each: their kernels overlap) or processes.",
+                                             HARDWARE, default="threads on CUDA without --compile, else processes",
+                                             metavar="threads|processes")] = None,
     augment: Augment = None,
     drop_last: DropLast = None,
     pipelines: Pipelines = None,
@@ -474,8 +478,8 @@ def sweep(
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
                                   ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                                  cuda_graph=cuda_graph, runs_per_gpu=runs_per_gpu, augment=augment,
-                                  drop_last=drop_last, pipelines=pipelines)
+                                  cuda_graph=cuda_graph, runs_per_gpu=runs_per_gpu, runs_in=runs_in,
+                                  augment=augment, drop_last=drop_last, pipelines=pipelines)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 

@@ -34,19 +34,21 @@ def local_worker_count(scheduler: str, cuda: bool, per_gpu: int = 1) -> int | No
 
 
 @contextmanager
-def dask_client(scheduler: str, cuda: bool, per_gpu: int = 1) -> Iterator[tuple["distributed.Client", int | None]]:
+def dask_client(scheduler: str, cuda: bool, per_gpu: int = 1, processes: bool = True
+                ) -> Iterator[tuple["distributed.Client", int | None]]:
     """(client, torch threads per task): a LocalCluster of worker processes (one thread each, resource GPU=1
     per worker on CUDA, dashboard on a free port) that is closed afterwards, or a client of a running scheduler
     (threads None: remote workers use their own cores; CUDA tasks ask for GPU=1, so start those workers with
-    ``--resources GPU=1``)."""
+    ``--resources GPU=1``). ``processes=False``: the local workers are threads of this process (threads None:
+    torch's thread count is the process's, not a task's)."""
     from distributed import Client, LocalCluster
 
     n = local_worker_count(scheduler, cuda, per_gpu)
     cluster = None
     if n is not None:
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=":0",
                                resources={"GPU": 1} if cuda else None, silence_logs=logging.ERROR)
-        client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // n)
+        client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // n) if processes else None
     else:
         try:
             client, threads = Client(scheduler, timeout=30), None
@@ -82,11 +84,15 @@ def mps_running() -> bool:
     return any(p.info["name"] == "nvidia-cuda-mps-control" for p in psutil.process_iter(["name"]))
 
 
-def gpu_sharing_note(runs_per_gpu: int, mps: bool) -> str:
-    """What a user should know about ``runs_per_gpu`` processes sharing each GPU."""
+def gpu_sharing_note(runs_per_gpu: int, mps: bool, threads: bool = False) -> str:
+    """What a user should know about ``runs_per_gpu`` runs sharing each GPU: as threads of this process, or as
+    processes."""
     if runs_per_gpu < 2:
         return "one run per GPU"
-    return (f"{runs_per_gpu} runs per GPU; CUDA MPS " + (
+    if threads:
+        return (f"{runs_per_gpu} runs per GPU as threads of this process, each on a CUDA stream of its own: their "
+                "kernels overlap")
+    return (f"{runs_per_gpu} runs per GPU as processes; CUDA MPS " + (
         "is running: their kernels overlap" if mps else
         "is not running: the GPU time-slices between them (start `nvidia-cuda-mps-control -d` so that their "
         "kernels overlap)"))

@@ -223,6 +223,7 @@ class SweepConfig:
     out: Path                   # sweep directory: one run directory per run, sweep.json, sweep.csv
     scheduler: str              # "local", "local:N" or a dask scheduler address
     runs_per_gpu: int | None = None   # runs at once per GPU of a local scheduler; None = from memory (fpt.train.sweep)
+    runs_in: str | None = None  # a local scheduler's concurrent runs: "threads" or "processes"; None = by device
 
 
 # ----------------------------------------------------------------------------- pipelines files
@@ -232,7 +233,8 @@ ENTRY_KEYS = ("source", "classes", "counts", "seed", "mean", "std", "data", "dat
 EXTRACT_KEYS = tuple(f.name for f in fields(ExtractConfig) if f.name not in
                      ("name", "data", "source", "classes", "counts", "seed"))   # these come from the entry
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "store")
-SWEEP_KEYS = ("lr", "lr_scale", "weight_decay", "seeds", "scheduler")
+SWEEP_KEYS = ("lr", "lr_scale", "weight_decay", "seeds", "scheduler", "runs_in")
+RUNS_IN = ("threads", "processes")
 SECTION_KEYS = {"extract": EXTRACT_KEYS, "train": TRAIN_KEYS, "sweep": SWEEP_KEYS}
 
 
@@ -463,7 +465,7 @@ def parse_grid(value: str | list | float | None, what: str) -> list[float] | Non
 
 def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None = None, weight_decay: str | None = None,
                  seeds: int | None = None, scheduler: str | None = None, out: Path | None = None,
-                 runs_per_gpu: int | None = None, pipelines: Path | str | None = None,
+                 runs_per_gpu: int | None = None, runs_in: str | None = None, pipelines: Path | str | None = None,
                  **train_options: Any) -> SweepConfig:
     """Resolve ``fpt sweep`` options over the pipeline's ``sweep`` section; ``train_options`` as for train.
     Learning rates: ``lr`` (absolute values), else the section's ``lr``, else its ``lr_scale`` times the run's
@@ -482,9 +484,19 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
         raise FptError(f"--seeds {seeds}: must be at least 1")
     if runs_per_gpu is not None and runs_per_gpu < 1:
         raise FptError(f"--runs-per-gpu {runs_per_gpu}: must be at least 1")
+    scheduler = scheduler or entry.get("scheduler", "local")
+    runs_in = runs_in or entry.get("runs_in")
+    if runs_in is not None and runs_in not in RUNS_IN:
+        raise FptError(f"--runs-in {runs_in!r}: choose threads or processes")
+    if runs_in == "threads" and scheduler != "local" and not scheduler.startswith("local:"):
+        raise FptError("--runs-in threads needs a local scheduler (local or local:N): a running dask scheduler's "
+                       "workers are processes of their own")
+    if runs_in == "threads" and base.compile:
+        raise FptError("--runs-in threads cannot compile the step (torch.compile is not thread-safe); use "
+                       "--runs-in processes or --no-compile")
     out = Path(out or f"sweeps/{store_stem(store)}-{base.method}")
     return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
-                       scheduler=scheduler or entry.get("scheduler", "local"), runs_per_gpu=runs_per_gpu)
+                       scheduler=scheduler, runs_per_gpu=runs_per_gpu, runs_in=runs_in)
 
 
 def resolve_device(device: str) -> "torch.device":

@@ -20,10 +20,11 @@ Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its train
 * ``official-loop``: the official way of feeding the same step (eager): per sample a PNG decode, torchvision
   augmentation on the PIL image and a safetensors load, in DataLoader worker processes; one epoch after a
   warm-up epoch.
-* ``sweep-concurrent`` / ``sweep-sequential``: 12 runs (3 learning rates x 2 weight decays x 2 seeds) of
-  ``fpt sweep``'s machinery on that store, several at once (``--scheduler local`` on CUDA: runs per GPU from
-  memory; ``local:2`` on a CPU) against one after another (``local:1``; on CUDA 3 of them, scaled to 12);
-  wall-clock seconds.
+* ``sweep-threads`` / ``sweep-processes`` / ``sweep-sequential``: 12 runs (3 learning rates x 2 weight decays
+  x 2 seeds) of ``fpt sweep``'s machinery on that store, several at once (``--scheduler local`` on CUDA: runs
+  per GPU from memory; ``local:2`` on a CPU) as threads of one process (``--runs-in threads``, the default on
+  CUDA since 2026-11-27) and as processes (``--runs-in processes``, named ``sweep-concurrent`` until then),
+  against one after another (``local:1``, a process; on CUDA 3 of them, scaled to 12); wall-clock seconds.
 
 ``small``: sizes for a CPU (a ViT-Tiny-shaped LPM at 256 px, side 64, a 64-image store, 2 epochs); otherwise
 the paper's setting (ViT-B K/V from 512: L=6, H=12, k=205, d=64; side 128; 16 prompts) and 20-epoch sweeps.
@@ -288,28 +289,32 @@ def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: i
     rows = []
     concurrent = "local" if device.type == "cuda" else "local:2"
     sequential_runs = sequential_runs or (12 if small or device.type != "cuda" else 3)
-    for name, scheduler in (("sweep-concurrent", concurrent), ("sweep-sequential", "local:1")):
+    for name, scheduler, runs_in in (("sweep-threads", concurrent, "threads"),
+                                     ("sweep-processes", concurrent, "processes"),
+                                     ("sweep-sequential", "local:1", "processes")):
         base = train_config_for(data.store, device, small, None, epochs)
-        sweep = SweepConfig(base, [1e-4, 5e-4, 1e-3], [0.0, 0.05], 2, work / name, scheduler)
+        sweep = SweepConfig(base, [1e-4, 5e-4, 1e-3], [0.0, 0.05], 2, work / name, scheduler, runs_in=runs_in)
         runs = [make_run(sweep, "grid", lr, wd, seed) for lr in sweep.lrs for wd in sweep.weight_decays
                 for seed in (0, 1)]
         ran = runs if scheduler != "local:1" else runs[:sequential_runs]
         caches = {variable: str(work / f"{name}-{variable.lower()}") for variable in
                   ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}          # read by the workers it starts
-        finished = []
+        finished, notes = [], []
         start = time.perf_counter()
         with patch.dict(os.environ, caches):
-            results = execute(ran, scheduler, lambda *_: finished.append(time.perf_counter() - start))
+            results = execute(ran, scheduler, lambda *_: finished.append(time.perf_counter() - start),
+                              runs_in=runs_in, on_note=lambda text: notes.append(text))
         seconds = time.perf_counter() - start
         if len(ran) < len(runs):
             gaps = [b - a for a, b in zip(finished, finished[1:])]
             seconds += (len(runs) - len(ran)) * statistics.median(gaps)
         samples = sum(m.data["train"] for m in results.values()) * epochs * len(runs) / len(ran)
         rows.append({"name": name, "batch": 16, "runs": len(runs), "runs_timed": len(ran), "epochs": epochs,
-                     "scheduler": scheduler, "seconds": round(seconds, 1),
+                     "scheduler": scheduler, "runs_in": runs_in, "seconds": round(seconds, 1),
                      "samples_per_s": round(samples / seconds, 1), "peak_mb": None,
-                     "mps": mps_running() if device.type == "cuda" else None})
-    rows[0]["speedup_vs_sequential"] = round(rows[1]["seconds"] / rows[0]["seconds"], 2)
+                     "mps": mps_running() if device.type == "cuda" else None, "note": " ".join(notes) or None})
+    for row in rows[:2]:
+        row["speedup_vs_sequential"] = round(rows[-1]["seconds"] / row["seconds"], 2)
     return rows
 
 

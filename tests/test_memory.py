@@ -42,3 +42,32 @@ def test_paper_setting_peak_gpu_memory():
     result = measure_training_step(device=torch.device("cuda"), steps=GRAPH_WARMUP + 2)
     print(f"\npeak training memory (torch.cuda.max_memory_allocated): {result['peak_mb']:.0f} MB; paper: 736 MB")
     assert result["kind"] == "cuda_max_allocated" and result["captured"] and 0 < result["peak_mb"] < 1824
+
+
+def test_blocks_that_overlap_in_one_process_say_their_peak_is_shared():
+    """Two runs in threads of one process: each block's peak is the process's, so each says so (kind ends in
+    _shared); a block alone before or after them does not."""
+    import threading
+
+    cpu = torch.device("cpu")
+    with PeakMemory(cpu) as alone:
+        pass
+    inside, release = threading.Event(), threading.Event()
+    other: list[PeakMemory] = []
+
+    def second():
+        with PeakMemory(cpu) as memory:
+            other.append(memory)
+            inside.set()
+            release.wait(5)
+
+    thread = threading.Thread(target=second)
+    with PeakMemory(cpu) as first:
+        thread.start()
+        assert inside.wait(5)
+    release.set()
+    thread.join()
+    with PeakMemory(cpu) as after:
+        pass
+    assert (alone.kind, after.kind) == ("cpu_peak_rss", "cpu_peak_rss")
+    assert first.shared and other[0].shared and first.kind == other[0].kind == "cpu_peak_rss_shared"

@@ -74,3 +74,26 @@ def test_learnable_share_tracks_paper_table_4(vit_b_512_params, prompts):
                      side_res=128, prompts=prompts, reduction=8)
     ratio = parameter_counts(SideNetwork(spec), vit_b_512_params)["ratio_percent"]
     assert abs(ratio - TABLE_4[prompts]) <= 0.011, ratio
+
+
+def test_seeded_dropout_draws_from_its_own_generator_only():
+    """The fusion's dropout (SeededDropout) with a generator: masks depend on that generator's seed alone, not
+    on torch's global generator (which a sweep's runs in threads share); kept values are scaled by 1/(1-p);
+    in eval mode it is the identity."""
+    import torch
+
+    from fpt.train.model import SeededDropout, use_generator
+
+    x = torch.ones(4000)
+    drop = torch.nn.Sequential(SeededDropout(0.25))
+    use_generator(drop, torch.Generator().manual_seed(7))
+    global_state = torch.get_rng_state()
+    a = drop(x)
+    assert torch.equal(torch.get_rng_state(), global_state)                  # the global generator untouched
+    torch.manual_seed(123)                                                    # ... and it does not matter
+    use_generator(drop, torch.Generator().manual_seed(7))
+    assert torch.equal(drop(x), a)
+    use_generator(drop, torch.Generator().manual_seed(8))
+    assert not torch.equal(drop(x), a)
+    assert torch.equal(a.unique(), torch.tensor([0.0, 1 / 0.75])) and abs((a == 0).float().mean().item() - 0.25) < 0.03
+    assert torch.equal(drop.eval()(x), x)

@@ -38,8 +38,12 @@ def test_sweep_config_from_pipelines_and_options(tmp_path):
     cfg = sweep_config(store, lr="1e-3,2e-3", weight_decay="0", seeds=2, scheduler="local:3", method="side-only")
     assert cfg.lrs == [0.001, 0.002] and cfg.weight_decays == [0.0] and cfg.train.method == "side-only"
     assert cfg.out.as_posix() == "sweeps/cmmd-side-only"
+    assert cfg.runs_in is None and sweep_config(store, runs_in="threads", scheduler="local:2").runs_in == "threads"
     for bad, message in [(dict(lr="1e-3,x"), "--lr '1e-3,x'"), (dict(lr="1e-3,1e-3"), "distinct"),
-                         (dict(lr="-1"), "must be positive"), (dict(seeds=0), "--seeds 0")]:
+                         (dict(lr="-1"), "must be positive"), (dict(seeds=0), "--seeds 0"),
+                         (dict(runs_in="fibers"), "--runs-in 'fibers': choose threads or processes"),
+                         (dict(runs_in="threads", scheduler="tcp://10.0.0.1:8786"), "needs a local scheduler"),
+                         (dict(runs_in="threads", compile=True), "torch.compile is not thread-safe")]:
         with pytest.raises(FptError, match=message):
             sweep_config(store, **bad)
 
@@ -156,6 +160,21 @@ def test_runs_per_gpu_fit_free_memory_and_cores():
     assert runs_per_gpu(free_mb=80_000, step_peak_mb=400, cache_mb=1000, cpu_cores=3) == 3
     assert runs_per_gpu(free_mb=10**7, step_peak_mb=400, cache_mb=1000, cpu_cores=64) == MAX_RUNS_PER_GPU
     assert runs_per_gpu(free_mb=100, step_peak_mb=400, cache_mb=1000, cpu_cores=16) == 1
+    # as threads of one process: no CUDA context per run, and not one core each
+    from fpt.train.sweep import MAX_THREAD_RUNS_PER_GPU
+    assert runs_per_gpu(free_mb=5 * (1.5 * 400 + 1000) / 0.9, step_peak_mb=400, cache_mb=1000, cpu_cores=2,
+                        threads=True) == 5
+    assert runs_per_gpu(free_mb=10**7, step_peak_mb=400, cache_mb=0, cpu_cores=2,
+                        threads=True) == MAX_THREAD_RUNS_PER_GPU > MAX_RUNS_PER_GPU
+
+
+def test_runs_share_the_process_on_cuda_unless_they_compile_or_are_told():
+    from fpt.train.sweep import runs_share_process
+
+    assert runs_share_process(None, cuda=True, compile=None) and not runs_share_process(None, cuda=True, compile=True)
+    assert not runs_share_process(None, cuda=False, compile=None)
+    assert runs_share_process("threads", cuda=False, compile=None)
+    assert not runs_share_process("processes", cuda=True, compile=None)
 
 
 def test_the_gpu_sharing_note_says_whether_kernels_of_concurrent_runs_can_overlap(monkeypatch):
@@ -174,7 +193,9 @@ def test_the_gpu_sharing_note_says_whether_kernels_of_concurrent_runs_can_overla
     assert gpu_sharing_note(1, mps=False) == "one run per GPU"
     assert "kernels overlap" in gpu_sharing_note(4, mps=True) and "time-slices" not in gpu_sharing_note(4, mps=True)
     off = gpu_sharing_note(4, mps=False)
-    assert off.startswith("4 runs per GPU") and "time-slices" in off and "nvidia-cuda-mps-control -d" in off
+    assert off.startswith("4 runs per GPU as processes") and "time-slices" in off and "nvidia-cuda-mps-control -d" in off
+    threads = gpu_sharing_note(4, mps=False, threads=True)
+    assert "as threads of this process" in threads and "kernels overlap" in threads and "time-slices" not in threads
 
 
 def test_concurrent_runs_give_the_results_of_each_run_alone(store, tmp_path, cluster):
@@ -239,6 +260,75 @@ def test_local_runs_share_one_copy_of_the_splits_and_give_the_results_of_each_ru
         torch.set_num_threads(threads)
 
 
+def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_each_run_alone(store, tmp_path):
+    """--runs-in threads: both runs train at once in threads of this process (dask's in-process workers) on one
+    copy of the cached splits, held in this process and gone afterwards; each run's metrics and best weights
+    equal its configuration trained alone (its initial weights, data order, augmentation and dropout drawn
+    from generators of its own)."""
+    from pathlib import Path
+
+    import torch
+
+    from fpt.config import train_config
+    from fpt.train import train
+    from fpt.train.data import PROCESS_SPLITS
+
+    cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2", cache="ram",
+                       runs_in="threads", out=tmp_path / "sweep", **{**TINY, "epochs": 3})
+    summary = run_sweep(cfg)
+    assert summary.ran == 2 and PROCESS_SPLITS == {}
+    for g in summary.grid:
+        swept = json.loads((Path(g.run_dir) / "metrics.json").read_text())
+        assert swept["data"]["cache"]["shared"] is True
+        alone = train(train_config(store, None, out=tmp_path / f"alone-{g.lr}", lr=g.lr, cache="ram",
+                                   weight_decay=g.weight_decay, seed=g.seed, **{**TINY, "epochs": 3}))
+        assert swept["val"] == alone.val and swept["test"] == alone.test
+        assert [r["loss"] for r in map(json.loads, open(Path(g.run_dir) / "log.jsonl"))] == \
+            [r["loss"] for r in map(json.loads, open(tmp_path / f"alone-{g.lr}" / "log.jsonl"))]
+        a = torch.load(tmp_path / f"alone-{g.lr}" / "best.pt", weights_only=True)["model"]
+        b = torch.load(Path(g.run_dir) / "best.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_in_a_thread_stops_with_its_sweep_and_resumes_to_the_uninterrupted_results(store, tmp_path):
+    """A sweep that stops (a run failed, Ctrl-C) cannot cancel its runs in threads: each stops at its next step
+    (RunStopped), writing last.pt; training that run again continues from it to the results of a run never
+    stopped."""
+    import threading
+    from dataclasses import asdict
+
+    from fpt.config import train_config
+    from fpt.train import train
+    from fpt.train.results import jsonable
+    from fpt.train.sweep import SWEEP_STOPS, RunStopped, train_task
+
+    from fpt.store import StoreReader
+
+    steps = len(StoreReader(store).split_indices("train")) // TINY["batch_size"]
+
+    class StopInTheSecondEpoch(threading.Event):      # asked after each step
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > steps
+
+    options = {**TINY, "epochs": 3, "checkpoint_seconds": 0}
+    cfg = train_config(store, None, out=tmp_path / "stopped", lr=1e-3, **options)
+    SWEEP_STOPS["k"] = StopInTheSecondEpoch()
+    try:
+        with pytest.raises(RunStopped):
+            train_task(jsonable(asdict(cfg)), None, stop_key="k")
+    finally:
+        SWEEP_STOPS.pop("k")
+    assert (tmp_path / "stopped" / "last.pt").exists() and not (tmp_path / "stopped" / "metrics.json").exists()
+    resumed = train(cfg)
+    whole = train(train_config(store, None, out=tmp_path / "whole", lr=1e-3, **options))
+    assert resumed.val == whole.val and resumed.test == whole.test
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / run / "log.jsonl"))] for run in ("stopped", "whole")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
 def test_where_runs_compile_the_first_runs_alone_until_its_first_step_is_done(store, tmp_path, monkeypatch):
     """torch.compile keeps compiled graphs in on-disk caches: the other local runs are handed to the cluster only
     once the first has compiled and taken its first training step (it sets a dask Event; the first run is still
@@ -269,17 +359,20 @@ def test_where_runs_compile_the_first_runs_alone_until_its_first_step_is_done(st
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-def test_local_runs_on_a_gpu_share_one_device_copy_of_the_splits(store, tmp_path):
-    """local:2 on CUDA with --cache gpu: the sweep's process holds the splits on the GPU, each run maps them
-    through CUDA IPC (cache.shared, mode gpu) and gives the metrics of its configuration trained alone."""
+@pytest.mark.parametrize("runs_in", ["threads", "processes"])
+def test_local_runs_on_a_gpu_share_one_device_copy_of_the_splits(store, tmp_path, runs_in):
+    """local:2 on CUDA with --cache gpu: the sweep's process holds the splits on the GPU; runs in threads use
+    them as they are (each on a CUDA stream of its own, steps captured as CUDA graphs, dropout from a CUDA
+    generator of its own), runs in processes map them through CUDA IPC; (cache.shared, mode gpu) and each run
+    gives the metrics of its configuration trained alone."""
     from pathlib import Path
 
     from fpt.config import train_config
     from fpt.train import train
 
-    gpu = {**TINY, "device": "cuda", "compile": False}
+    gpu = {**TINY, "device": "cuda", "compile": False, "epochs": 6}
     summary = run_sweep(sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2",
-                                     cache="gpu", out=tmp_path / "sweep", **gpu))
+                                     cache="gpu", runs_in=runs_in, out=tmp_path / "sweep", **gpu))
     assert summary.ran == 2
     for g in summary.grid:
         swept = json.loads((Path(g.run_dir) / "metrics.json").read_text())

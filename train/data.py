@@ -133,7 +133,29 @@ def _gpu_index(device: torch.device) -> int:
     return torch.cuda.current_device() if device.index is None else device.index
 
 
-SharedSplits = dict[str, SharedSplit]       # split name -> its shared copy
+# splits a sweep holds in this process for its runs in threads: key -> split -> (host arrays, GPU index -> tensors)
+PROCESS_SPLITS: dict[str, dict[str, tuple[dict[str, np.ndarray], dict[int, dict[str, torch.Tensor]]]]] = {}
+
+
+@dataclass(frozen=True)
+class ProcessSplit:
+    """A split a sweep read once for its runs in threads of this process (``PROCESS_SPLITS[key][split]``): the
+    host arrays and, on each GPU that holds one, a copy there; a run uses them as they are. Only the key travels
+    (dask pickles a task's arguments, even for a worker in the same process)."""
+    key: str
+    split: str
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return PROCESS_SPLITS[self.key][self.split][0]
+
+    def on(self, device: torch.device) -> bool:
+        return device.type == "cuda" and _gpu_index(device) in PROCESS_SPLITS[self.key][self.split][1]
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return PROCESS_SPLITS[self.key][self.split][1][_gpu_index(device)]
+
+
+SharedSplits = dict[str, SharedSplit | ProcessSplit]       # split name -> its shared copy
 
 
 def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: str, device: torch.device,

@@ -25,7 +25,8 @@ from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open
 from fpt.train.files import CheckpointWriter, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
-from fpt.train.model import LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts
+from fpt.train.model import (LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts, seeded_model,
+                             use_generator)
 from fpt.train.plots import write_evaluation_plots
 from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
 from fpt.train.step import TrainStep, make_optimizer, step_captures, step_compiles
@@ -161,6 +162,7 @@ class Training:
     side_input: SideInput
     step: TrainStep
     rng: np.random.Generator
+    dropout: torch.Generator            # the model's dropout masks (on its device)
     steps_per_epoch: int
     state: RunState
     resume: dict | None
@@ -228,18 +230,19 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
 
     train_data, val_data = (open_split(reader, s, spec.inputs, plan.mode, device, cfg.workers, shared)
                             for s in ("train", "val"))
-    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     norm = reader.attrs["normalization"]
     side_input = SideInput(cfg.side_res, norm["mean"], norm["std"], seed=cfg.seed, augment=cfg.augment)
-    model = build_model(spec).to(device)
+    model = seeded_model(spec, cfg.seed).to(device)
+    dropout = torch.Generator(device).manual_seed(cfg.seed)
+    use_generator(model, dropout)
     optimizer, schedule = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch, device)
     state = RunState()
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
-        _set_rng_state(resume["rng"], rng, side_input, device)
+        _set_rng_state(resume["rng"], rng, side_input, dropout, out)
         state = RunState(resume["history"], BestEpoch(**resume["best"]), resume["samples"], resume["seconds"],
                          resume["epoch"] + 1)
     # after the optimizer's state is restored: the step sets the options its kind of step needs (capturable)
@@ -252,7 +255,7 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
             "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
             "dataset_warnings": reader.attrs["dataset"].get("warnings", [])}   # recorded at extraction
     return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
-                    steps_per_epoch, state, resume)
+                    dropout, steps_per_epoch, state, resume)
 
 
 def drop_last(cfg: TrainConfig) -> bool:
@@ -313,7 +316,7 @@ class RunCheckpoints:
             self.best = {**model, "config": jsonable(asdict(run.cfg)), "epoch": epoch}
         self.last = {**model, "optimizer": copy_tensors(run.step.optimizer.state_dict()),
                      "schedule": copy_tensors(run.step.schedule.state_dict()),
-                     "rng": _rng_state(run.rng, run.side_input, run.device), "history": list(state.history),
+                     "rng": _rng_state(run.rng, run.side_input, run.dropout), "history": list(state.history),
                      "best": asdict(state.best), "samples": state.samples, "seconds": state.seconds,
                      "epoch": epoch, "config": comparable_config(run.cfg)}
         if self.clock() - self.written >= self.every_s:
@@ -346,7 +349,7 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
     steady_samples, steady_seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
     metrics = RunMetrics(
         method=run.spec.method, best_epoch=state.best.epoch, best_reason=state.best.reason, val=state.best.val,
-        test=test, params=params, efficiency=efficiency(test, params, peak_mb, cfg.ft_memory_mb),
+        test=test, params=params, efficiency=efficiency(test, params, None if memory.shared else peak_mb, cfg.ft_memory_mb),
         throughput=Throughput(
             train_samples_per_s=round(state.samples / state.seconds, 2) if state.seconds else None,
             steady_train_samples_per_s=round(steady_samples / steady_seconds, 2) if steady_seconds else None,
@@ -391,11 +394,14 @@ def resume_config(run: Path, **runtime: Any) -> TrainConfig:
                           **{k: v for k, v in runtime.items() if v is not None}})
 
 
-def efficiency(test: dict, params: dict, peak_memory_mb: float, ft_memory_mb: float | None) -> dict[str, Any]:
-    """PPE and PME (paper eqs. 9-10) of the test AUC; PME only with a full fine-tuning memory reference."""
+def efficiency(test: dict, params: dict, peak_memory_mb: float | None, ft_memory_mb: float | None
+               ) -> dict[str, Any]:
+    """PPE and PME (paper eqs. 9-10) of the test AUC; PME only with a full fine-tuning memory reference and the
+    run's own peak memory (None when runs shared the process: ``PeakMemory.shared``)."""
     score = test["auc"]
     return {"score": "test_auc", "ppe": None if score is None else ppe(score, params["ratio_percent"]),
-            "pme": None if score is None or ft_memory_mb is None else pme(score, peak_memory_mb, ft_memory_mb),
+            "pme": None if score is None or ft_memory_mb is None or peak_memory_mb is None
+            else pme(score, peak_memory_mb, ft_memory_mb),
             "ft_memory_mb": ft_memory_mb}
 
 
@@ -413,18 +419,19 @@ def _resume_state(out: Path, cfg: TrainConfig) -> dict | None:
     return state
 
 
-def _rng_state(rng: np.random.Generator, side_input: SideInput, device: torch.device) -> dict:
-    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-            "augment": side_input.generator.get_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def _rng_state(rng: np.random.Generator, side_input: SideInput, dropout: torch.Generator) -> dict:
+    return {"numpy": rng.bit_generator.state, "augment": side_input.generator.get_state(),
+            "dropout": dropout.get_state()}
 
 
-def _set_rng_state(state: dict, rng: np.random.Generator, side_input: SideInput, device: torch.device) -> None:
+def _set_rng_state(state: dict, rng: np.random.Generator, side_input: SideInput, dropout: torch.Generator,
+                   out: Path) -> None:
+    if "dropout" not in state:
+        raise FptError(f"{out}/last.pt was written by an earlier fpt whose dropout drew from torch's global "
+                       "generator: it cannot be resumed with the same results; start the run again")
     rng.bit_generator.state = state["numpy"]
-    torch.set_rng_state(state["torch"])
     side_input.generator.set_state(state["augment"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    dropout.set_state(state["dropout"])
 
 
 def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batch_size: int = 32,

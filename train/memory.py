@@ -25,14 +25,26 @@ class PeakMemory:
     CUDA: peak of ``torch.cuda.max_memory_allocated`` (tensors only, the figure papers report), reset on entry.
     CPU: peak RSS of this process, sampled every ``interval`` seconds by a thread (plus on entry and exit);
     ``baseline_mb`` is the RSS on entry, so ``peak_mb - baseline_mb`` is what the block added.
+
+    Both are figures of the whole process: when blocks overlap in one process (a sweep's runs in threads), each
+    is ``shared`` (its ``kind`` ends in ``_shared``): its peak includes what the others held, and CUDA's peak is
+    reset only by a block that enters alone.
     """
+
+    _active: set["PeakMemory"] = set()           # the blocks now open in this process
+    _lock = threading.Lock()
 
     def __init__(self, device: torch.device, interval: float = 0.005):
         self.device, self.interval = device, interval
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+        self.shared, self._closed = False, False
         self.baseline_mb = self._peak = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def kind(self) -> str:
+        return ("cuda_max_allocated" if self.device.type == "cuda" else "cpu_peak_rss") + \
+            ("_shared" if self.shared else "")
 
     def _rss(self) -> float:
         return psutil.Process().memory_info().rss / MB
@@ -42,9 +54,16 @@ class PeakMemory:
             self._peak = max(self._peak, self._rss())
 
     def __enter__(self) -> "PeakMemory":
+        with PeakMemory._lock:
+            others = set(PeakMemory._active)
+            PeakMemory._active.add(self)
+            if others:
+                for block in (*others, self):
+                    block.shared = True
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            if not others:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_mb = torch.cuda.memory_allocated(self.device) / MB
         else:
             self.baseline_mb = self._peak = self._rss()
@@ -53,6 +72,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        with PeakMemory._lock:
+            PeakMemory._active.discard(self)
+        if self.device.type == "cuda":
+            self._peak = torch.cuda.max_memory_allocated(self.device) / MB     # before another block resets it
+            self._closed = True
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
@@ -61,7 +85,7 @@ class PeakMemory:
     @property
     def peak_mb(self) -> float:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / MB
+            return self._peak if self._closed else torch.cuda.max_memory_allocated(self.device) / MB
         return max(self._peak, self._rss()) if self._thread is not None and self._thread.is_alive() else self._peak
 
     def as_dict(self) -> dict:

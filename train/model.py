@@ -10,6 +10,7 @@ Side networks are timm ViTs built from timm's own blocks.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -73,6 +74,35 @@ def prompt_attention(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return torch.softmax(q @ keys.transpose(-1, -2) / keys.shape[-1] ** 0.5, dim=-1)
 
 
+class SeededDropout(nn.Module):
+    """Dropout that draws its masks from ``generator`` (the run's own, on the model's device; set by
+    ``use_generator``) instead of torch's global one, which the concurrent runs of one process (a sweep's
+    threads) would share: a run's masks then depend on its seed alone. Without a generator, ``nn.Dropout``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.generator is None:
+            return F.dropout(x, self.p, training=True)
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_generator(model: nn.Module, generator: torch.Generator) -> None:
+    """Every ``SeededDropout`` of ``model`` draws from ``generator``."""
+    for m in model.modules():
+        if isinstance(m, SeededDropout):
+            m.generator = generator
+
+
 class PromptFusion(nn.Module):
     """Cross-attention of per-layer prompt queries over the stored K/V, with no projections on K/V.
 
@@ -84,7 +114,7 @@ class PromptFusion(nn.Module):
         self.heads = lpm_heads
         self.prompts = nn.Parameter(torch.empty(layers, prompts, prompt_dim))     # [L, P, prompt_dim]
         nn.init.normal_(self.prompts, std=PROMPT_INIT_STD)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = SeededDropout(dropout)
 
     def query(self) -> torch.Tensor:
         raise NotImplementedError
@@ -199,6 +229,17 @@ class LinearProbe(nn.Module):
 
 def build_model(spec: ModelSpec) -> SideNetwork | LinearProbe:
     return LinearProbe(spec) if spec.method == "linear-probe" else SideNetwork(spec)
+
+
+_INIT_LOCK = threading.Lock()
+
+
+def seeded_model(spec: ModelSpec, seed: int) -> SideNetwork | LinearProbe:
+    """``build_model`` (on the CPU) with its initial weights drawn from torch's CPU generator seeded with
+    ``seed``; under a lock, so that runs sharing a process (a sweep's threads) start as they would alone."""
+    with _INIT_LOCK:
+        torch.default_generator.manual_seed(seed)
+        return build_model(spec)
 
 
 def parameter_counts(model: nn.Module, lpm_params: int) -> dict[str, float]:

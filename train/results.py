@@ -25,7 +25,7 @@ class Throughput:
     train_samples_per_s: float | None          # all epochs of the run
     steady_train_samples_per_s: float | None   # epochs after the first of each (re)start: no warm-up, no compiling
     peak_memory_mb: float
-    memory_kind: str                           # cuda_max_allocated or cpu_peak_rss
+    memory_kind: str                           # cuda_max_allocated or cpu_peak_rss (+ "_shared": PeakMemory)
     memory_baseline_mb: float
     device: str
     compiled: bool

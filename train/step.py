@@ -11,6 +11,7 @@ When compiling or capturing fails the step says so in one warning and runs eager
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -21,10 +22,15 @@ import torch.nn.functional as F
 
 from fpt import FptError
 from fpt.train.data import Batch, SideInput
-from fpt.train.model import LinearProbe, SideNetwork
+from fpt.train.model import LinearProbe, SeededDropout, SideNetwork
 
 CLIP_NORM = 1.0
 GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's workspaces and AdamW's state settle
+# Held while a StepGraph warms up, captures or replays. Runs that share a process (a sweep's threads) then
+# never capture two graphs at once: a capture registers the device's default generator, which torch (up to
+# 2.11 at least) lets only one capture at a time hold, and torch.cuda.graph's default capture stream is one
+# for the whole process. Replays only enqueue work, so holding it there costs microseconds.
+GRAPH_LOCK = threading.RLock()
 
 
 def step_compiles(compile: bool | None) -> bool:
@@ -101,11 +107,14 @@ class StepGraph:
     and replays: no kernel launches but the copies. The result is the graph's own tensor, overwritten by the next
     replay. A call whose inputs differ in shape or dtype from the captured ones runs ``fn`` eagerly. If capturing
     fails, one warning says why and ``fn`` runs eagerly from then on. Off CUDA (``enabled`` False) ``fn`` runs as
-    it is."""
+    it is. ``generators``: the CUDA generators ``fn`` draws from besides the device's default one (each replay
+    advances them as the captured call did)."""
 
     def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], enabled: bool, what: str,
-                 warmup: int = GRAPH_WARMUP, around_capture: Callable[[], ContextManager] = nullcontext):
+                 warmup: int = GRAPH_WARMUP, around_capture: Callable[[], ContextManager] = nullcontext,
+                 generators: tuple[torch.Generator, ...] = ()):
         self.fn, self.enabled, self.what, self.warmup, self.around_capture = fn, enabled, what, warmup, around_capture
+        self.generators = generators
         self.calls = 0
         self.side: torch.cuda.Stream | None = None      # where the warm-up calls run
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -121,7 +130,7 @@ class StepGraph:
             return self.fn(inputs)
         # the inputs' device current: its streams, and its random generator, which a capture may draw from only
         # when its device is the current one (a run on cuda:1)
-        with torch.cuda.device(next(iter(inputs.values())).device):
+        with torch.cuda.device(next(iter(inputs.values())).device), GRAPH_LOCK:
             return self._call(inputs)
 
     def _call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,11 +169,15 @@ class StepGraph:
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         static = {name: t.clone() for name, t in inputs.items()}
+        self.side = self.side or torch.cuda.Stream()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' CUDA work goes on meanwhile (fpt train's checkpoint writer copies the last
-        # epoch's tensors to the host on a thread of its own); in the default "global" mode it would break the
-        # capture, or fail itself
-        with self.around_capture(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for generator in self.generators:
+            if generator.device.type == "cuda" and hasattr(graph, "register_generator_state"):
+                graph.register_generator_state(generator)           # (newer torch registers them by itself)
+        # thread_local: other threads' CUDA work goes on meanwhile (the other runs of a sweep's process); in the
+        # default "global" mode it would break the capture, or fail itself. The capture stream is this graph's
+        # own side stream, not torch's one for the process.
+        with self.around_capture(), torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
             output = self.fn(static)
         self.graph, self.static, self.output = graph, static, output
         graph.replay()                  # capturing recorded this call's work; this runs it
@@ -199,8 +212,10 @@ class TrainStep:
         self._loss = CompiledOrEager(self.loss, compile, "training step")
         self._proven = False                # a whole step (forward and backward) ran
         self._probabilities = CompiledOrEager(self.eval_probabilities, compile, "evaluation forward")
+        generators = tuple({id(m.generator): m.generator for m in model.modules()
+                            if isinstance(m, SeededDropout) and m.generator is not None}.values())
         self._step_graph = StepGraph(self._update, captures, "training step",
-                                     around_capture=self._lr_from_tensor)
+                                     around_capture=self._lr_from_tensor, generators=generators)
         self._eval_graph = StepGraph(self._probabilities, captures, "evaluation forward")
 
     @property

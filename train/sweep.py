@@ -9,14 +9,20 @@ Every run is one dask.distributed task reading the same store (read-only) and wr
 ``<sweep>/runs/lr<lr>-wd<wd>-seed<seed>``. A run whose metrics.json exists is not run again, so a killed
 sweep resumes where it stopped (and an unfinished run resumes from its last epoch).
 
-One run at batch 16 leaves most of a GPU idle, so a local scheduler starts several worker processes per GPU
+One run at batch 16 leaves most of a GPU idle, so a local scheduler trains several runs at once per GPU
 (``runs_per_gpu``: given, or as many as fit the free GPU memory by the step's measured peak plus the cached
-split). Each run is still alone in its process, with its own seeded RNGs: a run's results are the same as
-running its configuration alone. Local runs that cache their splits use one copy of them (``share_splits``):
-in shared memory for runs that cache in RAM, and on each GPU for runs that cache there (the sweep's process
-holds it; each run maps it through a CUDA IPC handle instead of copying it to its own memory). Where the runs
-compile their step, the first one runs alone until it has compiled and taken its first step, so that the others
-load the compiled step from torch.compile's on-disk caches instead of all compiling it at once (``execute``).
+split), in one of two ways (``runs_in``):
+- ``threads`` (the default on CUDA): dask workers that are threads of this process, each run on a CUDA stream
+  of its own. The kernels of different streams of one process run at the same time, so small steps fill the
+  GPU together; and there is one CUDA context, no process start, and the cached splits are used as they are.
+- ``processes`` (the default on CPU, and with ``--compile``: torch.compile is not thread-safe): worker
+  processes. Without CUDA MPS the GPU time-slices between their contexts: runs overlap only each other's gaps.
+Every run has its own seeded generators (data order, augmentation, dropout; initial weights drawn under a
+lock), so a run's results are the same as running its configuration alone, either way. Local runs that cache
+their splits use one copy of them (``share_splits``): in this process for threads; for processes in shared
+memory (RAM) and on each GPU, which the sweep's process holds and each run maps through a CUDA IPC handle. Where
+runs compile their step, the first one runs alone until it has compiled and taken its first step, so that the
+others load the compiled step from torch.compile's on-disk caches instead of all compiling it at once.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import csv
 import io
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +42,7 @@ import psutil
 from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import SharedArrays, StoreReader
-from fpt.train.data import SharedSplit, SharedSplits, sample_bytes
+from fpt.train.data import PROCESS_SPLITS, ProcessSplit, SharedSplit, SharedSplits, sample_bytes
 from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
@@ -81,10 +88,20 @@ def finished_metrics(run: Run) -> RunMetrics | None:
     return metrics
 
 
+# the stop signal of each sweep running its runs in threads of this process (key: ``execute``'s stop key)
+SWEEP_STOPS: dict[str, threading.Event] = {}
+
+
+class RunStopped(Exception):
+    """Raised inside a run in a thread when its sweep stops (another run failed, Ctrl-C): the run writes its
+    last.pt and ends, resumable."""
+
+
 def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | None = None,
-               first_step_event: str | None = None) -> RunMetrics:
+               first_step_event: str | None = None, stop_key: str | None = None) -> RunMetrics:
     """One run on a dask worker (module-level, so workers import it by name); ``first_step_event``: the name of a
-    dask ``Event`` to set once the run's first training step is done (compiled and run)."""
+    dask ``Event`` to set once the run's first training step is done (compiled and run). ``stop_key``: the run is
+    a thread of the sweep's process (``SWEEP_STOPS[stop_key]`` stops it); on CUDA it runs on a stream of its own."""
     import torch
 
     from fpt.cluster import worker_device
@@ -93,34 +110,54 @@ def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | 
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**{**cfg, "store": str(cfg["store"]), "out": Path(cfg["out"])})
-    on_batch = None
+    event = signalled = None
     if first_step_event:
         from distributed import Event
         event, signalled = Event(first_step_event), []
+    stop = SWEEP_STOPS[stop_key] if stop_key else None
 
-        def on_batch(epoch: int, step: int, steps: int) -> None:
-            if not signalled:
-                event.set()
-                signalled.append(True)
-    return train(replace(cfg, device=worker_device(cfg.device)), on_batch=on_batch, shared=shared)
+    def on_batch(epoch: int, step: int, steps: int) -> None:
+        if event is not None and not signalled:
+            event.set()
+            signalled.append(True)
+        if stop is not None and stop.is_set():
+            raise RunStopped("the sweep stopped")
+
+    cfg = replace(cfg, device=worker_device(cfg.device))
+    device = resolve_device(cfg.device)
+    with torch.cuda.stream(torch.cuda.Stream(device)) if stop is not None and device.type == "cuda" \
+            else contextlib.nullcontext():
+        return train(cfg, on_batch=on_batch if event or stop else None, shared=shared)
+
+
+def runs_share_process(runs_in: str | None, cuda: bool, compile: bool | None) -> bool:
+    """Whether a local sweep trains its concurrent runs as threads of this process: ``runs_in`` as given
+    (``--runs-in``, checked by ``sweep_config``), by default on CUDA unless the step compiles."""
+    if runs_in is not None:
+        return runs_in == "threads"
+    return cuda and not step_compiles(compile)
 
 
 CUDA_CONTEXT_MB = 600         # a process's CUDA context and kernels (not counted by max_memory_allocated)
-MAX_RUNS_PER_GPU = 8
+MAX_RUNS_PER_GPU = 8          # processes: each launches its own kernels on a core of its own
+MAX_THREAD_RUNS_PER_GPU = 16  # threads: their launches share one interpreter (a captured step is a few launches)
 
 
-def runs_per_gpu(free_mb: float, step_peak_mb: float, cache_mb: float, cpu_cores: int) -> int:
+def runs_per_gpu(free_mb: float, step_peak_mb: float, cache_mb: float, cpu_cores: int,
+                 threads: bool = False) -> int:
     """How many runs share one GPU: as many as fit 90 % of its free memory, each needing its step's peak (with
-    half again for the captured step's graph pool), its cached split and a CUDA context; at most one per CPU
-    core (each process launches its own kernels) and ``MAX_RUNS_PER_GPU``."""
-    per_run = 1.5 * step_peak_mb + cache_mb + CUDA_CONTEXT_MB
-    return max(1, min(int(0.9 * free_mb // per_run), cpu_cores, MAX_RUNS_PER_GPU))
+    half again for the captured step's graph pool), its cached split and, as a process, a CUDA context; as
+    processes at most one per CPU core and ``MAX_RUNS_PER_GPU``, as threads ``MAX_THREAD_RUNS_PER_GPU``."""
+    per_run = 1.5 * step_peak_mb + cache_mb + (0 if threads else CUDA_CONTEXT_MB)
+    cap = MAX_THREAD_RUNS_PER_GPU if threads else min(cpu_cores, MAX_RUNS_PER_GPU)
+    return max(1, min(int(0.9 * free_mb // per_run), cap))
 
 
-def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False) -> tuple[int, str]:
+def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False, threads: bool = False
+                          ) -> tuple[int, str]:
     """``runs_per_gpu`` for this machine's first GPU: the step of ``cfg`` measured once here (one step on random
     data of the store's shapes), the train+val split as the GPU cache would hold it: once per run, or once for
-    all of them with ``shared_cache``. (n, why)."""
+    all of them with ``shared_cache``; ``threads``: the runs are threads of this process. (n, why)."""
     import torch
 
     from fpt.train.data import plan_cache
@@ -135,16 +172,19 @@ def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False) -> tuple
     torch.cuda.empty_cache()
     cache = plan_cache(reader, spec.inputs, "none", device).need_mb
     free = torch.cuda.mem_get_info(device)[0] / 2**20
-    n = runs_per_gpu(free - cache, peak, 0.0, os.cpu_count() or 1) if shared_cache else \
-        runs_per_gpu(free, peak, cache, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    n = runs_per_gpu(free - cache, peak, 0.0, cores, threads) if shared_cache else \
+        runs_per_gpu(free, peak, cache, cores, threads)
     return n, (f"step peak {peak:,.0f} MB, cached split {cache:,.0f} MB "
                f"({'one copy for all runs' if shared_cache else 'per run'}), {free:,.0f} MB free")
 
 
 def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, bool], None] | None,
-            per_gpu: int | None = None, on_note: Callable[[str], None] | None = None) -> dict[str, RunMetrics]:
-    """Metrics of every run by name: finished ones read back, the others trained as dask tasks. ``on_note``
-    gets how local runs share each GPU (how many, why, whether their kernels can overlap)."""
+            per_gpu: int | None = None, on_note: Callable[[str], None] | None = None,
+            runs_in: str | None = None) -> dict[str, RunMetrics]:
+    """Metrics of every run by name: finished ones read back, the others trained as dask tasks (local ones as
+    threads of this process or as processes: ``runs_share_process``). ``on_note`` gets how local runs share each
+    GPU (how many, why, whether their kernels can overlap)."""
     results, todo = {}, []
     for run in runs:
         done = finished_metrics(run)
@@ -156,7 +196,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
             todo.append(run)
     if not todo:
         return results
-    from distributed import as_completed
+    from distributed import as_completed, wait
 
     from fpt.cluster import dask_client, gpu_sharing_note, local_worker_count, mps_running
 
@@ -166,14 +206,15 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     device = resolve_device(runs[0].cfg.device)
     cuda = device.type == "cuda"
     local = local_worker_count(scheduler, cuda) is not None
+    in_threads = local and runs_share_process(runs_in, cuda, runs[0].cfg.compile)
     # local workers on this machine: the train and val splits read once, for all runs
     share = local and len(todo) > 1 and runs[0].cfg.cache != "none"
     share_gpu = share and cuda and runs[0].cfg.cache in ("auto", "gpu")
     why = "set by --runs-per-gpu"
     if cuda and scheduler == "local" and per_gpu is None:
-        per_gpu, why = measured_runs_per_gpu(runs[0].cfg, shared_cache=share_gpu)
+        per_gpu, why = measured_runs_per_gpu(runs[0].cfg, shared_cache=share_gpu, threads=in_threads)
     if cuda and scheduler == "local" and on_note:
-        on_note(f"{gpu_sharing_note(per_gpu, mps_running())} ({why})")
+        on_note(f"{gpu_sharing_note(per_gpu, mps_running(), in_threads)} ({why})")
     # The runs compile the same step (lr, weight decay and seed are not in its graphs), and torch.compile keeps
     # what it compiled in on-disk caches that every process of this machine reads. Started together, local runs
     # would each compile it from nothing on the same cores (CPU, small model: 51 s cold against 3 s from the
@@ -181,46 +222,62 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     # may be long), then the others find the training step in the cache (its evaluation forward, compiled at the
     # end of the first epoch, reaches the cache about when they need it).
     first_alone = local and len(todo) > 1 and step_compiles(runs[0].cfg.compile)
-    with dask_client(scheduler, cuda, per_gpu or 1) as (client, threads), contextlib.ExitStack() as stack:
-        copies = share_splits(reader, names, stack, gpus=share_gpu) if share else None
+    with dask_client(scheduler, cuda, per_gpu or 1, processes=not in_threads) as (client, threads), \
+            contextlib.ExitStack() as stack:
+        copies = share_splits(reader, names, stack, gpus=share_gpu, in_process=in_threads) if share else None
+        stop_key = None
+        if in_threads:
+            stop_key = os.urandom(8).hex()
+            SWEEP_STOPS[stop_key] = threading.Event()
+            stack.callback(SWEEP_STOPS.pop, stop_key, None)
         by_future = {}
 
         def submit(run: Run, first_step_event: str | None = None):
             cfg = jsonable(asdict(replace(run.cfg, corrupt=corrupt)))
-            if threads is not None and run.cfg.cache_budget_mb is None:
+            if local and run.cfg.cache_budget_mb is None:
                 # N local runs share this machine's RAM (or each GPU): half of it, split N ways (the RAM once
                 # when the runs share one copy of the splits)
                 cfg["cache_budget_mb"] = (_free_gpu_mb() / 2 / (per_gpu or 1) if cuda else
                                           psutil.virtual_memory().available / 2**21
                                           / (1 if copies else len(client.nthreads())))
             future = client.submit(train_task, cfg, threads, copies.for_run() if copies else None, first_step_event,
-                                   key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
+                                   stop_key, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)
             by_future[future] = run
             return future
 
-        rest = todo
-        if first_alone:
-            event = f"fpt-first-step-{os.urandom(4).hex()}"
-            first = submit(todo[0], event)
-            wait_for_first_step(client, event, first)
-            rest = [] if first.status == "error" else todo[1:]          # its error is raised below
-        for run in rest:
-            submit(run)
-        for future in as_completed(list(by_future)):
-            run = by_future[future]
-            try:
-                metrics = future.result()
-            except FptError:
-                client.cancel(list(by_future))
-                raise
-            except Exception as e:
-                client.cancel(list(by_future))
-                raise FptError(f"run {run.cfg.out} failed: {type(e).__name__}: {e}") from e
-            results[run.name] = metrics
-            if on_run:
-                on_run(run, metrics, False)
+        try:
+            rest = todo
+            if first_alone:
+                event = f"fpt-first-step-{os.urandom(4).hex()}"
+                first = submit(todo[0], event)
+                wait_for_first_step(client, event, first)
+                rest = [] if first.status == "error" else todo[1:]          # its error is raised below
+            for run in rest:
+                submit(run)
+            for future in as_completed(list(by_future)):
+                run = by_future[future]
+                try:
+                    metrics = future.result()
+                except FptError:
+                    client.cancel(list(by_future))
+                    raise
+                except Exception as e:
+                    client.cancel(list(by_future))
+                    raise FptError(f"run {run.cfg.out} failed: {type(e).__name__}: {e}") from e
+                results[run.name] = metrics
+                if on_run:
+                    on_run(run, metrics, False)
+        except BaseException:
+            if stop_key is not None:
+                # threads cannot be cancelled: they stop at their next step, writing last.pt (resumable)
+                SWEEP_STOPS[stop_key].set()
+                wait(list(by_future), timeout=STOP_WAIT_S)
+            raise
     return results
+
+
+STOP_WAIT_S = 120       # how long a stopping sweep waits for its runs in threads to write last.pt and end
 
 
 def wait_for_first_step(client, event: str, future) -> None:
@@ -234,16 +291,20 @@ def wait_for_first_step(client, event: str, future) -> None:
 
 
 class SplitCopies:
-    """The train and val splits read once for a sweep's local runs (``share_splits``): a ``SharedArrays`` file
-    each (``host``: split -> (path, spec)) and, on the GPUs in ``gpu`` (index -> split -> array name -> tensor),
-    a copy that this process keeps until the sweep's runs are done. ``for_run()``: what one run opens."""
+    """The train and val splits read once for a sweep's local runs (``share_splits``). For runs in processes: a
+    ``SharedArrays`` file each (``host``: split -> (path, spec)) and, on the GPUs in ``gpu`` (index -> split ->
+    array name -> tensor), a copy that this process keeps until the sweep's runs are done. For runs in threads
+    (``key``): the arrays and tensors themselves, in ``PROCESS_SPLITS[key]``. ``for_run()``: what one run
+    opens."""
 
-    def __init__(self, host: dict[str, tuple[str, dict]], gpu: dict[int, dict[str, dict[str, Any]]]):
-        self.host, self.gpu = host, gpu
+    def __init__(self, host: dict[str, Any], gpu: dict[int, dict[str, dict[str, Any]]], key: str | None = None):
+        self.host, self.gpu, self.key = host, gpu, key
 
     def for_run(self) -> SharedSplits:
-        """The splits for one run: the host file, and for each GPU copy a fresh CUDA IPC handle per array
-        (torch counts the processes a handle went to, so each run gets its own)."""
+        """The splits for one run: in threads, their key; else the host file, and for each GPU copy a fresh CUDA
+        IPC handle per array (torch counts the processes a handle went to, so each run gets its own)."""
+        if self.key is not None:
+            return {split: ProcessSplit(self.key, split) for split in self.host}
         from torch.multiprocessing.reductions import reduce_tensor
 
         return {split: SharedSplit(host, {i: {n: reduce_tensor(t) for n, t in splits[split].items()}
@@ -252,10 +313,11 @@ class SplitCopies:
 
 
 def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.ExitStack,
-                 gpus: bool = False) -> SplitCopies | None:
-    """The train and val splits read once into shared memory (``SharedArrays``, removed when ``stack``
-    closes), when they fit in half the available RAM; else None (each run then reads what it caches). With
-    ``gpus``, also a copy on each GPU where they fit in half its free memory (freed when ``stack`` closes)."""
+                 gpus: bool = False, in_process: bool = False) -> SplitCopies | None:
+    """The train and val splits read once, when they fit in half the available RAM (else None: each run then
+    reads what it caches): into shared memory (``SharedArrays``, removed when ``stack`` closes), or with
+    ``in_process`` (runs in threads) kept as they are. With ``gpus``, also a copy on each GPU where they fit in
+    half its free memory (freed when ``stack`` closes)."""
     splits = ("train", "val")
     need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names)
     if need > psutil.virtual_memory().available / 2:
@@ -269,10 +331,17 @@ def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.
     stack.callback(gpu.clear)
     for split in splits:
         arrays = reader.read(reader.split_indices(split), names)
-        host[split] = stack.enter_context(SharedArrays(arrays))
+        host[split] = arrays if in_process else stack.enter_context(SharedArrays(arrays))
         for i in devices:
             gpu[i][split] = {n: torch.from_numpy(a).to(f"cuda:{i}") for n, a in arrays.items()}
-    return SplitCopies(host, gpu)
+    for i in devices:
+        torch.cuda.synchronize(i)           # the copies are whole before any run (on its own stream) reads them
+    if not in_process:
+        return SplitCopies(host, gpu)
+    key = os.urandom(8).hex()
+    PROCESS_SPLITS[key] = {s: (host[s], {i: gpu[i][s] for i in devices}) for s in splits}
+    stack.callback(PROCESS_SPLITS.pop, key, None)
+    return SplitCopies(host, gpu, key)
 
 
 def _free_gpu_mb() -> float:
@@ -299,6 +368,7 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
     memory = mean_std([m.throughput.peak_memory_mb for m in seed_metrics])
     auc = test["auc"].mean
     ft = sweep.train.ft_memory_mb
+    shared_memory = any(m.throughput.memory_kind.endswith("_shared") for m in seed_metrics)  # runs in one process
     return SweepSummary(
         store=str(sweep.train.store), method=seed_metrics[0].method,
         protocol="grid over lr x weight decay at the base seed, best by val AUC; then the best over "
@@ -310,7 +380,8 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
                           results[r.name].best_reason, str(r.cfg.out)) for r in seeds],
         test=test, params=params,
         efficiency={"score": "mean test AUC", "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
-                    "pme": None if auc is None or ft is None else pme(auc, memory.mean, ft), "ft_memory_mb": ft},
+                    "pme": None if auc is None or ft is None or shared_memory else pme(auc, memory.mean, ft),
+                    "ft_memory_mb": ft},
         throughput={"train_samples_per_s": mean_std([m.throughput.train_samples_per_s for m in seed_metrics]),
                     "steady_train_samples_per_s": mean_std([m.throughput.steady_train_samples_per_s
                                                             for m in seed_metrics]),
@@ -364,12 +435,12 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     grid = [make_run(sweep, "grid", lr, wd, base_seed) for lr in sweep.lrs for wd in sweep.weight_decays]
     if on_stage:
         on_stage("grid", len(grid))
-    results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu, on_note)
+    results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu, on_note, sweep.runs_in)
     best = max(grid, key=lambda r: validation_score(results[r.name].val))     # max keeps the first of equal scores
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
     if on_stage:
         on_stage("seeds", len(seeds) - 1)
-    results.update(execute(seeds[1:], sweep.scheduler, count, sweep.runs_per_gpu, on_note))
+    results.update(execute(seeds[1:], sweep.scheduler, count, sweep.runs_per_gpu, on_note, sweep.runs_in))
     summary = sweep_summary(sweep, grid, seeds, results)
     atomic_write_text(sweep.out / "sweep.json", json.dumps(summary.as_dict(), indent=2))
     atomic_write_text(sweep.out / "sweep.csv", sweep_csv(summary, grid, seeds, results))
