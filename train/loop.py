@@ -349,7 +349,8 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
     steady_samples, steady_seconds = sum(n for n, _ in steady), sum(s for _, s in steady)
     metrics = RunMetrics(
         method=run.spec.method, best_epoch=state.best.epoch, best_reason=state.best.reason, val=state.best.val,
-        test=test, params=params, efficiency=efficiency(test, params, None if memory.shared else peak_mb, cfg.ft_memory_mb),
+        test=test, params=params,
+        efficiency=efficiency(test, params, None if memory.shared else peak_mb, cfg.ft_memory_mb),
         throughput=Throughput(
             train_samples_per_s=round(state.samples / state.seconds, 2) if state.seconds else None,
             steady_train_samples_per_s=round(steady_samples / steady_seconds, 2) if steady_seconds else None,
