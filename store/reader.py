@@ -88,20 +88,21 @@ class StoreReader:
     def read(self, idx: Iterable[int], names: Iterable[str] = ("keys", "values", "images")) -> dict[str, np.ndarray]:
         """Arrays for the samples ``idx`` (any order; returned in that order) plus their ``labels``.
 
-        Rows are sorted and every run of consecutive rows is read as one slice: on sharded arrays a slice
-        decompresses each chunk once, while zarr's integer indexing costs ~30x more per sample.
+        Rows are sorted and read as slices that decompress each chunk once (zarr's integer indexing costs ~30x
+        more per sample): one slice per run of rows that are consecutive or share a chunk, the rows between
+        those of one chunk read with them and dropped (a chunk is decompressed whole anyway).
         """
         idx = np.asarray(idx, dtype=np.int64)
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
-        runs = np.split(sorted_idx, np.flatnonzero(np.diff(sorted_idx) != 1) + 1) if len(idx) else []
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         out: dict[str, np.ndarray] = {}
         for name in names:
             array = self.group[name]
             try:
-                data = np.concatenate([array[run[0]:run[-1] + 1] for run in runs]) if runs else \
+                data = np.concatenate([array[span[0]:span[-1] + 1][span - span[0]]
+                                       for span in chunk_spans(sorted_idx, array.chunks[0])]) if len(idx) else \
                     np.zeros((0, *array.shape[1:]), dtype=array.dtype)
             except Exception as e:
                 raise FptError(f"{self.path}: cannot read {name!r} for samples "
@@ -109,6 +110,16 @@ class StoreReader:
             out[name] = data[inverse]
         out["labels"] = self.labels[idx]
         return out
+
+
+def chunk_spans(rows: np.ndarray, chunk_rows: int) -> list[np.ndarray]:
+    """Sorted ``rows`` cut into spans that each slice reads once: a new span starts where a row is neither the
+    next one nor in the previous row's chunk (of ``chunk_rows`` rows)."""
+    if not len(rows):
+        return []
+    gaps = np.diff(rows)
+    same_chunk = rows[1:] // chunk_rows == rows[:-1] // chunk_rows
+    return np.split(rows, np.flatnonzero((gaps != 1) & ~same_chunk) + 1)
 
 
 def as_dask(path: str | Path | StoreLocation) -> dict[str, "dask.array.Array"]:

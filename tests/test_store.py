@@ -32,6 +32,30 @@ def test_round_trip_is_identical(tmp_path):
     np.testing.assert_array_equal(r.split_indices("val"), [3, 4])
 
 
+def test_rows_are_read_in_one_slice_per_chunk_or_run():
+    """chunk_spans: rows sharing a chunk or following each other make one span (one slice, each chunk
+    decompressed once); the rows between those of one span are read and dropped."""
+    from hypothesis import given, strategies as st
+
+    from fpt.store.reader import chunk_spans
+
+    assert [s.tolist() for s in chunk_spans(np.array([0, 2, 4, 5, 6, 9, 9]), 3)] == [[0, 2], [4, 5, 6], [9, 9]]
+    assert [s.tolist() for s in chunk_spans(np.array([0, 2, 3, 5]), 1)] == [[0], [2, 3], [5]]
+
+    @given(st.lists(st.integers(0, 200), max_size=60), st.integers(1, 20))
+    def spans_cover_the_rows_and_split_only_where_both_differ(rows, chunk):
+        rows = np.sort(np.array(rows, dtype=np.int64))
+        spans = chunk_spans(rows, chunk)
+        assert np.array_equal(np.concatenate(spans) if spans else rows, rows)
+        for span in spans:
+            assert all(b - a == 1 or a // chunk == b // chunk for a, b in zip(span, span[1:]))
+        for left, right in zip(spans, spans[1:]):
+            a, b = left[-1], right[0]
+            assert b - a != 1 and a // chunk != b // chunk
+
+    spans_cover_the_rows_and_split_only_where_both_differ()
+
+
 @pytest.mark.parametrize("codec", sorted(CODECS))
 def test_every_codec_is_lossless_and_recorded_in_the_arrays_metadata(tmp_path, codec):
     """Each --codec reaches zarr.json with its compressor, level, shuffle and block size (so any Zarr v3 reader
