@@ -13,14 +13,19 @@ Schema version 2 (every array carries ``dimension_names`` and a ``description`` 
                                             other readers, e.g. tensorstore, lack)
     done          bool    [S]               set after every array of that sample is written
 
-``keys`` and ``values`` (MBs per sample) use one sample per inner chunk, grouped into shards of
-``samples_per_shard`` samples, so one sample is read (and its checksum failure narrowed down) alone. Every other
-array uses one chunk per shard: for a sample's few KB of cls, indices and low-res image, zarr's fixed cost per
-chunk outweighed the data's own (dev box, ViT-B/512, shards of 16: writing them 3.7 -> 1.6 ms of CPU per image).
-A writer writes whole shards, so writers never share a file. Stores written before made every per-sample array
-sharded; zarr.json says which, and every reader reads both. A sample not
-yet extracted (``done`` false) reads back as NaN keys/values/cls and -1 indices (the fill values), never as
-plausible zeros. Version 1 stored ``ids`` as variable-length strings and had no dimension names.
+Every per-sample array has one chunk per shard of ``samples_per_shard`` samples: one file per shard and array,
+checksummed (crc32c), written whole by one writer, so writers never share a file. ``keys`` and ``values`` had
+one sample per inner chunk inside shard files until 2026-11-27, so that one sample could be read (and its
+checksum failure narrowed down) alone; but zarr treats every inner chunk of a shard write as partial: it fills a
+buffer, copies the chunk into it, and copies the encoded chunks once more into the shard. One chunk per shard
+writes K/V with 20 % (zstd-1) to 35 % (none) less CPU (dev box, ViT-B/512 shards of 16, keys: 5.85 -> 4.67 and
+2.84 -> 1.85 ms per image), and the writers' CPU is what limits extraction on a GPU host. The price: a corrupt
+chunk names its shard's samples (``fpt store verify --repair`` re-extracts whole shards either way), and reading
+one sample decompresses its shard's chunk. For the small arrays (cls, indices, images) one chunk per shard came
+first: zarr's fixed cost per chunk outweighed their few KB (writing them 3.7 -> 1.6 ms of CPU per image). Stores
+written before shard K/V, or, before that, every per-sample array; zarr.json says which, and every reader reads
+all three. A sample not yet extracted (``done`` false) reads back as NaN keys/values/cls and -1 indices (the fill
+values), never as plausible zeros. Version 1 stored ``ids`` as variable-length strings and had no dimension names.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ EXCLUDED_SPLIT = 255          # a sample whose source could not be read and was 
 SKIPPED_REPORT = "skipped.csv"  # inside the store: index,id,error of every skipped sample
 
 SAMPLE_ARRAYS = ("keys", "values", "indices", "cls", "images")   # written per shard by extraction
-SHARDED_ARRAYS = ("keys", "values")                               # one sample per inner chunk, in shards
+SHARDED_ARRAYS: tuple[str, ...] = ()   # one sample per inner chunk, in shards: none (K/V until 2026-11-27)
 INDEX_ARRAYS = ("labels", "split", "ids")                          # written once, at creation
 DONE = "done"
 ARRAY_NAMES = (*SAMPLE_ARRAYS, *INDEX_ARRAYS, DONE)
@@ -147,9 +152,9 @@ def group_attrs(g: Geometry) -> dict:
         "unfinished": "samples with done = false are not extracted yet (NaN keys/values/cls, -1 indices); "
                       "re-run the same `fpt extract` command to finish them",
         "ids": "uint8 [S, n]: UTF-8 bytes, zero-padded; decode each row with bytes(row).rstrip(b'\\0').decode()",
-        "dask": "dask.array.from_zarr(group[name]) makes one task per chunk: per sample for the sharded arrays "
-                "(keys, values); pass chunks=group[name].shards or group[name].chunks for one task per shard file, "
-                "as fpt.store.as_dask does",
+        "dask": "dask.array.from_zarr(group[name]) makes one task per chunk, here one per shard file; in stores "
+                "with sharded arrays (keys, values before 2026-11-27) one per sample: pass chunks=group[name].shards "
+                "or group[name].chunks for one task per shard file, as fpt.store.as_dask does",
     }
 
 

@@ -80,8 +80,8 @@ def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAM
 
     Finds: samples not marked done (when ``done`` is among ``arrays``), array metadata that cannot be read,
     shard/chunk files missing for samples marked done, and (with ``full``) chunks whose crc32c checksum or
-    decompression fails, narrowed down to single samples where a chunk holds one (keys, values; the other arrays
-    have one chunk per shard, whose damage names the shard's samples).
+    decompression fails, naming the samples of the failing chunk: the shard's (one chunk per shard), or a single
+    sample where a chunk holds one (keys and values of stores written before 2026-11-27).
     """
     path = StoreLocation(path)
     group = open_group(path)

@@ -68,13 +68,13 @@ def test_every_codec_is_lossless_and_recorded_in_the_arrays_metadata(tmp_path, c
     for name, got in every.items():
         if name != "labels":
             np.testing.assert_array_equal(got, np.concatenate([written[s][name] for s in range(3)]))
-    inner = json.loads((tmp_path / "s.zarr" / "keys" / "zarr.json").read_text())["codecs"][0]["configuration"]
-    names = [c["name"] for c in inner["codecs"]]
+    codecs = json.loads((tmp_path / "s.zarr" / "keys" / "zarr.json").read_text())["codecs"]
+    names = [c["name"] for c in codecs]
     assert names[-1] == "crc32c"                                 # every chunk checksummed, compressed or not
     if CODECS[codec] is None:                                    # --codec none: the bytes as they are
         assert names == ["bytes", "crc32c"]
         return
-    blosc = next(c["configuration"] for c in inner["codecs"] if c["name"] == "blosc")
+    blosc = next(c["configuration"] for c in codecs if c["name"] == "blosc")
     cname, level, shuffle, blocksize = CODECS[codec]
     assert (blosc["cname"], blosc["clevel"], blosc["shuffle"], blosc["blocksize"]) == (cname, level, shuffle,
                                                                                        blocksize)
@@ -146,12 +146,12 @@ def test_dask_view_and_summary(tmp_path):
     assert s["counts"] == {"train": {"a": 2, "b": 1}, "val": {"a": 1, "b": 1}, "test": {"a": 0, "b": 2}}
     assert s["done"] == 7 and s["disk_bytes"] > 0
     keys = next(a for a in s["arrays"] if a["name"] == "keys")
-    assert keys["codecs"] == ["shard(bytes+blosc(zstd-1,shuffle,512k)+crc32c)"] and keys["shards"] == (3, 2, 3, 4, 5)
+    assert keys["codecs"] == ["bytes", "blosc(zstd-1,shuffle,512k)", "crc32c"] and keys["shards"] is None
 
 
-def test_keys_and_values_are_chunked_per_sample_and_the_rest_per_shard(tmp_path):
-    """K/V: one sample per inner chunk (read and named alone); the small arrays: one chunk per shard, so damage
-    there names the shard's samples, and damage in keys names the one sample."""
+def test_every_per_sample_array_has_one_chunk_per_shard(tmp_path):
+    """One chunk (file) per shard and array, keys and values included (zarr's sharding copies every inner chunk
+    twice on a write): damage names the shard's samples."""
     from fpt.store.verify import verify
     from tests.helpers import flip, shard_file
 
@@ -160,23 +160,31 @@ def test_keys_and_values_are_chunked_per_sample_and_the_rest_per_shard(tmp_path)
     for s in range(3):
         w.write_shard(s, shard_arrays(len(GEOM.shard_range(s)), s))
     chunking = {a["name"]: (a["chunks"][0], a["shards"]) for a in summarize(path)["arrays"]}
-    assert chunking["keys"] == chunking["values"] == (1, (3, 2, 3, 4, 5))
-    assert all(chunking[name] == (3, None) for name in ("indices", "cls", "images", "labels", "split", "ids", "done"))
+    assert all(chunking[name] == (3, None) for name in
+               ("keys", "values", "indices", "cls", "images", "labels", "split", "ids", "done"))
     flip(shard_file(path, "images", 1), 40)
-    flip(shard_file(path, "keys", 0), 40)                       # inside the first sample's chunk
-    assert sorted((p.array, tuple(p.samples)) for p in verify(path).problems) == [("images", (3, 4, 5)), ("keys", (0,))]
+    flip(shard_file(path, "keys", 0), 40)
+    assert sorted((p.array, tuple(p.samples)) for p in verify(path).problems) == [("images", (3, 4, 5)),
+                                                                                 ("keys", (0, 1, 2))]
 
 
-def test_a_store_with_every_per_sample_array_sharded_is_resumed_and_read(tmp_path, monkeypatch):
-    """Stores written before the small arrays got one chunk per shard keep working: resumed, read, verified."""
+@pytest.mark.parametrize("sharded", [("keys", "values"), "every"], ids=["kv-sharded", "every-array-sharded"])
+def test_a_store_written_with_sharded_arrays_is_resumed_read_and_verified(tmp_path, monkeypatch, sharded):
+    """Stores written before keep working: K/V with one sample per inner chunk (until 2026-11-27), and before that
+    every per-sample array so: resumed by today's writer, read, verified, a damaged K/V chunk naming its one
+    sample."""
     from fpt.store import SAMPLE_ARRAYS, verify, writer
+    from tests.helpers import flip, shard_file
 
+    sharded = SAMPLE_ARRAYS if sharded == "every" else sharded
     path = tmp_path / "s.zarr"
     written = {s: shard_arrays(len(GEOM.shard_range(s)), s) for s in range(GEOM.n_shards())}
     with monkeypatch.context() as m:
-        m.setattr(writer, "SHARDED_ARRAYS", SAMPLE_ARRAYS)               # the layout before
+        m.setattr(writer, "SHARDED_ARRAYS", sharded)                     # the layout before
         open_writer(path).write_shard(0, written[0])
-    assert next(a for a in summarize(path)["arrays"] if a["name"] == "images")["shards"] == (3, 6, 6, 3)
+    arrays = {a["name"]: a for a in summarize(path)["arrays"]}
+    assert all(arrays[name]["shards"] == ((3, *arrays[name]["shape"][1:]) if name in sharded else None)
+               for name in SAMPLE_ARRAYS)
     w = open_writer(path)                                              # resumed by today's writer
     assert w.pending_shards() == [1, 2]
     for s in (1, 2):
@@ -184,7 +192,11 @@ def test_a_store_with_every_per_sample_array_sharded_is_resumed_and_read(tmp_pat
     every = StoreReader(path).read(range(7), SAMPLE_ARRAYS)
     for name in SAMPLE_ARRAYS:
         np.testing.assert_array_equal(every[name], np.concatenate([written[s][name] for s in range(3)]), err_msg=name)
+    some = StoreReader(path).read([6, 0, 2], ("keys",))
+    np.testing.assert_array_equal(some["keys"], every["keys"][[6, 0, 2]])
     assert verify(path).ok
+    flip(shard_file(path, "keys", 1), 40)
+    assert [(p.array, tuple(p.samples)) for p in verify(path).problems] == [("keys", (3,))]
 
 
 def test_chunks_equal_to_the_fill_value_are_still_written(tmp_path):

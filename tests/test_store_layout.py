@@ -67,7 +67,7 @@ def test_plain_dask_from_zarr_with_the_shard_chunks_is_as_dask(tmp_path):
         plain = da.from_zarr(group[name], chunks=group[name].shards or group[name].chunks)   # as the attrs say
         assert plain.chunks == ours[name].chunks
         np.testing.assert_array_equal(plain.compute(), ours[name].compute())
-    assert da.from_zarr(group["keys"]).chunks[0] == (1,) * 7          # zarr's default: the 1-sample inner chunk
+    assert da.from_zarr(group["keys"]).chunks[0] == (3, 3, 1)         # zarr's default, the chunk: one shard file
 
 
 def test_tensorstore_reads_every_array_as_zarr_python_does(micro_store):
