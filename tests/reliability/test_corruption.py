@@ -10,15 +10,15 @@ from fpt.store import StoreReader, verify
 from tests.helpers import flip, run, shard_file
 from tests.reliability.fuzzing import fuzz_settings
 
-def test_flipped_bytes_in_keys_are_named_by_sample(micro_store):
-    flip(shard_file(micro_store, "keys", 1), 40)                    # inside the first chunk of shard 1
+def test_flipped_bytes_in_keys_are_named_by_the_samples_of_their_chunk(micro_store):
+    flip(shard_file(micro_store, "keys", 1), 40)                    # shard 1's one chunk: samples 4-7
     report = verify(micro_store)
-    assert [(p.array, p.samples) for p in report.problems] == [("keys", [4])]
+    assert [(p.array, p.samples) for p in report.problems] == [("keys", [4, 5, 6, 7])]
     ids = StoreReader(micro_store).ids
     result = run(["store", "verify", str(micro_store)])
     assert result.exit_code == 1 and ids[4] in result.output and "checksum" in result.output
     inspect = run(["inspect", str(micro_store)])
-    assert inspect.exit_code == 0 and "1 samples affected" in inspect.output and ids[4] in inspect.output
+    assert inspect.exit_code == 0 and "4 samples affected" in inspect.output and ids[4] in inspect.output
 
 
 def test_deleted_shard_is_reported(micro_store):
@@ -73,17 +73,18 @@ def test_random_damage_is_always_found_or_harmless(micro_store, tmp_path_factory
 
 
 def test_training_refuses_corrupt_samples_or_skips_them(micro_store, tmp_path):
-    flip(shard_file(micro_store, "keys", 0), 60)                       # sample 0's chunk: a train image
+    flip(shard_file(micro_store, "keys", 0), 60)                       # shard 0's chunk: 4 train images
     ids = StoreReader(micro_store).ids
     args = ["train", "--store", str(micro_store), "--side-res", "16", "--epochs", "1", "--device", "cpu",
             "--batch-size", "4"]
     refused = run([*args, "--out", str(tmp_path / "r1")])
-    assert refused.exit_code == 2 and f"1 samples are corrupt ({ids[0]})" in " ".join(refused.output.split())
+    assert refused.exit_code == 2
+    assert f"4 samples are corrupt ({', '.join(ids[:4])})" in " ".join(refused.output.split())
     assert not (tmp_path / "r1").exists()                             # refused before any work
     ok = run([*args, "--out", str(tmp_path / "r2"), "--skip-corrupt"])
     assert ok.exit_code == 0, ok.output
     metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
-    assert metrics["data"]["corrupt_skipped"] == [ids[0]] and metrics["data"]["train"] == 7
+    assert metrics["data"]["corrupt_skipped"] == list(ids[:4]) and metrics["data"]["train"] == 8 - 4
 
 
 def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, tmp_path, monkeypatch):
@@ -100,6 +101,6 @@ def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, 
     sweep.run_sweep(cfg)
     assert len(calls) == 1                                            # not once per run
     runs = list((tmp_path / "sw").rglob("metrics.json"))
-    first_id = StoreReader(micro_store).ids[0]
-    assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == [first_id]
+    first_shard = list(StoreReader(micro_store).ids[:4])
+    assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == first_shard
                                   for p in runs)

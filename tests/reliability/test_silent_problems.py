@@ -126,11 +126,11 @@ def test_labels_differing_only_in_case_are_refused(tmp_path, no_lpm):
 def test_corrupt_chunk_is_repaired_by_reextracting_exactly_its_shard(micro_store, tmp_path):
     pristine = tmp_path / "pristine.zarr"
     shutil.copytree(micro_store, pristine)
-    flip(shard_file(micro_store, "keys", 1), 40)                # sample 4
+    flip(shard_file(micro_store, "keys", 1), 40)                # shard 1's chunk: samples 4-7
     flip(shard_file(micro_store, "done", 3), 30)                # the done flags of shard 3
     report = verify(micro_store)
     assert sorted((p.array, tuple(p.samples)) for p in report.problems) == [("done", (12, 13, 14, 15)),
-                                                                           ("keys", (4,))]
+                                                                           ("keys", (4, 5, 6, 7))]
     ids = StoreReader(pristine).ids
     result = run(["store", "verify", str(micro_store), "--repair"])
     assert result.exit_code == 1 and ids[4] in result.output and "marked 2 shard(s) for re-extraction" in result.output
