@@ -29,7 +29,6 @@ def losses_and_weights(compile: bool) -> tuple[list[float], dict[str, torch.Tens
     assert step.is_compiled == compile
     batches = [step_batch(SMALL, SHAPE, CPU) for _ in range(STEPS)]
     draws = step.side_input.draw(STEPS, SHAPE.batch_size)
-    torch.manual_seed(1)                                  # the dropout draws start from the same state
     losses = [float(step(b, draws[i])) for i, b in enumerate(batches)]
     return losses, {k: v.detach().clone() for k, v in step.model.state_dict().items()}
 
@@ -194,14 +193,13 @@ def test_checkpoint_writer_writes_cpu_copies_and_reports_a_failure(tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_losses(compile: bool, cuda_graph: bool, steps: int, spec: ModelSpec = SMALL, shapes=None
+def cuda_losses(compile: bool, cuda_graph: bool, steps: int, spec: ModelSpec = SMALL, shapes=None, seed: int = 0
                 ) -> tuple[list[float], TrainStep]:
     cuda = torch.device("cuda")
     torch.manual_seed(0)
-    step = make_step(spec, cuda, compile=compile, steps=steps, cuda_graph=cuda_graph)
+    step = make_step(spec, cuda, compile=compile, steps=steps, cuda_graph=cuda_graph, seed=seed)
     batches = [step_batch(spec, shape, cuda) for shape in (shapes or [SHAPE] * steps)]
     draws = step.side_input.draw(steps, SHAPE.batch_size).to(cuda)
-    torch.manual_seed(1)                                  # the dropout draws start from the same state
     return [float(step(b, draws[i, :, :len(b["labels"])])) for i, b in enumerate(batches)], step
 
 
@@ -291,6 +289,32 @@ def test_on_cuda_the_capture_lets_another_thread_copy_from_the_device_meanwhile(
         writer.join()
     assert step.is_captured and not errors and copies and all(map(math.isfinite, losses))
     assert not [w for w in caught if "CUDA graph failed" in str(w.message)]
+
+
+@CUDA
+def test_on_cuda_runs_in_threads_capture_and_replay_as_they_would_alone():
+    """A sweep's runs in threads of one process, each on a CUDA stream of its own: their captures take turns
+    (GRAPH_LOCK), each replay advances its own dropout generator, and each run's losses are those it has alone."""
+    import threading
+
+    steps = GRAPH_WARMUP + 6
+    alone = {seed: cuda_losses(compile=False, cuda_graph=True, steps=steps, seed=seed)[0] for seed in (0, 1, 2)}
+    together, errors = {}, []
+
+    def run(seed: int) -> None:
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                losses, step = cuda_losses(compile=False, cuda_graph=True, steps=steps, seed=seed)
+            together[seed] = losses if step.is_captured else None
+        except Exception as e:          # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in alone]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and together == alone and len({tuple(v) for v in alone.values()}) == 3
 
 
 @CUDA

@@ -13,7 +13,7 @@ import psutil
 import torch
 
 from fpt.train.data import SideInput
-from fpt.train.model import ModelSpec, build_model, parameter_counts
+from fpt.train.model import ModelSpec, parameter_counts, seeded_model, use_generator
 from fpt.train.step import GRAPH_WARMUP, TrainStep, make_optimizer
 
 MB = 2**20
@@ -120,9 +120,11 @@ def step_batch(spec: ModelSpec, shape: StepShape, device: torch.device) -> dict[
 
 def make_step(spec: ModelSpec, device: torch.device, compile: bool = False, steps: int = 1,
               seed: int = 0, cuda_graph: bool | None = None) -> TrainStep:
-    """The training step of ``fpt train`` (AdamW, cosine schedule over ``steps``, clip) for a new model ``spec``;
+    """The training step of ``fpt train`` (AdamW, cosine schedule over ``steps``, clip) for a new model ``spec``
+    (its weights and dropout drawn from generators seeded with ``seed``, as ``fpt train`` makes them);
     ``cuda_graph`` as ``TrainStep``'s (default: captured on CUDA, from its GRAPH_WARMUP + 1-th step)."""
-    model = build_model(spec).to(device)
+    model = seeded_model(spec, seed).to(device)
+    use_generator(model, torch.Generator(device).manual_seed(seed))
     optimizer, schedule = make_optimizer(model, 1e-3, 0.05, steps, device)
     side_input = SideInput(spec.side_res, (0.5,) * 3, (0.25,) * 3, seed=seed)
     return TrainStep(model, side_input, optimizer, schedule, compile=compile, cuda_graph=cuda_graph)
