@@ -198,7 +198,8 @@ def cuda_losses(compile: bool, cuda_graph: bool, steps: int, spec: ModelSpec = S
     cuda = torch.device("cuda")
     torch.manual_seed(0)
     step = make_step(spec, cuda, compile=compile, steps=steps, cuda_graph=cuda_graph, seed=seed)
-    batches = [step_batch(spec, shape, cuda) for shape in (shapes or [SHAPE] * steps)]
+    data = torch.Generator().manual_seed(seed)            # not the global one: runs in threads draw at once
+    batches = [step_batch(spec, shape, cuda, data) for shape in (shapes or [SHAPE] * steps)]
     draws = step.side_input.draw(steps, SHAPE.batch_size).to(cuda)
     return [float(step(b, draws[i, :, :len(b["labels"])])) for i, b in enumerate(batches)], step
 

@@ -107,14 +107,17 @@ PAPER_SPEC = ModelSpec(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, la
                        prompts=16, reduction=8)
 
 
-def step_batch(spec: ModelSpec, shape: StepShape, device: torch.device) -> dict[str, torch.Tensor]:
+def step_batch(spec: ModelSpec, shape: StepShape, device: torch.device, generator: torch.Generator | None = None
+               ) -> dict[str, torch.Tensor]:
     """A batch of random store arrays of ``shape`` (what a store batch holds: uint8 images, fp16 K/V) on
-    ``device``."""
-    B = shape.batch_size
+    ``device``, drawn on the CPU from ``generator`` (default: torch's global one)."""
+    B, g = shape.batch_size, generator
     kv_shape = (B, shape.layers, shape.heads, shape.k, shape.head_dim)
-    batch = {"images": torch.randint(0, 256, (B, 3, shape.image_res, shape.image_res), dtype=torch.uint8),
-             "keys": torch.randn(kv_shape).half(), "values": torch.randn(kv_shape).half(),
-             "cls": torch.randn(B, spec.lpm_dim).half(), "labels": torch.randint(0, spec.n_classes, (B,))}
+    batch = {"images": torch.randint(0, 256, (B, 3, shape.image_res, shape.image_res), dtype=torch.uint8,
+                                     generator=g),
+             "keys": torch.randn(kv_shape, generator=g).half(), "values": torch.randn(kv_shape, generator=g).half(),
+             "cls": torch.randn(B, spec.lpm_dim, generator=g).half(),
+             "labels": torch.randint(0, spec.n_classes, (B,), generator=g)}
     return {n: t.to(device) for n, t in batch.items()}
 
 
