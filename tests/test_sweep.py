@@ -330,6 +330,27 @@ def test_a_run_in_a_thread_stops_with_its_sweep_and_resumes_to_the_uninterrupted
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
+def test_a_run_failing_in_a_thread_stops_the_others_resumably(store, tmp_path, monkeypatch):
+    """Runs in threads cannot be cancelled: when one fails, the sweep raises its error once the others have
+    stopped at their next step, each with its last.pt written (a re-run resumes them)."""
+    from fpt.train import loop
+
+    real_epoch = loop.train_epoch
+
+    def train_epoch(run, epoch, on_batch=None):
+        if run.cfg.lr == 3e-3 and epoch == 1:
+            raise RuntimeError("device lost")
+        return real_epoch(run, epoch, on_batch)
+
+    monkeypatch.setattr(loop, "train_epoch", train_epoch)
+    cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2", runs_in="threads",
+                       out=tmp_path / "sweep", **{**TINY, "epochs": 500, "checkpoint_seconds": 0})
+    with pytest.raises(FptError, match="failed: RuntimeError: device lost"):
+        run_sweep(cfg)
+    other = tmp_path / "sweep" / "runs" / "lr0.001-wd0-seed0"
+    assert (other / "last.pt").exists() and not (other / "metrics.json").exists()
+
+
 def test_where_runs_compile_the_first_runs_alone_until_its_first_step_is_done(store, tmp_path, monkeypatch):
     """torch.compile keeps compiled graphs in on-disk caches: the other local runs are handed to the cluster only
     once the first has compiled and taken its first training step (it sets a dask Event; the first run is still

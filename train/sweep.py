@@ -272,7 +272,10 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
             if stop_key is not None:
                 # threads cannot be cancelled: they stop at their next step, writing last.pt (resumable)
                 SWEEP_STOPS[stop_key].set()
-                wait(list(by_future), timeout=STOP_WAIT_S)
+                try:
+                    wait(list(by_future), timeout=STOP_WAIT_S)
+                except Exception:           # noqa: BLE001 - a run still busy: the first error is the one to raise
+                    pass
             raise
     return results
 
