@@ -319,6 +319,55 @@ def test_on_cuda_runs_in_threads_capture_and_replay_as_they_would_alone():
 
 
 @CUDA
+def test_on_cuda_a_released_step_frees_its_graphs_and_captures_again():
+    steps = GRAPH_WARMUP + 2
+    losses, step = cuda_losses(compile=False, cuda_graph=True, steps=steps)
+    assert step.is_captured
+    step.release()
+    assert not step.is_captured
+    batch = step_batch(SMALL, SHAPE, torch.device("cuda"), torch.Generator().manual_seed(5))
+    draws = step.side_input.draw(steps, SHAPE.batch_size).to("cuda")
+    assert all(math.isfinite(float(step(batch, draws[i]))) for i in range(steps)) and step.is_captured
+
+
+@CUDA
+def test_on_cuda_a_dead_graph_is_not_collected_during_a_capture():
+    """A finished run's graph held only by a reference cycle: Python's cyclic GC may collect it at any
+    allocation, and destroying a graph inside another's capture invalidates that capture. The capture runs with
+    the GC off (here it would otherwise collect at nearly every allocation)."""
+    import gc
+
+    from fpt.train.step import StepGraph
+
+    class Cycle:
+        def __init__(self, graph):
+            self.graph, self.me = graph, self
+
+    x = torch.ones(8, device="cuda")
+    dead = StepGraph(lambda inputs: inputs["x"] * 2, True, "dead", warmup=0)
+    dead({"x": x})
+    assert dead.is_captured
+    Cycle(dead)
+    del dead
+
+    def allocating(inputs):
+        junk = [[i] for i in range(2000)]                # allocations: chances for an automatic collection
+        return inputs["x"] + len(junk)
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            live = StepGraph(allocating, True, "live", warmup=0)
+            out = live({"x": x})
+    finally:
+        gc.set_threshold(*thresholds)
+    assert live.is_captured and not [w for w in caught if "CUDA graph failed" in str(w.message)]
+    assert torch.equal(out, x + 2000) and gc.isenabled()
+
+
+@CUDA
 def test_cuda_graph_step_compiles_once():
     """Compiled and captured: one compilation each for the step and the evaluation (a recompile would cost a
     whole compilation in every run)."""

@@ -180,6 +180,15 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     holding an unfinished run of the same configuration resumes from its last checkpoint. ``shared``: the
     train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached."""
     run = set_up(cfg, shared)
+    try:
+        return _train(run, on_epoch, on_start, on_batch)
+    finally:
+        run.step.release()                          # its CUDA graphs, now (see TrainStep.release)
+
+
+def _train(run: Training, on_epoch: Callable[[dict], None] | None, on_start: Callable[[dict], None] | None,
+           on_batch: Callable[[int, int, int], None] | None) -> RunMetrics:
+    cfg = run.cfg
     if on_start:
         on_start(run.info)
     session: list[tuple[int, float]] = []          # (samples, seconds) of the epochs trained in this call

@@ -148,9 +148,11 @@ def measure_training_step(spec: ModelSpec = PAPER_SPEC, shape: StepShape = StepS
             step(batch, draws[i])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        captured = step.is_captured
+        step.release()
     return {**mem.as_dict(), "added_mb": round(mem.peak_mb - mem.baseline_mb, 1), "device": str(device),
             "learnable": parameter_counts(step.model, 0)["learnable"], "compiled": step.is_compiled,
-            "captured": step.is_captured, "steps": steps,
+            "captured": captured, "steps": steps,
             "spec": spec.as_dict(), "shape": vars(shape)}
 
 

@@ -11,6 +11,7 @@ When compiling or capturing fails the step says so in one warning and runs eager
 """
 from __future__ import annotations
 
+import gc
 import threading
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -26,10 +27,11 @@ from fpt.train.model import LinearProbe, SeededDropout, SideNetwork
 
 CLIP_NORM = 1.0
 GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's workspaces and AdamW's state settle
-# Held while a StepGraph warms up, captures or replays. Runs that share a process (a sweep's threads) then
-# never capture two graphs at once: a capture registers the device's default generator, which torch (up to
-# 2.11 at least) lets only one capture at a time hold, and torch.cuda.graph's default capture stream is one
-# for the whole process. Replays only enqueue work, so holding it there costs microseconds.
+# Held while a StepGraph warms up, captures, replays or releases its graph. Runs that share a process (a sweep's
+# threads) then never capture two graphs at once (a capture registers the device's default generator, which
+# torch up to 2.11 at least lets one capture at a time hold) and never destroy a graph during another's capture
+# (destroying one is not permitted then, and invalidates the capture). Replays only enqueue work, so holding it
+# there costs microseconds.
 GRAPH_LOCK = threading.RLock()
 
 
@@ -154,6 +156,12 @@ class StepGraph:
                           "eagerly (--no-cuda-graph skips the attempt)", RuntimeWarning, stacklevel=3)
             return self.fn(inputs)
 
+    def release(self) -> None:
+        """Destroy the captured graph and free its memory now (under ``GRAPH_LOCK``, so never during another
+        thread's capture); a later call captures again."""
+        with GRAPH_LOCK:
+            self.graph, self.static, self.output, self.calls = None, {}, None, 0
+
     def _fits(self, inputs: dict[str, torch.Tensor]) -> bool:
         return inputs.keys() == self.static.keys() and all(
             t.shape == self.static[n].shape and t.dtype == self.static[n].dtype for n, t in inputs.items())
@@ -176,9 +184,16 @@ class StepGraph:
                 graph.register_generator_state(generator)           # (newer torch registers them by itself)
         # thread_local: other threads' CUDA work goes on meanwhile (the other runs of a sweep's process); in the
         # default "global" mode it would break the capture, or fail itself. The capture stream is this graph's
-        # own side stream, not torch's one for the process.
-        with self.around_capture(), torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
-            output = self.fn(static)
+        # own side stream, not torch's one for the process. Python's cyclic GC is off meanwhile: collecting a
+        # dead graph (a finished run's, held in a reference cycle) would destroy it inside this capture.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with self.around_capture(), torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
+                output = self.fn(static)
+        finally:
+            if collecting:
+                gc.enable()
         self.graph, self.static, self.output = graph, static, output
         graph.replay()                  # capturing recorded this call's work; this runs it
         return output
@@ -288,6 +303,12 @@ class TrainStep:
         if self.schedule is not None:
             self.schedule.step()
         return loss.clone()        # a CUDA graph's output is overwritten by its next replay
+
+    def release(self) -> None:
+        """Free the captured graphs now (``StepGraph.release``), rather than whenever Python's cyclic GC gets to
+        this step (its graphs refer back to it): a graph destroyed during a capture invalidates it."""
+        self._step_graph.release()
+        self._eval_graph.release()
 
     @torch.no_grad()
     def probabilities(self, batch: Batch, batch_size: int | None = None) -> torch.Tensor:
