@@ -70,8 +70,9 @@ images_ready() {   # once, before the first step that reads them
   if [ -n "$IMAGES_PID" ]; then wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG"; IMAGES_PID=; fi
 }
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-# First the CUDA tests of what changed since lease 4 (the captured training step, the copy stream, the resumed
-# captured run), then the tables; the kernel's tests (unchanged since they passed in lease 3) are tests-kernel.
+# First the CUDA tests of what changed since lease 4 (the captured training step, a sweep's runs as threads on
+# CUDA streams, the copy stream, the resumed captured run), then the tables; the kernel's tests (unchanged since
+# they passed in lease 3) are tests-kernel.
 for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train train-memory bench-sweep writer-start host-cost}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
