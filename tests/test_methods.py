@@ -191,6 +191,27 @@ def test_interrupted_run_resumes_to_the_same_result(store, tmp_path):
     assert len(logs[1]) == 3 and logs[0] == logs[1]                      # same losses: same order, draws, dropout
 
 
+def test_a_last_pt_whose_dropout_drew_from_the_global_generator_is_refused_and_kept(store, tmp_path):
+    """Runs draw their dropout masks from a generator of their own, whose state last.pt keeps; a last.pt written
+    before (torch's global generator states instead) cannot continue with the same results: refused in one line,
+    and left as it is."""
+    def stop_after_first(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_train(store, tmp_path / "cut", epochs=3), on_epoch=stop_after_first)
+    last = tmp_path / "cut" / "last.pt"
+    content = torch.load(last, weights_only=True)
+    assert set(content["rng"]) == {"numpy", "augment", "dropout"}
+    content["rng"] = {"numpy": content["rng"]["numpy"], "augment": content["rng"]["augment"],
+                      "torch": torch.get_rng_state(), "cuda": None}               # as fpt wrote it before
+    torch.save(content, last)
+    before = last.read_bytes()
+    with pytest.raises(FptError, match="earlier fpt whose dropout drew from torch's global generator"):
+        train(tiny_train(store, tmp_path / "cut", epochs=3))
+    assert last.read_bytes() == before
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_interrupted_captured_cuda_run_resumes_to_the_same_result(store, tmp_path):
     """On CUDA the step is captured after its eager warm-up steps, and a resumed run warms up and captures again:
