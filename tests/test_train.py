@@ -98,6 +98,24 @@ def test_metrics_follow_sklearn_conventions():
     assert classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.3, 0.7]]))["auc"] is None
 
 
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_precision_recall_and_f1_are_sklearns_own_scores(classes):
+    """One precision_recall_fscore_support call gives what f1_score, precision_score and recall_score give, also
+    where a class is never predicted (zero_division=0)."""
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    rng = np.random.default_rng(classes)
+    average = "binary" if classes == 2 else "macro"
+    for n in (7, 50, 400):
+        labels = rng.integers(0, classes, n)
+        probs = rng.random((n, classes)) ** 3
+        probs[:, 0] *= 0.1 if n == 7 else 1.0                   # class 0 (almost) never predicted
+        probs /= probs.sum(1, keepdims=True)
+        preds, m = probs.argmax(1), classification_metrics(labels, probs)
+        for name, score in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score)):
+            assert m[name] == score(labels, preds, average=average, zero_division=0), (name, n)
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "1"])
 def test_eight_bit_grey_is_prepared_as_its_rgb_conversion_would_be(mode):
     """Grey stays one channel through the resizes (a third of the work) and in the LPM input, and gives exactly the

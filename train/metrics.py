@@ -4,8 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, cohen_kappa_score, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_recall_fscore_support, roc_auc_score
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
@@ -22,14 +21,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
             labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes)))
     kappa = (cohen_kappa_score(labels, preds, labels=list(range(n_classes)), weights="quadratic")
              if len(present) > 1 or len(np.unique(preds)) > 1 else None)
-    out = {
-        "auc": auc,
-        "acc": accuracy_score(labels, preds),
-        "f1": f1_score(labels, preds, average=average, zero_division=0),
-        "kappa": kappa,
-        "precision": precision_score(labels, preds, average=average, zero_division=0),
-        "recall": recall_score(labels, preds, average=average, zero_division=0),
-    }
+    # one call for the three (f1_score, precision_score and recall_score each make it): every epoch's validation
+    # of every run computes these, and a sweep's runs in threads share one interpreter
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, average=average, zero_division=0)
+    out = {"auc": auc, "acc": accuracy_score(labels, preds), "f1": f1, "kappa": kappa, "precision": precision,
+           "recall": recall}
     return {k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)) for k, v in out.items()}
 
 
