@@ -333,12 +333,17 @@ def test_a_run_in_a_thread_stops_with_its_sweep_and_resumes_to_the_uninterrupted
 def test_a_run_failing_in_a_thread_stops_the_others_resumably(store, tmp_path, monkeypatch):
     """Runs in threads cannot be cancelled: when one fails, the sweep raises its error once the others have
     stopped at their next step, each with its last.pt written (a re-run resumes them)."""
+    import threading
+
     from fpt.train import loop
 
-    real_epoch = loop.train_epoch
+    real_epoch, other_trained_an_epoch = loop.train_epoch, threading.Event()
 
     def train_epoch(run, epoch, on_batch=None):
+        if run.cfg.lr == 1e-3 and epoch == 1:
+            other_trained_an_epoch.set()
         if run.cfg.lr == 3e-3 and epoch == 1:
+            assert other_trained_an_epoch.wait(120)             # so that it has a last.pt to write when stopped
             raise RuntimeError("device lost")
         return real_epoch(run, epoch, on_batch)
 
