@@ -14,17 +14,18 @@ Schema version 2 (every array carries ``dimension_names`` and a ``description`` 
     done          bool    [S]               set after every array of that sample is written
 
 Every per-sample array has one chunk per shard of ``samples_per_shard`` samples: one file per shard and array,
-checksummed (crc32c), written whole by one writer, so writers never share a file. ``keys`` and ``values`` had
-one sample per inner chunk inside shard files until 2026-11-27, so that one sample could be read (and its
-checksum failure narrowed down) alone; but zarr treats every inner chunk of a shard write as partial: it fills a
-buffer, copies the chunk into it, and copies the encoded chunks once more into the shard. One chunk per shard
-writes K/V with 20 % (zstd-1) to 35 % (none) less CPU (dev box, ViT-B/512 shards of 16, keys: 5.85 -> 4.67 and
-2.84 -> 1.85 ms per image), and the writers' CPU is what limits extraction on a GPU host. The price: a corrupt
+checksummed (crc32c), written whole by one writer, so writers never share a file. ``keys`` and ``values`` had one
+sample per inner chunk inside shard files until 2026-11-27, so that one sample could be read (and its checksum
+failure narrowed down) alone; but zarr treats every inner chunk of a shard write as partial: it fills a buffer,
+copies the chunk into it, and copies the encoded chunks once more into the shard. One chunk per shard writes a
+shard with 25-40 % less CPU with ``--codec none`` (dev box, the LPM's real ViT-B output: 5.3-6.3 -> 3.7-4.6 ms per
+image at 512, 24-25 -> 15-16 at 1024), 10-20 % less with zstd-1 at 1024, and no measurable gain with zstd-1 at 512,
+where zstd's own time dominates; the writers' CPU is what limits extraction on a GPU host. The price: a corrupt
 chunk names its shard's samples (``fpt store verify --repair`` re-extracts whole shards either way), and reading
 one sample decompresses its shard's chunk. For the small arrays (cls, indices, images) one chunk per shard came
 first: zarr's fixed cost per chunk outweighed their few KB (writing them 3.7 -> 1.6 ms of CPU per image). Stores
-written before shard K/V, or, before that, every per-sample array; zarr.json says which, and every reader reads
-all three. A sample not yet extracted (``done`` false) reads back as NaN keys/values/cls and -1 indices (the fill
+written before shard K/V, or, before that, every per-sample array; zarr.json says which, and every reader reads all
+three. A sample not yet extracted (``done`` false) reads back as NaN keys/values/cls and -1 indices (the fill
 values), never as plausible zeros. Version 1 stored ``ids`` as variable-length strings and had no dimension names.
 """
 from __future__ import annotations
