@@ -24,7 +24,9 @@ Rows (``run(device, small)``; ``python -m fpt.bench.gpu`` calls it for its train
   x 2 seeds) of ``fpt sweep``'s machinery on that store, several at once (``--scheduler local`` on CUDA: runs
   per GPU from memory; ``local:2`` on a CPU) as threads of one process (``--runs-in threads``, the default on
   CUDA since 2026-11-27) and as processes (``--runs-in processes``, named ``sweep-concurrent`` until then),
-  against one after another (``local:1``, a process; on CUDA 3 of them, scaled to 12); wall-clock seconds.
+  against one after another (``local:1``, a process; on CUDA 3 of them, scaled to 12); wall-clock seconds, and
+  each run's mean seconds in its training steps (``train_s_per_run``: the rest of a run is set-up, validation,
+  test and pictures).
 
 ``small``: sizes for a CPU (a ViT-Tiny-shaped LPM at 256 px, side 64, a 64-image store, 2 epochs); otherwise
 the paper's setting (ViT-B K/V from 512: L=6, H=12, k=205, d=64; side 128; 16 prompts) and 20-epoch sweeps.
@@ -309,8 +311,13 @@ def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: i
             gaps = [b - a for a, b in zip(finished, finished[1:])]
             seconds += (len(runs) - len(ran)) * statistics.median(gaps)
         samples = sum(m.data["train"] for m in results.values()) * epochs * len(runs) / len(ran)
+        # each run's seconds in its epochs' training steps (validation, set-up and test excluded): against the
+        # wall time, what the runs' fixed costs and their overlap come to
+        train_s = [m.data["train"] // base.batch_size * base.batch_size * epochs / m.throughput.train_samples_per_s
+                   for m in results.values()]
         rows.append({"name": name, "batch": 16, "runs": len(runs), "runs_timed": len(ran), "epochs": epochs,
                      "scheduler": scheduler, "runs_in": runs_in, "seconds": round(seconds, 1),
+                     "train_s_per_run": round(statistics.mean(train_s), 2),
                      "samples_per_s": round(samples / seconds, 1), "peak_mb": None,
                      "mps": mps_running() if device.type == "cuda" else None, "note": " ".join(notes) or None})
     for row in rows[:2]:
