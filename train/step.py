@@ -28,10 +28,10 @@ from fpt.train.model import LinearProbe, SeededDropout, SideNetwork
 CLIP_NORM = 1.0
 GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's workspaces and AdamW's state settle
 # Held while a StepGraph warms up, captures, replays or releases its graph. Runs that share a process (a sweep's
-# threads) then never capture two graphs at once (a capture registers the device's default generator, which
-# torch up to 2.11 at least lets one capture at a time hold) and never destroy a graph during another's capture
-# (destroying one is not permitted then, and invalidates the capture). Replays only enqueue work, so holding it
-# there costs microseconds.
+# threads) then never capture two graphs at once (a capture registers the device's default generator, which torch
+# before its per-capture RNG states, pytorch#176752, lets one capture at a time hold) and never destroy a graph
+# during another's capture (destroying one is not permitted then, and invalidates the capture). Replays only
+# enqueue work, so holding it there costs microseconds.
 GRAPH_LOCK = threading.RLock()
 
 
