@@ -143,8 +143,6 @@ class StepGraph:
                 self.static[name].copy_(t, non_blocking=True)
             self.graph.replay()
             return self.output
-        if not self.enabled:
-            return self.fn(inputs)
         self.calls += 1
         if self.calls <= self.warmup:
             return self._on_side_stream(inputs)
