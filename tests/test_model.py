@@ -85,7 +85,7 @@ def test_seeded_dropout_draws_from_its_own_generator_only():
     from fpt.train.model import SeededDropout, use_generator
 
     x = torch.ones(4000)
-    drop = torch.nn.Sequential(SeededDropout(0.25))
+    drop = torch.nn.Sequential(SeededDropout(0.25, sample_shape=()))
     use_generator(drop, torch.Generator().manual_seed(7))
     global_state = torch.get_rng_state()
     a = drop(x)

@@ -77,30 +77,57 @@ def prompt_attention(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 class SeededDropout(nn.Module):
     """Dropout that draws its masks from ``generator`` (the run's own, on the model's device; set by
     ``use_generator``) instead of torch's global one, which the concurrent runs of one process (a sweep's
-    threads) would share: a run's masks then depend on its seed alone. Without a generator, ``nn.Dropout``."""
+    threads) would share: a run's masks then depend on its seed alone. Without a generator, ``nn.Dropout``.
 
-    def __init__(self, p: float):
+    forward(x [B, *sample_shape]) -> x with elements zeroed with probability p, the rest scaled by 1/(1-p).
+
+    With ``draws_ahead`` set (``draw_dropout_ahead``), forward uses the mask that ``draw_ahead(B)`` drew before
+    it: a compiled step draws there, outside the compiled function, because dynamo cannot trace a random op
+    given an explicit generator and would break the graph at it. Either way a run's masks are the same.
+    """
+
+    def __init__(self, p: float, sample_shape: tuple[int, ...]):
         super().__init__()
-        self.p = p
+        self.p, self.sample_shape = p, tuple(sample_shape)
         self.generator: torch.Generator | None = None
+        self.draws_ahead = False
+        self.register_buffer("keep", None, persistent=False)      # the drawn-ahead mask [B, *sample_shape]
+
+    def draw_ahead(self, batch_size: int) -> None:
+        """Draw the mask of the next training forward, of ``batch_size`` samples (into the same tensor while the
+        batch size stays: a compiled function sees one input)."""
+        if self.generator is None or self.p == 0:
+            return
+        shape = (batch_size, *self.sample_shape)
+        if self.keep is None or tuple(self.keep.shape) != shape:
+            self.keep = torch.empty(shape, device=self.generator.device)
+        self.keep.bernoulli_(1 - self.p, generator=self.generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if self.generator is None:
             return F.dropout(x, self.p, training=True)
-        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        if self.draws_ahead:
+            if self.keep is None or self.keep.shape != x.shape:
+                raise RuntimeError(f"SeededDropout: no mask drawn ahead for an input of shape {tuple(x.shape)}")
+            keep = self.keep
+        else:
+            keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
         return x * keep / (1 - self.p)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, sample_shape={self.sample_shape}"
 
 
 def use_generator(model: nn.Module, generator: torch.Generator) -> None:
     """Every ``SeededDropout`` of ``model`` draws from ``generator``."""
-    for m in model.modules():
-        if isinstance(m, SeededDropout):
-            m.generator = generator
+    for m in seeded_dropouts(model):
+        m.generator = generator
+
+
+def seeded_dropouts(model: nn.Module) -> list[SeededDropout]:
+    return [m for m in model.modules() if isinstance(m, SeededDropout)]
 
 
 class PromptFusion(nn.Module):
@@ -109,12 +136,12 @@ class PromptFusion(nn.Module):
     Subclasses define ``query() -> [L, P, D]`` and how the context becomes the prompts the side network sees.
     """
 
-    def __init__(self, layers: int, prompts: int, prompt_dim: int, lpm_heads: int, dropout: float):
+    def __init__(self, layers: int, prompts: int, prompt_dim: int, lpm_heads: int, side_dim: int, dropout: float):
         super().__init__()
         self.heads = lpm_heads
         self.prompts = nn.Parameter(torch.empty(layers, prompts, prompt_dim))     # [L, P, prompt_dim]
         nn.init.normal_(self.prompts, std=PROMPT_INIT_STD)
-        self.dropout = SeededDropout(dropout)
+        self.dropout = SeededDropout(dropout, (layers, prompts, side_dim))             # on [B, L, P, D_side]
 
     def query(self) -> torch.Tensor:
         raise NotImplementedError
@@ -139,7 +166,7 @@ class FusionModule(PromptFusion):
     """
 
     def __init__(self, layers: int, prompts: int, lpm_dim: int, lpm_heads: int, side_dim: int, dropout: float = 0.5):
-        super().__init__(layers, prompts, lpm_dim, lpm_heads, dropout)
+        super().__init__(layers, prompts, lpm_dim, lpm_heads, side_dim, dropout)
         self.norm = nn.LayerNorm(lpm_dim)
         self.out_proj = nn.Linear(lpm_dim, side_dim)
 
@@ -159,7 +186,7 @@ class FptFusionModule(PromptFusion):
     """
 
     def __init__(self, layers: int, prompts: int, lpm_dim: int, lpm_heads: int, side_dim: int, dropout: float = 0.5):
-        super().__init__(layers, prompts, side_dim, lpm_heads, dropout)
+        super().__init__(layers, prompts, side_dim, lpm_heads, side_dim, dropout)
         self.in_proj = nn.Linear(side_dim, lpm_dim)
         self.out_proj = nn.Linear(lpm_dim, side_dim)
 

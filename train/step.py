@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fpt import FptError
 from fpt.train.data import Batch, SideInput
-from fpt.train.model import LinearProbe, SeededDropout, SideNetwork
+from fpt.train.model import LinearProbe, SideNetwork, seeded_dropouts
 
 CLIP_NORM = 1.0
 GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's workspaces and AdamW's state settle
@@ -225,8 +225,11 @@ class TrainStep:
         self._loss = CompiledOrEager(self.loss, compile, "training step")
         self._proven = False                # a whole step (forward and backward) ran
         self._probabilities = CompiledOrEager(self.eval_probabilities, compile, "evaluation forward")
-        generators = tuple({id(m.generator): m.generator for m in model.modules()
-                            if isinstance(m, SeededDropout) and m.generator is not None}.values())
+        self._dropouts = seeded_dropouts(model)
+        for m in self._dropouts:        # compiled: masks drawn outside the compiled function (no graph break)
+            m.draws_ahead = self._loss.is_compiled
+        generators = tuple({id(m.generator): m.generator for m in self._dropouts
+                            if m.generator is not None}.values())
         self._step_graph = StepGraph(self._update, captures, "training step",
                                      around_capture=self._lr_from_tensor, generators=generators)
         self._eval_graph = StepGraph(self._probabilities, captures, "evaluation forward")
@@ -254,6 +257,9 @@ class TrainStep:
         return self.model.forward_batch(batch, partial(self.side_input, train=False)).float().softmax(-1)
 
     def _forward_backward(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
+        for m in self._dropouts:
+            if m.draws_ahead:
+                m.draw_ahead(len(batch["labels"]))
         loss = self._loss(batch, draws)
         loss.backward()
         return loss
