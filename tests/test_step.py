@@ -100,6 +100,29 @@ def test_the_compiled_step_is_one_graph(monkeypatch):
     assert breaks == {}
 
 
+def test_a_compiled_partial_batch_draws_the_masks_eager_draws(monkeypatch):
+    """The last, smaller batch of an epoch between full ones: the compiled step draws its dropout masks of that
+    size from the run's generator, as eager does, and the next full batch trains on (losses equal)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
+    sizes = [SHAPE.batch_size, SHAPE.batch_size, 3, SHAPE.batch_size]
+
+    def losses(compile: bool) -> list[float]:
+        torch.manual_seed(0)
+        step = make_step(SMALL, CPU, compile=compile, steps=len(sizes))
+        data = torch.Generator().manual_seed(1)
+        batches = [step_batch(SMALL, StepShape(**{**vars(SHAPE), "batch_size": n}), CPU, data) for n in sizes]
+        draws = step.side_input.draw(len(sizes), SHAPE.batch_size)
+        return [float(step(b, draws[i, :, :len(b["labels"])])) for i, b in enumerate(batches)]
+
+    torch._dynamo.reset()
+    try:
+        compiled = losses(compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert compiled == pytest.approx(losses(compile=False), rel=LOSS_RTOL)
+
+
 def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken(fn, **_):
         def run(*args):
@@ -248,14 +271,17 @@ def test_cuda_graph_step_gives_the_eager_losses():
 
 
 @CUDA
-def test_on_cuda_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_same():
+@pytest.mark.parametrize("compile", [False, True])
+def test_on_cuda_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_same(compile):
     """drop_last off: the last batch of an epoch is smaller than the captured one; it runs eagerly (the graph
-    holds one shape), on the same weights and AdamW state, and the step after it replays the graph again."""
+    holds one shape), on the same weights and AdamW state, and the step after it replays the graph again
+    (compiled: with the dropout mask tensor the graph captured still alive and drawn into)."""
     small = StepShape(**{**vars(SHAPE), "batch_size": 3})
     shapes = [SHAPE] * (GRAPH_WARMUP + 2) + [small, SHAPE, SHAPE]
     eager, _ = cuda_losses(compile=False, cuda_graph=False, steps=len(shapes), shapes=shapes)
-    captured, step = cuda_losses(compile=False, cuda_graph=True, steps=len(shapes), shapes=shapes)
-    assert step.is_captured and captured == pytest.approx(eager, rel=1e-5)
+    captured, step = cuda_losses(compile=compile, cuda_graph=True, steps=len(shapes), shapes=shapes)
+    assert step.is_captured and step.is_compiled == compile
+    assert captured == pytest.approx(eager, rel=LOSS_RTOL if compile else 1e-5)
 
 
 @CUDA

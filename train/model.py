@@ -92,15 +92,17 @@ class SeededDropout(nn.Module):
         self.generator: torch.Generator | None = None
         self.draws_ahead = False
         self.register_buffer("keep", None, persistent=False)      # the drawn-ahead mask [B, *sample_shape]
+        # one mask tensor per batch size, drawn into in place and never freed: a compiled function sees one input,
+        # and a captured step, which writes into the tensor it captured, keeps it while a partial batch runs
+        self._masks: dict[int, torch.Tensor] = {}
 
     def draw_ahead(self, batch_size: int) -> None:
-        """Draw the mask of the next training forward, of ``batch_size`` samples (into the same tensor while the
-        batch size stays: a compiled function sees one input)."""
+        """Draw the mask of the next training forward, of ``batch_size`` samples."""
         if self.generator is None or self.p == 0:
             return
-        shape = (batch_size, *self.sample_shape)
-        if self.keep is None or tuple(self.keep.shape) != shape:
-            self.keep = torch.empty(shape, device=self.generator.device)
+        if batch_size not in self._masks:
+            self._masks[batch_size] = torch.empty((batch_size, *self.sample_shape), device=self.generator.device)
+        self.keep = self._masks[batch_size]
         self.keep.bernoulli_(1 - self.p, generator=self.generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
