@@ -101,11 +101,14 @@ def test_the_compiled_step_is_one_graph(monkeypatch):
 
 
 def test_a_compiled_partial_batch_draws_the_masks_eager_draws(monkeypatch):
-    """The last, smaller batch of an epoch between full ones: the compiled step draws its dropout masks of that
-    size from the run's generator, as eager does, and the next full batch trains on (losses equal)."""
+    """The last, smaller batch of each epoch between full ones: the compiled step draws its dropout masks of that
+    size from the run's generator, as eager does, and the next full batch trains on (losses equal); the two
+    sizes compile once each, not once per epoch."""
+    from torch._dynamo.utils import counters
+
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", dynamic=False))
-    sizes = [SHAPE.batch_size, SHAPE.batch_size, 3, SHAPE.batch_size]
+    sizes = [SHAPE.batch_size, SHAPE.batch_size, 3] * 2 + [SHAPE.batch_size]
 
     def losses(compile: bool) -> list[float]:
         torch.manual_seed(0)
@@ -116,11 +119,14 @@ def test_a_compiled_partial_batch_draws_the_masks_eager_draws(monkeypatch):
         return [float(step(b, draws[i, :, :len(b["labels"])])) for i, b in enumerate(batches)]
 
     torch._dynamo.reset()
+    counters.clear()
     try:
         compiled = losses(compile=True)
+        graphs = counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
     assert compiled == pytest.approx(losses(compile=False), rel=LOSS_RTOL)
+    assert graphs == 2
 
 
 def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
