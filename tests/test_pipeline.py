@@ -362,8 +362,10 @@ def test_pixels_travel_as_the_source_has_them_and_encode_to_the_same_features():
     lpm = FrozenLPM(create_backbone(MICRO, 64, random_init=True)[0], [2, 3], 0.25)
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
     # the channels-last uint8 batch against the LPM on the plain NCHW normalised float input, made here
+    # (made contiguous: np.stack may keep its inputs' transposed memory order, as numpy 2.4.6 does, and the patch
+    # convolution's result depends on the layout in its last bits)
     planes = np.stack([np.asarray(prepare_image(im, 64, 16)[0], np.float32).transpose(2, 0, 1) for im in (rgb,)])
-    reference = lpm((torch.from_numpy(planes) - torch.tensor(mean).view(1, 3, 1, 1) * 255)
+    reference = lpm((torch.from_numpy(planes).contiguous() - torch.tensor(mean).view(1, 3, 1, 1) * 255)
                     / (torch.tensor(std).view(1, 3, 1, 1) * 255))
     encoded = encode_batch(lpm, eight_bit[:1], mean, std, "fp32")
     for name, t in encoded.items():
