@@ -204,12 +204,19 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
             raise FptError(f"cannot load pretrained weights for {name} ({type(e).__name__}: {e}); "
                            "pass --weights FILE or --random-init") from None
         source = "timm-pretrained"
+    elif weights is not None and file_gives_every_tensor(skeleton):
+        # every tensor comes from the file (``_load_weights`` refuses one that misses any): the skeleton gets
+        # memory and the weights, with no random init drawn only to be overwritten (ViT-B: ~1 s of CPU, a ViT-g
+        # ten times that)
+        model = skeleton.to_empty(device="cpu")
+        _load_weights(model, Path(weights), family)
+        source = f"file:{Path(weights).name}"
     else:
         with torch.random.fork_rng():
             torch.manual_seed(RANDOM_INIT_SEED)
             model = timm.create_model(arch, pretrained=False, **kwargs)
         source = "random-init"
-        if weights is not None:
+        if weights is not None:         # a model with buffers it computes (EVA's RoPE): built, then loaded
             _load_weights(model, Path(weights), family)
             source = f"file:{Path(weights).name}"
     model.eval().requires_grad_(False)
@@ -224,6 +231,15 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
         family=family.name, class_token=has_class_token(model),
     )
     return model, info
+
+
+def file_gives_every_tensor(model: nn.Module) -> bool:
+    """Whether a weights file that ``_load_weights`` accepts sets every tensor of ``model``: it has no buffer
+    that no state dict holds (non-persistent, computed when the model is built, e.g. EVA's RoPE tables) and no
+    ``head.`` tensor (which ``_load_weights`` leaves out). Only then may the model be built empty."""
+    persistent = set(model.state_dict())
+    return (all(name in persistent for name, _ in model.named_buffers())
+            and not any(name.startswith("head.") for name in persistent))
 
 
 def _load_weights(model: nn.Module, path: Path, family: Family) -> None:

@@ -51,6 +51,25 @@ def test_local_weights_file_loads_and_resamples_pos_embed(tmp_path):
     assert rand.weights_sha256 != i1.weights_sha256 and rand.weights_source == "random-init"
 
 
+def test_a_weights_file_fills_an_empty_model_without_a_random_init(tmp_path, monkeypatch):
+    """A ViT whose every tensor the file holds is built empty (no random init drawn to be overwritten) and
+    equals the file's weights in every tensor; a file missing one tensor is refused, never left as garbage."""
+    source = timm.create_model(MICRO, num_classes=0, img_size=64)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    real, built = timm.create_model, []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **kw: built.append(kw.get("device")) or real(*a, **kw))
+    model, info = create_backbone(MICRO, 64, weights=tmp_path / "w.pth")
+    assert built == ["meta"]                                          # the skeleton only
+    assert model.state_dict().keys() == source.state_dict().keys()
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert info.weights_source == "file:w.pth" and all(p.device.type == "cpu" for p in model.parameters())
+    partial = {k: v for k, v in source.state_dict().items() if k != "blocks.1.norm1.weight"}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(FptError, match="missing .*blocks.1.norm1.weight"):
+        create_backbone(MICRO, 64, weights=tmp_path / "partial.pth")
+
+
 def test_random_init_is_reproducible():
     _, a = create_backbone(MICRO, 64, random_init=True)
     _, b = create_backbone(MICRO, 64, random_init=True)

@@ -124,6 +124,10 @@ def test_create_backbone_builds_each_family_and_loads_its_weights(name, tmp_path
     model, info = create_backbone(name, 48, weights=tmp_path / "w.pth")       # 4x4 -> 6x6 patch grid
     torch.testing.assert_close(model.blocks[1].attn.proj.weight, source.blocks[1].attn.proj.weight)
     assert model.pos_embed.shape == timm.create_model(name, img_size=48).pos_embed.shape     # resampled
+    # the buffers no file holds (EVA's RoPE tables) are the ones the model computes when built
+    fresh, kept = dict(timm.create_model(name, img_size=48, num_classes=0).named_buffers()), model.state_dict()
+    for key, buffer in model.named_buffers():
+        assert key in kept or torch.equal(buffer, fresh[key]), key
     assert info.family == ("eva" if name.startswith("eva") else "vit") and not info.random_init
     assert info.prefix_tokens == source.num_prefix_tokens and info.class_token == backbone.has_class_token(source)
     lpm = FrozenLPM(model, [1], 0.25)
