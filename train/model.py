@@ -81,9 +81,9 @@ class SeededDropout(nn.Module):
 
     forward(x [B, *sample_shape]) -> x with elements zeroed with probability p, the rest scaled by 1/(1-p).
 
-    With ``draws_ahead`` set (``draw_dropout_ahead``), forward uses the mask that ``draw_ahead(B)`` drew before
-    it: a compiled step draws there, outside the compiled function, because dynamo cannot trace a random op
-    given an explicit generator and would break the graph at it. Either way a run's masks are the same.
+    With ``draws_ahead`` set (by a ``TrainStep`` that compiles), forward uses the mask that ``draw_ahead(B)`` drew
+    before it: the step draws there, outside the compiled function, because dynamo cannot trace a random op
+    given an explicit generator and would break the graph at it. Either way a run's masks are the same draws.
     """
 
     def __init__(self, p: float, sample_shape: tuple[int, ...]):
