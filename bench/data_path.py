@@ -57,6 +57,10 @@ class AlreadyAugmented:
     def __call__(self, images, train: bool, draws=None):
         return images
 
+    def to(self, device) -> "AlreadyAugmented":
+        """Nothing to move (``TrainStep`` moves its side input's constants to the model's device)."""
+        return self
+
     def draw(self, steps: int, n: int):
         import torch
         return torch.zeros(steps, 0, n)

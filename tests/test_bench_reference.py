@@ -70,3 +70,27 @@ def test_host_and_device_times_hold_the_gpu_before_the_timed_work(monkeypatch):
                       "record end", "synchronize end"]
     assert device == 0.25 and 0 <= host < 0.1
 
+
+
+def test_the_official_loaders_batches_train_fpts_step(tmp_path):
+    """The benches' official-style training feeds fpt's own step (``AlreadyAugmented``: its images come out of
+    the loader augmented and normalised): the step takes them and trains."""
+    from fpt.bench.data_path import AlreadyAugmented
+    from fpt.train.model import ModelSpec, build_model
+    from fpt.train.step import TrainStep, make_optimizer
+
+    keys, values = torch.randn(2, 2, 3, 4, 8), torch.randn(2, 2, 3, 4, 8)
+    save_per_image(tmp_path / "kv", ["a", "b"], keys, values)
+    for name in ("a", "b"):
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(tmp_path / f"{name}.png")
+    data = OfficialTrainData([tmp_path / "a.png", tmp_path / "b.png"], [0, 1], tmp_path / "kv", 16,
+                             (0.5,) * 3, (0.25,) * 3)
+    model = build_model(ModelSpec(lpm_dim=24, lpm_heads=3, head_dim=8, patch_size=8, layers=2, n_classes=2,
+                                  side_res=16, prompts=2, reduction=4))
+    optimizer, schedule = make_optimizer(model, 1e-2, 0.0, 2, torch.device("cpu"))
+    step = TrainStep(model, AlreadyAugmented(), optimizer, schedule)
+    before = [p.detach().clone() for p in model.parameters()]
+    (batch,) = data.batches(4, np.random.default_rng(0))
+    loss = step(batch, AlreadyAugmented().draw(1, len(batch["labels"]))[0])
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
