@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fpt.cli import app
 from fpt.train.metrics import classification_metrics
-from fpt.train.plots import confusion, roc_curves, write_evaluation_plots, write_sweep_plot
+from fpt.train.plots import PictureProcess, confusion, roc_curves, write_evaluation_plots, write_sweep_plot
 
 
 def random_predictions(n: int, n_classes: int, seed: int = 0):
@@ -58,6 +58,51 @@ def test_pictures_are_written(tmp_path):
         with Image.open(path) as image:
             assert image.format == "PNG" and min(image.size) > 200
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_the_picture_process_draws_the_same_pictures_in_another_process(tmp_path, monkeypatch):
+    """A sweep's runs in threads hand their pictures to a PictureProcess: the same pictures, drawn while this
+    process draws nothing (its drawing is made to fail here, which the helper process does not see)."""
+    import fpt.train.plots as plots
+
+    labels, probs = random_predictions(60, 3)
+    inline = write_evaluation_plots(tmp_path / "inline", labels, probs, ["x", "y", "z"], title="t")
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (_ for _ in ()).throw(AssertionError("drawn here")))
+    pictures = PictureProcess()
+    try:
+        helper = pictures.write_evaluation_plots(tmp_path / "helper", labels, probs, ["x", "y", "z"], title="t")
+    finally:
+        pictures.close()
+    assert [p.name for p in helper] == ["helper-roc.png", "helper-confusion.png"]
+    for a, b in zip(inline, helper):
+        assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_a_failed_picture_process_leaves_the_pictures_to_the_caller_with_one_warning(tmp_path):
+    import os
+    import signal
+    import warnings
+
+    labels, probs = random_predictions(40, 2)
+    pictures = PictureProcess()
+    try:
+        pictures.write_evaluation_plots(tmp_path / "first", labels, probs, ["a", "b"])
+        for pid in list(pictures._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            paths = [*pictures.write_evaluation_plots(tmp_path / "second", labels, probs, ["a", "b"]),
+                     *pictures.write_evaluation_plots(tmp_path / "third", labels, probs, ["a", "b"])]
+    finally:
+        pictures.close()
+    assert [str(w.message) for w in caught if "picture process failed" in str(w.message)] != []
+    assert len([w for w in caught if "picture process failed" in str(w.message)]) == 1
+    assert all(p.exists() for p in paths)
 
 
 def test_train_and_evaluate_write_metrics_and_pictures(tmp_path, micro_store):

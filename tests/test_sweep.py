@@ -177,6 +177,13 @@ def test_runs_share_the_process_on_cuda_unless_they_compile_or_are_told():
     assert not runs_share_process("processes", cuda=True, compile=None)
 
 
+def test_runs_in_threads_draw_their_pictures_apart_on_cuda_only():
+    from fpt.train.sweep import draws_pictures_apart
+
+    assert draws_pictures_apart(cuda=True, runs=2)
+    assert not draws_pictures_apart(cuda=False, runs=12) and not draws_pictures_apart(cuda=True, runs=1)
+
+
 def test_the_gpu_sharing_note_says_whether_kernels_of_concurrent_runs_can_overlap(monkeypatch):
     import psutil
 
@@ -261,11 +268,12 @@ def test_local_runs_share_one_copy_of_the_splits_and_give_the_results_of_each_ru
         torch.set_num_threads(threads)
 
 
-def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_each_run_alone(store, tmp_path):
+def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_each_run_alone(store, tmp_path,
+                                                                                              monkeypatch):
     """--runs-in threads: both runs train at once in threads of this process (dask's in-process workers) on one
     copy of the cached splits, held in this process and gone afterwards; each run's metrics and best weights
     equal its configuration trained alone (its initial weights, data order, augmentation and dropout drawn
-    from generators of its own)."""
+    from generators of its own). Their test pictures are drawn by the sweep's picture process (as on CUDA)."""
     from pathlib import Path
 
     import torch
@@ -274,11 +282,22 @@ def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_ea
     from fpt.train import train
     from fpt.train.data import PROCESS_SPLITS
 
+    from fpt.train.plots import PictureProcess
+
+    monkeypatch.setattr("fpt.train.sweep.draws_pictures_apart", lambda cuda, runs: True)      # as on CUDA
+    drawn, draw = [], PictureProcess.write_evaluation_plots
+
+    def counted(self, prefix, *args, **kwargs):
+        drawn.append(prefix)
+        return draw(self, prefix, *args, **kwargs)
+    monkeypatch.setattr(PictureProcess, "write_evaluation_plots", counted)
     cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2", cache="ram",
                        runs_in="threads", out=tmp_path / "sweep", **{**TINY, "epochs": 3})
     summary = run_sweep(cfg)
     assert summary.ran == 2 and PROCESS_SPLITS == {}
+    assert sorted(drawn) == sorted(Path(g.run_dir) / "test" for g in summary.grid)
     for g in summary.grid:
+        assert {p.name for p in Path(g.run_dir).glob("*.png")} == {"test-roc.png", "test-confusion.png"}
         swept = json.loads((Path(g.run_dir) / "metrics.json").read_text())
         assert swept["data"]["cache"]["shared"] is True
         alone = train(train_config(store, None, out=tmp_path / f"alone-{g.lr}", lr=g.lr, cache="ram",
@@ -301,7 +320,7 @@ def test_a_run_in_a_thread_stops_with_its_sweep_and_resumes_to_the_uninterrupted
     from fpt.config import train_config
     from fpt.train import train
     from fpt.train.results import jsonable
-    from fpt.train.sweep import SWEEP_STOPS, RunStopped, train_task
+    from fpt.train.sweep import THREAD_SWEEPS, RunStopped, ThreadSweep, train_task
 
     from fpt.store import StoreReader
 
@@ -316,12 +335,12 @@ def test_a_run_in_a_thread_stops_with_its_sweep_and_resumes_to_the_uninterrupted
 
     options = {**TINY, "epochs": 3, "checkpoint_seconds": 0}
     cfg = train_config(store, None, out=tmp_path / "stopped", lr=1e-3, **options)
-    SWEEP_STOPS["k"] = StopInTheSecondEpoch()
+    THREAD_SWEEPS["k"] = ThreadSweep(StopInTheSecondEpoch())
     try:
         with pytest.raises(RunStopped):
-            train_task(jsonable(asdict(cfg)), None, stop_key="k")
+            train_task(jsonable(asdict(cfg)), None, thread_key="k")
     finally:
-        SWEEP_STOPS.pop("k")
+        THREAD_SWEEPS.pop("k")
     assert (tmp_path / "stopped" / "last.pt").exists() and not (tmp_path / "stopped" / "metrics.json").exists()
     resumed = train(cfg)
     whole = train(train_config(store, None, out=tmp_path / "whole", lr=1e-3, **options))

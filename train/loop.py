@@ -171,23 +171,26 @@ class Training:
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
           on_start: Callable[[dict], None] | None = None,
           on_batch: Callable[[int, int, int], None] | None = None,
-          shared: SharedSplits | None = None) -> RunMetrics:
+          shared: SharedSplits | None = None,
+          pictures: Callable[..., list[Path]] = write_evaluation_plots) -> RunMetrics:
     """Train ``cfg.method`` on ``cfg.store``; writes metrics.json, best.pt, last.pt, log.jsonl and the test
     split's ROC and confusion-matrix pictures (test-roc.png, test-confusion.png) to the run dir.
 
     ``on_start(info)`` gets the data plan (cache decision, sizes) before the first epoch, ``on_epoch(record)``
     each epoch's log record, ``on_batch(epoch, steps done, steps per epoch)`` each training step. A run dir
     holding an unfinished run of the same configuration resumes from its last checkpoint. ``shared``: the
-    train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached."""
+    train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached.
+    ``pictures``: what draws the test pictures (``write_evaluation_plots``'s arguments; a sweep's runs in threads
+    hand them to its ``PictureProcess``)."""
     run = set_up(cfg, shared)
     try:
-        return _train(run, on_epoch, on_start, on_batch)
+        return _train(run, on_epoch, on_start, on_batch, pictures)
     finally:
         run.step.release()                          # its CUDA graphs, now (see TrainStep.release)
 
 
 def _train(run: Training, on_epoch: Callable[[dict], None] | None, on_start: Callable[[dict], None] | None,
-           on_batch: Callable[[int, int, int], None] | None) -> RunMetrics:
+           on_batch: Callable[[int, int, int], None] | None, pictures: Callable[..., list[Path]]) -> RunMetrics:
     cfg = run.cfg
     if on_start:
         on_start(run.info)
@@ -212,7 +215,7 @@ def _train(run: Training, on_epoch: Callable[[dict], None] | None, on_start: Cal
                 raise stop from None
             raise
         checkpoints.write(last=False)           # the best model; finish removes last.pt anyway
-    return finish(run, memory, session)
+    return finish(run, memory, session, pictures)
 
 
 def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
@@ -343,7 +346,8 @@ class RunCheckpoints:
         self.written = self.clock()
 
 
-def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) -> RunMetrics:
+def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]],
+           pictures: Callable[..., list[Path]] = write_evaluation_plots) -> RunMetrics:
     """Test the best checkpoint, write metrics.json, remove last.pt; the run's metrics."""
     cfg, state, device = run.cfg, run.state, run.device
     del run.train_data, run.val_data
@@ -351,7 +355,7 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]]) 
     test_data = open_split(run.reader, "test", run.spec.inputs, "none", device, cfg.workers)
     probs, labels = predict_split(run.model, test_data, run.side_input, cfg.batch_size, run.step)
     test = classification_metrics(labels, probs)
-    write_evaluation_plots(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
+    pictures(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
     params = parameter_counts(run.model, run.reader.attrs["backbone"]["n_params"])
     peak_mb = round(memory.peak_mb, 1)
     steady = session[1:]                            # the first epoch of a session includes warm-up and compiling

@@ -4,9 +4,17 @@ score over a sweep's grid, written as PNG.
 Figures are drawn on matplotlib's Agg canvas directly (``Figure``, not ``pyplot``): no display is needed and a
 notebook's backend is left alone. The numbers behind each picture come from functions of their own
 (``roc_curves``, ``confusion``), so they are tested apart from the drawing.
+
+Drawing a run's two pictures is ~0.25 s of Python (matplotlib's layout and Agg rendering) that holds the
+interpreter's lock. Runs that share one interpreter (a sweep's runs in threads) hand it to a ``PictureProcess``
+instead, so that their pictures do not stall each other's training steps.
 """
 from __future__ import annotations
 
+import threading
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +60,47 @@ def write_evaluation_plots(prefix: Path, labels: np.ndarray, probs: np.ndarray, 
     _save(_roc_figure(roc_curves(labels, probs, classes), title), roc)
     _save(_confusion_figure(confusion(labels, probs, len(classes)), classes, title), matrix)
     return [roc, matrix]
+
+
+class PictureProcess:
+    """``write_evaluation_plots`` drawn in one helper process for all the runs of this process: a call holds this
+    process's interpreter lock only to hand over the numbers and waits for the files (so a run's metrics.json
+    still comes after its pictures). The helper is forked from the fork server (``fpt.forkserver``: this process
+    holds CUDA and threads, and a spawned one would import the program again) and starts in the background. If it
+    cannot start or dies, the pictures are drawn in the calling thread, with one warning."""
+
+    def __init__(self):
+        from fpt.forkserver import fork_server_context, starting
+
+        self._pool = ProcessPoolExecutor(1, mp_context=fork_server_context([__name__]))
+        self._failed = threading.Event()
+
+        def start() -> None:
+            try:
+                with starting():
+                    self._pool.submit(int).result()
+            except Exception:           # noqa: BLE001 - the first picture's own submit meets the error
+                pass
+        self._starter = threading.Thread(target=start, name="fpt-picture-start", daemon=True)
+        self._starter.start()
+
+    def write_evaluation_plots(self, prefix: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str],
+                               title: str = "") -> list[Path]:
+        """As ``write_evaluation_plots``, drawn in the helper process."""
+        if not self._failed.is_set():
+            self._starter.join()
+            try:
+                return self._pool.submit(write_evaluation_plots, prefix, labels, probs, classes, title).result()
+            except (BrokenProcessPool, EOFError, OSError) as e:      # the helper, not the drawing (drawn again below)
+                if not self._failed.is_set():
+                    self._failed.set()
+                    warnings.warn(f"the picture process failed ({type(e).__name__}: {e}); pictures are drawn in "
+                                  "the runs' own threads", RuntimeWarning, stacklevel=2)
+        return write_evaluation_plots(prefix, labels, probs, classes, title)
+
+    def close(self) -> None:
+        self._starter.join()
+        self._pool.shutdown(cancel_futures=True)
 
 
 def write_sweep_plot(path: Path, lrs: list[float], weight_decays: list[float], scores: dict[tuple[float, float], float],

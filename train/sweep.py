@@ -15,6 +15,8 @@ split), in one of two ways (``runs_in``):
 - ``threads`` (the default on CUDA): dask workers that are threads of this process, each run on a CUDA stream
   of its own. The kernels of different streams of one process run at the same time, so small steps fill the
   GPU together; and there is one CUDA context, no process start, and the cached splits are used as they are.
+  The runs share one interpreter lock, so on CUDA what is long and pure Python leaves it: their test pictures
+  are drawn by one helper process (``PictureProcess``, ``draws_pictures_apart``).
 - ``processes`` (the default on CPU, and with ``--compile``: torch.compile is not thread-safe): worker
   processes. Without CUDA MPS the GPU time-slices between their contexts: runs overlap only each other's gaps.
 Every run has its own seeded generators (data order, augmentation, dropout; initial weights drawn under a
@@ -48,7 +50,7 @@ from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
                                validation_score)
 from fpt.train.metrics import pme, ppe
-from fpt.train.plots import write_sweep_plot
+from fpt.train.plots import PictureProcess, write_evaluation_plots, write_sweep_plot
 from fpt.train.step import step_captures, step_compiles
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
@@ -88,8 +90,16 @@ def finished_metrics(run: Run) -> RunMetrics | None:
     return metrics
 
 
-# the stop signal of each sweep running its runs in threads of this process (key: ``execute``'s stop key)
-SWEEP_STOPS: dict[str, threading.Event] = {}
+@dataclass
+class ThreadSweep:
+    """What a sweep running its runs in threads of this process shares with them: its stop signal and the process
+    that draws their pictures (``PictureProcess``; None: each run draws its own)."""
+    stop: threading.Event
+    pictures: PictureProcess | None = None
+
+
+# each such sweep, by ``execute``'s key (dask pickles a task's arguments, so a run is handed the key)
+THREAD_SWEEPS: dict[str, ThreadSweep] = {}
 
 
 class RunStopped(Exception):
@@ -98,10 +108,11 @@ class RunStopped(Exception):
 
 
 def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | None = None,
-               first_step_event: str | None = None, stop_key: str | None = None) -> RunMetrics:
+               first_step_event: str | None = None, thread_key: str | None = None) -> RunMetrics:
     """One run on a dask worker (module-level, so workers import it by name); ``first_step_event``: the name of a
-    dask ``Event`` to set once the run's first training step is done (compiled and run). ``stop_key``: the run is
-    a thread of the sweep's process (``SWEEP_STOPS[stop_key]`` stops it); on CUDA it runs on a stream of its own."""
+    dask ``Event`` to set once the run's first training step is done (compiled and run). ``thread_key``: the run is
+    a thread of the sweep's process (``THREAD_SWEEPS[thread_key]``: what stops it, what draws its pictures); on
+    CUDA it runs on a stream of its own."""
     import torch
 
     from fpt.cluster import worker_device
@@ -114,7 +125,9 @@ def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | 
     if first_step_event:
         from distributed import Event
         event, signalled = Event(first_step_event), []
-    stop = SWEEP_STOPS[stop_key] if stop_key else None
+    sweep = THREAD_SWEEPS[thread_key] if thread_key else None
+    stop = sweep.stop if sweep else None
+    pictures = sweep.pictures.write_evaluation_plots if sweep and sweep.pictures else write_evaluation_plots
 
     def on_batch(epoch: int, step: int, steps: int) -> None:
         if event is not None and not signalled:
@@ -127,7 +140,7 @@ def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | 
     device = resolve_device(cfg.device)
     with torch.cuda.stream(torch.cuda.Stream(device)) if stop is not None and device.type == "cuda" \
             else contextlib.nullcontext():
-        return train(cfg, on_batch=on_batch if event or stop else None, shared=shared)
+        return train(cfg, on_batch=on_batch if event or stop else None, shared=shared, pictures=pictures)
 
 
 def runs_share_process(runs_in: str | None, cuda: bool, compile: bool | None) -> bool:
@@ -136,6 +149,14 @@ def runs_share_process(runs_in: str | None, cuda: bool, compile: bool | None) ->
     if runs_in is not None:
         return runs_in == "threads"
     return cuda and not step_compiles(compile)
+
+
+def draws_pictures_apart(cuda: bool, runs: int) -> bool:
+    """Whether a sweep's runs in threads hand their pictures to a ``PictureProcess``: on CUDA, where the runs'
+    Python (they share one interpreter lock), not the cores, limits a sweep. On a CPU the runs' own compute needs
+    the cores, and the helper's start (~5 s of CPU on the 2-core dev box: a fork server importing the program)
+    cost more than it saved: 12 runs of 2 epochs in threads took 18.3 / 20.4 s with it against 12.6 / 13.6 s."""
+    return cuda and runs > 1
 
 
 CUDA_CONTEXT_MB = 600         # a process's CUDA context and kernels (not counted by max_memory_allocated)
@@ -225,11 +246,14 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     with dask_client(scheduler, cuda, per_gpu or 1, processes=not in_threads) as (client, threads), \
             contextlib.ExitStack() as stack:
         copies = share_splits(reader, names, stack, gpus=share_gpu, in_process=in_threads) if share else None
-        stop_key = None
+        thread_key = None
         if in_threads:
-            stop_key = os.urandom(8).hex()
-            SWEEP_STOPS[stop_key] = threading.Event()
-            stack.callback(SWEEP_STOPS.pop, stop_key, None)
+            thread_key = os.urandom(8).hex()
+            pictures = PictureProcess() if draws_pictures_apart(cuda, len(todo)) else None
+            if pictures:
+                stack.callback(pictures.close)
+            THREAD_SWEEPS[thread_key] = ThreadSweep(threading.Event(), pictures)
+            stack.callback(THREAD_SWEEPS.pop, thread_key, None)
         by_future = {}
 
         def submit(run: Run, first_step_event: str | None = None):
@@ -241,7 +265,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
                                           psutil.virtual_memory().available / 2**21
                                           / (1 if copies else len(client.nthreads())))
             future = client.submit(train_task, cfg, threads, copies.for_run() if copies else None, first_step_event,
-                                   stop_key, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
+                                   thread_key, key=f"fpt-train-{run.name}-{os.urandom(4).hex()}",
                                    resources={"GPU": 1} if cuda else None, pure=False)
             by_future[future] = run
             return future
@@ -269,9 +293,9 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
                 if on_run:
                     on_run(run, metrics, False)
         except BaseException:
-            if stop_key is not None:
+            if thread_key is not None:
                 # threads cannot be cancelled: they stop at their next step, writing last.pt (resumable)
-                SWEEP_STOPS[stop_key].set()
+                THREAD_SWEEPS[thread_key].stop.set()
                 try:
                     wait(list(by_future), timeout=STOP_WAIT_S)
                 except Exception:           # noqa: BLE001 - a run still busy: the first error is the one to raise
