@@ -100,9 +100,23 @@ def test_a_failed_picture_process_leaves_the_pictures_to_the_caller_with_one_war
                      *pictures.write_evaluation_plots(tmp_path / "third", labels, probs, ["a", "b"])]
     finally:
         pictures.close()
-    assert [str(w.message) for w in caught if "picture process failed" in str(w.message)] != []
     assert len([w for w in caught if "picture process failed" in str(w.message)]) == 1
     assert all(p.exists() for p in paths)
+
+
+def test_a_drawing_error_in_the_picture_process_is_raised_as_it_is(tmp_path):
+    import warnings
+
+    labels, probs = random_predictions(40, 3)
+    pictures = PictureProcess()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # not taken for a failed helper
+            with pytest.raises(ValueError, match="NaN"):
+                pictures.write_evaluation_plots(tmp_path / "bad", labels, np.full_like(probs, np.nan), ["a", "b", "c"])
+            assert len(pictures.write_evaluation_plots(tmp_path / "good", labels, probs, ["a", "b", "c"])) == 2
+    finally:
+        pictures.close()
 
 
 def test_train_and_evaluate_write_metrics_and_pictures(tmp_path, micro_store):

@@ -6,8 +6,8 @@ notebook's backend is left alone. The numbers behind each picture come from func
 (``roc_curves``, ``confusion``), so they are tested apart from the drawing.
 
 Drawing a run's two pictures is ~0.25 s of Python (matplotlib's layout and Agg rendering) that holds the
-interpreter's lock. Runs that share one interpreter (a sweep's runs in threads) hand it to a ``PictureProcess``
-instead, so that their pictures do not stall each other's training steps.
+interpreter's lock. Runs that share one interpreter (a sweep's runs in threads on CUDA) hand it to a
+``PictureProcess`` instead, so that their pictures do not stall each other's training steps.
 """
 from __future__ import annotations
 
@@ -89,14 +89,22 @@ class PictureProcess:
         """As ``write_evaluation_plots``, drawn in the helper process."""
         if not self._failed.is_set():
             self._starter.join()
-            try:
-                return self._pool.submit(write_evaluation_plots, prefix, labels, probs, classes, title).result()
-            except (BrokenProcessPool, EOFError, OSError) as e:      # the helper, not the drawing (drawn again below)
-                if not self._failed.is_set():
-                    self._failed.set()
-                    warnings.warn(f"the picture process failed ({type(e).__name__}: {e}); pictures are drawn in "
-                                  "the runs' own threads", RuntimeWarning, stacklevel=2)
+            try:        # the helper could not start, is gone, or is shut down (a stopping sweep)
+                future = self._pool.submit(write_evaluation_plots, prefix, labels, probs, classes, title)
+            except (BrokenProcessPool, EOFError, OSError, RuntimeError) as e:
+                self._give_up(e)
+            else:
+                try:
+                    return future.result()      # a drawing's own error is raised as it is
+                except BrokenProcessPool as e:  # the helper died
+                    self._give_up(e)
         return write_evaluation_plots(prefix, labels, probs, classes, title)
+
+    def _give_up(self, error: BaseException) -> None:
+        if not self._failed.is_set():
+            self._failed.set()
+            warnings.warn(f"the picture process failed ({type(error).__name__}: {error}); pictures are drawn in "
+                          "the runs' own threads", RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
         self._starter.join()
