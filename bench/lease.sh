@@ -23,6 +23,7 @@ if [ -z "$DRY" ] && ls .whl/*.whl >/dev/null 2>&1; then      # zarr, dask, ... a
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PATH=/tmp/site/bin:$PATH                            # py-spy's binary, when its wheel is carried
 fi
 mkdir -p /tmp/fpt-pkg && ln -sfn "$PWD" /tmp/fpt-pkg/fpt      # the repository root is the package
 export PYTHONPATH=/tmp/fpt-pkg${PYTHONPATH:+:$PYTHONPATH}
@@ -79,7 +80,9 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train train-memory ben
     bench-gpu)    images_ready; step $name 260 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
     bench-gpu-2)  images_ready; FPT_BENCH_RESULTS="$OUT/second" step $name 120 $PY -m fpt.bench.gpu $FPT_LEASE_GPU_ARGS_2 ;;
     bench-train)  images_ready; step $name 180 $PY -m fpt.bench.train_speed ${FPT_LEASE_TRAIN_ARGS:-$TRAIN_ARGS} ;;
-    bench-sweep)  images_ready; step $name 300 $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ;;
+    # the sweep under py-spy where it can sample (fpt.bench.gil): how long the runs in threads held the GIL, by part
+    bench-sweep)  images_ready; step $name 300 $PY -m fpt.bench.gil --name train_speed-sweep -- \
+                    $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
