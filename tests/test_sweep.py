@@ -281,7 +281,6 @@ def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_ea
     from fpt.config import train_config
     from fpt.train import train
     from fpt.train.data import PROCESS_SPLITS
-
     from fpt.train.plots import PictureProcess
 
     monkeypatch.setattr("fpt.train.sweep.draws_pictures_apart", lambda cuda, runs: True)      # as on CUDA
