@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fpt.cli import app
 from fpt.train.metrics import classification_metrics
-from fpt.train.plots import PictureProcess, confusion, roc_curves, write_evaluation_plots, write_sweep_plot
+from fpt.train.plots import PicturePool, confusion, roc_curves, write_evaluation_plots, write_sweep_plot
 
 
 def random_predictions(n: int, n_classes: int, seed: int = 0):
@@ -66,14 +66,14 @@ def pixels(path) -> np.ndarray:
 
 
 def test_the_picture_process_draws_the_same_pictures_in_another_process(tmp_path, monkeypatch):
-    """A sweep's runs in threads hand their pictures to a PictureProcess: the same pictures, drawn while this
-    process draws nothing (its drawing is made to fail here, which the helper process does not see)."""
+    """A sweep's runs in threads hand their pictures to a PicturePool: the same pictures, drawn while this
+    process draws nothing (its drawing is made to fail here, which the helper processes do not see)."""
     import fpt.train.plots as plots
 
     labels, probs = random_predictions(60, 3)
     inline = write_evaluation_plots(tmp_path / "inline", labels, probs, ["x", "y", "z"], title="t")
     monkeypatch.setattr(plots, "_save", lambda fig, path: (_ for _ in ()).throw(AssertionError("drawn here")))
-    pictures = PictureProcess()
+    pictures = PicturePool(2)
     try:
         helper = pictures.write_evaluation_plots(tmp_path / "helper", labels, probs, ["x", "y", "z"], title="t")
     finally:
@@ -89,7 +89,7 @@ def test_a_failed_picture_process_leaves_the_pictures_to_the_caller_with_one_war
     import warnings
 
     labels, probs = random_predictions(40, 2)
-    pictures = PictureProcess()
+    pictures = PicturePool(2)
     try:
         pictures.write_evaluation_plots(tmp_path / "first", labels, probs, ["a", "b"])
         for pid in list(pictures._pool._processes):
@@ -100,7 +100,7 @@ def test_a_failed_picture_process_leaves_the_pictures_to_the_caller_with_one_war
                      *pictures.write_evaluation_plots(tmp_path / "third", labels, probs, ["a", "b"])]
     finally:
         pictures.close()
-    assert len([w for w in caught if "picture process failed" in str(w.message)]) == 1
+    assert len([w for w in caught if "picture processes failed" in str(w.message)]) == 1
     assert all(p.exists() for p in paths)
 
 
@@ -108,7 +108,7 @@ def test_a_drawing_error_in_the_picture_process_is_raised_as_it_is(tmp_path):
     import warnings
 
     labels, probs = random_predictions(40, 3)
-    pictures = PictureProcess()
+    pictures = PicturePool(2)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")          # not taken for a failed helper

@@ -273,7 +273,7 @@ def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_ea
     """--runs-in threads: both runs train at once in threads of this process (dask's in-process workers) on one
     copy of the cached splits, held in this process and gone afterwards; each run's metrics and best weights
     equal its configuration trained alone (its initial weights, data order, augmentation and dropout drawn
-    from generators of its own). Their test pictures are drawn by the sweep's picture process (as on CUDA)."""
+    from generators of its own). Their test pictures are drawn by the sweep's picture processes (as on CUDA)."""
     from pathlib import Path
 
     import torch
@@ -281,15 +281,15 @@ def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_ea
     from fpt.config import train_config
     from fpt.train import train
     from fpt.train.data import PROCESS_SPLITS
-    from fpt.train.plots import PictureProcess
+    from fpt.train.plots import PicturePool
 
     monkeypatch.setattr("fpt.train.sweep.draws_pictures_apart", lambda cuda, runs: True)      # as on CUDA
-    drawn, draw = [], PictureProcess.write_evaluation_plots
+    drawn, draw = [], PicturePool.write_evaluation_plots
 
     def counted(self, prefix, *args, **kwargs):
         drawn.append(prefix)
         return draw(self, prefix, *args, **kwargs)
-    monkeypatch.setattr(PictureProcess, "write_evaluation_plots", counted)
+    monkeypatch.setattr(PicturePool, "write_evaluation_plots", counted)
     cfg = sweep_config(store, lr="1e-3,3e-3", weight_decay="0", seeds=1, scheduler="local:2", cache="ram",
                        runs_in="threads", out=tmp_path / "sweep", **{**TINY, "epochs": 3})
     summary = run_sweep(cfg)

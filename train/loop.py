@@ -181,7 +181,7 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     holding an unfinished run of the same configuration resumes from its last checkpoint. ``shared``: the
     train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached.
     ``pictures``: what draws the test pictures (``write_evaluation_plots``'s arguments; a sweep's runs in threads
-    hand them to its ``PictureProcess``)."""
+    hand them to its ``PicturePool``)."""
     run = set_up(cfg, shared)
     try:
         return _train(run, on_epoch, on_start, on_batch, pictures)

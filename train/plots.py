@@ -7,7 +7,7 @@ notebook's backend is left alone. The numbers behind each picture come from func
 
 Drawing a run's two pictures is ~0.25 s of Python (matplotlib's layout and Agg rendering) that holds the
 interpreter's lock. Runs that share one interpreter (a sweep's runs in threads on CUDA) hand it to a
-``PictureProcess`` instead, so that their pictures do not stall each other's training steps.
+``PicturePool`` instead, so that their pictures do not stall each other's training steps.
 """
 from __future__ import annotations
 
@@ -62,23 +62,26 @@ def write_evaluation_plots(prefix: Path, labels: np.ndarray, probs: np.ndarray, 
     return [roc, matrix]
 
 
-class PictureProcess:
-    """``write_evaluation_plots`` drawn in one helper process for all the runs of this process: a call holds this
-    process's interpreter lock only to hand over the numbers and waits for the files (so a run's metrics.json
-    still comes after its pictures). The helper is forked from the fork server (``fpt.forkserver``: this process
-    holds CUDA and threads, and a spawned one would import the program again) and starts in the background. If it
-    cannot start or dies, the pictures are drawn in the calling thread, with one warning."""
+class PicturePool:
+    """``write_evaluation_plots`` drawn in ``processes`` helper processes for the runs of this process: a call holds
+    this process's interpreter lock only to hand over the numbers and waits for the files (so a run's metrics.json
+    still comes after its pictures). Several helpers, since a sweep's runs tend to finish together. They are
+    forked from the fork server (``fpt.forkserver``: this process holds CUDA and threads, and a spawned process
+    would import the program again), which imports matplotlib once for all of them, and start in the background.
+    If they cannot start or die, the pictures are drawn in the calling thread, with one warning."""
 
-    def __init__(self):
+    def __init__(self, processes: int = 1):
         from fpt.forkserver import fork_server_context, starting
 
-        self._pool = ProcessPoolExecutor(1, mp_context=fork_server_context([__name__]))
+        preload = [__name__, "matplotlib.figure", "matplotlib.backends.backend_agg"]
+        self._pool = ProcessPoolExecutor(processes, mp_context=fork_server_context(preload))
         self._failed = threading.Event()
 
         def start() -> None:
             try:
                 with starting():
-                    self._pool.submit(int).result()
+                    for future in [self._pool.submit(int) for _ in range(processes)]:
+                        future.result()
             except Exception:           # noqa: BLE001 - the first picture's own submit meets the error
                 pass
         self._starter = threading.Thread(target=start, name="fpt-picture-start", daemon=True)
@@ -86,7 +89,7 @@ class PictureProcess:
 
     def write_evaluation_plots(self, prefix: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str],
                                title: str = "") -> list[Path]:
-        """As ``write_evaluation_plots``, drawn in the helper process."""
+        """As ``write_evaluation_plots``, drawn in a helper process."""
         if not self._failed.is_set():
             self._starter.join()
             try:        # the helper could not start, is gone, or is shut down (a stopping sweep)
@@ -103,7 +106,7 @@ class PictureProcess:
     def _give_up(self, error: BaseException) -> None:
         if not self._failed.is_set():
             self._failed.set()
-            warnings.warn(f"the picture process failed ({type(error).__name__}: {error}); pictures are drawn in "
+            warnings.warn(f"the picture processes failed ({type(error).__name__}: {error}); pictures are drawn in "
                           "the runs' own threads", RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:

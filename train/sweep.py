@@ -16,7 +16,7 @@ split), in one of two ways (``runs_in``):
   of its own. The kernels of different streams of one process run at the same time, so small steps fill the
   GPU together; and there is one CUDA context, no process start, and the cached splits are used as they are.
   The runs share one interpreter lock, so on CUDA what is long and pure Python leaves it: their test pictures
-  are drawn by one helper process (``PictureProcess``, ``draws_pictures_apart``).
+  are drawn by helper processes (``PicturePool``, ``draws_pictures_apart``).
 - ``processes`` (the default on CPU, and with ``--compile``: torch.compile is not thread-safe): worker
   processes. Without CUDA MPS the GPU time-slices between their contexts: runs overlap only each other's gaps.
 Every run has its own seeded generators (data order, augmentation, dropout; initial weights drawn under a
@@ -50,7 +50,7 @@ from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
                                validation_score)
 from fpt.train.metrics import pme, ppe
-from fpt.train.plots import PictureProcess, write_evaluation_plots, write_sweep_plot
+from fpt.train.plots import PicturePool, write_evaluation_plots, write_sweep_plot
 from fpt.train.step import step_captures, step_compiles
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
@@ -93,9 +93,9 @@ def finished_metrics(run: Run) -> RunMetrics | None:
 @dataclass
 class ThreadSweep:
     """What a sweep running its runs in threads of this process shares with them: its stop signal and the process
-    that draws their pictures (``PictureProcess``; None: each run draws its own)."""
+    processes that draw their pictures (``PicturePool``; None: each run draws its own)."""
     stop: threading.Event
-    pictures: PictureProcess | None = None
+    pictures: PicturePool | None = None
 
 
 # each such sweep, by ``execute``'s key (dask pickles a task's arguments, so a run is handed the key)
@@ -152,7 +152,7 @@ def runs_share_process(runs_in: str | None, cuda: bool, compile: bool | None) ->
 
 
 def draws_pictures_apart(cuda: bool, runs: int) -> bool:
-    """Whether a sweep's runs in threads hand their pictures to a ``PictureProcess``: on CUDA, where the runs'
+    """Whether a sweep's runs in threads hand their pictures to a ``PicturePool``: on CUDA, where the runs'
     Python (they share one interpreter lock), not the cores, limits a sweep. On a CPU the runs' own compute needs
     the cores, and the helper's start (~5 s of CPU on the 2-core dev box: a fork server importing the program)
     cost more than it saved: 12 runs of 2 epochs in threads took 18.3 / 20.4 s with it against 12.6 / 13.6 s."""
@@ -249,7 +249,9 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
         thread_key = None
         if in_threads:
             thread_key = os.urandom(8).hex()
-            pictures = PictureProcess() if draws_pictures_apart(cuda, len(todo)) else None
+            # runs that start together end together: enough helpers that their pictures do not queue long
+            pictures = (PicturePool(min(len(todo), len(client.nthreads()), max(1, (os.cpu_count() or 2) // 2)))
+                        if draws_pictures_apart(cuda, len(todo)) else None)
             if pictures:
                 stack.callback(pictures.close)
             THREAD_SWEEPS[thread_key] = ThreadSweep(threading.Event(), pictures)
