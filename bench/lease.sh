@@ -82,14 +82,14 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train train-memory ben
     bench-train)  images_ready; step $name 180 $PY -m fpt.bench.train_speed ${FPT_LEASE_TRAIN_ARGS:-$TRAIN_ARGS} ;;
     # the sweep under py-spy where it can sample (fpt.bench.gil): how long the runs in threads held the GIL, by part
     bench-sweep)  images_ready; step $name 300 $PY -m fpt.bench.gil --name train_speed-sweep -- \
-                    $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ;;
+                    $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ${FPT_LEASE_SWEEPS:+--sweeps $FPT_LEASE_SWEEPS} ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
-    tests-cuda)   step $name 200 $PY -m pytest -q -p no:cacheprovider -rs tests/test_step.py tests/test_memory.py \
-                    tests/test_data.py tests/test_resume.py tests/test_sweep.py tests/test_pipeline.py tests/test_train.py \
-                    tests/test_bench_reference.py tests/test_methods.py \
-                    -k "cuda or gpu or peak" ;;
+    tests-cuda)   step $name 200 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
+                    tests/test_memory.py tests/test_data.py tests/test_resume.py tests/test_sweep.py \
+                    tests/test_pipeline.py tests/test_train.py tests/test_bench_reference.py tests/test_methods.py} \
+                    -k "${FPT_LEASE_TESTS_K:-cuda or gpu or peak}" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac
 done

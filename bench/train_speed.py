@@ -270,8 +270,13 @@ def host_and_device_seconds(fn, device: torch.device, hold_s: float = 1.0) -> tu
     return host, start.elapsed_time(end) / 1e3
 
 
-def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: int | None = None) -> list[dict]:
-    """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another. One after another,
+SWEEPS = ("threads", "processes", "sequential")
+
+
+def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: int | None = None,
+               sweeps: tuple[str, ...] = SWEEPS) -> list[dict]:
+    """12 runs (3 lr x 2 weight decay x 2 seeds) several at once vs one after another (``sweeps``: which of
+    ``SWEEPS``; a speed-up is given where the sequential one runs). One after another,
     only the first ``sequential_runs`` of them are run (default: all on a CPU, 3 on CUDA, so that the sweep fits
     what is left of a lease; in lease 4 each run still compiled its step) and ``seconds`` is extrapolated to the
     12: the measured
@@ -291,9 +296,10 @@ def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: i
     rows = []
     concurrent = "local" if device.type == "cuda" else "local:2"
     sequential_runs = sequential_runs or (12 if small or device.type != "cuda" else 3)
-    for name, scheduler, runs_in in (("sweep-threads", concurrent, "threads"),
-                                     ("sweep-processes", concurrent, "processes"),
-                                     ("sweep-sequential", "local:1", "processes")):
+    kinds = {"threads": ("sweep-threads", concurrent, "threads"),
+             "processes": ("sweep-processes", concurrent, "processes"),
+             "sequential": ("sweep-sequential", "local:1", "processes")}
+    for name, scheduler, runs_in in (kinds[k] for k in SWEEPS if k in sweeps):
         base = train_config_for(data.store, device, small, None, epochs)
         sweep = SweepConfig(base, [1e-4, 5e-4, 1e-3], [0.0, 0.05], 2, work / name, scheduler, runs_in=runs_in)
         runs = [make_run(sweep, "grid", lr, wd, seed) for lr in sweep.lrs for wd in sweep.weight_decays
@@ -320,13 +326,14 @@ def sweep_rows(device: torch.device, small: bool, work: Path, sequential_runs: i
                      "train_s_per_run": round(statistics.mean(train_s), 2),
                      "samples_per_s": round(samples / seconds, 1), "peak_mb": None,
                      "mps": mps_running() if device.type == "cuda" else None, "note": " ".join(notes) or None})
-    for row in rows[:2]:
+    for row in rows[:-1] if "sequential" in sweeps else ():
         row["speedup_vs_sequential"] = round(rows[-1]["seconds"] / row["seconds"], 2)
     return rows
 
 
 def run(device: torch.device | str, small: bool, workers: int | None = None,
-        parts: tuple[str, ...] = ("step", "train", "loop", "official", "sweep")) -> list[dict]:
+        parts: tuple[str, ...] = ("step", "train", "loop", "official", "sweep"),
+        sweeps: tuple[str, ...] = SWEEPS) -> list[dict]:
     """The training table's rows for ``device`` (see the module docstring)."""
     device = torch.device(device)
     workers = workers if workers is not None else (2 if small else 8)
@@ -348,7 +355,7 @@ def run(device: torch.device | str, small: bool, workers: int | None = None,
             elif part == "loop":
                 new = loop_rows(device, small, work)
             elif part == "sweep":
-                new = sweep_rows(device, small, work)
+                new = sweep_rows(device, small, work, sweeps=sweeps)
             else:
                 raise ValueError(f"unknown part {part!r}: step, graph, train, loop, official, sweep")
             for row in new:
@@ -373,8 +380,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small", action="store_true", help="CPU-sized models, store and sweep")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the official loop")
     p.add_argument("--parts", default="step,train,loop,official,sweep")
+    p.add_argument("--sweeps", default=",".join(SWEEPS), help="the sweep part's kinds: " + ", ".join(SWEEPS))
     args = p.parse_args(argv)
-    rows = run(args.device, args.small, args.workers, tuple(args.parts.split(",")))
+    sweeps = tuple(args.sweeps.split(","))
+    if unknown := set(sweeps) - set(SWEEPS):
+        p.error(f"unknown --sweeps {', '.join(sorted(unknown))}: {', '.join(SWEEPS)}")
+    rows = run(args.device, args.small, args.workers, tuple(args.parts.split(",")), sweeps)
     name = f"train_speed-{args.device.split(':')[0]}{'-small' if args.small else ''}"
     for row in rows:
         row["command"] = command_line("fpt.bench.train_speed")

@@ -69,6 +69,29 @@ def test_stream_order_does_not_depend_on_the_number_of_workers(store):
     np.testing.assert_array_equal(a["keys"], b["keys"])
 
 
+def test_a_split_streamed_from_a_thread_other_than_the_main_one_never_forks(store, monkeypatch):
+    """A sweep's runs in threads read their test split with the prefetch thread: forking a process whose other
+    threads may hold locks is unsafe (lease 5: filelock refused it). From the main thread, workers fork."""
+    import os
+    import threading
+
+    def no_fork():
+        raise RuntimeError("forked")
+
+    reader = StoreReader(store)
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(RuntimeError, match="forked"):
+        collect(StreamSplit(reader, "train", NAMES, CPU, workers=2, window_samples=4).batches(3))
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        collect(StreamSplit(reader, "train", NAMES, CPU, workers=2, window_samples=4).batches(3))))
+    thread.start()
+    thread.join()
+    expected = reader.read(reader.split_indices("train"), NAMES)
+    assert results and results[0][1] == [3, 3, 3, 1]
+    np.testing.assert_array_equal(results[0][0]["keys"], expected["keys"])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_store_error_while_streaming_is_one_line(store, monkeypatch, workers):
     def store_gone(*args):

@@ -275,6 +275,14 @@ def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
                 thread.join(0.01)
 
 
+def may_fork_readers() -> bool:
+    """Whether a split may be read by worker processes forked from this one (else by a prefetch thread). Not in
+    a daemonic process (a dask worker), which may not start any; not from a thread other than the main one (a
+    sweep's runs in threads): forking copies whatever lock another thread holds at that moment, held for good in
+    the child (on the GPU machine filelock refused such a fork, lease 5)."""
+    return not multiprocessing.current_process().daemon and threading.current_thread() is threading.main_thread()
+
+
 class StreamSplit:
     """A split streamed from the store a window of whole shards at a time.
 
@@ -286,8 +294,7 @@ class StreamSplit:
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
                  workers: int = 0, window_samples: int | None = None):
         self.path, self.names, self.device = reader.path, names, device
-        # a daemonic process (e.g. a dask worker) may not start worker processes: use the prefetch thread
-        self.workers = 0 if multiprocessing.current_process().daemon else workers
+        self.workers = workers if may_fork_readers() else 0
         indices = reader.split_indices(split)
         shard_of = indices // reader.geometry.samples_per_shard
         self.shards = [indices[shard_of == s] for s in np.unique(shard_of)]   # sorted store indices per shard
