@@ -12,7 +12,8 @@ from fpt.train.files import (FORMAT_VERSION, CheckpointWriter, atomic_write, ato
                              save_checkpoint)
 from fpt.train.memory import StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
-from fpt.train.step import GRAPH_WARMUP, CompiledOrEager, TrainStep, pad_batch
+from fpt.train.step import (GRAPH_WARMUP, STREAMS_HELD, CompiledOrEager, TrainStep, pad_batch,
+                            stream_of_its_own)
 
 SMALL = ModelSpec(lpm_dim=32, lpm_heads=2, head_dim=16, patch_size=8, layers=2, n_classes=2, side_res=16, prompts=3,
                   reduction=4)
@@ -195,6 +196,27 @@ def test_padded_evaluation_gives_the_unpadded_probabilities():
     torch.testing.assert_close(step.probabilities(batch, 8), step.probabilities(batch))   # eager: no padding
 
 
+def test_streams_of_their_own_stay_apart_while_held_though_the_pool_goes_round():
+    """torch's pool hands out its streams round-robin (a 5th draw from a pool of 4 is the 1st again); the streams
+    of a sweep's runs in threads stay apart while held, and one is refused in one line when all are held."""
+    import itertools
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    ids = itertools.count()
+    pool = lambda: SimpleNamespace(device_index=-7, stream_id=next(ids) % 4)      # noqa: E731
+    with ExitStack() as held:
+        streams = [held.enter_context(stream_of_its_own(CPU, pool)) for _ in range(2)]
+        pool()                                                          # drawn meanwhile by something else
+        streams += [held.enter_context(stream_of_its_own(CPU, pool)) for _ in range(2)]
+        assert sorted(s.stream_id for s in streams) == [0, 1, 2, 3]
+        with pytest.raises(FptError, match=r"no CUDA stream of its own is left .*\(4 are held\)"):
+            held.enter_context(stream_of_its_own(CPU, pool))
+    assert not STREAMS_HELD
+    with stream_of_its_own(CPU, pool) as a, stream_of_its_own(CPU, pool) as b:
+        assert a.stream_id != b.stream_id and len(STREAMS_HELD) == 2
+
+
 def test_checkpoints_carry_a_format_version(tmp_path):
     save_checkpoint(tmp_path / "best.pt", "best", {"epoch": 3})
     assert read_checkpoint(tmp_path / "best.pt", "best") == {"fpt_checkpoint": FORMAT_VERSION, "kind": "best",
@@ -351,28 +373,31 @@ def test_on_cuda_the_capture_lets_another_thread_copy_from_the_device_meanwhile(
 
 @CUDA
 def test_on_cuda_runs_in_threads_capture_and_replay_as_they_would_alone():
-    """A sweep's runs in threads of one process, each on a CUDA stream of its own: their captures take turns
-    (GRAPH_LOCK), each replay advances its own dropout generator, and each run's losses are those it has alone."""
+    """A sweep's runs in threads of one process, each on a CUDA stream of its own where it also warms up and
+    captures: their captures take turns (GRAPH_LOCK), each replay advances its own dropout generator, and each
+    run's losses are those it has alone. 12 runs, as in the bench's sweep: more streams than torch's pool holds
+    if each drew three (lease 5)."""
     import threading
 
-    steps = GRAPH_WARMUP + 6
-    alone = {seed: cuda_losses(compile=False, cuda_graph=True, steps=steps, seed=seed)[0] for seed in (0, 1, 2)}
+    steps, seeds = GRAPH_WARMUP + 6, range(12)
+    alone = {seed: cuda_losses(compile=False, cuda_graph=True, steps=steps, seed=seed)[0] for seed in seeds}
     together, errors = {}, []
 
     def run(seed: int) -> None:
         try:
-            with torch.cuda.stream(torch.cuda.Stream()):
+            with stream_of_its_own(torch.device("cuda")) as stream, torch.cuda.stream(stream):
                 losses, step = cuda_losses(compile=False, cuda_graph=True, steps=steps, seed=seed)
-            together[seed] = losses if step.is_captured else None
+            on_its_stream = step._step_graph.side == stream and step._eval_graph.side in (None, stream)
+            together[seed] = losses if step.is_captured and on_its_stream else None
         except Exception as e:          # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=(seed,)) for seed in alone]
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in seeds]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and together == alone and len({tuple(v) for v in alone.values()}) == 3
+    assert not errors and together == alone and len({tuple(v) for v in alone.values()}) == len(seeds)
 
 
 @CUDA

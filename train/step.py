@@ -33,6 +33,45 @@ GRAPH_WARMUP = 3        # eager calls before a capture: the allocator, cuBLAS's 
 # during another's capture (destroying one is not permitted then, and invalidates the capture). Replays only
 # enqueue work, so holding it there costs microseconds.
 GRAPH_LOCK = threading.RLock()
+# torch.cuda.Stream() hands out one of a fixed pool of streams per device and priority (32 in torch 2.11),
+# round-robin: the 33rd is the first again. Lease 5's 12-run sweep drew 3 per run, so one run captured its graph
+# on the stream another run was copying on, and the copy failed. STREAMS_HELD: the (device, stream id) of the
+# streams ``stream_of_its_own`` has handed out and not yet had back.
+STREAMS_HELD: set[tuple[int, int]] = set()
+_STREAMS_LOCK = threading.Lock()
+POOL_DRAWS = 128        # draws before giving up: more than the pool holds, so every stream in it is looked at
+
+
+@contextmanager
+def stream_of_its_own(device: torch.device, new_stream: Callable[[], torch.cuda.Stream] | None = None
+                      ) -> Iterator[torch.cuda.Stream]:
+    """A CUDA stream of torch's pool on ``device`` that no other holder of one of these has meanwhile: each of a
+    sweep's runs in threads runs, warms up and captures on one. FptError when every stream of the pool is held.
+    (``new_stream``: what draws from the pool; tests give a pool of their own.)"""
+    draw = new_stream or partial(torch.cuda.Stream, device)
+    with _STREAMS_LOCK:
+        for _ in range(POOL_DRAWS):
+            stream = draw()
+            key = (stream.device_index, stream.stream_id)
+            if key not in STREAMS_HELD:
+                STREAMS_HELD.add(key)
+                break
+        else:
+            raise FptError(f"no CUDA stream of its own is left on {device} for another run ({len(STREAMS_HELD)} "
+                           "are held): run fewer at once (--scheduler local:N)")
+    try:
+        yield stream
+    finally:
+        with _STREAMS_LOCK:
+            STREAMS_HELD.discard(key)
+
+
+def capture_stream() -> torch.cuda.Stream:
+    """Where a StepGraph warms up and captures: the current stream when it is one of ``stream_of_its_own`` (a
+    sweep's run in a thread), else one more of torch's pool (a run alone in its process, on the default
+    stream)."""
+    current = torch.cuda.current_stream()
+    return current if (current.device_index, current.stream_id) in STREAMS_HELD else torch.cuda.Stream()
 
 
 def step_compiles(compile: bool | None) -> bool:
@@ -118,7 +157,7 @@ class StepGraph:
         self.fn, self.enabled, self.what, self.warmup, self.around_capture = fn, enabled, what, warmup, around_capture
         self.generators = generators
         self.calls = 0
-        self.side: torch.cuda.Stream | None = None      # where the warm-up calls run
+        self.side: torch.cuda.Stream | None = None      # where the warm-up calls run and the capture (capture_stream)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: dict[str, torch.Tensor] = {}
         self.output: torch.Tensor | None = None
@@ -166,7 +205,7 @@ class StepGraph:
 
     def _on_side_stream(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         current = torch.cuda.current_stream()
-        self.side = self.side or torch.cuda.Stream()
+        self.side = self.side or capture_stream()
         self.side.wait_stream(current)
         with torch.cuda.stream(self.side):
             out = self.fn(inputs)
@@ -175,7 +214,7 @@ class StepGraph:
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         static = {name: t.clone() for name, t in inputs.items()}
-        self.side = self.side or torch.cuda.Stream()
+        self.side = self.side or capture_stream()
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
             if generator.device.type == "cuda" and hasattr(graph, "register_generator_state"):

@@ -51,7 +51,7 @@ from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, Sweep
                                validation_score)
 from fpt.train.metrics import pme, ppe
 from fpt.train.plots import PicturePool, write_evaluation_plots, write_sweep_plot
-from fpt.train.step import step_captures, step_compiles
+from fpt.train.step import step_captures, step_compiles, stream_of_its_own
 
 TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
 
@@ -138,8 +138,8 @@ def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | 
 
     cfg = replace(cfg, device=worker_device(cfg.device))
     device = resolve_device(cfg.device)
-    with torch.cuda.stream(torch.cuda.Stream(device)) if stop is not None and device.type == "cuda" \
-            else contextlib.nullcontext():
+    own = stream_of_its_own(device) if stop is not None and device.type == "cuda" else contextlib.nullcontext()
+    with own as stream, torch.cuda.stream(stream):                 # (torch.cuda.stream(None) does nothing)
         return train(cfg, on_batch=on_batch if event or stop else None, shared=shared, pictures=pictures)
 
 
