@@ -45,6 +45,21 @@ def test_memory_and_stream_give_the_split_in_store_order(store):
         np.testing.assert_array_equal(got["labels"], expected["labels"])
 
 
+def test_reused_batches_are_gathered_into_the_same_tensors_with_the_same_samples(store):
+    """``batches(reuse=True)`` of a split on the device (here the CPU stands in): every full batch is written
+    into the same tensors, with the samples of fresh batches; the partial last batch is one of its own."""
+    reader = StoreReader(store)
+    split = MemorySplit(reader, "train", NAMES, CPU, on_device=True)
+    fresh = [{n: t.clone() for n, t in b.items()} for b in split.batches(4, True, np.random.default_rng(3))]
+    reused, where = [], []
+    for b in split.batches(4, True, np.random.default_rng(3), reuse=True):
+        reused.append({n: t.clone() for n, t in b.items()})
+        where.append(b["keys"].data_ptr())
+    assert [len(b["labels"]) for b in reused] == [4, 4, 2] and where[0] == where[1] != where[2]
+    for a, b in zip(fresh, reused):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_streamed_epochs_shuffle_every_sample_exactly_once(store, workers):
     reader = StoreReader(store)

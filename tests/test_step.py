@@ -267,12 +267,17 @@ def test_checkpoint_writer_writes_cpu_copies_and_reports_a_failure(tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def cuda_losses(compile: bool, cuda_graph: bool, steps: int, spec: ModelSpec = SMALL, shapes=None, seed: int = 0
-                ) -> tuple[list[float], TrainStep]:
+def cuda_losses(compile: bool, cuda_graph: bool, steps: int, spec: ModelSpec = SMALL, shapes=None, seed: int = 0,
+                refill: bool = False) -> tuple[list[float], TrainStep]:
+    """The losses of ``steps`` steps on random batches; ``refill``: each batch is copied into the same tensors
+    before its step, as ``batches(reuse=True)`` gathers them."""
     cuda = torch.device("cuda")
     step = make_step(spec, cuda, compile=compile, steps=steps, cuda_graph=cuda_graph, seed=seed)
     data = torch.Generator().manual_seed(seed)            # not the global one: runs in threads draw at once
     batches = [step_batch(spec, shape, cuda, data) for shape in (shapes or [SHAPE] * steps)]
+    if refill:
+        reused = {n: t.clone() for n, t in batches[0].items()}
+        batches = ({n: reused[n].copy_(t) for n, t in b.items()} for b in batches)    # each just before its step
     draws = step.side_input.draw(steps, SHAPE.batch_size).to(cuda)
     return [float(step(b, draws[i, :, :len(b["labels"])])) for i, b in enumerate(batches)], step
 
@@ -312,6 +317,24 @@ def test_on_cuda_a_partial_batch_after_the_capture_runs_eagerly_and_trains_the_s
     captured, step = cuda_losses(compile=compile, cuda_graph=True, steps=len(shapes), shapes=shapes)
     assert step.is_captured and step.is_compiled == compile
     assert captured == pytest.approx(eager, rel=LOSS_RTOL if compile else 1e-5)
+
+
+@CUDA
+def test_on_cuda_a_batch_refilled_in_place_trains_as_fresh_batches_and_is_not_copied():
+    """fpt train gathers every full batch into the same device tensors (``batches(reuse=True)``); the captured
+    step keeps the tensors of the call it captured as its inputs, reads such a batch where it is, and trains as
+    eagerly on fresh batches."""
+    steps = GRAPH_WARMUP + 4
+    eager, _ = cuda_losses(compile=False, cuda_graph=False, steps=steps)
+    captured, step = cuda_losses(compile=False, cuda_graph=True, steps=steps, refill=True)
+    assert step.is_captured and captured == pytest.approx(eager, rel=1e-5)
+    batch = {n: t for n, t in step._step_graph.static.items() if n != "draws"}
+    copies = []
+    original = torch.Tensor.copy_
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "copy_", lambda self, *a, **k: copies.append(self) or original(self, *a, **k))
+        step(batch, step._step_graph.static["draws"].clone())
+    assert len(copies) == 1                                     # the draws, a new tensor; the batch not at all
 
 
 @CUDA

@@ -99,7 +99,7 @@ class SplitData(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
-                drop_last: bool = False) -> Iterator[Batch]: ...
+                drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]: ...
 
 
 def batch_count(n: int, batch_size: int, drop_last: bool) -> int:
@@ -198,25 +198,38 @@ class MemorySplit:
             tensors = {n: torch.from_numpy(np.require(a, requirements="W")).to(device) for n, a in arrays.items()}
         self.arrays, self.tensors = (None, tensors) if on_device else (arrays, None)
         self.n, self.device = len(idx), device
+        self.reused: dict[str, torch.Tensor] = {}      # where full batches are gathered with reuse (on the device)
 
     def __len__(self) -> int:
         return self.n
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
-                drop_last: bool = False) -> Iterator[Batch]:
+                drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:
+        """The split's batches in store order, or shuffled by ``rng``. ``reuse`` (on the device): every full
+        batch is gathered into the same tensors, so a batch is valid until the next is drawn; a captured step
+        then takes it where it is, with no copy of its own (one batch in device memory, not two)."""
         order = rng.permutation(self.n) if shuffle else np.arange(self.n)
         stop = batch_count(self.n, batch_size, drop_last) * batch_size
         if self.tensors is not None:     # the epoch's order goes to the device once; batches are gathered there
             order_t = torch.from_numpy(order).to(self.device)
             for start in range(0, stop, batch_size):
                 rows = order_t[start:start + batch_size]
-                yield _to_device({n: t.index_select(0, rows) for n, t in self.tensors.items()}, self.device)
+                into = self._reused_batch(batch_size) if reuse and len(rows) == batch_size else {}
+                yield _to_device({n: torch.index_select(t, 0, rows, out=into.get(n))
+                                  for n, t in self.tensors.items()}, self.device)
             return
         for start in range(0, stop, batch_size):
             rows = order[start:start + batch_size]
             # numpy's take copies rows at memory speed (torch's CPU index_select on fp16 is ~10x slower)
             yield _to_device({n: torch.from_numpy(a.take(rows, axis=0)) for n, a in self.arrays.items()},
                              self.device)
+
+    def _reused_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        if any(len(t) != batch_size for t in self.reused.values()):
+            self.reused = {}
+        if not self.reused:
+            self.reused = {n: t.new_empty((batch_size, *t.shape[1:])) for n, t in self.tensors.items()}
+        return self.reused
 
 
 class _WindowReads(Dataset):
@@ -324,7 +337,8 @@ class StreamSplit:
                                pin_memory=self.device.type == "cuda"))
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
-                drop_last: bool = False) -> Iterator[Batch]:
+                drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:
+        """``reuse`` has no effect here: batches come from host memory, each copied to tensors of its own."""
         carry: dict[str, torch.Tensor] | None = None
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:

@@ -284,7 +284,8 @@ def train_epoch(run: Training, epoch: int,
     # the epoch's augmentation draws, made on the host and copied to the device in one piece
     draws = run.side_input.draw(run.steps_per_epoch, cfg.batch_size).to(run.device)
     loss_sum, samples = torch.zeros((), device=run.device), 0
-    batches = run.train_data.batches(cfg.batch_size, shuffle=True, rng=run.rng, drop_last=drop_last(cfg))
+    batches = run.train_data.batches(cfg.batch_size, shuffle=True, rng=run.rng, drop_last=drop_last(cfg),
+                                     reuse=True)
     for i, b in enumerate(batches):
         n = len(b["labels"])
         loss_sum += run.step(b, draws[i, :, :n]) * n

@@ -145,7 +145,9 @@ class StepGraph:
 
     The first ``warmup`` calls run ``fn`` eagerly on a side stream (as capturing needs); the next is captured
     (inside ``around_capture()``) and replayed, and every call after it copies its inputs into the captured ones
-    and replays: no kernel launches but the copies. The result is the graph's own tensor, overwritten by the next
+    and replays: no kernel launches but the copies. The captured call's inputs become the graph's (no copy of
+    them is kept); a later call that passes tensors in the same memory again (a batch gathered into it, as
+    ``batches(reuse=True)`` does) copies nothing. The result is the graph's own tensor, overwritten by the next
     replay. A call whose inputs differ in shape or dtype from the captured ones runs ``fn`` eagerly. If capturing
     fails, one warning says why and ``fn`` runs eagerly from then on. Off CUDA (``enabled`` False) ``fn`` runs as
     it is. ``generators``: the CUDA generators ``fn`` draws from besides the device's default one (each replay
@@ -179,7 +181,8 @@ class StepGraph:
             if not self._fits(inputs):
                 return self.fn(inputs)
             for name, t in inputs.items():
-                self.static[name].copy_(t, non_blocking=True)
+                if not same_memory(t, self.static[name]):
+                    self.static[name].copy_(t, non_blocking=True)
             self.graph.replay()
             return self.output
         self.calls += 1
@@ -213,7 +216,7 @@ class StepGraph:
         return out
 
     def _capture(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        static = {name: t.clone() for name, t in inputs.items()}
+        static = dict(inputs)
         self.side = self.side or capture_stream()
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
@@ -234,6 +237,11 @@ class StepGraph:
         self.graph, self.static, self.output = graph, static, output
         graph.replay()                  # capturing recorded this call's work; this runs it
         return output
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) are views of the same elements."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
 class TrainStep:
