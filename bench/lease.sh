@@ -34,11 +34,10 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
 else
-  # what the fourth lease (2026-11-27, H200) left open: fpt extract end to end with the writers from the fork
-  # server, batches across shard ends and the copies on their own stream (and where the main process's CPU goes:
-  # cpu_main_threads_ms), both codecs; fpt train with its step captured as one CUDA graph (part train) and the
-  # step rows (part graph); the 12-run sweep without compiling; the writers' start on 16 cores. The plain forward
-  # is left out for time (lease 3 measured it on an H100).
+  # what the fifth lease (2026-11-27, H200) left open: the 12-run sweep in threads (it failed there: forked
+  # readers, then pooled CUDA streams shared between runs) against the runs one after another; the captured
+  # step's memory with one copy of the batch (train-memory); fpt train again. Extraction (unchanged since lease
+  # 5) last, for the record. The plain forward is left out for time (lease 3 measured it on an H100).
   GPU_ARGS="--cases lpm fpt_extract official_script --res 512:32 1024:8 --e2e 512:1024 1024:256 --codecs zstd-1 none --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,graph,loop"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
@@ -71,10 +70,10 @@ images_ready() {   # once, before the first step that reads them
   if [ -n "$IMAGES_PID" ]; then wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG"; IMAGES_PID=; fi
 }
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
-# First the CUDA tests of what changed since lease 4 (the captured training step, a sweep's runs as threads on
-# CUDA streams, the copy stream, the resumed captured run), then the tables; the kernel's tests (unchanged since
-# they passed in lease 3) are tests-kernel.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train train-memory bench-sweep writer-start host-cost}; do
+# First the CUDA tests (since lease 5: 12 runs in threads on streams of their own, a batch refilled in place,
+# no fork from a run's thread), then the tables; the kernel's tests (unchanged since they passed in lease 3) are
+# tests-kernel.
+for name in ${FPT_LEASE_STEPS:-tests-cuda bench-sweep train-memory bench-train bench-gpu host-cost writer-start}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 260 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
@@ -82,7 +81,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu bench-train train-memory ben
     bench-train)  images_ready; step $name 180 $PY -m fpt.bench.train_speed ${FPT_LEASE_TRAIN_ARGS:-$TRAIN_ARGS} ;;
     # the sweep under py-spy where it can sample (fpt.bench.gil): how long the runs in threads held the GIL, by part
     bench-sweep)  images_ready; step $name 300 $PY -m fpt.bench.gil --name train_speed-sweep -- \
-                    $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} ${FPT_LEASE_SWEEPS:+--sweeps $FPT_LEASE_SWEEPS} ;;
+                    $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} --sweeps ${FPT_LEASE_SWEEPS:-threads,sequential} ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
