@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -52,14 +53,27 @@ def lock_seconds(raw: str, rate: int) -> dict[str, float]:
     return {part: round(n / rate, 3) for part, n in samples.most_common()}
 
 
+def record(py_spy: str, command: list[str], raw: Path, rate: int, quiet: bool = False) -> int:
+    """``command`` run as a child of this process with py-spy attached to it, sampling the thread that holds the
+    lock into ``raw``; the command's exit status (py-spy's own is 0 whatever the command's, so it does not run
+    the command; the command's first ~0.1 s, before py-spy attaches, is not sampled)."""
+    out = subprocess.DEVNULL if quiet else None
+    child = subprocess.Popen(command)
+    time.sleep(0.1)                                     # the child's interpreter loaded, for py-spy to find
+    spy = subprocess.Popen([py_spy, "record", "--gil", "--nonblocking", "--rate", str(rate), "--format", "raw",
+                            "-o", str(raw), "--pid", str(child.pid)], stdout=out, stderr=out)
+    rc = child.wait()
+    spy.wait()
+    return rc
+
+
 def can_sample(py_spy: str) -> bool:
-    """Whether py-spy can sample a child process here (it needs ptrace permission)."""
+    """Whether py-spy can sample a child of this process here (it needs ptrace permission)."""
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.txt"
-        done = subprocess.run([py_spy, "record", "--gil", "--nonblocking", "--format", "raw", "-o", str(probe), "--",
-                               sys.executable, "-c", "import time\nfor _ in range(10**6): pass\ntime.sleep(0.5)"],
-                              capture_output=True, timeout=60)
-        return done.returncode == 0 and probe.exists()
+        record(py_spy, [sys.executable, "-c", "import time\nfor _ in range(10**7): pass\ntime.sleep(0.5)"], probe,
+               100, quiet=True)
+        return probe.exists() and probe.stat().st_size > 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     raw = RESULTS_DIR / f"gil-{args.name}.txt"
     if sampled:
-        rc = subprocess.run([py_spy, "record", "--gil", "--nonblocking", "--rate", str(args.rate), "--format", "raw",
-                             "-o", str(raw), "--", *command]).returncode
+        rc = record(py_spy, command, raw, args.rate)
     else:
         rc = subprocess.run(command).returncode
     seconds = lock_seconds(raw.read_text(), args.rate) if sampled and raw.exists() else None

@@ -52,8 +52,8 @@ def test_with_py_spy_a_busy_interpreter_is_sampled(tmp_path, monkeypatch):
     monkeypatch.setattr(gil, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     rc = gil.main(["--name", "busy", "--rate", "100", "--", sys.executable, "-c",
-                   "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+                   "import sys, time\nend = time.time() + 1.5\nwhile time.time() < end: pass\nsys.exit(3)"])
     result = json.loads((tmp_path / "gil-busy.json").read_text())
-    assert rc == 0 and result["sampled"] is True
+    assert rc == 3 and result["sampled"] is True                      # the command's status, not py-spy's
     assert 0.5 < result["lock_seconds"]["outside runs"] < 3
     assert (tmp_path / "gil-busy.txt").exists()
