@@ -33,14 +33,17 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   TRAIN_ARGS="--small --parts train,loop,graph,step"
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
+  FIRST_STEP_ARGS="--model vit_tiny_patch16_224 --res 128:2"
 else
   # what the fifth lease (2026-11-27, H200) left open: the 12-run sweep in threads (it failed there: forked
   # readers, then pooled CUDA streams shared between runs) against the runs one after another; the captured
   # step's memory with one copy of the batch (train-memory); fpt train again. Extraction (unchanged since lease
-  # 5) last, for the record. The plain forward is left out for time (lease 3 measured it on an H100).
+  # 5) last, for the record, after where a fresh process's first LPM step goes (first-step). The plain forward is
+  # left out for time (lease 3 measured it on an H100).
   GPU_ARGS="--cases lpm fpt_extract official_script --res 512:32 1024:8 --e2e 512:1024 1024:256 --codecs zstd-1 none --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,graph,loop"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
+  FIRST_STEP_ARGS="--res 512:32 1024:8"         # where lease 5's 1.8-2.2 s before the first batch went
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi
@@ -73,7 +76,7 @@ images_ready() {   # once, before the first step that reads them
 # First the CUDA tests (since lease 5: 12 runs in threads on streams of their own, a batch refilled in place,
 # no fork from a run's thread), then the tables; the kernel's tests (unchanged since they passed in lease 3) are
 # tests-kernel.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-sweep train-memory bench-train bench-gpu host-cost writer-start}; do
+for name in ${FPT_LEASE_STEPS:-tests-cuda bench-sweep train-memory bench-train first-step bench-gpu host-cost writer-start}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 260 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
@@ -84,6 +87,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-sweep train-memory bench-train b
                     $PY -m fpt.bench.train_speed --parts sweep ${DRY:+--small} --sweeps ${FPT_LEASE_SWEEPS:-threads,sequential} ;;
     train-memory) step $name 60 $PY -m fpt.train.memory ;;
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
+    first-step)   step $name 60 $PY -m fpt.bench.first_step $FIRST_STEP_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
     tests-cuda)   step $name 200 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
                     tests/test_memory.py tests/test_data.py tests/test_resume.py tests/test_sweep.py \

@@ -1,0 +1,100 @@
+"""Where a fresh process's first FrozenLPM step goes. On an H200 (lease 5) a whole ``fpt extract`` run waited
+1.8-2.2 s for it (``warm_up_s``) against a steady step of 24 ms: most of a 1,024-image run's start. Each first
+use is timed on its own, in the order extraction meets them, the device synchronised after each, then a second
+whole step for comparison.
+
+    python -m fpt.bench.first_step --res 512:32 1024:8
+
+One fresh Python process per res, since a process pays each first use once. Stages (seconds):
+``import`` torch, timm and fpt's extraction; ``context`` the device's first tensor; ``build`` the LPM built and
+moved to the device; ``patch_embed`` its convolution (on CUDA cuDNN's first use); ``block`` one transformer
+block (the fused attention's first use); ``first_step`` the whole first ``encode_batch`` after those (the
+importance kernel's first use and the rest); ``low_res_copy``; ``second_step`` the whole step again. Results:
+bench/results/first_step-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def first_uses(model: str, res: int, batch: int, device_name: str) -> dict:
+    """In this (fresh) process: the seconds of each stage (see the module docstring)."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    import torch
+
+    from fpt.extract.backbone import FrozenLPM, create_backbone
+    from fpt.extract.encode import encode_batch
+    from fpt.extract.images import low_res_copy
+    from fpt.extract.run import default_layers
+    seconds["import"] = time.perf_counter() - t0
+    device = torch.device(device_name)
+
+    def timed(stage: str, fn):
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[stage] = time.perf_counter() - start
+        return out
+
+    timed("context", lambda: torch.zeros(1, device=device))
+
+    def build() -> FrozenLPM:
+        net, info = create_backbone(model, res, random_init=True)
+        return FrozenLPM(net, default_layers(info.depth), 0.2, "global").to(device)
+
+    lpm = timed("build", build)
+    zeros = torch.zeros(batch, res, res, 3, dtype=torch.uint8, device=device)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    with torch.no_grad(), torch.autocast(device.type, dtype=half):
+        x = torch.zeros(batch, 3, res, res, device=device)
+        tokens = timed("patch_embed", lambda: lpm.model.patch_embed(x))
+        tokens = lpm.model._pos_embed(tokens)
+        timed("block", lambda: lpm.model.blocks[0](tokens))
+    timed("first_step", lambda: encode_batch(lpm, zeros, MEAN, STD))
+    timed("low_res_copy", lambda: low_res_copy(zeros, 128))
+    timed("second_step", lambda: encode_batch(lpm, zeros, MEAN, STD))
+    return {"model": model, "res": res, "batch": batch, "device": device_name,
+            **{f"{stage}_s": round(s, 3) for stage, s in seconds.items()}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--res", nargs="+", default=["512:32", "1024:8"], help="RES:BATCH, each in a fresh process")
+    p.add_argument("--device", default=None, help="default: cuda where there is one, else cpu")
+    p.add_argument("--one", help=argparse.SUPPRESS)               # RES:BATCH measured in this process
+    args = p.parse_args(argv)
+    if args.one:
+        res, batch = map(int, args.one.split(":"))
+        print(json.dumps(first_uses(args.model, res, batch, args.device)))
+        return
+    from fpt.bench.common import write_results
+
+    device = args.device or ("cuda" if _has_cuda() else "cpu")
+    rows = []
+    for spec in args.res:
+        done = subprocess.run([sys.executable, "-m", "fpt.bench.first_step", "--one", spec, "--model", args.model,
+                               "--device", device], capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"first_step at {spec} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    out = write_results(f"first_step-{device.split(':')[0]}", "fpt.bench.first_step", cases=rows)
+    print(f"wrote {out}")
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
