@@ -309,6 +309,32 @@ def test_runs_in_threads_share_the_splits_as_they_are_and_give_the_results_of_ea
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_twelve_runs_in_threads_at_once_finish_with_the_results_of_a_run_alone(store, tmp_path, device):
+    """The bench's sweep, small: 12 runs (3 lr x 2 weight decay x 2 seeds) as threads of this process at once
+    (on CUDA each on a stream of its own: more than torch's pool of 32 if each drew three; each reading its test
+    split from its thread: lease 5's two failures). All finish (on CUDA with their step captured), and a run's
+    results are those of its configuration alone."""
+    import torch
+
+    from fpt.config import train_config
+    from fpt.train import train
+    from fpt.train.sweep import execute, make_run
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    options = {**TINY, "epochs": 2, "device": device, "cache": "gpu" if device == "cuda" else "ram"}
+    cfg = sweep_config(store, lr="1e-3,2e-3,3e-3", weight_decay="0,0.05", seeds=2, runs_in="threads",
+                       out=tmp_path / "sweep", **options)
+    runs = [make_run(cfg, "grid", lr, wd, seed) for lr in cfg.lrs for wd in cfg.weight_decays for seed in (0, 1)]
+    results = execute(runs, "local:12", None, runs_in="threads")
+    assert len(results) == 12 and all(m.throughput.captured == (device == "cuda") for m in results.values())
+    last = runs[-1]
+    alone = train(train_config(store, None, out=tmp_path / "alone", lr=last.lr, weight_decay=last.weight_decay,
+                               seed=last.seed, **options))
+    assert results[last.name].val == pytest.approx(alone.val) and results[last.name].test == pytest.approx(alone.test)
+
+
 def test_a_run_in_a_thread_stops_with_its_sweep_and_resumes_to_the_uninterrupted_results(store, tmp_path):
     """A sweep that stops (a run failed, Ctrl-C) cannot cancel its runs in threads: each stops at its next step
     (RunStopped), writing last.pt; training that run again continues from it to the results of a run never
