@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fpt import FptError
-from fpt.train.files import (FORMAT_VERSION, CheckpointWriter, atomic_write, atomic_write_text, read_checkpoint,
-                             save_checkpoint)
+from fpt.train.files import (FORMAT_VERSION, CheckpointWriter, TensorCopies, atomic_write, atomic_write_text,
+                             copy_tensors, read_checkpoint, save_checkpoint)
 from fpt.train.memory import StepShape, make_step, step_batch
 from fpt.train.model import ModelSpec
 from fpt.train.step import (GRAPH_WARMUP, STREAMS_HELD, CompiledOrEager, TrainStep, pad_batch,
@@ -215,6 +215,35 @@ def test_streams_of_their_own_stay_apart_while_held_though_the_pool_goes_round()
     assert not STREAMS_HELD
     with stream_of_its_own(CPU, pool) as a, stream_of_its_own(CPU, pool) as b:
         assert a.stream_id != b.stream_id and len(STREAMS_HELD) == 2
+
+
+def test_tensor_copies_are_copy_tensors_refreshed_in_place_by_one_fused_copy(monkeypatch):
+    """A run's checkpoint copies after each epoch: the nesting and values of ``copy_tensors``, in the same
+    tensors from one refresh to the next (one ``torch._foreach_copy_``), untouched by training between
+    refreshes; new copies when the tensors change shape."""
+    step = make_step(SMALL, CPU, steps=STEPS)
+    step(step_batch(SMALL, SHAPE, CPU), step.side_input.draw(1, SHAPE.batch_size)[0])
+    state = lambda: {"model": step.model.state_dict(), "optimizer": step.optimizer.state_dict()}  # noqa: E731
+    copies = TensorCopies()
+    first = copies.refresh(state())
+    expected = copy_tensors(state())
+    assert first.keys() == expected.keys() and first["optimizer"].keys() == expected["optimizer"].keys()
+    assert all(torch.equal(a, b) for a, b in zip(copies.copies, [*expected["model"].values(), *(
+        t for s in expected["optimizer"]["state"].values() for t in s.values())]))
+    assert first["optimizer"]["param_groups"] == expected["optimizer"]["param_groups"]
+    step(step_batch(SMALL, SHAPE, CPU), step.side_input.draw(1, SHAPE.batch_size)[0])
+    assert all(torch.equal(first["model"][k], v) for k, v in expected["model"].items())   # a snapshot
+    fused, held = [], list(copies.copies)
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src, real=torch._foreach_copy_: fused.append(1)
+                        or real(dst, src))
+    second = copies.refresh(state())
+    assert len(fused) == 1 and all(a is b for a, b in zip(held, copies.copies))
+    assert all(second["model"][k] is first["model"][k] for k in first["model"])
+    assert all(torch.equal(second["model"][k], v) for k, v in step.model.state_dict().items())
+    assert not all(torch.equal(second["model"][k], v) for k, v in expected["model"].items())
+    w3 = copies.refresh({"w": torch.zeros(3)})["w"]
+    assert copies.refresh({"w": torch.ones(3)})["w"] is w3 and torch.equal(w3, torch.ones(3))
+    assert copies.refresh({"w": torch.zeros(4)})["w"].shape == (4,)
 
 
 def test_checkpoints_carry_a_format_version(tmp_path):

@@ -22,7 +22,7 @@ from fpt import FptError
 from fpt.config import TrainConfig, resolve_device
 from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
-from fpt.train.files import CheckpointWriter, atomic_write_text, copy_tensors, read_checkpoint
+from fpt.train.files import CheckpointWriter, TensorCopies, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import classification_metrics, pme, ppe
 from fpt.train.model import (LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts, seeded_model,
@@ -320,14 +320,18 @@ class RunCheckpoints:
         self.written = clock()
         self.best: dict | None = None               # best.pt's content, not yet written
         self.last: dict | None = None               # last.pt's content after the latest epoch, not yet written
+        # the device copies those hold, refreshed in place: a pending best.pt keeps its own until a new best
+        self.best_copies, self.last_copies = TensorCopies(), TensorCopies()
 
     def epoch_done(self, epoch: int) -> None:
         run, state = self.run, self.run.state
-        model = {"model": copy_tensors(run.model.state_dict()), "spec": run.spec.as_dict(),
-                 "store": store_identity(run.reader)}
+        model = {"spec": run.spec.as_dict(), "store": store_identity(run.reader)}
         if state.best.epoch == epoch:
-            self.best = {**model, "config": jsonable(asdict(run.cfg)), "epoch": epoch}
-        self.last = {**model, "optimizer": copy_tensors(run.step.optimizer.state_dict()),
+            self.best = {**model, "model": self.best_copies.refresh(run.model.state_dict()),
+                         "config": jsonable(asdict(run.cfg)), "epoch": epoch}
+        trained = self.last_copies.refresh({"model": run.model.state_dict(),
+                                            "optimizer": run.step.optimizer.state_dict()})
+        self.last = {**model, **trained,
                      "schedule": copy_tensors(run.step.schedule.state_dict()),
                      "rng": _rng_state(run.rng, run.side_input, run.dropout), "history": list(state.history),
                      "best": asdict(state.best), "samples": state.samples, "seconds": state.seconds,
