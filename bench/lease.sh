@@ -89,7 +89,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-sweep train-memory bench-train f
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     first-step)   step $name 60 $PY -m fpt.bench.first_step $FIRST_STEP_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
-    tests-cuda)   step $name 200 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
+    tests-cuda)   step $name 240 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
                     tests/test_memory.py tests/test_data.py tests/test_resume.py tests/test_sweep.py \
                     tests/test_pipeline.py tests/test_train.py tests/test_bench_reference.py tests/test_methods.py} \
                     -k "${FPT_LEASE_TESTS_K:-cuda or gpu or peak}" ;;
