@@ -8,9 +8,9 @@ whole step for comparison.
 One fresh Python process per res, since a process pays each first use once. Stages (seconds):
 ``import`` torch, timm and fpt's extraction; ``context`` the device's first tensor; ``build`` the LPM built and
 moved to the device; ``patch_embed`` its convolution (on CUDA cuDNN's first use); ``block`` a transformer block
-of the LPM's shape without its selection hooks (the fused attention's and the GEMMs' first use); ``first_step`` the whole first ``encode_batch`` after those (the
-importance kernel's first use and the rest); ``low_res_copy``; ``second_step`` the whole step again. Results:
-bench/results/first_step-<device>.json.
+of the LPM's shape without its selection hooks (the fused attention's and the GEMMs' first use); ``first_step``
+the whole first ``encode_batch`` after those (the importance kernel's first use and the rest); ``low_res_copy``;
+``second_step`` the whole step again. Results: bench/results/first_step-<device>.json.
 """
 from __future__ import annotations
 
