@@ -71,7 +71,6 @@ def test_host_and_device_times_hold_the_gpu_before_the_timed_work(monkeypatch):
     assert device == 0.25 and 0 <= host < 0.1
 
 
-
 def test_the_official_loaders_batches_train_fpts_step(tmp_path):
     """The benches' official-style training feeds fpt's own step (``AlreadyAugmented``: its images come out of
     the loader augmented and normalised): the step takes them and trains."""

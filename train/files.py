@@ -85,13 +85,8 @@ def read_checkpoint(path: Path, kind: str, what: str = "--checkpoint") -> dict[s
 def copy_tensors(obj: Any, device: torch.device | str | None = None) -> Any:
     """A copy of ``obj`` (nested dicts/lists of tensors and plain values) with every tensor detached and copied
     to ``device`` (default: where it is; a copy on a GPU does not wait for the GPU)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(obj.device if device is None else device, copy=True)
-    if isinstance(obj, dict):
-        return {k: copy_tensors(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_tensors(v, device) for v in obj)
-    return obj
+    return _with_tensors(obj, (t.detach().to(t.device if device is None else device, copy=True)
+                               for t in _tensors(obj)))
 
 
 class TensorCopies:

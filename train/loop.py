@@ -325,13 +325,13 @@ class RunCheckpoints:
 
     def epoch_done(self, epoch: int) -> None:
         run, state = self.run, self.run.state
-        model = {"spec": run.spec.as_dict(), "store": store_identity(run.reader)}
+        identity = {"spec": run.spec.as_dict(), "store": store_identity(run.reader)}
         if state.best.epoch == epoch:
-            self.best = {**model, "model": self.best_copies.refresh(run.model.state_dict()),
+            self.best = {**identity, "model": self.best_copies.refresh(run.model.state_dict()),
                          "config": jsonable(asdict(run.cfg)), "epoch": epoch}
         trained = self.last_copies.refresh({"model": run.model.state_dict(),
                                             "optimizer": run.step.optimizer.state_dict()})
-        self.last = {**model, **trained,
+        self.last = {**identity, **trained,
                      "schedule": copy_tensors(run.step.schedule.state_dict()),
                      "rng": _rng_state(run.rng, run.side_input, run.dropout), "history": list(state.history),
                      "best": asdict(state.best), "samples": state.samples, "seconds": state.seconds,

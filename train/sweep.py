@@ -92,7 +92,7 @@ def finished_metrics(run: Run) -> RunMetrics | None:
 
 @dataclass
 class ThreadSweep:
-    """What a sweep running its runs in threads of this process shares with them: its stop signal and the process
+    """What a sweep running its runs in threads of this process shares with them: its stop signal and the helper
     processes that draw their pictures (``PicturePool``; None: each run draws its own)."""
     stop: threading.Event
     pictures: PicturePool | None = None
