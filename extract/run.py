@@ -266,37 +266,39 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     total, skipped = len(refs), []
     # the device current while the loop runs: its streams are the ones the copies and events follow (cuda:1 too)
     with (torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
-          intra_op_threads(1 if device.type == "cuda" else None),
-          ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
-                          writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
-                          clock=clock, shards=len(shards),
-                          filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool):
-        filling: dict[int, ShardBuffer] = {}                # shards with rows still to come, in store order
-        decoded = iter(loader)                              # the decode workers start on the first batches
-        if warms_up(device, workers) and lpm not in _WARMED_UP:
-            began = waits.now()
-            warm_up(lpm, cfg, batch_size, device)
-            waits.warm_up = waits.now() - began
-        lead = DeviceLead(waits, (lambda: torch.cuda.Event(blocking=True)) if device.type == "cuda" else None)
-        for batch, (high, errors) in zip(batches, waits.batches(decoded)):
-            high = high.to(device, non_blocking=True)                           # [B, res, res, C]
-            out = {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
-                   "images": low_res_copy(high, cfg.image_res)}
-            start = 0
-            for part in batch:                          # the batch's rows of each shard it covers
-                if part.shard not in filling:
-                    filling[part.shard] = pool.buffer(part.shard)
-                shard, end = filling[part.shard], start + len(part.indices)
-                for pos, message in errors.items():
-                    if start <= pos < end:
-                        index = part.indices[pos - start]
-                        skipped.append((index, source.samples[index].id, message))
-                        shard.excluded.append(index)
-                shard.add(part.indices, {name: t[start:end] for name, t in out.items()})
-                if part.last_of_shard:
-                    pool.submit(filling.pop(part.shard))
-                start = end
-            lead.issued()
+          intra_op_threads(1 if device.type == "cuda" else None)):
+        # the decode workers fork (and start on the first batches) before any writer process starts: a fork while
+        # one starts would leave a dead fork server unnoticed (see ShardWriterPool)
+        decoded = iter(loader)
+        with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
+                             writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
+                             clock=clock, shards=len(shards),
+                             filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool:
+            filling: dict[int, ShardBuffer] = {}            # shards with rows still to come, in store order
+            if warms_up(device, workers) and lpm not in _WARMED_UP:
+                began = waits.now()
+                warm_up(lpm, cfg, batch_size, device)
+                waits.warm_up = waits.now() - began
+            lead = DeviceLead(waits, (lambda: torch.cuda.Event(blocking=True)) if device.type == "cuda" else None)
+            for batch, (high, errors) in zip(batches, waits.batches(decoded)):
+                high = high.to(device, non_blocking=True)                           # [B, res, res, C]
+                out = {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
+                       "images": low_res_copy(high, cfg.image_res)}
+                start = 0
+                for part in batch:                          # the batch's rows of each shard it covers
+                    if part.shard not in filling:
+                        filling[part.shard] = pool.buffer(part.shard)
+                    shard, end = filling[part.shard], start + len(part.indices)
+                    for pos, message in errors.items():
+                        if start <= pos < end:
+                            index = part.indices[pos - start]
+                            skipped.append((index, source.samples[index].id, message))
+                            shard.excluded.append(index)
+                    shard.add(part.indices, {name: t[start:end] for name, t in out.items()})
+                    if part.last_of_shard:
+                        pool.submit(filling.pop(part.shard))
+                    start = end
+                lead.issued()
     return pool.written, skipped
 
 

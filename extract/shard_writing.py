@@ -8,6 +8,7 @@ import threading
 import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterable, Iterator
@@ -151,7 +152,10 @@ class ShardWriterPool:
     shard in one of them, so the device's copies land where the writer process reads (on CUDA the files are
     page-locked for that; where the driver refuses, shards get buffers of their own and are copied into a file at
     the hand-over, as with threads); otherwise the threads write in this process. ``pinned``: buffers in
-    page-locked memory (CUDA)."""
+    page-locked memory (CUDA). A writer process that dies (killed, or the fork server it comes from, e.g. on an
+    unguarded script) fails the run with an FptError, never a wait: for that, fork this process's other helpers
+    (the DataLoader's workers) before the pool starts its processes, since a fork while one starts holds a copy of
+    the fork server's pipe, whose end then never comes."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
                  processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False,
@@ -253,8 +257,14 @@ class ShardWriterPool:
         return len(shard.rows)
 
     def _write_in_process(self, shard: ShardBuffer, path: str, spec: Spec) -> None:
-        self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
-                              shard.excluded).result()
+        try:
+            self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
+                                  shard.excluded).result()
+        except (BrokenProcessPool, EOFError, ConnectionError) as e:   # a writer, or their fork server, died
+            raise FptError(f"a writer process ended before shard {shard.shard} was written ({type(e).__name__}: "
+                           f"{e}); the shards written before it are kept: re-run the same command to resume. From "
+                           "a script of your own, call fpt under `if __name__ == \"__main__\":` (the writer "
+                           "processes import the script's main module, as multiprocessing's do)") from None
 
     def _finish(self, future: Future, shard: ShardBuffer) -> None:
         """Wait for a submitted shard: for its copies from the device (``waits.device``: a run whose GPU is the

@@ -889,6 +889,50 @@ def test_writer_processes_do_not_each_import_the_programs_main_module(tmp_path, 
     assert len(imports.read_text().split()) == 2
 
 
+def test_a_script_that_calls_fpt_unguarded_fails_with_one_clear_error_not_a_wait(tmp_path, image_folder):
+    """A script that calls ``extract`` at its top level, not under ``if __name__ == "__main__":``, has it run
+    again by the writer processes' fork server, which then dies. That must end the run with an FptError that says
+    what to do: a DataLoader worker forked while a writer process was starting kept the fork server's pipe open,
+    and the run then waited forever (seen once in two runs of 4 workers and 4 writers before the fix)."""
+    out = tmp_path / "s.zarr"
+    program = tmp_path / "program.py"
+    program.write_text(textwrap.dedent(f"""
+        from fpt.config import extract_config
+        from fpt.extract import extract
+        extract(extract_config(None, {str(image_folder)!r}, out={str(out)!r}, backbone="vit_tiny_patch16_224",
+                               random_init=True, res=32, image_res=16, batch_size=4, device="cpu",
+                               samples_per_shard=4, writers="processes", write_threads=3, workers=3))
+    """))
+    done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=240,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fpt.FptError: a writer process ended before shard") and "__main__" in last, last
+
+
+def test_the_decode_workers_fork_before_the_writer_processes_start(tmp_path, image_folder, monkeypatch):
+    """The order that keeps a dead fork server from going unnoticed (see ``ShardWriterPool``): the DataLoader's
+    workers are forked before the writer pool starts any process."""
+    from fpt.extract import run
+
+    order = []
+
+    class Loader(run.DataLoader):
+        def __iter__(self):
+            order.append("decode workers")
+            return super().__iter__()
+
+    class Pool(run.ShardWriterPool):
+        def __init__(self, *args, **kwargs):
+            order.append("writer pool")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(run, "DataLoader", Loader)
+    monkeypatch.setattr(run, "ShardWriterPool", Pool)
+    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=1))
+    assert order == ["decode workers", "writer pool"]
+
+
 def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothing(tmp_path, image_folder,
                                                                                     monkeypatch):
     """On CUDA the loop runs the LPM once on zeros while the decode workers start (``warms_up``): forced here on
