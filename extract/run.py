@@ -171,6 +171,11 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 raise FptError(f"writing to {cfg.out} failed ({type(e).__name__}: {e}); the finished shards are "
                                "kept: re-run the same command to resume") from None
             raise
+        except RuntimeError as e:     # torch says that a DataLoader worker died only in words
+            if "DataLoader worker" not in str(e):
+                raise
+            raise FptError(f"a decode worker died ({e}); the finished shards are kept: re-run the same command to "
+                           "resume (with fewer --workers if the host ran out of memory)") from None
         seconds = time.perf_counter() - start
         result = ExtractResult(str(cfg.out), len(samples), written, seconds,
                                written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),

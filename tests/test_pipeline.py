@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -908,6 +909,36 @@ def test_a_script_that_calls_fpt_unguarded_fails_with_one_clear_error_not_a_wait
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("fpt.FptError: a writer process ended before shard") and "__main__" in last, last
+
+
+def test_a_decode_worker_killed_mid_run_is_one_clear_error_and_the_finished_shards_stay(tmp_path, image_folder,
+                                                                                       monkeypatch):
+    """A decode worker killed mid-run (the kernel's OOM killer, say) ends the run with an FptError, not torch's
+    RuntimeError and traceback, and the shards finished before it stay done, so a re-run resumes."""
+    import signal
+
+    from fpt import FptError
+    from fpt.extract import run
+
+    real, out = run.DecodedImages.__getitem__, tmp_path / "s.zarr"
+
+    def killed_once_a_shard_is_done(self, i):
+        if i == 12 and torch.utils.data.get_worker_info() is not None:
+            for _ in range(600):
+                if StoreReader(out).done().any():
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, i)
+
+    monkeypatch.setattr(run.DecodedImages, "__getitem__", killed_once_a_shard_is_done)
+    with pytest.raises(FptError, match="a decode worker died .*killed by signal.*re-run the same command"):
+        extract(micro_config(image_folder, out, workers=1, batch_size=4))
+    done = StoreReader(out).done()
+    assert 0 < done.sum() < len(done)
+    monkeypatch.setattr(run.DecodedImages, "__getitem__", real)
+    extract(micro_config(image_folder, out, workers=1, batch_size=4))
+    assert StoreReader(out).done().all()
 
 
 def test_the_decode_workers_fork_before_the_writer_processes_start(tmp_path, image_folder, monkeypatch):
