@@ -15,3 +15,9 @@ class FptError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def helper_process_died(error: BaseException) -> bool:
+    """Whether ``error`` is torch's report that a DataLoader worker process died (killed, say by the kernel's
+    out-of-memory killer), which it raises as a RuntimeError, wherever the main thread is, and says only in words."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)

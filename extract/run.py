@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fpt import FptError
+from fpt import FptError, helper_process_died
 from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
@@ -171,8 +171,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 raise FptError(f"writing to {cfg.out} failed ({type(e).__name__}: {e}); the finished shards are "
                                "kept: re-run the same command to resume") from None
             raise
-        except RuntimeError as e:     # torch says that a DataLoader worker died only in words
-            if "DataLoader worker" not in str(e):
+        except RuntimeError as e:
+            if not helper_process_died(e):
                 raise
             raise FptError(f"a decode worker died ({e}); the finished shards are kept: re-run the same command to "
                            "resume (with fewer --workers if the host ran out of memory)") from None

@@ -1,5 +1,7 @@
 """The fast data path: in-memory vs streamed splits give the same samples, whole-shard reads, the cache
 decision, and the batched augmentation against torchvision's per-image operations."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,33 @@ def test_cache_modes_train_to_the_same_evaluation(store, tmp_path):
     assert m.data["cache"]["mode"] == "none"
     assert evaluate_checkpoint(store, tmp_path / "r" / "best.pt", "test", device="cpu").metrics["auc"] == m.test["auc"]
     assert train(train_config(store, None, out=tmp_path / "q", cache="ram", **cfg)).data["cache"]["mode"] == "ram"
+
+
+def test_a_store_reader_killed_mid_run_is_one_clear_error_and_the_run_resumes(store, tmp_path, monkeypatch):
+    """A streaming reader process killed in the second epoch (the OOM killer, say) ends the run with an FptError
+    that says how to continue (not torch's RuntimeError); the same call then resumes and finishes the run."""
+    import os
+    import signal
+
+    from fpt.train import data
+
+    out, real = tmp_path / "r", data._WindowReads.__getitem__
+
+    def killed_in_the_second_epoch(self, i):
+        log = out / "log.jsonl"                 # its first line: the first epoch is done
+        if torch.utils.data.get_worker_info() is not None and log.exists() and log.stat().st_size:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, i)
+
+    monkeypatch.setattr(data._WindowReads, "__getitem__", killed_in_the_second_epoch)
+    cfg = train_config(store, None, out=out, cache="none", workers=1, side_res=16, epochs=3, batch_size=4,
+                       prompts=3, device="cpu", checkpoint_seconds=0)
+    with pytest.raises(FptError, match=rf"a store reader died \(DataLoader worker .*--resume {out}"):
+        train(cfg)
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(data._WindowReads, "__getitem__", real)
+    train(cfg)
+    assert [r["epoch"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())] == [0, 1, 2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

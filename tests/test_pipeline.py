@@ -932,7 +932,7 @@ def test_a_decode_worker_killed_mid_run_is_one_clear_error_and_the_finished_shar
         return real(self, i)
 
     monkeypatch.setattr(run.DecodedImages, "__getitem__", killed_once_a_shard_is_done)
-    with pytest.raises(FptError, match="a decode worker died .*killed by signal.*re-run the same command"):
+    with pytest.raises(FptError, match=r"a decode worker died \(DataLoader worker .*re-run the same command"):
         extract(micro_config(image_folder, out, workers=1, batch_size=4))
     done = StoreReader(out).done()
     assert 0 < done.sum() < len(done)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fpt import FptError
+from fpt import FptError, helper_process_died
 from fpt.config import TrainConfig, resolve_device
 from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
@@ -185,6 +185,11 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     run = set_up(cfg, shared)
     try:
         return _train(run, on_epoch, on_start, on_batch, pictures)
+    except RuntimeError as e:
+        if not helper_process_died(e):
+            raise
+        raise FptError(f"a store reader died ({e}); the run is kept up to its last whole epoch: continue it with "
+                       f"--resume {run.out} (with fewer --workers if the host ran out of memory)") from None
     finally:
         run.step.release()                          # its CUDA graphs, now (see TrainStep.release)
 
