@@ -213,6 +213,7 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                       round(getattr(result, f"first_{what}_seconds"), 2) for what in ("batch", "copied", "shard")},
                    "last_shard_s": result.last_shard_seconds and round(result.last_shard_seconds, 2),   # then stopping
                    "warm_up_s": result.warm_up_seconds and round(result.warm_up_seconds, 2),
+                   "moments_s": {name: round(t, 3) for name, t in result.moments_seconds.items()},
                    "waited_for_decoding_s": round(result.waited_for_decoding_s, 2),
                    "waited_for_device_s": round(result.waited_for_device_s, 2),
                    "waited_for_writers_s": round(result.waited_for_writers_s, 2),
@@ -352,6 +353,8 @@ def print_table(rows: list[dict], device: str) -> None:
             note += f"; first step {r['first_step_s']} s"
         if r.get("warm_up_s"):
             note += f"; warm-up step {r['warm_up_s']} s"
+        if r.get("moments_s"):
+            note += "; " + ", ".join(f"{name.replace('_', ' ')} {t} s" for name, t in r["moments_s"].items())
         case = r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")
         table.add_row(case, str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
                       str(r.get("peak_mb", "-")), ratios, note)

@@ -13,7 +13,7 @@ import warnings
 import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from typing import Callable, Iterator
 
@@ -63,6 +63,10 @@ class ExtractResult:
     waited_for_writers_s: float | None = None
     # the LPM's first step on zeros while the decode workers start (``warm_up``: CUDA with workers; else None)
     warm_up_seconds: float | None = None
+    # when each stage of the start and of the end was over, from the start (``LoopWaits.mark``): the decode workers
+    # forked, the writer pool started, the loop done, the shards written, the writer processes stopped, the writers
+    # done (hand-over files closed); empty on dask
+    moments_seconds: dict[str, float] = field(default_factory=dict)
 
     def limit(self) -> tuple[str, float] | None:
         """What limited the run most, with its share of the run: ``decoding`` or ``writing`` (the loop waited for
@@ -185,6 +189,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                                first_copied_seconds=clock.first_copied_seconds(start),
                                first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
                                warm_up_seconds=waits.warm_up,
+                               moments_seconds={name: t - start for name, t in waits.moments.items()},
                                **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
                                    "waited_for_writers_s": waits.writing} if scheduler is None else {}))
         if skipped:
@@ -275,10 +280,12 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         # the decode workers fork (and start on the first batches) before any writer process starts: a fork while
         # one starts would leave a dead fork server unnoticed (see ShardWriterPool)
         decoded = iter(loader)
+        waits.mark("decode_workers_forked")
         with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
                              writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
                              clock=clock, shards=len(shards),
                              filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool:
+            waits.mark("writer_pool_started")
             filling: dict[int, ShardBuffer] = {}            # shards with rows still to come, in store order
             if warms_up(device, workers) and lpm not in _WARMED_UP:
                 began = waits.now()
@@ -304,6 +311,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                         pool.submit(filling.pop(part.shard))
                     start = end
                 lead.issued()
+            waits.mark("loop_done")                     # the decode workers have stopped too
+        waits.mark("writers_done")
     return pool.written, skipped
 
 

@@ -286,12 +286,14 @@ class ShardWriterPool:
                     self._finish(future, shard)
                 else:
                     future.exception()
+            self.waits.mark("shards_written")
         finally:
             self.executor.shutdown(wait=True)
             if self.processes is not None:
                 self._starter.join()
                 try:
                     self.processes.shutdown(wait=True)
+                    self.waits.mark("writer_processes_stopped")
                 finally:
                     self._close_slots(failing=exc_type is not None)
 

@@ -22,6 +22,11 @@ class LoopWaits:
         self.now, self.decoding, self.device, self.writing = now, 0.0, 0.0, 0.0
         self.first_batch: float | None = None          # when the first item arrived (``now``'s clock)
         self.warm_up: float | None = None              # seconds of the LPM's warm-up step, where there was one
+        self.moments: dict[str, float] = {}            # when the run's start and end stages ended (``mark``)
+
+    def mark(self, moment: str) -> None:
+        """Record that ``moment`` (a stage of the run's start or end, e.g. ``decode_workers_forked``) is now."""
+        self.moments[moment] = self.now()
 
     def batches(self, loader) -> Iterator:
         """``loader``'s items (a loader or its iterator, already started), the wait for each (and for the end)

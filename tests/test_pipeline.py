@@ -608,6 +608,19 @@ def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tm
         np.testing.assert_array_equal(read[name], np.concatenate([c[name], b[name]]), err_msg=name)
 
 
+def test_the_runs_start_and_end_stages_are_timed_in_order(tmp_path, image_folder):
+    """``moments_seconds``: when each stage of the start and of the end was over, in the order they happen, within
+    the run, the end's after the last written shard (writer processes, as on CUDA, to have all of them)."""
+    result = extract(micro_config(image_folder, tmp_path / "s.zarr", workers=1, writers="processes",
+                                  write_threads=2))
+    moments = result.moments_seconds
+    assert list(moments) == ["decode_workers_forked", "writer_pool_started", "loop_done", "shards_written",
+                             "writer_processes_stopped", "writers_done"]
+    assert 0 < moments["decode_workers_forked"] < result.first_batch_seconds
+    assert list(moments.values()) == sorted(moments.values()) and moments["writers_done"] <= result.seconds
+    assert moments["shards_written"] >= result.last_shard_seconds
+
+
 def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_folder):
     result = extract(micro_config(image_folder, tmp_path / "s.zarr", samples_per_shard=2))
     run = StoreReader(tmp_path / "s.zarr").attrs["last_run"]
