@@ -311,7 +311,10 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                         pool.submit(filling.pop(part.shard))
                     start = end
                 lead.issued()
-            waits.mark("loop_done")                     # the decode workers have stopped too
+            # the iterator's end stops the decode workers: now, while the last shards are written, rather than when
+            # it is dropped after them (16 workers: ~0.14 s of the dev box's CPU run, on the run's critical path)
+            next(decoded, None)
+            waits.mark("loop_done")
         waits.mark("writers_done")
     return pool.written, skipped
 

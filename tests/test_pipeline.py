@@ -608,6 +608,29 @@ def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tm
         np.testing.assert_array_equal(read[name], np.concatenate([c[name], b[name]]), err_msg=name)
 
 
+def test_the_decode_workers_stop_before_the_loop_waits_for_the_last_shards(tmp_path, image_folder, monkeypatch):
+    """Once the last batch is in, the decode workers are stopped at once, so that their exit overlaps the last
+    shards' writes (it came after them, when the loader's iterator was dropped: ~0.1 s of a run's end)."""
+    from fpt.extract import run
+
+    iterators, alive = [], []
+
+    class Loader(run.DataLoader):
+        def __iter__(self):
+            iterators.append(super().__iter__())
+            return iterators[-1]
+
+    class Pool(run.ShardWriterPool):
+        def __exit__(self, *exc):
+            alive.append(any(w.is_alive() for w in iterators[0]._workers))     # torch's worker processes
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(run, "DataLoader", Loader)
+    monkeypatch.setattr(run, "ShardWriterPool", Pool)
+    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2))
+    assert alive == [False]
+
+
 def test_the_runs_start_and_end_stages_are_timed_in_order(tmp_path, image_folder):
     """``moments_seconds``: when each stage of the start and of the end was over, in the order they happen, within
     the run, the end's after the last written shard (writer processes, as on CUDA, to have all of them)."""
