@@ -37,9 +37,10 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
 else
   # what the fifth lease (2026-11-27, H200) left open: the 12-run sweep in threads (it failed there: forked
   # readers, then pooled CUDA streams shared between runs) against the runs one after another; the captured
-  # step's memory with one copy of the batch (train-memory); fpt train again. Extraction (unchanged since lease
-  # 5) last, for the record, after where a fresh process's first LPM step goes (first-step). The plain forward is
-  # left out for time (lease 3 measured it on an H100).
+  # step's memory with one copy of the batch (train-memory); fpt train again. Extraction last, after where a
+  # fresh process's first LPM step goes (first-step): its rows now time each stage of a run's start and end
+  # (moments_s), and the decode workers stop at the last batch. The plain forward is left out for time (lease 3
+  # measured it on an H100).
   GPU_ARGS="--cases lpm fpt_extract official_script --res 512:32 1024:8 --e2e 512:1024 1024:256 --codecs zstd-1 none --timeout 120 --no-train"
   TRAIN_ARGS="--parts train,graph,loop"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
