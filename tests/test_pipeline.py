@@ -608,29 +608,6 @@ def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tm
         np.testing.assert_array_equal(read[name], np.concatenate([c[name], b[name]]), err_msg=name)
 
 
-def test_the_decode_workers_stop_before_the_loop_waits_for_the_last_shards(tmp_path, image_folder, monkeypatch):
-    """Once the last batch is in, the decode workers are stopped at once, so that their exit overlaps the last
-    shards' writes (it came after them, when the loader's iterator was dropped: ~0.1 s of a run's end)."""
-    from fpt.extract import run
-
-    iterators, alive = [], []
-
-    class Loader(run.DataLoader):
-        def __iter__(self):
-            iterators.append(super().__iter__())
-            return iterators[-1]
-
-    class Pool(run.ShardWriterPool):
-        def __exit__(self, *exc):
-            alive.append(any(w.is_alive() for w in iterators[0]._workers))     # torch's worker processes
-            return super().__exit__(*exc)
-
-    monkeypatch.setattr(run, "DataLoader", Loader)
-    monkeypatch.setattr(run, "ShardWriterPool", Pool)
-    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2))
-    assert alive == [False]
-
-
 def test_the_runs_start_and_end_stages_are_timed_in_order(tmp_path, image_folder):
     """``moments_seconds``: when each stage of the start and of the end was over, in the order they happen, within
     the run, the end's after the last written shard (writer processes, as on CUDA, to have all of them)."""
@@ -977,27 +954,36 @@ def test_a_decode_worker_killed_mid_run_is_one_clear_error_and_the_finished_shar
     assert StoreReader(out).done().all()
 
 
-def test_the_decode_workers_fork_before_the_writer_processes_start(tmp_path, image_folder, monkeypatch):
-    """The order that keeps a dead fork server from going unnoticed (see ``ShardWriterPool``): the DataLoader's
-    workers are forked before the writer pool starts any process."""
+def test_the_decode_workers_fork_before_the_writer_pool_starts_and_stop_before_it_ends(tmp_path, image_folder,
+                                                                                       monkeypatch):
+    """The decode workers' life against the writer pool's. They fork before the pool starts any process, which
+    keeps a dead fork server from going unnoticed (see ``ShardWriterPool``). They stop once the last batch is in,
+    before the pool waits for the last shards, so that their exit overlaps those writes (it came after them, when
+    the loader's iterator was dropped: ~0.1 s of a run's end)."""
     from fpt.extract import run
 
-    order = []
+    events, iterators = [], []
 
     class Loader(run.DataLoader):
         def __iter__(self):
-            order.append("decode workers")
-            return super().__iter__()
+            events.append("decode workers")
+            iterators.append(super().__iter__())
+            return iterators[-1]
 
     class Pool(run.ShardWriterPool):
         def __init__(self, *args, **kwargs):
-            order.append("writer pool")
+            events.append("writer pool")
             super().__init__(*args, **kwargs)
+
+        def __exit__(self, *exc):
+            alive = any(w.is_alive() for w in iterators[0]._workers)         # torch's worker processes
+            events.append(f"pool exit, decode workers {'alive' if alive else 'gone'}")
+            return super().__exit__(*exc)
 
     monkeypatch.setattr(run, "DataLoader", Loader)
     monkeypatch.setattr(run, "ShardWriterPool", Pool)
-    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=1))
-    assert order == ["decode workers", "writer pool"]
+    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2))
+    assert events == ["decode workers", "writer pool", "pool exit, decode workers gone"]
 
 
 def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothing(tmp_path, image_folder,
