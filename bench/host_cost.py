@@ -12,7 +12,9 @@ low-res images that ``main_copy_ms`` timed until 2026-11-27 is gone: that copy i
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 none --cores 16
 
 The model's output is computed once per res (random init, 2 demo images tiled to a shard); the write is timed on a
-fresh store per codec, median of ``--reps``. One torch/zarr process, so the CPU time includes zarr's codec threads.
+fresh store per codec, median of ``--reps``, in a process started as the writer processes are (their malloc
+setting included; ``--fresh-memory``: without it, the A/B of that setting), so the CPU time includes zarr's codec
+threads.
 Results: bench/results/host_cost-<model>.json.
 """
 from __future__ import annotations
@@ -80,9 +82,27 @@ def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
         slots.close()
 
 
-def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> tuple[float, float]:
-    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``, and
-    the bytes per image its sample arrays take on disk (chunks, shard indices, checksums)."""
+def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int,
+             reuse_memory: bool = True) -> tuple[float, float, float]:
+    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``, the
+    bytes per image its sample arrays take on disk (chunks, shard indices, checksums) and the page faults per
+    image of the writing process (minor: fresh memory touched, medians of ``reps``), in a process started
+    as ``fpt extract``'s writer processes are (``reuse_memory``: with their malloc setting,
+    ``fpt.store.shared.reuse_freed_memory``; without it, as before 2026-11-27)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fpt.forkserver import fork_server_context, starting
+    from fpt.store.shared import reuse_freed_memory
+
+    context = fork_server_context([__name__])
+    with starting(), ProcessPoolExecutor(1, mp_context=context,
+                                         initializer=reuse_freed_memory if reuse_memory else None) as process:
+        return process.submit(_write_ms, shard, codec, shards, reps).result()
+
+
+def _write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> tuple[float, float, float]:
+    import resource
+
     from fpt.store import Geometry, StoreWriter
 
     per, layers, heads, k, head_dim = shard["keys"].shape
@@ -93,18 +113,19 @@ def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -
              "normalization": {}}
     n = geometry.n_samples
     ids = np.array([f"s{i}" for i in range(n)], dtype=object)
-    times = []
+    times, faults = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(reps):
             writer = StoreWriter.open(Path(tmp) / "s.zarr", geometry, attrs, ids=ids, labels=np.zeros(n, int),
                                       split=np.zeros(n, int), overwrite=True, codec=codec)
-            start = time.process_time()
+            start, faulted = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for s in range(shards):
                 writer.write_shard(s, shard)
             times.append((time.process_time() - start) / n)
+            faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted) / n)
         disk = sum(f.stat().st_size for name in shard for f in (Path(tmp) / "s.zarr" / name).rglob("*")
                    if f.is_file() and f.name != "zarr.json")
-    return statistics.median(times) * 1000, disk / n
+    return statistics.median(times) * 1000, disk / n, statistics.median(faults)
 
 
 def official_bytes(shard: dict[str, np.ndarray]) -> int:
@@ -123,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cores", type=int, default=16, help="the host to size for (the H100 machine has 16)")
     p.add_argument("--shards", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--fresh-memory", action="store_true",
+                   help="time the writes without the writer processes' malloc setting (as before 2026-11-27)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -131,17 +154,19 @@ def main(argv: list[str] | None = None) -> None:
         shard = lpm_shard(args.model, res, args.image_res)
         handover, handover_fresh = handover_ms(shard, max(args.reps, 5))
         for codec in args.codecs:
-            write, disk = write_ms(shard, codec, args.shards, args.reps)
+            write, disk, faults = write_ms(shard, codec, args.shards, args.reps, reuse_memory=not args.fresh_memory)
             rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
                          "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
                          "samples_per_shard": len(shard["keys"]), "handover_ms": round(handover, 2),
                          "handover_fresh_ms": round(handover_fresh, 2),
-                         "write_ms": round(write, 1), "disk_mb_per_image": round(disk / 1e6, 3),
+                         "writer_memory": "fresh" if args.fresh_memory else "reused", "write_ms": round(write, 1),
+                         "write_page_faults": round(faults), "disk_mb_per_image": round(disk / 1e6, 3),
                          "disk_vs_official": round(disk / official_bytes(shard), 3), "cores": args.cores,
                          "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + write)),
                          "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + write))})
             print(rows[-1], flush=True)
-    out = write_results(f"host_cost-{args.model}", "fpt.bench.host_cost", model=args.model, rows=rows,
+    name = f"host_cost-{args.model}" + ("-fresh-memory" if args.fresh_memory else "")
+    out = write_results(name, "fpt.bench.host_cost", model=args.model, rows=rows,
                         command=command_line("fpt.bench.host_cost"))
     print(f"wrote {out}")
 

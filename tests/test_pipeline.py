@@ -1,6 +1,7 @@
 """The pipelined extraction loop: batches per shard, shard buffers, concurrent shard writers (threads and
 writer processes)."""
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -577,6 +578,45 @@ def test_a_writer_process_starts_with_the_store_open(tmp_path):
     shared.start_writer(str(tmp_path / "missing.zarr"))            # no error here
     assert shared._writer.cache_info().currsize == 1
     shared._writer.cache_clear()
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_a_writer_process_reuses_the_memory_it_frees_instead_of_faulting_in_fresh_pages(tmp_path):
+    """After ``start_writer``, the buffers that encoding shard after shard makes and frees (zstd-1: Blosc's
+    output, numcodecs' and zarr's copies of it) reuse the same memory, whose pages fault in once, not shard after
+    shard. Counted in a process of its own, since the setting is the process's: shards of ViT-B's size at 512."""
+    program = textwrap.dedent(f"""
+        import resource, sys
+        import numpy as np
+        from fpt.store import Geometry, StoreWriter
+        from fpt.store.shared import start_writer
+        if sys.argv[1] == "writer":
+            start_writer({str(tmp_path / "missing.zarr")!r})
+        g = Geometry(n_samples=96, layers=6, heads=12, k=205, head_dim=64, embed_dim=8, image_res=4,
+                     samples_per_shard=16)
+        rng = np.random.default_rng(0)
+        kv = rng.standard_normal((16, 6, 12, 205, 64)).astype(np.float16)
+        shard = {{"keys": kv, "values": kv[::-1].copy(), "indices": np.zeros((16, 6, 12, 205), np.int32),
+                  "cls": np.zeros((16, 8), np.float16), "images": np.zeros((16, 4, 4, 3), np.uint8)}}
+        attrs = {{"backbone": {{"name": "x"}}, "extraction": {{}}, "dataset": {{"name": "t", "classes": ["a", "b"]}},
+                  "normalization": {{}}}}
+        writer = StoreWriter.open({str(tmp_path)!r} + "/" + sys.argv[1] + ".zarr", g, attrs,
+                                  ids=np.array([f"s{{i}}" for i in range(96)], dtype=object),
+                                  labels=np.zeros(96, int), split=np.zeros(96, int), codec="zstd-1")
+        writer.write_shard(0, shard)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for s in range(1, 6):
+            writer.write_shard(s, shard)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    faults = {}
+    for kind in ("plain", "writer"):
+        done = subprocess.run([sys.executable, "-c", program, kind], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[kind] = int(done.stdout.split()[-1])
+    chunk_pages = 16 * 6 * 12 * 205 * 64 * 2 // 4096                # one K (or V) chunk's pages
+    assert faults["plain"] > 3 * chunk_pages, faults                # fresh pages, shard after shard
+    assert faults["writer"] < chunk_pages, faults                   # reused (a few pages of other things)
 
 
 def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tmp_path):
