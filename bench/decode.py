@@ -14,6 +14,7 @@ machine is. Results: bench/results/decode.json.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -102,7 +103,8 @@ def write_j2k_dicom(path: Path) -> None:
 class _WorkerTiming:
     """A one-item dataset whose item is the timing itself, so that it runs inside a DataLoader worker (where the
     collate stacks into shared memory) and leaves out the worker's start. The first ``warmup`` images are not
-    timed: a fresh process's allocator is still growing (a 512 px PNG: ~11 ms each for the first few, ~8 after)."""
+    timed: a fresh process's allocator is still growing (a 512 px PNG: ~11 ms each for the first few, ~8 after).
+    The item: the medians of CPU ms and of page faults (minor: fresh memory touched) per image."""
 
     def __init__(self, images, reps: int, warmup: int = 5):
         self.images, self.reps, self.warmup = images, reps, warmup
@@ -110,28 +112,37 @@ class _WorkerTiming:
     def __len__(self) -> int:
         return 1
 
-    def __getitem__(self, i: int) -> float:
-        times = []
+    def __getitem__(self, i: int) -> tuple[float, float]:
+        times, faults = [], []
         for _ in range(self.warmup + self.reps):
-            start = time.process_time()
+            start, faulted = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             high, _ = self.images.collate([self.images[0]])
             high.share_memory_()                          # what sending the batch does (nothing when already shared)
             times.append(time.process_time() - start)
-        return statistics.median(times[self.warmup:]) * 1000
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
+        return statistics.median(times[self.warmup:]) * 1000, statistics.median(faults[self.warmup:])
 
 
-def cpu_ms(path: Path, res: int, reps: int, reduced_j2k: bool = False) -> float:
-    """Median process CPU ms of what a decode worker of ``fpt extract`` on CUDA does for the sample ``path``:
-    decoding it (as fpt's file sources do: ``FileDecoding``), the LPM input as a tensor,
-    collating it and putting it in shared memory for the main process, timed inside a DataLoader worker."""
+def worker_step(path: Path, res: int, reps: int, reduced_j2k: bool = False,
+                reuse_memory: bool = True) -> tuple[float, float]:
+    """Median process CPU ms and page faults of what a decode worker of ``fpt extract`` on CUDA does for the
+    sample ``path``: decoding it (as fpt's file sources do: ``FileDecoding``), the LPM input as a tensor,
+    collating it and putting it in shared memory for the main process, timed inside a DataLoader worker started
+    as extraction's are (``start_decode_worker``; ``reuse_memory=False``: without it, as before 2026-11-27)."""
     import torch
     from torch.utils.data import DataLoader
 
     from fpt.extract.images import FileDecoding
-    from fpt.extract.run import DecodedImages
+    from fpt.extract.run import DecodedImages, start_decode_worker
 
     images = DecodedImages(FileDecoding(res, reduced_j2k), [path], res, "fail", torch.float16)
-    return next(iter(DataLoader(_WorkerTiming(images, reps), batch_size=None, num_workers=1)))
+    return next(iter(DataLoader(_WorkerTiming(images, reps), batch_size=None, num_workers=1,
+                                worker_init_fn=start_decode_worker if reuse_memory else None)))
+
+
+def cpu_ms(path: Path, res: int, reps: int, reduced_j2k: bool = False) -> float:
+    """``worker_step``'s CPU ms per image."""
+    return worker_step(path, res, reps, reduced_j2k)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-res", type=int, default=256)
     p.add_argument("--target", type=float, default=250, help="images/s the decoding must sustain")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--fresh-memory", action="store_true",
+                   help="workers without extraction's malloc setting (start_decode_worker; as before 2026-11-27)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -149,14 +162,17 @@ def main(argv: list[str] | None = None) -> None:
     cases += [(f"{name} (--j2k-decode reduced)", path, True) for name, path, _ in cases if "j2k" in name]
     for name, path, reduced_j2k in cases:
         for res in args.res:
-            ms = cpu_ms(path, res, args.reps, reduced_j2k)
+            ms, faults = worker_step(path, res, args.reps, reduced_j2k, reuse_memory=not args.fresh_memory)
             rows.append({"source": name, "res": res, "cpu_ms_per_image": round(ms, 1),
+                         "page_faults_per_image": round(faults),
+                         "worker_memory": "fresh" if args.fresh_memory else "reused",
                          "images_per_s_per_core": round(1000 / ms, 1),
                          f"cores_for_{args.target:g}_per_s": round(args.target * ms / 1000, 1),
                          **({"lpm_input_vs_full_0_255": reduced_j2k_difference(path, res, args.image_res)}
                             if reduced_j2k else {})})
             print(rows[-1], flush=True)
-    out = write_results("decode", "fpt.bench.decode", rows=rows, target=args.target,
+    out = write_results("decode" + ("-fresh-memory" if args.fresh_memory else ""), "fpt.bench.decode", rows=rows,
+                        target=args.target,
                         command=command_line("fpt.bench.decode"))
     print(f"wrote {out}")
 

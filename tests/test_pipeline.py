@@ -580,7 +580,50 @@ def test_a_writer_process_starts_with_the_store_open(tmp_path):
     shared._writer.cache_clear()
 
 
-@pytest.mark.skipif(os.uname().sysname != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+GLIBC = pytest.mark.skipif(os.uname().sysname != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+
+
+@GLIBC
+def test_reuse_freed_memory_reuses_buffers_of_growing_sizes_where_malloc_mapped_each_fresh():
+    """Buffers a little bigger each time (images of growing sizes): glibc maps each one fresh (its threshold for
+    that only follows the last freed size), so every page of every buffer faults in; after
+    ``reuse_freed_memory`` they come from one heap, faulted in about once. In a process of its own, since the
+    setting is the process's."""
+    program = textwrap.dedent("""
+        import resource, sys
+        from fpt.store import reuse_freed_memory
+        if sys.argv[1] == "reuse":
+            assert reuse_freed_memory()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for i in range(16):
+            buffer = bytearray((1 << 20) + i * (64 << 10))
+            buffer[::4096] = bytes(len(buffer[::4096]))             # every page touched
+            del buffer
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """)
+    faults = {}
+    for kind in ("plain", "reuse"):
+        done = subprocess.run([sys.executable, "-c", program, kind], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[kind] = int(done.stdout.split()[-1])
+    largest = ((1 << 20) + 15 * (64 << 10)) // 4096
+    assert faults["plain"] > 10 * largest, faults                   # 16 buffers, each faulted in
+    assert faults["reuse"] < 2 * largest, faults                    # about one buffer's pages
+
+
+def test_decode_workers_start_with_their_memory_reused(tmp_path, image_folder, monkeypatch):
+    """Each of extraction's decode workers runs ``reuse_freed_memory`` as it starts (the DataLoader's
+    ``worker_init_fn``; forked, so the spy is theirs too)."""
+    from fpt.extract import run
+
+    started = tmp_path / "started"
+    monkeypatch.setattr(run, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
+    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2))
+    pids = set(started.read_text().split())
+    assert len(pids) == 2 and str(os.getpid()) not in pids, pids
+
+
+@GLIBC
 def test_a_writer_process_reuses_the_memory_it_frees_instead_of_faulting_in_fresh_pages(tmp_path):
     """After ``start_writer``, the buffers that encoding shard after shard makes and frees (zstd-1: Blosc's
     output, numcodecs' and zarr's copies of it) reuse the same memory, whose pages fault in once, not shard after
