@@ -90,10 +90,13 @@ class StoreReader:
 
         Rows are sorted and read as slices that decompress each chunk once (zarr's integer indexing costs ~30x
         more per sample): one slice per run of rows that are consecutive or share a chunk, the rows between
-        those of one chunk read with them and dropped (a chunk is decompressed whole anyway).
+        those of one chunk read with them and dropped (a chunk is decompressed whole anyway). What is already in
+        place is not copied again: a slice of consecutive rows as read, one slice without a concatenation,
+        sorted ``idx`` without reordering (a streamed window: whole shards in store order).
         """
         idx = np.asarray(idx, dtype=np.int64)
-        order = np.argsort(idx, kind="stable")
+        in_order = bool(np.all(idx[1:] >= idx[:-1]))
+        order = np.arange(len(idx)) if in_order else np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -101,15 +104,21 @@ class StoreReader:
         for name in names:
             array = self.group[name]
             try:
-                data = np.concatenate([array[span[0]:span[-1] + 1][span - span[0]]
-                                       for span in chunk_spans(sorted_idx, array.chunks[0])]) if len(idx) else \
-                    np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+                pieces = [_rows(array, span) for span in chunk_spans(sorted_idx, array.chunks[0])]
             except Exception as e:
                 raise FptError(f"{self.path}: cannot read {name!r} for samples "
                                f"{list(self.ids[sorted_idx][:5])}... ({type(e).__name__}: {e})") from None
-            out[name] = data[inverse]
+            data = (np.zeros((0, *array.shape[1:]), dtype=array.dtype) if not pieces else
+                    pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+            out[name] = data if in_order else data[inverse]
         out["labels"] = self.labels[idx]
         return out
+
+
+def _rows(array: zarr.Array, span: np.ndarray) -> np.ndarray:
+    """The rows ``span`` (sorted) of ``array``: one slice from the first to the last, less the rows between."""
+    block = array[span[0]:span[-1] + 1]
+    return block if np.all(np.diff(span) == 1) else block[span - span[0]]
 
 
 def chunk_spans(rows: np.ndarray, chunk_rows: int) -> list[np.ndarray]:

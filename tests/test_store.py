@@ -26,6 +26,18 @@ def test_round_trip_is_identical(tmp_path):
         some = r.read(idx, ("keys", "images"))
         np.testing.assert_array_equal(some["keys"], every["keys"][idx])
         np.testing.assert_array_equal(some["images"], every["images"][idx])
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 6), max_size=12), st.booleans())
+    def any_rows_in_any_order(idx, in_order):
+        idx = sorted(idx) if in_order else idx
+        some = r.read(idx, ("keys", "images"))
+        for name in ("keys", "images"):
+            np.testing.assert_array_equal(some[name], every[name][idx])
+            assert some[name].flags.writeable and some[name].shape[0] == len(idx)
+
+    any_rows_in_any_order()
     some = r.read([5, 0, 3], ("keys",))
     np.testing.assert_array_equal(some["labels"], [1, 0, 1])
     assert list(r.ids) == [f"s{i}" for i in range(7)] and r.classes == ["a", "b"]
