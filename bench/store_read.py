@@ -6,7 +6,9 @@ model, res and codec into bench/.work).
 
     python -m fpt.bench.store_read --res 512 --shards 8 --reps 7
 
-One process, median of ``--reps`` after one untimed read. Results: bench/results/store_read-<model>.json.
+One process, set up as training's reader workers are (``start_reader_worker``: their malloc setting;
+``--fresh-memory``: without it, as before 2026-11-27), median of ``--reps`` after one untimed read. Results:
+bench/results/store_read-<model>[-fresh-memory].json.
 """
 from __future__ import annotations
 
@@ -71,8 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--fresh-memory", action="store_true", help="without the reader workers' malloc setting")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if not args.fresh_memory:
+        from fpt.train.data import start_reader_worker
+        start_reader_worker(0)
     from fpt.store import StoreReader
     from fpt.train.data import WINDOW_BYTES, sample_bytes
 
@@ -88,9 +94,11 @@ def main(argv: list[str] | None = None) -> None:
             ms, faults = read_cost(path, idx, args.reps)
             rows.append({"res": res, "codec": args.codec, "read": kind, "samples": len(idx),
                          "samples_per_shard": per, "cpu_ms_per_sample": round(ms, 2),
-                         "page_faults_per_sample": round(faults)})
+                         "page_faults_per_sample": round(faults),
+                         "reader_memory": "fresh" if args.fresh_memory else "reused"})
             print(rows[-1], flush=True)
-    out = write_results(f"store_read-{args.model}", "fpt.bench.store_read", model=args.model, rows=rows,
+    out = write_results(f"store_read-{args.model}" + ("-fresh-memory" if args.fresh_memory else ""),
+                        "fpt.bench.store_read", model=args.model, rows=rows,
                         command=command_line("fpt.bench.store_read"))
     print(f"wrote {out}")
 

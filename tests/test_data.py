@@ -79,6 +79,22 @@ def test_streamed_epochs_shuffle_every_sample_exactly_once(store, workers):
     assert orders[0] == orders[1] and orders[0] != orders[2]
 
 
+def test_store_reader_workers_start_with_their_memory_reused(store, tmp_path, monkeypatch):
+    """Each reader worker of a streamed split runs ``reuse_freed_memory`` as it starts (the DataLoader's
+    ``worker_init_fn``; forked, so the spy is theirs too), and reads the same samples."""
+    import os
+
+    from fpt.train import data
+
+    started = tmp_path / "started"
+    monkeypatch.setattr(data, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
+    reader = StoreReader(store)
+    got, sizes = collect(StreamSplit(reader, "train", NAMES, CPU, workers=2, window_samples=4).batches(3))
+    pids = set(started.read_text().split())
+    assert len(pids) == 2 and str(os.getpid()) not in pids, pids
+    np.testing.assert_array_equal(got["keys"], reader.read(reader.split_indices("train"), ("keys",))["keys"])
+
+
 def test_stream_order_does_not_depend_on_the_number_of_workers(store):
     reader = StoreReader(store)
     a, _ = collect(StreamSplit(reader, "train", NAMES, CPU, 0, 4).batches(3, True, np.random.default_rng(5)))
