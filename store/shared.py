@@ -293,16 +293,17 @@ def reuse_freed_memory() -> bool:
     malloc: blocks of up to 32 MB come from one heap, trimmed only when 1 GB of it is free).
 
     For a helper process that handles big buffers one after another: a writer process (shard after shard), a
-    decode worker of extraction (image after image), a store reader of training (window after window). By default malloc maps many of them fresh, and their pages
-    fault in one by one. A zstd-1 write makes a few buffers the size of each K and V chunk (Blosc's output,
-    numcodecs' copy of it, zarr's copy with the checksum): ViT-B, dev box, ~780 faults per image at 512 and
-    ~3,100 at 1024, none with this setting; the write's CPU per image went from 9.4-15.7 to 9.0-11.2 ms at 512
-    and from 47-69 to 36-59 at 1024 (noisy box; bench/README.md, "The writer's memory, reused"). A decode
-    worker, 1024 px RGB PNGs at 1024: 3,491-3,726 faults per image before, 777-780 after (the batch's shared
-    memory), 24.9-25.3 → 17.5-18.2 ms; 10-33 % less CPU wherever its buffers are megabytes ("The decode
-    workers' memory, reused"). The price: the process's memory stays at its peak between buffers. Blocks over
-    32 MB are still mapped fresh (glibc's limit; ``fpt extract``'s shards keep K and V chunks under it while a
-    sample holds under ~64 MB). False where malloc is not glibc's: nothing done."""
+    decode worker of extraction (image after image), a store reader of training (window after window). By
+    default malloc maps many of those buffers fresh, and their pages fault in one by one. Dev box, ViT-B
+    (bench/README.md, "The writer's memory, reused" and what follows it):
+    - a zstd-1 write (Blosc's output, numcodecs' copy of it, zarr's copy with the checksum, per K and V chunk):
+      ~780 faults per image at 512 and ~3,100 at 1024 before, none after; CPU per image 9.4-15.7 -> 9.0-11.2 ms
+      at 512 and 47-69 -> 36-59 at 1024 (a noisy box);
+    - a decode worker, 1024 px RGB PNGs at 1024: 3,491-3,726 faults per image -> 777-780 (the batch's shared
+      memory), 24.9-25.3 -> 17.5-18.2 ms; 10-33 % less CPU wherever its buffers are megabytes;
+    - a store reader, a window of 5 shards at 512: 528-732 faults per sample -> 0-1, 6.0-6.3 -> 3.8-4.4 ms.
+    The price: the process's memory stays at its peak between buffers. Blocks over 32 MB are still mapped fresh
+    (glibc's limit). False where malloc is not glibc's: nothing done."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
