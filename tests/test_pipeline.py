@@ -580,6 +580,16 @@ def test_a_writer_process_starts_with_the_store_open(tmp_path):
     shared._writer.cache_clear()
 
 
+def page_faults(program: str, *kinds: str) -> dict[str, int]:
+    """The number ``program`` prints last (its page faults), run in a fresh process per kind (its argv[1])."""
+    faults = {}
+    for kind in kinds:
+        done = subprocess.run([sys.executable, "-c", program, kind], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        faults[kind] = int(done.stdout.split()[-1])
+    return faults
+
+
 GLIBC = pytest.mark.skipif(os.uname().sysname != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 
 
@@ -601,11 +611,7 @@ def test_reuse_freed_memory_reuses_buffers_of_growing_sizes_where_malloc_mapped_
             del buffer
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """)
-    faults = {}
-    for kind in ("plain", "reuse"):
-        done = subprocess.run([sys.executable, "-c", program, kind], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        faults[kind] = int(done.stdout.split()[-1])
+    faults = page_faults(program, "plain", "reuse")
     largest = ((1 << 20) + 15 * (64 << 10)) // 4096
     assert faults["plain"] > 10 * largest, faults                   # 16 buffers, each faulted in
     assert faults["reuse"] < 2 * largest, faults                    # about one buffer's pages
@@ -652,11 +658,7 @@ def test_a_writer_process_reuses_the_memory_it_frees_instead_of_faulting_in_fres
             writer.write_shard(s, shard)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     """)
-    faults = {}
-    for kind in ("plain", "writer"):
-        done = subprocess.run([sys.executable, "-c", program, kind], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        faults[kind] = int(done.stdout.split()[-1])
+    faults = page_faults(program, "plain", "writer")
     chunk_pages = 16 * 6 * 12 * 205 * 64 * 2 // 4096                # one K (or V) chunk's pages
     assert faults["plain"] > 3 * chunk_pages, faults                # fresh pages, shard after shard
     assert faults["writer"] < chunk_pages, faults                   # reused (a few pages of other things)
