@@ -6,7 +6,7 @@ model, res and codec into bench/.work).
 
     python -m fpt.bench.store_read --res 512 --shards 8 --reps 7
 
-One process, set up as training's reader workers are (``start_reader_worker``: their malloc setting;
+One process, set up as training's reader workers are (``start_worker_reusing_memory``: their malloc setting;
 ``--fresh-memory``: without it, as before 2026-11-27), median of ``--reps`` after one untimed read. Results:
 bench/results/store_read-<model>[-fresh-memory].json.
 """
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if not args.fresh_memory:
-        from fpt.train.data import start_reader_worker
-        start_reader_worker(0)
+        from fpt.store import reuse_freed_memory
+        reuse_freed_memory()
     from fpt.store import StoreReader
     from fpt.train.data import WINDOW_BYTES, sample_bytes
 

@@ -32,7 +32,7 @@ from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
-                       choose_samples_per_shard, is_url, reuse_freed_memory)
+                       choose_samples_per_shard, is_url, start_worker_reusing_memory)
 
 
 @dataclass
@@ -210,12 +210,6 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         return result
 
 
-def start_decode_worker(worker_id: int) -> None:
-    """A decode worker's start (the DataLoader's ``worker_init_fn``): its image buffers reused image after image
-    (``reuse_freed_memory``)."""
-    reuse_freed_memory()
-
-
 class DecodedImages(Dataset):
     """Item i -> the LPM's input high [res, res, C] in [0, 255] (``lpm_input``), or the error message of an
     unreadable source, so that a bad file in a DataLoader worker reaches the user as one clear line. ``high`` stays
@@ -279,7 +273,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     offsets = np.cumsum([0] + [sum(len(part.indices) for part in b) for b in batches])
     loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                         num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate,
-                        worker_init_fn=start_decode_worker)
+                        worker_init_fn=start_worker_reusing_memory)    # its image buffers reused
     total, skipped = len(refs), []
     # the device current while the loop runs: its streams are the ones the copies and events follow (cuda:1 too)
     with (torch.cuda.device(device) if device.type == "cuda" else nullcontext(),

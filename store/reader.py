@@ -97,7 +97,7 @@ class StoreReader:
         idx = np.asarray(idx, dtype=np.int64)
         in_order = bool(np.all(idx[1:] >= idx[:-1]))
         order = np.arange(len(idx)) if in_order else np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
+        sorted_idx = idx if in_order else idx[order]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         out: dict[str, np.ndarray] = {}

@@ -313,6 +313,12 @@ def reuse_freed_memory() -> bool:
                                                             (m_trim_threshold, 1 << 30), (m_arena_max, 1)))
 
 
+def start_worker_reusing_memory(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn`` for workers that handle big buffers one after another (extraction's decode
+    workers, image after image; training's store readers, window after window): ``reuse_freed_memory``."""
+    reuse_freed_memory()
+
+
 def start_writer(store: str) -> None:
     """A writer process's initializer: its memory reused from shard to shard (``reuse_freed_memory``), zarr
     imported and the store's arrays opened before its first shard arrives (~0.3 s of a fresh process on the dev

@@ -84,10 +84,10 @@ def test_store_reader_workers_start_with_their_memory_reused(store, tmp_path, mo
     ``worker_init_fn``; forked, so the spy is theirs too), and reads the same samples."""
     import os
 
-    from fpt.train import data
+    from fpt.store import shared
 
     started = tmp_path / "started"
-    monkeypatch.setattr(data, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
+    monkeypatch.setattr(shared, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
     reader = StoreReader(store)
     got, sizes = collect(StreamSplit(reader, "train", NAMES, CPU, workers=2, window_samples=4).batches(3))
     pids = set(started.read_text().split())

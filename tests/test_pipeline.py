@@ -620,10 +620,10 @@ def test_reuse_freed_memory_reuses_buffers_of_growing_sizes_where_malloc_mapped_
 def test_decode_workers_start_with_their_memory_reused(tmp_path, image_folder, monkeypatch):
     """Each of extraction's decode workers runs ``reuse_freed_memory`` as it starts (the DataLoader's
     ``worker_init_fn``; forked, so the spy is theirs too)."""
-    from fpt.extract import run
+    from fpt.store import shared
 
     started = tmp_path / "started"
-    monkeypatch.setattr(run, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
+    monkeypatch.setattr(shared, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
     extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2))
     pids = set(started.read_text().split())
     assert len(pids) == 2 and str(os.getpid()) not in pids, pids

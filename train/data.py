@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
 from fpt.config import AugmentConfig
-from fpt.store import StoreReader, open_shared, reuse_freed_memory
+from fpt.store import StoreReader, open_shared, start_worker_reusing_memory
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
 DRAWS = 9                     # uniform random numbers per image of the training augmentation (SideInput.params)
@@ -256,13 +256,6 @@ class _WindowReads(Dataset):
         return {**self.__dict__, "_reader": None}
 
 
-def start_reader_worker(worker_id: int) -> None:
-    """A store reader's start (the DataLoader's ``worker_init_fn``): the chunks it decompresses and the windows it
-    assembles reuse the same memory window after window (``reuse_freed_memory``; dev box, a window of 5 ViT-B/512
-    shards: 6.0-6.3 -> 3.8-4.4 CPU ms per sample, ``fpt.bench.store_read``)."""
-    reuse_freed_memory()
-
-
 def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
     """Iterate ``items`` in a background thread, ``depth`` items ahead."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -340,8 +333,10 @@ class StreamSplit:
         reads = _WindowReads(self.path, self.names, windows)
         if self.workers == 0:
             return _prefetched(reads[i] for i in range(len(reads)))
+        # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3 ->
+        # 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
         return iter(DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=2,
-                               pin_memory=self.device.type == "cuda", worker_init_fn=start_reader_worker))
+                               pin_memory=self.device.type == "cuda", worker_init_fn=start_worker_reusing_memory))
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:
