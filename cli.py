@@ -144,6 +144,11 @@ Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossl
                                         "writers' CPU or less, ~1.2x larger; for hosts whose CPUs limit "
                                         "extraction).", OUTPUT,
                                         default=fpt_config.DEFAULT_CODEC)]
+DirectIo = Annotated[Optional[bool], typer.Option("--direct-io/--no-direct-io", help="Write shard files past the page "
+                                                  "cache (O_DIRECT) where the filesystem allows: a fraction of the "
+                                                  "writers' CPU. --no-direct-io lets the page cache absorb a run that "
+                                                  "a slow disk could not take [default: direct].",
+                                                  rich_help_panel=OUTPUT)]
 Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
 
 Store = Annotated[Optional[str], option("Store (path or URL) written by `fpt extract`.", DATA)]
@@ -273,6 +278,7 @@ def extract(
     shard_size: ShardSize = None,
     overwrite: Overwrite = False,
     codec: Codec = None,
+    direct_io: DirectIo = None,
     batch_size: ExtractBatch = None,
     device: Device = None,
     workers: DecodeWorkers = None,
@@ -290,7 +296,7 @@ def extract(
         image_res=image_res, batch_size=batch_size, device=device, samples_per_shard=shard_size,
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
         workers=workers, write_threads=write_threads, writers=writers, precision=precision, codec=codec,
-        on_error=on_error, j2k_decode=j2k_decode, overwrite=overwrite or None)
+        direct_io=direct_io, on_error=on_error, j2k_decode=j2k_decode, overwrite=overwrite or None)
     run_extract(cfg, scheduler)
 
 

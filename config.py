@@ -140,6 +140,7 @@ class ExtractConfig:
     writers: str = "auto"                  # who writes them: "threads", "processes" (auto: processes on CUDA)
     precision: str = "auto"                # the LPM's autocast: bf16, fp16, fp32 (auto: fp16 on CUDA, fp32 on CPU)
     codec: str = DEFAULT_CODEC             # chunk compression of a new store, one of fpt.store.CODECS
+    direct_io: bool = True                 # shard files written past the page cache where the filesystem allows
     on_error: str = "fail"                 # unreadable source image: "fail" (clear error) or "skip" (reported)
     j2k_decode: str = "full"               # JPEG 2000 DICOMs: "full", or "reduced" (the coarsest wavelet level
                                            # that still covers res: faster, not bit-identical; in the store's identity)

@@ -26,6 +26,7 @@ Results: bench/results/gpu-<device>-<model>.json (figures in bench/README.md).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -177,10 +178,10 @@ def png_tree(res: int, n: int) -> Path:
     return tree
 
 
-def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: int, codec: str | None = None
-             ) -> dict[str, Any]:
+def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: int, codec: str | None = None,
+             direct_io: bool = True) -> dict[str, Any]:
     """End to end from PNG files to bytes on disk, one side; ``codec``: ``fpt extract --codec`` (None: its
-    default)."""
+    default); ``direct_io``: False for ``fpt extract --no-direct-io``."""
     import torch
 
     device = _device()
@@ -200,7 +201,8 @@ def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: 
                 _free_lpm()
             cfg = extract_config(None, tree, out=str(out), backbone=model, random_init=True, res=res,
                                  batch_size=batch, device=device.type, mean=MEAN, std=STD, workers=workers,
-                                 writers=writers, overwrite=True, **({"codec": codec} if codec else {}))
+                                 writers=writers, overwrite=True, direct_io=direct_io,
+                                 **({"codec": codec} if codec else {}))
             load_lpm(cfg, device)           # built before the CPU clocks start, as the timing leaves it out
             cpu_before = cpu_seconds()
             with ThreadCPU() as threads:
@@ -355,7 +357,8 @@ def print_table(rows: list[dict], device: str) -> None:
             note += f"; warm-up step {r['warm_up_s']} s"
         if r.get("moments_s"):
             note += "; " + ", ".join(f"{name.replace('_', ' ')} {t} s" for name, t in r["moments_s"].items())
-        case = r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")
+        case = (r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")
+                + (" --no-direct-io" if r.get("direct_io") is False else ""))
         table.add_row(case, str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
                       str(r.get("peak_mb", "-")), ratios, note)
     Console(width=140).print(table)
@@ -376,6 +379,9 @@ def main(argv: list[str] | None = None) -> None:
                         "with 2 threads on a shared 2-core box every parallel region waits for a descheduled partner)]")
     p.add_argument("--codecs", nargs="+", default=[None],
                    help="fpt extract --codec of the fpt_extract and host_* cases, each a row [default: its default]")
+    p.add_argument("--direct-io", nargs="+", choices=["on", "off"], default=["on"],
+                   help="fpt extract --direct-io (on) or --no-direct-io (off) in the fpt_extract and host_* cases, "
+                        "each a row [default: on, its default]")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-train", action="store_true", help="skip the training table (fpt.bench.train_speed)")
     args = p.parse_args(argv)
@@ -405,10 +411,12 @@ def main(argv: list[str] | None = None) -> None:
     batch_at = dict(steps)
     for res, images in e2e:
         for case in (c for c in E2E_CASES if c in args.cases):
-            for codec in (args.codecs if case != "official_script" else [None]):
+            ours = case != "official_script"
+            for codec, direct in itertools.product(args.codecs if ours else [None], args.direct_io if ours else ["on"]):
                 rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
                                        "batch": batch_at.get(res, 8), "workers": workers, "threads": threads,
-                                       **({"codec": codec} if codec else {})}, args.timeout))
+                                       **({"codec": codec} if codec else {}),
+                                       **({"direct_io": False} if direct == "off" else {})}, args.timeout))
                 print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
     training = [] if args.no_train else train_rows(kind)

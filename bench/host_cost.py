@@ -83,12 +83,13 @@ def handover_ms(shard: dict[str, np.ndarray], reps: int) -> tuple[float, float]:
 
 
 def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int,
-             reuse_memory: bool = True) -> tuple[float, float, float]:
-    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec``, the
-    bytes per image its sample arrays take on disk (chunks, shard indices, checksums) and the page faults per
-    image of the writing process (minor: fresh memory touched, medians of ``reps``), in a process started
-    as ``fpt extract``'s writer processes are (``reuse_memory``: with their malloc setting,
-    ``fpt.store.shared.reuse_freed_memory``; without it, as before 2026-11-27)."""
+             reuse_memory: bool = True, direct_io: bool = True) -> tuple[float, float, float, float]:
+    """CPU ms per image of writing ``shards`` whole shards of ``shard`` through StoreWriter with ``codec`` (and
+    of it, the kernel's), the bytes per image its sample arrays take on disk (chunks, shard indices, checksums)
+    and the page faults per image of the writing process (minor: fresh memory touched, medians of ``reps``), in
+    a process started as ``fpt extract``'s writer processes are (``reuse_memory``: with their malloc setting,
+    ``fpt.store.shared.reuse_freed_memory``; without it, as before 2026-11-27). ``direct_io``: the shard files
+    written past the page cache, as ``fpt extract`` writes them (without it: as before 2026-11-28)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from fpt.forkserver import fork_server_context, starting
@@ -97,12 +98,15 @@ def write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int,
     context = fork_server_context([__name__])
     with starting(), ProcessPoolExecutor(1, mp_context=context,
                                          initializer=reuse_freed_memory if reuse_memory else None) as process:
-        return process.submit(_write_ms, shard, codec, shards, reps).result()
+        return process.submit(_write_ms, shard, codec, shards, reps, direct_io).result()
 
 
-def _write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) -> tuple[float, float, float]:
+def _write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int,
+              direct_io: bool) -> tuple[float, float, float, float]:
+    import os
     import resource
 
+    from fpt.bench.common import WORK_DIR
     from fpt.store import Geometry, StoreWriter
 
     per, layers, heads, k, head_dim = shard["keys"].shape
@@ -113,19 +117,22 @@ def _write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int) 
              "normalization": {}}
     n = geometry.n_samples
     ids = np.array([f"s{i}" for i in range(n)], dtype=object)
-    times, faults = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    times, kernel, faults = [], [], []
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=WORK_DIR) as tmp:          # on the disk stores go to, not a tmpfs
         for _ in range(reps):
             writer = StoreWriter.open(Path(tmp) / "s.zarr", geometry, attrs, ids=ids, labels=np.zeros(n, int),
-                                      split=np.zeros(n, int), overwrite=True, codec=codec)
-            start, faulted = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                                      split=np.zeros(n, int), overwrite=True, codec=codec, direct_io=direct_io)
+            start, system = time.process_time(), os.times().system
+            faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for s in range(shards):
                 writer.write_shard(s, shard)
             times.append((time.process_time() - start) / n)
+            kernel.append((os.times().system - system) / n)
             faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted) / n)
         disk = sum(f.stat().st_size for name in shard for f in (Path(tmp) / "s.zarr" / name).rglob("*")
                    if f.is_file() and f.name != "zarr.json")
-    return statistics.median(times) * 1000, disk / n, statistics.median(faults)
+    return statistics.median(times) * 1000, statistics.median(kernel) * 1000, disk / n, statistics.median(faults)
 
 
 def official_bytes(shard: dict[str, np.ndarray]) -> int:
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--fresh-memory", action="store_true",
                    help="time the writes without the writer processes' malloc setting (as before 2026-11-27)")
+    p.add_argument("--no-direct-io", action="store_true",
+                   help="time buffered writes (through the page cache, as before 2026-11-28)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -154,18 +163,23 @@ def main(argv: list[str] | None = None) -> None:
         shard = lpm_shard(args.model, res, args.image_res)
         handover, handover_fresh = handover_ms(shard, max(args.reps, 5))
         for codec in args.codecs:
-            write, disk, faults = write_ms(shard, codec, args.shards, args.reps, reuse_memory=not args.fresh_memory)
+            write, write_kernel, disk, faults = write_ms(shard, codec, args.shards, args.reps,
+                                                         reuse_memory=not args.fresh_memory,
+                                                         direct_io=not args.no_direct_io)
             rows.append({"res": res, "codec": codec, "kv_mb_per_image": round(shard["keys"][0].nbytes * 2 / 1e6, 2),
                          "decode_rgb_ms": round(decode["rgb"], 1), "decode_grey_ms": round(decode["grey"], 1),
                          "samples_per_shard": len(shard["keys"]), "handover_ms": round(handover, 2),
                          "handover_fresh_ms": round(handover_fresh, 2),
-                         "writer_memory": "fresh" if args.fresh_memory else "reused", "write_ms": round(write, 1),
+                         "writer_memory": "fresh" if args.fresh_memory else "reused",
+                         "direct_io": not args.no_direct_io, "write_ms": round(write, 1),
+                         "write_kernel_ms": round(write_kernel, 1),
                          "write_page_faults": round(faults), "disk_mb_per_image": round(disk / 1e6, 3),
                          "disk_vs_official": round(disk / official_bytes(shard), 3), "cores": args.cores,
                          "feedable_images_per_s_rgb": round(args.cores * 1000 / (decode["rgb"] + write)),
                          "feedable_images_per_s_grey": round(args.cores * 1000 / (decode["grey"] + write))})
             print(rows[-1], flush=True)
-    name = f"host_cost-{args.model}" + ("-fresh-memory" if args.fresh_memory else "")
+    name = (f"host_cost-{args.model}" + ("-fresh-memory" if args.fresh_memory else "")
+            + ("-buffered" if args.no_direct_io else ""))
     out = write_results(name, "fpt.bench.host_cost", model=args.model, rows=rows,
                         command=command_line("fpt.bench.host_cost"))
     print(f"wrote {out}")

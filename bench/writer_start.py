@@ -36,7 +36,7 @@ def start(how: str, writers: int, store: str) -> dict:
     before, t0 = machine_busy_seconds(), time.perf_counter()
     context = (multiprocessing.get_context("spawn") if how == "spawn"
                else fork_server_context([start_writer.__module__]))
-    pool = ProcessPoolExecutor(writers, mp_context=context, initializer=start_writer, initargs=(store,))
+    pool = ProcessPoolExecutor(writers, mp_context=context, initializer=start_writer, initargs=(store, True))
     with starting():
         tasks = [pool.submit(time.sleep, hold) for _ in range(writers)]     # busy: so that all of them start
     wait(tasks)

@@ -149,7 +149,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         writer = StoreWriter.open(
             cfg.out, geometry, store_attrs(cfg, source, info.as_attrs(), lpm.layers, k, dataset_warnings), ids=ids,
             labels=np.array([s.label for s in samples]), split=np.array([s.split for s in samples]),
-            overwrite=cfg.overwrite, codec=cfg.codec)
+            overwrite=cfg.overwrite, codec=cfg.codec, direct_io=cfg.direct_io)
         pending = writer.pending_shards()
         write_threads = cfg.write_threads or default_write_threads(device)
         writers = writers_kind(cfg, device) if scheduler is None else "threads"
@@ -263,7 +263,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     device = resolve_device(cfg.device)
     lpm, _ = load_lpm(cfg, device)
     source = load_source(cfg)
-    writer = StoreWriter.reopen(cfg.out)
+    writer = StoreWriter.reopen(cfg.out, cfg.direct_io)
     geometry = writer.geometry
     batch_size = cfg.batch_size or default_batch_size(device)
     batches = shard_batches(geometry, shards, batch_size)

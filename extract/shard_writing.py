@@ -170,7 +170,8 @@ class ShardWriterPool:
         # forked from a fork server, not spawned (``fpt.forkserver``: no new import of the program per process),
         # and not forked from here: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning)
         self.processes = (ProcessPoolExecutor(self.threads, mp_context=fork_server_context([start_writer.__module__]),
-                                              initializer=start_writer, initargs=(str(writer.location),))
+                                              initializer=start_writer,
+                                              initargs=(str(writer.location), writer.direct_io))
                           if processes else None)
         self.slots = HandoverSlots(before_close=self._unlock) if processes else None
         # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
@@ -258,8 +259,8 @@ class ShardWriterPool:
 
     def _write_in_process(self, shard: ShardBuffer, path: str, spec: Spec) -> None:
         try:
-            self.processes.submit(write_shared_shard, str(self.writer.location), shard.shard, path, spec,
-                                  shard.excluded).result()
+            self.processes.submit(write_shared_shard, str(self.writer.location), self.writer.direct_io, shard.shard,
+                                  path, spec, shard.excluded).result()
         except (BrokenProcessPool, EOFError, ConnectionError) as e:   # a writer, or their fork server, died
             raise FptError(f"a writer process ended before shard {shard.shard} was written ({type(e).__name__}: "
                            f"{e}); the shards written before it are kept: re-run the same command to resume. From "

@@ -14,6 +14,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from fpt import FptError
+from fpt.store.direct_io import DirectWriteStore
 
 
 def is_url(where: str | Path) -> bool:
@@ -70,9 +71,12 @@ class StoreLocation:
         """The last path component (``cmmd.zarr``)."""
         return self.root.rsplit("/", 1)[-1]
 
-    def zarr_target(self) -> Path | str:
-        """What ``zarr.open_group`` takes for this location: a Path (LocalStore) or the URL (FsspecStore)."""
-        return self.local if self.local is not None else self.url
+    def zarr_target(self, direct_io: bool = False) -> Path | str | DirectWriteStore:
+        """What ``zarr.open_group`` takes for this location: a Path (LocalStore) or the URL (FsspecStore);
+        ``direct_io``: a local store's big files written past the page cache (direct_io.py; for writing)."""
+        if self.local is None:
+            return self.url
+        return DirectWriteStore(self.local) if direct_io else self.local
 
     def _path(self, relative: str = "") -> str:
         return f"{self.root}/{relative}" if relative else self.root

@@ -16,14 +16,14 @@ from fpt.store.layout import ARRAY_NAMES, DONE, SCHEMA_VERSION, SPLITS, Geometry
 from fpt.store.location import StoreLocation
 
 
-def open_group(path: str | Path | StoreLocation, mode: str = "r") -> zarr.Group:
+def open_group(path: str | Path | StoreLocation, mode: str = "r", direct_io: bool = False) -> zarr.Group:
     """Open an fpt store's Zarr group (local path or URL), refusing anything that is not a store of this
-    schema version."""
+    schema version. ``direct_io``: write its big files past the page cache (``StoreLocation.zarr_target``)."""
     path = StoreLocation(path)
     if not path.is_file("zarr.json"):
         raise FptError(f"{path} is not an fpt store (no zarr.json); create one with `fpt extract`")
     try:
-        group = zarr.open_group(path.zarr_target(), mode=mode, zarr_format=3)
+        group = zarr.open_group(path.zarr_target(direct_io), mode=mode, zarr_format=3)
         version = group.attrs.get("fpt_store_version")
     except zarr.errors.ContainsArrayError:
         raise FptError(f"{path} is one array of a store, not a store; name the store's folder (its parent)") from None

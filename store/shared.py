@@ -284,8 +284,8 @@ def _mapped(path: str, inode: int, size: int) -> np.memmap:
 
 
 @functools.lru_cache(maxsize=4)
-def _writer(store: str) -> StoreWriter:
-    return StoreWriter.reopen(store)
+def _writer(store: str, direct_io: bool) -> StoreWriter:
+    return StoreWriter.reopen(store, direct_io)
 
 
 def reuse_freed_memory() -> bool:
@@ -319,20 +319,22 @@ def start_worker_reusing_memory(worker_id: int) -> None:
     reuse_freed_memory()
 
 
-def start_writer(store: str) -> None:
+def start_writer(store: str, direct_io: bool) -> None:
     """A writer process's initializer: its memory reused from shard to shard (``reuse_freed_memory``), zarr
     imported and the store's arrays opened before its first shard arrives (~0.3 s of a fresh process on the dev
     box, otherwise paid by the first shard of each writer). A failure is left to that first write to report,
     with the write's own error."""
     reuse_freed_memory()
     try:
-        _writer(store).open_arrays()
+        _writer(store, direct_io).open_arrays()
     except Exception:           # noqa: BLE001 - only a head start (a failed open is not cached: tried again)
         pass
 
 
-def write_shared_shard(store: str, shard: int, path: str, spec: Spec, excluded: Sequence[int] = ()) -> None:
-    """In a writer process: ``StoreWriter.write_shard`` of the arrays a hand-over file holds."""
+def write_shared_shard(store: str, direct_io: bool, shard: int, path: str, spec: Spec,
+                       excluded: Sequence[int] = ()) -> None:
+    """In a writer process: ``StoreWriter.write_shard`` of the arrays a hand-over file holds (the store opened
+    as the run's StoreWriter opened it: ``direct_io``)."""
     stat = os.stat(path)
     arrays = open_shared(path, spec, _mapped(path, stat.st_ino, stat.st_size))
-    _writer(store).write_shard(shard, arrays, excluded)
+    _writer(store, direct_io).write_shard(shard, arrays, excluded)

@@ -33,22 +33,24 @@ LATER_KEYS = {("extraction", "precision"): None, ("extraction", "j2k_decode"): "
 class StoreWriter:
     """Writes one store. Safe to use from several processes as long as each writes different shards."""
 
-    def __init__(self, location: StoreLocation, group: zarr.Group, geometry: Geometry):
+    def __init__(self, location: StoreLocation, group: zarr.Group, geometry: Geometry, direct_io: bool = False):
         self.location = location
         self.group = group
         self.geometry = geometry
+        self.direct_io = direct_io          # how its group was opened: writer processes open it the same way
         self._arrays: dict[str, zarr.Array] = {}
 
     # -- opening ---------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | StoreLocation, geometry: Geometry, attrs: Mapping[str, Any], ids: np.ndarray,
-             labels: np.ndarray, split: np.ndarray, overwrite: bool = False, codec: str = DEFAULT_CODEC
-             ) -> "StoreWriter":
+             labels: np.ndarray, split: np.ndarray, overwrite: bool = False, codec: str = DEFAULT_CODEC,
+             direct_io: bool = True) -> "StoreWriter":
         """Create the store at ``path``, or reopen it for resuming when it holds the same extraction.
 
         An existing store that differs in backbone, extraction settings, dataset or sample ids is refused
         unless ``overwrite`` (which deletes it first). ``codec`` (a name in layout.CODECS) applies to a new
-        store; a resumed store keeps the codec it was created with.
+        store; a resumed store keeps the codec it was created with. ``direct_io``: a local store's shard files
+        are written past the page cache where the filesystem allows it (direct_io.py says why and what it costs).
         """
         path = StoreLocation(path)
         exists = path.exists()
@@ -56,28 +58,28 @@ class StoreWriter:
             raise FptError(f"{path} exists and is not an fpt store; choose another --out "
                            "(it is never replaced, even with --overwrite)")
         if exists and not overwrite:
-            group = open_group(path, mode="r+")
+            group = open_group(path, mode="r+", direct_io=direct_io)
             _refuse_other_extraction(path, group, attrs, ids)
-            return cls(path, group, Geometry(**group.attrs["geometry"]))
+            return cls(path, group, Geometry(**group.attrs["geometry"]), direct_io)
         if exists:
             path.remove()
-        return cls._create(path, geometry, attrs, ids, labels, split, codec)
+        return cls._create(path, geometry, attrs, ids, labels, split, codec, direct_io)
 
     @classmethod
-    def reopen(cls, path: str | Path | StoreLocation) -> "StoreWriter":
+    def reopen(cls, path: str | Path | StoreLocation, direct_io: bool = True) -> "StoreWriter":
         """Open an existing store to write shards (a worker of a run that ``open`` already checked)."""
         path = StoreLocation(path)
-        group = open_group(path, mode="r+")
-        return cls(path, group, Geometry(**group.attrs["geometry"]))
+        group = open_group(path, mode="r+", direct_io=direct_io)
+        return cls(path, group, Geometry(**group.attrs["geometry"]), direct_io)
 
     @classmethod
     def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
-                split: np.ndarray, codec: str) -> "StoreWriter":
-        group = zarr.open_group(path.zarr_target(), mode="w", zarr_format=3)
+                split: np.ndarray, codec: str, direct_io: bool) -> "StoreWriter":
+        group = zarr.open_group(path.zarr_target(direct_io), mode="w", zarr_format=3)
         encoded_ids = encode_ids(ids)
         g = replace(g, id_bytes=encoded_ids.shape[1])
         S, per = g.n_samples, g.samples_per_shard
-        writer = cls(path, group, g)
+        writer = cls(path, group, g, direct_io)
         for name, (shape, dtype) in g.sample_shapes().items():
             sharded = name in SHARDED_ARRAYS
             group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if sharded else per, *shape),

@@ -572,10 +572,10 @@ def test_a_writer_process_starts_with_the_store_open(tmp_path):
 
     writer = open_writer(tmp_path / "s.zarr")
     shared._writer.cache_clear()
-    shared.start_writer(str(writer.location))
-    opened = shared._writer(str(writer.location))._arrays
+    shared.start_writer(str(writer.location), True)
+    opened = shared._writer(str(writer.location), True)._arrays
     assert {*SAMPLE_ARRAYS, "split", "done"} <= set(opened)
-    shared.start_writer(str(tmp_path / "missing.zarr"))            # no error here
+    shared.start_writer(str(tmp_path / "missing.zarr"), True)      # no error here
     assert shared._writer.cache_info().currsize == 1
     shared._writer.cache_clear()
 
@@ -640,7 +640,7 @@ def test_a_writer_process_reuses_the_memory_it_frees_instead_of_faulting_in_fres
         from fpt.store import Geometry, StoreWriter
         from fpt.store.shared import start_writer
         if sys.argv[1] == "writer":
-            start_writer({str(tmp_path / "missing.zarr")!r})
+            start_writer({str(tmp_path / "missing.zarr")!r}, True)
         g = Geometry(n_samples=96, layers=6, heads=12, k=205, head_dim=64, embed_dim=8, image_res=4,
                      samples_per_shard=16)
         rng = np.random.default_rng(0)
@@ -673,7 +673,7 @@ def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tm
     slot = SharedSlot(layout(a)[1])
     try:
         for shard, arrays in ((0, a), (1, b)):
-            write_shared_shard(str(writer.location), shard, *slot.put(arrays))
+            write_shared_shard(str(writer.location), True, shard, *slot.put(arrays))
     finally:
         slot.close()
     with open(slot.path, "wb") as f:                                # another file under the same name and size
@@ -685,7 +685,7 @@ def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tm
             offset, shape, dtype = spec[name]
             memory[offset:offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
         memory.flush()
-        write_shared_shard(str(writer.location), 0, slot.path, spec)
+        write_shared_shard(str(writer.location), True, 0, slot.path, spec)
     finally:
         os.unlink(slot.path)
     read = StoreReader(tmp_path / "s.zarr").read(range(6), ("keys", "indices"))
