@@ -244,7 +244,8 @@ LIMIT_LINES = {   # ExtractResult.limit() -> what the user reads
     "decoding": "decoding limited this run: the loop waited {share:.0%} of it for images (more --workers or cores "
                 "help; for JPEG 2000 DICOMs also --j2k-decode reduced)",
     "writing": "writing limited this run: the loop waited {share:.0%} of it for the shard writers (more "
-               "--write-threads or cores help, or --codec none: half the writers' CPU for a ~1.2x larger store)",
+               "--write-threads or cores help, or --codec none: half the writers' CPU for a ~1.2x larger store; on "
+               "a slow disk, --no-direct-io: the page cache takes what fits in memory)",
     "model": "the model limited this run: the loop was issuing the LPM's work (or waiting for the device) "
              "{share:.0%} of it",
 }

@@ -12,9 +12,11 @@ low-res images that ``main_copy_ms`` timed until 2026-11-27 is gone: that copy i
     python -m fpt.bench.host_cost --res 512 1024 --codecs zstd-1 none --cores 16
 
 The model's output is computed once per res (random init, 2 demo images tiled to a shard); the write is timed on a
-fresh store per codec, median of ``--reps``, in a process started as the writer processes are (their malloc
-setting included; ``--fresh-memory``: without it, the A/B of that setting), so the CPU time includes zarr's codec
-threads.
+new store per codec and rep (in bench/.work, every file new, as in a run), median of ``--reps``, in a process
+started as the writer processes are (their malloc setting included; ``--fresh-memory``: without it, the A/B of
+that setting), so the CPU time includes zarr's codec threads and the kernel's part of the writes
+(``write_kernel_ms``); the shard files are written past the page cache, as ``fpt extract`` writes them
+(``--no-direct-io``: through it, as before 2026-11-28).
 Results: bench/results/host_cost-<model>.json.
 """
 from __future__ import annotations
@@ -119,10 +121,12 @@ def _write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int,
     ids = np.array([f"s{i}" for i in range(n)], dtype=object)
     times, kernel, faults = [], [], []
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=WORK_DIR) as tmp:          # on the disk stores go to, not a tmpfs
-        for _ in range(reps):
-            writer = StoreWriter.open(Path(tmp) / "s.zarr", geometry, attrs, ids=ids, labels=np.zeros(n, int),
-                                      split=np.zeros(n, int), overwrite=True, codec=codec, direct_io=direct_io)
+    # on the disk stores go to (not a tmpfs), a new store per rep and none deleted until the end: as in a run,
+    # every file is new (deleting one store before the next lets the kernel reuse its page-cache pages, cheaper)
+    with tempfile.TemporaryDirectory(dir=WORK_DIR) as tmp:
+        for rep in range(reps):
+            writer = StoreWriter.open(Path(tmp) / f"s{rep}.zarr", geometry, attrs, ids=ids, labels=np.zeros(n, int),
+                                      split=np.zeros(n, int), codec=codec, direct_io=direct_io)
             start, system = time.process_time(), os.times().system
             faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for s in range(shards):
@@ -130,7 +134,7 @@ def _write_ms(shard: dict[str, np.ndarray], codec: str, shards: int, reps: int,
             times.append((time.process_time() - start) / n)
             kernel.append((os.times().system - system) / n)
             faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted) / n)
-        disk = sum(f.stat().st_size for name in shard for f in (Path(tmp) / "s.zarr" / name).rglob("*")
+        disk = sum(f.stat().st_size for name in shard for f in (Path(tmp) / "s0.zarr" / name).rglob("*")
                    if f.is_file() and f.name != "zarr.json")
     return statistics.median(times) * 1000, statistics.median(kernel) * 1000, disk / n, statistics.median(faults)
 

@@ -205,7 +205,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                 "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
                 "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
                 "write_threads": write_threads, "precision": cfg.precision,
-                "writers": writers, "host_buffer_limit_mb": round(host_buffer_mb, 1),
+                "writers": writers, "direct_io": cfg.direct_io, "host_buffer_limit_mb": round(host_buffer_mb, 1),
                 "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
         return result
 

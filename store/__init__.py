@@ -3,7 +3,8 @@
 Public API:
     StoreLocation          where a store lives: a local path or an fsspec URL (s3://, gs://, memory://, ...)
     store_stem(path)       the store name without .zarr (for default output names)
-    StoreWriter            create / resume a store, write whole shards
+    StoreWriter            create / resume a store, write whole shards (local shard files past the page cache:
+                           direct_io.py)
     SharedArrays, open_shared   arrays handed to other processes through one memory-mapped file
     HandoverSlots, SharedSlot, plan   reusable hand-over files for a stream of shards to writer processes, filled
                            by copying or in place
