@@ -13,21 +13,31 @@ from tests.helpers import assert_same_store, cli, interrupt_after_first_shard, s
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 600 KB tmpfs (root only; skipped where mounting is not allowed)."""
+def small_disk(tmp_path, request):
+    """A tmpfs of ``request.param`` (600k unless parametrized; root only; skipped where mounting is not allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+    size = getattr(request, "param", "600k")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_is_clear_and_resumable(tmp_path, small_disk):
+@pytest.mark.parametrize("small_disk, image_res, direct", [("600k", 64, False), ("3m", 256, True)],
+                         indirect=["small_disk"], ids=["small-files", "direct-writes"])
+def test_disk_full_is_clear_and_resumable(tmp_path, small_disk, image_res, direct):
+    """Also when the disk fills during a write past the page cache (``direct-writes``: the low-res images' shard
+    files, 1.5 MB, written with O_DIRECT where this tmpfs takes it)."""
+    from fpt.store.direct_io import write_direct
+
+    if direct and not write_direct(small_disk / "probe", memoryview(b"x")):
+        pytest.skip("this tmpfs refuses O_DIRECT")
+    (small_disk / "probe").unlink(missing_ok=True)
     data = write_image_folder(tmp_path / "d", {"train": 24, "val": 4, "test": 4})
     store = small_disk / "s.zarr"
-    cfg = micro_config(data, store, image_res=64, samples_per_shard=8)
+    cfg = micro_config(data, store, image_res=image_res, samples_per_shard=8)
     with pytest.raises(FptError, match="no space left on the device.*re-run the same command to resume"):
         extract(cfg)
     reader = StoreReader(store)
@@ -35,10 +45,10 @@ def test_disk_full_is_clear_and_resumable(tmp_path, small_disk):
     assert 0 < done.sum() < 64
     report = verify(store)
     assert not set(report.bad_samples) & set(np.flatnonzero(done))      # what is marked done reads back intact
-    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    subprocess.run(["mount", "-o", "remount,size=40m", str(small_disk)], check=True)
     assert extract(cfg).n_written == 64 - done.sum()
     clean = tmp_path / "clean.zarr"
-    extract(micro_config(data, clean, image_res=64, samples_per_shard=8))
+    extract(micro_config(data, clean, image_res=image_res, samples_per_shard=8))
     assert_same_store(store, clean)
 
 
