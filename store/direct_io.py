@@ -64,7 +64,7 @@ def write_direct(path: Path, data: memoryview) -> bool:
     raise, as a buffered write's would."""
     data = memoryview(data).cast("B")
     size = len(data)
-    padded = -(-size // ALIGNMENT) * ALIGNMENT
+    padded = max(-(-size // ALIGNMENT), 1) * ALIGNMENT       # at least one block: an empty map cannot be made
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     with _BUFFERS.take(padded) as buffer:

@@ -39,7 +39,7 @@ def resident_pages(path: Path) -> int:
     return sum(p & 1 for p in pages)
 
 
-@pytest.mark.parametrize("size", [1, 511, 4096, 4097, (1 << 20) + 3])
+@pytest.mark.parametrize("size", [0, 1, 511, 4096, 4097, (1 << 20) + 3])
 def test_write_direct_writes_exactly_the_bytes_with_the_permissions_of_a_buffered_write(tmp_path, size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
     assert write_direct(tmp_path / "d" / "file", memoryview(data))      # its folder made, as zarr's writes do
