@@ -145,9 +145,10 @@ Codec = Annotated[Optional[str], option("Chunk compression of a new store (lossl
                                         "extraction).", OUTPUT,
                                         default=fpt_config.DEFAULT_CODEC)]
 DirectIo = Annotated[Optional[bool], typer.Option("--direct-io/--no-direct-io", help="Write shard files past the page "
-                                                  "cache (O_DIRECT) where the filesystem allows: a fraction of the "
-                                                  "writers' CPU. --no-direct-io lets the page cache absorb a run that "
-                                                  "a slow disk could not take [default: direct].",
+                                                  "cache (O_DIRECT) where the filesystem allows it: the kernel's "
+                                                  "page-cache work was most of a writer's CPU. --no-direct-io lets the "
+                                                  "page cache absorb a run that a slow disk could not take "
+                                                  "[default: direct].",
                                                   rich_help_panel=OUTPUT)]
 Scheduler = Annotated[Optional[str], option("Run as dask tasks: local, local:N or a scheduler address.", HARDWARE)]
 
