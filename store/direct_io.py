@@ -9,8 +9,9 @@ O_DIRECT the device reads the bytes straight from the writer's buffer, and the s
 What it costs: one copy into a page-aligned buffer (reused from write to write), and a write returns only when
 the device has the data, so on a disk slower than the writers' output a run that the page cache would have
 absorbed waits for the disk (``fpt extract --no-direct-io``). Files under ``DIRECT_MIN_BYTES`` (metadata, small
-arrays), filesystems that refuse O_DIRECT (tmpfs, many FUSE mounts: EINVAL) and systems without it (macOS,
-Windows) are written as zarr's LocalStore writes them.
+arrays), filesystems that refuse O_DIRECT (tmpfs before Linux 6.6, many FUSE mounts: EINVAL) and systems without
+it (macOS, Windows) are written as zarr's LocalStore writes them. It relies on LocalStore's ``set`` signature and
+its ``_open``/``_check_writable`` (zarr 3.1; tests/test_direct_io.py fails if they change).
 
 Guarantees kept: every file appears whole or not at all (written under a temporary name, then renamed, as
 LocalStore does), with the same bytes and the same permissions (umask); nothing is fsync'ed, as before.
