@@ -28,7 +28,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
@@ -52,11 +51,6 @@ class DirectWriteStore(LocalStore):
         if not await asyncio.to_thread(write_direct, self.root / key, value.as_buffer_like()):
             self.direct = False
             await super().set(key, value)
-
-    def with_read_only(self, read_only: bool = False) -> Store:
-        store = super().with_read_only(read_only)
-        store.direct = self.direct
-        return store
 
 
 def write_direct(path: Path, data: memoryview) -> bool:

@@ -96,10 +96,11 @@ class StoreReader:
         """
         idx = np.asarray(idx, dtype=np.int64)
         in_order = bool(np.all(idx[1:] >= idx[:-1]))
-        order = np.arange(len(idx)) if in_order else np.argsort(idx, kind="stable")
-        sorted_idx = idx if in_order else idx[order]
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
+        sorted_idx, inverse = idx, None
+        if not in_order:
+            order = np.argsort(idx, kind="stable")
+            sorted_idx, inverse = idx[order], np.empty_like(order)
+            inverse[order] = np.arange(len(order))
         out: dict[str, np.ndarray] = {}
         for name in names:
             array = self.group[name]
@@ -110,7 +111,7 @@ class StoreReader:
                                f"{list(self.ids[sorted_idx][:5])}... ({type(e).__name__}: {e})") from None
             data = (np.zeros((0, *array.shape[1:]), dtype=array.dtype) if not pieces else
                     pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
-            out[name] = data if in_order else data[inverse]
+            out[name] = data if inverse is None else data[inverse]
         out["labels"] = self.labels[idx]
         return out
 

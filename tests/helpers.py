@@ -129,10 +129,9 @@ ATTRS = {"backbone": {"name": "x", "n_params": 1}, "extraction": {"res": 64, "la
          "dataset": {"name": "t", "classes": ["a", "b"]}, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
 
 
-def shard_arrays(n, seed):
-    """Random arrays of ``n`` samples in GEOM's shapes and the store's dtypes."""
+def shard_arrays(n, seed, g=GEOM):
+    """Random arrays of ``n`` samples in the shapes of geometry ``g`` and the store's dtypes."""
     rng = np.random.default_rng(seed)
-    g = GEOM
     return {"keys": rng.standard_normal((n, g.layers, g.heads, g.k, g.head_dim)).astype(np.float16),
             "values": rng.standard_normal((n, g.layers, g.heads, g.k, g.head_dim)).astype(np.float16),
             "indices": rng.integers(0, 100, (n, g.layers, g.heads, g.k)).astype(np.int32),

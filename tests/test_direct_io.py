@@ -17,7 +17,7 @@ from fpt.extract import extract
 from fpt.store import Geometry, StoreReader, StoreWriter, direct_io
 from fpt.store.direct_io import DIRECT_MIN_BYTES, DirectWriteStore, write_direct
 from tests.conftest import micro_config
-from tests.helpers import ATTRS
+from tests.helpers import ATTRS, shard_arrays
 
 pytestmark = pytest.mark.skipif(not direct_io.AVAILABLE, reason="no O_DIRECT on this system")
 
@@ -94,13 +94,7 @@ BIG = Geometry(n_samples=6, layers=2, heads=4, k=480, head_dim=64, embed_dim=8, 
 
 def big_shard(shard: int) -> dict[str, np.ndarray]:
     """A shard of BIG: its K and V files over DIRECT_MIN_BYTES whatever the codec, its other files under it."""
-    rng = np.random.default_rng(shard)
-    g, n = BIG, BIG.samples_per_shard
-    kv = (n, g.layers, g.heads, g.k, g.head_dim)
-    return {"keys": rng.standard_normal(kv).astype(np.float16), "values": rng.standard_normal(kv).astype(np.float16),
-            "indices": rng.integers(0, 100, kv[:-1]).astype(np.int32),
-            "cls": rng.standard_normal((n, g.embed_dim)).astype(np.float16),
-            "images": rng.integers(0, 255, (n, g.image_res, g.image_res, 3)).astype(np.uint8)}
+    return shard_arrays(BIG.samples_per_shard, shard, BIG)
 
 
 def write_big_store(path: Path, codec: str, direct: bool) -> StoreWriter:
