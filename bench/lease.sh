@@ -92,7 +92,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost bench-s
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
     tests-cuda)   step $name 240 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
                     tests/test_memory.py tests/test_data.py tests/test_resume.py tests/test_sweep.py \
-                    tests/test_pipeline.py tests/test_train.py tests/test_bench_reference.py tests/test_methods.py} \
+                    tests/test_pipeline.py tests/test_train.py tests/test_bench_reference.py tests/test_methods.py tests/test_decoded_batches.py} \
                     -k "${FPT_LEASE_TESTS_K:-cuda or gpu or peak}" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac

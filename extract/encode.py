@@ -3,7 +3,7 @@ prediction alike (so a new image is seen exactly as the store's samples were).""
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import get_worker_info
@@ -25,16 +25,18 @@ def pixel_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float16 if half else torch.float32
 
 
-def stack_pixels(highs: Sequence[torch.Tensor], float_dtype: torch.dtype) -> torch.Tensor:
+def stack_pixels(highs: Sequence[torch.Tensor], float_dtype: torch.dtype,
+                 stack: Callable[[Sequence[torch.Tensor]], Any] | None = None):
     """LPM inputs [res, res, C] (channels last as decoded; C = 3 RGB or 1 grey; uint8 or float) -> one batch
     [B, res, res, C']: grey kept one channel when every image is grey (C' = 1; ``encode_batch`` makes it RGB on
     the device) else repeated, and uint8 when every image is 8-bit, else ``float_dtype``. The values are those of
-    converting each image first."""
+    converting each image first. ``stack`` stacks them (default ``stack_batch``; a decode worker's
+    ``stack_in_slot``)."""
     if len({h.shape[-1] for h in highs}) > 1:
         highs = [h.expand(-1, -1, 3) for h in highs]
     if any(h.dtype != torch.uint8 for h in highs):
         highs = [h.to(float_dtype) for h in highs]
-    return stack_batch(highs)
+    return (stack or stack_batch)(highs)
 
 
 def stack_batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

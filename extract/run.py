@@ -14,6 +14,7 @@ import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import groupby
 from typing import Callable, Iterator
 
@@ -26,13 +27,14 @@ from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
-from fpt.extract.encode import encode_batch, pixel_dtype, stack_pixels
+from fpt.extract.decoded_batches import PREFETCH, SlotBatch, decode_slots, received, stack_in_slot
+from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
 from fpt.extract.images import low_res_copy, lpm_input
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
-                       choose_samples_per_shard, is_url, start_worker_reusing_memory)
+                       WorkerSlots, choose_samples_per_shard, is_url, start_worker_reusing_memory)
 
 
 @dataclass
@@ -220,9 +222,10 @@ class DecodedImages(Dataset):
     the device too (``low_res_copy``)."""
 
     def __init__(self, source: ImageSource, refs: list[SampleRef], res: int, on_error: str,
-                 high_dtype: torch.dtype = torch.float32):
+                 high_dtype: torch.dtype = torch.float32, slots: WorkerSlots | None = None):
         self.source, self.refs, self.res, self.on_error = source, refs, res, on_error
         self.high_dtype = high_dtype
+        self.slots = slots                  # decode workers stack their batches there (``decoded_batches``)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -234,14 +237,16 @@ class DecodedImages(Dataset):
             return str(e)
         return high if high.dtype == torch.uint8 else high.to(self.high_dtype)
 
-    def collate(self, items) -> tuple[torch.Tensor, dict[int, str]]:
-        """-> (high [B, res, res, C] (``stack_pixels``), {position in batch: error}); unreadable items are zeros
-        with ``on_error="skip"`` and raise with ``"fail"``."""
+    def collate(self, items) -> tuple[torch.Tensor | SlotBatch, dict[int, str]]:
+        """-> (high [B, res, res, C] (``stack_pixels``; in a decode worker with slots, a ``SlotBatch`` that
+        ``received`` makes the tensor), {position in batch: error}); unreadable items are zeros with
+        ``on_error="skip"`` and raise with ``"fail"``."""
         errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
         if errors and self.on_error != "skip":
             raise FptError(next(iter(errors.values())) + " (pass --on-error skip to skip unreadable files)")
         blank = torch.zeros(self.res, self.res, 1, dtype=torch.uint8)
-        return stack_pixels([blank if i in errors else item for i, item in enumerate(items)], self.high_dtype), errors
+        highs = [blank if i in errors else item for i, item in enumerate(items)]
+        return stack_pixels(highs, self.high_dtype, partial(stack_in_slot, self.slots, stack_batch)), errors
 
 
 def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | None = None,
@@ -269,15 +274,17 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     batches = shard_batches(geometry, shards, batch_size)
     refs = [source.samples[i] for batch in batches for part in batch for i in part.indices]
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
-    images = DecodedImages(source, refs, cfg.res, cfg.on_error, pixel_dtype(cfg.precision, device))
     offsets = np.cumsum([0] + [sum(len(part.indices) for part in b) for b in batches])
-    loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
-                        num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate,
-                        worker_init_fn=start_worker_reusing_memory)    # its image buffers reused
     total, skipped = len(refs), []
     # the device current while the loop runs: its streams are the ones the copies and events follow (cuda:1 too)
     with (torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
-          intra_op_threads(1 if device.type == "cuda" else None)):
+          intra_op_threads(1 if device.type == "cuda" else None),
+          decode_slots(workers, batch_size, cfg.res, pinned=device.type == "cuda") as slots):
+        images = DecodedImages(source, refs, cfg.res, cfg.on_error, pixel_dtype(cfg.precision, device), slots)
+        loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
+                            num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate,
+                            prefetch_factor=PREFETCH if workers else None,
+                            worker_init_fn=start_worker_reusing_memory)    # its image buffers reused
         # the decode workers fork (and start on the first batches) before any writer process starts: a fork while
         # one starts would leave a dead fork server unnoticed (see ShardWriterPool)
         decoded = iter(loader)
@@ -294,7 +301,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
                 waits.warm_up = waits.now() - began
             lead = DeviceLead(waits, (lambda: torch.cuda.Event(blocking=True)) if device.type == "cuda" else None)
             for batch, (high, errors) in zip(batches, waits.batches(decoded)):
-                high = high.to(device, non_blocking=True)                           # [B, res, res, C]
+                high = received(high).to(device, non_blocking=True)                 # [B, res, res, C]
                 out = {**encode_batch(lpm, high, cfg.mean, cfg.std, cfg.precision),
                        "images": low_res_copy(high, cfg.image_res)}
                 start = 0

@@ -8,6 +8,7 @@ Public API:
     SharedArrays, open_shared   arrays handed to other processes through one memory-mapped file
     HandoverSlots, SharedSlot, plan   reusable hand-over files for a stream of shards to writer processes, filled
                            by copying or in place
+    WorkerSlots            reusable memory that helper processes fill and this process reads (decoded batches)
     write_shared_shard     whole-shard writes in a writer process (shared.py says why); start_writer, its
                            initializer; reuse_freed_memory, a helper process's malloc set to reuse big buffers
                            (start_worker_reusing_memory: the same as a DataLoader's worker_init_fn)
@@ -28,11 +29,13 @@ from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
 from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, open_shared, plan, reuse_freed_memory,
-                              start_worker_reusing_memory, start_writer, write_shared_shard)
+                              start_worker_reusing_memory, start_writer, write_shared_shard, WorkerSlots,
+                              shm_has_room)
 from fpt.store.writer import StoreWriter, check_same_extraction
 
 __all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry",
            "choose_samples_per_shard", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter", "as_dask",
            "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
            "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec", "open_shared", "plan",
-           "reuse_freed_memory", "start_worker_reusing_memory", "start_writer", "write_shared_shard"]
+           "reuse_freed_memory", "start_worker_reusing_memory", "start_writer", "write_shared_shard", "WorkerSlots",
+           "shm_has_room"]

@@ -1,0 +1,173 @@
+"""Decoded batches through shared-memory slots reused from batch to batch (``fpt.extract.decoded_batches`` on
+``fpt.store.WorkerSlots``): who may take and free a slot, the batches arriving equal to stacking them here, the
+slots reused, the default way where a slot cannot serve, and extraction giving the same store with them."""
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from fpt.extract import decoded_batches
+from fpt.extract.decoded_batches import SlotBatch, decode_slots, received, stack_in_slot
+from fpt.extract.encode import stack_batch
+from fpt.extract.run import DecodedImages
+from fpt.store import StoreReader, WorkerSlots
+from tests.conftest import micro_config
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_a_worker_takes_only_its_own_slots_and_gets_one_back_only_once_it_is_given():
+    slots = WorkerSlots(workers=2, per_worker=2, size=100)
+    try:
+        assert [slots.take(0), slots.take(0), slots.take(0)] == [0, 1, None]
+        assert [slots.take(1), slots.take(1), slots.take(1)] == [2, 3, None]
+        slots.give(1)
+        assert slots.take(1) is None and slots.take(0) == 1
+        assert slots.size == 4096 and os.path.getsize(slots.path) == 4096 + 4 * 4096
+    finally:
+        slots.close()
+    assert not os.path.exists(slots.path)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_what_a_worker_process_writes_in_a_slot_is_what_this_process_reads(method):
+    """Through a forked process (the DataLoader's default) and a spawned one (the slots pickled: their path)."""
+    slots = WorkerSlots(workers=2, per_worker=1, size=10)
+    try:
+        # a builtin as the target: a spawned child imports fpt, not this test module
+        child = multiprocessing.get_context(method).Process(
+            target=exec, args=("slots.view(slots.take(1), 10)[:] = 7", {"slots": slots}))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert slots.view(1, 10).tolist() == [7] * 10 and slots.take(1) is None       # still the reader's
+        slots.give(1)
+        assert slots.take(1) == 1
+        copy = pickle.loads(pickle.dumps(slots))
+        assert copy.view(1, 10).tolist() == [7] * 10
+    finally:
+        slots.close()
+
+
+def test_a_slot_whose_memory_cannot_be_reserved_is_never_used_again(monkeypatch):
+    """A full /dev/shm refuses a slot's pages when its worker first takes it: no slot, not a SIGBUS later."""
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    slots = WorkerSlots(workers=1, per_worker=2, size=100)
+    try:
+        monkeypatch.setattr(os, "posix_fallocate", full)
+        assert slots.take(0) is None and slots.take(0) is None
+        assert len(calls) == 2                      # each slot tried once
+    finally:
+        slots.close()
+
+
+class Frames:
+    """An image source of random RGB frames (``ref`` indexes them)."""
+
+    def __init__(self, n: int, size: int = 24, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.frames = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+    def load(self, ref):
+        return self.frames[ref]
+
+
+def test_decode_workers_send_their_batches_through_a_few_reused_slots_equal_to_stacking_them_here(monkeypatch):
+    """Twelve batches from two workers arrive as SlotBatches, each equal to collating it in this process, through
+    at most the workers' six slots (no pinning thread: three each), all free again at the end."""
+    n, batch = 36, 3
+    with decode_slots(workers=2, batch_size=batch, res=32, pinned=False) as slots:
+        images = DecodedImages(Frames(n), list(range(n)), 32, "fail", slots=slots)
+        here = DecodedImages(Frames(n), list(range(n)), 32, "fail")
+        used = []
+        real = SlotBatch.take
+
+        def take(self, pinned=False):
+            used.append(self.index)
+            return real(self, pinned)
+
+        monkeypatch.setattr(SlotBatch, "take", take)
+        loader = DataLoader(images, batch_size=batch, num_workers=2, prefetch_factor=2, collate_fn=images.collate)
+        for b, (high, errors) in enumerate(loader):
+            assert isinstance(high, SlotBatch) and errors == {}
+            expected, _ = here.collate([here[i] for i in range(b * batch, (b + 1) * batch)])
+            got = received(high)
+            assert got.dtype == torch.uint8 and torch.equal(got, expected)
+        assert len(used) == n // batch and set(used) <= set(range(6))
+        assert all(slots.take(w) is not None for w in (0, 0, 0, 1, 1, 1))               # every slot given back
+
+
+def test_a_batch_that_fits_no_free_slot_goes_the_default_way(monkeypatch):
+    """Outside a worker, with every slot of the worker taken, or a batch bigger than a slot (16-bit RGB in fp32):
+    ``stack_batch``, the same values."""
+    class Worker:
+        id = 0
+
+    tensors = [torch.full((64, 64, 3), i, dtype=torch.uint8) for i in range(2)]
+    with decode_slots(workers=1, batch_size=2, res=64, pinned=True) as slots:
+        assert isinstance(stack_in_slot(slots, stack_batch, tensors), torch.Tensor)        # not in a worker
+        monkeypatch.setattr(decoded_batches, "get_worker_info", lambda: Worker())
+        sent = [stack_in_slot(slots, stack_batch, tensors) for _ in range(3)]
+        assert [type(s) for s in sent] == [SlotBatch, SlotBatch, torch.Tensor]
+        assert all(torch.equal(received(s), torch.stack(tensors)) for s in sent)
+        floats = [t.float() for t in tensors]
+        assert isinstance(stack_in_slot(slots, stack_batch, floats), torch.Tensor)
+    assert not os.path.exists(slots.path)
+
+
+def test_the_loaders_pinning_thread_takes_a_slot_batch_into_page_locked_memory(monkeypatch):
+    """What the DataLoader's pinning thread does with a collated item ``(SlotBatch, errors)``: the batch taken
+    with ``pinned=True``, the errors as they were (torch's own pinning function, run here)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    asked = []
+    monkeypatch.setattr(SlotBatch, "take", lambda self, pinned=False: asked.append(pinned) or torch.zeros(1))
+    high, errors = pin_memory((SlotBatch("path", 0, (1,), torch.uint8), {1: "unreadable"}))
+    assert asked == [True] and torch.equal(high, torch.zeros(1)) and errors == {1: "unreadable"}
+
+
+@CUDA
+def test_cuda_pinned_loader_gives_page_locked_batches_from_the_slots():
+    n, batch = 12, 3
+    with decode_slots(workers=2, batch_size=batch, res=32, pinned=True) as slots:
+        images = DecodedImages(Frames(n), list(range(n)), 32, "fail", slots=slots)
+        here = DecodedImages(Frames(n), list(range(n)), 32, "fail")
+        loader = DataLoader(images, batch_size=batch, num_workers=2, collate_fn=images.collate, pin_memory=True)
+        for b, (high, _) in enumerate(loader):
+            expected, _ = here.collate([here[i] for i in range(b * batch, (b + 1) * batch)])
+            assert isinstance(high, torch.Tensor) and high.is_pinned() and torch.equal(high, expected)
+
+
+def test_extraction_with_decode_workers_writes_the_same_store_through_the_slots(tmp_path, image_folder, monkeypatch):
+    """Two decode workers, their batches through the slots (counted as the loop receives them), against no
+    workers: every array of the store equal."""
+    from fpt.extract import extract, run
+
+    kinds = []
+    real = run.received
+    monkeypatch.setattr(run, "received", lambda high: kinds.append(type(high).__name__) or real(high))
+    extract(micro_config(image_folder, tmp_path / "plain.zarr", workers=0))
+    assert set(kinds) == {"Tensor"}
+    kinds.clear()
+    extract(micro_config(image_folder, tmp_path / "slots.zarr", workers=2))
+    assert kinds and set(kinds) == {"SlotBatch"}
+    plain, slotted = StoreReader(tmp_path / "plain.zarr"), StoreReader(tmp_path / "slots.zarr")
+    assert len(plain.ids) == len(slotted.ids) > 0
+    names = ("keys", "values", "indices", "images")
+    rows = range(len(plain.ids))
+    for name, a in plain.read(rows, names).items():
+        assert np.array_equal(a, slotted.read(rows, names)[name]), name
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"fpt-shared-{os.getpid()}-")]
