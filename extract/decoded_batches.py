@@ -44,10 +44,15 @@ def decode_slots(workers: int, batch_size: int, res: int, pinned: bool) -> Itera
     it; None without workers or where /dev/shm has no room for them (the DataLoader's default way then, which needs
     it just as much)."""
     size, per_worker = slot_bytes(batch_size, res), slots_per_worker(pinned)
-    if workers <= 0 or not shm_has_room(workers * per_worker * size):    # not a file on disk: the default way
+    slots = None
+    if workers > 0 and shm_has_room(workers * per_worker * size):      # not a file on disk: the default way
+        try:
+            slots = WorkerSlots(workers, per_worker, size)
+        except OSError:                             # only a saving: the DataLoader's way works without it
+            pass
+    if slots is None:
         yield None
         return
-    slots = WorkerSlots(workers, per_worker, size)
     _OPEN[slots.path] = slots
     try:
         yield slots

@@ -128,6 +128,23 @@ def test_a_batch_that_fits_no_free_slot_goes_the_default_way(monkeypatch):
     assert not os.path.exists(slots.path)
 
 
+def test_no_slots_where_dev_shm_has_no_room_for_them_or_refuses_the_file(monkeypatch):
+    """None (the DataLoader's own way) rather than slots in a file on disk, or an error."""
+    with decode_slots(workers=2, batch_size=2, res=8, pinned=True) as slots:
+        assert isinstance(slots, WorkerSlots)
+    monkeypatch.setattr(decoded_batches, "shm_has_room", lambda size: False)
+    with decode_slots(workers=2, batch_size=2, res=8, pinned=True) as slots:
+        assert slots is None
+    monkeypatch.undo()
+
+    def refused(*args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(decoded_batches, "WorkerSlots", refused)
+    with decode_slots(workers=2, batch_size=2, res=8, pinned=True) as slots:
+        assert slots is None
+
+
 def test_the_loaders_pinning_thread_takes_a_slot_batch_into_page_locked_memory(monkeypatch):
     """What the DataLoader's pinning thread does with a collated item ``(SlotBatch, errors)``: the batch taken
     with ``pinned=True``, the errors as they were (torch's own pinning function, run here)."""
