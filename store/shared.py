@@ -281,6 +281,9 @@ class WorkerSlots:
         return None
 
     def _reserve(self, i: int) -> bool:
+        if not hasattr(os, "posix_fallocate"):     # (macOS) unreserved pages could SIGBUS: no slots
+            self._memory()[i] = self.REFUSED
+            return False
         try:
             fd = os.open(self.path, os.O_RDWR)
             try:

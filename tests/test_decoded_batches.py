@@ -72,6 +72,12 @@ def test_a_slot_whose_memory_cannot_be_reserved_is_never_used_again(monkeypatch)
         assert len(calls) == 2                      # each slot tried once
     finally:
         slots.close()
+    slots = WorkerSlots(workers=1, per_worker=1, size=100)
+    try:
+        monkeypatch.delattr(os, "posix_fallocate")  # (macOS has none)
+        assert slots.take(0) is None
+    finally:
+        slots.close()
 
 
 class Frames:
