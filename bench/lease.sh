@@ -34,12 +34,12 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
   FIRST_STEP_ARGS="--model vit_tiny_patch16_224 --res 128:2"
-  DECODE_LOADER_ARGS="--res 128 --images 8 --batch 2 --workers 2 --reps 1"
+  LOADER_SLOTS_ARGS="--res 128 --images 8 --batch 2 --workers 2 --reps 1"
 else
   # Extraction first (the most important issue): its writers now write past the page cache (--direct-io, on
   # against off, with both codecs: what it saves the GPU host's CPUs, cpu_others_ms, and whether its disk keeps
   # up), then where a fresh process's first LPM step goes (first-step), the host's CPU per image (host-cost) and
-  # the decode workers' batches through reused shared-memory slots against fresh ones (decode-loader, 2026-11-28).
+  # the decode workers' batches through reused shared-memory slots against fresh ones (loader-slots, 2026-11-28).
   # Then what the fifth lease (2026-11-27, H200) left open in training: the 12-run sweep in threads against the
   # runs one after another, the captured step's memory with one copy of the batch (train-memory), fpt train
   # again. The plain forward is left out for time (lease 3 measured it on an H100).
@@ -47,7 +47,7 @@ else
   TRAIN_ARGS="--parts train,graph,loop"
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   FIRST_STEP_ARGS="--res 512:32 1024:8"         # where lease 5's 1.8-2.2 s before the first batch went
-  DECODE_LOADER_ARGS="--res 512 --images 1024 --batch 32 --workers 4 --reps 2"   # 8 batches a worker: reuse shows
+  LOADER_SLOTS_ARGS="--res 512 --images 1024 --batch 32 --workers 4 --reps 2"   # 8 batches a worker: reuse shows
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi
@@ -80,7 +80,7 @@ images_ready() {   # once, before the first step that reads them
 # First the CUDA tests (since lease 5: 12 runs in threads on streams of their own, a batch refilled in place,
 # no fork from a run's thread), then the tables; the kernel's tests (unchanged since they passed in lease 3) are
 # tests-kernel.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost decode-loader bench-sweep train-memory bench-train writer-start}; do
+for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost loader-slots bench-sweep train-memory bench-train writer-start}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 300 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
@@ -93,11 +93,11 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost decode-
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     first-step)   step $name 60 $PY -m fpt.bench.first_step $FIRST_STEP_ARGS ;;
     # the decode workers' batches through reused slots against fresh shared memory, with the real pinning thread
-    decode-loader) images_ready; step $name 60 $PY -m fpt.bench.decode_loader $DECODE_LOADER_ARGS ;;
+    loader-slots) images_ready; step $name 60 $PY -m fpt.bench.loader_slots decode $LOADER_SLOTS_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
     tests-cuda)   step $name 240 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
                     tests/test_memory.py tests/test_data.py tests/test_resume.py tests/test_sweep.py \
-                    tests/test_pipeline.py tests/test_train.py tests/test_bench_reference.py tests/test_methods.py tests/test_decoded_batches.py} \
+                    tests/test_pipeline.py tests/test_train.py tests/test_bench_reference.py tests/test_methods.py tests/test_loader_slots.py} \
                     -k "${FPT_LEASE_TESTS_K:-cuda or gpu or peak}" ;;
     *) echo "unknown step $name"; exit 2 ;;
   esac

@@ -27,12 +27,12 @@ from fpt.cluster import dask_client, worker_device
 from fpt.config import ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
-from fpt.extract.decoded_batches import PREFETCH, SlotBatch, decode_slots, received, stack_in_slot
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
 from fpt.extract.images import low_res_copy, lpm_input
 from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
+from fpt.loader_slots import PREFETCH, SlotItem, loader_slots, received, stack_in_slot
 from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
                        WorkerSlots, choose_samples_per_shard, is_url, start_worker_reusing_memory)
 
@@ -225,7 +225,7 @@ class DecodedImages(Dataset):
                  high_dtype: torch.dtype = torch.float32, slots: WorkerSlots | None = None):
         self.source, self.refs, self.res, self.on_error = source, refs, res, on_error
         self.high_dtype = high_dtype
-        self.slots = slots                  # decode workers stack their batches there (``decoded_batches``)
+        self.slots = slots                  # decode workers stack their batches there (``fpt.loader_slots``)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -237,8 +237,8 @@ class DecodedImages(Dataset):
             return str(e)
         return high if high.dtype == torch.uint8 else high.to(self.high_dtype)
 
-    def collate(self, items) -> tuple[torch.Tensor | SlotBatch, dict[int, str]]:
-        """-> (high [B, res, res, C] (``stack_pixels``; in a decode worker with slots, a ``SlotBatch`` that
+    def collate(self, items) -> tuple[torch.Tensor | SlotItem, dict[int, str]]:
+        """-> (high [B, res, res, C] (``stack_pixels``; in a decode worker with slots, a ``SlotItem`` that
         ``received`` makes the tensor), {position in batch: error}); unreadable items are zeros with
         ``on_error="skip"`` and raise with ``"fail"``."""
         errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
@@ -279,7 +279,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     # the device current while the loop runs: its streams are the ones the copies and events follow (cuda:1 too)
     with (torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
           intra_op_threads(1 if device.type == "cuda" else None),
-          decode_slots(workers, batch_size, cfg.res, pinned=device.type == "cuda") as slots):
+          loader_slots(workers, decode_slot_bytes(batch_size, cfg.res), pinned=device.type == "cuda") as slots):
         images = DecodedImages(source, refs, cfg.res, cfg.on_error, pixel_dtype(cfg.precision, device), slots)
         loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                             num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate,
@@ -325,6 +325,12 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
             waits.mark("loop_done")
         waits.mark("writers_done")
     return pool.written, skipped
+
+
+def decode_slot_bytes(batch_size: int, res: int) -> int:
+    """A decode worker's slot (``fpt.loader_slots``): a batch of 8-bit RGB images (grey, and 16-bit grey in half
+    precision, fit too; a bigger batch goes the DataLoader's way)."""
+    return batch_size * res * res * 3
 
 
 def warms_up(device: torch.device, workers: int) -> bool:

@@ -8,7 +8,7 @@ Public API:
     SharedArrays, open_shared   arrays handed to other processes through one memory-mapped file
     HandoverSlots, SharedSlot, plan   reusable hand-over files for a stream of shards to writer processes, filled
                            by copying or in place
-    WorkerSlots            reusable memory that helper processes fill and this process reads (decoded batches)
+    WorkerSlots            reusable memory that helper processes fill and this process reads (DataLoader items)
     write_shared_shard     whole-shard writes in a writer process (shared.py says why); start_writer, its
                            initializer; reuse_freed_memory, a helper process's malloc set to reuse big buffers
                            (start_worker_reusing_memory: the same as a DataLoader's worker_init_fn)

@@ -1,6 +1,6 @@
 """Arrays handed to other processes on this machine through memory-mapped files: a shard's arrays to a writer
 process (``HandoverSlots``, ``write_shared_shard``), a store split to the concurrent runs of a sweep
-(``SharedArrays``); and back from them: the decoded batches of extraction's DataLoader workers (``WorkerSlots``).
+(``SharedArrays``); and back from them: what DataLoader workers send (``WorkerSlots``).
 
 Why processes: zarr runs every synchronous call of a process on one event-loop thread, and that thread does part
 of each write itself (the bytes and checksum codecs, assembling the shard from its encoded chunks: memory copies
@@ -227,13 +227,13 @@ class HandoverSlots:
 
 class WorkerSlots:
     """Memory that helper processes fill and this process reads, reused from hand-over to hand-over: ``per_worker``
-    slots of ``size`` bytes for each of ``workers`` processes (DataLoader workers: extraction's decoded batches),
-    all in one file under /dev/shm that each process maps once.
+    slots of ``size`` bytes for each of ``workers`` processes (DataLoader workers: extraction's decoded batches,
+    training's read windows), all in one file under /dev/shm that each process maps once.
 
-    Why: a DataLoader worker otherwise sends each batch in fresh shared memory, whose pages are allocated and
+    Why: a DataLoader worker otherwise sends each item in fresh shared memory, whose pages are allocated and
     zeroed on first touch in the worker and faulted in again by the reader (dev box, 2 decode workers, 1024 px
-    RGB PNGs: 16.8-17.3 ms of a worker's CPU per image that way, 14.7-14.9 through these slots;
-    ``python -m fpt.bench.decode_loader``).
+    RGB PNGs: 17.3-18.0 ms of a worker's CPU per image that way, 15.0-15.5 through these slots;
+    ``python -m fpt.bench.loader_slots``). ``fpt.loader_slots`` puts torch tensors through them.
 
     Protocol, with no lock: worker ``w`` calls ``take(w)`` for a slot of its own (None when all of them are in
     use: the caller falls back to its usual path, so a miscount never blocks), fills ``view(i, nbytes)`` and sends

@@ -28,7 +28,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
 from fpt.config import AugmentConfig
-from fpt.store import StoreReader, open_shared, start_worker_reusing_memory
+from fpt.loader_slots import PREFETCH, loader_slots, put_in_slot, received
+from fpt.store import StoreReader, WorkerSlots, open_shared, start_worker_reusing_memory
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
 DRAWS = 9                     # uniform random numbers per image of the training augmentation (SideInput.params)
@@ -236,8 +237,10 @@ class _WindowReads(Dataset):
     """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors, or
     ``{"error": message}`` so that a store problem in a worker process reaches the user as one clear line."""
 
-    def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray]):
+    def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray],
+                 slots: WorkerSlots | None = None):
         self.path, self.names, self.windows = path, names, windows
+        self.slots = slots              # a reader process puts its windows there (``fpt.loader_slots``)
         self._reader: StoreReader | None = None
 
     def __len__(self) -> int:
@@ -250,7 +253,7 @@ class _WindowReads(Dataset):
             arrays = self._reader.read(self.windows[i], self.names)
         except FptError as e:
             return {"error": str(e)}
-        return {n: torch.from_numpy(a) for n, a in arrays.items()}
+        return put_in_slot(self.slots, {n: torch.from_numpy(a) for n, a in arrays.items()})
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None}
@@ -313,6 +316,11 @@ class StreamSplit:
         self.shards = [indices[shard_of == s] for s in np.unique(shard_of)]   # sorted store indices per shard
         self.n = len(indices)
         self.window_samples = window_samples or max(1, WINDOW_BYTES // sample_bytes(reader, names))
+        # the largest window ``windows`` makes (shards added until it holds window_samples), with its labels and
+        # each array 64-byte aligned: the size of a reader's slots
+        longest = self.window_samples - 1 + max(map(len, self.shards), default=1)
+        per_sample = sample_bytes(reader, names) + reader.labels.itemsize
+        self.window_bytes = longest * per_sample + 64 * (len(names) + 1)
 
     def __len__(self) -> int:
         return self.n
@@ -330,13 +338,19 @@ class StreamSplit:
         return windows
 
     def _window_arrays(self, windows: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
-        reads = _WindowReads(self.path, self.names, windows)
         if self.workers == 0:
-            return _prefetched(reads[i] for i in range(len(reads)))
-        # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3 ->
-        # 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
-        return iter(DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=2,
-                               pin_memory=self.device.type == "cuda", worker_init_fn=start_worker_reusing_memory))
+            reads = _WindowReads(self.path, self.names, windows)
+            yield from _prefetched(reads[i] for i in range(len(reads)))
+            return
+        pinned = self.device.type == "cuda"
+        # a window crosses from its reader in one of the reader's slots, reused from window to window
+        with loader_slots(self.workers, self.window_bytes, pinned) as slots:
+            reads = _WindowReads(self.path, self.names, windows, slots)
+            # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3
+            # -> 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
+            for arrays in DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH,
+                                     pin_memory=pinned, worker_init_fn=start_worker_reusing_memory):
+                yield received(arrays)
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:

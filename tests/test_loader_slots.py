@@ -1,6 +1,7 @@
-"""Decoded batches through shared-memory slots reused from batch to batch (``fpt.extract.decoded_batches`` on
-``fpt.store.WorkerSlots``): who may take and free a slot, the batches arriving equal to stacking them here, the
-slots reused, the default way where a slot cannot serve, and extraction giving the same store with them."""
+"""DataLoader workers' items through shared-memory slots reused from item to item (``fpt.loader_slots`` on
+``fpt.store.WorkerSlots``): who may take and free a slot, the items arriving equal to the default way's, the
+slots reused, the default way where a slot cannot serve, and extraction and streamed training giving the same
+results with them."""
 from __future__ import annotations
 
 import errno
@@ -14,12 +15,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from fpt.extract import decoded_batches
-from fpt.extract.decoded_batches import SlotBatch, decode_slots, received, stack_in_slot
+from fpt import loader_slots as slots_module
 from fpt.extract.encode import stack_batch
-from fpt.extract.run import DecodedImages
+from fpt.extract.run import DecodedImages, decode_slot_bytes
+from fpt.loader_slots import SlotItem, loader_slots, put_in_slot, received, stack_in_slot
 from fpt.store import StoreReader, WorkerSlots
-from tests.conftest import micro_config
+from tests.conftest import micro_config, write_image_folder
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -92,23 +93,23 @@ class Frames:
 
 
 def test_decode_workers_send_their_batches_through_a_few_reused_slots_equal_to_stacking_them_here(monkeypatch):
-    """Twelve batches from two workers arrive as SlotBatches, each equal to collating it in this process, through
+    """Twelve batches from two workers arrive as SlotItemes, each equal to collating it in this process, through
     at most the workers' six slots (no pinning thread: three each), all free again at the end."""
     n, batch = 36, 3
-    with decode_slots(workers=2, batch_size=batch, res=32, pinned=False) as slots:
+    with loader_slots(2, decode_slot_bytes(batch, 32), pinned=False) as slots:
         images = DecodedImages(Frames(n), list(range(n)), 32, "fail", slots=slots)
         here = DecodedImages(Frames(n), list(range(n)), 32, "fail")
         used = []
-        real = SlotBatch.take
+        real = SlotItem.take
 
         def take(self, pinned=False):
             used.append(self.index)
             return real(self, pinned)
 
-        monkeypatch.setattr(SlotBatch, "take", take)
+        monkeypatch.setattr(SlotItem, "take", take)
         loader = DataLoader(images, batch_size=batch, num_workers=2, prefetch_factor=2, collate_fn=images.collate)
         for b, (high, errors) in enumerate(loader):
-            assert isinstance(high, SlotBatch) and errors == {}
+            assert isinstance(high, SlotItem) and errors == {}
             expected, _ = here.collate([here[i] for i in range(b * batch, (b + 1) * batch)])
             got = received(high)
             assert got.dtype == torch.uint8 and torch.equal(got, expected)
@@ -123,11 +124,11 @@ def test_a_batch_that_fits_no_free_slot_goes_the_default_way(monkeypatch):
         id = 0
 
     tensors = [torch.full((64, 64, 3), i, dtype=torch.uint8) for i in range(2)]
-    with decode_slots(workers=1, batch_size=2, res=64, pinned=True) as slots:
+    with loader_slots(1, decode_slot_bytes(2, 64), pinned=True) as slots:
         assert isinstance(stack_in_slot(slots, stack_batch, tensors), torch.Tensor)        # not in a worker
-        monkeypatch.setattr(decoded_batches, "get_worker_info", lambda: Worker())
+        monkeypatch.setattr(slots_module, "get_worker_info", lambda: Worker())
         sent = [stack_in_slot(slots, stack_batch, tensors) for _ in range(3)]
-        assert [type(s) for s in sent] == [SlotBatch, SlotBatch, torch.Tensor]
+        assert [type(s) for s in sent] == [SlotItem, SlotItem, torch.Tensor]
         assert all(torch.equal(received(s), torch.stack(tensors)) for s in sent)
         floats = [t.float() for t in tensors]
         assert isinstance(stack_in_slot(slots, stack_batch, floats), torch.Tensor)
@@ -136,36 +137,36 @@ def test_a_batch_that_fits_no_free_slot_goes_the_default_way(monkeypatch):
 
 def test_no_slots_where_dev_shm_has_no_room_for_them_or_refuses_the_file(monkeypatch):
     """None (the DataLoader's own way) rather than slots in a file on disk, or an error."""
-    with decode_slots(workers=2, batch_size=2, res=8, pinned=True) as slots:
+    with loader_slots(2, decode_slot_bytes(2, 8), pinned=True) as slots:
         assert isinstance(slots, WorkerSlots)
-    monkeypatch.setattr(decoded_batches, "shm_has_room", lambda size: False)
-    with decode_slots(workers=2, batch_size=2, res=8, pinned=True) as slots:
+    monkeypatch.setattr(slots_module, "shm_has_room", lambda size: False)
+    with loader_slots(2, decode_slot_bytes(2, 8), pinned=True) as slots:
         assert slots is None
     monkeypatch.undo()
 
     def refused(*args):
         raise OSError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(decoded_batches, "WorkerSlots", refused)
-    with decode_slots(workers=2, batch_size=2, res=8, pinned=True) as slots:
+    monkeypatch.setattr(slots_module, "WorkerSlots", refused)
+    with loader_slots(2, decode_slot_bytes(2, 8), pinned=True) as slots:
         assert slots is None
 
 
 def test_the_loaders_pinning_thread_takes_a_slot_batch_into_page_locked_memory(monkeypatch):
-    """What the DataLoader's pinning thread does with a collated item ``(SlotBatch, errors)``: the batch taken
+    """What the DataLoader's pinning thread does with a collated item ``(SlotItem, errors)``: the batch taken
     with ``pinned=True``, the errors as they were (torch's own pinning function, run here)."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
     asked = []
-    monkeypatch.setattr(SlotBatch, "take", lambda self, pinned=False: asked.append(pinned) or torch.zeros(1))
-    high, errors = pin_memory((SlotBatch("path", 0, (1,), torch.uint8), {1: "unreadable"}))
+    monkeypatch.setattr(SlotItem, "take", lambda self, pinned=False: asked.append(pinned) or torch.zeros(1))
+    high, errors = pin_memory((SlotItem("path", 0, ((None, 0, (1,), torch.uint8),)), {1: "unreadable"}))
     assert asked == [True] and torch.equal(high, torch.zeros(1)) and errors == {1: "unreadable"}
 
 
 @CUDA
 def test_cuda_pinned_loader_gives_page_locked_batches_from_the_slots():
     n, batch = 12, 3
-    with decode_slots(workers=2, batch_size=batch, res=32, pinned=True) as slots:
+    with loader_slots(2, decode_slot_bytes(batch, 32), pinned=True) as slots:
         images = DecodedImages(Frames(n), list(range(n)), 32, "fail", slots=slots)
         here = DecodedImages(Frames(n), list(range(n)), 32, "fail")
         loader = DataLoader(images, batch_size=batch, num_workers=2, collate_fn=images.collate, pin_memory=True)
@@ -186,7 +187,7 @@ def test_extraction_with_decode_workers_writes_the_same_store_through_the_slots(
     assert set(kinds) == {"Tensor"}
     kinds.clear()
     extract(micro_config(image_folder, tmp_path / "slots.zarr", workers=2))
-    assert kinds and set(kinds) == {"SlotBatch"}
+    assert kinds and set(kinds) == {"SlotItem"}
     plain, slotted = StoreReader(tmp_path / "plain.zarr"), StoreReader(tmp_path / "slots.zarr")
     assert len(plain.ids) == len(slotted.ids) > 0
     names = ("keys", "values", "indices", "images")
@@ -194,3 +195,50 @@ def test_extraction_with_decode_workers_writes_the_same_store_through_the_slots(
     for name, a in plain.read(rows, names).items():
         assert np.array_equal(a, slotted.read(rows, names)[name]), name
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"fpt-shared-{os.getpid()}-")]
+
+
+def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
+    """``put_in_slot``, as a store reader sends a window: arrays of several dtypes and shapes (an empty one too)
+    laid out in one slot, given back equal, with their dtypes; the default way (the dict itself) where none fits."""
+    class Worker:
+        id = 1
+
+    rng = np.random.default_rng(0)
+    window = {"keys": torch.from_numpy(rng.standard_normal((3, 2, 5)).astype(np.float16)),
+              "labels": torch.tensor([2, 0, 1]), "images": torch.from_numpy(rng.integers(0, 256, (3, 4, 4, 3),
+                                                                                          dtype=np.uint8)),
+              "none": torch.zeros((0, 7), dtype=torch.bfloat16)}
+    with loader_slots(2, 4096, pinned=True) as slots:
+        assert put_in_slot(slots, window) is window                                # not in a worker
+        monkeypatch.setattr(slots_module, "get_worker_info", lambda: Worker())
+        sent = put_in_slot(slots, window)
+        assert isinstance(sent, SlotItem) and sent.index in (2, 3)                 # worker 1's slots
+        got = received(sent)
+        assert got.keys() == window.keys()
+        assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in window.items())
+        big = {"keys": torch.zeros(4096, dtype=torch.uint8), "labels": torch.tensor([1])}
+        assert put_in_slot(slots, big) is big
+
+
+def test_streamed_windows_cross_from_their_readers_in_slots_and_give_the_same_batches(tmp_path, monkeypatch):
+    """``fpt train --cache none`` with two reader processes: every window arrives as a SlotItem, and the epoch's
+    batches equal those read in this process (no workers), shuffled the same."""
+    from fpt.extract import extract
+    from fpt.train import data
+
+    out = tmp_path / "s.zarr"
+    extract(micro_config(write_image_folder(tmp_path / "data", {"train": 7, "val": 1, "test": 1}), out,
+                         samples_per_shard=3))
+    kinds = []
+    real = data.received
+    monkeypatch.setattr(data, "received", lambda item: kinds.append(type(item).__name__) or real(item))
+    cpu, names = torch.device("cpu"), ("images", "keys", "values")
+    epochs = {}
+    for workers in (0, 2):
+        split = data.StreamSplit(StoreReader(out), "train", names, cpu, workers=workers, window_samples=4)
+        epochs[workers] = [{n: t.clone() for n, t in b.items()}
+                           for b in split.batches(3, shuffle=True, rng=np.random.default_rng(5))]
+    assert kinds and set(kinds) == {"SlotItem"}
+    assert len(epochs[0]) == len(epochs[2]) == 5
+    for a, b in zip(epochs[0], epochs[2]):
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
