@@ -220,25 +220,29 @@ def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
         assert put_in_slot(slots, big) is big
 
 
-def test_streamed_windows_cross_from_their_readers_in_slots_and_give_the_same_batches(tmp_path, monkeypatch):
-    """``fpt train --cache none`` with two reader processes: every window arrives as a SlotItem, and the epoch's
-    batches equal those read in this process (no workers), shuffled the same."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_streamed_windows_cross_from_their_readers_in_slots_and_give_the_same_batches(tmp_path, monkeypatch,
+                                                                                       device):
+    """``fpt train --cache none`` with two reader processes: every window arrives as a SlotItem (on CUDA through
+    the pinning thread), and the epoch's batches equal those read in this process (no workers), shuffled the
+    same."""
     from fpt.extract import extract
     from fpt.train import data
 
     out = tmp_path / "s.zarr"
     extract(micro_config(write_image_folder(tmp_path / "data", {"train": 7, "val": 1, "test": 1}), out,
                          samples_per_shard=3))
-    kinds = []
-    real = data.received
-    monkeypatch.setattr(data, "received", lambda item: kinds.append(type(item).__name__) or real(item))
-    cpu, names = torch.device("cpu"), ("images", "keys", "values")
+    taken = []
+    real = SlotItem.take
+    monkeypatch.setattr(SlotItem, "take", lambda self, pinned=False: taken.append(pinned) or real(self, pinned))
+    names = ("images", "keys", "values")
     epochs = {}
     for workers in (0, 2):
-        split = data.StreamSplit(StoreReader(out), "train", names, cpu, workers=workers, window_samples=4)
-        epochs[workers] = [{n: t.clone() for n, t in b.items()}
+        split = data.StreamSplit(StoreReader(out), "train", names, torch.device(device), workers=workers,
+                                 window_samples=4)
+        epochs[workers] = [{n: t.cpu().clone() for n, t in b.items()}
                            for b in split.batches(3, shuffle=True, rng=np.random.default_rng(5))]
-    assert kinds and set(kinds) == {"SlotItem"}
+    assert len(taken) == len(split.windows(True, np.random.default_rng(5))) and set(taken) == {device == "cuda"}
     assert len(epochs[0]) == len(epochs[2]) == 5
     for a, b in zip(epochs[0], epochs[2]):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
