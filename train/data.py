@@ -234,8 +234,9 @@ class MemorySplit:
 
 
 class _WindowReads(Dataset):
-    """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors, or
-    ``{"error": message}`` so that a store problem in a worker process reaches the user as one clear line."""
+    """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors (in a
+    reader process with ``slots``, a ``SlotItem`` of them that ``received`` gives back), or ``{"error": message}``
+    so that a store problem in a worker process reaches the user as one clear line."""
 
     def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray],
                  slots: WorkerSlots | None = None):
