@@ -66,17 +66,13 @@ class SharedSlot:
     reader is done. ``close`` removes the file."""
 
     def __init__(self, size: int):
-        self.size = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE      # whole pages (e.g. to page-lock)
-        remove_stale()
-        fd, self.path = tempfile.mkstemp(prefix=f"fpt-shared-{os.getpid()}-", dir=handover_folder(self.size))
+        self.size = whole_pages(size)                                       # (e.g. to page-lock)
+        self.path = new_shared_file(self.size)
         try:
-            os.ftruncate(fd, self.size)
             self._memory: np.memmap | None = np.memmap(self.path, np.uint8, "r+", shape=(self.size,))
         except BaseException:
             self.close()
             raise
-        finally:
-            os.close(fd)
 
     def put(self, arrays: Mapping[str, np.ndarray]) -> tuple[str, Spec]:
         spec = layout(arrays)[0]
@@ -247,19 +243,11 @@ class WorkerSlots:
 
     def __init__(self, workers: int, per_worker: int, size: int):
         self.workers, self.per_worker = workers, per_worker
-        self.size = -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.size = whole_pages(size)
         self.count = workers * per_worker
-        self.header = -(-self.count // mmap.PAGESIZE) * mmap.PAGESIZE
-        remove_stale()
-        total = self.header + self.count * self.size
-        fd, self.path = tempfile.mkstemp(prefix=f"fpt-shared-{os.getpid()}-", dir=handover_folder(total))
-        try:
-            os.ftruncate(fd, total)             # sparse: a slot's pages exist once its worker reserves them
-        except BaseException:
-            os.close(fd)
-            self.close()
-            raise
-        os.close(fd)
+        self.header = whole_pages(self.count)
+        # sparse: a slot's pages exist once its worker reserves them
+        self.path = new_shared_file(self.header + self.count * self.size)
         self._owner = os.getpid()
         self._mapped: tuple[int, np.memmap] | None = None
 
@@ -311,6 +299,26 @@ class WorkerSlots:
         self._mapped = None
         if os.getpid() == getattr(self, "_owner", os.getpid()):
             Path(self.path).unlink(missing_ok=True)
+
+
+def whole_pages(size: int) -> int:
+    """``size`` bytes rounded up to whole pages (at least one)."""
+    return -(-max(size, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def new_shared_file(size: int) -> str:
+    """The path of a new file of ``size`` bytes (sparse) in ``handover_folder``, named after this process so that
+    ``remove_stale`` removes it once the process is gone."""
+    remove_stale()
+    fd, path = tempfile.mkstemp(prefix=f"fpt-shared-{os.getpid()}-", dir=handover_folder(size))
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        Path(path).unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    return path
 
 
 _cleaned: list[bool] = []
