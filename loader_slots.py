@@ -9,10 +9,11 @@ larger than a slot, goes the default way. A loader's slots live in one file unde
 per worker where the loader pins (its prefetch), so no more than the DataLoader itself would hold in flight.
 
 Two users: extraction's decode workers (``stack_in_slot``: a batch of decoded images stacked straight into the
-slot) and training's store readers (``put_in_slot``: a window of shards). Measured (dev box, 2 workers,
-``python -m fpt.bench.loader_slots``, 2026-11-28): a decode worker's CPU per 1024 px PNG 17.3-18.0 -> 15.0-15.5
-ms (the kernel's part of it 2.9-3.1 -> 0.6-0.7); a store reader's per ViT-B/512 sample 9.0-13.5 -> 6.8-7.6 ms;
-bench/README.md.
+slot) and training's store readers (``fill_slot``: a window of shards decompressed straight into the slot).
+Measured (dev box, 2 workers, ``python -m fpt.bench.loader_slots``, 2026-11-28): a decode worker's CPU per 1024 px
+PNG 17.3-18.0 -> 15.0-15.5 ms (the kernel's part of it 2.9-3.1 -> 0.6-0.7); a store reader's per ViT-B/512 sample
+9.0-13.5 -> 6.8-7.6 ms, and reading into the slot rather than copying a window there takes a window (256 MB) off
+each reader's own memory; bench/README.md.
 """
 from __future__ import annotations
 
@@ -99,27 +100,17 @@ def stack_in_slot(slots: WorkerSlots | None, fallback: Callable[[Sequence[torch.
     """``torch.stack(tensors)`` into a free slot of this worker's, sent as a ``SlotItem``; ``fallback`` (the
     default way) outside a worker, without slots, with none free or when the stack does not fit."""
     shape = (len(tensors), *tensors[0].shape)
-    item = _in_slot(slots, {None: (shape, tensors[0].dtype)},
+    item = fill_slot(slots, {None: (shape, tensors[0].dtype)},
                     lambda views: torch.stack(list(tensors), out=views[None]))
     return fallback(tensors) if item is None else item
 
 
-def put_in_slot(slots: WorkerSlots | None, tensors: Mapping[str, torch.Tensor]
-                ) -> Mapping[str, torch.Tensor] | SlotItem:
-    """``tensors`` copied into a free slot of this worker's, sent as a ``SlotItem``; as they are outside a worker,
-    without slots, with none free or when they do not fit."""
-    def fill(views: dict) -> None:
-        for name, view in views.items():
-            view.copy_(tensors[name])
-
-    item = _in_slot(slots, {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}, fill)
-    return tensors if item is None else item
-
-
-def _in_slot(slots: WorkerSlots | None, shapes: dict[str | None, tuple[tuple[int, ...], torch.dtype]],
-             fill: Callable[[dict], object]) -> SlotItem | None:
-    """A free slot of this worker's, laid out for ``shapes`` and filled by ``fill(views)``, as a SlotItem; None
-    where there is none."""
+def fill_slot(slots: WorkerSlots | None, shapes: Mapping[str | None, tuple[tuple[int, ...], torch.dtype]],
+              fill: Callable[[dict[str | None, torch.Tensor]], object]) -> SlotItem | None:
+    """A free slot of this worker's, laid out for ``shapes`` (name -> (shape, dtype); the name None for an item
+    that is one tensor) and filled by ``fill(views)`` (name -> a tensor of that shape in the slot), sent as a
+    ``SlotItem``; None outside a worker, without slots, with none free or when the item does not fit (the
+    default way then). A ``fill`` that raises gives the slot back."""
     worker = get_worker_info()
     if slots is None or worker is None:
         return None

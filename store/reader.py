@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import zarr
+from zarr.buffer.cpu import NDBuffer
 
 if TYPE_CHECKING:
     import dask.array
@@ -85,7 +86,8 @@ class StoreReader:
             raise FptError(f"{self.path}: the {split} split is empty")
         return idx
 
-    def read(self, idx: Iterable[int], names: Iterable[str] = ("keys", "values", "images")) -> dict[str, np.ndarray]:
+    def read(self, idx: Iterable[int], names: Iterable[str] = ("keys", "values", "images"),
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Arrays for the samples ``idx`` (any order; returned in that order) plus their ``labels``.
 
         Rows are sorted and read as slices that decompress each chunk once (zarr's integer indexing costs ~30x
@@ -93,6 +95,10 @@ class StoreReader:
         those of one chunk read with them and dropped (a chunk is decompressed whole anyway). What is already in
         place is not copied again: a slice of consecutive rows as read, one slice without a concatenation,
         sorted ``idx`` without reordering (a streamed window: whole shards in store order).
+
+        ``out``: where to put some of them (name -> array of ``row_layout``'s shape and dtype with ``len(idx)``
+        rows in front), returned as given. With sorted ``idx``, consecutive rows are decompressed straight into
+        it: a streamed window lands where its reader sends it from (``fpt.loader_slots``), with no copy.
         """
         idx = np.asarray(idx, dtype=np.int64)
         in_order = bool(np.all(idx[1:] >= idx[:-1]))
@@ -101,19 +107,54 @@ class StoreReader:
             order = np.argsort(idx, kind="stable")
             sorted_idx, inverse = idx[order], np.empty_like(order)
             inverse[order] = np.arange(len(order))
-        out: dict[str, np.ndarray] = {}
+        names, out = tuple(names), dict(out or {})
+        if not set(out) <= {*names, "labels"}:
+            raise ValueError(f"out names {sorted(set(out) - {*names, 'labels'})}, which are not read")
+        layout = self.row_layout(names)
+        for name, target in out.items():
+            shape, dtype = layout[name]
+            if target.shape != (len(idx), *shape) or target.dtype != dtype or not target.flags.c_contiguous:
+                raise ValueError(f"out[{name!r}] is {target.dtype} {target.shape}, not C-contiguous "
+                                 f"{dtype} {(len(idx), *shape)}")
+        result: dict[str, np.ndarray] = {}
         for name in names:
-            array = self.group[name]
+            array, target = self.group[name], out.get(name)
             try:
-                pieces = [_rows(array, span) for span in chunk_spans(sorted_idx, array.chunks[0])]
+                spans = chunk_spans(sorted_idx, array.chunks[0])
+                if target is not None and inverse is None:
+                    _rows_into(array, spans, target)
+                    result[name] = target
+                    continue
+                pieces = [_rows(array, span) for span in spans]
             except Exception as e:
                 raise FptError(f"{self.path}: cannot read {name!r} for samples "
                                f"{list(self.ids[sorted_idx][:5])}... ({type(e).__name__}: {e})") from None
             data = (np.zeros((0, *array.shape[1:]), dtype=array.dtype) if not pieces else
                     pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
-            out[name] = data if inverse is None else data[inverse]
-        out["labels"] = self.labels[idx]
-        return out
+            data = data if inverse is None else data[inverse]
+            if target is not None:
+                target[...] = data
+            result[name] = data if target is None else target
+        result["labels"] = self.labels[idx] if "labels" not in out else np.take(self.labels, idx, out=out["labels"])
+        return result
+
+    def row_layout(self, names: Iterable[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each of ``names``' (and ``labels``') shape and dtype per sample, as ``read`` returns them."""
+        layout = {name: (tuple(self.group[name].shape[1:]), np.dtype(self.group[name].dtype)) for name in names}
+        return {**layout, "labels": ((), self.labels.dtype)}
+
+
+def _rows_into(array: zarr.Array, spans: list[np.ndarray], target: np.ndarray) -> None:
+    """``_rows`` of each span, one after another in ``target`` (C-contiguous): a slice of consecutive rows
+    decompressed straight into its place."""
+    start = 0
+    for span in spans:
+        rows = target[start:start + len(span)]
+        if np.all(np.diff(span) == 1):
+            array.get_basic_selection(slice(span[0], span[-1] + 1), out=NDBuffer.from_numpy_array(rows))
+        else:
+            rows[...] = _rows(array, span)
+        start += len(span)
 
 
 def _rows(array: zarr.Array, span: np.ndarray) -> np.ndarray:

@@ -127,7 +127,7 @@ def test_a_split_streamed_from_a_thread_other_than_the_main_one_never_forks(stor
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_store_error_while_streaming_is_one_line(store, monkeypatch, workers):
-    def store_gone(*args):
+    def store_gone(*args, **kwargs):
         raise FptError("s3://b/x.zarr: cannot reach the store (ConnectionError)")
 
     monkeypatch.setattr(StoreReader, "read", store_gone)                  # inherited by forked workers

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from fpt import loader_slots as slots_module
 from fpt.extract.encode import stack_batch
 from fpt.extract.run import DecodedImages, decode_slot_bytes
-from fpt.loader_slots import SlotItem, loader_slots, put_in_slot, received, stack_in_slot
+from fpt.loader_slots import SlotItem, fill_slot, loader_slots, received, stack_in_slot
 from fpt.store import StoreReader, WorkerSlots
 from tests.conftest import micro_config, write_image_folder
 
@@ -198,8 +198,9 @@ def test_extraction_with_decode_workers_writes_the_same_store_through_the_slots(
 
 
 def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
-    """``put_in_slot``, as a store reader sends a window: arrays of several dtypes and shapes (an empty one too)
-    laid out in one slot, given back equal, with their dtypes; the default way (the dict itself) where none fits."""
+    """``fill_slot``, as a store reader sends a window: arrays of several dtypes and shapes (an empty one too)
+    laid out in one slot, given back equal, with their dtypes; None (the default way) outside a worker or where
+    the item does not fit; a fill that fails gives its slot back."""
     class Worker:
         id = 1
 
@@ -208,16 +209,28 @@ def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
               "labels": torch.tensor([2, 0, 1]), "images": torch.from_numpy(rng.integers(0, 256, (3, 4, 4, 3),
                                                                                           dtype=np.uint8)),
               "none": torch.zeros((0, 7), dtype=torch.bfloat16)}
+    shapes = {n: (tuple(t.shape), t.dtype) for n, t in window.items()}
+
+    def fill(views):
+        for n, view in views.items():
+            view.copy_(window[n])
+
     with loader_slots(2, 4096, pinned=True) as slots:
-        assert put_in_slot(slots, window) is window                                # not in a worker
+        assert fill_slot(slots, shapes, fill) is None                              # not in a worker
         monkeypatch.setattr(slots_module, "get_worker_info", lambda: Worker())
-        sent = put_in_slot(slots, window)
+        sent = fill_slot(slots, shapes, fill)
         assert isinstance(sent, SlotItem) and sent.index in (2, 3)                 # worker 1's slots
         got = received(sent)
         assert got.keys() == window.keys()
         assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in window.items())
-        big = {"keys": torch.zeros(4096, dtype=torch.uint8), "labels": torch.tensor([1])}
-        assert put_in_slot(slots, big) is big
+        assert fill_slot(slots, {"keys": ((4096,), torch.uint8), "labels": ((1,), torch.int64)}, fill) is None
+
+        def fails(views):
+            raise OSError("unreadable")
+
+        with pytest.raises(OSError):
+            fill_slot(slots, shapes, fails)
+        assert [fill_slot(slots, shapes, fill).index for _ in range(2)] == [2, 3]  # both free again
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])

@@ -36,8 +36,23 @@ def test_round_trip_is_identical(tmp_path):
         for name in ("keys", "images"):
             np.testing.assert_array_equal(some[name], every[name][idx])
             assert some[name].flags.writeable and some[name].shape[0] == len(idx)
+        # into arrays given (a reader's slot): filled in place, whatever the order; labels too
+        layout = r.row_layout(("keys", "images"))
+        out = {n: np.full((len(idx), *shape), 7, dtype) for n, (shape, dtype) in layout.items() if n != "images"}
+        into = r.read(idx, ("keys", "images"), out=out)
+        assert into["keys"] is out["keys"] and into["labels"] is out["labels"]
+        for name in ("keys", "images", "labels"):
+            np.testing.assert_array_equal(into[name], some[name])
 
     any_rows_in_any_order()
+    layout = r.row_layout(("keys",))
+    assert layout == {"keys": (every["keys"].shape[1:], every["keys"].dtype), "labels": ((), np.dtype(np.int64))}
+    for wrong in (np.empty((2, *layout["keys"][0]), np.float32), np.empty((3, *layout["keys"][0]), np.float16)[::-1],
+                  np.empty((4, *layout["keys"][0]), np.float16)):
+        with pytest.raises(ValueError):
+            r.read([0, 1, 2] if len(wrong) != 2 else [0, 1], ("keys",), out={"keys": wrong})
+    with pytest.raises(ValueError):
+        r.read([0], ("keys",), out={"images": np.empty((1, *every["images"].shape[1:]), np.uint8)})
     some = r.read([5, 0, 3], ("keys",))
     np.testing.assert_array_equal(some["labels"], [1, 0, 1])
     assert list(r.ids) == [f"s{i}" for i in range(7)] and r.classes == ["a", "b"]

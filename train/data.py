@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
 from fpt.config import AugmentConfig
-from fpt.loader_slots import PREFETCH, loader_slots, put_in_slot, received
+from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, received
 from fpt.store import StoreReader, WorkerSlots, open_shared, start_worker_reusing_memory
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
@@ -247,14 +247,22 @@ class _WindowReads(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | SlotItem:
+        window = self.windows[i]
         try:
             if self._reader is None:                                           # one reader per worker process
                 self._reader = StoreReader(self.path)
-            arrays = self._reader.read(self.windows[i], self.names)
+            shapes = {name: ((len(window), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
+                      for name, (shape, dtype) in self._reader.row_layout(self.names).items()}
+            # decompressed straight into the slot it crosses in; where there is none, read as usual
+            sent = fill_slot(self.slots, shapes, lambda views: self._reader.read(
+                window, self.names, out={name: view.numpy() for name, view in views.items()}))
+            if sent is not None:
+                return sent
+            arrays = self._reader.read(window, self.names)
         except FptError as e:
             return {"error": str(e)}
-        return put_in_slot(self.slots, {n: torch.from_numpy(a) for n, a in arrays.items()})
+        return {n: torch.from_numpy(a) for n, a in arrays.items()}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None}
