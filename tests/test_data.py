@@ -137,6 +137,34 @@ def test_a_store_error_while_streaming_is_one_line(store, monkeypatch, workers):
     assert str(e.value) == "s3://b/x.zarr: cannot reach the store (ConnectionError)"       # no traceback text
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_batches_are_the_windows_rows_in_their_order_cut_into_batches(store, device, workers):
+    """Whatever the batch size against the windows (a batch may take rows from several), an epoch's batches are
+    the windows' rows, each window in its own shuffled order, one window after another, cut into batches (the
+    last one partial unless drop_last): the plain definition, against the batches gathered from each window
+    where it went (on CUDA the device, a CPU the host)."""
+    from itertools import product
+
+    reader = StoreReader(store)
+    every = reader.read(np.arange(reader.geometry.n_samples), NAMES)
+    split = StreamSplit(reader, "train", NAMES, torch.device(device), workers=workers, window_samples=4)
+    for batch_size, shuffle, drop_last in product((1, 3, 4, 7, 11), (False, True), (False, True)):
+        rng = np.random.default_rng(batch_size)
+        rows = np.concatenate([w[rng.permutation(len(w))] if shuffle else w for w in split.windows(shuffle, rng)])
+        cut = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        cut = cut[:-1] if drop_last and len(cut[-1]) < batch_size else cut
+        got = list(split.batches(batch_size, shuffle, np.random.default_rng(batch_size), drop_last))
+        assert [len(b["labels"]) for b in got] == [len(c) for c in cut], (batch_size, shuffle, drop_last)
+        for batch, idx in zip(got, cut):
+            assert all(t.device.type == device for t in batch.values())
+            np.testing.assert_array_equal(batch["keys"].cpu().numpy(), every["keys"][idx])
+            np.testing.assert_array_equal(batch["values"].cpu().numpy(), every["values"][idx])
+            np.testing.assert_array_equal(batch["images"].cpu().numpy(), every["images"][idx].transpose(0, 3, 1, 2))
+            np.testing.assert_array_equal(batch["labels"].cpu().numpy(), every["labels"][idx])
+
+
 def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
     reader = StoreReader(store)
     sps = reader.geometry.samples_per_shard

@@ -363,22 +363,63 @@ class StreamSplit:
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:
-        """``reuse`` has no effect here: batches come from host memory, each copied to tensors of its own."""
-        carry: dict[str, torch.Tensor] | None = None
+        """The split's batches, a window at a time, each window's samples shuffled by ``rng`` (after the window
+        order) or in store order; the rows of a window that do not fill a batch begin the next window's first.
+        A window goes to the training device whole (``_Window``) and its batches are gathered from it there: on
+        a GPU the host copies a sample once (into page-locked memory, on the loader's pinning thread), where it
+        used to copy it three times more (the window shuffled, joined to the rows before it, each batch staged
+        for the device). ``reuse`` has no effect here: each batch is a tensor of its own, or a view of its
+        window."""
+        carry: dict[str, torch.Tensor] | None = None        # rows of the last window still to go, on the device
         for arrays in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:
                 raise FptError(arrays["error"])
-            if shuffle:
-                perm = rng.permutation(len(arrays["labels"]))
-                arrays = {n: torch.from_numpy(t.numpy().take(perm, axis=0)) for n, t in arrays.items()}
+            window = _Window(arrays, self.device, rng.permutation(len(arrays["labels"])) if shuffle else None)
+            first = 0
             if carry is not None:
-                arrays = {n: torch.cat([carry[n], t]) for n, t in arrays.items()}
-            n_full = len(arrays["labels"]) // batch_size * batch_size
-            for start in range(0, n_full, batch_size):
-                yield _to_device({n: t[start:start + batch_size] for n, t in arrays.items()}, self.device)
-            carry = {n: t[n_full:] for n, t in arrays.items()} if n_full < len(arrays["labels"]) else None
+                first = min(batch_size - len(carry["labels"]), len(window))
+                carry = {n: torch.cat([carry[n], t]) for n, t in window.rows(0, first).items()}
+                if len(carry["labels"]) < batch_size:
+                    continue
+                yield _to_device(carry, self.device)
+                carry = None
+            stop = first + (len(window) - first) // batch_size * batch_size
+            for start in range(first, stop, batch_size):
+                yield _to_device(window.rows(start, start + batch_size), self.device)
+            if stop < len(window):           # a copy of its own, so that the window's memory can go
+                carry = {n: t.clone() for n, t in window.rows(stop, len(window)).items()}
+            del window                       # before the next window arrives (one window on the device, not two)
         if carry is not None and not drop_last:
             yield _to_device(carry, self.device)
+
+
+class _Window:
+    """A read window's arrays where the batches are gathered from: on a CPU as they were read (numpy arrays,
+    gathered with ``take``); on a GPU copied there whole (from the page-locked memory the loader put them in: no
+    host copy) and gathered with ``index_select``. ``order``: the window's rows in the order batches take them
+    (None: as stored)."""
+
+    def __init__(self, arrays: dict[str, torch.Tensor], device: torch.device, order: np.ndarray | None):
+        self.on_host = device.type == "cpu"
+        if self.on_host:
+            self.arrays = {n: t.numpy() for n, t in arrays.items()}
+            self.order = order
+        else:
+            self.arrays = {n: t.to(device, non_blocking=True) for n, t in arrays.items()}
+            self.order = None if order is None else torch.from_numpy(order).to(device)
+        self.n = len(arrays["labels"])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows start:stop of the window's order, [stop - start, ...] each (views where it is the stored one)."""
+        if self.order is None:
+            return {n: torch.as_tensor(a[start:stop]) for n, a in self.arrays.items()}
+        rows = self.order[start:stop]
+        if self.on_host:          # numpy's take copies rows at memory speed (torch's index_select on fp16: ~10x slower)
+            return {n: torch.from_numpy(a.take(rows, axis=0)) for n, a in self.arrays.items()}
+        return {n: t.index_select(0, rows) for n, t in self.arrays.items()}
 
 
 @dataclass
