@@ -500,6 +500,11 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
                        scheduler=scheduler, runs_per_gpu=runs_per_gpu, runs_in=runs_in)
 
 
+# helper processes of one kind at most per fpt process: extraction's decode workers and its writers, training's
+# store readers (a GPU host's cores; past them, processes only queue for the cores and take memory)
+HOST_PROCESSES_MAX = 16
+
+
 def resolve_device(device: str) -> "torch.device":
     """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is a clear error."""
     import torch

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError, helper_process_died
 from fpt.cluster import dask_client, worker_device
-from fpt.config import ExtractConfig, resolve_device, resolve_precision
+from fpt.config import HOST_PROCESSES_MAX, ExtractConfig, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
@@ -418,9 +418,6 @@ def writers_kind(cfg: ExtractConfig, device: torch.device) -> str:
     if cfg.writers != "auto":
         return cfg.writers
     return "processes" if device.type == "cuda" else "threads"
-
-
-HOST_PROCESSES_MAX = 16       # decode workers, and writers, at most per extraction process
 
 
 def default_workers(device: torch.device) -> int:

@@ -182,6 +182,28 @@ def test_streaming_reads_whole_shards_once_per_epoch(store, monkeypatch):
         assert set(window.tolist()) == {i for i in train_idx.tolist() if i // sps in shards}
 
 
+def test_streaming_on_cuda_starts_a_reader_per_core_but_two_within_a_quarter_of_the_free_ram(store, monkeypatch):
+    """``default_workers``: on CUDA as many readers as cores less two (at most 16, at least 1), fewer where their
+    slots and own memory would take more than a quarter of the available RAM; none on a CPU."""
+    from types import SimpleNamespace
+
+    from fpt.train import data
+
+    window = 256 << 20
+    per_reader = 2 * window + data.READER_OWN_BYTES
+    for cores, free, want in ((16, 512 << 30, 14), (64, 512 << 30, 16), (2, 512 << 30, 1), (16, 5 * per_reader * 4, 5),
+                              (16, 0, 1)):
+        monkeypatch.setattr(data.os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(data.psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+        assert data.default_workers(torch.device("cuda"), window) == want, (cores, free)
+        assert data.default_workers(CPU, window) == 0
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(data.psutil, "virtual_memory", lambda: SimpleNamespace(available=64 << 30))
+    split = StreamSplit(StoreReader(store), "train", NAMES, torch.device("cuda"), workers=None)
+    assert split.workers == data.default_workers(torch.device("cuda"), split.window_bytes) == 6
+    assert StreamSplit(StoreReader(store), "train", NAMES, CPU, workers=None).workers == 0
+
+
 def test_cache_plan(store):
     reader = StoreReader(store)
     shapes = reader.geometry.sample_shapes()

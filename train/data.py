@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
-from fpt.config import AugmentConfig
-from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, received
+from fpt.config import HOST_PROCESSES_MAX, AugmentConfig
+from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, received, slots_per_worker
 from fpt.store import StoreReader, WorkerSlots, open_shared, start_worker_reusing_memory
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
@@ -90,10 +90,22 @@ def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: 
     return CachePlan("none", need, budget, f"auto: {what} exceed the budget ({budget:,.0f} MB) -> streaming")
 
 
-def default_workers(device: torch.device) -> int:
-    """Reader processes for streaming: on CUDA up to 4 (the CPU is otherwise idle); on CPU none (the cores
-    train; a prefetch thread overlaps reading, since decompression releases the GIL)."""
-    return min(4, max(0, (os.cpu_count() or 1) - 1)) if device.type == "cuda" else 0
+READER_OWN_BYTES = 640 << 20     # a store reader's memory besides its slots: torch, zarr's chunk buffers (ViT-B/512,
+                                 # dev box: 528-647 MB unique to it, 2026-11-28)
+
+
+def default_workers(device: torch.device, window_bytes: int) -> int:
+    """Reader processes for streaming. On CUDA one per core but two (the training loop's thread and the loader's
+    pinning thread keep theirs), at most HOST_PROCESSES_MAX, and as many as a quarter of the available RAM holds
+    (each reader: its slots, a window of ``window_bytes`` each, and ``READER_OWN_BYTES``). The step outruns them
+    all: a reader decompresses a ViT-B/512 sample in ~7 ms of a dev-box core, so the four of the earlier default
+    fed ~570 samples/s to a step that takes ~5,000 (an H200, lease 5). On CPU none: the cores train, and a
+    prefetch thread overlaps reading (decompression releases the GIL)."""
+    if device.type != "cuda":
+        return 0
+    per_reader = slots_per_worker(pinned=True) * window_bytes + READER_OWN_BYTES
+    fit = int(psutil.virtual_memory().available // 4 // per_reader)
+    return max(1, min(HOST_PROCESSES_MAX, (os.cpu_count() or 1) - 2, fit))
 
 
 class SplitData(Protocol):
@@ -168,7 +180,7 @@ def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: st
         if copy is not None and on_device and copy.on(device):
             return MemorySplit(reader, split, names, device, on_device, tensors=copy.tensors(device))
         return MemorySplit(reader, split, names, device, on_device, arrays=copy.arrays() if copy else None)
-    return StreamSplit(reader, split, names, device, default_workers(device) if workers is None else workers)
+    return StreamSplit(reader, split, names, device, workers)
 
 
 def _to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
@@ -313,13 +325,13 @@ class StreamSplit:
 
     Reading whole shards decompresses every chunk once and reads every shard index once per epoch. With
     ``shuffle`` the shard order is permuted, then the samples of each window (plus the previous window's
-    remainder); the order depends only on ``rng``, not on the number of workers.
+    remainder); the order depends only on ``rng``, not on the number of workers: reader processes (None:
+    ``default_workers``; 0, or where this process may not fork them, ``may_fork_readers``: a prefetch thread).
     """
 
     def __init__(self, reader: StoreReader, split: str, names: tuple[str, ...], device: torch.device,
-                 workers: int = 0, window_samples: int | None = None):
+                 workers: int | None = 0, window_samples: int | None = None):
         self.path, self.names, self.device = reader.path, names, device
-        self.workers = workers if may_fork_readers() else 0
         indices = reader.split_indices(split)
         shard_of = indices // reader.geometry.samples_per_shard
         self.shards = [indices[shard_of == s] for s in np.unique(shard_of)]   # sorted store indices per shard
@@ -330,6 +342,8 @@ class StreamSplit:
         longest = self.window_samples - 1 + max(map(len, self.shards), default=1)
         per_sample = sample_bytes(reader, names) + reader.labels.itemsize
         self.window_bytes = longest * per_sample + 64 * (len(names) + 1)
+        workers = default_workers(device, self.window_bytes) if workers is None else workers
+        self.workers = workers if may_fork_readers() else 0
 
     def __len__(self) -> int:
         return self.n
