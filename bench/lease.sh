@@ -35,6 +35,7 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
   FIRST_STEP_ARGS="--model vit_tiny_patch16_224 --res 128:2"
   LOADER_SLOTS_ARGS="--res 128 --images 8 --batch 2 --workers 2 --reps 1"
+  STREAM_ARGS="--res 128 --shards 4 --window-samples 0 --workers 2 --reps 1"
 else
   # Extraction first (the most important issue): its writers now write past the page cache (--direct-io, on
   # against off, with both codecs: what it saves the GPU host's CPUs, cpu_others_ms, and whether its disk keeps
@@ -48,6 +49,8 @@ else
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   FIRST_STEP_ARGS="--res 512:32 1024:8"         # where lease 5's 1.8-2.2 s before the first batch went
   LOADER_SLOTS_ARGS="--res 512 --images 1024 --batch 32 --workers 4 --reps 2"   # 8 batches a worker: reuse shows
+  # streamed training's readers as fpt train starts them (2026-11-28: one per core but two, not 4), 1,024 samples
+  STREAM_ARGS="--res 512 --shards 64 --window-samples 0 --reps 1"
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi
@@ -80,7 +83,7 @@ images_ready() {   # once, before the first step that reads them
 # First the CUDA tests (since lease 5: 12 runs in threads on streams of their own, a batch refilled in place,
 # no fork from a run's thread), then the tables; the kernel's tests (unchanged since they passed in lease 3) are
 # tests-kernel.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost loader-slots bench-sweep train-memory bench-train writer-start}; do
+for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost loader-slots bench-sweep train-memory bench-train stream writer-start}; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 300 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
@@ -94,6 +97,8 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step host-cost loader-
     first-step)   step $name 60 $PY -m fpt.bench.first_step $FIRST_STEP_ARGS ;;
     # the decode workers' batches through reused slots against fresh shared memory, with the real pinning thread
     loader-slots) images_ready; step $name 60 $PY -m fpt.bench.loader_slots decode $LOADER_SLOTS_ARGS ;;
+    # streamed training (--cache none): readers into slots, each window gathered on the GPU (2026-11-28)
+    stream)       step $name 90 $PY -m fpt.bench.loader_slots stream $STREAM_ARGS ;;
     writer-start) step $name 60 $PY -m fpt.bench.writer_start --writers ${DRY:+2}$([ -z "$DRY" ] && nproc) --reps 2 ;;
     tests-cuda)   step $name 240 $PY -m pytest -q -p no:cacheprovider -rs ${FPT_LEASE_TESTS:-tests/test_step.py \
                     tests/test_memory.py tests/test_data.py tests/test_resume.py tests/test_sweep.py \

@@ -5,14 +5,16 @@ fresh shared memory per item, alternated, for both of its users:
   PNGs of the end-to-end bench, ``fpt.bench.gpu.png_tree``), each batch then copied into memory that is reused,
   as the DataLoader's pinning thread copies into page-locked memory on CUDA (there the real pinning thread does);
 - ``stream``: training's store readers as ``fpt train --cache none`` runs them (``StreamSplit`` with
-  ``--workers``, windows of ``--window-samples``, one epoch of shuffled batches of 16) on a store of the LPM's
-  real output (``fpt.bench.store_read.make_store``: ViT-B at ``--res``, ``--shards`` shards of zstd-1).
+  ``--workers`` readers, default as ``fpt train`` chooses them, windows of ``--window-samples``, one epoch of
+  shuffled batches of 16, on CUDA gathered on the device) on a store of the LPM's real output
+  (``fpt.bench.store_read.make_store``: ViT-B at ``--res``, ``--shards`` shards of zstd-1).
 
 CPU ms per image (or sample) of the workers (their system time apart: the kernel allocating and zeroing fresh
-pages) and of the main process, and the wall time.
+pages) and of the main process, the wall time and images (samples) per second.
 
     python -m fpt.bench.loader_slots decode --res 1024 --images 384 --reps 3
-    python -m fpt.bench.loader_slots stream --res 512 --shards 16 --window-samples 16 --reps 3
+    python -m fpt.bench.loader_slots stream --res 512 --shards 16 --window-samples 16 --workers 2 --reps 3
+    python -m fpt.bench.loader_slots stream --res 512 --shards 64 --window-samples 0 --reps 1   # a GPU host
 
 A run's first items fill slots for the first time (two or three per worker), so the gain grows with the run.
 Results: bench/results/loader_slots-<part>.json.
@@ -73,13 +75,16 @@ def stream_epoch(args, slots_on: bool) -> int:
     path = make_store("vit_base_patch16_224", args.res, "zstd-1", args.shards, 256)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     split = data.StreamSplit(StoreReader(path), "train", ("images", "keys", "values"), device,
-                             workers=args.workers, window_samples=args.window_samples)
+                             workers=args.workers, window_samples=args.window_samples)    # None: as fpt train
+    args.readers = split.workers
     real = data.loader_slots
     if not slots_on:                                # the DataLoader's own way, as before 2026-11-28
         data.loader_slots = lambda *a, **k: _no_slots()
     try:
         for _ in split.batches(16, shuffle=True, rng=np.random.default_rng(0)):
             pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     finally:
         data.loader_slots = real
     return len(split)
@@ -95,7 +100,8 @@ def measure(epoch, args, slots_on: bool) -> dict:
     def ms(a, b, fields=("ru_utime", "ru_stime")):
         return round(1e3 * sum(getattr(b, f) - getattr(a, f) for f in fields) / n, 2)
 
-    return {"slots": slots_on, "items": n, "workers_cpu_ms": ms(children, children_after),
+    return {"slots": slots_on, "items": n, "items_per_s": round(n / wall, 1),
+            "workers_cpu_ms": ms(children, children_after),
             "workers_system_ms": ms(children, children_after, ("ru_stime",)),
             "main_cpu_ms": ms(main, main_after), "wall_s": round(wall, 2)}
 
@@ -107,10 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=384, help="decode: PNGs")
     p.add_argument("--batch", type=int, default=8, help="decode: images per batch")
     p.add_argument("--shards", type=int, default=16, help="stream: shards in the store")
-    p.add_argument("--window-samples", type=int, default=16, help="stream: samples per read window")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--window-samples", type=int, default=16, help="stream: samples per read window (0: as fpt "
+                   "train, a window of 256 MB)")
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default 2) or store readers "
+                   "(default: as fpt train, none on a CPU)")
     p.add_argument("--reps", type=int, default=2, help="runs per side, alternated")
     args = p.parse_args(argv)
+    if args.part == "decode" and args.workers is None:
+        args.workers = 2
+    args.window_samples = args.window_samples or None
     torch.set_num_threads(1)
     epoch = decode_epoch if args.part == "decode" else stream_epoch
     epoch(args, True)                               # inputs made (PNGs, store) and imports done, untimed
