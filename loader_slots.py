@@ -75,15 +75,23 @@ class SlotItem:
 
     def take(self, pinned: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """The item copied out of its slot (into page-locked memory when ``pinned``); the slot is free again."""
+        with self.borrowed() as item:
+            views = item if isinstance(item, dict) else {None: item}
+            out = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned).copy_(t) for name, t in views.items()}
+        return out[None] if None in out else out
+
+    @contextmanager
+    def borrowed(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """The item where it lies in its slot, for the ``with`` block only: the slot is free again after it, for
+        its worker to refill, so nothing of the item may be kept past the block (copy what is)."""
         slots = _OPEN.get(self.path)
         if slots is None:
             raise RuntimeError(f"an item in {self.path}, whose slots this process has closed")
-        out = {}
-        for name, tensor in _slot_tensors(slots, self.index, self.places).items():
-            out[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
-            out[name].copy_(tensor)
-        slots.give(self.index)
-        return out[None] if None in out else out
+        try:
+            views = _slot_tensors(slots, self.index, self.places)
+            yield views[None] if None in views else views
+        finally:
+            slots.give(self.index)
 
     def pin_memory(self, device=None) -> torch.Tensor | dict[str, torch.Tensor]:
         """What the DataLoader's pinning thread calls on each item: ``take(pinned=True)``."""

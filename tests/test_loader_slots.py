@@ -199,8 +199,8 @@ def test_extraction_with_decode_workers_writes_the_same_store_through_the_slots(
 
 def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
     """``fill_slot``, as a store reader sends a window: arrays of several dtypes and shapes (an empty one too)
-    laid out in one slot, given back equal, with their dtypes; None (the default way) outside a worker or where
-    the item does not fit; a fill that fails gives its slot back."""
+    laid out in one slot, given back equal, with their dtypes (taken, or borrowed where they lie); None (the
+    default way) outside a worker or where the item does not fit; a fill that fails gives its slot back."""
     class Worker:
         id = 1
 
@@ -223,6 +223,12 @@ def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
         got = received(sent)
         assert got.keys() == window.keys()
         assert all(got[n].dtype == t.dtype and torch.equal(got[n], t) for n, t in window.items())
+        # borrowed: the arrays where they lie, the slot given back only after the block
+        sent = fill_slot(slots, shapes, fill)
+        with sent.borrowed() as lent:
+            assert all(torch.equal(lent[n], t) for n, t in window.items())
+            assert slots._memory()[sent.index] == slots.TAKEN
+        assert slots._memory()[sent.index] == slots.FREE
         assert fill_slot(slots, {"keys": ((4096,), torch.uint8), "labels": ((1,), torch.int64)}, fill) is None
 
         def fails(views):
@@ -236,18 +242,20 @@ def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_streamed_windows_cross_from_their_readers_in_slots_and_give_the_same_batches(tmp_path, monkeypatch,
                                                                                        device):
-    """``fpt train --cache none`` with two reader processes: every window arrives as a SlotItem (on CUDA through
-    the pinning thread), and the epoch's batches equal those read in this process (no workers), shuffled the
-    same."""
+    """``fpt train --cache none`` with two reader processes: every window arrives as a SlotItem, which on CUDA
+    the pinning thread takes into page-locked memory and on a CPU the batches are gathered from where it lies
+    (borrowed, no copy out first), and the epoch's batches equal those read in this process (no workers),
+    shuffled the same."""
     from fpt.extract import extract
     from fpt.train import data
 
     out = tmp_path / "s.zarr"
     extract(micro_config(write_image_folder(tmp_path / "data", {"train": 7, "val": 1, "test": 1}), out,
                          samples_per_shard=3))
-    taken = []
-    real = SlotItem.take
-    monkeypatch.setattr(SlotItem, "take", lambda self, pinned=False: taken.append(pinned) or real(self, pinned))
+    taken, borrowed = [], []
+    real_take, real_borrowed = SlotItem.take, SlotItem.borrowed
+    monkeypatch.setattr(SlotItem, "take", lambda self, pinned=False: taken.append(pinned) or real_take(self, pinned))
+    monkeypatch.setattr(SlotItem, "borrowed", lambda self: borrowed.append(self.index) or real_borrowed(self))
     names = ("images", "keys", "values")
     epochs = {}
     for workers in (0, 2):
@@ -255,7 +263,8 @@ def test_streamed_windows_cross_from_their_readers_in_slots_and_give_the_same_ba
                                  window_samples=4)
         epochs[workers] = [{n: t.cpu().clone() for n, t in b.items()}
                            for b in split.batches(3, shuffle=True, rng=np.random.default_rng(5))]
-    assert len(taken) == len(split.windows(True, np.random.default_rng(5))) and set(taken) == {device == "cuda"}
+    windows = len(split.windows(True, np.random.default_rng(5)))
+    assert len(borrowed) == windows and taken == ([True] * windows if device == "cuda" else [])
     assert len(epochs[0]) == len(epochs[2]) == 5
     for a, b in zip(epochs[0], epochs[2]):
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

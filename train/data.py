@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
 from fpt.config import HOST_PROCESSES_MAX, AugmentConfig
-from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, received, slots_per_worker
+from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, slots_per_worker
 from fpt.store import StoreReader, WorkerSlots, open_shared, start_worker_reusing_memory
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
@@ -247,7 +247,7 @@ class MemorySplit:
 
 class _WindowReads(Dataset):
     """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors (in a
-    reader process with ``slots``, a ``SlotItem`` of them that ``received`` gives back), or ``{"error": message}``
+    reader process with ``slots``, a ``SlotItem`` of them), or ``{"error": message}``
     so that a store problem in a worker process reaches the user as one clear line."""
 
     def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray],
@@ -360,10 +360,12 @@ class StreamSplit:
             windows.append(np.sort(np.concatenate(current)))
         return windows
 
-    def _window_arrays(self, windows: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor]]:
+    def _window_arrays(self, windows: list[np.ndarray]) -> Iterator[tuple[dict[str, torch.Tensor], bool]]:
+        """Each window's arrays, and whether they are borrowed: still in their reader's slot, which is refilled
+        once the next window is asked for (so nothing of them may be kept past that)."""
         if self.workers == 0:
             reads = _WindowReads(self.path, self.names, windows)
-            yield from _prefetched(reads[i] for i in range(len(reads)))
+            yield from ((arrays, False) for arrays in _prefetched(reads[i] for i in range(len(reads))))
             return
         pinned = self.device.type == "cuda"
         # a window crosses from its reader in one of the reader's slots, reused from window to window
@@ -371,9 +373,15 @@ class StreamSplit:
             reads = _WindowReads(self.path, self.names, windows, slots)
             # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3
             # -> 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
-            for arrays in DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH,
-                                     pin_memory=pinned, worker_init_fn=start_worker_reusing_memory):
-                yield received(arrays)
+            for item in DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH,
+                                   pin_memory=pinned, worker_init_fn=start_worker_reusing_memory):
+                if not isinstance(item, SlotItem):      # pinned (on CUDA), or sent the DataLoader's way
+                    yield item, False
+                    continue
+                # on a CPU the batches are gathered from the slot itself: no copy of the window out of it first
+                # (a fresh 256 MB each window, dev box: ~2 ms more of the training thread per ViT-B/512 sample)
+                with item.borrowed() as arrays:
+                    yield arrays, True
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:
@@ -385,10 +393,11 @@ class StreamSplit:
         for the device). ``reuse`` has no effect here: each batch is a tensor of its own, or a view of its
         window."""
         carry: dict[str, torch.Tensor] | None = None        # rows of the last window still to go, on the device
-        for arrays in self._window_arrays(self.windows(shuffle, rng)):
+        for arrays, borrowed in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:
                 raise FptError(arrays["error"])
-            window = _Window(arrays, self.device, rng.permutation(len(arrays["labels"])) if shuffle else None)
+            window = _Window(arrays, self.device, rng.permutation(len(arrays["labels"])) if shuffle else None,
+                             borrowed)
             first = 0
             if carry is not None:
                 first = min(batch_size - len(carry["labels"]), len(window))
@@ -411,13 +420,15 @@ class _Window:
     """A read window's arrays where the batches are gathered from: on a CPU as they were read (numpy arrays,
     gathered with ``take``); on a GPU copied there whole (from the page-locked memory the loader put them in: no
     host copy) and gathered with ``index_select``. ``order``: the window's rows in the order batches take them
-    (None: as stored)."""
+    (None: as stored). ``borrowed`` arrays (still in their reader's slot) are never handed on as views: every
+    batch is gathered into memory of its own."""
 
-    def __init__(self, arrays: dict[str, torch.Tensor], device: torch.device, order: np.ndarray | None):
+    def __init__(self, arrays: dict[str, torch.Tensor], device: torch.device, order: np.ndarray | None,
+                 borrowed: bool = False):
         self.on_host = device.type == "cpu"
         if self.on_host:
             self.arrays = {n: t.numpy() for n, t in arrays.items()}
-            self.order = order
+            self.order = np.arange(len(arrays["labels"])) if order is None and borrowed else order
         else:
             self.arrays = {n: t.to(device, non_blocking=True) for n, t in arrays.items()}
             self.order = None if order is None else torch.from_numpy(order).to(device)
