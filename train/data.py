@@ -98,8 +98,9 @@ def default_workers(device: torch.device, window_bytes: int) -> int:
     """Reader processes for streaming. On CUDA one per core but two (the training loop's thread and the loader's
     pinning thread keep theirs), at most HOST_PROCESSES_MAX, and as many as a quarter of the available RAM holds
     (each reader: its slots, a window of ``window_bytes`` each, and ``READER_OWN_BYTES``). The step outruns them
-    all: a reader decompresses a ViT-B/512 sample in ~7 ms of a dev-box core, so the four of the earlier default
-    fed ~570 samples/s to a step that takes ~5,000 (an H200, lease 5). On CPU none: the cores train, and a
+    all: a reader reads a ViT-B/512 sample in 7-9 ms of a dev-box core (``python -m fpt.bench.loader_slots
+    stream``), so the four of the earlier default fed ~500 samples/s to a step that takes ~5,000 (an H200, lease
+    5). On CPU none: the cores train, and a
     prefetch thread overlaps reading (decompression releases the GIL)."""
     if device.type != "cuda":
         return 0
