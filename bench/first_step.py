@@ -8,9 +8,12 @@ whole step for comparison.
 One fresh Python process per res, since a process pays each first use once. Stages (seconds):
 ``import`` torch, timm and fpt's extraction; ``context`` the device's first tensor; ``build`` the LPM built and
 moved to the device; ``patch_embed`` its convolution (on CUDA cuDNN's first use); ``block`` a transformer block
-of the LPM's shape without its selection hooks (the fused attention's and the GEMMs' first use); ``first_step``
-the whole first ``encode_batch`` after those (the importance kernel's first use and the rest); ``low_res_copy``;
-``second_step`` the whole step again. Results: bench/results/first_step-<device>.json.
+of the LPM's shape without its selection hooks (the fused attention's and the GEMMs' first use);
+``lse_attention`` the attention kernel asked for its log-sum-exp on q/k/v of the LPM's shape (``sdpa_with_lse``:
+another kernel, or another cuDNN plan, than the plain call); ``importance`` the importance from it
+(``token_importance``: on CUDA the Triton kernel's first use, compiled or loaded from Triton's cache);
+``first_step`` the whole first ``encode_batch`` after those (the rest); ``low_res_copy``; ``second_step`` the
+whole step again. Results: bench/results/first_step-<device>.json.
 """
 from __future__ import annotations
 
@@ -29,11 +32,14 @@ def first_uses(model: str, res: int, batch: int, device_name: str) -> dict:
     t0 = time.perf_counter()
     import torch
     from timm.models.vision_transformer import Block
+    from torch.nn.attention import SDPBackend
 
+    from fpt.extract.attention_lse import sdpa_with_lse
     from fpt.extract.backbone import FrozenLPM, create_backbone
     from fpt.extract.encode import encode_batch
     from fpt.extract.images import low_res_copy
     from fpt.extract.run import default_layers
+    from fpt.extract.selection import token_importance
     seconds["import"] = time.perf_counter() - t0
     device = torch.device(device_name)
 
@@ -61,10 +67,19 @@ def first_uses(model: str, res: int, batch: int, device_name: str) -> dict:
         # a block of the same shape without the LPM's selection hooks: the attention's and GEMMs' first use only
         block = Block(lpm.model.embed_dim, lpm.model.blocks[0].attn.num_heads).to(device).eval()
         timed("block", lambda: block(tokens))
+        # the selection's own first uses, apart: the attention asked for its log-sum-exp (another kernel, or
+        # another cuDNN plan, than SDPA's plain call), then the importance from it (on CUDA the Triton kernel)
+        heads = lpm.model.blocks[0].attn.num_heads
+        q, k, v = torch.randn(3, batch, heads, tokens.shape[1], lpm.model.embed_dim // heads, device=device,
+                              dtype=half).unbind(0)
+        served = timed("lse_attention", lambda: sdpa_with_lse(q, k, v))
+        backend = SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False)).name     # SDPA's pick here
+        lse = served[1] if served is not None else None
+        timed("importance", lambda: token_importance(q, k, q.shape[-1] ** -0.5, "global", lse=lse))
     timed("first_step", lambda: encode_batch(lpm, zeros, MEAN, STD))
     timed("low_res_copy", lambda: low_res_copy(zeros, 128))
     timed("second_step", lambda: encode_batch(lpm, zeros, MEAN, STD))
-    return {"model": model, "res": res, "batch": batch, "device": device_name,
+    return {"model": model, "res": res, "batch": batch, "device": device_name, "sdpa_backend": backend,
             **{f"{stage}_s": round(s, 3) for stage, s in seconds.items()}}
 
 

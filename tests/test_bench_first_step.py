@@ -3,7 +3,8 @@ import json
 
 from fpt.bench import common, first_step
 
-STAGES = ("import", "context", "build", "patch_embed", "block", "first_step", "low_res_copy", "second_step")
+STAGES = ("import", "context", "build", "patch_embed", "block", "lse_attention", "importance", "first_step",
+          "low_res_copy", "second_step")
 
 
 def test_each_res_is_measured_in_a_process_of_its_own_with_every_stage(tmp_path, monkeypatch):
