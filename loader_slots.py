@@ -109,7 +109,7 @@ def stack_in_slot(slots: WorkerSlots | None, fallback: Callable[[Sequence[torch.
     default way) outside a worker, without slots, with none free or when the stack does not fit."""
     shape = (len(tensors), *tensors[0].shape)
     item = fill_slot(slots, {None: (shape, tensors[0].dtype)},
-                    lambda views: torch.stack(list(tensors), out=views[None]))
+                     lambda views: torch.stack(list(tensors), out=views[None]))
     return fallback(tensors) if item is None else item
 
 

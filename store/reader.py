@@ -110,7 +110,7 @@ class StoreReader:
         names, out = tuple(names), dict(out or {})
         if not set(out) <= {*names, "labels"}:
             raise ValueError(f"out names {sorted(set(out) - {*names, 'labels'})}, which are not read")
-        layout = self.row_layout(names)
+        layout = self.row_layout(names) if out else {}
         for name, target in out.items():
             shape, dtype = layout[name]
             if target.shape != (len(idx), *shape) or target.dtype != dtype or not target.flags.c_contiguous:

@@ -100,8 +100,7 @@ def default_workers(device: torch.device, window_bytes: int) -> int:
     (each reader: its slots, a window of ``window_bytes`` each, and ``READER_OWN_BYTES``). The step outruns them
     all: a reader reads a ViT-B/512 sample in 7-9 ms of a dev-box core (``python -m fpt.bench.loader_slots
     stream``), so the four of the earlier default fed ~500 samples/s to a step that takes ~5,000 (an H200, lease
-    5). On CPU none: the cores train, and a
-    prefetch thread overlaps reading (decompression releases the GIL)."""
+    5). On CPU none: the cores train, and a prefetch thread overlaps reading (decompression releases the GIL)."""
     if device.type != "cuda":
         return 0
     per_reader = slots_per_worker(pinned=True) * window_bytes + READER_OWN_BYTES
@@ -265,7 +264,7 @@ class _WindowReads(Dataset):
         try:
             if self._reader is None:                                           # one reader per worker process
                 self._reader = StoreReader(self.path)
-            shapes = {name: ((len(window), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
+            shapes = {name: ((len(window), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)   # torch's dtype
                       for name, (shape, dtype) in self._reader.row_layout(self.names).items()}
             # decompressed straight into the slot it crosses in; where there is none, read as usual
             sent = fill_slot(self.slots, shapes, lambda views: self._reader.read(
@@ -389,11 +388,10 @@ class StreamSplit:
         """The split's batches, a window at a time, each window's samples shuffled by ``rng`` (after the window
         order) or in store order; the rows of a window that do not fill a batch begin the next window's first.
         A window goes to the training device whole (``_Window``) and its batches are gathered from it there: on
-        a GPU the host copies a sample once (into page-locked memory, on the loader's pinning thread), where it
-        used to copy it three times more (the window shuffled, joined to the rows before it, each batch staged
-        for the device). ``reuse`` has no effect here: each batch is a tensor of its own, or a view of its
-        window."""
-        carry: dict[str, torch.Tensor] | None = None        # rows of the last window still to go, on the device
+        a GPU the host copies a sample once (into page-locked memory, on the loader's pinning thread) instead of
+        three times more (the window shuffled, joined to the rows before it, each batch staged for the device).
+        ``reuse`` has no effect here: each batch is a tensor of its own, or a view of its window."""
+        carry: dict[str, torch.Tensor] | None = None        # the last window's rows still to go (training device)
         for arrays, borrowed in self._window_arrays(self.windows(shuffle, rng)):
             if "error" in arrays:
                 raise FptError(arrays["error"])
