@@ -22,6 +22,7 @@ Results: bench/results/loader_slots-<part>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import time
 from contextlib import contextmanager
@@ -76,18 +77,21 @@ def stream_epoch(args, slots_on: bool) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     split = data.StreamSplit(StoreReader(path), "train", ("images", "keys", "values"), device,
                              workers=args.workers, window_samples=args.window_samples)    # None: as fpt train
-    args.readers = split.workers
+    args.readers, reader_split = split.workers, range(len(split))
     real = data.loader_slots
     if not slots_on:                                # the DataLoader's own way, as before 2026-11-28
         data.loader_slots = lambda *a, **k: _no_slots()
     try:
-        for _ in split.batches(16, shuffle=True, rng=np.random.default_rng(0)):
-            pass
+        for epoch in range(args.epochs):
+            for _ in split.batches(16, shuffle=True, rng=np.random.default_rng(epoch)):
+                pass
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         data.loader_slots = real
-    return len(split)
+    del split                                       # its readers stop: their CPU counts in RUSAGE_CHILDREN
+    gc.collect()
+    return len(reader_split) * args.epochs
 
 
 def measure(epoch, args, slots_on: bool) -> dict:
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=384, help="decode: PNGs")
     p.add_argument("--batch", type=int, default=8, help="decode: images per batch")
     p.add_argument("--shards", type=int, default=16, help="stream: shards in the store")
+    p.add_argument("--epochs", type=int, default=1, help="stream: epochs of one split (its readers persist)")
     p.add_argument("--window-samples", type=int, default=16, help="stream: samples per read window (0: as fpt "
                    "train, a window of 256 MB)")
     p.add_argument("--workers", type=int, default=None, help="decode workers (default 2) or store readers "

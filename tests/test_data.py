@@ -95,6 +95,59 @@ def test_store_reader_workers_start_with_their_memory_reused(store, tmp_path, mo
     np.testing.assert_array_equal(got["keys"], reader.read(reader.split_indices("train"), ("keys",))["keys"])
 
 
+def test_stream_readers_are_started_once_for_every_epoch_of_both_splits_and_stop_with_them(store, tmp_path,
+                                                                                           monkeypatch):
+    """Persistent readers: three shuffled train epochs and a validation pass after each are read by the same two
+    reader processes (one pool shared by train and val, each reader starting once), with the batches of
+    in-process reading; once both splits are gone the readers have exited and the slot file is removed."""
+    import gc
+    import os
+
+    from fpt.store import shared
+    from fpt.train import data
+
+    started = tmp_path / "started"
+    monkeypatch.setattr(shared, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
+    reader = StoreReader(store)
+    streamed = {s: StreamSplit(reader, s, NAMES, CPU, workers=2, window_samples=4) for s in ("train", "val")}
+    plain = {s: StreamSplit(reader, s, NAMES, CPU, workers=0, window_samples=4) for s in ("train", "val")}
+    for epoch in range(3):
+        for split in ("train", "val"):
+            shuffle = split == "train"
+            got, sizes = collect(streamed[split].batches(3, shuffle, np.random.default_rng(epoch)))
+            want, want_sizes = collect(plain[split].batches(3, shuffle, np.random.default_rng(epoch)))
+            assert sizes == want_sizes and all(np.array_equal(got[n], want[n]) for n in want)
+    assert streamed["train"].readers is streamed["val"].readers is not None
+    pids = [int(p) for p in started.read_text().split()]
+    assert len(pids) == 2 and os.getpid() not in pids
+    slot_file = streamed["train"].readers._parts["slots"]
+    del streamed, slot_file
+    gc.collect()
+    for pid in pids:                                          # exited and reaped by the DataLoader
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"fpt-shared-{os.getpid()}-")]
+    assert not data._READERS
+
+
+def test_an_epoch_left_unfinished_gives_way_to_the_next_and_fails_if_resumed(store):
+    """A generator of an epoch that another epoch superseded raises rather than hand on the other's windows;
+    the next epoch after an unfinished one reads with new readers and gives every batch."""
+    reader = StoreReader(store)
+    split = StreamSplit(reader, "train", NAMES, CPU, workers=2, window_samples=4)
+    want, want_sizes = collect(StreamSplit(reader, "train", NAMES, CPU, window_samples=4).batches(3))
+    first = split.batches(3)
+    next(first)
+    got, sizes = collect(split.batches(3))                    # supersedes ``first``
+    assert sizes == want_sizes and np.array_equal(got["keys"], want["keys"])
+    with pytest.raises(RuntimeError, match="another epoch"):
+        list(first)
+    pool = split.readers
+    assert pool.broken                                        # the epoch that failed took its pool with it
+    got, sizes = collect(split.batches(3))
+    assert split.readers is not pool and sizes == want_sizes and np.array_equal(got["keys"], want["keys"])
+
+
 def test_stream_order_does_not_depend_on_the_number_of_workers(store):
     reader = StoreReader(store)
     a, _ = collect(StreamSplit(reader, "train", NAMES, CPU, 0, 4).batches(3, True, np.random.default_rng(5)))

@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import queue
 import threading
+import weakref
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -23,7 +25,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
@@ -247,21 +249,16 @@ class MemorySplit:
 
 
 class _WindowReads(Dataset):
-    """Item i = the arrays of read window i (sorted store indices, whole shards): dict of CPU tensors (in a
-    reader process with ``slots``, a ``SlotItem`` of them), or ``{"error": message}``
-    so that a store problem in a worker process reaches the user as one clear line."""
+    """Item ``window`` (sorted store indices, whole shards: what ``_EpochWindows`` hands out) = its arrays: dict of
+    CPU tensors (in a reader process with ``slots``, a ``SlotItem`` of them), or ``{"error": message}`` so that
+    a store problem in a worker process reaches the user as one clear line."""
 
-    def __init__(self, path: Path, names: tuple[str, ...], windows: list[np.ndarray],
-                 slots: WorkerSlots | None = None):
-        self.path, self.names, self.windows = path, names, windows
+    def __init__(self, path: Path, names: tuple[str, ...], slots: WorkerSlots | None = None):
+        self.path, self.names = path, names
         self.slots = slots              # a reader process puts its windows there (``fpt.loader_slots``)
         self._reader: StoreReader | None = None
 
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | SlotItem:
-        window = self.windows[i]
+    def __getitem__(self, window: np.ndarray) -> dict[str, torch.Tensor] | SlotItem:
         try:
             if self._reader is None:                                           # one reader per worker process
                 self._reader = StoreReader(self.path)
@@ -321,6 +318,90 @@ def may_fork_readers() -> bool:
     return not multiprocessing.current_process().daemon and threading.current_thread() is threading.main_thread()
 
 
+class _EpochWindows(Sampler):
+    """The read windows of the current epoch, as a DataLoader's sampler: what its persistent workers read next."""
+
+    def __init__(self):
+        self.windows: list[np.ndarray] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.windows)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
+class StreamReaders:
+    """A store's reader processes for streamed splits, kept from epoch to epoch (persistent DataLoader workers)
+    and shared by the splits of a run that stream the same arrays (train and val: ``stream_readers``). Each epoch
+    hands them its windows (``epoch``); before, every epoch and every validation pass forked its readers anew
+    from the training process, and each refilled its memory from nothing (dev box: a reader's CPU per ViT-B/512
+    sample 8.4-8.7 ms over 128-sample epochs, 4.9-5.0 over 512-sample ones, ``fpt.bench.loader_slots``).
+
+    One epoch at a time: starting one ends the one before (a generator of the earlier one then fails if
+    resumed). A reader that dies takes the pool with it: the next epoch starts new ones. The processes stop, and
+    the slot file goes, when the last split holding the pool goes: first the processes, then the file. Not for a
+    process that may not fork them (``may_fork_readers``)."""
+
+    def __init__(self, path: Path, names: tuple[str, ...], device: torch.device, workers: int, window_bytes: int):
+        self.workers, self.window_bytes, self.pinned = workers, window_bytes, device.type == "cuda"
+        stack = ExitStack()
+        # a window crosses from its reader in one of the reader's slots, reused from window to window
+        slots = stack.enter_context(loader_slots(workers, window_bytes, self.pinned))
+        self.sampler = _EpochWindows()
+        # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3
+        # -> 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
+        loader = DataLoader(_WindowReads(path, names, slots), sampler=self.sampler, batch_size=None,
+                            num_workers=workers, persistent_workers=True, prefetch_factor=PREFETCH,
+                            pin_memory=self.pinned, worker_init_fn=start_worker_reusing_memory)
+        # held here only (not by the pool's own attributes), so that the finaliser can drop the loader (its
+        # workers stop) before it closes the slots
+        self._parts = {"loader": loader, "slots": stack}
+        weakref.finalize(self, _close_readers, self._parts)
+        self.epochs = 0
+        self.broken = False
+
+    def epoch(self, windows: list[np.ndarray]) -> Iterator[dict[str, torch.Tensor] | SlotItem]:
+        """The items of ``windows``, in order, from the readers."""
+        self.epochs += 1
+        mine = self.epochs
+        self.sampler.windows = windows
+        try:
+            for item in self._parts["loader"]:
+                self._check(mine)
+                yield item
+            self._check(mine)
+        except BaseException:
+            # a reader killed, or the epoch left unfinished (its last items would be read and dropped, their
+            # slots never given back): the next epoch starts new readers, and these stop with their last holder
+            self.broken = True
+            raise
+
+
+    def _check(self, epoch: int) -> None:
+        if self.epochs != epoch:
+            raise RuntimeError("these store readers have begun another epoch since this one")
+
+
+def _close_readers(parts: dict) -> None:
+    parts.pop("loader", None)                        # its persistent iterator goes: the readers stop
+    parts.pop("slots").close()
+
+
+_READERS: "weakref.WeakValueDictionary[tuple, StreamReaders]" = weakref.WeakValueDictionary()
+
+
+def stream_readers(path: Path, names: tuple[str, ...], device: torch.device, workers: int,
+                   window_bytes: int) -> StreamReaders:
+    """The reader pool of this process for these arrays of the store at ``path``, made on first use and shared
+    while a split holds it (a broken one, or one with smaller slots, is replaced)."""
+    key = (str(path), names, str(device), workers, os.getpid())
+    readers = _READERS.get(key)
+    if readers is None or readers.broken or readers.window_bytes < window_bytes:
+        readers = _READERS[key] = StreamReaders(path, names, device, workers, window_bytes)
+    return readers
+
+
 class StreamSplit:
     """A split streamed from the store a window of whole shards at a time.
 
@@ -338,13 +419,14 @@ class StreamSplit:
         self.shards = [indices[shard_of == s] for s in np.unique(shard_of)]   # sorted store indices per shard
         self.n = len(indices)
         self.window_samples = window_samples or max(1, WINDOW_BYTES // sample_bytes(reader, names))
-        # the largest window ``windows`` makes (shards added until it holds window_samples), with its labels and
-        # each array 64-byte aligned: the size of a reader's slots
-        longest = self.window_samples - 1 + max(map(len, self.shards), default=1)
+        # the largest window ``windows`` can make of any split (shards added until it holds window_samples), with
+        # its labels and each array 64-byte aligned: the size of a reader's slots, the same for every split
+        longest = self.window_samples - 1 + reader.geometry.samples_per_shard
         per_sample = sample_bytes(reader, names) + reader.labels.itemsize
         self.window_bytes = longest * per_sample + 64 * (len(names) + 1)
         workers = default_workers(device, self.window_bytes) if workers is None else workers
         self.workers = workers if may_fork_readers() else 0
+        self.readers: StreamReaders | None = None         # started by the first epoch (``stream_readers``)
 
     def __len__(self) -> int:
         return self.n
@@ -365,24 +447,19 @@ class StreamSplit:
         """Each window's arrays, and whether they are borrowed: still in their reader's slot, which is refilled
         once the next window is asked for (so nothing of them may be kept past that)."""
         if self.workers == 0:
-            reads = _WindowReads(self.path, self.names, windows)
-            yield from ((arrays, False) for arrays in _prefetched(reads[i] for i in range(len(reads))))
+            reads = _WindowReads(self.path, self.names)
+            yield from ((arrays, False) for arrays in _prefetched(reads[w] for w in windows))
             return
-        pinned = self.device.type == "cuda"
-        # a window crosses from its reader in one of the reader's slots, reused from window to window
-        with loader_slots(self.workers, self.window_bytes, pinned) as slots:
-            reads = _WindowReads(self.path, self.names, windows, slots)
-            # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3
-            # -> 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
-            for item in DataLoader(reads, batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH,
-                                   pin_memory=pinned, worker_init_fn=start_worker_reusing_memory):
-                if not isinstance(item, SlotItem):      # pinned (on CUDA), or sent the DataLoader's way
-                    yield item, False
-                    continue
-                # on a CPU the batches are gathered from the slot itself: no copy of the window out of it first
-                # (a fresh 256 MB each window, dev box: ~2 ms more of the training thread per ViT-B/512 sample)
-                with item.borrowed() as arrays:
-                    yield arrays, True
+        if self.readers is None or self.readers.broken:
+            self.readers = stream_readers(self.path, self.names, self.device, self.workers, self.window_bytes)
+        for item in self.readers.epoch(windows):
+            if not isinstance(item, SlotItem):          # pinned (on CUDA), or sent the DataLoader's way
+                yield item, False
+                continue
+            # on a CPU the batches are gathered from the slot itself: no copy of the window out of it first
+            # (a fresh 256 MB each window, dev box: ~2 ms more of the training thread per ViT-B/512 sample)
+            with item.borrowed() as arrays:
+                yield arrays, True
 
     def batches(self, batch_size: int, shuffle: bool = False, rng: np.random.Generator | None = None,
                 drop_last: bool = False, reuse: bool = False) -> Iterator[Batch]:
