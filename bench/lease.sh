@@ -35,7 +35,7 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
   FIRST_STEP_ARGS="--model vit_tiny_patch16_224 --res 128:2"
   LOADER_SLOTS_ARGS="--res 128 --images 8 --batch 2 --workers 2 --reps 1"
-  STREAM_ARGS="--res 128 --shards 4 --window-samples 0 --workers 2 --reps 1"
+  STREAM_ARGS="--res 128 --shards 4 --window-samples 0 --workers 2 --epochs 2 --reps 1"
 else
   # Extraction first (the most important issue): its writers now write past the page cache (--direct-io, on
   # against off, with both codecs: what it saves the GPU host's CPUs, cpu_others_ms, and whether its disk keeps
@@ -49,8 +49,9 @@ else
   HOST_COST_ARGS="--res 512 1024 --codecs zstd-1 none --reps 2 --cores $(nproc)"    # this host's cores: what they feed
   FIRST_STEP_ARGS="--res 512:32 1024:8"         # where lease 5's 1.8-2.2 s before the first batch went
   LOADER_SLOTS_ARGS="--res 512 --images 1024 --batch 32 --workers 4 --reps 2"   # 8 batches a worker: reuse shows
-  # streamed training's readers as fpt train starts them (2026-11-28: one per core but two, not 4), 1,024 samples
-  STREAM_ARGS="--res 512 --shards 64 --window-samples 0 --reps 1"
+  # streamed training's readers as fpt train starts them (2026-11-28: one per core but two, not 4, kept from epoch
+  # to epoch), 3 epochs of 1,024 samples
+  STREAM_ARGS="--res 512 --shards 64 --window-samples 0 --epochs 3 --reps 1"
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
 fi
