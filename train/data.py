@@ -99,14 +99,15 @@ READER_OWN_BYTES = 640 << 20     # a store reader's memory besides its slots: to
 def default_workers(device: torch.device, window_bytes: int) -> int:
     """Reader processes for streaming. On CUDA one per core but two (the training loop's thread and the loader's
     pinning thread keep theirs), at most HOST_PROCESSES_MAX, and as many as a quarter of the available RAM holds
-    (each reader: its slots, a window of ``window_bytes`` each, and ``READER_OWN_BYTES``). The step outruns them
+    (each reader: its slots and the page-locked copies the loader's pinning thread makes of what it has sent
+    ahead, a window of ``window_bytes`` each, and ``READER_OWN_BYTES``). The step outruns them
     all: a reader reads a ViT-B/512 sample in ~5 ms of a dev-box core over a long epoch (``python -m
     fpt.bench.loader_slots stream``), so the four of the earlier default fed ~800 samples/s to a step that takes
     ~5,000 (an H200, lease 5). On CPU none: the cores train, and a prefetch thread overlaps reading
     (decompression releases the GIL)."""
     if device.type != "cuda":
         return 0
-    per_reader = slots_per_worker(pinned=True) * window_bytes + READER_OWN_BYTES
+    per_reader = (slots_per_worker(pinned=True) + PREFETCH) * window_bytes + READER_OWN_BYTES
     fit = int(psutil.virtual_memory().available // 4 // per_reader)
     return max(1, min(HOST_PROCESSES_MAX, (os.cpu_count() or 1) - 2, fit))
 
