@@ -128,6 +128,11 @@ def test_stream_readers_are_started_once_for_every_epoch_of_both_splits_and_stop
             os.kill(pid, 0)
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"fpt-shared-{os.getpid()}-")]
     assert not [key for key in data._READERS if key[0] == str(reader.path)]      # nothing holds a pool of it
+    # a split of fewer windows than readers asked for starts one per window (val here: 2 samples, one window)
+    open(started, "w").close()
+    val = StreamSplit(reader, "val", NAMES, CPU, workers=8, window_samples=4)
+    collect(val.batches(3))
+    assert val.readers.workers == 1 and len(started.read_text().split()) == 1
 
 
 def test_an_epoch_left_unfinished_gives_way_to_the_next_and_fails_if_resumed(store):

@@ -394,9 +394,10 @@ _READERS: "weakref.WeakValueDictionary[tuple, StreamReaders]" = weakref.WeakValu
 
 def stream_readers(path: Path, names: tuple[str, ...], device: torch.device, workers: int,
                    window_bytes: int) -> StreamReaders:
-    """The reader pool of this process for these arrays of the store at ``path``, made on first use and shared
-    while a split holds it (a broken one, or one with smaller slots, is replaced)."""
-    key = (str(path), names, str(device), workers, os.getpid())
+    """The reader pool of this process for these arrays of the store at ``path``, made on first use with
+    ``workers`` readers and shared, as it is, while a split holds it (a broken one, or one with smaller slots,
+    is replaced)."""
+    key = (str(path), names, str(device), os.getpid())
     readers = _READERS.get(key)
     if readers is None or readers.broken or readers.window_bytes < window_bytes:
         readers = _READERS[key] = StreamReaders(path, names, device, workers, window_bytes)
@@ -452,7 +453,9 @@ class StreamSplit:
             yield from ((arrays, False) for arrays in _prefetched(reads[w] for w in windows))
             return
         if self.readers is None or self.readers.broken:
-            self.readers = stream_readers(self.path, self.names, self.device, self.workers, self.window_bytes)
+            # no more readers than windows: a small split (a test split read once at the end of a run) forks few
+            self.readers = stream_readers(self.path, self.names, self.device, min(self.workers, len(windows)),
+                                          self.window_bytes)
         for item in self.readers.epoch(windows):
             if not isinstance(item, SlotItem):          # pinned (on CUDA), or sent the DataLoader's way
                 yield item, False
