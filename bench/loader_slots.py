@@ -77,7 +77,7 @@ def stream_epoch(args, slots_on: bool) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     split = data.StreamSplit(StoreReader(path), "train", ("images", "keys", "values"), device,
                              workers=args.workers, window_samples=args.window_samples)    # None: as fpt train
-    args.readers, reader_split = split.workers, range(len(split))
+    args.readers, samples = split.workers, len(split)
     real = data.loader_slots
     if not slots_on:                                # the DataLoader's own way, as before 2026-11-28
         data.loader_slots = lambda *a, **k: _no_slots()
@@ -91,7 +91,7 @@ def stream_epoch(args, slots_on: bool) -> int:
         data.loader_slots = real
     del split                                       # its readers stop: their CPU counts in RUSAGE_CHILDREN
     gc.collect()
-    return len(reader_split) * args.epochs
+    return samples * args.epochs
 
 
 def measure(epoch, args, slots_on: bool) -> dict:

@@ -50,6 +50,7 @@ class StoreReader:
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         self.geometry = Geometry(**self.attrs["geometry"])
         self.excluded = np.zeros(0, dtype=np.int64)      # samples left out of every split (see ``exclude``)
+        self._rows: dict[str, tuple[tuple[int, ...], np.dtype]] = {}     # ``row_layout``'s, by array
 
     @property
     def classes(self) -> list[str]:
@@ -139,9 +140,14 @@ class StoreReader:
         return result
 
     def row_layout(self, names: Iterable[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Each of ``names``' (and ``labels``') shape and dtype per sample, as ``read`` returns them."""
-        layout = {name: (tuple(self.group[name].shape[1:]), np.dtype(self.group[name].dtype)) for name in names}
-        return {**layout, "labels": ((), self.labels.dtype)}
+        """Each of ``names``' (and ``labels``') shape and dtype per sample, as ``read`` returns them (looked up
+        once per array: a store's metadata may be a request away)."""
+        names = tuple(names)
+        for name in names:
+            if name not in self._rows:
+                array = self.group[name]
+                self._rows[name] = (tuple(array.shape[1:]), np.dtype(array.dtype))
+        return {**{name: self._rows[name] for name in names}, "labels": ((), self.labels.dtype)}
 
 
 def _rows_into(array: zarr.Array, spans: list[np.ndarray], target: np.ndarray) -> None:

@@ -378,7 +378,6 @@ class StreamReaders:
             self.broken = True
             raise
 
-
     def _check(self, epoch: int) -> None:
         if self.epochs != epoch:
             raise RuntimeError("these store readers have begun another epoch since this one")
