@@ -504,6 +504,29 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
 # store readers (a GPU host's cores; past them, processes only queue for the cores and take memory)
 HOST_PROCESSES_MAX = 16
 
+# how much lower a GPU run's helper processes set their CPU priority (nice): at +10 the kernel weighs each one at
+# about a ninth of a normal process, so the process that drives the GPU gets a core first on a full machine
+HELPER_NICENESS = 10
+HELPER_NICENESS_ENV = "FPT_HELPER_NICENESS"
+
+
+def helper_niceness(device: "torch.device") -> int:
+    """How much lower the helper processes of a run on ``device`` set their CPU priority (``lower_priority``):
+    extraction's decode workers and writer processes, training's store readers.
+
+    On CUDA ``HELPER_NICENESS``. There the helpers fill every core (one decode worker and one writer per core),
+    while the process that drives the GPU needs a core at the moment it has work: its first LPM step, a fresh
+    process's ~1 s of loading kernels, ran 1.8-2.2 s beside them on an H200 (lease 5); each batch it issues
+    waits for it. Niced helpers lose only the cores that process takes; the kernel divides the rest among them as
+    before. On a CPU 0: the LPM or the training step there uses every core itself, and its helpers feed it.
+    ``FPT_HELPER_NICENESS=N`` (0 to 19) overrides both, e.g. 0 to compare."""
+    text = os.environ.get(HELPER_NICENESS_ENV)
+    if text is None:
+        return HELPER_NICENESS if device.type == "cuda" else 0
+    if not (text.strip().isdigit() and 0 <= int(text) <= 19):
+        raise FptError(f"{HELPER_NICENESS_ENV}={text!r}: must be a niceness from 0 to 19")
+    return int(text)
+
 
 def resolve_device(device: str) -> "torch.device":
     """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is a clear error."""

@@ -128,17 +128,17 @@ def worker_step(path: Path, res: int, reps: int, reduced_j2k: bool = False,
     """Median process CPU ms and page faults of what a decode worker of ``fpt extract`` on CUDA does for the
     sample ``path``: decoding it (as fpt's file sources do: ``FileDecoding``), the LPM input as a tensor,
     collating it and putting it in shared memory for the main process, timed inside a DataLoader worker started
-    as extraction's are (``start_worker_reusing_memory``; ``reuse_memory=False``: without it, as before 2026-11-27)."""
+    as extraction's are (``start_helper``; ``reuse_memory=False``: without it, as before 2026-11-27)."""
     import torch
     from torch.utils.data import DataLoader
 
     from fpt.extract.images import FileDecoding
     from fpt.extract.run import DecodedImages
-    from fpt.store import start_worker_reusing_memory
+    from fpt.store import start_helper
 
     images = DecodedImages(FileDecoding(res, reduced_j2k), [path], res, "fail", torch.float16)
     return next(iter(DataLoader(_WorkerTiming(images, reps), batch_size=None, num_workers=1,
-                                worker_init_fn=start_worker_reusing_memory if reuse_memory else None)))
+                                worker_init_fn=start_helper if reuse_memory else None)))
 
 
 def cpu_ms(path: Path, res: int, reps: int, reduced_j2k: bool = False) -> float:

@@ -14,20 +14,62 @@ another kernel, or another cuDNN plan, than the plain call); ``importance`` the 
 (``token_importance``: on CUDA the Triton kernel's first use, compiled or loaded from Triton's cache);
 ``first_step`` the whole first ``encode_batch`` after those (the rest); ``low_res_copy``; ``second_step`` the
 whole step again. Results: bench/results/first_step-<device>.json.
+
+``--busy-helpers N`` runs each stage beside N processes that keep a core each busy, as ``fpt extract``'s decode
+workers do while its first step runs (its warm-up), at each ``--helper-niceness`` (how much lower their CPU
+priority is: ``fpt.store.lower_priority``); 0 helpers is the process alone:
+
+    python -m fpt.bench.first_step --res 512:32 --busy-helpers 0 16 --helper-niceness 0 10
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def first_uses(model: str, res: int, batch: int, device_name: str) -> dict:
-    """In this (fresh) process: the seconds of each stage (see the module docstring)."""
+@contextmanager
+def busy_helpers(count: int, niceness: int) -> Iterator[list[int]]:
+    """``count`` processes (their PIDs), each keeping a core busy at ``niceness`` lower CPU priority, while the
+    block runs. Forked before this process imports torch (no CUDA in them)."""
+    from fpt.store import lower_priority
+
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    helpers = [context.Process(target=_spin, args=(lower_priority, niceness, stop), daemon=True)
+               for _ in range(count)]
+    for helper in helpers:
+        helper.start()
+    try:
+        yield [helper.pid for helper in helpers]
+    finally:
+        stop.set()
+        for helper in helpers:
+            helper.join()
+
+
+def _spin(lower_priority, niceness: int, stop) -> None:
+    lower_priority(niceness)
+    while not stop.is_set():
+        sum(range(100_000))
+
+
+def first_uses(model: str, res: int, batch: int, device_name: str, helpers: int = 0, niceness: int = 0) -> dict:
+    """In this (fresh) process: the seconds of each stage (see the module docstring), beside ``helpers`` busy
+    processes at ``niceness``."""
+    with busy_helpers(helpers, niceness):
+        return {**_first_uses(model, res, batch, device_name), "busy_helpers": helpers, "helper_niceness": niceness}
+
+
+def _first_uses(model: str, res: int, batch: int, device_name: str) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     import torch
@@ -88,19 +130,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--res", nargs="+", default=["512:32", "1024:8"], help="RES:BATCH, each in a fresh process")
     p.add_argument("--device", default=None, help="default: cuda where there is one, else cpu")
-    p.add_argument("--one", help=argparse.SUPPRESS)               # RES:BATCH measured in this process
+    p.add_argument("--busy-helpers", nargs="+", type=int, default=[0],
+                   help="beside this many busy processes (0: alone), each a row [default: 0]")
+    p.add_argument("--helper-niceness", nargs="+", type=int, default=[0],
+                   help="the busy processes at this lower CPU priority, each a row [default: 0]")
+    p.add_argument("--one", help=argparse.SUPPRESS)               # RES:BATCH:HELPERS:NICENESS in this process
     args = p.parse_args(argv)
     if args.one:
-        res, batch = map(int, args.one.split(":"))
-        print(json.dumps(first_uses(args.model, res, batch, args.device)))
+        res, batch, helpers, niceness = map(int, args.one.split(":"))
+        print(json.dumps(first_uses(args.model, res, batch, args.device, helpers, niceness)))
         return
     from fpt.bench.common import write_results
 
     device = args.device or ("cuda" if _has_cuda() else "cpu")
     rows = []
-    for spec in args.res:
-        done = subprocess.run([sys.executable, "-m", "fpt.bench.first_step", "--one", spec, "--model", args.model,
-                               "--device", device], capture_output=True, text=True)
+    for spec, helpers, niceness in itertools.product(args.res, args.busy_helpers, args.helper_niceness):
+        if helpers == 0 and niceness != args.helper_niceness[0]:
+            continue                                    # alone: the helpers' priority is moot
+        done = subprocess.run([sys.executable, "-m", "fpt.bench.first_step", "--one", f"{spec}:{helpers}:{niceness}",
+                               "--model", args.model, "--device", device], capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"first_step at {spec} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

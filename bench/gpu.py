@@ -179,10 +179,15 @@ def png_tree(res: int, n: int) -> Path:
 
 
 def e2e_case(case: str, model: str, res: int, images: int, batch: int, workers: int, codec: str | None = None,
-             direct_io: bool = True) -> dict[str, Any]:
+             direct_io: bool = True, helper_niceness: int | None = None) -> dict[str, Any]:
     """End to end from PNG files to bytes on disk, one side; ``codec``: ``fpt extract --codec`` (None: its
-    default); ``direct_io``: False for ``fpt extract --no-direct-io``."""
+    default); ``direct_io``: False for ``fpt extract --no-direct-io``; ``helper_niceness``: the helper processes'
+    lower priority, as ``FPT_HELPER_NICENESS`` gives it (None: ``fpt extract``'s own, 10 on CUDA, 0 on a CPU)."""
     import torch
+
+    from fpt.config import HELPER_NICENESS_ENV
+    if helper_niceness is not None:
+        os.environ[HELPER_NICENESS_ENV] = str(helper_niceness)
 
     device = _device()
     tree = png_tree(res, images)
@@ -358,7 +363,8 @@ def print_table(rows: list[dict], device: str) -> None:
         if r.get("moments_s"):
             note += "; " + ", ".join(f"{name.replace('_', ' ')} {t} s" for name, t in r["moments_s"].items())
         case = (r["case"] + (f" --codec {r['codec']}" if r.get("codec") else "")
-                + (" --no-direct-io" if r.get("direct_io") is False else ""))
+                + (" --no-direct-io" if r.get("direct_io") is False else "")
+                + (f" (helpers at nice {r['helper_niceness']})" if r.get("helper_niceness") is not None else ""))
         table.add_row(case, str(r["res"]), str(r.get("batch", "")), str(r.get("images_per_s", "-")),
                       str(r.get("peak_mb", "-")), ratios, note)
     Console(width=140).print(table)
@@ -382,6 +388,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--direct-io", nargs="+", choices=["on", "off"], default=["on"],
                    help="fpt extract --direct-io (on) or --no-direct-io (off) in the fpt_extract and host_* cases, "
                         "each a row [default: on, its default]")
+    p.add_argument("--helper-niceness", nargs="+", default=["auto"],
+                   help="the fpt_extract and host_* cases' helper processes (decode workers, writer processes) at "
+                        "this lower CPU priority (FPT_HELPER_NICENESS), each a row [default: auto, fpt extract's own: "
+                        "10 on CUDA, 0 on a CPU]")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--no-train", action="store_true", help="skip the training table (fpt.bench.train_speed)")
     args = p.parse_args(argv)
@@ -412,11 +422,14 @@ def main(argv: list[str] | None = None) -> None:
     for res, images in e2e:
         for case in (c for c in E2E_CASES if c in args.cases):
             ours = case != "official_script"
-            for codec, direct in itertools.product(args.codecs if ours else [None], args.direct_io if ours else ["on"]):
+            for codec, direct, nice in itertools.product(args.codecs if ours else [None],
+                                                         args.direct_io if ours else ["on"],
+                                                         args.helper_niceness if ours else ["auto"]):
                 rows.append(run_child({"kind": "e2e", "case": case, "model": model, "res": res, "images": images,
                                        "batch": batch_at.get(res, 8), "workers": workers, "threads": threads,
                                        **({"codec": codec} if codec else {}),
-                                       **({"direct_io": False} if direct == "off" else {})}, args.timeout))
+                                       **({"direct_io": False} if direct == "off" else {}),
+                                       **({"helper_niceness": int(nice)} if nice != "auto" else {})}, args.timeout))
                 print(json.dumps(rows[-1]), flush=True)
     add_ratios(rows)
     training = [] if args.no_train else train_rows(kind)

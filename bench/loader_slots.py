@@ -45,7 +45,7 @@ def decode_epoch(args, slots_on: bool) -> int:
     from fpt.bench.gpu import png_tree
     from fpt.extract.run import DecodedImages, decode_slot_bytes
     from fpt.loader_slots import loader_slots, received
-    from fpt.store import start_worker_reusing_memory
+    from fpt.store import start_helper
 
     paths = sorted(png_tree(args.res, args.images).rglob("*.png"))
     pinned = torch.cuda.is_available()
@@ -54,7 +54,7 @@ def decode_epoch(args, slots_on: bool) -> int:
         into = None
         for high, _ in DataLoader(images, batch_size=args.batch, num_workers=args.workers,
                                   collate_fn=images.collate, pin_memory=pinned,
-                                  worker_init_fn=start_worker_reusing_memory):
+                                  worker_init_fn=start_helper):
             high = received(high)
             if not pinned:                          # the pinning thread's copy, into memory it reuses
                 into = torch.empty_like(high) if into is None or into.shape != high.shape else into

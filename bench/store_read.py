@@ -6,7 +6,7 @@ model, res and codec into bench/.work).
 
     python -m fpt.bench.store_read --res 512 --shards 8 --reps 7
 
-One process, set up as training's reader workers are (``start_worker_reusing_memory``: their malloc setting;
+One process, set up as training's reader workers are (``start_helper``: their malloc setting;
 ``--fresh-memory``: without it, as before 2026-11-27), median of ``--reps`` after one untimed read. Results:
 bench/results/store_read-<model>[-fresh-memory].json.
 """

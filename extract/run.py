@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError, helper_process_died
 from fpt.cluster import dask_client, worker_device
-from fpt.config import HOST_PROCESSES_MAX, ExtractConfig, resolve_device, resolve_precision
+from fpt.config import HOST_PROCESSES_MAX, ExtractConfig, helper_niceness, resolve_device, resolve_precision
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
@@ -34,7 +34,7 @@ from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.loader_slots import PREFETCH, SlotItem, loader_slots, received, stack_in_slot
 from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
-                       WorkerSlots, choose_samples_per_shard, is_url, start_worker_reusing_memory)
+                       WorkerSlots, choose_samples_per_shard, is_url, start_helper)
 
 
 @dataclass
@@ -262,7 +262,8 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     (``cfg.write_threads``, each handing it to a writer process on CUDA) while the next one is computed. At most
     ``write_threads`` shards wait for writing, so host memory stays below (write_threads + 1) x the shard size. A
     batch that does not fit on the GPU is split in halves until it does. ``waits`` (a ``LoopWaits``) gets where
-    the loop waited, ``clock`` (a ``ShardClock``) when each shard was copied and written.
+    the loop waited, ``clock`` (a ``ShardClock``) when each shard was copied and written. On CUDA the decode
+    workers and writer processes run at a lower CPU priority than this process (``helper_niceness``).
     """
     waits = waits or LoopWaits()
     device = resolve_device(cfg.device)
@@ -276,6 +277,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     offsets = np.cumsum([0] + [sum(len(part.indices) for part in b) for b in batches])
     total, skipped = len(refs), []
+    niceness = helper_niceness(device)          # the decode workers' and writer processes' lower CPU priority
     # the device current while the loop runs: its streams are the ones the copies and events follow (cuda:1 too)
     with (torch.cuda.device(device) if device.type == "cuda" else nullcontext(),
           intra_op_threads(1 if device.type == "cuda" else None),
@@ -284,14 +286,14 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         loader = DataLoader(images, batch_sampler=[range(offsets[i], offsets[i + 1]) for i in range(len(batches))],
                             num_workers=workers, pin_memory=device.type == "cuda", collate_fn=images.collate,
                             prefetch_factor=PREFETCH if workers else None,
-                            worker_init_fn=start_worker_reusing_memory)    # its image buffers reused
+                            worker_init_fn=partial(start_helper, niceness=niceness))
         # the decode workers fork (and start on the first batches) before any writer process starts: a fork while
         # one starts would leave a dead fork server unnoticed (see ShardWriterPool)
         decoded = iter(loader)
         waits.mark("decode_workers_forked")
         with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
                              writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
-                             clock=clock, shards=len(shards),
+                             clock=clock, shards=len(shards), niceness=niceness,
                              filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool:
             waits.mark("writer_pool_started")
             filling: dict[int, ShardBuffer] = {}            # shards with rows still to come, in store order

@@ -151,15 +151,16 @@ class ShardWriterPool:
     (``HandoverSlots``: at most ``threads`` + the shards being filled at once, ``filling``). ``buffer`` puts each
     shard in one of them, so the device's copies land where the writer process reads (on CUDA the files are
     page-locked for that; where the driver refuses, shards get buffers of their own and are copied into a file at
-    the hand-over, as with threads); otherwise the threads write in this process. ``pinned``: buffers in
-    page-locked memory (CUDA). A writer process that dies (killed, or the fork server it comes from, e.g. on an
-    unguarded script) fails the run with an FptError, never a wait: for that, fork this process's other helpers
-    (the DataLoader's workers) before the pool starts its processes, since a fork while one starts holds a copy of
-    the fork server's pipe, whose end then never comes."""
+    the hand-over, as with threads); otherwise the threads write in this process. ``niceness``: how much lower the
+    writer processes set their CPU priority (``lower_priority``). ``pinned``: buffers in page-locked memory (CUDA).
+    A writer process that dies (killed, or the fork server it comes from, e.g. on an unguarded script) fails the
+    run with an FptError, never a wait: for that, fork this process's other helpers (the DataLoader's workers)
+    before the pool starts its processes, since a fork while one starts holds a copy of the fork server's pipe,
+    whose end then never comes."""
 
     def __init__(self, writer: StoreWriter, threads: int, progress: Progress | None, total: int,
                  processes: bool = False, waits: LoopWaits | None = None, pinned: bool = False,
-                 clock: ShardClock | None = None, shards: int | None = None, filling: int = 1):
+                 clock: ShardClock | None = None, shards: int | None = None, filling: int = 1, niceness: int = 0):
         self.writer, self.threads, self.progress, self.total = writer, max(1, threads), progress, total
         self.waits = waits or LoopWaits()               # where the caller waited for a shard: device, writing
         self.clock = clock or ShardClock()              # when each shard's copies and write ended
@@ -171,7 +172,7 @@ class ShardWriterPool:
         # and not forked from here: this process holds CUDA and threads (zarr's loop, the DataLoader's pinning)
         self.processes = (ProcessPoolExecutor(self.threads, mp_context=fork_server_context([start_writer.__module__]),
                                               initializer=start_writer,
-                                              initargs=(str(writer.location), writer.direct_io))
+                                              initargs=(str(writer.location), writer.direct_io, niceness))
                           if processes else None)
         self.slots = HandoverSlots(before_close=self._unlock) if processes else None
         # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once

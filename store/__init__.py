@@ -10,8 +10,8 @@ Public API:
                            by copying or in place
     WorkerSlots            reusable memory that helper processes fill and this process reads (DataLoader items)
     write_shared_shard     whole-shard writes in a writer process (shared.py says why); start_writer, its
-                           initializer; reuse_freed_memory, a helper process's malloc set to reuse big buffers
-                           (start_worker_reusing_memory: the same as a DataLoader's worker_init_fn)
+                           initializer; start_helper, a DataLoader worker's (lower_priority: its CPU priority
+                           lowered; reuse_freed_memory: its malloc set to reuse big buffers)
     check_same_extraction  refuse a store holding another extraction, before the expensive part
     StoreLock              one extraction at a time per store (<store>.lock: flock, or a lease on object stores)
     StoreReader            read samples and metadata for training
@@ -28,14 +28,14 @@ from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
-from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, open_shared, plan, reuse_freed_memory,
-                              start_worker_reusing_memory, start_writer, write_shared_shard, WorkerSlots,
+from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, lower_priority, open_shared, plan,
+                              reuse_freed_memory, start_helper, start_writer, write_shared_shard, WorkerSlots,
                               shm_has_room)
 from fpt.store.writer import StoreWriter, check_same_extraction
 
 __all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry",
            "choose_samples_per_shard", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter", "as_dask",
            "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
-           "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec", "open_shared", "plan",
-           "reuse_freed_memory", "start_worker_reusing_memory", "start_writer", "write_shared_shard", "WorkerSlots",
-           "shm_has_room"]
+           "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec", "lower_priority",
+           "open_shared", "plan", "reuse_freed_memory", "start_helper", "start_writer", "write_shared_shard",
+           "WorkerSlots", "shm_has_room"]

@@ -412,17 +412,32 @@ def reuse_freed_memory() -> bool:
                                                             (m_trim_threshold, 1 << 30), (m_arena_max, 1)))
 
 
-def start_worker_reusing_memory(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn`` for workers that handle big buffers one after another (extraction's decode
-    workers, image after image; training's store readers, window after window): ``reuse_freed_memory``."""
+def lower_priority(niceness: int) -> None:
+    """Lower this process's CPU priority by ``niceness`` (``os.nice``; 0: unchanged). For a helper process, at its
+    start: Linux sets the priority of the calling thread, and the threads it starts later inherit it. Where the
+    system refuses, nothing is done (only a matter of who gets a busy machine's cores first)."""
+    if niceness > 0:
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
+
+
+def start_helper(worker_id: int = 0, niceness: int = 0) -> None:
+    """A DataLoader ``worker_init_fn`` (``niceness`` bound with ``functools.partial``) for helper processes that
+    handle big buffers one after another (extraction's decode workers, image after image; training's store
+    readers, window after window): ``lower_priority(niceness)``, then ``reuse_freed_memory``."""
+    lower_priority(niceness)
     reuse_freed_memory()
 
 
-def start_writer(store: str, direct_io: bool) -> None:
-    """A writer process's initializer: its memory reused from shard to shard (``reuse_freed_memory``), zarr
+def start_writer(store: str, direct_io: bool, niceness: int = 0) -> None:
+    """A writer process's initializer: its priority lowered by ``niceness`` (``lower_priority``, first, so that
+    zarr's event-loop thread inherits it), its memory reused from shard to shard (``reuse_freed_memory``), zarr
     imported and the store's arrays opened before its first shard arrives (~0.3 s of a fresh process on the dev
     box, otherwise paid by the first shard of each writer). A failure is left to that first write to report,
     with the write's own error."""
+    lower_priority(niceness)
     reuse_freed_memory()
     try:
         _writer(store, direct_io).open_arrays()

@@ -148,3 +148,23 @@ def test_saved_configs_rebuild_with_their_augmentation():
     cfg = train_config("x.zarr", None, augment="strong,hflip=0.25", drop_last=False)
     again = TrainConfig(**json.loads(json.dumps(asdict(cfg), default=str)))
     assert again.augment == cfg.augment and again.drop_last is False and again.store == cfg.store
+
+
+def test_helper_processes_lower_their_priority_on_cuda_only_unless_the_environment_says(monkeypatch):
+    """``helper_niceness``: HELPER_NICENESS on CUDA, 0 on a CPU; FPT_HELPER_NICENESS (0-19) overrides both, and
+    anything else in it is one clear error."""
+    import torch
+
+    from fpt.config import HELPER_NICENESS, HELPER_NICENESS_ENV, helper_niceness
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")           # a device object: no GPU needed
+    monkeypatch.delenv(HELPER_NICENESS_ENV, raising=False)
+    assert HELPER_NICENESS > 0
+    assert (helper_niceness(cuda), helper_niceness(cpu)) == (HELPER_NICENESS, 0)
+    for text, want in (("0", 0), ("7", 7), ("19", 19)):
+        monkeypatch.setenv(HELPER_NICENESS_ENV, text)
+        assert helper_niceness(cuda) == helper_niceness(cpu) == want
+    for bad in ("-1", "20", "high", ""):
+        monkeypatch.setenv(HELPER_NICENESS_ENV, bad)
+        with pytest.raises(FptError, match=HELPER_NICENESS_ENV):
+            helper_niceness(cuda)

@@ -79,19 +79,25 @@ def test_streamed_epochs_shuffle_every_sample_exactly_once(store, workers):
     assert orders[0] == orders[1] and orders[0] != orders[2]
 
 
-def test_store_reader_workers_start_with_their_memory_reused(store, tmp_path, monkeypatch):
+def test_store_reader_workers_start_at_the_helpers_priority_with_their_memory_reused(store, tmp_path, monkeypatch):
     """Each reader worker of a streamed split runs ``reuse_freed_memory`` as it starts (the DataLoader's
-    ``worker_init_fn``; forked, so the spy is theirs too), and reads the same samples."""
+    ``worker_init_fn``; forked, so the spy is theirs too), at the CPU priority ``helper_niceness`` gives (made to
+    give 2 here, as it does on CUDA), and reads the same samples."""
     import os
 
     from fpt.store import shared
+    from fpt.train import data
 
+    own = os.nice(0)
     started = tmp_path / "started"
-    monkeypatch.setattr(shared, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
+    monkeypatch.setattr(shared, "reuse_freed_memory",
+                        lambda: started.open("a").write(f"{os.getpid()} {os.nice(0)}\n"))
+    monkeypatch.setattr(data, "helper_niceness", lambda device: 2)
     reader = StoreReader(store)
     got, sizes = collect(StreamSplit(reader, "train", NAMES, CPU, workers=2, window_samples=4).batches(3))
-    pids = set(started.read_text().split())
-    assert len(pids) == 2 and str(os.getpid()) not in pids, pids
+    workers = dict(line.split() for line in started.read_text().splitlines())
+    assert len(workers) == 2 and str(os.getpid()) not in workers, workers
+    assert set(workers.values()) == {str(min(own + 2, 19))} and os.nice(0) == own, workers
     np.testing.assert_array_equal(got["keys"], reader.read(reader.split_indices("train"), ("keys",))["keys"])
 
 

@@ -617,16 +617,33 @@ def test_reuse_freed_memory_reuses_buffers_of_growing_sizes_where_malloc_mapped_
     assert faults["reuse"] < 2 * largest, faults                    # about one buffer's pages
 
 
-def test_decode_workers_start_with_their_memory_reused(tmp_path, image_folder, monkeypatch):
+def test_decode_workers_and_writer_processes_start_at_the_helpers_priority_with_their_memory_reused(
+        tmp_path, image_folder, monkeypatch):
     """Each of extraction's decode workers runs ``reuse_freed_memory`` as it starts (the DataLoader's
-    ``worker_init_fn``; forked, so the spy is theirs too)."""
+    ``worker_init_fn``; forked, so the spy is theirs too), at the CPU priority ``helper_niceness`` gives (made to
+    give 3 here, as it does on CUDA); so does each writer process (asked for its niceness before the pool ends).
+    This process's own priority is unchanged."""
+    from fpt.extract import run
     from fpt.store import shared
 
+    own = os.nice(0)
     started = tmp_path / "started"
-    monkeypatch.setattr(shared, "reuse_freed_memory", lambda: started.open("a").write(f"{os.getpid()}\n"))
-    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2))
-    pids = set(started.read_text().split())
-    assert len(pids) == 2 and str(os.getpid()) not in pids, pids
+    monkeypatch.setattr(shared, "reuse_freed_memory",
+                        lambda: started.open("a").write(f"{os.getpid()} {os.nice(0)}\n"))
+    monkeypatch.setattr(run, "helper_niceness", lambda device: 3)
+    writers: list[int] = []
+
+    class AskingWriters(run.ShardWriterPool):
+        def __exit__(self, *exc):
+            writers.extend(self.processes.submit(os.nice, 0).result() for _ in range(self.threads))
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(run, "ShardWriterPool", AskingWriters)
+    extract(micro_config(image_folder, tmp_path / "s.zarr", workers=2, writers="processes", write_threads=2))
+    workers = dict(line.split() for line in started.read_text().splitlines())
+    assert len(workers) == 2 and str(os.getpid()) not in workers, workers
+    assert set(workers.values()) == {str(min(own + 3, 19))}, workers
+    assert set(writers) == {min(own + 3, 19)} and os.nice(0) == own, writers
 
 
 @GLIBC

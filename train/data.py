@@ -18,6 +18,7 @@ import threading
 import weakref
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -29,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 
 from fpt import FptError
-from fpt.config import HOST_PROCESSES_MAX, AugmentConfig
+from fpt.config import HOST_PROCESSES_MAX, AugmentConfig, helper_niceness
 from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, slots_per_worker
-from fpt.store import StoreReader, WorkerSlots, open_shared, start_worker_reusing_memory
+from fpt.store import StoreReader, WorkerSlots, open_shared, start_helper
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
 DRAWS = 9                     # uniform random numbers per image of the training augmentation (SideInput.params)
@@ -351,10 +352,12 @@ class StreamReaders:
         slots = stack.enter_context(loader_slots(workers, window_bytes, self.pinned))
         self.sampler = _EpochWindows()
         # each reader's chunks and windows reuse its memory (dev box, a window of 5 ViT-B/512 shards: 6.0-6.3
-        # -> 3.8-4.4 CPU ms per sample, fpt.bench.store_read)
+        # -> 3.8-4.4 CPU ms per sample, fpt.bench.store_read); on CUDA the readers, one per core but two, yield
+        # the cores to this process, which drives the GPU (helper_niceness)
         loader = DataLoader(_WindowReads(path, names, slots), sampler=self.sampler, batch_size=None,
                             num_workers=workers, persistent_workers=True, prefetch_factor=PREFETCH,
-                            pin_memory=self.pinned, worker_init_fn=start_worker_reusing_memory)
+                            pin_memory=self.pinned,
+                            worker_init_fn=partial(start_helper, niceness=helper_niceness(device)))
         # held here only (not by the pool's own attributes), so that the finaliser can drop the loader (its
         # workers stop) before it closes the slots
         self._parts = {"loader": loader, "slots": stack}
