@@ -76,7 +76,8 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 # ---- options, declared once ([default: ...] from the packaged pipelines.yaml defaults) -------------------------
 DATA, LPM, SELECTION, OUTPUT, HARDWARE = "Data", "LPM (the frozen ViT)", "Token selection", "Output", "Hardware"
 SIDE, TRAINING = "Side network", "Training"
-DEFAULTS = fpt_config.pipeline_entry(None)
+# the packaged defaults: a user's pipelines file ($FPT_PIPELINES) is read by the commands, whose errors are one line
+DEFAULTS = fpt_config.pipeline_entry(None, fpt_config.packaged_pipelines())
 EX, TR = DEFAULTS["extract"], DEFAULTS["train"]
 
 
@@ -196,7 +197,17 @@ def friendly(fn):
         except KeyboardInterrupt:
             err.print("[yellow]interrupted: finished work is kept; re-run the same command to resume[/]")
             raise typer.Exit(130) from None
+        except OSError as e:        # the system refused: no permission, a file where a folder goes, a full disk
+            err.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
     return wrapper
+
+
+def os_error_line(e: OSError) -> str:
+    """``Permission denied: runs/x`` rather than ``[Errno 13] Permission denied: 'runs/x'``."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{type(e).__name__}: {e}"
 
 
 def _progress() -> Progress:

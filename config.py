@@ -280,10 +280,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def packaged_pipelines() -> dict[str, Any]:
+    """The packaged pipelines.yaml alone."""
+    return _read_pipelines(PIPELINES_FILE)
+
+
 def load_pipelines(user: Path | str | None = None) -> dict[str, Any]:
     """The packaged pipelines.yaml with the file named by ``$FPT_PIPELINES`` merged over it, then ``user``
     (``--pipelines FILE``) over both; an entry of a user file adds a pipeline or changes only the keys it names."""
-    pipelines = _read_pipelines(PIPELINES_FILE)
+    pipelines = packaged_pipelines()
     for path in (os.environ.get(PIPELINES_ENV), user):
         if path:
             pipelines = _merge(pipelines, _read_pipelines(Path(path)))

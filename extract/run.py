@@ -34,7 +34,7 @@ from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.loader_slots import PREFETCH, SlotItem, loader_slots, received, stack_in_slot
 from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
-                       WorkerSlots, choose_samples_per_shard, is_url, start_helper)
+                       WorkerSlots, choose_samples_per_shard, encode_ids, is_url, start_helper)
 
 
 @dataclass
@@ -134,6 +134,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         source = load_source(cfg)
         samples = source.samples
         ids = np.array([s.id for s in samples], dtype=object)
+        id_bytes = encode_ids(ids).shape[1]                        # refuses a file name that is not UTF-8
         dataset_warnings = check_class_coverage(samples, source.classes, str(cfg.data or cfg.source))
         if not cfg.overwrite:
             check_same_extraction(cfg.out, settings_attrs(cfg, source, dataset_warnings), ids)
@@ -145,71 +146,72 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         k = lpm.n_selected(cfg.res)
         geometry = Geometry(n_samples=len(samples), layers=len(lpm.layers), heads=info.heads, k=k,
                             head_dim=info.head_dim, embed_dim=info.embed_dim, image_res=cfg.image_res,
-                            id_bytes=max([1, *(len(i.encode()) for i in ids)]))
+                            id_bytes=id_bytes)
         geometry = replace(geometry, samples_per_shard=cfg.samples_per_shard
                            or choose_samples_per_shard(geometry.bytes_per_sample()))
         writer = StoreWriter.open(
             cfg.out, geometry, store_attrs(cfg, source, info.as_attrs(), lpm.layers, k, dataset_warnings), ids=ids,
             labels=np.array([s.label for s in samples]), split=np.array([s.split for s in samples]),
             overwrite=cfg.overwrite, codec=cfg.codec, direct_io=cfg.direct_io)
-        pending = writer.pending_shards()
-        write_threads = cfg.write_threads or default_write_threads(device)
-        writers = writers_kind(cfg, device) if scheduler is None else "threads"
-        # shards waiting for their writer + those being filled (per process on dask); with writer processes they
-        # are filled in their hand-over files (unless the driver refuses to page-lock those: see ShardWriterPool)
-        g = writer.geometry
-        buffers = write_threads + shards_filling(cfg.batch_size or default_batch_size(device), g.samples_per_shard)
-        host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start, clock, waits = time.perf_counter(), ShardClock(), LoopWaits()
-        try:
-            if scheduler is None:
-                written, skipped = extract_shards(cfg, pending, progress, waits, clock)
-            else:
-                written, skipped = extract_on_dask(cfg, pending, scheduler, progress, clock)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                done = int(StoreReader(cfg.out).done().sum())
-                raise FptError(f"no space left on the device of {cfg.out} ({done} of {len(samples)} samples are "
-                               "safely written); free some space and re-run the same command to resume") from None
-            if is_url(cfg.out):       # object-store errors (denied, throttled, gone) arrive as OSError
-                raise FptError(f"writing to {cfg.out} failed ({type(e).__name__}: {e}); the finished shards are "
-                               "kept: re-run the same command to resume") from None
-            raise
-        except RuntimeError as e:
-            if not helper_process_died(e):
+        with writer.replacing():            # --overwrite: the store it replaces goes once this one is complete
+            pending = writer.pending_shards()
+            write_threads = cfg.write_threads or default_write_threads(device)
+            writers = writers_kind(cfg, device) if scheduler is None else "threads"
+            # shards waiting for their writer + those being filled (per process on dask); with writer processes they
+            # are filled in their hand-over files (unless the driver refuses to page-lock those: see ShardWriterPool)
+            g = writer.geometry
+            buffers = write_threads + shards_filling(cfg.batch_size or default_batch_size(device), g.samples_per_shard)
+            host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start, clock, waits = time.perf_counter(), ShardClock(), LoopWaits()
+            try:
+                if scheduler is None:
+                    written, skipped = extract_shards(cfg, pending, progress, waits, clock)
+                else:
+                    written, skipped = extract_on_dask(cfg, pending, scheduler, progress, clock)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    done = int(StoreReader(cfg.out).done().sum())
+                    raise FptError(f"no space left on the device of {cfg.out} ({done} of {len(samples)} samples are "
+                                   "safely written); free some space and re-run the same command to resume") from None
+                if is_url(cfg.out):       # object-store errors (denied, throttled, gone) arrive as OSError
+                    raise FptError(f"writing to {cfg.out} failed ({type(e).__name__}: {e}); the finished shards are "
+                                   "kept: re-run the same command to resume") from None
                 raise
-            raise FptError(f"a decode worker died ({e}); the finished shards are kept: re-run the same command to "
-                           "resume (with fewer --workers if the host ran out of memory)") from None
-        seconds = time.perf_counter() - start
-        result = ExtractResult(str(cfg.out), len(samples), written, seconds,
-                               written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
-                               n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
-                               first_shard_seconds=clock.first_shard_seconds(start),
-                               last_shard_seconds=clock.last_shard_seconds(start),
-                               first_copied_seconds=clock.first_copied_seconds(start),
-                               first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
-                               warm_up_seconds=waits.warm_up,
-                               moments_seconds={name: t - start for name, t in waits.moments.items()},
-                               **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
-                                   "waited_for_writers_s": waits.writing} if scheduler is None else {}))
-        if skipped:
-            result.skipped_report = str(writer.record_skipped(sorted(skipped)))
-        if written:
-            writer.update_attrs(last_run={
-                "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
-                "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
-                "waited_for_decoding_s": result.waited_for_decoding_s and round(result.waited_for_decoding_s, 3),
-                "waited_for_device_s": result.waited_for_device_s and round(result.waited_for_device_s, 3),
-                "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
-                "limited_by": (result.limit() or (None,))[0],
-                "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
-                "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
-                "write_threads": write_threads, "precision": cfg.precision,
-                "writers": writers, "direct_io": cfg.direct_io, "host_buffer_limit_mb": round(host_buffer_mb, 1),
-                "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
-        return result
+            except RuntimeError as e:
+                if not helper_process_died(e):
+                    raise
+                raise FptError(f"a decode worker died ({e}); the finished shards are kept: re-run the same command to "
+                               "resume (with fewer --workers if the host ran out of memory)") from None
+            seconds = time.perf_counter() - start
+            result = ExtractResult(str(cfg.out), len(samples), written, seconds,
+                                   written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
+                                   n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
+                                   first_shard_seconds=clock.first_shard_seconds(start),
+                                   last_shard_seconds=clock.last_shard_seconds(start),
+                                   first_copied_seconds=clock.first_copied_seconds(start),
+                                   first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
+                                   warm_up_seconds=waits.warm_up,
+                                   moments_seconds={name: t - start for name, t in waits.moments.items()},
+                                   **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
+                                       "waited_for_writers_s": waits.writing} if scheduler is None else {}))
+            if skipped:
+                result.skipped_report = str(writer.record_skipped(sorted(skipped)))
+            if written:
+                writer.update_attrs(last_run={
+                    "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
+                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
+                    "waited_for_decoding_s": result.waited_for_decoding_s and round(result.waited_for_decoding_s, 3),
+                    "waited_for_device_s": result.waited_for_device_s and round(result.waited_for_device_s, 3),
+                    "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
+                    "limited_by": (result.limit() or (None,))[0],
+                    "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
+                    "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
+                    "write_threads": write_threads, "precision": cfg.precision,
+                    "writers": writers, "direct_io": cfg.direct_io, "host_buffer_limit_mb": round(host_buffer_mb, 1),
+                    "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
+            return result
 
 
 class DecodedImages(Dataset):

@@ -20,10 +20,11 @@ Public API:
     verify(path)           which samples are unfinished, missing or fail their checksums (VerifyReport)
     mark_for_reextraction  the repair path: damaged samples' shards back to not done, for `fpt extract` to rewrite
     Geometry, SCHEMA_VERSION, SPLITS, SAMPLE_ARRAYS, FEATURE_DTYPES, choose_samples_per_shard
+    encode_ids             sample ids as the store holds them (UTF-8 bytes; a name that is not UTF-8 refused)
     CODECS, DEFAULT_CODEC  lossless chunk codecs for ``fpt extract --codec`` (measured in bench/codec.py)
 """
 from fpt.store.layout import (CODECS, DEFAULT_CODEC, FEATURE_DTYPES, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry,
-                              choose_samples_per_shard)
+                              choose_samples_per_shard, encode_ids)
 from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
@@ -34,8 +35,8 @@ from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, low
 from fpt.store.writer import StoreWriter, check_same_extraction
 
 __all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry",
-           "choose_samples_per_shard", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter", "as_dask",
-           "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
+           "choose_samples_per_shard", "encode_ids", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter",
+           "as_dask", "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
            "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec", "lower_priority",
            "open_shared", "plan", "reuse_freed_memory", "start_helper", "start_writer", "write_shared_shard",
            "WorkerSlots", "shm_has_room"]

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from fpt import FptError
+
 SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
 EXCLUDED_SPLIT = 255          # a sample whose source could not be read and was skipped (--on-error skip)
@@ -132,7 +134,13 @@ class Geometry:
 
 def encode_ids(ids) -> np.ndarray:
     """Sample ids -> uint8 [S, n]: UTF-8 bytes, zero-padded to the longest (n >= 1). Ids hold no NUL byte."""
-    encoded = [str(i).encode("utf-8") for i in ids]
+    encoded = []
+    for i in map(str, ids):
+        try:
+            encoded.append(i.encode("utf-8"))
+        except UnicodeEncodeError:      # a file name of bytes that are not UTF-8 (Python keeps them as surrogates)
+            raise FptError(f"sample id {i.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 (a file name "
+                           "in another encoding?); rename the file") from None
     if any(b"\0" in e for e in encoded):
         raise ValueError("sample ids must not contain NUL characters")
     width = max([1, *map(len, encoded)])

@@ -108,6 +108,14 @@ class StoreLocation:
         """Delete the store (a directory tree, a prefix of objects, or a single file)."""
         self.fs.rm(self.root, recursive=self.fs.isdir(self.root))
 
+    def move_to(self, other: "StoreLocation") -> None:
+        """Move the store to ``other`` on the same filesystem (a rename where the filesystem has one; an object
+        store copies and deletes)."""
+        if self.local is not None:
+            self.local.rename(other.local)
+        else:
+            self.fs.mv(self.root, other.root, recursive=True)
+
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self._path(relative))
 

@@ -30,6 +30,8 @@ def open_group(path: str | Path | StoreLocation, mode: str = "r", direct_io: boo
         raise FptError(f"{path} is one array of a store, not a store; name the store's folder (its parent)") from None
     except Exception as e:  # unreadable / truncated metadata
         raise FptError(f"{path}: cannot read store metadata ({type(e).__name__}: {e})") from None
+    if version is None:
+        raise FptError(f"{path} is a Zarr store that fpt did not write (its attributes name no fpt_store_version)")
     if version != SCHEMA_VERSION:
         raise FptError(f"{path}: store schema version {version}, this fpt reads version {SCHEMA_VERSION}; "
                        "re-extract it with this fpt (`fpt extract ... --overwrite`)")

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -18,6 +20,8 @@ from fpt.store.layout import (ARRAY_ATTRS, DEFAULT_CODEC, DIMENSION_NAMES, DONE,
 from fpt.store.location import StoreLocation
 from fpt.store.reader import open_group
 
+# beside a store that ``fpt extract --overwrite`` is replacing: the store it replaces, until the new one is complete
+REPLACED_SUFFIX = ".replaced"
 # attrs sections that define what a store contains; a re-run must ask for exactly these. Settings the user
 # chose are compared before the backbone's derived facts, so a refusal names the option that changed.
 IDENTITY_SECTIONS = ("extraction", "normalization", "dataset", "backbone")
@@ -33,9 +37,11 @@ LATER_KEYS = {("extraction", "precision"): None, ("extraction", "j2k_decode"): "
 class StoreWriter:
     """Writes one store. Safe to use from several processes as long as each writes different shards."""
 
-    def __init__(self, location: StoreLocation, group: zarr.Group, geometry: Geometry, direct_io: bool = False):
+    def __init__(self, location: StoreLocation, group: zarr.Group, geometry: Geometry, direct_io: bool = False,
+                 replaced: StoreLocation | None = None):
         self.location = location
         self.group = group
+        self.replaced = replaced            # the store this one replaces, kept until this one is complete
         self.geometry = geometry
         self.direct_io = direct_io          # how its group was opened: writer processes open it the same way
         self._arrays: dict[str, zarr.Array] = {}
@@ -48,22 +54,56 @@ class StoreWriter:
         """Create the store at ``path``, or reopen it for resuming when it holds the same extraction.
 
         An existing store that differs in backbone, extraction settings, dataset or sample ids is refused
-        unless ``overwrite`` (which deletes it first). ``codec`` (a name in layout.CODECS) applies to a new
-        store; a resumed store keeps the codec it was created with. ``direct_io``: a local store's shard files
-        are written past the page cache where the filesystem allows it (direct_io.py says why and what it costs).
+        unless ``overwrite``, which replaces any fpt store there (never anything else) without losing it until
+        the new one is complete: the old store is moved beside it (``<store>.replaced``, ``self.replaced``) and
+        removed by ``replacing`` once every shard of the new one is written. An --overwrite that stopped early
+        resumes when asked for the same extraction again (else its unfinished store is dropped); the store it
+        replaced stays where it was put. ``codec`` (a name in layout.CODECS) applies to a new store; a resumed
+        store keeps the codec it was created with. ``direct_io``: a local store's shard files are written past
+        the page cache where the filesystem allows it (direct_io.py says why and what it costs).
         """
         path = StoreLocation(path)
         exists = path.exists()
         if exists and not path.is_file("zarr.json"):
             raise FptError(f"{path} exists and is not an fpt store; choose another --out "
                            "(it is never replaced, even with --overwrite)")
-        if exists and not overwrite:
+        replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
+        if exists and overwrite:
+            version = _schema_version(path)
+            if version is None:
+                raise FptError(f"{path} is a Zarr store that fpt did not write; choose another --out (it is never "
+                               "replaced, even with --overwrite)")
+            if replaced.exists():       # {path}: the unfinished store of an --overwrite that stopped, or complete
+                group = open_group(path, mode="r+", direct_io=direct_io) if version == SCHEMA_VERSION else None
+                if group is None or group[DONE][:].all():
+                    raise FptError(f"{replaced} holds the store an earlier --overwrite replaced, and {path} is not "
+                                   f"the unfinished store of that --overwrite; delete or move {replaced}, then re-run")
+                if _other_extraction(group, attrs, ids) is None:
+                    return cls(path, group, Geometry(**group.attrs["geometry"]), direct_io, replaced)
+                path.remove()
+            else:
+                path.move_to(replaced)
+            return cls._create(path, geometry, attrs, ids, labels, split, codec, direct_io, replaced)
+        if exists:
             group = open_group(path, mode="r+", direct_io=direct_io)
             _refuse_other_extraction(path, group, attrs, ids)
-            return cls(path, group, Geometry(**group.attrs["geometry"]), direct_io)
-        if exists:
-            path.remove()
+            return cls(path, group, Geometry(**group.attrs["geometry"]), direct_io,
+                       replaced if replaced.exists() else None)
         return cls._create(path, geometry, attrs, ids, labels, split, codec, direct_io)
+
+    @contextmanager
+    def replacing(self) -> Iterator[None]:
+        """Around the writing of a store that replaces another (``open`` with ``overwrite``; otherwise nothing
+        happens): once every shard is written, the replaced store is removed; an FptError says where it is kept."""
+        try:
+            yield
+        except FptError as e:
+            if self.replaced is None or not self.replaced.exists():
+                raise
+            raise FptError(f"{e} (the store this --overwrite replaces is kept at {self.replaced} until the new "
+                           "one is complete)") from None
+        if self.replaced is not None and not self.pending_shards() and self.replaced.exists():
+            self.replaced.remove()
 
     @classmethod
     def reopen(cls, path: str | Path | StoreLocation, direct_io: bool = True) -> "StoreWriter":
@@ -74,12 +114,13 @@ class StoreWriter:
 
     @classmethod
     def _create(cls, path: StoreLocation, g: Geometry, attrs: Mapping[str, Any], ids: np.ndarray, labels: np.ndarray,
-                split: np.ndarray, codec: str, direct_io: bool) -> "StoreWriter":
+                split: np.ndarray, codec: str, direct_io: bool, replaced: StoreLocation | None = None
+                ) -> "StoreWriter":
         group = zarr.open_group(path.zarr_target(direct_io), mode="w", zarr_format=3)
         encoded_ids = encode_ids(ids)
         g = replace(g, id_bytes=encoded_ids.shape[1])
         S, per = g.n_samples, g.samples_per_shard
-        writer = cls(path, group, g, direct_io)
+        writer = cls(path, group, g, direct_io, replaced)
         for name, (shape, dtype) in g.sample_shapes().items():
             sharded = name in SHARDED_ARRAYS
             group.create_array(name, shape=(S, *shape), dtype=dtype, chunks=(1 if sharded else per, *shape),
@@ -167,11 +208,29 @@ def check_same_extraction(path: str | Path | StoreLocation, attrs: Mapping[str, 
         _refuse_other_extraction(path, open_group(path), attrs, ids, partial=True)
 
 
-def _refuse_other_extraction(path: StoreLocation, group: zarr.Group, attrs: Mapping[str, Any], ids: np.ndarray,
-                             partial: bool = False) -> None:
+def _schema_version(path: StoreLocation) -> Any:
+    """The ``fpt_store_version`` of the Zarr group at ``path``; None for one that fpt did not write (or
+    unreadable metadata)."""
+    try:
+        meta = json.loads(path.read_bytes("zarr.json"))
+    except (OSError, ValueError):
+        return None
+    attributes = meta.get("attributes") if isinstance(meta, dict) else None
+    return attributes.get("fpt_store_version") if isinstance(attributes, dict) else None
+
+
+def _other_extraction(group: zarr.Group, attrs: Mapping[str, Any], ids: np.ndarray, partial: bool = False
+                      ) -> str | None:
+    """How the store ``group`` differs from the extraction ``attrs`` and ``ids`` describe (None: it holds it)."""
     problem = _identity_difference(dict(group.attrs), attrs, partial)
     if problem is None and decode_ids(group["ids"][:]) != [str(i) for i in ids]:
         problem = "the sample ids differ (the data changed)"
+    return problem
+
+
+def _refuse_other_extraction(path: StoreLocation, group: zarr.Group, attrs: Mapping[str, Any], ids: np.ndarray,
+                             partial: bool = False) -> None:
+    problem = _other_extraction(group, attrs, ids, partial)
     if problem:
         raise FptError(f"{path} holds a different extraction ({problem}); "
                        "pass --overwrite to replace it or --out to write elsewhere")

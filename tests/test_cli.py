@@ -63,6 +63,30 @@ def test_store_problems(tmp_path, micro_store):
     fails_cleanly(["train", "--store", str(micro_store)], "store schema version 0")
 
 
+def test_what_the_system_refuses_is_one_line(tmp_path, micro_store):
+    """An OSError the command meets (here a file where the run's folder goes) is one line, not a traceback."""
+    taken = tmp_path / "precious.txt"
+    taken.write_text("keep")
+    fails_cleanly(["train", "--store", str(micro_store), "--side-res", "16", "--device", "cpu", "--batch-size", "4",
+                   "--out", str(taken)],
+                  f"File exists: {taken}")
+    assert taken.read_text() == "keep"
+
+
+def test_a_bad_pipelines_file_leaves_help_and_version_working(tmp_path):
+    """$FPT_PIPELINES is read by the commands that use it (one error line there), not when fpt starts."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [1\n")
+    env = {**os.environ, "FPT_PIPELINES": str(bad)}
+    for args in (["--version"], ["train", "--help"]):
+        done = subprocess.run([sys.executable, "-m", "fpt.cli", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "fpt.cli", "extract", "--dataset", "demo"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"pipelines file {bad}: not readable YAML" in " ".join(done.stderr.split())
+
+
 def test_evaluate_mismatched_checkpoint(tmp_path, micro_store, image_folder):
     run = tmp_path / "run"
     ok = runner.invoke(app, ["train", "--store", str(micro_store), "--out", str(run), "--side-res", "16",

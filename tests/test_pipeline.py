@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fpt import FptError
 from fpt.extract import extract
 from fpt.extract.run import shard_batches, shards_filling
 from fpt.extract.shard_writing import ShardBuffer, all_finite
@@ -1129,3 +1130,41 @@ def test_unreadable_images_in_batches_across_shard_ends_are_skipped_where_they_a
     reader = StoreReader(three)
     skipped = sorted(str(reader.ids[i]) for i in np.flatnonzero(reader.split == 255))
     assert skipped == sorted(str(p.relative_to(image_folder)) for p in broken)
+
+
+def test_overwrite_keeps_the_store_it_replaces_until_the_new_one_is_complete(tmp_path, image_folder):
+    """--overwrite moves the old store beside the new one (<store>.replaced): a new extraction that fails (an
+    unreadable image found late) loses nothing, and says where the old store is; the same command, once the image
+    is fixed, resumes the new store, and the old one goes only when the new one is complete."""
+    import shutil
+
+    out, kept = tmp_path / "s.zarr", tmp_path / "s.zarr.replaced"
+    extract(micro_config(image_folder, out))
+    shutil.copytree(out, tmp_path / "copy.zarr")
+    last = image_folder / "test" / "malignant" / "001.png"
+    good = last.read_bytes()
+    last.write_text("not an image")
+    with pytest.raises(FptError, match=f"cannot read.*kept at {kept} until the new one is complete"):
+        extract(micro_config(image_folder, out, token_ratio=0.5, overwrite=True))
+    assert_same_store(kept, tmp_path / "copy.zarr")                     # the old store, whole
+    assert not StoreReader(out).done().all()                            # the new one, unfinished
+    last.write_bytes(good)
+    resumed = extract(micro_config(image_folder, out, token_ratio=0.5, overwrite=True))
+    assert 0 < resumed.n_written < 16 and not kept.exists()            # resumed, then the old one removed
+    extract(micro_config(image_folder, tmp_path / "fresh.zarr", token_ratio=0.5))
+    assert_same_store(out, tmp_path / "fresh.zarr")
+    extract(micro_config(image_folder, out, overwrite=True))             # a complete run leaves nothing beside
+    assert not kept.exists() and StoreReader(out).attrs["extraction"]["token_ratio"] == 0.2
+
+
+def test_overwrite_never_replaces_a_zarr_store_that_fpt_did_not_write(tmp_path, image_folder):
+    import zarr
+
+    out = tmp_path / "other.zarr"
+    group = zarr.open_group(out, mode="w", zarr_format=3)
+    group.create_array("mydata", shape=(3,), dtype="int32")[:] = [1, 2, 3]
+    for overwrite in (False, True):
+        with pytest.raises(FptError, match="Zarr store that fpt did not write"):
+            extract(micro_config(image_folder, out, overwrite=overwrite))
+    assert zarr.open_group(out, mode="r")["mydata"][:].tolist() == [1, 2, 3]
+    assert not (tmp_path / "other.zarr.replaced").exists()

@@ -267,3 +267,13 @@ def test_an_existing_non_store_is_never_replaced(tmp_path):
         with pytest.raises(FptError, match="exists and is not an fpt store"):
             open_writer(precious, overwrite=overwrite)
     assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def test_a_sample_id_that_is_not_utf8_is_refused_by_name():
+    """A file name of bytes that are not UTF-8 (Python keeps them as surrogates) cannot be a stored id."""
+    from fpt.store import encode_ids
+
+    name = b"train/\xff\xfe.png".decode("utf-8", "surrogateescape")
+    with pytest.raises(FptError, match=r"b'train/\\xff\\xfe.png' is not valid UTF-8"):
+        encode_ids(["ok.png", name])
+    assert encode_ids(["a", "bé"]).tolist() == [[97, 0, 0], [98, 195, 169]]
