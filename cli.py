@@ -405,6 +405,13 @@ def train_cmd(
                          checkpoint_seconds=checkpoint_seconds)
     m = run_train(cfg)
     show_metrics([m])
+    if m.diverged_epoch is not None and m.best_epoch < 0:
+        raise FptError(f"training diverged in epoch {m.diverged_epoch} (its loss is not finite), before any epoch "
+                       f"was validated: lower --lr (this run's: {cfg.lr:g})")
+    if m.diverged_epoch is not None:
+        err.print(f"[bold yellow]WARNING:[/] training diverged in epoch {m.diverged_epoch} (its loss is not finite) "
+                  f"and stopped; the results are of epoch {m.best_epoch}, the best before it. A lower --lr (this "
+                  f"run's: {cfg.lr:g}) may train further", highlight=False, soft_wrap=True)
 
 
 def show_metrics(runs: list[RunMetrics]) -> None:

@@ -6,6 +6,7 @@ once, in the config's ``__post_init__`` or in the one function named for it.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -197,6 +198,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Every rule on a training run's values, whoever builds it (options, a saved run, a sweep task)."""
+        for name in ("lr", "weight_decay", "cache_budget_mb", "ft_memory_mb", "checkpoint_seconds"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise FptError(f"--{name.replace('_', '-')} {value}: must be a finite number")
+        if not 0 <= self.seed < 2**32:
+            raise FptError(f"--seed {self.seed}: must be from 0 to {2**32 - 1}")
         self.augment = parse_augment(self.augment)
         self.method, self.prompts = resolve_method(self.method, self.prompts)
         if self.cache not in CACHE_MODES:
@@ -417,6 +424,9 @@ def validate_extract(cfg: ExtractConfig) -> None:
         raise FptError(f"--importance {cfg.importance!r}: choose global or cls")
     if cfg.res <= 0 or cfg.image_res <= 0 or (cfg.batch_size is not None and cfg.batch_size <= 0):
         raise FptError("--res, --image-res and --batch-size must be positive")
+    if (cfg.workers is not None and cfg.workers < 0) or (cfg.samples_per_shard is not None
+                                                        and cfg.samples_per_shard < 0):
+        raise FptError("--workers and --shard-size must not be negative (--shard-size 0: chosen from the sample size)")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise FptError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
     patch = re.search(r"patch(\d+)", cfg.backbone or "")      # timm names say their patch: vit_*_patch16_*
@@ -483,8 +493,8 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
            or (scaled and [float(f"{base.lr * s:.12g}") for s in scaled]) or [base.lr])
     weight_decays = (parse_grid(weight_decay, "weight-decay") or parse_grid(entry.get("weight_decay"), "weight-decay")
                      or [base.weight_decay])
-    if min(lrs) <= 0 or min(weight_decays) < 0:
-        raise FptError("--lr values must be positive and --weight-decay values non-negative")
+    if min(lrs) <= 0 or min(weight_decays) < 0 or not all(map(math.isfinite, (*lrs, *weight_decays))):
+        raise FptError("--lr values must be positive and --weight-decay values non-negative, all finite")
     seeds = seeds if seeds is not None else entry.get("seeds", 1)
     if seeds < 1:
         raise FptError(f"--seeds {seeds}: must be at least 1")

@@ -149,6 +149,8 @@ def predict_images(checkpoint: Path, inputs: list[Path], weights: Path | None = 
                    device: str = "auto", batch_size: int = 8,
                    progress: Callable[[int, int], None] | None = None) -> Predictions:
     """The class probabilities of every image of ``inputs`` (files, folders, CSV lists)."""
+    if batch_size < 1:
+        raise FptError(f"--batch-size {batch_size}: must be at least 1")
     images = collect_images(inputs)
     p = load_predictor(checkpoint, weights, random_init, device)
     rows = []

@@ -4,6 +4,7 @@ decoded) and decodes one image on request."""
 from __future__ import annotations
 
 import csv
+import posixpath
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +32,7 @@ class ImageFolderSource:
             if not (self.root / split).is_dir():
                 raise FptError(f"{self.root} has no {split}/ folder; "
                                f"expected {self.root}/{{train,val,test}}/<class>/<image>")
-        found = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir())
+        found = sorted(d.name for d in (self.root / "train").iterdir() if d.is_dir() and not hidden(d.name))
         check_distinct_classes(found, str(self.root / "train"))
         if classes is not None and sorted(classes) != found:
             raise FptError(f"{self.root / 'train'} has classes {found}, the pipeline expects {sorted(classes)}")
@@ -39,18 +40,24 @@ class ImageFolderSource:
         self.samples = []
         for s, split in enumerate(SPLITS):
             files = []
-            for class_dir in sorted(p for p in (self.root / split).iterdir() if p.is_dir()):
+            for class_dir in sorted(p for p in (self.root / split).iterdir() if p.is_dir() and not hidden(p.name)):
                 if class_dir.name not in self.classes:
                     raise FptError(f"{class_dir}: class {class_dir.name!r} is not among the train classes "
                                    f"{self.classes}")
                 files += [(f, self.classes.index(class_dir.name)) for f in sorted(class_dir.rglob("*"))
-                          if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+                          if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                          and not any(hidden(part) for part in f.relative_to(class_dir).parts)]
             if not files:
                 raise FptError(f"the {split} split in {self.root / split} has no images")
             self.samples += [SampleRef(f.relative_to(self.root).as_posix(), label, s) for f, label in files]
 
     def load(self, ref: SampleRef) -> Image.Image:
         return self.decoding.load(self.root / ref.id)
+
+
+def hidden(name: str) -> bool:
+    """A hidden file or folder (``.ipynb_checkpoints``, ``.DS_Store``): never a class or a sample."""
+    return name.startswith(".")
 
 
 class CsvManifestSource:
@@ -97,9 +104,14 @@ def read_manifest(csv_path: Path) -> list[dict[str, str]]:
             rows = [{c: (v or "").strip() for c, v in zip(columns, row.values())} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FptError(f"cannot read manifest {csv_path}: {e}") from None
+    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         if not row["path"] or not row["label"]:
             raise FptError(f"{csv_path}, line {line}: empty path or label")
+        same = first_line.setdefault(posixpath.normpath(row["path"].replace("\\", "/")), line)
+        if same != line:
+            raise FptError(f"{csv_path}, lines {same} and {line}: the same image {row['path']!r} twice (listed "
+                           "twice, it would be trained on twice or leak between splits)")
     if not rows:
         raise FptError(f"{csv_path}: the manifest has no rows")
     return rows

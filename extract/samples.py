@@ -43,8 +43,12 @@ def class_names(labels: Sequence[str], fixed: list[str] | None, what: str) -> li
 
 
 def check_distinct_classes(names: Sequence[str], what: str) -> None:
-    """Refuse class names that differ only in case or surrounding spaces (``Benign`` / ``benign``): almost
-    always one class spelt two ways, which would silently split it in two."""
+    """Refuse fewer than two classes (nothing to classify), and class names that differ only in case or
+    surrounding spaces (``Benign`` / ``benign``): almost always one class spelt two ways, which would silently
+    split it in two."""
+    if len(set(names)) < 2:
+        raise FptError(f"{what}: {len(set(names))} class{'' if len(set(names)) == 1 else 'es'} "
+                       f"({', '.join(map(repr, sorted(set(names))))}); a classifier needs at least two")
     seen: dict[str, str] = {}
     for name in names:
         other = seen.setdefault(name.strip().casefold(), name)

@@ -5,8 +5,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from fpt import cli
+from fpt import FptError, cli
 from fpt.cli import app
 from fpt.store import StoreReader
 from tests.conftest import write_image_folder
@@ -145,3 +146,21 @@ def test_demo_shows_fpt_plus_reading_what_the_side_network_cannot_see(tmp_path):
     assert runs["fpt+"]["test"]["auc"] > 0.9
     assert runs["side-only"]["test"]["auc"] < 0.75
     assert "fpt+" in proc.stdout and "side-only" in proc.stdout
+
+
+def test_counts_out_of_range_are_refused_before_any_work(tmp_path, image_folder):
+    from fpt.predict import predict_images
+    from fpt.train.show import show
+
+    out = tmp_path / "s.zarr"
+    fails_cleanly(["extract", "--data", str(image_folder), *MICRO_ARGS, "--out", str(out), "--workers", "-1"],
+                  "--workers and --shard-size must not be negative")
+    fails_cleanly(["extract", "--data", str(image_folder), *MICRO_ARGS, "--out", str(out), "--shard-size", "-5"],
+                  "--workers and --shard-size must not be negative")
+    assert not out.exists()                                     # no stub store left behind
+    for batch_size in (0, -3):
+        with pytest.raises(FptError, match=f"--batch-size {batch_size}: must be at least 1"):
+            predict_images(tmp_path / "best.pt", [image_folder], batch_size=batch_size)
+    for tile in (16, 100_000):
+        with pytest.raises(FptError, match=f"--tile {tile}: from 32 to 2048 px"):
+            show(out, "0", tile=tile)

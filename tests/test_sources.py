@@ -99,6 +99,25 @@ def test_bad_manifests_fail_with_one_line(tmp_path):
                   "a stratified 70/10/20 split needs at least 10 groups")
     fails_cleanly(["extract", "--dataset", "isic2016", "--data", str(csv3), *MICRO_ARGS],
                   "label(s) 'a', 'b' are not among the pipeline's classes ['benign', 'malignant']")
+    twice = [*ok, dict(ok[1], path="./" + ok[1]["path"], split="test")]       # the same file, another split
+    fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c6", twice, ("path", "label", "split"))),
+                   *MICRO_ARGS], "lines 3 and 8: the same image './images/1.png' twice")
+    one_class = [dict(r, label="a") for r in ok]
+    fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c7", one_class, ("path", "label", "split"))),
+                   *MICRO_ARGS], "1 class ('a'); a classifier needs at least two")
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "d")
+    for split in SPLITS:                        # what notebooks and file browsers leave behind
+        write_image_folder(data / split / ".ipynb_checkpoints", {"x": 1}, classes=("benign",))
+        (data / split / "benign" / ".thumbs").mkdir()
+        Image.new("RGB", (8, 8)).save(data / split / "benign" / ".thumbs" / "000.png")
+    source = open_source(extract_config(None, data, out=str(tmp_path / "s.zarr"), **{"backbone": "x"}))
+    assert source.classes == ["benign", "malignant"]
+    assert len(source.samples) == 16 and not any("/." in s.id for s in source.samples)
 
 
 def test_extract_from_manifest_end_to_end_with_auto_normalisation(tmp_path):
@@ -142,7 +161,7 @@ def test_compute_mean_std_is_over_the_train_split_at_lpm_resolution(tmp_path):
 
 def test_auto_stays_literal_in_config_until_run_time(tmp_path):
     assert parse_normalization("auto", "mean") == "auto" and parse_normalization("0.5", "std") == (0.5,) * 3
-    rows = [{"path": f"images/{i}.png", "label": "a", "split": SPLITS[i % 3]} for i in range(6)]
+    rows = [{"path": f"images/{i}.png", "label": "ab"[i % 2], "split": SPLITS[i % 3]} for i in range(6)]
     csv_path = write_manifest(tmp_path, rows, ("path", "label", "split"))
     cfg = extract_config(None, csv_path, mean="auto", std=(0.229, 0.224, 0.225), backbone="x", out=tmp_path / "o.zarr")
     assert cfg.mean == "auto" and cfg.std == (0.229, 0.224, 0.225) and cfg.name == "manifest"

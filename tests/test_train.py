@@ -234,3 +234,71 @@ def test_grey_float_scales_every_kind_of_grey_as_float64_arithmetic_does(dtype):
     assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
     np.testing.assert_array_equal(out, reference)
     assert not np.asarray(grey_float(np.full((4, 4), 9, dtype=dtype))).any()      # one value: all black
+
+
+def test_a_run_whose_loss_stops_being_finite_ends_and_is_tested_at_its_best_epoch_before(micro_store, tmp_path,
+                                                                                          monkeypatch):
+    """Divergence (the epoch's mean loss not finite, e.g. too high an lr) ends the run: that epoch is neither
+    validated nor checkpointed, the best epoch before it is tested, and metrics.json says where it diverged."""
+    from fpt.train import loop
+
+    set_up = loop.set_up
+
+    class NanFromThirdStep:                 # the step's loss turns NaN from the epoch of its third call on
+        def __init__(self, step):
+            self.step, self.calls = step, 0
+
+        def __call__(self, *args):
+            self.calls += 1
+            loss = self.step(*args)
+            return loss * float("nan") if self.calls > 2 else loss
+
+        def __getattr__(self, name):
+            return getattr(self.step, name)
+
+    def diverging(*args, **kwargs):
+        run = set_up(*args, **kwargs)
+        run.step = NanFromThirdStep(run.step)
+        return run
+
+    monkeypatch.setattr(loop, "set_up", diverging)
+    metrics = train(tiny_train(micro_store, tmp_path / "run", epochs=4, batch_size=4))   # 2 steps an epoch
+    assert metrics.diverged_epoch == 1 and metrics.best_epoch == 0
+    assert 0 <= metrics.test["auc"] <= 1 and metrics.val["auc"] is not None
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and log[1]["diverged"] and "val" not in log[1]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["diverged_epoch"] == 1 and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_run_that_diverges_before_any_validation_is_one_error_line_with_its_metrics_undefined(micro_store,
+                                                                                             tmp_path):
+    from tests.helpers import fails_cleanly
+
+    out = tmp_path / "run"
+    fails_cleanly(["train", "--store", str(micro_store), "--side-res", "16", "--device", "cpu", "--batch-size", "4",
+                   "--epochs", "2", "--lr", "1e10", "--out", str(out)],
+                  "training diverged in epoch 0 (its loss is not finite), before any epoch was validated: lower --lr")
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["diverged_epoch"] == 0 and saved["best_epoch"] == -1 and saved["test"]["auc"] is None
+
+
+def test_values_that_are_not_finite_or_out_of_range_are_refused(micro_store, tmp_path):
+    for option, value in (("lr", float("nan")), ("lr", float("inf")), ("weight_decay", float("nan")),
+                          ("checkpoint_seconds", float("nan")), ("ft_memory_mb", float("nan"))):
+        with pytest.raises(FptError, match="must be a finite number"):
+            tiny_train(micro_store, tmp_path / "r", **{option: value})
+    for seed in (-1, 2**32):
+        with pytest.raises(FptError, match=f"--seed {seed}: must be from 0 to"):
+            tiny_train(micro_store, tmp_path / "r", seed=seed)
+
+
+def test_a_run_is_never_written_into_a_folder_of_other_files(micro_store, image_folder, tmp_path):
+    before = sorted(p.name for p in image_folder.iterdir())
+    with pytest.raises(FptError, match="holds files that are not a run's"):
+        train(tiny_train(micro_store, image_folder))
+    assert sorted(p.name for p in image_folder.iterdir()) == before
+    with pytest.raises(FptError, match="holds files that are not a run's"):
+        train(tiny_train(micro_store, micro_store))            # the store itself
+    (tmp_path / "empty").mkdir()
+    assert train(tiny_train(micro_store, tmp_path / "empty", epochs=1)).best_epoch == 0

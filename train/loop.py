@@ -8,6 +8,7 @@ steps of ``fpt.train.step.TrainStep``, validation) + ``RunCheckpoints`` -> ``fin
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -145,6 +146,7 @@ class RunState:
     samples: int = 0                # trained samples, all epochs
     seconds: float = 0.0            # training seconds, all epochs
     first_epoch: int = 0
+    diverged_epoch: int | None = None   # the epoch whose loss was not finite, which ended the run
 
 
 @dataclass
@@ -205,10 +207,13 @@ def _train(run: Training, on_epoch: Callable[[dict], None] | None, on_start: Cal
         try:
             for epoch in range(run.state.first_epoch, cfg.epochs):
                 record = train_epoch(run, epoch, on_batch)
-                checkpoints.epoch_done(epoch)
                 session.append((record.pop("samples"), record["seconds"]))
                 with open(run.out / "log.jsonl", "a") as log:
                     log.write(json.dumps(record) + "\n")
+                if record.get("diverged"):              # the run ends: its best epoch before this one is tested
+                    run.state.diverged_epoch = epoch
+                    break
+                checkpoints.epoch_done(epoch)
                 if on_epoch:
                     on_epoch(record)
         except BaseException as stop:           # Ctrl-C, an error: resumable from the last whole epoch
@@ -235,6 +240,9 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
+    if resume is None and out.is_dir() and any(not is_run_file(f) for f in out.iterdir()):
+        raise FptError(f"{out} holds files that are not a run's; a run writes into a folder of its own: choose "
+                       "another --out")
     plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb,
                       shared_on_device=bool(shared) and all(s.on(device) for s in shared.values()))
     corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt, known=cfg.corrupt)
@@ -300,6 +308,9 @@ def train_epoch(run: Training, epoch: int,
     mean_loss = float(loss_sum) / samples                                    # the epoch's one host sync
     seconds = time.perf_counter() - start
     state.samples, state.seconds = state.samples + samples, state.seconds + seconds
+    if not math.isfinite(mean_loss):            # diverged (e.g. too high an lr): the weights are not finite now
+        return {"epoch": epoch, "loss": mean_loss, "diverged": True, "seconds": round(seconds, 3),
+                "best_epoch": state.best.epoch, "samples": samples}
     probs, labels = predict_split(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
     val = {**classification_metrics(labels, probs), "loss": cross_entropy(labels, probs)}
     state.best.improved_by(epoch, val)
@@ -356,16 +367,28 @@ class RunCheckpoints:
         self.written = self.clock()
 
 
+def is_run_file(path: Path) -> bool:
+    """Whether ``path`` in a run's folder is one a run writes (checkpoints, log, metrics and plots, and the
+    temporary files they are written through)."""
+    return path.is_file() and (path.name in ("best.pt", "last.pt", "log.jsonl", "metrics.json")
+                               or path.name.startswith("test-") and path.suffix == ".png" or ".tmp" in path.name)
+
+
 def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]],
            pictures: Callable[..., list[Path]] = write_evaluation_plots) -> RunMetrics:
-    """Test the best checkpoint, write metrics.json, remove last.pt; the run's metrics."""
+    """Test the best checkpoint, write metrics.json, remove last.pt; the run's metrics. A run that diverged
+    before its first validated epoch has no checkpoint: its metrics are undefined (None)."""
     cfg, state, device = run.cfg, run.state, run.device
     del run.train_data, run.val_data
-    run.model.load_state_dict(read_checkpoint(run.out / "best.pt", "best")["model"])
-    test_data = open_split(run.reader, "test", run.spec.inputs, "none", device, cfg.workers)
-    probs, labels = predict_split(run.model, test_data, run.side_input, cfg.batch_size, run.step)
-    test = classification_metrics(labels, probs)
-    pictures(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
+    if state.best.epoch < 0:
+        test = dict.fromkeys(("auc", "acc", "f1", "kappa", "precision", "recall"))
+        state.best.val = {**test, "loss": None}
+    else:
+        run.model.load_state_dict(read_checkpoint(run.out / "best.pt", "best")["model"])
+        test_data = open_split(run.reader, "test", run.spec.inputs, "none", device, cfg.workers)
+        probs, labels = predict_split(run.model, test_data, run.side_input, cfg.batch_size, run.step)
+        test = classification_metrics(labels, probs)
+        pictures(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
     params = parameter_counts(run.model, run.reader.attrs["backbone"]["n_params"])
     peak_mb = round(memory.peak_mb, 1)
     steady = session[1:]                            # the first epoch of a session includes warm-up and compiling
@@ -380,7 +403,8 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]],
             peak_memory_mb=peak_mb, memory_kind=memory.kind, memory_baseline_mb=round(memory.baseline_mb, 1),
             device=str(device), compiled=run.step.is_compiled, captured=run.step.is_captured,
             torch_threads=torch.get_num_threads()),
-        data=run.info, config=jsonable(asdict(cfg)), store=str(cfg.store), run_dir=str(run.out))
+        data=run.info, config=jsonable(asdict(cfg)), store=str(cfg.store), run_dir=str(run.out),
+        diverged_epoch=state.diverged_epoch)
     (run.out / "last.pt").unlink(missing_ok=True)
     atomic_write_text(run.out / "metrics.json", json.dumps(metrics.as_dict(), indent=2))
     return metrics

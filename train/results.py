@@ -15,8 +15,9 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def validation_score(metrics: Metrics) -> float:
-    """What selects the best epoch and the best sweep configuration: AUC, or accuracy where AUC is undefined."""
+def validation_score(metrics: Metrics) -> float | None:
+    """What selects the best epoch and the best sweep configuration: AUC, or accuracy where AUC is undefined
+    (None for a run that diverged before its first validation)."""
     return metrics["auc"] if metrics["auc"] is not None else metrics["acc"]
 
 
@@ -48,6 +49,7 @@ class RunMetrics:
     config: dict[str, Any]
     store: str
     run_dir: str
+    diverged_epoch: int | None = None   # the epoch whose loss was not finite, which ended training
 
     def as_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))

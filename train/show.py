@@ -141,8 +141,8 @@ def render(maps: TokenMaps, layers: list[int], heads: list[int], tile: int = 192
 def show(store: Path, sample: str, out: Path | None = None, checkpoint: Path | None = None,
          layers: str | None = None, heads: str | None = None, tile: int = 192) -> Path:
     """Write the token map PNG of one sample; returns its path (default ``<store name>-<sample row>.png``)."""
-    if tile < 32:
-        raise FptError(f"--tile {tile}: at least 32 px")
+    if not 32 <= tile <= 2048:
+        raise FptError(f"--tile {tile}: from 32 to 2048 px")
     if out is not None and out.suffix.lower() != ".png":
         raise FptError(f"--out {out}: the token map is a .png")
     maps = token_maps(store, sample, checkpoint)

@@ -465,7 +465,8 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     if on_stage:
         on_stage("grid", len(grid))
     results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu, on_note, sweep.runs_in)
-    best = max(grid, key=lambda r: validation_score(results[r.name].val))     # max keeps the first of equal scores
+    # max keeps the first of equal scores; a run that diverged before its first validation scores lowest
+    best = max(grid, key=lambda r: -1.0 if (score := validation_score(results[r.name].val)) is None else score)
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
     if on_stage:
         on_stage("seeds", len(seeds) - 1)
