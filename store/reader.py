@@ -22,6 +22,8 @@ def open_group(path: str | Path | StoreLocation, mode: str = "r", direct_io: boo
     schema version. ``direct_io``: write its big files past the page cache (``StoreLocation.zarr_target``)."""
     path = StoreLocation(path)
     if not path.is_file("zarr.json"):
+        if not path.exists():
+            raise FptError(f"{path} does not exist; create a store with `fpt extract`")
         raise FptError(f"{path} is not an fpt store (no zarr.json); create one with `fpt extract`")
     try:
         group = zarr.open_group(path.zarr_target(direct_io), mode=mode, zarr_format=3)

@@ -295,3 +295,32 @@ def test_fpt_with_all_twelve_layers_has_the_papers_learnable_share():
     fpt = parameter_counts(build_model(ModelSpec(**vit_b, layers=12, method="fpt")), lpm)["ratio_percent"]
     plus = parameter_counts(build_model(ModelSpec(**vit_b, layers=6, method="fpt+")), lpm)["ratio_percent"]
     assert round(fpt, 2) == 1.81 and round(plus, 2) == 1.03
+
+
+def test_files_written_atomically_get_the_mode_of_a_plain_file_and_a_full_disk_is_an_oserror(tmp_path,
+                                                                                              monkeypatch):
+    """atomic_write's temporary file is the owner's only (mkstemp): the file it becomes is not (metrics.json,
+    sweep.csv and plots are read by others). A checkpoint that does not fit fails as the file's write, with the
+    system's error, and leaves nothing behind."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from fpt.train import files
+
+    umask = os.umask(0o027)
+    try:
+        files._umask.cache_clear()
+        files.atomic_write_text(tmp_path / "metrics.json", "{}")
+        assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
+        files._umask.cache_clear()
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        files.save_checkpoint(tmp_path / "best.pt", "best", {"model": {"w": torch.zeros(3)}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

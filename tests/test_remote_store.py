@@ -97,7 +97,7 @@ def test_url_store_refusals_match_local_ones(tmp_path, image_folder, memory_url)
     with pytest.raises(FptError, match="is not an fpt store"):
         extract(micro_config(image_folder, str(other), overwrite=True))
     assert other.read_bytes("notes.txt") == b"keep me"                  # never deleted
-    with pytest.raises(FptError, match="is not an fpt store"):
+    with pytest.raises(FptError, match="missing.zarr does not exist"):
         StoreReader(f"{memory_url}/missing.zarr")
 
 
@@ -198,7 +198,7 @@ def test_unreachable_and_unknown_urls_are_one_line_errors(tmp_path):
     result = runner.invoke(app, ["inspect", "nosuchproto://bucket/x.zarr"])
     assert result.exit_code == 2 and "cannot open this URL" in result.output, result.output
     result = runner.invoke(app, ["train", "--store", "memory://nothing-here/x.zarr"])
-    assert result.exit_code == 2 and "is not an fpt store" in result.output, result.output
+    assert result.exit_code == 2 and "x.zarr does not exist" in result.output, result.output
 
 
 def test_an_unreachable_object_store_is_one_line(tmp_path, s3, monkeypatch):

@@ -12,6 +12,8 @@ A checkpoint of another format version is refused with a clear message (no guess
 """
 from __future__ import annotations
 
+import functools
+import io
 import os
 import pickle
 import queue
@@ -38,10 +40,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())            # as a plainly created file (mkstemp's are the owner's only)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """This process's umask, read where it does not change it (``os.umask`` sets it, racing other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -51,7 +66,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_checkpoint(path: Path, kind: str, content: dict[str, Any]) -> None:
     """Write a checkpoint of ``kind`` (best or last) atomically, stamped with the format version."""
     assert kind in KINDS, kind
-    atomic_write(path, lambda tmp: torch.save({"fpt_checkpoint": FORMAT_VERSION, "kind": kind, **content}, tmp))
+    # serialised in memory first (a side network's few MB): a full disk is then an OSError of the file's write,
+    # not torch's zip writer failing mid-file with "unexpected pos"
+    buffer = io.BytesIO()
+    torch.save({"fpt_checkpoint": FORMAT_VERSION, "kind": kind, **content}, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def read_checkpoint(path: Path, kind: str, what: str = "--checkpoint") -> dict[str, Any]:

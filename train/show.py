@@ -149,5 +149,6 @@ def show(store: Path, sample: str, out: Path | None = None, checkpoint: Path | N
     chosen_layers = parse_choice(layers, maps.layers, "layer", [maps.layers[-1]])
     chosen_heads = parse_choice(heads, list(range(maps.indices.shape[1])), "head", list(range(maps.indices.shape[1])))
     out = out or Path(f"{store_stem(store)}-{maps.sample}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)           # as evaluate and predict make theirs
     render(maps, chosen_layers, chosen_heads, tile).save(out)
     return out
