@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -76,6 +77,10 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 # ---- options, declared once ([default: ...] from the packaged pipelines.yaml defaults) -------------------------
 DATA, LPM, SELECTION, OUTPUT, HARDWARE = "Data", "LPM (the frozen ViT)", "Token selection", "Output", "Hardware"
 SIDE, TRAINING = "Side network", "Training"
+# zarr's chunk reads left pending when one fails (a corrupt store) are reported by asyncio, as the interpreter
+# collects them, as "Task was destroyed but it is pending!": noise after the error the command has already said
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
 # the packaged defaults: a user's pipelines file ($FPT_PIPELINES) is read by the commands, whose errors are one line
 DEFAULTS = fpt_config.pipeline_entry(None, fpt_config.packaged_pipelines())
 EX, TR = DEFAULTS["extract"], DEFAULTS["train"]
@@ -392,6 +397,15 @@ def train_cmd(
     if resume is not None:
         from fpt.train.loop import resume_config
 
+        fixed = {"--store": store, "--skip-corrupt": skip_corrupt or None, "--method": method,
+                 "--side-res": side_res, "--prompts": prompts, "--reduction": reduction, "--epochs": epochs,
+                 "--batch-size": batch_size, "--lr": lr, "--weight-decay": weight_decay, "--seed": seed, "--out": out,
+                 "--ft-memory-mb": ft_memory_mb, "--augment": augment, "--drop-last/--keep-last": drop_last,
+                 "--pipelines": pipelines}
+        given = [name for name, value in fixed.items() if value is not None]
+        if given:
+            raise FptError(f"--resume continues {resume} with its own settings: drop {', '.join(given)} (a run "
+                           "with other settings is a new run: --out)")
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                             compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds)
     else:

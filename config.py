@@ -460,7 +460,10 @@ def train_config(store: str | Path, dataset: str | None = None, pipelines: Path 
                  **options: Any) -> TrainConfig:
     """Resolve ``fpt train`` options; ``dataset`` (from the store's attrs) selects per-dataset defaults."""
     check_keys(options, TRAIN_KEYS, "train options")
-    values = {**_entry_for_store(dataset, pipelines)["train"], **_given(options)}
+    given = _given(options)
+    if given.get("method") in METHODS and given["method"] not in PROMPT_METHODS and given.get("prompts"):
+        raise FptError(f"--method {given['method']} has no prompts: drop --prompts {given['prompts']}")
+    values = {**_entry_for_store(dataset, pipelines)["train"], **given}
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     return TrainConfig(store=str(store), **{k: values.get(k, defaults.get(k)) for k in TRAIN_KEYS})
 

@@ -62,15 +62,25 @@ class StoreReader:
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][:].astype(np.int64)
+        return self._whole("labels").astype(np.int64)
 
     @cached_property
     def split(self) -> np.ndarray:
-        return self.group["split"][:]
+        return self._whole("split")
 
     @cached_property
     def ids(self) -> np.ndarray:
-        return np.array(decode_ids(self.group["ids"][:]), dtype=object)
+        return np.array(decode_ids(self._whole("ids")), dtype=object)
+
+    def _whole(self, name: str) -> np.ndarray:
+        """A small per-sample array, read whole: one that cannot be read (a chunk failing its checksum) leaves
+        no sample to skip, so it is one error."""
+        try:
+            return self.group[name][:]
+        except Exception as e:  # noqa: BLE001 - zarr's codecs raise their own (ValueError for a bad checksum)
+            raise FptError(f"{self.path}: cannot read {name!r}, which every sample needs ({type(e).__name__}: {e}); "
+                           "the store is damaged beyond --skip-corrupt: re-extract it (fpt extract ... "
+                           "--overwrite)") from None
 
     def done(self) -> np.ndarray:
         return self.group[DONE][:]

@@ -168,3 +168,10 @@ def test_helper_processes_lower_their_priority_on_cuda_only_unless_the_environme
         monkeypatch.setenv(HELPER_NICENESS_ENV, bad)
         with pytest.raises(FptError, match=HELPER_NICENESS_ENV):
             helper_niceness(cuda)
+
+
+def test_prompts_given_with_a_method_without_prompts_are_refused(tmp_path):
+    for method in ("side-only", "linear-probe"):
+        with pytest.raises(FptError, match=f"--method {method} has no prompts: drop --prompts 8"):
+            train_config(tmp_path / "s.zarr", None, method=method, prompts=8)
+    assert train_config(tmp_path / "s.zarr", None, method="side-only").prompts == 0      # the default's 16 dropped

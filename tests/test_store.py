@@ -277,3 +277,15 @@ def test_a_sample_id_that_is_not_utf8_is_refused_by_name():
     with pytest.raises(FptError, match=r"b'train/\\xff\\xfe.png' is not valid UTF-8"):
         encode_ids(["ok.png", name])
     assert encode_ids(["a", "bé"]).tolist() == [[97, 0, 0], [98, 195, 169]]
+
+
+def test_a_damaged_array_that_every_sample_needs_is_one_error(tmp_path):
+    """labels, split and ids are read whole: a chunk of them failing its checksum leaves no sample to skip."""
+    path = tmp_path / "s.zarr"
+    open_writer(path).write_shard(0, shard_arrays(3, 0))
+    chunk = next(p for p in (path / "labels").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(FptError, match="cannot read 'labels', which every sample needs .*re-extract it"):
+        StoreReader(path).labels
