@@ -773,7 +773,8 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
 @app.command(cls=Command)
 @friendly
 def demo(out_dir: Path = typer.Option(Path("fpt-demo"), help="Where the demo store and runs go."),
-         epochs: Optional[int] = typer.Option(None, help="Training epochs [default: pipelines.yaml demo entry]."),
+         epochs: Optional[int] = typer.Option(None, min=1,
+                                              help="Training epochs [default: pipelines.yaml demo entry]."),
          device: Device = None):
     """Generate the synthetic fine-texture task, extract it with a small random ViT, train FPT+ and the side
     network alone, and compare their test AUC."""

@@ -30,7 +30,21 @@ def local_worker_count(scheduler: str, cuda: bool, per_gpu: int = 1) -> int | No
         if n < 1:
             raise FptError(f"--scheduler {scheduler!r}: expected local, local:N (N >= 1) or a scheduler address")
         return n
+    check_scheduler_address(scheduler)
     return None
+
+
+def check_scheduler_address(address: str) -> None:
+    """Refuse a scheduler address dask cannot parse (``host:port`` or ``tcp://host:port``) before any work."""
+    from distributed.comm import parse_address, parse_host_port
+
+    try:
+        protocol, location = parse_address(address)
+        if protocol in ("tcp", "tls", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as e:
+        raise FptError(f"--scheduler {address}: not a dask scheduler address ({e}); expected local, local:N or "
+                       "HOST:PORT (tcp://HOST:PORT)") from None
 
 
 @contextmanager

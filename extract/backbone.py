@@ -29,7 +29,7 @@ from timm.layers import Attention, AttentionRope, PatchEmbed, apply_rot_embed_ca
 from timm.models import deit, eva, vision_transformer
 from torch import nn
 
-from fpt import FptError
+from fpt import FptError, failure_reason
 from fpt.config import check_res_fits_patch
 from fpt.extract.attention_lse import AttentionLse
 from fpt.extract.selection import num_selected, select_important_tokens, uses_triton
@@ -251,7 +251,7 @@ def _load_weights(model: nn.Module, path: Path, family: Family) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FptError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+        raise FptError(f"cannot read weights file {path}: {failure_reason(e)}") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -181,3 +181,15 @@ def test_zarr_reads_abandoned_after_a_failed_chunk_are_not_reported_as_asyncio_n
 
     assert logging.getLogger("asyncio").getEffectiveLevel() > logging.ERROR
     assert cli.logging is logging
+
+
+def test_a_bad_scheduler_address_is_refused_before_a_store_is_made(tmp_path, image_folder):
+    out = tmp_path / "s.zarr"
+    fails_cleanly(["extract", "--data", str(image_folder), *MICRO_ARGS, "--out", str(out), "--scheduler", "bogus"],
+                  "--scheduler bogus: not a dask scheduler address (missing port number")
+    assert not out.exists()
+
+
+def test_demo_refuses_zero_epochs_before_extracting(tmp_path):
+    result = runner.invoke(app, ["demo", "--epochs", "0", "--out-dir", str(tmp_path / "demo")])
+    assert result.exit_code == 2 and "--epochs" in result.output and not (tmp_path / "demo").exists()

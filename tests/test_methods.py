@@ -324,3 +324,18 @@ def test_files_written_atomically_get_the_mode_of_a_plain_file_and_a_full_disk_i
     with pytest.raises(OSError, match="No space left on device"):
         files.save_checkpoint(tmp_path / "best.pt", "best", {"model": {"w": torch.zeros(3)}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_a_file_that_cannot_be_loaded_is_said_in_one_whole_sentence(tmp_path):
+    """torch's reasons for an empty or a cut-short file: an empty EOFError, and a paragraph of which a cut
+    would end mid-sentence; failure_reason gives each in words, whole."""
+    from fpt import FptError
+    from fpt.train.files import read_checkpoint, save_checkpoint
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(FptError, match=r"\(EOFError: the file ended early: empty, cut short, or not a saved model\)"):
+        read_checkpoint(tmp_path / "empty.pt", "best")
+    save_checkpoint(tmp_path / "whole.pt", "best", {"model": {"w": torch.zeros(1000)}})
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:2000])
+    with pytest.raises(FptError, match=r"failed finding central directory\)$"):
+        read_checkpoint(tmp_path / "cut.pt", "best")

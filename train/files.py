@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from fpt import FptError
+from fpt import FptError, failure_reason
 
 FORMAT_VERSION = 1
 KINDS = ("best", "last")
@@ -86,8 +86,7 @@ def read_checkpoint(path: Path, kind: str, what: str = "--checkpoint") -> dict[s
         raise FptError(f"{what} {path} is not an fpt checkpoint (not a file torch.save wrote, or one holding "
                        "objects a safe, weights-only load refuses)") from None
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise FptError(f"{what} {path} is not an fpt checkpoint ({type(e).__name__}: {reason})") from None
+        raise FptError(f"{what} {path} is not an fpt checkpoint ({failure_reason(e)})") from None
     if not isinstance(content, dict) or "fpt_checkpoint" not in content:
         raise FptError(f"{what} {path} is not an fpt checkpoint of a known format (no format version; "
                        "checkpoints written before format 1 cannot be read: train again)")
