@@ -739,8 +739,9 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
                                 + (f"{ex['precision']} arithmetic, " if "precision" in ex else "")
                                 + ("JPEG 2000 decoded reduced, " if ex.get("j2k_decode") == "reduced" else "")
                                 + f"low-res {ex['image_res']} px"),
-                 ("complete", f"{s['done']}/{s['n_samples']} samples"
-                              + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),
+                 ("complete", f"unknown (the done array is unreadable) of {s['n_samples']} samples"
+                  if s["done"] is None else f"{s['done']}/{s['n_samples']} samples"
+                  + ("" if s["done"] == s["n_samples"] else "  [yellow](re-run extract to finish)[/]")),
                  ("integrity", _integrity_line(report)),
                  ("compression", _kv_codecs(s["arrays"], a.get("storage", {}).get("codec"))),
                  ("size", f"{_bytes(s['disk_bytes'])} on disk, {_bytes(s['raw_bytes'])} raw "

@@ -40,6 +40,40 @@ def open_group(path: str | Path | StoreLocation, mode: str = "r", direct_io: boo
     return group
 
 
+REQUIRED_SECTIONS = ("backbone", "extraction", "dataset", "normalization", "geometry")   # of the group's attrs
+EDITED = "the store was edited or damaged: re-extract it (fpt extract ... --overwrite)"
+
+
+def check_attributes(path: StoreLocation, group: zarr.Group) -> Geometry:
+    """The store's geometry, once its attributes are as fpt writes them (every section, a geometry, two classes
+    or more). A store edited or damaged by hand is one error, not a KeyError or IndexError later."""
+    missing = [s for s in REQUIRED_SECTIONS if not isinstance(group.attrs.get(s), dict)]
+    if missing:
+        raise FptError(f"{path}: the store's attributes lack {', '.join(missing)}; {EDITED}")
+    try:
+        geometry = Geometry(**group.attrs["geometry"])
+    except TypeError as e:
+        raise FptError(f"{path}: the store's geometry is not one fpt writes ({e}); {EDITED}") from None
+    classes = group.attrs["dataset"].get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise FptError(f"{path}: the store names the classes {classes!r}, not two or more; {EDITED}")
+    return geometry
+
+
+def check_structure(path: StoreLocation, group: zarr.Group) -> Geometry:
+    """``check_attributes``, and every array there, of the geometry's shape."""
+    geometry = check_attributes(path, group)
+    for name, (shape, _) in geometry.sample_shapes().items():
+        try:
+            array = group[name]
+        except KeyError:
+            raise FptError(f"{path}: the array {name!r} is missing; {EDITED}") from None
+        if array.shape != (geometry.n_samples, *shape):
+            raise FptError(f"{path}: {name!r} has the shape {array.shape}, the store's geometry says "
+                           f"{(geometry.n_samples, *shape)}; {EDITED}")
+    return geometry
+
+
 class StoreReader:
     """Read-only access to one store.
 
@@ -52,7 +86,7 @@ class StoreReader:
         self.path = StoreLocation(path)
         self.group = open_group(self.path)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
-        self.geometry = Geometry(**self.attrs["geometry"])
+        self.geometry = check_structure(self.path, self.group)
         self.excluded = np.zeros(0, dtype=np.int64)      # samples left out of every split (see ``exclude``)
         self._rows: dict[str, tuple[tuple[int, ...], np.dtype]] = {}     # ``row_layout``'s, by array
 
@@ -62,7 +96,11 @@ class StoreReader:
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return self._whole("labels").astype(np.int64)
+        labels = self._whole("labels").astype(np.int64)
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(self.classes):
+            raise FptError(f"{self.path}: labels run from {labels.min()} to {labels.max()}, but the store names "
+                           f"{len(self.classes)} classes; {EDITED}")
+        return labels
 
     @cached_property
     def split(self) -> np.ndarray:
@@ -98,7 +136,10 @@ class StoreReader:
     def split_indices(self, split: str) -> np.ndarray:
         idx = np.setdiff1d(np.flatnonzero(self.split == SPLITS.index(split)), self.excluded)
         if len(idx) == 0:
-            raise FptError(f"{self.path}: the {split} split is empty")
+            left_out = np.intersect1d(np.flatnonzero(self.split == SPLITS.index(split)), self.excluded)
+            raise FptError(f"{self.path}: the {split} split is empty"
+                           + (f" once its {len(left_out)} corrupt samples are left out (--skip-corrupt)"
+                              if len(left_out) else ""))
         return idx
 
     def read(self, idx: Iterable[int], names: Iterable[str] = ("keys", "values", "images"),
@@ -239,6 +280,7 @@ def summarize(path: str | Path | StoreLocation) -> dict[str, Any]:
 
     path = StoreLocation(path)
     group = open_group(path)
+    n_samples = check_attributes(path, group).n_samples        # the arrays may be damaged: they are listed
     attrs = dict(group.attrs)
     classes = attrs["dataset"]["classes"]
     table, unreadable, lazy = [], {}, {}
@@ -249,7 +291,6 @@ def summarize(path: str | Path | StoreLocation) -> dict[str, Any]:
             lazy[name] = _dask_array(arr)
         except Exception as e:
             unreadable[name] = f"{type(e).__name__}: {e}"
-    n_samples = Geometry(**attrs["geometry"]).n_samples
     counts, done = None, None
     try:
         split, labels = lazy["split"], lazy["labels"]

@@ -50,6 +50,14 @@ class VerifyReport:
         return _union([p for p in self.problems if p.reason != NOT_EXTRACTED])
 
     @property
+    def beyond_repair(self) -> list[Problem]:
+        """Damage that re-extracting samples cannot rewrite: unreadable array metadata, or ``labels``/``split``/
+        ``ids`` (written once, at creation). The store is then replaced: ``fpt extract ... --overwrite``."""
+        fixable = (*SAMPLE_ARRAYS, DONE)
+        return [p for p in self.problems
+                if p.reason != NOT_EXTRACTED and (p.array not in fixable or "metadata" in p.reason)]
+
+    @property
     def ok(self) -> bool:
         return not self.problems
 
@@ -58,7 +66,11 @@ class VerifyReport:
         if self.ok:
             return f"{self.path}: ok, {self.n_samples} samples" + (", every chunk checksummed" if self.full else "")
         parts = []
-        if len(self.damaged):
+        if self.beyond_repair:
+            p = self.beyond_repair[0]
+            parts.append(f"{p.array} is damaged ({p.reason}), which re-extracting samples cannot rewrite: replace "
+                         "the store with `fpt extract ... --overwrite`")
+        elif len(self.damaged):
             parts.append(f"{len(self.damaged)} of {self.n_samples} samples are missing or corrupt: "
                          f"`fpt store verify {self.path} --repair` marks their shards for re-extraction, then "
                          f"{FINISH} rewrites them")
@@ -164,11 +176,8 @@ def mark_for_reextraction(path: str | Path | StoreLocation) -> list[int]:
     path = StoreLocation(path)
     with StoreLock(path):
         report = verify(path)
-        fixable = (*SAMPLE_ARRAYS, DONE)
-        beyond = [p for p in report.problems if p.reason != NOT_EXTRACTED
-                  and (p.array not in fixable or "metadata" in p.reason)]
-        if beyond:
-            p = beyond[0]
+        if report.beyond_repair:
+            p = report.beyond_repair[0]
             raise FptError(f"{path}: {p.array} is damaged ({p.reason}), which re-extracting samples cannot "
                            "rewrite; replace the store with `fpt extract ... --overwrite`")
         g = Geometry(**open_group(path).attrs["geometry"])

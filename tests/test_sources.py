@@ -102,6 +102,8 @@ def test_bad_manifests_fail_with_one_line(tmp_path):
     twice = [*ok, dict(ok[1], path="./" + ok[1]["path"], split="test")]       # the same file, another split
     fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c6", twice, ("path", "label", "split"))),
                    *MICRO_ARGS], "lines 3 and 8: the same image './images/1.png' twice")
+    (tmp_path / "c3" / "images" / "1.png").mkdir()                      # a folder where an image should be
+    fails_cleanly(["extract", "--data", str(csv3), *MICRO_ARGS], "1 of 6 paths are folders, not image files")
     one_class = [dict(r, label="a") for r in ok]
     fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c7", one_class, ("path", "label", "split"))),
                    *MICRO_ARGS], "1 class ('a'); a classifier needs at least two")

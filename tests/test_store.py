@@ -1,11 +1,12 @@
 """Store round trip, shard-wise done flags, resume, refusal of mismatched stores, dask views."""
 import json
+import re
 
 import numpy as np
 import pytest
 
 from fpt import FptError
-from fpt.store import CODECS, StoreReader, as_dask, summarize
+from fpt.store import CODECS, StoreReader, StoreWriter, as_dask, summarize, verify
 from tests.helpers import ATTRS, GEOM, open_writer, shard_arrays
 
 
@@ -289,3 +290,48 @@ def test_a_damaged_array_that_every_sample_needs_is_one_error(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(FptError, match="cannot read 'labels', which every sample needs .*re-extract it"):
         StoreReader(path).labels
+    summary = verify(path).summary()              # what to do: replace the store, not --repair (which refuses it)
+    assert "labels is damaged" in summary and "--overwrite" in summary and "--repair" not in summary, summary
+
+
+def test_a_split_emptied_by_leaving_out_corrupt_samples_says_so(tmp_path):
+    path = tmp_path / "s.zarr"
+    open_writer(path)
+    reader = StoreReader(path)
+    reader.exclude(reader.split_indices("test"))
+    with pytest.raises(FptError, match="the test split is empty once its 2 corrupt samples are left out"):
+        reader.split_indices("test")
+
+
+def test_a_store_edited_by_hand_is_one_error_naming_what_is_wrong(tmp_path):
+    """What training, evaluation and inspect would otherwise meet as a KeyError, IndexError or a reshape error."""
+    import shutil
+
+    def edited(name, edit):
+        path = tmp_path / f"{name}.zarr"
+        open_writer(path).write_shard(0, shard_arrays(3, 0))
+        edit(path)
+        return path
+
+    def edit_json(file, change):
+        meta = json.loads(file.read_text())
+        change(meta)
+        file.write_text(json.dumps(meta))
+
+    cases = {
+        "the store's attributes lack extraction": lambda p: edit_json(
+            p / "zarr.json", lambda m: m["attributes"].pop("extraction")),
+        "the array 'done' is missing": lambda p: shutil.rmtree(p / "done"),
+        "'keys' has the shape": lambda p: edit_json(p / "keys" / "zarr.json", lambda m: m["shape"].__setitem__(3, 99)),
+        "the store names the classes ['a'], not two or more": lambda p: edit_json(
+            p / "zarr.json", lambda m: m["attributes"]["dataset"].__setitem__("classes", ["a"])),
+    }
+    for i, (message, edit) in enumerate(cases.items()):
+        path = edited(f"s{i}", edit)
+        with pytest.raises(FptError, match=re.escape(message) + ".*re-extract it"):
+            StoreReader(path)
+    path = edited("labels", lambda p: None)
+    StoreWriter.reopen(path).group["labels"][0] = 7
+    with pytest.raises(FptError, match="labels run from 0 to 7, but the store names 2 classes"):
+        StoreReader(path).labels
+    assert summarize(edited("nodone", lambda p: shutil.rmtree(p / "done")))["done"] is None   # inspect lists it
