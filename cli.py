@@ -328,6 +328,7 @@ def store_dataset(store: Optional[str]) -> str:
 
 
 def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
+    fpt_config.check_prompts_given(options.get("method"), options.get("prompts"))
     return fpt_config.train_config(store, store_dataset(store), pipelines, **options)
 
 
@@ -513,6 +514,7 @@ def sweep(
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
     from fpt.train.sweep import run_sweep
 
+    fpt_config.check_prompts_given(method, prompts)
     cfg = fpt_config.sweep_config(store, store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds,
                                   scheduler=scheduler,
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,

@@ -155,6 +155,13 @@ PROMPT_METHODS = ("fpt+", "fpt")
 CACHE_MODES = ("auto", "none", "ram", "gpu")
 
 
+def check_prompts_given(method: str | None, prompts: int | None) -> None:
+    """A user who names a method without prompts (``--method side-only``) and a prompt count (``--prompts 8``)
+    meant something else: refused. (Programs may pass a prompt count for every method: ``resolve_method``.)"""
+    if method in METHODS and method not in PROMPT_METHODS and prompts:
+        raise FptError(f"--method {method} has no prompts: drop --prompts {prompts}")
+
+
 def resolve_method(method: str, prompts: int) -> tuple[str, int]:
     """The method and prompt count a run means: ``fpt+`` with 0 prompts is the side network alone (the old
     ``--prompts 0``), methods without prompts get 0, prompt methods need at least one."""
@@ -460,10 +467,7 @@ def train_config(store: str | Path, dataset: str | None = None, pipelines: Path 
                  **options: Any) -> TrainConfig:
     """Resolve ``fpt train`` options; ``dataset`` (from the store's attrs) selects per-dataset defaults."""
     check_keys(options, TRAIN_KEYS, "train options")
-    given = _given(options)
-    if given.get("method") in METHODS and given["method"] not in PROMPT_METHODS and given.get("prompts"):
-        raise FptError(f"--method {given['method']} has no prompts: drop --prompts {given['prompts']}")
-    values = {**_entry_for_store(dataset, pipelines)["train"], **given}
+    values = {**_entry_for_store(dataset, pipelines)["train"], **_given(options)}
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     return TrainConfig(store=str(store), **{k: values.get(k, defaults.get(k)) for k in TRAIN_KEYS})
 

@@ -170,8 +170,11 @@ def test_helper_processes_lower_their_priority_on_cuda_only_unless_the_environme
             helper_niceness(cuda)
 
 
-def test_prompts_given_with_a_method_without_prompts_are_refused(tmp_path):
-    for method in ("side-only", "linear-probe"):
-        with pytest.raises(FptError, match=f"--method {method} has no prompts: drop --prompts 8"):
-            train_config(tmp_path / "s.zarr", None, method=method, prompts=8)
-    assert train_config(tmp_path / "s.zarr", None, method="side-only").prompts == 0      # the default's 16 dropped
+def test_prompts_given_with_a_method_without_prompts_are_refused_on_the_command_line(micro_store):
+    """fpt train and fpt sweep refuse both given; a program may pass a prompt count for every method."""
+    from tests.helpers import fails_cleanly
+
+    for command, method in (("train", "side-only"), ("sweep", "linear-probe")):
+        fails_cleanly([command, "--store", str(micro_store), "--method", method, "--prompts", "8"],
+                      f"--method {method} has no prompts: drop --prompts 8")
+    assert train_config(micro_store, None, method="side-only", prompts=3).prompts == 0
