@@ -176,12 +176,13 @@ def architecture_name(name: str, offline: bool) -> str:
     return f"local-dir:{Path(config).parent}"
 
 
-def create_backbone(name: str, res: int, weights: Path | None = None, random_init: bool = False
-                    ) -> tuple[nn.Module, BackboneInfo]:
+def create_backbone(name: str, res: int, weights: Path | None = None, random_init: bool = False,
+                    layers: list[int] | None = None) -> tuple[nn.Module, BackboneInfo]:
     """A frozen timm ViT of a supported family at input side ``res``, in eval mode, without classifier head.
 
-    The family is checked on an empty (meta-device) model first, so an unsupported one is refused before any
-    weights are read or downloaded."""
+    The family, and ``layers`` (the blocks to be extracted) against its depth, are checked on an empty
+    (meta-device) model first, so that a model or layer choice that cannot work is refused before any weights
+    are read or downloaded."""
     pretrained = weights is None and not random_init
     arch = architecture_name(name, offline=not pretrained)
     kwargs = dict(num_classes=0, img_size=res)
@@ -195,6 +196,8 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
         raise FptError(f"cannot load backbone {name} ({type(e).__name__}: {e}); pass the timm architecture name "
                        "with --weights FILE, or --random-init") from None
     family = vit_family(skeleton, name)
+    if layers is not None and (min(layers) < 0 or max(layers) >= len(skeleton.blocks)):
+        raise FptError(f"--layers {layers}: {name} has layers 0-{len(skeleton.blocks) - 1}")
     patch = skeleton.patch_embed.patch_size[0]
     check_res_fits_patch(res, patch, name)
     if pretrained:

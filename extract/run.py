@@ -100,10 +100,8 @@ def load_lpm(cfg: ExtractConfig, device: torch.device) -> tuple[FrozenLPM, Backb
     if key(cfg.layers) not in _PROCESS_CACHE:
         for old in [k for k in _PROCESS_CACHE if k[0] == "lpm"]:          # one LPM per process
             del _PROCESS_CACHE[old]
-        model, info = create_backbone(cfg.backbone, cfg.res, cfg.weights, cfg.random_init)
+        model, info = create_backbone(cfg.backbone, cfg.res, cfg.weights, cfg.random_init, cfg.layers)
         layers = cfg.layers or default_layers(info.depth)
-        if min(layers) < 0 or max(layers) >= info.depth:
-            raise FptError(f"--layers {layers}: {cfg.backbone} has layers 0-{info.depth - 1}")
         entry = (FrozenLPM(model, layers, cfg.token_ratio, cfg.importance, cfg.query_block).to(device), info)
         # found again under the resolved layers too: extract() passes them on to the shard loop
         _PROCESS_CACHE[key(cfg.layers)] = _PROCESS_CACHE[key(layers)] = entry

@@ -92,3 +92,12 @@ def test_bad_weights_file_is_clear(tmp_path):
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(FptError, match="does not match"):
         create_backbone(MICRO, 64, weights=tmp_path / "other.pth")
+
+
+def test_layers_past_the_depth_are_refused_before_any_weights_are_read(tmp_path):
+    unreadable = tmp_path / "w.pth"
+    unreadable.write_bytes(b"not weights")
+    with pytest.raises(FptError, match=r"--layers \[2, 9\]: .* has layers 0-3"):
+        create_backbone(MICRO, 64, weights=unreadable, layers=[2, 9])
+    with pytest.raises(FptError, match="cannot read weights file"):             # the same file, layers in range
+        create_backbone(MICRO, 64, weights=unreadable, layers=[2, 3])
