@@ -33,8 +33,9 @@ from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
 from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.loader_slots import PREFETCH, SlotItem, loader_slots, received, stack_in_slot
-from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, check_same_extraction,
-                       WorkerSlots, choose_samples_per_shard, encode_ids, is_url, start_helper)
+from fpt.store import (SPLITS, Geometry, StoreLocation, StoreLock, StoreReader, StoreWriter, WorkerSlots,
+                       check_replaceable, check_same_extraction, choose_samples_per_shard, encode_ids, is_url,
+                       start_helper)
 
 
 @dataclass
@@ -138,6 +139,8 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
         dataset_warnings = check_class_coverage(samples, source.classes, str(cfg.data or cfg.source))
         if not cfg.overwrite:
             check_same_extraction(cfg.out, settings_attrs(cfg, source, dataset_warnings), ids)
+        else:
+            check_replaceable(cfg.out)
         for message in dataset_warnings:
             (warn or _warn)(message)
         cfg = resolve_normalization(cfg, source)                   # --mean/--std auto: train-split statistics

@@ -13,6 +13,7 @@ Public API:
                            initializer; start_helper, a DataLoader worker's (lower_priority: its CPU priority
                            lowered; reuse_freed_memory: its malloc set to reuse big buffers)
     check_same_extraction  refuse a store holding another extraction, before the expensive part
+    check_replaceable      refuse, before the expensive part, what --overwrite would not replace
     StoreLock              one extraction at a time per store (<store>.lock: flock, or a lease on object stores)
     StoreReader            read samples and metadata for training
     as_dask(path)          every array as a lazy dask array (for notebooks and big stores)
@@ -32,11 +33,11 @@ from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
 from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, lower_priority, open_shared, plan,
                               reuse_freed_memory, start_helper, start_writer, write_shared_shard, WorkerSlots,
                               shm_has_room)
-from fpt.store.writer import StoreWriter, check_same_extraction
+from fpt.store.writer import StoreWriter, check_replaceable, check_same_extraction
 
 __all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry",
            "choose_samples_per_shard", "encode_ids", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter",
-           "as_dask", "check_same_extraction", "is_url", "store_stem", "summarize", "verify", "VerifyReport",
-           "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec", "lower_priority",
-           "open_shared", "plan", "reuse_freed_memory", "start_helper", "start_writer", "write_shared_shard",
-           "WorkerSlots", "shm_has_room"]
+           "as_dask", "check_replaceable", "check_same_extraction", "is_url", "store_stem", "summarize", "verify",
+           "VerifyReport", "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec",
+           "lower_priority", "open_shared", "plan", "reuse_freed_memory", "start_helper", "start_writer",
+           "write_shared_shard", "WorkerSlots", "shm_has_room"]

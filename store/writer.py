@@ -69,15 +69,9 @@ class StoreWriter:
                            "(it is never replaced, even with --overwrite)")
         replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
         if exists and overwrite:
-            version = _schema_version(path)
-            if version is None:
-                raise FptError(f"{path} is a Zarr store that fpt did not write; choose another --out (it is never "
-                               "replaced, even with --overwrite)")
-            if replaced.exists():       # {path}: the unfinished store of an --overwrite that stopped, or complete
-                group = open_group(path, mode="r+", direct_io=direct_io) if version == SCHEMA_VERSION else None
-                if group is None or group[DONE][:].all():
-                    raise FptError(f"{replaced} holds the store an earlier --overwrite replaced, and {path} is not "
-                                   f"the unfinished store of that --overwrite; delete or move {replaced}, then re-run")
+            check_replaceable(path)
+            if replaced.exists():       # {path}: the unfinished store of an --overwrite that stopped
+                group = open_group(path, mode="r+", direct_io=direct_io)
                 if _other_extraction(group, attrs, ids) is None:
                     return cls(path, group, Geometry(**group.attrs["geometry"]), direct_io, replaced)
                 path.remove()
@@ -206,6 +200,26 @@ def check_same_extraction(path: str | Path | StoreLocation, attrs: Mapping[str, 
     path = StoreLocation(path)
     if path.is_file("zarr.json"):
         _refuse_other_extraction(path, open_group(path), attrs, ids, partial=True)
+
+
+def check_replaceable(path: str | Path | StoreLocation) -> None:
+    """Refuse, before the expensive part, what ``StoreWriter.open`` with ``overwrite`` would not replace at
+    ``path``: anything but an fpt store; and a store beside which an earlier --overwrite kept the one it replaced
+    (``<store>.replaced``), unless it is that --overwrite's unfinished store. Nothing there: nothing to check."""
+    path = StoreLocation(path)
+    if not path.exists():
+        return
+    if not path.is_file("zarr.json"):
+        raise FptError(f"{path} exists and is not an fpt store; choose another --out "
+                       "(it is never replaced, even with --overwrite)")
+    version = _schema_version(path)
+    if version is None:
+        raise FptError(f"{path} is a Zarr store that fpt did not write; choose another --out (it is never "
+                       "replaced, even with --overwrite)")
+    replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
+    if replaced.exists() and (version != SCHEMA_VERSION or open_group(path)[DONE][:].all()):
+        raise FptError(f"{replaced} holds the store an earlier --overwrite replaced, and {path} is not the "
+                       f"unfinished store of that --overwrite; delete or move {replaced}, then re-run")
 
 
 def _schema_version(path: StoreLocation) -> Any:

@@ -1155,14 +1155,23 @@ def test_overwrite_keeps_the_store_it_replaces_until_the_new_one_is_complete(tmp
     assert_same_store(out, tmp_path / "fresh.zarr")
     extract(micro_config(image_folder, out, overwrite=True))             # a complete run leaves nothing beside
     assert not kept.exists() and StoreReader(out).attrs["extraction"]["token_ratio"] == 0.2
+    shutil.copytree(tmp_path / "copy.zarr", kept)       # kept beside a complete store: which is the one to keep?
+    with pytest.raises(FptError, match="holds the store an earlier --overwrite replaced, and .* is not the unfinished"):
+        extract(micro_config(image_folder, out, token_ratio=0.5, overwrite=True))
+    assert_same_store(kept, tmp_path / "copy.zarr")
+    assert StoreReader(out).done().all()
 
 
-def test_overwrite_never_replaces_a_zarr_store_that_fpt_did_not_write(tmp_path, image_folder):
+def test_overwrite_never_replaces_a_zarr_store_that_fpt_did_not_write(tmp_path, image_folder, monkeypatch):
+    """Refused before the LPM loads (as any check that needs no LPM is)."""
     import zarr
+
+    from fpt.extract import run
 
     out = tmp_path / "other.zarr"
     group = zarr.open_group(out, mode="w", zarr_format=3)
     group.create_array("mydata", shape=(3,), dtype="int32")[:] = [1, 2, 3]
+    monkeypatch.setattr(run, "load_lpm", lambda *args: pytest.fail("the LPM was loaded"))
     for overwrite in (False, True):
         with pytest.raises(FptError, match="Zarr store that fpt did not write"):
             extract(micro_config(image_folder, out, overwrite=overwrite))
