@@ -401,14 +401,14 @@ def train_cmd(
         fixed = {"--store": store, "--skip-corrupt": skip_corrupt or None, "--method": method,
                  "--side-res": side_res, "--prompts": prompts, "--reduction": reduction, "--epochs": epochs,
                  "--batch-size": batch_size, "--lr": lr, "--weight-decay": weight_decay, "--seed": seed, "--out": out,
-                 "--ft-memory-mb": ft_memory_mb, "--augment": augment, "--drop-last/--keep-last": drop_last,
-                 "--pipelines": pipelines}
+                 "--augment": augment, "--drop-last/--keep-last": drop_last, "--pipelines": pipelines}
         given = [name for name, value in fixed.items() if value is not None]
         if given:
             raise FptError(f"--resume continues {resume} with its own settings: drop {', '.join(given)} (a run "
                            "with other settings is a new run: --out)")
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                            compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds)
+                            compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds,
+                            ft_memory_mb=ft_memory_mb)
     else:
         cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
                          epochs=epochs,

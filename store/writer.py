@@ -63,10 +63,7 @@ class StoreWriter:
         the page cache where the filesystem allows it (direct_io.py says why and what it costs).
         """
         path = StoreLocation(path)
-        exists = path.exists()
-        if exists and not path.is_file("zarr.json"):
-            raise FptError(f"{path} exists and is not an fpt store; choose another --out "
-                           "(it is never replaced, even with --overwrite)")
+        exists = _refuse_non_store(path)
         replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
         if exists and overwrite:
             check_replaceable(path)
@@ -207,11 +204,8 @@ def check_replaceable(path: str | Path | StoreLocation) -> None:
     ``path``: anything but an fpt store; and a store beside which an earlier --overwrite kept the one it replaced
     (``<store>.replaced``), unless it is that --overwrite's unfinished store. Nothing there: nothing to check."""
     path = StoreLocation(path)
-    if not path.exists():
+    if not _refuse_non_store(path):
         return
-    if not path.is_file("zarr.json"):
-        raise FptError(f"{path} exists and is not an fpt store; choose another --out "
-                       "(it is never replaced, even with --overwrite)")
     version = _schema_version(path)
     if version is None:
         raise FptError(f"{path} is a Zarr store that fpt did not write; choose another --out (it is never "
@@ -220,6 +214,16 @@ def check_replaceable(path: str | Path | StoreLocation) -> None:
     if replaced.exists() and (version != SCHEMA_VERSION or open_group(path)[DONE][:].all()):
         raise FptError(f"{replaced} holds the store an earlier --overwrite replaced, and {path} is not the "
                        f"unfinished store of that --overwrite; delete or move {replaced}, then re-run")
+
+
+def _refuse_non_store(path: StoreLocation) -> bool:
+    """Whether something is at ``path``; refused when it is not a Zarr store (a folder of other files)."""
+    if not path.exists():
+        return False
+    if not path.is_file("zarr.json"):
+        raise FptError(f"{path} exists and is not an fpt store; choose another --out "
+                       "(it is never replaced, even with --overwrite)")
+    return True
 
 
 def _schema_version(path: StoreLocation) -> Any:

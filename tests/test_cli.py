@@ -171,7 +171,8 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path):
     refused by name rather than silently ignored; runtime options (device, cache, ...) are allowed."""
     fails_cleanly(["train", "--resume", str(tmp_path / "run"), "--lr", "0.5", "--store", "x.zarr"],
                   "drop --store, --lr (a run with other settings is a new run: --out)")
-    fails_cleanly(["train", "--resume", str(tmp_path / "run"), "--device", "cpu"], "no unfinished run there")
+    fails_cleanly(["train", "--resume", str(tmp_path / "run"), "--device", "cpu", "--ft-memory-mb", "2000"],
+                  "no unfinished run there")
 
 
 def test_zarr_reads_abandoned_after_a_failed_chunk_are_not_reported_as_asyncio_noise():

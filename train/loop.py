@@ -25,7 +25,7 @@ from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
 from fpt.train.files import CheckpointWriter, TensorCopies, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
-from fpt.train.metrics import classification_metrics, pme, ppe
+from fpt.train.metrics import METRIC_NAMES, classification_metrics, pme, ppe
 from fpt.train.model import (LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts, seeded_model,
                              use_generator)
 from fpt.train.plots import write_evaluation_plots
@@ -381,7 +381,7 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]],
     cfg, state, device = run.cfg, run.state, run.device
     del run.train_data, run.val_data
     if state.best.epoch < 0:
-        test = dict.fromkeys(("auc", "acc", "f1", "kappa", "precision", "recall"))
+        test = dict.fromkeys(METRIC_NAMES)
         state.best.val = {**test, "loss": None}
     else:
         run.model.load_state_dict(read_checkpoint(run.out / "best.pt", "best")["model"])

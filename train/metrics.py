@@ -7,6 +7,9 @@ import numpy as np
 from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_recall_fscore_support, roc_auc_score
 
 
+METRIC_NAMES = ("auc", "acc", "f1", "kappa", "precision", "recall")   # what ``classification_metrics`` returns
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     """labels [N] int, probs [N, C]. AUC: binary on the positive class, macro one-vs-rest for C > 2.
     F1/precision/recall: binary for C = 2, macro otherwise. Kappa: quadratic-weighted Cohen's kappa (as the

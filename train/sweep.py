@@ -49,11 +49,10 @@ from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
                                validation_score)
-from fpt.train.metrics import pme, ppe
+from fpt.train.metrics import METRIC_NAMES, pme, ppe
 from fpt.train.plots import PicturePool, write_evaluation_plots, write_sweep_plot
 from fpt.train.step import step_captures, step_compiles, stream_of_its_own
 
-TEST_METRICS = ("auc", "acc", "f1", "kappa", "precision", "recall")
 
 
 @dataclass
@@ -392,7 +391,7 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
     """The grid with val scores, the chosen configuration, per-seed test metrics, mean ± std."""
     best = seeds[0]
     seed_metrics = [results[r.name] for r in seeds]
-    test = {k: mean_std([m.test[k] for m in seed_metrics]) for k in TEST_METRICS}
+    test = {k: mean_std([m.test[k] for m in seed_metrics]) for k in METRIC_NAMES}
     params = seed_metrics[0].params
     memory = mean_std([m.throughput.peak_memory_mb for m in seed_metrics])
     auc = test["auc"].mean
@@ -421,7 +420,7 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
 
 def sweep_csv(summary: SweepSummary, grid: list[Run], seeds: list[Run], results: dict[str, RunMetrics]) -> str:
     """One row per run (grid, then seeds), then the seeds' mean and std rows."""
-    columns = ["stage", "lr", "weight_decay", "seed", "val_score", *(f"test_{k}" for k in TEST_METRICS),
+    columns = ["stage", "lr", "weight_decay", "seed", "val_score", *(f"test_{k}" for k in METRIC_NAMES),
                "samples_per_s", "peak_memory_mb", "run_dir"]
     out = io.StringIO()
     writer = csv.DictWriter(out, columns, lineterminator="\n")
@@ -429,12 +428,12 @@ def sweep_csv(summary: SweepSummary, grid: list[Run], seeds: list[Run], results:
     for run in [*grid, *seeds]:
         m = results[run.name]
         writer.writerow({"stage": run.stage, "lr": run.lr, "weight_decay": run.weight_decay, "seed": run.seed,
-                         "val_score": validation_score(m.val), **{f"test_{k}": m.test[k] for k in TEST_METRICS},
+                         "val_score": validation_score(m.val), **{f"test_{k}": m.test[k] for k in METRIC_NAMES},
                          "samples_per_s": m.throughput.train_samples_per_s,
                          "peak_memory_mb": m.throughput.peak_memory_mb, "run_dir": str(run.cfg.out)})
     for stat in ("mean", "std"):
         writer.writerow({"stage": stat, "lr": summary.best_lr, "weight_decay": summary.best_weight_decay,
-                         **{f"test_{k}": getattr(summary.test[k], stat) for k in TEST_METRICS},
+                         **{f"test_{k}": getattr(summary.test[k], stat) for k in METRIC_NAMES},
                          "samples_per_s": getattr(summary.throughput["train_samples_per_s"], stat),
                          "peak_memory_mb": getattr(summary.throughput["peak_memory_mb"], stat)})
     return out.getvalue()
