@@ -326,9 +326,13 @@ def known_pipelines(pipelines: dict[str, Any] | None = None) -> list[str]:
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """``"6-11"`` -> [6..11], ``"6,8,10"`` -> [6, 8, 10], ``None``/``""`` -> None."""
-    if not text:
+    """``"6-11"`` -> [6..11], ``"6,8,10"`` -> [6, 8, 10], ``None`` (the option not given) -> None; an empty
+    ``--layers ""`` is refused rather than taken for the default."""
+    if text is None:
         return None
+    if not text.strip():
+        raise FptError("--layers is empty: give a range like 6-11 or a list like 6,8,10, or leave the option out "
+                       "for the last half of the LPM")
     try:
         out: list[int] = []
         for part in text.split(","):
@@ -439,6 +443,7 @@ def validate_extract(cfg: ExtractConfig) -> None:
     patch = re.search(r"patch(\d+)", cfg.backbone or "")      # timm names say their patch: vit_*_patch16_*
     if patch:                                                   # checked before the model loads (and again after)
         check_res_fits_patch(cfg.res, int(patch[1]), cfg.backbone)
+        check_image_res_fits_patch(cfg.image_res, int(patch[1]), cfg.backbone)
     check_lpm_weights(cfg.weights, cfg.random_init)
     check_normalization(cfg.mean, cfg.std)
 
@@ -446,6 +451,14 @@ def validate_extract(cfg: ExtractConfig) -> None:
 def check_res_fits_patch(res: int, patch: int, backbone: str) -> None:
     if res % patch:
         raise FptError(f"--res {res} is not a multiple of the patch size {patch} of {backbone}")
+
+
+def check_image_res_fits_patch(image_res: int, patch: int, backbone: str) -> None:
+    """The stored low-res copy must hold at least one patch: the side network's input (``--side-res``) is a
+    multiple of the LPM's patch size and at most ``--image-res``, so below one patch no training could use it."""
+    if image_res < patch:
+        raise FptError(f"--image-res {image_res} is smaller than the patch size {patch} of {backbone}: no side "
+                       f"network could train on the store (--side-res is a multiple of {patch}, at most --image-res)")
 
 
 def check_normalization(mean: tuple[float, ...] | str, std: tuple[float, ...] | str) -> None:

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError, helper_process_died
 from fpt.cluster import dask_client, local_worker_count, worker_device
-from fpt.config import HOST_PROCESSES_MAX, ExtractConfig, helper_niceness, resolve_device, resolve_precision
+from fpt.config import (HOST_PROCESSES_MAX, ExtractConfig, check_image_res_fits_patch, helper_niceness, resolve_device,
+                        resolve_precision)
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
@@ -145,6 +146,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
             (warn or _warn)(message)
         cfg = resolve_normalization(cfg, source)                   # --mean/--std auto: train-split statistics
         lpm, info = load_lpm(cfg, device if scheduler is None else torch.device("cpu"))
+        check_image_res_fits_patch(cfg.image_res, info.patch_size, cfg.backbone)    # a name without its patch
         cfg = replace(cfg, layers=lpm.layers)
         k = lpm.n_selected(cfg.res)
         geometry = Geometry(n_samples=len(samples), layers=len(lpm.layers), heads=info.heads, k=k,

@@ -13,6 +13,9 @@ def test_parse_layers():
     for bad in ("a-b", "8,6", "3,3"):
         with pytest.raises(FptError):
             parse_layers(bad)
+    for empty in ("", "  "):                        # not taken for the default layers
+        with pytest.raises(FptError, match="--layers is empty"):
+            parse_layers(empty)
 
 
 def test_parse_floats():

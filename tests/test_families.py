@@ -158,7 +158,9 @@ def write_hub_cache(cache, repo: str, config: dict) -> None:
     (snapshot / "config.json").write_text(json.dumps(config))
 
 
-def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path, monkeypatch):
+def cached_hub_model(tmp_path, monkeypatch) -> torch.nn.Module:
+    """``hf-hub:org/rad-dino-like`` in an offline Hugging Face cache of its own: a tiny DINOv2 (patch ``PATCH``,
+    which its name does not say) whose weights are in tmp_path/w.pth; returns the model they come from."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as hub_constants
@@ -169,6 +171,11 @@ def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path
         "pretrained_cfg": {"input_size": [3, RES, RES]}})
     source = tiny("vit_small_patch14_reg4_dinov2")
     torch.save(source.state_dict(), tmp_path / "w.pth")
+    return source
+
+
+def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path, monkeypatch):
+    source = cached_hub_model(tmp_path, monkeypatch)
     model, info = create_backbone("hf-hub:org/rad-dino-like", RES, weights=tmp_path / "w.pth")
     assert info.name == "hf-hub:org/rad-dino-like" and info.prefix_tokens == 5 and info.embed_dim == 64
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
@@ -178,6 +185,24 @@ def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path
     assert "\n" not in str(e.value)
     with pytest.raises(FptError, match="not in the local Hugging Face cache"):
         create_backbone("hf-hub:org/not-cached", RES, random_init=True)
+
+
+def test_an_image_res_below_the_patch_is_refused_before_the_store_is_made(image_folder, tmp_path, monkeypatch):
+    """No side network could train on low-res copies smaller than one LPM patch (--side-res is a multiple of the
+    patch, at most --image-res): refused from the name where it says the patch, else once the model is built."""
+    from fpt.config import extract_config
+    from fpt.extract import extract
+
+    cached_hub_model(tmp_path, monkeypatch)
+    out = tmp_path / "s.zarr"
+    with pytest.raises(FptError, match=f"--image-res {PATCH - 1} is smaller than the patch size {PATCH} of hf-hub"):
+        extract(extract_config(None, image_folder, out=out, backbone="hf-hub:org/rad-dino-like",
+                               weights=tmp_path / "w.pth", res=RES, image_res=PATCH - 1, device="cpu"))
+    assert not out.exists()
+    with pytest.raises(FptError, match="--image-res 15 is smaller than the patch size 16 of vit_tiny_patch16_224"):
+        extract_config(None, image_folder, out=out, backbone="vit_tiny_patch16_224", random_init=True, res=64,
+                       image_res=15)
+    assert not out.exists()
 
 
 def test_cli_refuses_an_unsupported_family_before_writing_anything(image_folder, tmp_path):
