@@ -302,3 +302,31 @@ def test_a_run_is_never_written_into_a_folder_of_other_files(micro_store, image_
         train(tiny_train(micro_store, micro_store))            # the store itself
     (tmp_path / "empty").mkdir()
     assert train(tiny_train(micro_store, tmp_path / "empty", epochs=1)).best_epoch == 0
+
+
+def test_a_run_that_fails_as_it_starts_leaves_no_empty_run_folder_behind(micro_store, tmp_path, monkeypatch):
+    """A folder the run made is removed when it fails before logging an epoch; one that existed, or one holding
+    a logged epoch and its checkpoint (resumable), is kept."""
+    import fpt.train.loop as loop
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    real_epoch = loop.train_epoch
+    monkeypatch.setattr(loop, "train_epoch", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_train(micro_store, tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_train(micro_store, tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir()
+
+    def second_epoch_fails(run, epoch, *args):
+        return out_of_memory() if epoch == 1 else real_epoch(run, epoch, *args)
+
+    monkeypatch.setattr(loop, "train_epoch", second_epoch_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_train(micro_store, tmp_path / "started", checkpoint_seconds=0))
+    assert (tmp_path / "started" / "last.pt").is_file() and (tmp_path / "started" / "log.jsonl").read_text()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -184,16 +186,42 @@ def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
     train/val splits already in shared memory (a sweep's concurrent runs), used when they are cached.
     ``pictures``: what draws the test pictures (``write_evaluation_plots``'s arguments; a sweep's runs in threads
     hand them to its ``PicturePool``)."""
-    run = set_up(cfg, shared)
+    out = run_folder(cfg)
+    with removed_unless_used(out):
+        run = set_up(cfg, shared, out)
+        try:
+            return _train(run, on_epoch, on_start, on_batch, pictures)
+        except RuntimeError as e:
+            if not helper_process_died(e):
+                raise
+            raise FptError(f"a store reader died ({e}); the run is kept up to its last whole epoch: continue it with "
+                           f"--resume {run.out} (with fewer --workers if the host ran out of memory)") from None
+        finally:
+            run.step.release()                          # its CUDA graphs, now (see TrainStep.release)
+
+
+def run_folder(cfg: TrainConfig) -> Path:
+    """``--out``, or a new folder runs/<store>-<date>-<time>."""
+    return Path(cfg.out or f"runs/{store_stem(cfg.store)}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+@contextmanager
+def removed_unless_used(out: Path) -> Iterator[None]:
+    """The run folder ``out``, removed again if it did not exist before and the block fails before the run wrote
+    anything worth keeping (no checkpoint, no metrics, no logged epoch): a run that fails as it starts (an
+    out-of-memory device, a store reader that cannot start, Ctrl-C) leaves no empty run behind."""
+    existed = out.exists()
     try:
-        return _train(run, on_epoch, on_start, on_batch, pictures)
-    except RuntimeError as e:
-        if not helper_process_died(e):
-            raise
-        raise FptError(f"a store reader died ({e}); the run is kept up to its last whole epoch: continue it with "
-                       f"--resume {run.out} (with fewer --workers if the host ran out of memory)") from None
-    finally:
-        run.step.release()                          # its CUDA graphs, now (see TrainStep.release)
+        yield
+    except BaseException:
+        if not existed and out.is_dir() and all(_unused(f) for f in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _unused(path: Path) -> bool:
+    """A run file that holds nothing yet: an empty log, or a temporary file of an unfinished write."""
+    return path.is_file() and (path.name == "log.jsonl" and path.stat().st_size == 0 or ".tmp" in path.name)
 
 
 def _train(run: Training, on_epoch: Callable[[dict], None] | None, on_start: Callable[[dict], None] | None,
@@ -228,15 +256,16 @@ def _train(run: Training, on_epoch: Callable[[dict], None] | None, on_start: Cal
     return finish(run, memory, session, pictures)
 
 
-def set_up(cfg: TrainConfig, shared: SharedSplits | None = None) -> Training:
-    """Check the store and the configuration, plan the data, build (or restore) model, optimizer and RNGs."""
+def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | None = None) -> Training:
+    """Check the store and the configuration, plan the data, build (or restore) model, optimizer and RNGs; the
+    run's folder is ``out`` (default: ``run_folder``)."""
     reader = StoreReader(cfg.store)
     reader.require_complete()
     spec = model_spec(reader, cfg)
     device = resolve_device(cfg.device)
     compile = step_compiles(getattr(cfg, "compile", None))
     cuda_graph = step_captures(getattr(cfg, "cuda_graph", None), device)        # before anything is written
-    out = Path(cfg.out or f"runs/{store_stem(cfg.store)}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = out or run_folder(cfg)
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
     resume = _resume_state(out, cfg)
