@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -184,6 +187,13 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
     (meta-device) model first, so that a model or layer choice that cannot work is refused before any weights
     are read or downloaded."""
     pretrained = weights is None and not random_init
+    with hub_cache_only_unless_reachable(pretrained) as reachable:
+        return _create_backbone(name, res, weights, random_init, layers, reachable)
+
+
+def _create_backbone(name: str, res: int, weights: Path | None, random_init: bool, layers: list[int] | None,
+                     hub_reachable: bool) -> tuple[nn.Module, BackboneInfo]:
+    pretrained = weights is None and not random_init
     arch = architecture_name(name, offline=not pretrained)
     kwargs = dict(num_classes=0, img_size=res)
     try:
@@ -193,8 +203,8 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
             vit_family(timm.create_model(arch, pretrained=False, device="meta", num_classes=0), name)
         raise FptError(f"backbone {name} cannot be built at res {res}: {e}") from None
     except Exception as e:          # hf-hub: the config download failed
-        raise FptError(f"cannot load backbone {name} ({type(e).__name__}: {e}); pass the timm architecture name "
-                       "with --weights FILE, or --random-init") from None
+        raise FptError(f"cannot load backbone {name} ({download_failure(e, hub_reachable)}); pass the timm "
+                       "architecture name with --weights FILE, or --random-init") from None
     family = vit_family(skeleton, name)
     if layers is not None and (min(layers) < 0 or max(layers) >= len(skeleton.blocks)):
         raise FptError(f"--layers {layers}: {name} has layers 0-{len(skeleton.blocks) - 1}")
@@ -204,7 +214,7 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
         try:
             model = timm.create_model(arch, pretrained=True, **kwargs)
         except Exception as e:
-            raise FptError(f"cannot load pretrained weights for {name} ({type(e).__name__}: {e}); "
+            raise FptError(f"cannot load pretrained weights for {name} ({download_failure(e, hub_reachable)}); "
                            "pass --weights FILE or --random-init") from None
         source = "timm-pretrained"
     elif weights is not None and file_gives_every_tensor(skeleton):
@@ -234,6 +244,45 @@ def create_backbone(name: str, res: int, weights: Path | None = None, random_ini
         family=family.name, class_token=has_class_token(model),
     )
     return model, info
+
+
+def hub_host() -> str:
+    """The Hugging Face endpoint's host name (``HF_ENDPOINT``: a mirror)."""
+    from huggingface_hub import constants
+    return urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+
+
+def download_failure(e: Exception, hub_reachable: bool) -> str:
+    """Why a download failed, in a few words: the unreachable hub when its name did not resolve, else the error."""
+    if not hub_reachable:
+        return (f"{hub_host()} cannot be reached: its name does not resolve, and the local Hugging Face cache "
+                f"does not hold the files ({type(e).__name__})")
+    return f"{type(e).__name__}: {e}"
+
+
+@contextmanager
+def hub_cache_only_unless_reachable(downloads: bool) -> Iterator[bool]:
+    """Hugging Face downloads inside the block come from the local cache alone when the hub's host name does not
+    resolve (no network, or none to the outside, as on many clusters' compute nodes); yields whether it resolves.
+    huggingface_hub retries a failed name lookup five times, with back-off, before it looks in the cache: about
+    46 s on the dev box before the one-line error. ``downloads`` False: nothing is looked up. Sets
+    huggingface_hub's offline switch for the block (``HF_HUB_OFFLINE``), so it is meant for a command's one
+    model load, not for threads that download at the same moment."""
+    if not downloads:
+        yield True
+        return
+    from huggingface_hub import constants
+    try:
+        socket.getaddrinfo(hub_host(), 443)
+        reachable = True
+    except (OSError, UnicodeError):
+        reachable = False
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not reachable
+    try:
+        yield reachable
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def file_gives_every_tensor(model: nn.Module) -> bool:

@@ -101,3 +101,31 @@ def test_layers_past_the_depth_are_refused_before_any_weights_are_read(tmp_path)
         create_backbone(MICRO, 64, weights=unreadable, layers=[2, 9])
     with pytest.raises(FptError, match="cannot read weights file"):             # the same file, layers in range
         create_backbone(MICRO, 64, weights=unreadable, layers=[2, 3])
+
+
+def test_pretrained_weights_with_the_hub_unreachable_come_from_the_cache_alone(tmp_path, monkeypatch):
+    """A hub whose name does not resolve is not retried (huggingface_hub's back-off: ~46 s): the cache is looked
+    in at once, and the one-line error says why; the hub's offline switch is as it was afterwards."""
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    import fpt.extract.backbone as backbone
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    def no_such_name(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    slept = []                                      # huggingface_hub's back-off between tries, not waited
+    monkeypatch.setattr(backbone.socket, "getaddrinfo", no_such_name)
+    monkeypatch.setattr("time.sleep", slept.append)
+    offline = hub_constants.HF_HUB_OFFLINE
+    with pytest.raises(FptError, match="huggingface.co cannot be reached: its name does not resolve") as e:
+        create_backbone("vit_tiny_patch16_224", 224)
+    assert "\n" not in str(e.value) and "--random-init" in str(e.value)
+    assert slept == [] and hub_constants.HF_HUB_OFFLINE is offline
+
+    monkeypatch.setattr(backbone.socket, "getaddrinfo", lambda host, *args, **kwargs: [])    # it resolves
+    with backbone.hub_cache_only_unless_reachable(True) as reachable:
+        assert reachable and hub_constants.HF_HUB_OFFLINE is offline
