@@ -32,11 +32,13 @@ if [ -n "$DRY" ]; then        # CPU sizes: the same code paths, in a few minutes
   GPU_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --codecs zstd-1 none --direct-io on off --no-train"
   TRAIN_ARGS="--small --parts train,loop,graph,step"
   IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 8)"
+  LARGE_IMAGES="from fpt.bench.gpu import png_tree; png_tree(128, 24)"
   HOST_COST_ARGS="--model vit_tiny_patch16_224 --res 128 --codecs zstd-1 none --shards 1 --reps 1"
   FIRST_STEP_ARGS="--model vit_tiny_patch16_224 --res 128:2 --busy-helpers 0 2 --helper-niceness 0 10"
   LOADER_SLOTS_ARGS="--res 128 --images 8 --batch 2 --workers 2 --reps 1"
   STREAM_ARGS="--res 128 --shards 4 --window-samples 0 --workers 2 --epochs 2 --reps 1"
   NICE_ARGS="--model vit_tiny_patch16_224 --res 128:2 --e2e 128:8 --reps 1 --helper-niceness 0 10 --no-train"
+  WHOLE_ARGS="--model vit_tiny_patch16_224 --cases lpm fpt_extract --res 128:2 --e2e 128:24 --reps 1 --codecs zstd-1 none --no-train"
 else
   # Extraction first (the most important issue): its writers now write past the page cache (--direct-io, on
   # against off, with both codecs: what it saves the GPU host's CPUs, cpu_others_ms, and whether its disk keeps
@@ -58,8 +60,13 @@ else
   # the helper processes at nice 0 against 10 (2026-11-28's default on CUDA), alternated: whether the warm-up
   # step (lease 5: 1.8-2.2 s beside the helpers, against ~1 s alone) and the whole run gain
   NICE_ARGS="--res 512:32 --e2e 512:1024 --codecs zstd-1 --helper-niceness 0 10 0 10 --timeout 120 --no-train"
+  # runs of a data set's size (4,096 images at 512, 1,024 at 1024: 3-5 s of the LPM's work, where the bench-gpu
+  # runs are ~1 s of it beside a ~2 s start): the whole run against the model step as a user's extraction sees it
+  # (2026-11-28; ~25 GB of stores, ~6 GB of PNGs, on the 64 GB disk)
+  WHOLE_ARGS="--cases lpm fpt_extract --res 512:32 1024:8 --e2e 512:4096 1024:1024 --codecs zstd-1 none --timeout 100 --no-train"
   IMAGES="from fpt.bench.gpu import png_tree; from fpt.bench.data import ensure_images
 png_tree(512, 1024); png_tree(1024, 256); ensure_images('vit_base_patch16_224', 512, 384)"
+  LARGE_IMAGES="from fpt.bench.gpu import png_tree; png_tree(512, 4096); png_tree(1024, 1024)"     # whole-run's
 fi
 
 step() {   # step NAME SECONDS CMD...: CMD with at most SECONDS (and what is left of the budget), output to the log
@@ -81,16 +88,28 @@ step() {   # step NAME SECONDS CMD...: CMD with at most SECONDS (and what is lef
 head -n 12 "$LOG"
 
 # The bench's PNG inputs are written in the background while the first step (tests, not timed) runs.
-$PY -c "${FPT_LEASE_IMAGES-$IMAGES}" >>"$LOG" 2>&1 &      # FPT_LEASE_IMAGES="" when the steps need none
+# Then whole-run's larger trees, which only that step waits for.
+STEPS=${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step helper-nice whole-run host-cost loader-slots bench-sweep train-memory bench-train stream writer-start}
+case " $STEPS " in *" whole-run "*) ;; *) LARGE_IMAGES="" ;; esac
+MARKS=$(mktemp -d)            # when the first images are written (outside $OUT, which comes back)
+( $PY -c "${FPT_LEASE_IMAGES-$IMAGES}" >>"$LOG" 2>&1; echo $? >"$MARKS/images_rc"   # FPT_LEASE_IMAGES="": none
+  $PY -c "${FPT_LEASE_LARGE_IMAGES-$LARGE_IMAGES}" >>"$LOG" 2>&1 ) &
 IMAGES_PID=$!
 images_ready() {   # once, before the first step that reads them
-  if [ -n "$IMAGES_PID" ]; then wait $IMAGES_PID; echo "{\"step\": \"images\", \"rc\": $?}" | tee -a "$LOG"; IMAGES_PID=; fi
+  if [ ! -e "$MARKS/images_seen" ]; then
+    while [ ! -e "$MARKS/images_rc" ]; do sleep 0.2; done
+    echo "{\"step\": \"images\", \"rc\": $(cat "$MARKS/images_rc")}" | tee -a "$LOG"; touch "$MARKS/images_seen"
+  fi
+}
+large_images_ready() {
+  images_ready
+  if [ -n "$IMAGES_PID" ]; then wait $IMAGES_PID; echo "{\"step\": \"large-images\", \"rc\": $?}" | tee -a "$LOG"; IMAGES_PID=; fi
 }
 # Steps in order of importance: FPT_LEASE_STEPS picks some (a second lease measures what the first could not).
 # First the CUDA tests (since lease 5: 12 runs in threads on streams of their own, a batch refilled in place,
 # no fork from a run's thread), then the tables; the kernel's tests (unchanged since they passed in lease 3) are
 # tests-kernel.
-for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step helper-nice host-cost loader-slots bench-sweep train-memory bench-train stream writer-start}; do
+for name in $STEPS; do
   case $name in
     tests-kernel) step $name 90 $PY -m pytest -q -p no:cacheprovider -rs tests/test_importance_kernel.py -k "cuda or compile" ;;
     bench-gpu)    images_ready; step $name 300 $PY -m fpt.bench.gpu ${FPT_LEASE_GPU_ARGS:-$GPU_ARGS} ;;
@@ -103,6 +122,7 @@ for name in ${FPT_LEASE_STEPS:-tests-cuda bench-gpu first-step helper-nice host-
     host-cost)    step $name 90 $PY -m fpt.bench.host_cost $HOST_COST_ARGS ;;
     first-step)   step $name 90 $PY -m fpt.bench.first_step $FIRST_STEP_ARGS ;;
     helper-nice)  images_ready; FPT_BENCH_RESULTS="$OUT/helper-nice" step $name 90 $PY -m fpt.bench.gpu --cases fpt_extract $NICE_ARGS ;;
+    whole-run)    large_images_ready; FPT_BENCH_RESULTS="$OUT/whole-run" step $name 180 $PY -m fpt.bench.gpu $WHOLE_ARGS ;;
     # the decode workers' batches through reused slots against fresh shared memory, with the real pinning thread
     loader-slots) images_ready; step $name 60 $PY -m fpt.bench.loader_slots decode $LOADER_SLOTS_ARGS ;;
     # streamed training (--cache none): readers into slots, each window gathered on the GPU (2026-11-28)
