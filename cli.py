@@ -318,18 +318,9 @@ def extract(
     run_extract(cfg, scheduler)
 
 
-def store_dataset(store: Optional[str]) -> str:
-    """The dataset (pipeline entry) name a store was extracted from."""
-    from fpt.store import StoreReader
-
-    if store is None:
-        raise FptError("give --store PATH (or, for fpt train, --resume RUN to continue an interrupted run)")
-    return StoreReader(store).attrs["dataset"]["name"]
-
-
 def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
     fpt_config.check_prompts_given(options.get("method"), options.get("prompts"))
-    return fpt_config.train_config(store, store_dataset(store), pipelines, **options)
+    return fpt_config.train_config(store, fpt_config.store_dataset(store), pipelines, **options)
 
 
 def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
@@ -402,10 +393,7 @@ def train_cmd(
                  "--side-res": side_res, "--prompts": prompts, "--reduction": reduction, "--epochs": epochs,
                  "--batch-size": batch_size, "--lr": lr, "--weight-decay": weight_decay, "--seed": seed, "--out": out,
                  "--augment": augment, "--drop-last/--keep-last": drop_last, "--pipelines": pipelines}
-        given = [name for name, value in fixed.items() if value is not None]
-        if given:
-            raise FptError(f"--resume continues {resume} with its own settings: drop {', '.join(given)} (a run "
-                           "with other settings is a new run: --out)")
+        fpt_config.check_resume_options(resume, fixed)
         cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
                             compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds,
                             ft_memory_mb=ft_memory_mb)
@@ -515,7 +503,7 @@ def sweep(
     from fpt.train.sweep import run_sweep
 
     fpt_config.check_prompts_given(method, prompts)
-    cfg = fpt_config.sweep_config(store, store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds,
+    cfg = fpt_config.sweep_config(store, fpt_config.store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds,
                                   scheduler=scheduler,
                                   out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
                                   epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 from fpt import FptError
-from fpt.store import CODECS, DEFAULT_CODEC
+from fpt.store import CODECS, DEFAULT_CODEC, StoreReader
 from fpt.store.location import store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
@@ -153,6 +153,22 @@ J2K_DECODES = ("full", "reduced")
 METHODS = ("fpt+", "fpt", "side-only", "linear-probe")
 PROMPT_METHODS = ("fpt+", "fpt")
 CACHE_MODES = ("auto", "none", "ram", "gpu")
+
+
+def store_dataset(store: str | None) -> str:
+    """The dataset (pipeline entry) name a store was extracted from: what fpt train and fpt sweep configure by."""
+    if store is None:
+        raise FptError("give --store PATH (or, for fpt train, --resume RUN to continue an interrupted run)")
+    return StoreReader(store).attrs["dataset"]["name"]
+
+
+def check_resume_options(run: str | Path, fixed: dict[str, Any]) -> None:
+    """``fpt train --resume RUN`` continues RUN with its own settings: the options that would change its results
+    (``fixed``: option name -> value, None when not given) are refused by name; runtime ones are not in it."""
+    given = [name for name, value in fixed.items() if value is not None]
+    if given:
+        raise FptError(f"--resume continues {run} with its own settings: drop {', '.join(given)} (a run with other "
+                       "settings is a new run: --out)")
 
 
 def check_prompts_given(method: str | None, prompts: int | None) -> None:
@@ -513,8 +529,8 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
            or (scaled and [float(f"{base.lr * s:.12g}") for s in scaled]) or [base.lr])
     weight_decays = (parse_grid(weight_decay, "weight-decay") or parse_grid(entry.get("weight_decay"), "weight-decay")
                      or [base.weight_decay])
-    if min(lrs) <= 0 or min(weight_decays) < 0 or not all(map(math.isfinite, (*lrs, *weight_decays))):
-        raise FptError("--lr values must be positive and --weight-decay values non-negative, all finite")
+    for lr_, weight_decay_ in ((lr_, weight_decay_) for lr_ in lrs for weight_decay_ in weight_decays):
+        replace(base, lr=lr_, weight_decay=weight_decay_)     # TrainConfig's rules on each grid point, before any run
     seeds = seeds if seeds is not None else entry.get("seeds", 1)
     if seeds < 1:
         raise FptError(f"--seeds {seeds}: must be at least 1")
@@ -524,7 +540,9 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
     runs_in = runs_in or entry.get("runs_in")
     if runs_in is not None and runs_in not in RUNS_IN:
         raise FptError(f"--runs-in {runs_in!r}: choose threads or processes")
-    if runs_in == "threads" and scheduler != "local" and not scheduler.startswith("local:"):
+    from fpt.cluster import local_worker_count         # (it imports torch)
+    local = local_worker_count(scheduler, cuda=False) is not None       # refuses a malformed one before any run
+    if runs_in == "threads" and not local:
         raise FptError("--runs-in threads needs a local scheduler (local or local:N): a running dask scheduler's "
                        "workers are processes of their own")
     if runs_in == "threads" and base.compile:

@@ -17,7 +17,7 @@ from fpt.extract.cmmd import CmmdSource
 from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, lpm_view, rgb_array
 from fpt.extract.samples import (ImageSource, SampleRef, check_distinct_classes, check_files_exist,
                                  check_splits_filled, class_names, parse_split_names,
-                                 stratified_group_split)
+                                 stratified_group_split, unreadable_source_error)
 from fpt.store import SPLITS
 
 
@@ -191,7 +191,7 @@ def compute_mean_std(source: ImageSource, res: int, skip_unreadable: bool = Fals
             except FptError as e:
                 if skip_unreadable:
                     continue
-                raise FptError(f"{e} (pass --on-error skip to skip unreadable files)") from None
+                raise unreadable_source_error(str(e)) from None
             x = rgb_array(lpm_view(image, res)).astype(np.float64) / 255    # [res, res, 3]
             total += x.sum(axis=(0, 1))
             total_sq += np.square(x).sum(axis=(0, 1))

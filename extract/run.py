@@ -30,7 +30,7 @@ from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
 from fpt.extract.datasets import open_source, resolve_normalization
 from fpt.extract.encode import encode_batch, pixel_dtype, stack_batch, stack_pixels
 from fpt.extract.images import low_res_copy, lpm_input
-from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage
+from fpt.extract.samples import ImageSource, SampleRef, check_class_coverage, unreadable_source_error
 from fpt.extract.shard_writing import ShardBuffer, ShardWriterPool
 from fpt.extract.timing import DeviceLead, LoopWaits, Progress, ShardClock
 from fpt.loader_slots import PREFETCH, SlotItem, loader_slots, received, stack_in_slot
@@ -250,7 +250,7 @@ class DecodedImages(Dataset):
         ``on_error="skip"`` and raise with ``"fail"``."""
         errors = {i: item for i, item in enumerate(items) if isinstance(item, str)}
         if errors and self.on_error != "skip":
-            raise FptError(next(iter(errors.values())) + " (pass --on-error skip to skip unreadable files)")
+            raise unreadable_source_error(next(iter(errors.values())))
         blank = torch.zeros(self.res, self.res, 1, dtype=torch.uint8)
         highs = [blank if i in errors else item for i, item in enumerate(items)]
         return stack_pixels(highs, self.high_dtype, partial(stack_in_slot, self.slots, stack_batch)), errors

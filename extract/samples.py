@@ -30,6 +30,11 @@ class ImageSource(Protocol):
     def load(self, ref: SampleRef) -> Image.Image: ...
 
 
+def unreadable_source_error(message: str) -> FptError:
+    """The refusal of an unreadable source (``--on-error fail``): ``load``'s message and how to skip instead."""
+    return FptError(f"{message} (pass --on-error skip to skip unreadable files)")
+
+
 def class_names(labels: Sequence[str], fixed: list[str] | None, what: str) -> list[str]:
     """The class list: ``fixed`` (the pipeline's order) when given, else the sorted distinct ``labels``."""
     if fixed is None:

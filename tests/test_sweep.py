@@ -40,7 +40,10 @@ def test_sweep_config_from_pipelines_and_options(tmp_path):
     assert cfg.out.as_posix() == "sweeps/cmmd-side-only"
     assert cfg.runs_in is None and sweep_config(store, runs_in="threads", scheduler="local:2").runs_in == "threads"
     for bad, message in [(dict(lr="1e-3,x"), "--lr '1e-3,x'"), (dict(lr="1e-3,1e-3"), "distinct"),
-                         (dict(lr="-1"), "must be positive"), (dict(seeds=0), "--seeds 0"),
+                         (dict(lr="-1"), "must be positive"), (dict(lr="1e-3,nan"), "--lr nan: must be a finite"),
+                         (dict(weight_decay="0.1,-1"), "--weight-decay non-negative"), (dict(seeds=0), "--seeds 0"),
+                         (dict(runs_in="threads", scheduler="local:abc"), "expected local, local:N"),
+                         (dict(scheduler="tcp://host:port"), "not a dask scheduler address"),
                          (dict(runs_in="fibers"), "--runs-in 'fibers': choose threads or processes"),
                          (dict(runs_in="threads", scheduler="tcp://10.0.0.1:8786"), "needs a local scheduler"),
                          (dict(runs_in="threads", compile=True), "torch.compile is not thread-safe")]:
