@@ -47,9 +47,8 @@ class ImageFolderSource:
                 files += [(f, self.classes.index(class_dir.name)) for f in sorted(class_dir.rglob("*"))
                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
                           and not any(hidden(part) for part in f.relative_to(class_dir).parts)]
-            if not files:
-                raise FptError(f"the {split} split in {self.root / split} has no images")
             self.samples += [SampleRef(f.relative_to(self.root).as_posix(), label, s) for f, label in files]
+        check_splits_filled(self.samples, str(self.root))
 
     def load(self, ref: SampleRef) -> Image.Image:
         return self.decoding.load(self.root / ref.id)
@@ -132,9 +131,7 @@ class SyntheticTextureSource:
         self.res, self.seed = res, seed
         self.samples = [SampleRef(f"synthetic/{split}/{i:05d}", i % 2, s)
                         for s, split in enumerate(SPLITS) for i in range(int(counts[split]))]
-        for s, split in enumerate(SPLITS):
-            if not any(r.split == s for r in self.samples):
-                raise FptError(f"the synthetic {split} split is empty")
+        check_splits_filled(self.samples, "the synthetic data set")
 
     def load(self, ref: SampleRef) -> Image.Image:
         index = int(ref.id.rsplit("/", 1)[1])

@@ -122,6 +122,20 @@ def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
     assert len(source.samples) == 16 and not any("/." in s.id for s in source.samples)
 
 
+def test_every_source_refuses_an_empty_split_the_same_way(tmp_path):
+    """One rule (``check_splits_filled``) for image folders, manifests and the synthetic task alike."""
+    from fpt.extract.datasets import ImageFolderSource, SyntheticTextureSource
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "d")
+    for image in (data / "val").rglob("*.png"):        # class folders left, without images
+        image.unlink()
+    with pytest.raises(FptError, match=f"{data}: the val split is empty"):
+        ImageFolderSource(data)
+    with pytest.raises(FptError, match="the synthetic data set: the test split is empty"):
+        SyntheticTextureSource({"train": 4, "val": 2, "test": 0}, res=32)
+
+
 def test_extract_from_manifest_end_to_end_with_auto_normalisation(tmp_path):
     rows = grouped_rows(30, seed=1)
     csv_path = write_manifest(tmp_path / "data", rows, ("path", "label", "group"))
