@@ -387,7 +387,7 @@ def train_cmd(
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
     then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
     if resume is not None:
-        from fpt.train.loop import resume_config
+        from fpt.train import resume_config
 
         fixed = {"--store": store, "--skip-corrupt": skip_corrupt or None, "--method": method,
                  "--side-res": side_res, "--prompts": prompts, "--reduction": reduction, "--epochs": epochs,

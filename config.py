@@ -19,8 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 from fpt import FptError
-from fpt.store import CODECS, DEFAULT_CODEC, StoreReader
-from fpt.store.location import store_stem
+from fpt.store import CODECS, DEFAULT_CODEC, StoreReader, store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
 PIPELINES_ENV = "FPT_PIPELINES"        # a user pipelines file merged over the packaged one (--pipelines wins)

@@ -19,11 +19,9 @@ import torch
 
 from fpt import FptError
 from fpt.config import check_lpm_weights, resolve_device
-from fpt.extract.backbone import FrozenLPM, create_backbone
-from fpt.extract.encode import encode_batch, stack_pixels
-from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, low_res_copy, lpm_input
-from fpt.train.data import SideInput
-from fpt.train.loop import load_checkpoint
+from fpt.extract import (IMAGE_EXTENSIONS, FileDecoding, FrozenLPM, create_backbone, encode_batch, low_res_copy,
+                         lpm_input, stack_pixels)
+from fpt.train import SideInput, load_checkpoint
 
 CSV_PATH_COLUMNS = ("path", "image", "file")
 

@@ -65,3 +65,20 @@ def test_no_import_cycles_between_modules():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+# entry modules a stage's door names besides itself (train/__init__.py: sweeps, token maps; typed results)
+SUB_ENTRIES = {"fpt.train.sweep", "fpt.train.show", "fpt.train.results"}
+
+
+def test_code_outside_a_stage_goes_through_its_door():
+    """``from fpt.extract import ...``, not ``from fpt.extract.images import ...``, outside extract/ (and so for
+    store/ and train/); bench/ and tests/ measure and test the insides and are left out."""
+    files = [p for p in ROOT.rglob("*.py") if not {".venv", "tests", "bench"} & set(p.parts)]
+    for path in files:
+        own = path.relative_to(ROOT).parts[0]
+        named = {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module}
+        named |= {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}
+        bad = sorted(m for m in named if m.count(".") >= 2 and m.split(".")[1] in STAGES
+                     and m.split(".")[1] != own and m not in SUB_ENTRIES)
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad} past the stage's door"
