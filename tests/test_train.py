@@ -236,21 +236,29 @@ def test_grey_float_scales_every_kind_of_grey_as_float64_arithmetic_does(dtype):
     assert not np.asarray(grey_float(np.full((4, 4), 9, dtype=dtype))).any()      # one value: all black
 
 
+@pytest.mark.parametrize("what", ["loss", "weights"])
 def test_a_run_whose_loss_stops_being_finite_ends_and_is_tested_at_its_best_epoch_before(micro_store, tmp_path,
-                                                                                          monkeypatch):
-    """Divergence (the epoch's mean loss not finite, e.g. too high an lr) ends the run: that epoch is neither
+                                                                                          monkeypatch, what):
+    """Divergence (e.g. too high an lr) ends the run: the epoch's mean loss not finite, or (an epoch's last update
+    made the weights so with every loss of the epoch finite) its validation's probabilities. That epoch is neither
     validated nor checkpointed, the best epoch before it is tested, and metrics.json says where it diverged."""
     from fpt.train import loop
 
     set_up = loop.set_up
 
-    class NanFromThirdStep:                 # the step's loss turns NaN from the epoch of its third call on
+    class NanFromThirdStep:                 # the loss NaN from the third call on, or the weights after the fourth
         def __init__(self, step):
             self.step, self.calls = step, 0
 
         def __call__(self, *args):
             self.calls += 1
             loss = self.step(*args)
+            if what == "weights":
+                if self.calls == 4:         # epoch 1's last step: its loss stays finite
+                    with torch.no_grad():
+                        for p in self.step.model.parameters():
+                            p.fill_(float("nan"))
+                return loss
             return loss * float("nan") if self.calls > 2 else loss
 
         def __getattr__(self, name):

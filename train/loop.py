@@ -337,10 +337,15 @@ def train_epoch(run: Training, epoch: int,
     mean_loss = float(loss_sum) / samples                                    # the epoch's one host sync
     seconds = time.perf_counter() - start
     state.samples, state.seconds = state.samples + samples, state.seconds + seconds
-    if not math.isfinite(mean_loss):            # diverged (e.g. too high an lr): the weights are not finite now
+    # diverged (e.g. too high an lr): the weights are not finite now; an epoch's last update can make them so with
+    # every loss of the epoch finite, which the validation's probabilities then show
+    diverged = not math.isfinite(mean_loss)
+    if not diverged:
+        probs, labels = predict_split(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
+        diverged = not np.isfinite(probs).all()
+    if diverged:
         return {"epoch": epoch, "loss": mean_loss, "diverged": True, "seconds": round(seconds, 3),
                 "best_epoch": state.best.epoch, "samples": samples}
-    probs, labels = predict_split(run.model, run.val_data, run.side_input, cfg.batch_size, run.step)
     val = {**classification_metrics(labels, probs), "loss": cross_entropy(labels, probs)}
     state.best.improved_by(epoch, val)
     record = {"epoch": epoch, "loss": mean_loss, "lr": run.step.schedule.get_last_lr()[0], "val": val,
