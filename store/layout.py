@@ -25,8 +25,10 @@ chunk names its shard's samples (``fpt store verify --repair`` re-extracts whole
 one sample decompresses its shard's chunk. For the small arrays (cls, indices, images) one chunk per shard came
 first: zarr's fixed cost per chunk outweighed their few KB (writing them 3.7 -> 1.6 ms of CPU per image). Stores
 written before shard K/V, or, before that, every per-sample array; zarr.json says which, and every reader reads all
-three. A sample not yet extracted (``done`` false) reads back as NaN keys/values/cls and -1 indices (the fill
-values), never as plausible zeros. Version 1 stored ``ids`` as variable-length strings and had no dimension names.
+three. A sample never written (``done`` false after an interrupted run) reads back as NaN keys/values/cls and -1
+indices (the fill values), never as plausible zeros; a shard that ``fpt store verify --repair`` marked (``done``
+false again) keeps its damaged chunks until it is re-extracted: ``done`` says which samples hold data. Version 1
+stored ``ids`` as variable-length strings and had no dimension names.
 """
 from __future__ import annotations
 
@@ -158,8 +160,9 @@ def group_attrs(g: Geometry) -> dict:
     return {
         "samples_per_shard": g.samples_per_shard,
         "split_codes": SPLIT_CODES,
-        "unfinished": "samples with done = false are not extracted yet (NaN keys/values/cls, -1 indices); "
-                      "re-run the same `fpt extract` command to finish them",
+        "unfinished": "samples with done = false hold no data: not extracted yet (NaN keys/values/cls, -1 "
+                      "indices), or marked for re-extraction by `fpt store verify --repair` (their damaged chunks "
+                      "stay until then); re-run the same `fpt extract` command to finish them",
         "ids": "uint8 [S, n]: UTF-8 bytes, zero-padded; decode each row with bytes(row).rstrip(b'\\0').decode()",
         "dask": "dask.array.from_zarr(group[name]) makes one task per chunk, here one per shard file; in stores "
                 "with sharded arrays (keys, values before 2026-11-27) one per sample: pass chunks=group[name].shards "
