@@ -26,7 +26,7 @@ SOURCES = ("official", "ours-ram")
 def train_step_case(source: str, model: str, res: int, n_train: int, batch: int, prompts: int) -> Case:
     """One step = the next batch from ``source`` (a new epoch when one ends) + one training step."""
     from fpt.bench.data import ensure_dataset
-    from fpt.train.model import parameter_counts
+    from fpt.train.model import lpm_parameters, parameter_counts
 
     from fpt.train.step import TrainStep
 
@@ -44,7 +44,7 @@ def train_step_case(source: str, model: str, res: int, n_train: int, batch: int,
             item = next(stream)
         train_step(item, side_input.draw(1, len(item["labels"]))[0])
 
-    counts = parameter_counts(net, reader.attrs["backbone"]["n_params"])
+    counts = parameter_counts(net, lpm_parameters(reader.attrs["backbone"]))
     return Case(step=step, units=batch, info={"learnable_params": counts["learnable"],
                                               "learnable_percent": round(counts["ratio_percent"], 3),
                                               "kv_shape": [batch, *reader.geometry.sample_shapes()["keys"][0]]})

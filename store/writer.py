@@ -31,7 +31,7 @@ VOLATILE_KEYS = ("counts",)   # derived from the sample list, compared through t
 # ``j2k_decode`` decoded JPEG 2000 in full, and every store before ``low_res`` made its low-res copies with PIL's
 # BOX resize), so that a resumed extraction never mixes two settings
 LATER_KEYS = {("extraction", "precision"): None, ("extraction", "j2k_decode"): "full",
-              ("extraction", "low_res"): "pil-box"}
+              ("extraction", "low_res"): "pil-box", ("backbone", "published_params"): None}
 
 
 class StoreWriter:

@@ -1,6 +1,5 @@
 """Fusion module against the paper's formulas; side network shapes and prompt removal; parameter shares."""
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -61,19 +60,27 @@ def test_side_only_has_no_fusion_and_ignores_kv():
 
 @pytest.fixture(scope="module")
 def vit_b_512_params():
-    return sum(p.numel() for p in timm.create_model("vit_base_patch16_224", num_classes=0, img_size=512).parameters())
+    """The LPM's parameters in the learnable share of a store of the default LPM at 512 px."""
+    from fpt.extract import create_backbone
+    from fpt.train.model import lpm_parameters
+
+    _, info = create_backbone("vit_base_patch16_384", 512, random_init=True)
+    return lpm_parameters(info.as_attrs())
 
 
-# paper Table 4: learnable share (%) with ViT-B at 512, side 128, reduction 8, 6 layers
+# paper Table 4: learnable share (%) with ViT-B at 512, side 128, reduction 8, 6 layers (a 5-class task's head)
 TABLE_4 = {4: 0.96, 8: 0.99, 16: 1.03, 32: 1.11, 64: 1.28, 128: 1.61}
 
 
 @pytest.mark.parametrize("prompts", sorted(TABLE_4))
-def test_learnable_share_tracks_paper_table_4(vit_b_512_params, prompts):
-    spec = ModelSpec(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, layers=6, n_classes=2,
+def test_learnable_share_equals_paper_table_4(vit_b_512_params, prompts):
+    """To the digit: the LPM counted as published (ViT-B/16-384 with its 1000-class head: 86,859,496), as the
+    paper counts it; the headless model at 512 px that runs gives 0.97 % and 1.12 % at 4 and 32 prompts."""
+    assert vit_b_512_params == 86_859_496
+    spec = ModelSpec(lpm_dim=768, lpm_heads=12, head_dim=64, patch_size=16, layers=6, n_classes=5,
                      side_res=128, prompts=prompts, reduction=8)
     ratio = parameter_counts(SideNetwork(spec), vit_b_512_params)["ratio_percent"]
-    assert abs(ratio - TABLE_4[prompts]) <= 0.011, ratio
+    assert round(ratio, 2) == TABLE_4[prompts], ratio
 
 
 def test_seeded_dropout_draws_from_its_own_generator_only():

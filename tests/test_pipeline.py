@@ -786,16 +786,27 @@ def test_shards_are_timed_when_their_writes_end_not_when_the_loop_next_looks():
     assert reported == [2, 4, 6]
 
 
-def test_a_store_from_before_precision_was_recorded_is_still_resumed(tmp_path, image_folder):
+@pytest.mark.parametrize("section, key", [("extraction", "precision"), ("backbone", "published_params")])
+def test_a_store_from_before_a_key_was_recorded_is_still_resumed(tmp_path, image_folder, section, key):
+    """precision: fpt 0.1.0 wrote none; published_params (the LPM as timm publishes it, the learnable share's
+    total), from 2026-11-28 on: an older store's share is over the LPM as it runs (n_params)."""
     import zarr
+
+    from fpt.train.model import lpm_parameters
 
     store = tmp_path / "s.zarr"
     extract(micro_config(image_folder, store, samples_per_shard=4))
     group = zarr.open_group(store, mode="r+")
-    extraction = dict(group.attrs["extraction"])
-    del extraction["precision"]                                # as fpt 0.1.0 before --precision wrote it
-    group.attrs["extraction"] = extraction
+    attrs = dict(group.attrs[section])
+    if key == "published_params":       # the micro LPM with its default 1000-class head, at its default size
+        assert attrs[key] == attrs["n_params"] + 1000 * (attrs["embed_dim"] + 1)    # its head; same res (64)
+        assert lpm_parameters(attrs) == attrs[key]
+    del attrs[key]                                             # as written before the key existed
+    group.attrs[section] = attrs
     assert extract(micro_config(image_folder, store, samples_per_shard=4)).n_written == 0     # complete: no refusal
+    if key == "published_params":
+        backbone = StoreReader(store).attrs["backbone"]
+        assert lpm_parameters(backbone) == backbone["n_params"]
 
 
 def test_a_store_whose_low_res_copies_were_made_the_old_way_is_not_resumed_with_the_new(tmp_path, image_folder):

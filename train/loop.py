@@ -28,8 +28,8 @@ from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open
 from fpt.train.files import CheckpointWriter, TensorCopies, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
 from fpt.train.metrics import METRIC_NAMES, classification_metrics, pme, ppe
-from fpt.train.model import (LinearProbe, ModelSpec, SideNetwork, build_model, parameter_counts, seeded_model,
-                             use_generator)
+from fpt.train.model import (LinearProbe, ModelSpec, SideNetwork, build_model, lpm_parameters, parameter_counts,
+                             seeded_model, use_generator)
 from fpt.train.plots import write_evaluation_plots
 from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
 from fpt.train.step import TrainStep, make_optimizer, step_captures, step_compiles
@@ -423,7 +423,7 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]],
         probs, labels = predict_split(run.model, test_data, run.side_input, cfg.batch_size, run.step)
         test = classification_metrics(labels, probs)
         pictures(run.out / "test", labels, probs, run.reader.classes, title=f"{run.spec.method}, test")
-    params = parameter_counts(run.model, run.reader.attrs["backbone"]["n_params"])
+    params = parameter_counts(run.model, lpm_parameters(run.reader.attrs["backbone"]))
     peak_mb = round(memory.peak_mb, 1)
     steady = session[1:]                            # the first epoch of a session includes warm-up and compiling
     steady_samples, steady_seconds = sum(n for n, _ in steady), sum(s for _, s in steady)

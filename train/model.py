@@ -271,6 +271,12 @@ def seeded_model(spec: ModelSpec, seed: int) -> SideNetwork | LinearProbe:
         return build_model(spec)
 
 
+def lpm_parameters(backbone: dict) -> int:
+    """The LPM's parameters in the learnable share, from a store's ``backbone`` attributes: as timm publishes
+    the model (``published_params``, the paper's count), else (stores from before it was recorded) as it runs."""
+    return backbone.get("published_params") or backbone["n_params"]
+
+
 def parameter_counts(model: nn.Module, lpm_params: int) -> dict[str, float]:
     """Learnable parameters, total (learnable + the frozen LPM's) and the learnable share in percent."""
     learnable = sum(p.numel() for p in model.parameters() if p.requires_grad)
