@@ -128,7 +128,7 @@ def test_every_method_trains_evaluates_and_reports_efficiency(store, tmp_path, m
     metrics = train(tiny_train(store, tmp_path / "run", method=method, ft_memory_mb=2000.0))
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["method"] == method and saved["config"]["method"] == method
-    lpm_params = StoreReader(store).attrs["backbone"]["n_params"]
+    lpm_params = StoreReader(store).attrs["backbone"]["published_params"]      # the LPM as published
     p = saved["params"]
     assert p["total"] == p["learnable"] + lpm_params
     if method == "linear-probe":

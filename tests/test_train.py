@@ -47,7 +47,7 @@ def test_train_writes_metrics_checkpoint_and_log(micro_store, tmp_path):
     assert saved["test"].keys() >= {"auc", "acc", "f1", "kappa", "precision", "recall"}
     assert saved["best_epoch"] in (0, 1) and saved["method"] == "fpt+"
     p = saved["params"]
-    assert p["total"] == p["learnable"] + StoreReader(micro_store).attrs["backbone"]["n_params"]
+    assert p["total"] == p["learnable"] + StoreReader(micro_store).attrs["backbone"]["published_params"]
     assert p["ratio_percent"] == pytest.approx(100 * p["learnable"] / p["total"])
     assert saved["config"]["prompts"] == 3
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
