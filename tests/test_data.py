@@ -11,7 +11,7 @@ from fpt import FptError
 from fpt.config import AugmentConfig, train_config
 from fpt.store import SharedArrays, StoreReader
 from fpt.train import train
-from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid,
+from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid, jitter_order,
                              plan_cache)
 from tests.conftest import micro_config, write_image_folder
 
@@ -433,6 +433,20 @@ def test_colour_jitter_matches_torchvision_per_image():
         want = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], float(b[i])), float(c[i])),
                                     float(s[i]))
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_colour_jitter_in_each_images_order_matches_torchvision_in_that_order():
+    x = images(6).float() / 255
+    b, c, s = torch.full((6,), 1.2), torch.full((6,), 0.7), torch.full((6,), 1.3)
+    order = jitter_order(torch.arange(6) / 6 + 0.01)                      # each of the six orders once
+    got = colour_jitter(x, b, c, s, order)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in range(6):
+        want = x[i]
+        for kind in order[i].tolist():
+            want = adjust[kind](want, float((b, c, s)[kind][i]))
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    assert len({tuple(o) for o in order.tolist()}) == 6
 
 
 def test_draws_are_per_image_seeded_and_in_range():

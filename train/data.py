@@ -35,7 +35,13 @@ from fpt.loader_slots import PREFETCH, SlotItem, fill_slot, loader_slots, slots_
 from fpt.store import StoreReader, WorkerSlots, open_shared, start_helper
 
 WINDOW_BYTES = 256 << 20      # raw bytes per streamed read window (a few shards)
-DRAWS = 9                     # uniform random numbers per image of the training augmentation (SideInput.params)
+# The training augmentation's uniform random numbers per image (SideInput.params), by row: the crop's tries
+# (area, aspect) as torchvision's RandomResizedCrop makes them, then its centre, the flips, the colour-jitter
+# factors and the jitter's order
+CROP_TRIES = 10               # torchvision: (area, aspect) drawn until a crop fits the image, at most 10 times
+CENTRE_X, CENTRE_Y, HFLIP, VFLIP, BRIGHTNESS, CONTRAST, SATURATION, JITTER_ORDER = range(2 * CROP_TRIES,
+                                                                                       2 * CROP_TRIES + 8)
+DRAWS = 2 * CROP_TRIES + 8
 
 Batch = dict[str, torch.Tensor]   # store array name -> tensor on the training device; images [B, 3, R, R] uint8
 
@@ -543,11 +549,26 @@ class AugmentParams:
     brightness: torch.Tensor
     contrast: torch.Tensor
     saturation: torch.Tensor
+    jitter_order: torch.Tensor | None = None    # [B, 3] the adjustments' order (JITTER_ORDERS); None: b, c, s
 
     @classmethod
     def identity(cls, n: int) -> "AugmentParams":
         one, zero = torch.ones(n), torch.zeros(n)
         return cls(one, one, zero, zero, one, one, one, one, one)
+
+
+def resized_crop_size(area: torch.Tensor, aspect: torch.Tensor, ratio: tuple[float, float]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop on a square image, batched: the first of the tries (area, aspect) [T, B]
+    whose crop fits the image, else (no try fits) the whole image at the nearest aspect in ``ratio``. Returns the
+    crop's width and height [B] as fractions of the image side."""
+    w, h = (area * aspect).sqrt(), (area / aspect).sqrt()                     # [T, B]
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(dim=0, keepdim=True)                          # the first that fits (0 if none)
+    fallback = min(max(1.0, ratio[0]), ratio[1])                              # torchvision's central crop
+    found = fits.any(dim=0)
+    return (torch.where(found, w.gather(0, first)[0], min(1.0, fallback)),
+            torch.where(found, h.gather(0, first)[0], min(1.0, 1 / fallback)))
 
 
 def crop_grid(p: AugmentParams, r: int) -> torch.Tensor:
@@ -566,13 +587,32 @@ def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> to
     return (f * image + (1 - f) * other).clamp(0, 1)
 
 
+def jitter_order(u: torch.Tensor) -> torch.Tensor:
+    """Uniform draws [B] -> each image's order [B, 3] of the three jitter adjustments (0 brightness, 1 contrast,
+    2 saturation), one of the six equally likely, as torchvision's ColorJitter draws one per image (by arithmetic
+    on the device, which a captured step can replay: k = 0..5 gives 012, 021, 102, 120, 201, 210)."""
+    k = (u * 6).long().clamp(max=5)
+    first = k // 2
+    low, high = (first == 0).long(), 2 - (first == 2).long()          # the other two, in increasing order
+    swap = k % 2 == 1
+    return torch.stack([first, torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
+
+
 def colour_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
-                  saturation: torch.Tensor) -> torch.Tensor:
-    """torchvision's brightness, contrast and saturation adjustments with a factor per image, for a batch.
-    x float [B, 3, H, W] in [0, 1]; factors [B] -> [B, 3, H, W]."""
-    x = _blend(x, torch.zeros_like(x), brightness)
-    x = _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), contrast)
-    return _blend(x, TF.rgb_to_grayscale(x), saturation)
+                  saturation: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """torchvision's brightness, contrast and saturation adjustments with a factor per image, for a batch, in
+    each image's ``order`` [B, 3] (0 brightness, 1 contrast, 2 saturation; None: that order for every image).
+    x float [B, 3, H, W] in [0, 1]; factors [B] -> [B, 3, H, W]. Each adjustment is a blend towards its own
+    target (black, the image's mean grey, its grey image), so one blend per step serves every image."""
+    if order is None:
+        order = torch.arange(3, device=x.device).expand(len(x), 3)
+    factors = torch.stack([brightness, contrast, saturation], dim=1)         # [B, 3]
+    for step in range(3):
+        kind = order[:, step].view(-1, 1, 1, 1)
+        grey = TF.rgb_to_grayscale(x)                                         # [B, 1, H, W]
+        target = torch.where(kind == 2, grey, torch.where(kind == 1, grey.mean(dim=(-2, -1), keepdim=True), 0.0))
+        x = _blend(x, target, factors.gather(1, order[:, step:step + 1])[:, 0])
+    return x
 
 
 class SideInput:
@@ -622,18 +662,16 @@ class SideInput:
             return lo + (hi - lo) * u[row]
 
         a = self.augment_cfg
-        area = uniform(0, *a.scale)
-        # aspect log-uniform over the ratios at which a crop of this area fits the image (torchvision redraws
-        # until one fits); w, h are clamped only where no ratio fits
-        lo = torch.log(area.clamp(min=a.ratio[0]))
-        hi = torch.maximum(torch.log((1 / area).clamp(max=a.ratio[1])), lo)
-        aspect = torch.exp(lo + (hi - lo) * u[1])
-        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
-        centre_x, centre_y = (1 - w) * uniform(2, -1, 1), (1 - h) * uniform(3, -1, 1)
-        flip_x, flip_y = (torch.where(u[row] < p, -1.0, 1.0) for row, p in ((4, a.hflip), (5, a.vflip)))
+        tries = u[:2 * CROP_TRIES].view(CROP_TRIES, 2, -1)                   # [T, (area, aspect), n]
+        area = a.scale[0] + (a.scale[1] - a.scale[0]) * tries[:, 0]
+        log_lo, log_hi = math.log(a.ratio[0]), math.log(a.ratio[1])
+        w, h = resized_crop_size(area, torch.exp(log_lo + (log_hi - log_lo) * tries[:, 1]), a.ratio)
+        centre_x, centre_y = (1 - w) * uniform(CENTRE_X, -1, 1), (1 - h) * uniform(CENTRE_Y, -1, 1)
+        flip_x, flip_y = (torch.where(u[row] < p, -1.0, 1.0) for row, p in ((HFLIP, a.hflip), (VFLIP, a.vflip)))
         jitter = lambda row, x: uniform(row, max(0.0, 1 - x), 1 + x)  # noqa: E731
-        return AugmentParams(w, h, centre_x, centre_y, flip_x, flip_y, jitter(6, a.brightness),
-                             jitter(7, a.contrast), jitter(8, a.saturation))
+        order = jitter_order(u[JITTER_ORDER])
+        return AugmentParams(w, h, centre_x, centre_y, flip_x, flip_y, jitter(BRIGHTNESS, a.brightness),
+                             jitter(CONTRAST, a.contrast), jitter(SATURATION, a.saturation), order)
 
     def sample(self, n: int) -> AugmentParams:
         return self.params(self.draw(1, n)[0])
@@ -647,5 +685,5 @@ class SideInput:
             images = TF.resize(images, [work, work], antialias=True)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
         x = F.grid_sample(x, crop_grid(p, r).to(device), mode="bilinear", padding_mode="border", align_corners=False)
-        to = lambda t: t.to(device)  # noqa: E731
-        return colour_jitter(x, to(p.brightness), to(p.contrast), to(p.saturation))
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return colour_jitter(x, to(p.brightness), to(p.contrast), to(p.saturation), to(p.jitter_order))
