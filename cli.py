@@ -337,6 +337,8 @@ def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
                           + (f"; resuming after epoch {resumed}" if resumed is not None else ""), highlight=False)
             if resumed is not None:
                 progress.update(task, completed=resumed + 1)
+            for warning in info["warnings"]:
+                err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
 
         def batch(epoch: int, done: int, total: int):
             progress.update(batches, description=f"epoch {epoch + 1}", completed=done, total=total,

@@ -53,6 +53,17 @@ def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
                      reduction=cfg.reduction, method=cfg.method)
 
 
+def method_warnings(spec: ModelSpec, reader: StoreReader) -> list[str]:
+    """What makes this run differ from the paper's version of its method, said before it trains: the earlier FPT
+    has a side layer and a fusion module per LPM layer, so on a store of fewer layers it is a smaller FPT."""
+    depth = reader.attrs["backbone"]["depth"]
+    if spec.method == "fpt" and spec.layers < depth:
+        return [f"--method fpt on {spec.layers} of the LPM's {depth} layers: the paper's FPT has a side layer and a "
+                f"fusion module per LPM layer (Table 1: 1.81 % learnable); to compare with it, train on a store "
+                f"extracted with --layers 0-{depth - 1}"]
+    return []
+
+
 def store_identity(reader: StoreReader) -> dict[str, Any]:
     """What a checkpoint must agree with to be used on a store (and what ``fpt predict`` needs to redo it)."""
     return {"backbone": reader.attrs["backbone"]["name"],
@@ -307,7 +318,8 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | Non
             "device": str(device), "compiled": step.is_compiled, "cuda_graph": cuda_graph,
             "drop_last": drop_last(cfg),
             "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
-            "dataset_warnings": reader.attrs["dataset"].get("warnings", [])}   # recorded at extraction
+            "dataset_warnings": reader.attrs["dataset"].get("warnings", []),  # recorded at extraction
+            "warnings": method_warnings(spec, reader)}
     return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
                     dropout, steps_per_epoch, state, resume)
 
