@@ -59,7 +59,7 @@ def test_a_weights_file_fills_an_empty_model_without_a_random_init(tmp_path, mon
     real, built = timm.create_model, []
     monkeypatch.setattr(timm, "create_model", lambda *a, **kw: built.append(kw.get("device")) or real(*a, **kw))
     model, info = create_backbone(MICRO, 64, weights=tmp_path / "w.pth")
-    assert built == ["meta"]                                          # the skeleton only
+    assert built and set(built) == {"meta"}     # empty models only (the skeleton, the published count): no init
     assert model.state_dict().keys() == source.state_dict().keys()
     for name, tensor in source.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
