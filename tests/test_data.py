@@ -447,6 +447,14 @@ def test_colour_jitter_in_each_images_order_matches_torchvision_in_that_order():
             want = adjust[kind](want, float((b, c, s)[kind][i]))
         torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
     assert len({tuple(o) for o in order.tolist()}) == 6
+    two = jitter_order(torch.tensor([0.2, 0.7]), 2)                        # no saturation (the paper's): b, c
+    got = colour_jitter(x[:2], b[:2], c[:2], None, two)
+    for i, kinds in enumerate(two.tolist()):
+        want = x[i]
+        for kind in kinds:
+            want = adjust[kind](want, float((b, c)[kind][i]))
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    assert two.tolist() == [[0, 1], [1, 0]]
 
 
 def test_draws_are_per_image_seeded_and_in_range():

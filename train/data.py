@@ -549,7 +549,7 @@ class AugmentParams:
     brightness: torch.Tensor
     contrast: torch.Tensor
     saturation: torch.Tensor
-    jitter_order: torch.Tensor | None = None    # [B, 3] the adjustments' order (JITTER_ORDERS); None: b, c, s
+    jitter_order: torch.Tensor | None = None    # [B, n] the adjustments' order (jitter_order); None: b, c, s
 
     @classmethod
     def identity(cls, n: int) -> "AugmentParams":
@@ -587,10 +587,14 @@ def _blend(image: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> to
     return (f * image + (1 - f) * other).clamp(0, 1)
 
 
-def jitter_order(u: torch.Tensor) -> torch.Tensor:
-    """Uniform draws [B] -> each image's order [B, 3] of the three jitter adjustments (0 brightness, 1 contrast,
-    2 saturation), one of the six equally likely, as torchvision's ColorJitter draws one per image (by arithmetic
-    on the device, which a captured step can replay: k = 0..5 gives 012, 021, 102, 120, 201, 210)."""
+def jitter_order(u: torch.Tensor, kinds: int = 3) -> torch.Tensor:
+    """Uniform draws [B] -> each image's order [B, kinds] of the first ``kinds`` jitter adjustments (0 brightness,
+    1 contrast, 2 saturation), every order equally likely, as torchvision's ColorJitter draws one per image among
+    those it applies (by arithmetic on the device, which a captured step can replay: for 3, k = 0..5 gives 012,
+    021, 102, 120, 201, 210; for 2, 01 and 10)."""
+    if kinds == 2:
+        first = (u * 2).long().clamp(max=1)
+        return torch.stack([first, 1 - first], dim=1)
     k = (u * 6).long().clamp(max=5)
     first = k // 2
     low, high = (first == 0).long(), 2 - (first == 2).long()          # the other two, in increasing order
@@ -598,19 +602,27 @@ def jitter_order(u: torch.Tensor) -> torch.Tensor:
     return torch.stack([first, torch.where(swap, high, low), torch.where(swap, low, high)], dim=1)
 
 
+GREY = (0.2989, 0.587, 0.114)     # torchvision's rgb_to_grayscale weights
+
+
 def colour_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
-                  saturation: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+                  saturation: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """torchvision's brightness, contrast and saturation adjustments with a factor per image, for a batch, in
-    each image's ``order`` [B, 3] (0 brightness, 1 contrast, 2 saturation; None: that order for every image).
-    x float [B, 3, H, W] in [0, 1]; factors [B] -> [B, 3, H, W]. Each adjustment is a blend towards its own
-    target (black, the image's mean grey, its grey image), so one blend per step serves every image."""
+    each image's ``order`` [B, n] (0 brightness, 1 contrast, 2 saturation; None: that order for every image).
+    ``saturation`` None: not applied (the paper's jitter has none), n = 2. x float [B, 3, H, W] in [0, 1];
+    factors [B] -> [B, 3, H, W]. Each adjustment is a blend towards its own target (black, the image's mean grey,
+    its grey image), so one blend per step serves every image; the mean grey from the channel means."""
+    factors = torch.stack([brightness, contrast] + ([] if saturation is None else [saturation]), dim=1)  # [B, n]
+    n = factors.shape[1]
     if order is None:
-        order = torch.arange(3, device=x.device).expand(len(x), 3)
-    factors = torch.stack([brightness, contrast, saturation], dim=1)         # [B, 3]
-    for step in range(3):
+        order = torch.arange(n, device=x.device).expand(len(x), n)
+    for step in range(n):
         kind = order[:, step].view(-1, 1, 1, 1)
-        grey = TF.rgb_to_grayscale(x)                                         # [B, 1, H, W]
-        target = torch.where(kind == 2, grey, torch.where(kind == 1, grey.mean(dim=(-2, -1), keepdim=True), 0.0))
+        means = x.mean(dim=(-2, -1))                                                           # [B, 3]
+        mean_grey = sum(w * means[:, c] for c, w in enumerate(GREY)).view(-1, 1, 1, 1)        # [B, 1, 1, 1]
+        target = torch.where(kind == 1, mean_grey, 0.0)
+        if saturation is not None:
+            target = torch.where(kind == 2, TF.rgb_to_grayscale(x), target)                   # [B, 1, H, W]
         x = _blend(x, target, factors.gather(1, order[:, step:step + 1])[:, 0])
     return x
 
@@ -669,7 +681,7 @@ class SideInput:
         centre_x, centre_y = (1 - w) * uniform(CENTRE_X, -1, 1), (1 - h) * uniform(CENTRE_Y, -1, 1)
         flip_x, flip_y = (torch.where(u[row] < p, -1.0, 1.0) for row, p in ((HFLIP, a.hflip), (VFLIP, a.vflip)))
         jitter = lambda row, x: uniform(row, max(0.0, 1 - x), 1 + x)  # noqa: E731
-        order = jitter_order(u[JITTER_ORDER])
+        order = jitter_order(u[JITTER_ORDER], 3 if a.saturation else 2)
         return AugmentParams(w, h, centre_x, centre_y, flip_x, flip_y, jitter(BRIGHTNESS, a.brightness),
                              jitter(CONTRAST, a.contrast), jitter(SATURATION, a.saturation), order)
 
@@ -686,4 +698,5 @@ class SideInput:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images
         x = F.grid_sample(x, crop_grid(p, r).to(device), mode="bilinear", padding_mode="border", align_corners=False)
         to = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return colour_jitter(x, to(p.brightness), to(p.contrast), to(p.saturation), to(p.jitter_order))
+        saturation = to(p.saturation) if self.augment_cfg.saturation else None     # the paper's jitter: none
+        return colour_jitter(x, to(p.brightness), to(p.contrast), saturation, to(p.jitter_order))
