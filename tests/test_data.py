@@ -12,7 +12,7 @@ from fpt.config import AugmentConfig, train_config
 from fpt.store import SharedArrays, StoreReader
 from fpt.train import train
 from fpt.train.data import (AugmentParams, MemorySplit, SideInput, StreamSplit, colour_jitter, crop_grid, jitter_order,
-                             plan_cache)
+                             open_split, plan_cache)
 from tests.conftest import micro_config, write_image_folder
 
 CPU = torch.device("cpu")
@@ -318,6 +318,28 @@ def test_a_split_shared_as_tensor_handles_is_used_without_reading_the_store(stor
     short = {n: t[:3] for n, t in tensors.items()}
     assert MemorySplit(reader, "train", NAMES, CPU, on_device=True, tensors=short).shared is False
     assert len(read) == 1
+
+
+@pytest.mark.parametrize("mode, on_device", [("ram", False), ("gpu", True), ("none", False)])
+def test_shuffled_batches_keep_every_sample_with_its_own_label(store, mode, on_device):
+    """Each row of a shuffled batch is one train sample whole, its keys, values, image and label together (found by
+    its keys), and every sample comes once: RAM (host take), device (index_select; the CPU stands in) and
+    streamed windows alike."""
+    reader = StoreReader(store)
+    ref = reader.read(reader.split_indices("train"), NAMES)
+    keys = torch.as_tensor(ref["keys"]).flatten(1)
+    split = (MemorySplit(reader, "train", NAMES, CPU, on_device=True) if on_device
+             else open_split(reader, "train", NAMES, mode, CPU, 0))
+    seen = []
+    for batch in split.batches(3, shuffle=True, rng=np.random.default_rng(5)):
+        for i, row_keys in enumerate(batch["keys"].flatten(1)):
+            (row,) = torch.nonzero((keys == row_keys).all(dim=1))[:, 0].tolist()
+            assert int(batch["labels"][i]) == int(ref["labels"][row])
+            assert torch.equal(batch["values"][i], torch.as_tensor(ref["values"][row]))
+            assert torch.equal(batch["images"][i], torch.as_tensor(ref["images"][row]).permute(2, 0, 1))
+            seen.append(row)
+    assert sorted(seen) == list(range(len(keys))) and seen != sorted(seen)
+    assert len(set(ref["labels"].tolist())) == 2                      # both classes: a swapped label shows
 
 
 def test_cache_modes_train_to_the_same_evaluation(store, tmp_path):
