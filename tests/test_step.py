@@ -48,6 +48,59 @@ def test_compiled_step_gives_the_eager_losses():
         torch.testing.assert_close(compiled_weights[k], w, rtol=1e-3, atol=1e-4)
 
 
+def test_the_step_is_cross_entropy_clip_adamw_and_a_cosine_schedule_written_out():
+    """TrainStep against the step written out by hand from the paper's recipe, on the same model, batches and
+    augmentation draws: mean cross-entropy, gradients scaled to a total norm of at most the clip, AdamW (decoupled
+    weight decay, bias-corrected moments), the learning rate on a cosine from lr to 0 over the run's steps."""
+    from functools import partial
+
+    from fpt.train.data import SideInput
+    from fpt.train.model import seeded_model, use_generator
+    from fpt.train.step import CLIP_NORM, make_optimizer
+
+    lr, weight_decay, clip, beta1, beta2, eps = 1e-2, 0.1, 0.05, 0.9, 0.999, 1e-8
+    assert CLIP_NORM == 1.0                             # the paper's; a smaller one here, so that it acts
+
+    def model():
+        m = seeded_model(SMALL, 0)
+        use_generator(m, torch.Generator().manual_seed(0))          # the same dropout masks in both
+        return m
+
+    torch.manual_seed(0)
+    batches = [step_batch(SMALL, SHAPE, CPU) for _ in range(STEPS)]
+    draws = SideInput(SMALL.side_res, (0.5,) * 3, (0.25,) * 3, seed=0).draw(STEPS, SHAPE.batch_size)
+    ours = model()
+    optimizer, schedule = make_optimizer(ours, lr, weight_decay, STEPS, CPU)
+    step = TrainStep(ours, SideInput(SMALL.side_res, (0.5,) * 3, (0.25,) * 3), optimizer, schedule, clip_norm=clip)
+    losses = [float(step(b, draws[i])) for i, b in enumerate(batches)]
+
+    ref = model()
+    side_input, params = SideInput(SMALL.side_res, (0.5,) * 3, (0.25,) * 3), list(ref.parameters())
+    m, v, norms, ref_losses = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], [], []
+    for t, batch in enumerate(batches):
+        logits = ref.forward_batch(batch, partial(side_input, train=True, draws=draws[t]))
+        loss = -logits.log_softmax(-1)[torch.arange(len(logits)), batch["labels"]].mean()
+        for p in params:
+            p.grad = None
+        loss.backward()
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+        scale = min(1.0, clip / (float(norm) + 1e-6))
+        lr_t = lr * (1 + math.cos(math.pi * t / STEPS)) / 2
+        with torch.no_grad():
+            for p, m_i, v_i in zip(params, m, v):
+                g = p.grad * scale
+                m_i.mul_(beta1).add_((1 - beta1) * g)
+                v_i.mul_(beta2).add_((1 - beta2) * g * g)
+                p.mul_(1 - lr_t * weight_decay)
+                p.sub_(lr_t * (m_i / (1 - beta1 ** (t + 1))) / ((v_i / (1 - beta2 ** (t + 1))).sqrt() + eps))
+        ref_losses.append(float(loss.detach()))
+        norms.append(float(norm))
+    assert max(norms) > clip                            # the clip acted
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for (name, ours_p), ref_p in zip(ours.named_parameters(), params):
+        torch.testing.assert_close(ours_p, ref_p, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def steps_and_evaluation_without_recompiling(device: torch.device) -> TrainStep:
     """STEPS compiled steps, evaluation of a full and of a padded partial batch, one more step, with dynamo's
     ``error_on_recompile``: a recompile (a guard failing on state the first call changed) costs a whole
