@@ -405,6 +405,18 @@ def test_identity_draw_is_the_evaluation_resize():
     assert (same - resized).abs().mean() < 0.01                          # bilinear of the antialiased image
 
 
+def test_evaluation_input_is_torchvision_resize_then_normalize():
+    """The side network's evaluation (and prediction) input, against torchvision's own transforms: antialiased
+    resize of the uint8 image, scaled to [0, 1], normalised by the store's mean and std per channel."""
+    import torchvision.transforms.v2 as T
+
+    mean, std = (0.2, 0.5, 0.7), (0.1, 0.3, 0.25)
+    batch = images(4, res=32)
+    want = T.Compose([T.Resize([16, 16], antialias=True), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean, std)])(batch)
+    torch.testing.assert_close(SideInput(16, mean, std)(batch, train=False), want, rtol=1e-5, atol=1e-5)
+
+
 def test_flips_mirror_exactly():
     side = SideInput(16, (0.5,) * 3, (0.25,) * 3)
     x = images().float() / 255
