@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,31 @@ def test_cuda_kernel_failure_falls_back_to_torch_with_a_warning(monkeypatch):
         ours = token_importance(q, k, 0.25)
     torch.testing.assert_close(ours, token_importance(q, k, 0.25, backend="torch"))
     assert not selection._triton_state["usable"]
+
+
+def test_the_auto_backend_dispatches_and_falls_back_as_on_cuda(monkeypatch):
+    """The dispatch of the two CUDA tests above, on the CPU: where ``auto`` picks the kernel (made to, here), it
+    runs it; a kernel that fails gives one warning, the torch path's result, and the torch path from then on."""
+    calls = []
+    monkeypatch.setattr(selection, "uses_triton", lambda x, backend: backend == "auto")
+    monkeypatch.setattr(selection, "_triton_state", {"usable": True})
+    q, k = random_qk((1, 2, 65, 16), torch.float32, seed=9)
+    monkeypatch.setattr(selection, "_importance_triton", lambda *a: calls.append(1) or torch.zeros(1, 2, 65))
+    assert torch.equal(token_importance(q, k, 0.25), torch.zeros(1, 2, 65)) and calls == [1]
+
+    def broken(*_args):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(selection, "_importance_triton", broken)
+    monkeypatch.setattr(selection, "uses_triton", lambda x, backend: backend == "auto"
+                        and selection._triton_state["usable"])
+    with pytest.warns(RuntimeWarning, match="torch path"):
+        ours = token_importance(q, k, 0.25)
+    torch.testing.assert_close(ours, token_importance(q, k, 0.25, backend="torch"))
+    assert not selection._triton_state["usable"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # no second warning: the torch path now
+        torch.testing.assert_close(token_importance(q, k, 0.25), ours)
 
 
 # ---- the attention's own log-sum-exp (fpt.extract.attention_lse) ----

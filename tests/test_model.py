@@ -55,7 +55,10 @@ def test_one_out_projector_shared_by_all_layers():
 def test_side_only_has_no_fusion_and_ignores_kv():
     model = SideNetwork(ModelSpec(**{**SPEC.as_dict(), "prompts": 0})).eval()
     assert model.fusion is None
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    images = torch.randn(2, 3, 32, 32)
+    assert model(images).shape == (2, 4)
+    keys = torch.randn(2, SPEC.layers, SPEC.lpm_heads, 5, SPEC.head_dim)                 # [B, L, H, k, d]
+    torch.testing.assert_close(model(images, keys, 2 * keys), model(images))  # any K/V: the same logits
 
 
 @pytest.fixture(scope="module")
