@@ -181,7 +181,6 @@ def test_zarr_reads_abandoned_after_a_failed_chunk_are_not_reported_as_asyncio_n
     import logging
 
     assert logging.getLogger("asyncio").getEffectiveLevel() > logging.ERROR
-    assert cli.logging is logging
 
 
 def test_a_bad_scheduler_address_is_refused_before_a_store_is_made(tmp_path, image_folder):

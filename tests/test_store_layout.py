@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from fpt.store import SCHEMA_VERSION, StoreReader, as_dask
-from fpt.store.layout import ARRAY_NAMES, decode_ids, encode_ids
+from fpt.store.layout import ARRAY_NAMES, SAMPLE_ARRAYS, decode_ids, encode_ids
 from tests.helpers import GEOM, open_writer, shard_arrays
 
 
@@ -68,6 +68,7 @@ def test_plain_dask_from_zarr_with_the_shard_chunks_is_as_dask(tmp_path):
         assert plain.chunks == ours[name].chunks
         np.testing.assert_array_equal(plain.compute(), ours[name].compute())
     assert da.from_zarr(group["keys"]).chunks[0] == (3, 3, 1)         # zarr's default, the chunk: one shard file
+    assert all(ours[name].chunks[0] == (3, 3, 1) for name in (*SAMPLE_ARRAYS, "done"))    # one task per shard file
 
 
 def test_tensorstore_reads_every_array_as_zarr_python_does(micro_store):
