@@ -24,7 +24,8 @@ def test_cpu_peak_sees_a_short_lived_allocation():
 
 def test_one_step_measurement_on_cpu():
     shape = StepShape(batch_size=2, layers=2, heads=2, k=5, head_dim=16, image_res=32)
-    result = measure_training_step(SMALL, shape, torch.device("cpu"))
+    result = measure_training_step(SMALL, shape, torch.device("cpu"), steps=2)
+    assert len(result["losses"]) == 2 and all(0 < loss < 10 for loss in result["losses"])     # both steps ran
     assert result["kind"] == "cpu_peak_rss" and result["peak_mb"] >= result["baseline_mb"] > 0
     from fpt.train.model import build_model
 

@@ -144,15 +144,15 @@ def measure_training_step(spec: ModelSpec = PAPER_SPEC, shape: StepShape = StepS
         step = make_step(spec, device, compile, steps, seed)
         batch = step_batch(spec, shape, device)
         draws = step.side_input.draw(steps, shape.batch_size).to(device)
-        for i in range(steps):
-            step(batch, draws[i])
+        # each step's loss (a copy: a captured step's output tensor is rewritten by the next replay), read after
+        losses = [step(batch, draws[i]).clone() for i in range(steps)]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         captured = step.is_captured
         step.release()
     return {**mem.as_dict(), "added_mb": round(mem.peak_mb - mem.baseline_mb, 1), "device": str(device),
             "learnable": parameter_counts(step.model, 0)["learnable"], "compiled": step.is_compiled,
-            "captured": captured, "steps": steps,
+            "captured": captured, "steps": steps, "losses": [round(float(loss), 6) for loss in losses],
             "spec": spec.as_dict(), "shape": vars(shape)}
 
 
