@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from itertools import product
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
@@ -528,8 +529,8 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
            or (scaled and [float(f"{base.lr * s:.12g}") for s in scaled]) or [base.lr])
     weight_decays = (parse_grid(weight_decay, "weight-decay") or parse_grid(entry.get("weight_decay"), "weight-decay")
                      or [base.weight_decay])
-    for lr_, weight_decay_ in ((lr_, weight_decay_) for lr_ in lrs for weight_decay_ in weight_decays):
-        replace(base, lr=lr_, weight_decay=weight_decay_)     # TrainConfig's rules on each grid point, before any run
+    for grid_lr, grid_weight_decay in product(lrs, weight_decays):     # TrainConfig's rules, before any run
+        replace(base, lr=grid_lr, weight_decay=grid_weight_decay)
     seeds = seeds if seeds is not None else entry.get("seeds", 1)
     if seeds < 1:
         raise FptError(f"--seeds {seeds}: must be at least 1")

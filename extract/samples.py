@@ -82,11 +82,11 @@ def check_class_coverage(samples: Sequence[SampleRef], classes: Sequence[str], w
 
 
 def check_files_exist(paths: Sequence[str], root: Path, what: str) -> None:
-    folders = [p for p in paths if (root / p).is_dir()]
+    missing = [p for p in paths if not (root / p).is_file()]          # one look at each path
+    folders = [p for p in missing if (root / p).is_dir()]
     if folders:
         raise FptError(f"{what}: {len(folders)} of {len(paths)} paths are folders, not image files (relative to "
                        f"{root}), e.g. {', '.join(folders[:3])}")
-    missing = [p for p in paths if not (root / p).is_file()]
     if missing:
         raise FptError(f"{what}: {len(missing)} of {len(paths)} image files are missing (relative to {root}), "
                        f"e.g. {', '.join(missing[:3])}")

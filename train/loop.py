@@ -159,7 +159,7 @@ class RunState:
     samples: int = 0                # trained samples, all epochs
     seconds: float = 0.0            # training seconds, all epochs
     first_epoch: int = 0
-    diverged_epoch: int | None = None   # the epoch whose loss was not finite, which ended the run
+    diverged_epoch: int | None = None   # the epoch after which loss or weights were not finite: the run's end
 
 
 @dataclass

@@ -49,7 +49,7 @@ class RunMetrics:
     config: dict[str, Any]
     store: str
     run_dir: str
-    diverged_epoch: int | None = None   # the epoch whose loss was not finite, which ended training
+    diverged_epoch: int | None = None   # the epoch after which loss or weights were not finite: training's end
 
     def as_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))

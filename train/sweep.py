@@ -54,7 +54,6 @@ from fpt.train.plots import PicturePool, write_evaluation_plots, write_sweep_plo
 from fpt.train.step import step_captures, step_compiles, stream_of_its_own
 
 
-
 @dataclass
 class Run:
     stage: str            # "grid" or "seeds"
