@@ -318,11 +318,6 @@ def extract(
     run_extract(cfg, scheduler)
 
 
-def _train_cfg(store: Optional[str], pipelines: Optional[Path] = None, **options) -> fpt_config.TrainConfig:
-    fpt_config.check_prompts_given(options.get("method"), options.get("prompts"))
-    return fpt_config.train_config(store, fpt_config.store_dataset(store), pipelines, **options)
-
-
 def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
     from fpt.train import train
 
@@ -388,26 +383,19 @@ def train_cmd(
 ):
     """Train the side network with fine-grained prompts (or a baseline) from a store; best checkpoint by val AUC,
     then test. An interrupted run continues with --resume RUN (or the same command with the same --out)."""
+    options = dict(store=store, skip_corrupt=skip_corrupt or None, method=method, side_res=side_res, prompts=prompts,
+                   reduction=reduction, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                   seed=seed, out=out, augment=augment, drop_last=drop_last, pipelines=pipelines, device=device,
+                   cache=cache, cache_budget_mb=cache_budget_mb, workers=workers, ft_memory_mb=ft_memory_mb,
+                   compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds)
     if resume is not None:
         from fpt.train import resume_config
 
-        fixed = {"--store": store, "--skip-corrupt": skip_corrupt or None, "--method": method,
-                 "--side-res": side_res, "--prompts": prompts, "--reduction": reduction, "--epochs": epochs,
-                 "--batch-size": batch_size, "--lr": lr, "--weight-decay": weight_decay, "--seed": seed, "--out": out,
-                 "--augment": augment, "--drop-last/--keep-last": drop_last, "--pipelines": pipelines}
-        fpt_config.check_resume_options(resume, fixed)
-        cfg = resume_config(resume, device=device, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                            compile=compile, cuda_graph=cuda_graph, checkpoint_seconds=checkpoint_seconds,
-                            ft_memory_mb=ft_memory_mb)
+        cfg = resume_config(resume, **fpt_config.resume_options(resume, options))
     else:
-        cfg = _train_cfg(store, pipelines, out=out, side_res=side_res, prompts=prompts, reduction=reduction,
-                         epochs=epochs,
-                         batch_size=batch_size, lr=fpt_config.parse_number(lr, "lr"),
-                         weight_decay=fpt_config.parse_number(weight_decay, "weight-decay"), seed=seed, device=device,
-                         method=method, cache=cache, cache_budget_mb=cache_budget_mb, workers=workers,
-                         ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                         cuda_graph=cuda_graph, augment=augment, drop_last=drop_last,
-                         checkpoint_seconds=checkpoint_seconds)
+        numbers = {"lr": fpt_config.parse_number(lr, "lr"),
+                   "weight_decay": fpt_config.parse_number(weight_decay, "weight-decay")}
+        cfg = fpt_config.train_config_from_options(**{**options, **numbers})
     m = run_train(cfg)
     show_metrics([m])
     if m.diverged_epoch is not None and m.best_epoch < 0:
@@ -504,14 +492,12 @@ def sweep(
     mean ± std. Runs are dask tasks; re-running the same command resumes, skipping finished runs."""
     from fpt.train.sweep import run_sweep
 
-    fpt_config.check_prompts_given(method, prompts)
-    cfg = fpt_config.sweep_config(store, fpt_config.store_dataset(store), lr=lr, weight_decay=weight_decay, seeds=seeds,
-                                  scheduler=scheduler,
-                                  out=out, method=method, side_res=side_res, prompts=prompts, reduction=reduction,
-                                  epochs=epochs, batch_size=batch_size, seed=seed, device=device, cache=cache,
-                                  ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
-                                  cuda_graph=cuda_graph, runs_per_gpu=runs_per_gpu, runs_in=runs_in,
-                                  augment=augment, drop_last=drop_last, pipelines=pipelines)
+    cfg = fpt_config.sweep_config_from_options(
+        store, lr=lr, weight_decay=weight_decay, seeds=seeds, scheduler=scheduler, out=out, method=method,
+        side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs, batch_size=batch_size, seed=seed,
+        device=device, cache=cache, ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
+        cuda_graph=cuda_graph, runs_per_gpu=runs_per_gpu, runs_in=runs_in, augment=augment, drop_last=drop_last,
+        pipelines=pipelines)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 
@@ -777,8 +763,8 @@ def demo(out_dir: Path = typer.Option(Path("fpt-demo"), help="Where the demo sto
     runs = []
     for name, prompts in (("fpt+", None), ("side-only", 0)):
         console.rule(f"train {name}")
-        cfg = _train_cfg(store, out=out_dir / "runs" / f"{name}-{stamp}", prompts=prompts, epochs=epochs,
-                         device=device)
+        cfg = fpt_config.train_config_from_options(store, out=out_dir / "runs" / f"{name}-{stamp}", prompts=prompts,
+                                                   epochs=epochs, device=device)
         runs.append(run_train(cfg))
     show_metrics(runs)
     console.print(f"store: [bold]{store}[/]  (try `fpt inspect {store}`)")

@@ -136,8 +136,8 @@ class ExtractConfig:
     seed: int = 0
     samples_per_shard: int | None = None   # None = chosen from the sample size
     query_block: int = 256                 # queries per block in the importance computation
-    workers: int | None = None             # image-decoding DataLoader workers (None: 0 on CPU, up to 8 on CUDA)
-    write_threads: int | None = None       # shards encoded + written at once (None: 1 on CPU, 2-8 on CUDA)
+    workers: int | None = None             # decode workers (DataLoader; None: 0 on CPU, one per core up to 16 on CUDA)
+    write_threads: int | None = None       # shards written at once (None: 1 on CPU, one per core, 2 to 16, on CUDA)
     writers: str = "auto"                  # who writes them: "threads", "processes" (auto: processes on CUDA)
     precision: str = "auto"                # the LPM's autocast: bf16, fp16, fp32 (auto: fp16 on CUDA, fp32 on CPU)
     codec: str = DEFAULT_CODEC             # chunk compression of a new store, one of fpt.store.CODECS
@@ -162,13 +162,34 @@ def store_dataset(store: str | None) -> str:
     return StoreReader(store).attrs["dataset"]["name"]
 
 
-def check_resume_options(run: str | Path, fixed: dict[str, Any]) -> None:
-    """``fpt train --resume RUN`` continues RUN with its own settings: the options that would change its results
-    (``fixed``: option name -> value, None when not given) are refused by name; runtime ones are not in it."""
-    given = [name for name, value in fixed.items() if value is not None]
-    if given:
-        raise FptError(f"--resume continues {run} with its own settings: drop {', '.join(given)} (a run with other "
+# TrainConfig fields that do not change what a run computes (a resumed or re-used run may differ in these)
+RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "corrupt",
+                  "compile", "cuda_graph", "checkpoint_seconds")
+
+
+def resume_options(run: str | Path, options: dict[str, Any]) -> dict[str, Any]:
+    """``fpt train --resume RUN`` continues RUN with its own settings. ``options``: the command's options by
+    field name, None when not given. Those that would change its results are refused by their flag, and so is
+    ``out`` (RUN is the run's folder); the runtime ones given are returned."""
+    fixed = [k for k, v in options.items() if v is not None and (k == "out" or k not in RUNTIME_FIELDS)]
+    if fixed:
+        flags = ("--drop-last/--keep-last" if k == "drop_last" else "--" + k.replace("_", "-") for k in fixed)
+        raise FptError(f"--resume continues {run} with its own settings: drop {', '.join(flags)} (a run with other "
                        "settings is a new run: --out)")
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def train_config_from_options(store: str | None, pipelines: Path | str | None = None,
+                              **options: Any) -> TrainConfig:
+    """``fpt train``'s options (None where not given) -> its TrainConfig, configured by the store's dataset."""
+    check_prompts_given(options.get("method"), options.get("prompts"))
+    return train_config(store, store_dataset(store), pipelines, **options)
+
+
+def sweep_config_from_options(store: str | None, **options: Any) -> SweepConfig:
+    """``fpt sweep``'s options (None where not given) -> its SweepConfig, configured by the store's dataset."""
+    check_prompts_given(options.get("method"), options.get("prompts"))
+    return sweep_config(store, store_dataset(store), **options)
 
 
 def check_prompts_given(method: str | None, prompts: int | None) -> None:

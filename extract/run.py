@@ -267,10 +267,11 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     outputs are copied back into the shard's page-locked host buffers (``ShardBuffer``: with writer processes,
     the hand-over file the writer process reads); a finished shard is encoded and written by writer threads
     (``cfg.write_threads``, each handing it to a writer process on CUDA) while the next one is computed. At most
-    ``write_threads`` shards wait for writing, so host memory stays below (write_threads + 1) x the shard size. A
-    batch that does not fit on the GPU is split in halves until it does. ``waits`` (a ``LoopWaits``) gets where
-    the loop waited, ``clock`` (a ``ShardClock``) when each shard was copied and written. On CUDA the decode
-    workers and writer processes run at a lower CPU priority than this process (``helper_niceness``).
+    ``write_threads`` shards wait for writing, so host memory stays below (write_threads + ``shards_filling``) x
+    the shard size. A batch that does not fit on the GPU is split in halves until it does. ``waits`` (a
+    ``LoopWaits``) gets where the loop waited, ``clock`` (a ``ShardClock``) when each shard was copied and
+    written. On CUDA the decode workers and writer processes run at a lower CPU priority than this process
+    (``helper_niceness``).
     """
     waits = waits or LoopWaits()
     device = resolve_device(cfg.device)

@@ -378,7 +378,7 @@ def open_shared(path: str, spec: Spec, memory: np.ndarray | None = None) -> dict
 def _mapped(path: str, inode: int, size: int) -> np.memmap:
     # A writer process maps each slot once: mapping it again per shard would fault its pages in again. Keyed by
     # inode and size too, so a new file under a reused name is never read through an old mapping. Room for every
-    # slot of an extraction (at most its writers + 1, and fpt extract starts at most 16 writers).
+    # slot of an extraction (its writers, at most 16, + the shards one batch fills, a few).
     return np.memmap(path, np.uint8, "r")
 
 

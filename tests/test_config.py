@@ -1,8 +1,11 @@
 """Config merge: defaults <- pipeline entry <- CLI options."""
+from dataclasses import fields
+
 import pytest
 
 from fpt import FptError
-from fpt.config import extract_config, parse_floats, parse_layers, pipeline_entry, sweep_config, train_config
+from fpt.config import (RUNTIME_FIELDS, TrainConfig, extract_config, parse_floats, parse_layers, pipeline_entry,
+                        resume_options, sweep_config, train_config)
 
 
 def test_parse_layers():
@@ -181,3 +184,16 @@ def test_prompts_given_with_a_method_without_prompts_are_refused_on_the_command_
         fails_cleanly([command, "--store", str(micro_store), "--method", method, "--prompts", "8"],
                       f"--method {method} has no prompts: drop --prompts 8")
     assert train_config(micro_store, None, method="side-only", prompts=3).prompts == 0
+
+
+def test_resume_keeps_only_options_that_do_not_change_the_results():
+    """--resume RUN: every TrainConfig field outside RUNTIME_FIELDS (and --out: RUN is the folder) is refused by
+    its flag; the runtime options given pass through, those not given stay out."""
+    for name in (f.name for f in fields(TrainConfig)):
+        value = False if name == "drop_last" else 1
+        flag = "--drop-last/--keep-last" if name == "drop_last" else "--" + name.replace("_", "-")
+        if name in RUNTIME_FIELDS and name != "out":
+            assert resume_options("run", {name: value, "seed": None}) == {name: value}
+        else:
+            with pytest.raises(FptError, match=f"drop {flag} \\(a run with other settings"):
+                resume_options("run", {name: value, "device": "cpu"})

@@ -653,7 +653,7 @@ class SideInput:
         """``draws`` [DRAWS, B] (``draw``), on the images' device: the training augmentation's random numbers;
         drawn here from the generator when not given."""
         if train:
-            x = self.augment(images, self.params(self.draw(1, len(images))[0] if draws is None else draws))
+            x = self.augment(images, self.sample(len(images)) if draws is None else self.params(draws))
         else:
             x = images
             if x.shape[-1] != self.side_res or x.shape[-2] != self.side_res:
@@ -686,6 +686,7 @@ class SideInput:
                              jitter(CONTRAST, a.contrast), jitter(SATURATION, a.saturation), order)
 
     def sample(self, n: int) -> AugmentParams:
+        """One batch's augmentation for ``n`` images, drawn from the generator."""
         return self.params(self.draw(1, n)[0])
 
     def augment(self, images: torch.Tensor, p: AugmentParams) -> torch.Tensor:

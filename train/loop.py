@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fpt import FptError, helper_process_died
-from fpt.config import TrainConfig, resolve_device
+from fpt.config import RUNTIME_FIELDS, TrainConfig, resolve_device
 from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
 from fpt.train.files import CheckpointWriter, TensorCopies, atomic_write_text, copy_tensors, read_checkpoint
@@ -34,9 +34,6 @@ from fpt.train.plots import write_evaluation_plots
 from fpt.train.results import Evaluation, RunMetrics, Throughput, jsonable, validation_score
 from fpt.train.step import TrainStep, make_optimizer, step_captures, step_compiles
 
-# config fields that do not change what a run computes (a resumed or re-used run may differ in these)
-RUNTIME_FIELDS = ("out", "device", "cache", "cache_budget_mb", "workers", "ft_memory_mb", "corrupt",
-                  "compile", "cuda_graph", "checkpoint_seconds")
 
 
 def model_spec(reader: StoreReader, cfg: TrainConfig) -> ModelSpec:
@@ -180,7 +177,6 @@ class Training:
     dropout: torch.Generator            # the model's dropout masks (on its device)
     steps_per_epoch: int
     state: RunState
-    resume: dict | None
 
 
 def train(cfg: TrainConfig, on_epoch: Callable[[dict], None] | None = None,
@@ -274,8 +270,8 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | Non
     reader.require_complete()
     spec = model_spec(reader, cfg)
     device = resolve_device(cfg.device)
-    compile = step_compiles(getattr(cfg, "compile", None))
-    cuda_graph = step_captures(getattr(cfg, "cuda_graph", None), device)        # before anything is written
+    compile = step_compiles(cfg.compile)
+    cuda_graph = step_captures(cfg.cuda_graph, device)        # before anything is written
     out = out or run_folder(cfg)
     if (out / "metrics.json").exists():
         raise FptError(f"{out} already holds a finished run; choose another --out")
@@ -287,7 +283,7 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | Non
                       shared_on_device=bool(shared) and all(s.on(device) for s in shared.values()))
     corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt, known=cfg.corrupt)
     n_train = len(reader.split_indices("train"))
-    steps_per_epoch = batch_count(n_train, cfg.batch_size, drop_last(cfg))
+    steps_per_epoch = batch_count(n_train, cfg.batch_size, cfg.drop_last)
     if steps_per_epoch == 0:
         raise FptError(f"the train split ({n_train} samples) is smaller than one batch of {cfg.batch_size} "
                        "and the last partial batch is dropped (drop_last); lower --batch-size")
@@ -316,16 +312,12 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | Non
     cache = {**plan.as_dict(), "shared": getattr(train_data, "shared", False)}    # MemorySplit: from ``shared``
     info = {"method": spec.method, "cache": cache, "train": len(train_data), "val": len(val_data),
             "device": str(device), "compiled": step.is_compiled, "cuda_graph": cuda_graph,
-            "drop_last": drop_last(cfg),
+            "drop_last": cfg.drop_last,
             "resumed_from_epoch": resume["epoch"] if resume else None, "corrupt_skipped": corrupt,
             "dataset_warnings": reader.attrs["dataset"].get("warnings", []),  # recorded at extraction
             "warnings": method_warnings(spec, reader)}
     return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
-                    dropout, steps_per_epoch, state, resume)
-
-
-def drop_last(cfg: TrainConfig) -> bool:
-    return getattr(cfg, "drop_last", True)
+                    dropout, steps_per_epoch, state)
 
 
 def train_epoch(run: Training, epoch: int,
@@ -338,7 +330,7 @@ def train_epoch(run: Training, epoch: int,
     # the epoch's augmentation draws, made on the host and copied to the device in one piece
     draws = run.side_input.draw(run.steps_per_epoch, cfg.batch_size).to(run.device)
     loss_sum, samples = torch.zeros((), device=run.device), 0
-    batches = run.train_data.batches(cfg.batch_size, shuffle=True, rng=run.rng, drop_last=drop_last(cfg),
+    batches = run.train_data.batches(cfg.batch_size, shuffle=True, rng=run.rng, drop_last=cfg.drop_last,
                                      reuse=True)
     for i, b in enumerate(batches):
         n = len(b["labels"])
