@@ -221,13 +221,13 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None):
+def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None, pipelines: Path | None = None):
     from fpt.extract import extract
 
     if cfg.random_init:
         err.print(f"[bold yellow]WARNING: {cfg.backbone} is randomly initialised (--random-init): the store will "
                   "carry no pre-trained knowledge. This is recorded in the store.[/]")
-    for warning in fpt_config.low_res_warnings(cfg):
+    for warning in fpt_config.low_res_warnings(cfg, pipelines):
         err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
     weights = ("random init" if cfg.random_init else f"weights {cfg.weights.name}" if cfg.weights
                else "timm pretrained weights, downloaded unless cached")
@@ -315,7 +315,7 @@ def extract(
         mean=fpt_config.parse_normalization(mean, "mean"), std=fpt_config.parse_normalization(std, "std"),
         workers=workers, write_threads=write_threads, writers=writers, precision=precision, codec=codec,
         direct_io=direct_io, on_error=on_error, j2k_decode=j2k_decode, overwrite=overwrite or None)
-    run_extract(cfg, scheduler)
+    run_extract(cfg, scheduler, pipelines)
 
 
 def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:

@@ -635,12 +635,11 @@ def parse_number(text: str | None, what: str) -> float | None:
         raise FptError(f"--{what} {text!r}: expected a number, e.g. 1e-3") from None
 
 
-def low_res_warnings(cfg: ExtractConfig) -> list[str]:
+def low_res_warnings(cfg: ExtractConfig, pipelines: Path | str | None = None) -> list[str]:
     """Why the stored low-res copy (``--image-res``) may not serve training as the user expects: larger than the
     LPM input (it is then upsampled and holds no more detail), or smaller than the side network's default input
-    (training then needs a smaller ``--side-res``)."""
-    pipelines = load_pipelines()
-    side = pipeline_entry(cfg.name if cfg.name in pipelines["pipelines"] else None, pipelines)["train"]["side_res"]
+    in ``pipelines`` (the ``--pipelines`` file; training then needs a smaller ``--side-res``)."""
+    side = _entry_for_store(cfg.name, pipelines)["train"]["side_res"]
     warnings = []
     if cfg.image_res > cfg.res:
         warnings.append(f"--image-res {cfg.image_res} is larger than --res {cfg.res}: the low-res copy is upsampled "

@@ -97,6 +97,22 @@ def test_low_res_copy_warnings(image_folder, tmp_path):
     assert "WARNING: --image-res 96 is larger than --res 64" in " ".join(result.output.split())
 
 
+def test_low_res_copy_is_measured_against_the_side_input_of_the_given_pipelines_file(image_folder, tmp_path):
+    """A --pipelines file that raises the side network's input makes a copy that fits the packaged one too small."""
+    side = pipeline_entry(None)["train"]["side_res"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"defaults:\n  train: {{side_res: {side * 2}}}\n")
+    cfg = extract_config(None, image_folder, mine, backbone=MICRO, random_init=True, res=side * 4, image_res=side)
+    assert low_res_warnings(cfg) == []
+    (small,) = low_res_warnings(cfg, mine)
+    assert f"default input ({side * 2} px)" in small
+    result = runner.invoke(app, ["extract", "--data", str(image_folder), "--backbone", MICRO, "--random-init",
+                                 "--res", "64", "--image-res", "32", "--device", "cpu", "--pipelines", str(mine),
+                                 "--out", str(tmp_path / "s.zarr")])
+    assert result.exit_code == 0, result.output
+    assert f"side network's default input ({side * 2} px)" in " ".join(result.output.split())
+
+
 def test_training_reports_every_batch(micro_store, tmp_path):
     from fpt.config import train_config
     from fpt.train import train
