@@ -91,30 +91,31 @@ def default_layers(depth: int) -> list[int]:
 
 
 # One LPM and one source listing per process, reused by every shard task that lands on it.
-_PROCESS_CACHE: dict[tuple, object] = {}
+_LPM: dict[tuple, tuple[FrozenLPM, BackboneInfo]] = {}     # one LPM, under its given and its resolved layers
+_SOURCES: dict[tuple, ImageSource] = {}
 
 
 def load_lpm(cfg: ExtractConfig, device: torch.device) -> tuple[FrozenLPM, BackboneInfo]:
+    """The frozen LPM ``cfg`` describes, on ``device``: built once per process (another one replaces it)."""
     def key(layers) -> tuple:
-        return ("lpm", cfg.backbone, cfg.res, str(cfg.weights), cfg.random_init, tuple(layers or ()),
-                cfg.token_ratio, cfg.importance, cfg.query_block, str(device))
+        return (cfg.backbone, cfg.res, str(cfg.weights), cfg.random_init, tuple(layers or ()), cfg.token_ratio,
+                cfg.importance, cfg.query_block, str(device))
 
-    if key(cfg.layers) not in _PROCESS_CACHE:
-        for old in [k for k in _PROCESS_CACHE if k[0] == "lpm"]:          # one LPM per process
-            del _PROCESS_CACHE[old]
+    if key(cfg.layers) not in _LPM:
+        _LPM.clear()
         model, info = create_backbone(cfg.backbone, cfg.res, cfg.weights, cfg.random_init, cfg.layers)
         layers = cfg.layers or default_layers(info.depth)
         entry = (FrozenLPM(model, layers, cfg.token_ratio, cfg.importance, cfg.query_block).to(device), info)
         # found again under the resolved layers too: extract() passes them on to the shard loop
-        _PROCESS_CACHE[key(cfg.layers)] = _PROCESS_CACHE[key(layers)] = entry
-    return _PROCESS_CACHE[key(cfg.layers)]
+        _LPM[key(cfg.layers)] = _LPM[key(layers)] = entry
+    return _LPM[key(cfg.layers)]
 
 
 def load_source(cfg: ExtractConfig) -> ImageSource:
-    key = ("source", cfg.source, str(cfg.data), cfg.res, cfg.seed, tuple(cfg.classes or ()), cfg.j2k_decode)
-    if key not in _PROCESS_CACHE:
-        _PROCESS_CACHE[key] = open_source(cfg)
-    return _PROCESS_CACHE[key]
+    key = (cfg.source, str(cfg.data), cfg.res, cfg.seed, tuple(cfg.classes or ()), cfg.j2k_decode)
+    if key not in _SOURCES:
+        _SOURCES[key] = open_source(cfg)
+    return _SOURCES[key]
 
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str | None = None,
@@ -160,12 +161,12 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
             overwrite=cfg.overwrite, codec=cfg.codec, direct_io=cfg.direct_io)
         with writer.replacing():            # --overwrite: the store it replaces goes once this one is complete
             pending = writer.pending_shards()
-            write_threads = cfg.write_threads or default_write_threads(device)
+            host = host_defaults(cfg, device)         # what the loop runs with (here, or in each dask worker)
             writers = writers_kind(cfg, device) if scheduler is None else "threads"
             # shards waiting for their writer + those being filled (per process on dask); with writer processes they
             # are filled in their hand-over files (unless the driver refuses to page-lock those: see ShardWriterPool)
             g = writer.geometry
-            buffers = write_threads + shards_filling(cfg.batch_size or default_batch_size(device), g.samples_per_shard)
+            buffers = host.write_threads + shards_filling(host.batch_size, g.samples_per_shard)
             host_buffer_mb = buffers * g.samples_per_shard * g.bytes_per_sample() / 2**20
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -211,9 +212,9 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
                     "waited_for_device_s": result.waited_for_device_s and round(result.waited_for_device_s, 3),
                     "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
                     "limited_by": (result.limit() or (None,))[0],
-                    "device": str(device), "scheduler": scheduler, "batch_size": cfg.batch_size,
+                    "device": str(device), "scheduler": scheduler, "batch_size": host.batch_size,
                     "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
-                    "write_threads": write_threads, "precision": cfg.precision,
+                    "write_threads": host.write_threads, "precision": cfg.precision,
                     "writers": writers, "direct_io": cfg.direct_io, "host_buffer_limit_mb": round(host_buffer_mb, 1),
                     "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
             return result
@@ -275,14 +276,14 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
     """
     waits = waits or LoopWaits()
     device = resolve_device(cfg.device)
+    cfg = host_defaults(cfg, device)
     lpm, _ = load_lpm(cfg, device)
     source = load_source(cfg)
     writer = StoreWriter.reopen(cfg.out, cfg.direct_io)
     geometry = writer.geometry
-    batch_size = cfg.batch_size or default_batch_size(device)
+    batch_size, workers = cfg.batch_size, cfg.workers
     batches = shard_batches(geometry, shards, batch_size)
     refs = [source.samples[i] for batch in batches for part in batch for i in part.indices]
-    workers = cfg.workers if cfg.workers is not None else default_workers(device)
     offsets = np.cumsum([0] + [sum(len(part.indices) for part in b) for b in batches])
     total, skipped = len(refs), []
     niceness = helper_niceness(device)          # the decode workers' and writer processes' lower CPU priority
@@ -299,7 +300,7 @@ def extract_shards(cfg: ExtractConfig, shards: list[int], progress: Progress | N
         # one starts would leave a dead fork server unnoticed (see ShardWriterPool)
         decoded = iter(loader)
         waits.mark("decode_workers_forked")
-        with ShardWriterPool(writer, cfg.write_threads or default_write_threads(device), progress, total,
+        with ShardWriterPool(writer, cfg.write_threads, progress, total,
                              writers_kind(cfg, device) == "processes", waits, pinned=device.type == "cuda",
                              clock=clock, shards=len(shards), niceness=niceness,
                              filling=shards_filling(batch_size, geometry.samples_per_shard)) as pool:
@@ -407,6 +408,13 @@ def shard_batches(geometry: Geometry, shards: list[int], batch_size: int) -> lis
             parts.append(BatchPart(shard, indices, indices[-1] == geometry.shard_range(shard).stop - 1))
         batches.append(parts)
     return batches
+
+
+def host_defaults(cfg: ExtractConfig, device: torch.device) -> ExtractConfig:
+    """``cfg`` with the batch size, decode workers and write threads not given chosen for ``device``."""
+    return replace(cfg, batch_size=cfg.batch_size or default_batch_size(device),
+                   workers=cfg.workers if cfg.workers is not None else default_workers(device),
+                   write_threads=cfg.write_threads or default_write_threads(device))
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -117,7 +117,7 @@ def test_one_extraction_builds_the_lpm_once(tmp_path, image_folder, monkeypatch)
     built = []
     real = run.create_backbone
     monkeypatch.setattr(run, "create_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
-    monkeypatch.setattr(run, "_PROCESS_CACHE", {})
+    monkeypatch.setattr(run, "_LPM", {})
     extract(micro_config(image_folder, tmp_path / "s.zarr"))
     assert len(built) == 1          # not again for the shard loop, which sees the resolved layers
 
@@ -734,6 +734,19 @@ def test_the_runs_start_and_end_stages_are_timed_in_order(tmp_path, image_folder
     assert 0 < moments["decode_workers_forked"] < result.first_batch_seconds
     assert list(moments.values()) == sorted(moments.values()) and moments["writers_done"] <= result.seconds
     assert moments["shards_written"] >= result.last_shard_seconds
+
+
+def test_the_run_records_the_batch_size_and_writers_it_chose(tmp_path, image_folder):
+    """Options left to their defaults are recorded as the values the loop ran with, not as None."""
+    from fpt.extract.run import default_batch_size, default_write_threads
+
+    extract(micro_config(image_folder, tmp_path / "s.zarr", batch_size=None, write_threads=None))
+    run, g = StoreReader(tmp_path / "s.zarr").attrs["last_run"], StoreReader(tmp_path / "s.zarr").geometry
+    cpu = torch.device("cpu")
+    assert (run["batch_size"], run["write_threads"]) == (default_batch_size(cpu), default_write_threads(cpu))
+    filling = (run["batch_size"] - 1) // g.samples_per_shard + 2
+    assert run["host_buffer_limit_mb"] == round((run["write_threads"] + filling) * g.samples_per_shard
+                                                * g.bytes_per_sample() / 2**20, 1)
 
 
 def test_the_steady_rate_counts_from_the_first_finished_shard(tmp_path, image_folder):

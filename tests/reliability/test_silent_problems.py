@@ -164,7 +164,7 @@ def test_refusal_names_the_changed_setting_before_loading_the_lpm(micro_store, i
     source = open_source(full)
     check_same_extraction(micro_store, extract_run.settings_attrs(full, source, []), [s.id for s in source.samples])
     (image_folder / "train" / "benign" / "000.png").rename(image_folder / "train" / "benign" / "100.png")
-    extract_run._PROCESS_CACHE.clear()                         # forget the listing of the unchanged folder
+    extract_run._SOURCES.clear()                         # forget the listing of the unchanged folder
     with pytest.raises(FptError, match="sample ids differ"):
         extract(micro_config(image_folder, micro_store))
 
