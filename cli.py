@@ -652,17 +652,11 @@ def _last_run_line(run: dict) -> str:
             f"images/s{steady}{limit})")
 
 
-def _codec_chain(array: dict) -> list[str]:
-    """An array's codecs inside its shards, without the plain ``bytes`` serialiser."""
-    chain = "+".join(array["codecs"]).removeprefix("shard(").removesuffix(")").split("+")
-    return [c for c in chain if c != "bytes"]
-
-
 def _kv_codecs(arrays: list[dict], name: str | None) -> str:
     """The K/V's codecs with their settings (what decides the store's size and write speed), after the --codec
     ``name`` the store was created with (stores from before it was recorded have none)."""
     keys = next((a for a in arrays if a["name"] == "keys"), None)
-    chain = " + ".join(_codec_chain(keys)) if keys else "unreadable"
+    chain = " + ".join(c for c in keys["codecs"] if c != "bytes") if keys else "unreadable"
     return f"--codec {name}: {chain}" if name else chain
 
 
@@ -676,7 +670,7 @@ def arrays_table(arrays: list[dict]) -> Table:
         table.add_column(col, no_wrap=col != "codecs", overflow="fold",
                          justify="right" if col in ("raw", "disk") else "left")
     for r in sorted(arrays, key=lambda r: r["name"]):
-        codecs = [c.split("(")[0] for c in _codec_chain(r)]
+        codecs = [c for c in r["codec_names"] if c != "bytes"]
         table.add_row(r["name"], "×".join(map(str, r["shape"])), r["dtype"].replace("StringDType()", "string"),
                       f"{r['chunks'][0]}/{r['shards'][0] if r['shards'] else '-'}", " ".join(codecs),
                       _bytes(r["raw_bytes"]) if r["raw_bytes"] else "-", _bytes(r["disk_bytes"]))

@@ -261,12 +261,14 @@ def _codec_name(codec: dict[str, Any]) -> str:
 
 
 def _describe(path: StoreLocation, name: str, arr: zarr.Array) -> dict[str, Any]:
+    """One array's row of ``summarize``. ``codecs``: each chunk's codecs with their settings, inside the shard
+    file for a sharded array (``shards`` not None); ``codec_names``: the same without settings."""
     codecs = arr.metadata.to_dict()["codecs"]
-    names = [_codec_name(c) for c in codecs]
-    if names == ["sharding_indexed"]:
-        names = ["shard(" + "+".join(_codec_name(c) for c in codecs[0]["configuration"]["codecs"]) + ")"]
+    if [c.get("name") for c in codecs] == ["sharding_indexed"]:
+        codecs = codecs[0]["configuration"]["codecs"]
     return {"name": name, "shape": tuple(arr.shape), "dtype": str(arr.dtype), "chunks": tuple(arr.chunks),
-            "shards": tuple(arr.shards) if arr.shards else None, "codecs": names,
+            "shards": tuple(arr.shards) if arr.shards else None, "codecs": [_codec_name(c) for c in codecs],
+            "codec_names": [c.get("name") for c in codecs],
             "raw_bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize,
             "disk_bytes": path.size(name)}
 

@@ -175,6 +175,7 @@ def test_dask_view_and_summary(tmp_path):
     assert s["done"] == 7 and s["disk_bytes"] > 0
     keys = next(a for a in s["arrays"] if a["name"] == "keys")
     assert keys["codecs"] == ["bytes", "blosc(zstd-1,shuffle,512k)", "crc32c"] and keys["shards"] is None
+    assert keys["codec_names"] == ["bytes", "blosc", "crc32c"]
 
 
 def test_every_per_sample_array_has_one_chunk_per_shard(tmp_path):
