@@ -11,6 +11,7 @@ from fpt.config import train_config
 from fpt.store import StoreReader
 from fpt.train import (FptFusionModule, LinearProbe, ModelSpec, SideNetwork, build_model, evaluate_checkpoint, pme,
                        ppe, train)
+from fpt.train.metrics import efficiency
 from fpt.train.model import FusionModule, prompt_attention
 from tests.conftest import micro_config, write_image_folder
 from tests.helpers import tiny_train
@@ -40,6 +41,17 @@ def test_ppe_and_pme_are_the_formulas():
     assert ppe(0.7, 0) == 0.7 and pme(0.7, 0, 100) == 0.7
     with pytest.raises(ValueError):
         pme(0.7, 10, 0)
+
+
+def test_a_results_efficiency_has_pme_only_with_its_own_memory_and_a_reference():
+    """What a run and a sweep report: PPE of the score; PME when both memories are known (a sweep's mean)."""
+    e = efficiency(0.8, "mean test AUC", 1.5, 300.0, 2000.0)
+    assert e == {"score": "mean test AUC", "ppe": ppe(0.8, 1.5), "pme": pme(0.8, 300.0, 2000.0),
+                 "ft_memory_mb": 2000.0}
+    assert efficiency(0.8, "test_auc", 1.5, None, 2000.0)["pme"] is None           # runs shared one process
+    assert efficiency(0.8, "test_auc", 1.5, 300.0, None)["pme"] is None            # no full fine-tuning figure
+    assert efficiency(None, "test_auc", 1.5, 300.0, 2000.0) == {"score": "test_auc", "ppe": None, "pme": None,
+                                                                "ft_memory_mb": 2000.0}
 
 
 # --- the models ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from fpt.store import StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
 from fpt.train.files import CheckpointWriter, TensorCopies, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
-from fpt.train.metrics import METRIC_NAMES, classification_metrics, pme, ppe
+from fpt.train.metrics import METRIC_NAMES, classification_metrics, efficiency
 from fpt.train.model import (LinearProbe, ModelSpec, SideNetwork, build_model, lpm_parameters, parameter_counts,
                              seeded_model, use_generator)
 from fpt.train.plots import write_evaluation_plots
@@ -434,7 +434,8 @@ def finish(run: Training, memory: PeakMemory, session: list[tuple[int, float]],
     metrics = RunMetrics(
         method=run.spec.method, best_epoch=state.best.epoch, best_reason=state.best.reason, val=state.best.val,
         test=test, params=params,
-        efficiency=efficiency(test, params, None if memory.shared else peak_mb, cfg.ft_memory_mb),
+        efficiency=efficiency(test["auc"], "test_auc", params["ratio_percent"], None if memory.shared else peak_mb,
+                              cfg.ft_memory_mb),
         throughput=Throughput(
             train_samples_per_s=round(state.samples / state.seconds, 2) if state.seconds else None,
             steady_train_samples_per_s=round(steady_samples / steady_seconds, 2) if steady_seconds else None,
@@ -478,17 +479,6 @@ def resume_config(run: Path, **runtime: Any) -> TrainConfig:
     saved = read_checkpoint(run / "last.pt", "last", "--resume")["config"]
     return TrainConfig(**{"device": "auto", **saved, "store": str(saved["store"]), "out": run,
                           **{k: v for k, v in runtime.items() if v is not None}})
-
-
-def efficiency(test: dict, params: dict, peak_memory_mb: float | None, ft_memory_mb: float | None
-               ) -> dict[str, Any]:
-    """PPE and PME (paper eqs. 9-10) of the test AUC; PME only with a full fine-tuning memory reference and the
-    run's own peak memory (None when runs shared the process: ``PeakMemory.shared``)."""
-    score = test["auc"]
-    return {"score": "test_auc", "ppe": None if score is None else ppe(score, params["ratio_percent"]),
-            "pme": None if score is None or ft_memory_mb is None or peak_memory_mb is None
-            else pme(score, peak_memory_mb, ft_memory_mb),
-            "ft_memory_mb": ft_memory_mb}
 
 
 def _resume_state(out: Path, cfg: TrainConfig) -> dict | None:

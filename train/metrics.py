@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_recall_fscore_support, roc_auc_score
@@ -44,3 +45,14 @@ def pme(score: float, memory_mb: float, ft_memory_mb: float) -> float:
     if ft_memory_mb <= 0:
         raise ValueError("the full fine-tuning memory must be positive")
     return score * math.exp(-math.log10(memory_mb / ft_memory_mb + 1.0))
+
+
+def efficiency(score: float | None, score_name: str, learnable_percent: float, memory_mb: float | None,
+               ft_memory_mb: float | None) -> dict[str, Any]:
+    """A result's PPE and PME (eqs. 9-10) of ``score`` (named ``score_name``): None without a score; PME also
+    None without a full fine-tuning memory reference or the run's own peak memory (``memory_mb`` None: runs that
+    shared a process, ``PeakMemory.shared``)."""
+    return {"score": score_name, "ppe": None if score is None else ppe(score, learnable_percent),
+            "pme": None if score is None or ft_memory_mb is None or memory_mb is None
+            else pme(score, memory_mb, ft_memory_mb),
+            "ft_memory_mb": ft_memory_mb}

@@ -49,7 +49,7 @@ from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
                                validation_score)
-from fpt.train.metrics import METRIC_NAMES, pme, ppe
+from fpt.train.metrics import METRIC_NAMES, efficiency
 from fpt.train.plots import PicturePool, write_evaluation_plots, write_sweep_plot
 from fpt.train.step import step_captures, step_compiles, stream_of_its_own
 
@@ -393,8 +393,6 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
     test = {k: mean_std([m.test[k] for m in seed_metrics]) for k in METRIC_NAMES}
     params = seed_metrics[0].params
     memory = mean_std([m.throughput.peak_memory_mb for m in seed_metrics])
-    auc = test["auc"].mean
-    ft = sweep.train.ft_memory_mb
     shared_memory = any(m.throughput.memory_kind.endswith("_shared") for m in seed_metrics)  # runs in one process
     return SweepSummary(
         store=str(sweep.train.store), method=seed_metrics[0].method,
@@ -406,9 +404,8 @@ def sweep_summary(sweep: SweepConfig, grid: list[Run], seeds: list[Run],
         seeds=[SeedResult(r.seed, results[r.name].test, results[r.name].val, results[r.name].best_epoch,
                           results[r.name].best_reason, str(r.cfg.out)) for r in seeds],
         test=test, params=params,
-        efficiency={"score": "mean test AUC", "ppe": None if auc is None else ppe(auc, params["ratio_percent"]),
-                    "pme": None if auc is None or ft is None or shared_memory else pme(auc, memory.mean, ft),
-                    "ft_memory_mb": ft},
+        efficiency=efficiency(test["auc"].mean, "mean test AUC", params["ratio_percent"],
+                              None if shared_memory else memory.mean, sweep.train.ft_memory_mb),
         throughput={"train_samples_per_s": mean_std([m.throughput.train_samples_per_s for m in seed_metrics]),
                     "steady_train_samples_per_s": mean_std([m.throughput.steady_train_samples_per_s
                                                             for m in seed_metrics]),
