@@ -52,6 +52,14 @@ def sample_bytes(reader: StoreReader, names: tuple[str, ...]) -> int:
     return sum(int(np.prod(shapes[n][0])) * np.dtype(shapes[n][1]).itemsize for n in names)
 
 
+TRAINING_SPLITS = ("train", "val")        # what a run holds while it trains (test is read once, at the end)
+
+
+def training_bytes(reader: StoreReader, names: tuple[str, ...]) -> int:
+    """Raw bytes of the arrays ``names`` over the ``TRAINING_SPLITS``."""
+    return sum(len(reader.split_indices(s)) for s in TRAINING_SPLITS) * sample_bytes(reader, names)
+
+
 @dataclass
 class CachePlan:
     mode: str                 # "ram", "gpu" or "none" (stream)
@@ -64,15 +72,14 @@ class CachePlan:
 
 
 def plan_cache(reader: StoreReader, names: tuple[str, ...], cache: str, device: torch.device,
-               budget_mb: float | None = None, splits: tuple[str, ...] = ("train", "val"),
-               shared_on_device: bool = False) -> CachePlan:
+               budget_mb: float | None = None, shared_on_device: bool = False) -> CachePlan:
     """Where the train and val splits live during training. ``auto``: on the GPU when they fit ``budget_mb``
     (default: half the free GPU memory), else in RAM when they fit (default: half the available RAM), else
     streamed from the store. Explicit ``ram``/``gpu`` are refused when the data cannot fit at all. ``cache`` is
     one of config.CACHE_MODES (TrainConfig checks it). ``shared_on_device``: a sweep holds the splits on
     ``device`` already (``SharedSplit``), so ``auto`` and ``gpu`` use that copy."""
-    need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names) / 2**20
-    what = f"{'+'.join(splits)} {', '.join(names)}: {need:,.1f} MB"
+    need = training_bytes(reader, names) / 2**20
+    what = f"{'+'.join(TRAINING_SPLITS)} {', '.join(names)}: {need:,.1f} MB"
     free_ram = psutil.virtual_memory().available / 2**20
     free_gpu = torch.cuda.mem_get_info(device)[0] / 2**20 if device.type == "cuda" else None
     if cache == "none":

@@ -44,7 +44,8 @@ import psutil
 from fpt import FptError
 from fpt.config import SweepConfig, TrainConfig, resolve_device
 from fpt.store import SharedArrays, StoreReader
-from fpt.train.data import PROCESS_SPLITS, ProcessSplit, SharedSplit, SharedSplits, sample_bytes
+from fpt.train.data import (PROCESS_SPLITS, TRAINING_SPLITS, ProcessSplit, SharedSplit, SharedSplits,
+                            training_bytes)
 from fpt.train.files import atomic_write_text
 from fpt.train.loop import comparable_config, exclude_corrupt, model_spec
 from fpt.train.results import (GridPoint, MeanStd, RunMetrics, SeedResult, SweepSummary, jsonable,
@@ -179,7 +180,6 @@ def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False, threads:
     all of them with ``shared_cache``; ``threads``: the runs are threads of this process. (n, why)."""
     import torch
 
-    from fpt.train.data import plan_cache
     from fpt.train.memory import StepShape, measure_training_step
 
     reader = StoreReader(cfg.store)
@@ -189,7 +189,7 @@ def measured_runs_per_gpu(cfg: TrainConfig, shared_cache: bool = False, threads:
     shape = StepShape(cfg.batch_size, g.layers, g.heads, g.k, g.head_dim, g.image_res)
     peak = measure_training_step(spec, shape, device)["peak_mb"]
     torch.cuda.empty_cache()
-    cache = plan_cache(reader, spec.inputs, "none", device).need_mb
+    cache = training_bytes(reader, spec.inputs) / 2**20
     free = torch.cuda.mem_get_info(device)[0] / 2**20
     cores = os.cpu_count() or 1
     n = runs_per_gpu(free - cache, peak, 0.0, cores, threads) if shared_cache else \
@@ -345,8 +345,7 @@ def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.
     reads what it caches): into shared memory (``SharedArrays``, removed when ``stack`` closes), or with
     ``in_process`` (runs in threads) kept as they are. With ``gpus``, also a copy on each GPU where they fit in
     half its free memory (freed when ``stack`` closes)."""
-    splits = ("train", "val")
-    need = sum(len(reader.split_indices(s)) for s in splits) * sample_bytes(reader, names)
+    need = training_bytes(reader, names)
     if need > psutil.virtual_memory().available / 2:
         return None
     devices = []
@@ -356,7 +355,7 @@ def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.
         devices = [i for i in range(torch.cuda.device_count()) if need <= torch.cuda.mem_get_info(i)[0] / 2]
     host, gpu = {}, {i: {} for i in devices}
     stack.callback(gpu.clear)
-    for split in splits:
+    for split in TRAINING_SPLITS:
         arrays = reader.read(reader.split_indices(split), names)
         host[split] = arrays if in_process else stack.enter_context(SharedArrays(arrays))
         for i in devices:
@@ -366,7 +365,7 @@ def share_splits(reader: StoreReader, names: tuple[str, ...], stack: contextlib.
     if not in_process:
         return SplitCopies(host, gpu)
     key = os.urandom(8).hex()
-    PROCESS_SPLITS[key] = {s: (host[s], {i: gpu[i][s] for i in devices}) for s in splits}
+    PROCESS_SPLITS[key] = {s: (host[s], {i: gpu[i][s] for i in devices}) for s in TRAINING_SPLITS}
     stack.callback(PROCESS_SPLITS.pop, key, None)
     return SplitCopies(host, gpu, key)
 
