@@ -34,6 +34,11 @@ def local_worker_count(scheduler: str, cuda: bool, per_gpu: int = 1) -> int | No
     return None
 
 
+def check_scheduler(scheduler: str) -> bool:
+    """Refuse a malformed ``--scheduler`` before any work; whether it is a local one (``local``, ``local:N``)."""
+    return local_worker_count(scheduler, cuda=False) is not None
+
+
 def check_scheduler_address(address: str) -> None:
     """Refuse a scheduler address dask cannot parse (``host:port`` or ``tcp://host:port``) before any work."""
     from distributed.comm import parse_address, parse_host_port

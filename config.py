@@ -277,6 +277,23 @@ class SweepConfig:
     runs_per_gpu: int | None = None   # runs at once per GPU of a local scheduler; None = from memory (fpt.train.sweep)
     runs_in: str | None = None  # a local scheduler's concurrent runs: "threads" or "processes"; None = by device
 
+    def __post_init__(self) -> None:
+        """Every rule on a sweep's own values (its runs' are TrainConfig's), whoever builds it."""
+        if self.seeds < 1:
+            raise FptError(f"--seeds {self.seeds}: must be at least 1")
+        if self.runs_per_gpu is not None and self.runs_per_gpu < 1:
+            raise FptError(f"--runs-per-gpu {self.runs_per_gpu}: must be at least 1")
+        if self.runs_in is not None and self.runs_in not in RUNS_IN:
+            raise FptError(f"--runs-in {self.runs_in!r}: choose threads or processes")
+        from fpt.cluster import check_scheduler         # (it imports torch)
+        local = check_scheduler(self.scheduler)
+        if self.runs_in == "threads" and not local:
+            raise FptError("--runs-in threads needs a local scheduler (local or local:N): a running dask scheduler's "
+                           "workers are processes of their own")
+        if self.runs_in == "threads" and self.train.compile:
+            raise FptError("--runs-in threads cannot compile the step (torch.compile is not thread-safe); use "
+                           "--runs-in processes or --no-compile")
+
 
 # ----------------------------------------------------------------------------- pipelines files
 
@@ -552,26 +569,11 @@ def sweep_config(store: str | Path, dataset: str | None = None, lr: str | None =
                      or [base.weight_decay])
     for grid_lr, grid_weight_decay in product(lrs, weight_decays):     # TrainConfig's rules, before any run
         replace(base, lr=grid_lr, weight_decay=grid_weight_decay)
-    seeds = seeds if seeds is not None else entry.get("seeds", 1)
-    if seeds < 1:
-        raise FptError(f"--seeds {seeds}: must be at least 1")
-    if runs_per_gpu is not None and runs_per_gpu < 1:
-        raise FptError(f"--runs-per-gpu {runs_per_gpu}: must be at least 1")
-    scheduler = scheduler or entry.get("scheduler", "local")
-    runs_in = runs_in or entry.get("runs_in")
-    if runs_in is not None and runs_in not in RUNS_IN:
-        raise FptError(f"--runs-in {runs_in!r}: choose threads or processes")
-    from fpt.cluster import local_worker_count         # (it imports torch)
-    local = local_worker_count(scheduler, cuda=False) is not None       # refuses a malformed one before any run
-    if runs_in == "threads" and not local:
-        raise FptError("--runs-in threads needs a local scheduler (local or local:N): a running dask scheduler's "
-                       "workers are processes of their own")
-    if runs_in == "threads" and base.compile:
-        raise FptError("--runs-in threads cannot compile the step (torch.compile is not thread-safe); use "
-                       "--runs-in processes or --no-compile")
-    out = Path(out or f"sweeps/{store_stem(store)}-{base.method}")
-    return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays, seeds=seeds, out=out,
-                       scheduler=scheduler, runs_per_gpu=runs_per_gpu, runs_in=runs_in)
+    return SweepConfig(train=base, lrs=lrs, weight_decays=weight_decays,
+                       seeds=seeds if seeds is not None else entry.get("seeds", 1),
+                       out=Path(out or f"sweeps/{store_stem(store)}-{base.method}"),
+                       scheduler=scheduler or entry.get("scheduler", "local"), runs_per_gpu=runs_per_gpu,
+                       runs_in=runs_in or entry.get("runs_in"))
 
 
 # helper processes of one kind at most per fpt process: extraction's decode workers and its writers, training's

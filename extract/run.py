@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fpt import FptError, helper_process_died
-from fpt.cluster import dask_client, local_worker_count, worker_device
+from fpt.cluster import check_scheduler, dask_client, worker_device
 from fpt.config import (HOST_PROCESSES_MAX, ExtractConfig, check_image_res_fits_patch, helper_niceness, resolve_device,
                         resolve_precision)
 from fpt.extract.backbone import BackboneInfo, FrozenLPM, create_backbone
@@ -132,7 +132,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
     device = resolve_device(cfg.device)
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))     # one precision for every worker
     if scheduler is not None:
-        local_worker_count(scheduler, device.type == "cuda")                    # a bad one, before any work
+        check_scheduler(scheduler)                                              # a bad one, before any work
     with StoreLock(cfg.out):
         source = load_source(cfg)
         samples = source.samples

@@ -3,6 +3,7 @@
 import csv
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -49,6 +50,11 @@ def test_sweep_config_from_pipelines_and_options(tmp_path):
                          (dict(runs_in="threads", compile=True), "torch.compile is not thread-safe")]:
         with pytest.raises(FptError, match=message):
             sweep_config(store, **bad)
+    good = sweep_config(store)
+    for bad, message in [(dict(seeds=0), "--seeds 0"), (dict(runs_per_gpu=0), "--runs-per-gpu 0"),
+                         (dict(scheduler="local:0"), "expected local, local:N")]:
+        with pytest.raises(FptError, match=message):        # a SweepConfig built by a program is checked too
+            replace(good, **bad)
 
 
 def test_scheduler_parsing():

@@ -441,9 +441,6 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     returns the summary (with ``ran``/``skipped``: runs trained now / found finished). ``on_stage(stage, n_runs)``
     announces each stage, ``on_run(run, metrics, skipped)`` reports each run, ``on_note(text)`` how runs share
     a GPU."""
-    from fpt.cluster import local_worker_count
-
-    local_worker_count(sweep.scheduler, cuda=False)              # a malformed local:N fails before any work
     if sweep.train.device != "auto":                             # (auto: each worker's own device decides)
         step_captures(sweep.train.cuda_graph, resolve_device(sweep.train.device))
     sweep.out.mkdir(parents=True, exist_ok=True)
