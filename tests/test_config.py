@@ -49,6 +49,19 @@ def test_precedence_defaults_entry_cli(tmp_path, monkeypatch):
         extract_config("demo", j2k_decode="fast")
 
 
+def test_a_named_dataset_keeps_its_name_whatever_its_data_folder_is_called(tmp_path):
+    """``--dataset cmmd --data <folder>``: the store is cmmd's (its name is what fpt train and fpt sweep look
+    up the dataset's settings by, e.g. its published lr), not named after the folder; only without --dataset
+    does the folder's name name it."""
+    data = tmp_path / "CMMD-raw"
+    data.mkdir()
+    cfg = extract_config("cmmd", data)
+    assert cfg.name == "cmmd" and cfg.data == data and cfg.out == "cmmd.zarr"
+    assert train_config("x.zarr", cfg.name).lr == pipeline_entry("cmmd")["train"]["lr"]
+    assert train_config("x.zarr", cfg.name).lr != train_config("x.zarr", data.name).lr
+    assert extract_config(None, data).name == "CMMD-raw"
+
+
 def test_every_paper_dataset_has_a_pipeline():
     for name in ("cmmd", "ddsm", "messidor2", "ddr", "isic2016", "isic2018", "covid", "chncxr"):
         entry = pipeline_entry(name)

@@ -107,3 +107,53 @@ def test_seeded_dropout_draws_from_its_own_generator_only():
     assert not torch.equal(drop(x), a)
     assert torch.equal(a.unique(), torch.tensor([0.0, 1 / 0.75])) and abs((a == 0).float().mean().item() - 0.25) < 0.03
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_side_block_l_gets_the_prompts_of_layer_l():
+    """Each side block l sees, after its own tokens, exactly the fused prompts of layer l
+    (``fusion(keys, values)[:, l]``), not those of another layer: every layer has its own prompts (paper Sec. 3.3).
+    Eval mode, so the fusion's dropout is off and the two calls of the fusion agree."""
+    torch.manual_seed(0)
+    model = SideNetwork(SPEC).eval()
+    with torch.no_grad():
+        model.fusion.prompts.normal_()                        # layers' prompts far apart (the init is ~1e-6)
+    inputs = []
+    for block in model.vit.blocks:
+        block.register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    keys, values = torch.randn(2, 3, 2, 6, 16), torch.randn(2, 3, 2, 6, 16)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32), keys, values)
+        prompts = model.fusion(keys, values)                  # [B, L, P, D_side]
+    assert SPEC.layers >= 2 and len(inputs) == SPEC.layers
+    for layer, seen in enumerate(inputs):
+        torch.testing.assert_close(seen[:, -SPEC.prompts:], prompts[:, layer])
+    assert not torch.allclose(prompts[:, 0], prompts[:, 1])  # so a mix-up of layers would show
+
+
+@pytest.mark.parametrize("method", ["fpt+", "fpt", "side-only"])
+def test_side_network_equals_a_plain_vit_forward(method):
+    """The side network's logits against a plain reference: side-only is timm's own ViT forward (patch embedding,
+    blocks, the final norm, the head); with prompts (fpt+, fpt) a hand-written loop that appends layer l's fused
+    prompts before block l and drops them after it, then timm's final norm and head."""
+    torch.manual_seed(0)
+    model = SideNetwork(ModelSpec(**{**SPEC.as_dict(), "method": method,
+                                     "prompts": 0 if method == "side-only" else SPEC.prompts})).eval()
+    vit = model.vit
+    with torch.no_grad():
+        vit.norm.weight.normal_()                             # the final norm away from the identity-like init
+        vit.norm.bias.normal_()
+    images = torch.randn(2, 3, 32, 32)
+    keys, values = torch.randn(2, 3, 2, 6, 16), torch.randn(2, 3, 2, 6, 16)
+    with torch.no_grad():
+        if model.fusion is None:
+            expected = vit(images)
+            logits = model(images)
+        else:
+            prompts = model.fusion(keys, values)
+            x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+            for layer, block in enumerate(vit.blocks):
+                n = x.shape[1]
+                x = block(torch.cat([x, prompts[:, layer]], dim=1))[:, :n]
+            expected = vit.forward_head(vit.norm(x))
+            logits = model(images, keys, values)
+    torch.testing.assert_close(logits, expected)

@@ -147,6 +147,19 @@ def test_reopen_resumes_and_refuses_other_extractions(tmp_path):
     assert fresh.pending_shards() == [0, 1, 2]
 
 
+def test_reopen_with_the_same_ids_in_another_order_is_refused(tmp_path):
+    """Shards are written by position: a store's row i is sample ids[i]. Reopened with the same ids in another
+    order (e.g. the data listed differently), the shards written would be other samples' rows, so it is not a
+    resume but another extraction, refused like one with other ids."""
+    path = tmp_path / "s.zarr"
+    ids = [f"s{i}" for i in range(7)]
+    open_writer(path, ids=ids).write_shard(0, shard_arrays(3, 0))
+    assert open_writer(path, ids=ids).pending_shards() == [1, 2]           # the same order: a resume
+    with pytest.raises(FptError, match="sample ids differ"):
+        open_writer(path, ids=ids[::-1])
+    assert StoreReader(path).ids.tolist() == ids                           # the refused open changed nothing
+
+
 def test_other_schema_version_and_non_store_refused(tmp_path):
     w = open_writer(tmp_path / "s.zarr")
     w.update_attrs(fpt_store_version=99)

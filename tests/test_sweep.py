@@ -161,6 +161,26 @@ def test_sweep_starts_its_own_local_cluster(store, tmp_path):
     assert (tmp_path / "s" / "runs" / "lr0.001-wd0-seed0" / "best.pt").exists()
 
 
+def test_each_seed_repeat_trains_with_its_own_seed(store, tmp_path):
+    """The seed repeats of the best grid point are runs of their own seed: the configuration each run trained
+    with (its metrics.json) has the seed its name and the summary give, and the repeats' trained weights differ,
+    so that the mean ± std over seeds measures seed variation (not one run counted several times)."""
+    import torch
+
+    cfg = sweep_config(store, lr="1e-3", weight_decay="0", seeds=3, scheduler="local:1", runs_in="threads",
+                       out=tmp_path / "sweep", **TINY)
+    summary = run_sweep(cfg)
+    assert summary.ran == 3 and [r.seed for r in summary.seeds] == [0, 1, 2]
+    weights = []
+    for r in summary.seeds:
+        saved = json.loads((tmp_path / "sweep" / "runs" / f"lr0.001-wd0-seed{r.seed}" / "metrics.json").read_text())
+        assert saved["config"]["seed"] == r.seed and saved["run_dir"] == r.run_dir
+        weights.append(torch.load(tmp_path / "sweep" / "runs" / f"lr0.001-wd0-seed{r.seed}" / "best.pt",
+                                  weights_only=True)["model"])
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
+
+
 def test_runs_per_gpu_fit_free_memory_and_cores():
     from fpt.train.sweep import CUDA_CONTEXT_MB, MAX_RUNS_PER_GPU, runs_per_gpu
 

@@ -366,3 +366,58 @@ def test_a_run_that_fails_as_it_starts_leaves_no_empty_run_folder_behind(micro_s
     with pytest.raises(RuntimeError, match="out of memory"):
         train(tiny_train(micro_store, tmp_path / "started", checkpoint_seconds=0))
     assert (tmp_path / "started" / "last.pt").is_file() and (tmp_path / "started" / "log.jsonl").read_text()
+
+
+def test_best_epoch_takes_the_higher_score_then_the_lower_val_loss_then_the_earlier_epoch():
+    """BestEpoch's rule (model selection): a higher validation score always wins, whatever the loss; a tied
+    score wins only with a strictly lower val loss; a tie in both keeps the earlier epoch."""
+    from fpt.train.loop import BestEpoch
+
+    def val(auc, loss):
+        return {"auc": auc, "acc": 0.5, "loss": loss}
+
+    best = BestEpoch()
+    assert best.improved_by(0, val(0.7, 0.5)) and best.epoch == 0
+    assert not best.improved_by(1, val(0.7, 0.6)) and best.epoch == 0          # tied score, higher loss
+    assert not best.improved_by(2, val(0.7, 0.5)) and best.epoch == 0          # tied score and loss: the earlier
+    assert best.improved_by(3, val(0.7, 0.4)) and best.epoch == 3              # tied score, lower loss
+    assert best.loss == 0.4 and "lower val loss" in best.reason
+    assert best.improved_by(4, val(0.8, 2.0)) and best.epoch == 4              # higher score, any loss
+    assert not best.improved_by(5, val(0.6, 0.1)) and best.epoch == 4          # lower score, any loss
+    assert best.score == 0.8 and best.val == val(0.8, 2.0) and best.reason == "highest val AUC"
+    acc = BestEpoch()                                                          # AUC undefined: accuracy
+    assert acc.improved_by(0, {"auc": None, "acc": 0.5, "loss": 1.0})
+    assert not acc.improved_by(1, {"auc": None, "acc": 0.5, "loss": 1.0}) and acc.epoch == 0
+
+
+@pytest.mark.parametrize("checkpoint_seconds", [0, 3600])
+def test_best_pt_holds_the_best_epochs_model_when_later_epochs_are_worse(micro_store, tmp_path, monkeypatch,
+                                                                         checkpoint_seconds):
+    """The validation score falls each epoch (the loop's score function replaced), so epoch 0 is the best of 3:
+    best.pt must hold epoch 0's weights (not a later epoch's), whether checkpoints are written every epoch or
+    only at the end; evaluated on val it gives epoch 0's logged val metrics, and the run was tested on it."""
+    from fpt.train import loop
+
+    scores = iter([0.9, 0.8, 0.7])
+    monkeypatch.setattr(loop, "validation_score", lambda metrics: next(scores))
+    weights = []
+    real_epoch = loop.train_epoch
+
+    def recording_epoch(run, epoch, *args):
+        record = real_epoch(run, epoch, *args)
+        weights.append({k: v.detach().clone() for k, v in run.model.state_dict().items()})
+        return record
+
+    monkeypatch.setattr(loop, "train_epoch", recording_epoch)
+    out = tmp_path / "run"
+    metrics = train(tiny_train(micro_store, out, epochs=3, checkpoint_seconds=checkpoint_seconds))
+    assert metrics.best_epoch == 0 and len(weights) == 3
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == 0
+    assert all(torch.equal(best["model"][k], weights[0][k]) for k in weights[0])
+    assert not all(torch.equal(best["model"][k], weights[2][k]) for k in weights[2])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    val = evaluate_checkpoint(micro_store, out / "best.pt", "val", device="cpu").metrics
+    assert val == pytest.approx({k: log[0]["val"][k] for k in val})
+    test = evaluate_checkpoint(micro_store, out / "best.pt", "test", device="cpu").metrics
+    assert test == pytest.approx(metrics.test)
