@@ -63,7 +63,7 @@ class StoreWriter:
         the page cache where the filesystem allows it (direct_io.py says why and what it costs).
         """
         path = StoreLocation(path)
-        exists = _refuse_non_store(path)
+        exists = _store_exists(path)
         replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
         if exists and overwrite:
             check_replaceable(path)
@@ -204,7 +204,7 @@ def check_replaceable(path: str | Path | StoreLocation) -> None:
     ``path``: anything but an fpt store; and a store beside which an earlier --overwrite kept the one it replaced
     (``<store>.replaced``), unless it is that --overwrite's unfinished store. Nothing there: nothing to check."""
     path = StoreLocation(path)
-    if not _refuse_non_store(path):
+    if not _store_exists(path):
         return
     version = _schema_version(path)
     if version is None:
@@ -216,8 +216,9 @@ def check_replaceable(path: str | Path | StoreLocation) -> None:
                        f"unfinished store of that --overwrite; delete or move {replaced}, then re-run")
 
 
-def _refuse_non_store(path: StoreLocation) -> bool:
-    """Whether something is at ``path``; refused when it is not a Zarr store (a folder of other files)."""
+def _store_exists(path: StoreLocation) -> bool:
+    """Whether a store is at ``path``: False when nothing is there; something that is not a Zarr store (a folder
+    of other files) is refused."""
     if not path.exists():
         return False
     if not path.is_file("zarr.json"):
@@ -280,4 +281,4 @@ def _as_stored(value: Any) -> Any:
     return value
 
 
-__all__ = ["StoreWriter", "check_same_extraction"]
+__all__ = ["StoreWriter", "check_replaceable", "check_same_extraction"]

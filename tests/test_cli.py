@@ -100,6 +100,8 @@ def test_evaluate_mismatched_checkpoint(tmp_path, micro_store, image_folder):
                   "trained on another store")
     fails_cleanly(["evaluate", "--store", str(micro_store), "--checkpoint", str(tmp_path / "none.pt")],
                   "no such file")
+    fails_cleanly(["evaluate", "--store", str(micro_store), "--checkpoint", str(run / "best.pt"), "--split", "x"],
+                  "--split 'x': choose train, val or test")
 
 
 def test_inspect_shows_the_store(micro_store, monkeypatch):

@@ -23,7 +23,7 @@ import torch
 
 from fpt import FptError, helper_process_died
 from fpt.config import RUNTIME_FIELDS, TrainConfig, resolve_device
-from fpt.store import StoreReader, store_stem, verify
+from fpt.store import SPLITS, StoreReader, store_stem, verify
 from fpt.train.data import SharedSplits, SideInput, SplitData, batch_count, open_split, plan_cache
 from fpt.train.files import CheckpointWriter, TensorCopies, atomic_write_text, copy_tensors, read_checkpoint
 from fpt.train.memory import PeakMemory
@@ -516,8 +516,8 @@ def evaluate_checkpoint(store: Path, checkpoint: Path, split: str = "test", batc
     With ``out`` (a .json path) also writes them there, with ``<out stem>-roc.png`` and ``-confusion.png``."""
     reader = StoreReader(store)
     reader.require_complete()
-    if split not in ("train", "val", "test"):
-        raise FptError(f"--split {split!r}: choose train, val or test")
+    if split not in SPLITS:
+        raise FptError(f"--split {split!r}: choose {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     if out is not None:
         if Path(out).suffix.lower() != ".json":
             raise FptError(f"--out {out}: evaluate writes its metrics as .json")
