@@ -201,7 +201,18 @@ def open_split(reader: StoreReader, split: str, names: tuple[str, ...], mode: st
     return StreamSplit(reader, split, names, device, workers)
 
 
-def _to_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
+def gather_rows(arrays: dict[str, np.ndarray] | dict[str, torch.Tensor], rows: np.ndarray | torch.Tensor,
+                out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The rows ``rows`` of each array, [len(rows), ...]: numpy arrays by ``take`` (it copies rows at memory
+    speed; torch's CPU index_select on fp16 is ~10x slower), tensors by ``index_select`` where they are (into
+    ``out``'s tensors where given)."""
+    out = out or {}
+    return {n: torch.from_numpy(a.take(rows, axis=0)) if isinstance(a, np.ndarray)
+            else torch.index_select(a, 0, rows, out=out.get(n)) for n, a in arrays.items()}
+
+
+def _batch_on_device(arrays: dict[str, torch.Tensor], device: torch.device) -> Batch:
+    """A batch's arrays on ``device``, its images [B, R, R, C] as stored -> [B, C, R, R] (a view)."""
     out = {n: t.to(device, non_blocking=True) for n, t in arrays.items()}
     if "images" in out:
         out["images"] = out["images"].permute(0, 3, 1, 2)                      # [B, R, R, C] -> [B, C, R, R]
@@ -245,15 +256,11 @@ class MemorySplit:
             order_t = torch.from_numpy(order).to(self.device)
             for start in range(0, stop, batch_size):
                 rows = order_t[start:start + batch_size]
-                into = self._reused_batch(batch_size) if reuse and len(rows) == batch_size else {}
-                yield _to_device({n: torch.index_select(t, 0, rows, out=into.get(n))
-                                  for n, t in self.tensors.items()}, self.device)
+                into = self._reused_batch(batch_size) if reuse and len(rows) == batch_size else None
+                yield _batch_on_device(gather_rows(self.tensors, rows, into), self.device)
             return
         for start in range(0, stop, batch_size):
-            rows = order[start:start + batch_size]
-            # numpy's take copies rows at memory speed (torch's CPU index_select on fp16 is ~10x slower)
-            yield _to_device({n: torch.from_numpy(a.take(rows, axis=0)) for n, a in self.arrays.items()},
-                             self.device)
+            yield _batch_on_device(gather_rows(self.arrays, order[start:start + batch_size]), self.device)
 
     def _reused_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         if any(len(t) != batch_size for t in self.reused.values()):
@@ -500,16 +507,16 @@ class StreamSplit:
                 carry = {n: torch.cat([carry[n], t]) for n, t in window.rows(0, first).items()}
                 if len(carry["labels"]) < batch_size:
                     continue
-                yield _to_device(carry, self.device)
+                yield _batch_on_device(carry, self.device)
                 carry = None
             stop = first + (len(window) - first) // batch_size * batch_size
             for start in range(first, stop, batch_size):
-                yield _to_device(window.rows(start, start + batch_size), self.device)
+                yield _batch_on_device(window.rows(start, start + batch_size), self.device)
             if stop < len(window):           # a copy of its own, so that the window's memory can go
                 carry = {n: t.clone() for n, t in window.rows(stop, len(window)).items()}
             del window                       # before the next window arrives (one window on the device, not two)
         if carry is not None and not drop_last:
-            yield _to_device(carry, self.device)
+            yield _batch_on_device(carry, self.device)
 
 
 class _Window:
@@ -537,10 +544,7 @@ class _Window:
         """Rows start:stop of the window's order, [stop - start, ...] each (views where it is the stored one)."""
         if self.order is None:
             return {n: torch.as_tensor(a[start:stop]) for n, a in self.arrays.items()}
-        rows = self.order[start:stop]
-        if self.on_host:          # numpy's take copies rows at memory speed (torch's index_select on fp16: ~10x slower)
-            return {n: torch.from_numpy(a.take(rows, axis=0)) for n, a in self.arrays.items()}
-        return {n: t.index_select(0, rows) for n, t in self.arrays.items()}
+        return gather_rows(self.arrays, self.order[start:stop])
 
 
 @dataclass
