@@ -1,5 +1,6 @@
 """Config merge: defaults <- pipeline entry <- CLI options."""
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -164,9 +165,10 @@ def test_saved_configs_rebuild_with_their_augmentation():
 
     from fpt.config import TrainConfig
 
-    cfg = train_config("x.zarr", None, augment="strong,hflip=0.25", drop_last=False)
+    cfg = train_config(Path("x.zarr"), None, augment="strong,hflip=0.25", drop_last=False, out=Path("runs/x"))
     again = TrainConfig(**json.loads(json.dumps(asdict(cfg), default=str)))
-    assert again.augment == cfg.augment and again.drop_last is False and again.store == cfg.store
+    assert again == cfg and again.augment.hflip == 0.25 and again.drop_last is False
+    assert isinstance(again.out, Path) and again.store == "x.zarr"
 
 
 def test_helper_processes_lower_their_priority_on_cuda_only_unless_the_environment_says(monkeypatch):

@@ -477,7 +477,7 @@ def resume_config(run: Path, **runtime: Any) -> TrainConfig:
     if not (run / "last.pt").exists():
         raise FptError(f"--resume {run}: no unfinished run there (no last.pt)")
     saved = read_checkpoint(run / "last.pt", "last", "--resume")["config"]
-    return TrainConfig(**{"device": "auto", **saved, "store": str(saved["store"]), "out": run,
+    return TrainConfig(**{"device": "auto", **saved, "out": run,
                           **{k: v for k, v in runtime.items() if v is not None}})
 
 

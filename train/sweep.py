@@ -35,7 +35,6 @@ import json
 import os
 import threading
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -119,7 +118,7 @@ def train_task(cfg: dict[str, Any], threads: int | None, shared: SharedSplits | 
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(**{**cfg, "store": str(cfg["store"]), "out": Path(cfg["out"])})
+    cfg = TrainConfig(**cfg)
     event = signalled = None
     if first_step_event:
         from distributed import Event
