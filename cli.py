@@ -592,17 +592,11 @@ def _integrity_line(report) -> str:
 
 
 def show_problems(report) -> None:
-    from fpt.store import StoreReader
-
-    try:
-        ids = StoreReader(report.path).ids
-    except Exception:
-        ids = None
     table = Table(title=f"[red]problems in {report.path}")
     for col in ("array", "problem", "samples", "first affected"):
         table.add_column(col)
     for p in report.problems:
-        first = [str(ids[i]) if ids is not None else str(i) for i in p.samples[:3]]
+        first = report.named(p.samples[:3])
         table.add_row(p.array, p.reason, str(len(p.samples)), ", ".join(first) + (" …" if len(p.samples) > 3 else ""))
     console.print(table)
 
@@ -689,7 +683,7 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
     from fpt.store import verify as verify_store
 
     s = summarize(path)
-    report = verify_store(path, full=verify if verify is not None else s["disk_bytes"] < 2 << 30)
+    report = verify_store(path, full=verify)
     if as_json:
         s["integrity"] = {"full": report.full, "bad_samples": report.bad_samples.tolist(),
                           "problems": [p.__dict__ for p in report.problems]}

@@ -14,10 +14,11 @@ from fpt import FptError
 from fpt.store.layout import ARRAY_NAMES, DONE, SAMPLE_ARRAYS, Geometry
 from fpt.store.location import StoreLocation
 from fpt.store.lock import StoreLock
-from fpt.store.reader import open_group
+from fpt.store.reader import StoreReader, open_group
 
 NOT_EXTRACTED = "not extracted yet"
 FINISH = "re-run the same `fpt extract` command"
+CHECKSUM_BELOW_BYTES = 2 << 30      # ``verify(full=None)`` reads and checksums every chunk of stores under this
 
 
 @dataclass
@@ -33,6 +34,11 @@ class VerifyReport:
     n_samples: int
     full: bool                  # True: every chunk was read and checksummed; False: files and metadata only
     problems: list[Problem] = field(default_factory=list)
+    ids: np.ndarray | None = None   # the samples' ids, where the store's ids can be read
+
+    def named(self, samples: list[int]) -> list[str]:
+        """Samples by their ids (by index where the ids cannot be read)."""
+        return [str(i if self.ids is None else self.ids[i]) for i in samples]
 
     @property
     def bad_samples(self) -> np.ndarray:
@@ -86,9 +92,10 @@ def _union(problems: list[Problem]) -> np.ndarray:
                                     or [np.zeros(0, np.int64)]))
 
 
-def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAMES, full: bool = True,
+def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAMES, full: bool | None = True,
            progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Check ``arrays`` of the store shard by shard.
+    """Check ``arrays`` of the store shard by shard (``full`` None: checksums of stores under
+    ``CHECKSUM_BELOW_BYTES`` on disk, files and metadata only of larger ones).
 
     Finds: samples not marked done (when ``done`` is among ``arrays``), array metadata that cannot be read,
     shard/chunk files missing for samples marked done, and (with ``full``) chunks whose crc32c checksum or
@@ -98,7 +105,8 @@ def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAM
     path = StoreLocation(path)
     group = open_group(path)
     g = Geometry(**group.attrs["geometry"])
-    report = VerifyReport(str(path), g.n_samples, full)
+    full = path.size() < CHECKSUM_BELOW_BYTES if full is None else full
+    report = VerifyReport(str(path), g.n_samples, full, ids=_readable_ids(path))
     everything = list(range(g.n_samples))
     done = _read_done(group, g, report)
     if DONE in arrays and not done.all():
@@ -116,6 +124,14 @@ def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAM
         if progress:
             progress(step + 1, len(arrays))
     return report
+
+
+def _readable_ids(path: StoreLocation) -> np.ndarray | None:
+    """The store's sample ids; None where they cannot be read (damage that ``verify`` reports by itself)."""
+    try:
+        return StoreReader(path).ids
+    except Exception:       # noqa: BLE001 - any damage: the samples are then named by index
+        return None
 
 
 def _read_done(group: zarr.Group, g: Geometry, report: VerifyReport) -> np.ndarray:

@@ -1,4 +1,5 @@
 """A damaged store is detected and explained, never trained on silently and never a traceback."""
+import importlib
 import json
 
 import numpy as np
@@ -10,15 +11,21 @@ from fpt.store import StoreReader, verify
 from tests.helpers import flip, run, shard_file
 from tests.reliability.fuzzing import fuzz_settings
 
-def test_flipped_bytes_in_keys_are_named_by_the_samples_of_their_chunk(micro_store):
+def test_flipped_bytes_in_keys_are_named_by_the_samples_of_their_chunk(micro_store, monkeypatch):
+    verify_module = importlib.import_module("fpt.store.verify")    # (the package's `verify` is the function)
     flip(shard_file(micro_store, "keys", 1), 40)                    # shard 1's one chunk: samples 4-7
     report = verify(micro_store)
     assert [(p.array, p.samples) for p in report.problems] == [("keys", [4, 5, 6, 7])]
     ids = StoreReader(micro_store).ids
+    assert report.named([4, 7]) == [ids[4], ids[7]]
     result = run(["store", "verify", str(micro_store)])
     assert result.exit_code == 1 and ids[4] in result.output and "checksum" in result.output
-    inspect = run(["inspect", str(micro_store)])
+    inspect = run(["inspect", str(micro_store)])                    # a small store: every chunk checksummed
     assert inspect.exit_code == 0 and "4 samples affected" in inspect.output and ids[4] in inspect.output
+    monkeypatch.setattr(verify_module, "CHECKSUM_BELOW_BYTES", 1)   # as if it were large: files and metadata only
+    assert verify(micro_store, full=None).ok
+    assert "pass --verify to checksum" in run(["inspect", str(micro_store)]).output
+    assert "4 samples affected" in run(["inspect", str(micro_store), "--verify"]).output
 
 
 def test_deleted_shard_is_reported(micro_store):
