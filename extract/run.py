@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import groupby
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -171,53 +171,76 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             start, clock, waits = time.perf_counter(), ShardClock(), LoopWaits()
-            try:
+            with _loop_errors_as_fpt(cfg.out, len(samples)):
                 if scheduler is None:
                     written, skipped = extract_shards(cfg, pending, progress, waits, clock)
                 else:
                     written, skipped = extract_on_dask(cfg, pending, scheduler, progress, clock)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    done = int(StoreReader(cfg.out).done().sum())
-                    raise FptError(f"no space left on the device of {cfg.out} ({done} of {len(samples)} samples are "
-                                   "safely written); free some space and re-run the same command to resume") from None
-                if is_url(cfg.out):       # object-store errors (denied, throttled, gone) arrive as OSError
-                    raise FptError(f"writing to {cfg.out} failed ({type(e).__name__}: {e}); the finished shards are "
-                                   "kept: re-run the same command to resume") from None
-                raise
-            except RuntimeError as e:
-                if not helper_process_died(e):
-                    raise
-                raise FptError(f"a decode worker died ({e}); the finished shards are kept: re-run the same command to "
-                               "resume (with fewer --workers if the host ran out of memory)") from None
-            seconds = time.perf_counter() - start
-            result = ExtractResult(str(cfg.out), len(samples), written, seconds,
-                                   written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
-                                   n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
-                                   first_shard_seconds=clock.first_shard_seconds(start),
-                                   last_shard_seconds=clock.last_shard_seconds(start),
-                                   first_copied_seconds=clock.first_copied_seconds(start),
-                                   first_batch_seconds=None if waits.first_batch is None else waits.first_batch - start,
-                                   warm_up_seconds=waits.warm_up,
-                                   moments_seconds={name: t - start for name, t in waits.moments.items()},
-                                   **({"waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
-                                       "waited_for_writers_s": waits.writing} if scheduler is None else {}))
+            result = _result(cfg, len(samples), written, skipped, start, clock, waits if scheduler is None else None,
+                             device)
             if skipped:
                 result.skipped_report = str(writer.record_skipped(sorted(skipped)))
             if written:
                 writer.update_attrs(last_run={
-                    "images_per_s": round(result.images_per_s, 3), "seconds": round(seconds, 3), "samples": written,
-                    "steady_images_per_s": result.steady_images_per_s and round(result.steady_images_per_s, 3),
-                    "waited_for_decoding_s": result.waited_for_decoding_s and round(result.waited_for_decoding_s, 3),
-                    "waited_for_device_s": result.waited_for_device_s and round(result.waited_for_device_s, 3),
-                    "waited_for_writers_s": result.waited_for_writers_s and round(result.waited_for_writers_s, 3),
-                    "limited_by": (result.limit() or (None,))[0],
-                    "device": str(device), "scheduler": scheduler, "batch_size": host.batch_size,
-                    "peak_memory_mb": round(result.peak_memory_mb, 1), "skipped": len(skipped),
-                    "write_threads": host.write_threads, "precision": cfg.precision,
-                    "writers": writers, "direct_io": cfg.direct_io, "host_buffer_limit_mb": round(host_buffer_mb, 1),
+                    **_last_run(result), "device": str(device), "scheduler": scheduler,
+                    "batch_size": host.batch_size, "write_threads": host.write_threads, "writers": writers,
+                    "precision": cfg.precision, "direct_io": cfg.direct_io,
+                    "host_buffer_limit_mb": round(host_buffer_mb, 1),
                     "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})
             return result
+
+
+@contextmanager
+def _loop_errors_as_fpt(out: str, n_samples: int) -> Iterator[None]:
+    """The extraction loop's failures a user can act on, as one FptError that says how to resume: a full disk,
+    an object store's refusal, a decode worker that died. The finished shards are kept in every case."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            done = int(StoreReader(out).done().sum())
+            raise FptError(f"no space left on the device of {out} ({done} of {n_samples} samples are safely "
+                           "written); free some space and re-run the same command to resume") from None
+        if is_url(out):       # object-store errors (denied, throttled, gone) arrive as OSError
+            raise FptError(f"writing to {out} failed ({type(e).__name__}: {e}); the finished shards are kept: "
+                           "re-run the same command to resume") from None
+        raise
+    except RuntimeError as e:
+        if not helper_process_died(e):
+            raise
+        raise FptError(f"a decode worker died ({e}); the finished shards are kept: re-run the same command to "
+                       "resume (with fewer --workers if the host ran out of memory)") from None
+
+
+def _result(cfg: ExtractConfig, n_samples: int, written: int, skipped: list, start: float, clock: ShardClock,
+            waits: LoopWaits | None, device: torch.device) -> ExtractResult:
+    """The run's result, its moments from ``start``; ``waits``: the loop's in this process (None on dask)."""
+    seconds = time.perf_counter() - start
+    loop = {} if waits is None else {
+        "first_batch_seconds": None if waits.first_batch is None else waits.first_batch - start,
+        "warm_up_seconds": waits.warm_up, "moments_seconds": {name: t - start for name, t in waits.moments.items()},
+        "waited_for_decoding_s": waits.decoding, "waited_for_device_s": waits.device,
+        "waited_for_writers_s": waits.writing}
+    return ExtractResult(str(cfg.out), n_samples, written, seconds,
+                         written / seconds if written and seconds > 0 else 0.0, peak_memory_mb(device),
+                         n_skipped=len(skipped), steady_images_per_s=clock.steady_images_per_s(),
+                         first_shard_seconds=clock.first_shard_seconds(start),
+                         last_shard_seconds=clock.last_shard_seconds(start),
+                         first_copied_seconds=clock.first_copied_seconds(start), **loop)
+
+
+def _last_run(result: ExtractResult) -> dict[str, Any]:
+    """The store's ``last_run`` figures of ``result``, rounded."""
+    def rounded(v: float | None) -> float | None:
+        return v and round(v, 3)                # None and 0 stay as they are
+
+    return {"images_per_s": round(result.images_per_s, 3), "seconds": round(result.seconds, 3),
+            "samples": result.n_written, "steady_images_per_s": rounded(result.steady_images_per_s),
+            "waited_for_decoding_s": rounded(result.waited_for_decoding_s),
+            "waited_for_device_s": rounded(result.waited_for_device_s),
+            "waited_for_writers_s": rounded(result.waited_for_writers_s),
+            "limited_by": (result.limit() or (None,))[0], "peak_memory_mb": round(result.peak_memory_mb, 1),
+            "skipped": result.n_skipped}
 
 
 class DecodedImages(Dataset):
