@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from fpt import FptError
-from fpt.config import (RUNTIME_FIELDS, TrainConfig, extract_config, parse_floats, parse_layers, pipeline_entry,
-                        resume_options, sweep_config, train_config)
+from fpt.config import (RUNTIME_FIELDS, TrainConfig, extract_config, parse_floats, parse_layers, parse_normalization,
+                        pipeline_entry, resume_options, sweep_config, train_config)
 
 
 def test_parse_layers():
@@ -27,6 +27,15 @@ def test_parse_floats():
     assert parse_floats("0.1,0.2,0.3", "std") == (0.1, 0.2, 0.3)
     with pytest.raises(FptError, match="--std"):
         parse_floats("1,2", "std")
+
+
+def test_normalization_auto_in_any_case_and_spacing():
+    """``--mean Auto`` / ``--std " AUTO "`` are the word auto as the user meant it (train-split statistics), like
+    ``auto``; they are not a list of numbers that fails to parse. R,G,B numbers are parse_floats' reading."""
+    for text in ("auto", "Auto", "AUTO", " auto "):
+        assert parse_normalization(text, "mean") == "auto"
+    assert parse_normalization("0.1,0.2,0.3", "std") == parse_floats("0.1,0.2,0.3", "std")
+    assert parse_normalization(None, "mean") is None
 
 
 def test_precedence_defaults_entry_cli(tmp_path, monkeypatch):

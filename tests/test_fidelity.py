@@ -106,6 +106,33 @@ def test_crops_and_jitter_orders_are_distributed_as_torchvision_draws_them(prese
     assert len(counts) == orders and (counts - n / orders).abs().max() < 5 * (n / orders) ** 0.5   # equally likely
 
 
+def test_each_jitter_factor_follows_its_own_setting():
+    """--augment brightness, contrast and saturation are three settings: each factor is drawn uniformly in
+    [max(0, 1 - x), 1 + x] for its own x (the presets give brightness and contrast the same x, which would hide one
+    taking the other's)."""
+    cfg = AugmentConfig(brightness=0.1, contrast=0.4, saturation=0.25)
+    p = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=0, augment=cfg).sample(4000)
+    for factor, x in ((p.brightness, cfg.brightness), (p.contrast, cfg.contrast), (p.saturation, cfg.saturation)):
+        assert factor.min() >= 1 - x - 1e-6 and factor.max() <= 1 + x + 1e-6
+        assert factor.min() < 1 - 0.95 * x and factor.max() > 1 + 0.95 * x, (x, factor.min(), factor.max())
+
+
+@pytest.mark.parametrize("preset", ["paper", "strong"])
+def test_crop_positions_are_uniform_over_every_place_the_crop_fits(preset):
+    """RandomResizedCrop places a crop of side w uniformly among the places it fits (torchvision: a uniform top-left
+    corner): in [-1, 1] image coordinates the centre is uniform in [-(1 - w), 1 - w] on each axis, on either side
+    of the image centre, not in one half only (which would never show the model the other half's crops)."""
+    n = 20_000
+    p = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=0, augment=AUGMENT_PRESETS[preset]).sample(n)
+    for centre, size in ((p.centre_x, p.crop_w), (p.centre_y, p.crop_h)):
+        room = 1 - size
+        placed = room > 0.01                          # crops with room to move (the whole image has none)
+        assert (centre.abs() <= room + 1e-6).all() and placed.sum() > n / 2
+        where = (centre[placed] / room[placed]).double()   # the centre's place in its room: uniform in [-1, 1]
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+            assert abs(torch.quantile(where, q).item() - (2 * q - 1)) < 0.03, (q, torch.quantile(where, q).item())
+
+
 SPEC = dict(lpm_dim=64, lpm_heads=4, head_dim=16, patch_size=8, layers=3, n_classes=3, side_res=16, prompts=16,
             reduction=8)
 
@@ -149,6 +176,30 @@ def test_optimizer_as_built_is_adamw_with_weight_decay_on_all_parameters(micro_s
     from fpt.train.loop import load_checkpoint
     model = load_checkpoint(tmp_path / "run" / "best.pt").model
     assert n_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_the_cosine_schedule_spans_exactly_the_steps_the_run_takes(micro_store, tmp_path, monkeypatch, drop_last):
+    """The learning rate follows one cosine from lr to 0 over the whole run: its length is the optimizer steps the
+    run takes (epochs x the train batches of an epoch, the partial one left out with drop_last), so the last step
+    runs at the bottom of the cosine, not part-way down it (too long) nor past it, back up (too short)."""
+    from fpt.train import loop, train
+
+    built = []
+    make_optimizer = loop.make_optimizer
+
+    def spy(*args, **kwargs):
+        built.append(make_optimizer(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    cfg = train_config(micro_store, None, out=tmp_path / "run", side_res=16, epochs=2, batch_size=3, prompts=3,
+                       device="cpu", drop_last=drop_last)
+    train(cfg)
+    ((optimizer, schedule),) = built
+    steps = int(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"])     # AdamW's own count
+    assert steps > 0 and schedule.T_max == steps == schedule.last_epoch     # 8 train samples: not whole batches of 3
+    assert schedule.get_last_lr()[0] == pytest.approx(0, abs=1e-12 * cfg.lr)
 
 
 @pytest.mark.parametrize("kind", ["memory", "stream"])

@@ -86,6 +86,25 @@ def test_learnable_share_equals_paper_table_4(vit_b_512_params, prompts):
     assert round(ratio, 2) == TABLE_4[prompts], ratio
 
 
+def test_fpt_fusion_drops_out_the_attention_output_and_adds_its_prompts_whole():
+    """The earlier FPT fusion is dropout(out_proj(context)) + p_l: in training the dropout masks the cross-attention
+    output only, and the prompts p_l are added after it, whole (never zeroed or scaled by 1/(1-p)). With the
+    out-projector zeroed, what reaches the side network is exactly the prompts, in training as in evaluation."""
+    from fpt.train.model import FptFusionModule, use_generator
+
+    torch.manual_seed(0)
+    fusion = FptFusionModule(layers=3, prompts=5, lpm_dim=32, lpm_heads=2, side_dim=8, dropout=0.5)
+    use_generator(fusion, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fusion.out_proj.weight.zero_()
+        fusion.out_proj.bias.zero_()
+        fusion.prompts.normal_()                        # of order 1 (the init's 1e-6 is below any tolerance)
+    keys, values = torch.randn(2, 3, 2, 7, 16), torch.randn(2, 3, 2, 7, 16)
+    want = fusion.prompts.detach().expand(2, -1, -1, -1)
+    torch.testing.assert_close(fusion.train()(keys, values), want)
+    torch.testing.assert_close(fusion.eval()(keys, values), want)
+
+
 def test_seeded_dropout_draws_from_its_own_generator_only():
     """The fusion's dropout (SeededDropout) with a generator: masks depend on that generator's seed alone, not
     on torch's global generator (which a sweep's runs in threads share); kept values are scaled by 1/(1-p);

@@ -44,6 +44,21 @@ def test_num_selected_is_floor_of_ratio():
     assert num_selected(10, 1.0) == 10
 
 
+def test_num_selected_rounds_down_whatever_the_fraction():
+    """k = floor(N * ratio) for every ratio, also where N * ratio is nearer the next integer (rounding to nearest
+    would keep one token more there, so a store's k would depend on how the fraction falls); the reference is exact
+    rational arithmetic."""
+    from fractions import Fraction
+
+    nearer_up = 0
+    for n in (65, 197, 577, 1025):                    # class token + 8^2, 14^2, 24^2, 32^2 patches
+        for ratio in ("0.1", "0.15", "0.2", "0.3", "0.4", "0.45", "0.7", "0.9"):
+            exact = Fraction(n) * Fraction(ratio)
+            assert num_selected(n, float(ratio)) == max(1, exact.numerator // exact.denominator), (n, ratio)
+            nearer_up += exact - exact.numerator // exact.denominator > Fraction(1, 2)
+    assert nearer_up > 0                              # the cases that tell floor from rounding are among them
+
+
 def test_attention_never_materialised_for_all_queries(monkeypatch):
     """The largest softmax input is [B, H, block, N], never [B, H, N, N]."""
     sizes = []

@@ -69,6 +69,29 @@ def test_manifest_grouped_split_keeps_patients_together_and_is_stratified(tmp_pa
     assert CsvManifestSource(csv_path, seed=4).samples != source.samples   # and seeded
 
 
+def test_rows_with_an_empty_group_are_each_a_group_of_their_own(tmp_path):
+    """A group column with some cells empty (patients without an id): each such image is its own group, as
+    without the column, so they are split like any images; they are not one big group "" that lands whole in one
+    split (half the data set in train, say, or in test)."""
+    grouped = grouped_rows(60)
+    loose = [{"path": f"loose/{i:03d}.png", "label": "malignant" if i % 3 == 0 else "benign", "group": ""}
+             for i in range(len(grouped))]
+    rows = grouped + loose
+    csv_path = write_manifest(tmp_path, rows, ("path", "label", "group"), create_images=False)
+    for row in rows:
+        (tmp_path / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / row["path"]).touch()
+    source = CsvManifestSource(csv_path, seed=0)
+    loose_splits = [s.split for s in source.samples if s.id.startswith("loose/")]
+    assert len(loose_splits) == len(loose) and set(loose_splits) == {0, 1, 2}
+    share = np.bincount(loose_splits, minlength=3) / len(loose)
+    np.testing.assert_allclose(share, [0.7, 0.1, 0.2], atol=0.1)
+    split_of_group: dict[str, set[int]] = {}
+    for row, sample in zip(grouped, source.samples):
+        split_of_group.setdefault(row["group"], set()).add(sample.split)
+    assert all(len(s) == 1 for s in split_of_group.values())              # the named groups still kept whole
+
+
 def test_split_without_groups_is_stratified_per_image():
     labels = [0] * 140 + [1] * 60
     splits = stratified_group_split(labels, [str(i) for i in range(200)], 0, "test")
@@ -120,6 +143,19 @@ def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
     source = open_source(extract_config(None, data, out=str(tmp_path / "s.zarr"), **{"backbone": "x"}))
     assert source.classes == ["benign", "malignant"]
     assert len(source.samples) == 16 and not any("/." in s.id for s in source.samples)
+
+
+def test_image_folder_labels_follow_the_pipelines_class_order(tmp_path):
+    """A pipeline that fixes the class order (``classes: [malignant, benign]``) fixes the labels: label i is the
+    pipeline's class i, whatever the folders' sorted order, so a store's labels mean what its classes say."""
+    from fpt.extract.datasets import ImageFolderSource
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "d")
+    order = sorted(["benign", "malignant"], reverse=True)              # not the folders' sorted order
+    source = ImageFolderSource(data, classes=order)
+    assert source.classes == order
+    assert all(source.classes[s.label] == s.id.split("/")[1] for s in source.samples)
 
 
 def test_every_source_refuses_an_empty_split_the_same_way(tmp_path):

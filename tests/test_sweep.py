@@ -3,9 +3,12 @@
 import csv
 import json
 import statistics
+from collections import Counter
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -64,6 +67,31 @@ def test_scheduler_parsing():
     for bad in ("local:0", "local:x"):
         with pytest.raises(FptError, match="expected local, local:N"):
             local_worker_count(bad, cuda=False)
+
+
+def test_local_workers_take_the_gpus_in_turn(monkeypatch):
+    """On a machine with several GPUs, LocalCluster worker i (workers are named 0..N-1) runs on GPU i % count, so
+    the workers spread evenly over the GPUs (each GPU gets every count-th worker), whatever N is; an explicit
+    device, a single GPU or a task outside a worker keeps the device asked for."""
+    import distributed
+
+    from fpt.cluster import worker_device
+
+    gpus, worker = 3, SimpleNamespace(name=0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed, "get_worker", lambda: worker)
+    placed = []
+    for i in range(2 * gpus + 1):
+        worker.name = i
+        placed.append(worker_device("cuda"))
+    assert placed == [f"cuda:{i % gpus}" for i in range(2 * gpus + 1)]
+    assert Counter(placed[:2 * gpus]) == {f"cuda:{g}": 2 for g in range(gpus)}      # every GPU twice
+    assert worker_device("cuda:1") == "cuda:1" and worker_device("cpu") == "cpu"
+    worker.name = "tcp-worker"                                   # a worker of a running scheduler, named otherwise
+    assert worker_device("cuda") == "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    worker.name = 2
+    assert worker_device("cuda") == "cuda"
 
 
 def test_cli_refuses_a_bad_scheduler_before_any_work(store, tmp_path):

@@ -195,6 +195,24 @@ def test_image_files_load_as_their_straightforward_reading(tmp_path, mode, suffi
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_sixteen_bit_tiffs_of_either_byte_order_keep_their_full_range(tmp_path, order):
+    """A 16-bit grey TIFF opens as "I;16" (little-endian) or "I;16B" (big-endian, e.g. from some scanners); both
+    are high-bit-depth grey and load as the float image of their values min-max scaled (``grey_float``), never
+    as an 8-bit conversion that clips every value above 255 to white."""
+    from PIL import Image
+
+    from fpt.extract.images import grey_float, load_image_file
+
+    stored = np.random.default_rng(2).integers(100, 60_000, (24, 40)).astype(f"{order}u2")
+    mode = "I;16B" if order == ">" else "I;16"
+    Image.frombuffer(mode, (40, 24), stored.tobytes(), "raw", mode, 0, 1).save(tmp_path / "scan.tif")
+    assert Image.open(tmp_path / "scan.tif").mode == mode
+    got = load_image_file(tmp_path / "scan.tif")
+    assert got.mode == "F"
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(grey_float(stored.astype("=u2"))))
+
+
 @pytest.mark.parametrize("res, image_res", [(64, 16), (48, 16), (64, 64), (50, 20), (16, 24)])
 def test_low_res_copy_is_the_area_mean_rounded_once(res, image_res):
     """``low_res_copy`` against a plain reference: for a res that is a multiple of image_res every pixel is the
