@@ -203,15 +203,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     """Metrics of every run by name: finished ones read back, the others trained as dask tasks (local ones as
     threads of this process or as processes: ``runs_share_process``). ``on_note`` gets how local runs share each
     GPU (how many, why, whether their kernels can overlap)."""
-    results, todo = {}, []
-    for run in runs:
-        done = finished_metrics(run)
-        if done is not None:
-            results[run.name] = done
-            if on_run:
-                on_run(run, done, True)
-        elif run.name not in {r.name for r in todo}:
-            todo.append(run)
+    results, todo = _finished_and_todo(runs, on_run)
     if not todo:
         return results
     from distributed import as_completed, wait
@@ -243,16 +235,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     with dask_client(scheduler, cuda, per_gpu or 1, processes=not in_threads) as (client, threads), \
             contextlib.ExitStack() as stack:
         copies = share_splits(reader, names, stack, gpus=share_gpu, in_process=in_threads) if share else None
-        thread_key = None
-        if in_threads:
-            thread_key = os.urandom(8).hex()
-            # runs that start together end together: enough helpers that their pictures do not queue long
-            pictures = (PicturePool(min(len(todo), len(client.nthreads()), max(1, (os.cpu_count() or 2) // 2)))
-                        if draws_pictures_apart(cuda, len(todo)) else None)
-            if pictures:
-                stack.callback(pictures.close)
-            THREAD_SWEEPS[thread_key] = ThreadSweep(threading.Event(), pictures)
-            stack.callback(THREAD_SWEEPS.pop, thread_key, None)
+        thread_key = _start_thread_sweep(stack, len(client.nthreads()), cuda, len(todo)) if in_threads else None
         by_future = {}
 
         def submit(run: Run, first_step_event: str | None = None):
@@ -304,6 +287,36 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
 
 
 STOP_WAIT_S = 120       # how long a stopping sweep waits for its runs in threads to write last.pt and end
+
+
+def _finished_and_todo(runs: list[Run], on_run: Callable[[Run, RunMetrics, bool], None] | None
+                       ) -> tuple[dict[str, RunMetrics], list[Run]]:
+    """The metrics of the runs finished before (each reported to ``on_run``), and the runs still to train, each
+    once."""
+    results, todo = {}, []
+    for run in runs:
+        done = finished_metrics(run)
+        if done is not None:
+            results[run.name] = done
+            if on_run:
+                on_run(run, done, True)
+        elif run.name not in {r.name for r in todo}:
+            todo.append(run)
+    return results, todo
+
+
+def _start_thread_sweep(stack: contextlib.ExitStack, workers: int, cuda: bool, n_runs: int) -> str:
+    """The shared state of a sweep whose runs are threads of this process (``THREAD_SWEEPS``: what stops them,
+    what draws their pictures), until ``stack`` closes; its key."""
+    key = os.urandom(8).hex()
+    # runs that start together end together: enough helpers that their pictures do not queue long
+    pictures = (PicturePool(min(n_runs, workers, max(1, (os.cpu_count() or 2) // 2)))
+                if draws_pictures_apart(cuda, n_runs) else None)
+    if pictures:
+        stack.callback(pictures.close)
+    THREAD_SWEEPS[key] = ThreadSweep(threading.Event(), pictures)
+    stack.callback(THREAD_SWEEPS.pop, key, None)
+    return key
 
 
 def wait_for_first_step(client, event: str, future) -> None:
