@@ -383,11 +383,20 @@ class FrozenLPM(nn.Module):
         grid = res // self.model.patch_embed.patch_size[0]
         return num_selected(grid * grid + self.model.num_prefix_tokens, self.token_ratio)
 
-    def _select(self, attn: nn.Module, q, k, v, lse: torch.Tensor | None = None):
+    def _select(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, H, N, d] of one layer (``lse`` [B, H, N]: their attention's row log-sum-exp, when handed
+        over) -> (indices [B, H, k], keys [B, H, k, d], values [B, H, k, d])."""
         return select_important_tokens(q, k, v, attn.scale, self.token_ratio, self.importance, self.query_block,
                                        self.importance_backend, lse)
 
     def _make_hook(self, layer: int, attn: nn.Module) -> OnQKV:
+        """The capture hook of ``layer``. One attention call of a forward that takes the lse runs, in order:
+        1. the pre-hook (``_enter_lse``) enters ``AttentionLse``;
+        2. this hook gets the layer's q/k/v and arms it with ``on_lse``;
+        3. the attention's SDPA call, served by ``AttentionLse``, hands its lse to ``on_lse``, which selects;
+        4. the forward hook (``_make_finish``) exits it, and selects without the lse where the call was not served.
+        Without the lse (a CPU, ``--importance cls``) this hook selects at once."""
         def hook(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
             if self._lse is None:
                 self._captured[layer] = self._select(attn, q, k, v)

@@ -301,6 +301,8 @@ class TrainStep:
         return F.cross_entropy(logits, batch["labels"])
 
     def eval_probabilities(self, batch: Batch) -> torch.Tensor:
+        """The evaluation forward as written (what ``probabilities`` compiles or captures): class probabilities
+        [B, C] of the batch as given, padding rows included."""
         return self.model.forward_batch(batch, partial(self.side_input, train=False)).float().softmax(-1)
 
     def _forward_backward(self, batch: Batch, draws: torch.Tensor) -> torch.Tensor:
