@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import get_worker_info
 
-from fpt.store import WorkerSlots, plan, shm_has_room
+from fpt.store import WorkerSlots, handover_spec, shm_has_room
 
 PREFETCH = 2                    # the DataLoader's prefetch_factor: a worker's items asked for at once
 _OPEN: dict[str, WorkerSlots] = {}          # this process's slots by file path, which a SlotItem names
@@ -122,7 +122,8 @@ def fill_slot(slots: WorkerSlots | None, shapes: Mapping[str | None, tuple[tuple
     worker = get_worker_info()
     if slots is None or worker is None:
         return None
-    spec, size = plan({name: ((prod(shape) * dtype.itemsize,), "u1") for name, (shape, dtype) in shapes.items()})
+    spec, size = handover_spec({name: ((prod(shape) * dtype.itemsize,), "u1")
+                                for name, (shape, dtype) in shapes.items()})
     index = slots.take(worker.id) if size <= slots.size else None
     if index is None:
         return None

@@ -19,7 +19,7 @@ import torch
 from fpt import FptError
 from fpt.forkserver import fork_server_context, starting
 from fpt.extract.timing import LoopWaits, Progress, ShardClock
-from fpt.store import (Geometry, HandoverSlots, SharedSlot, Spec, StoreWriter, plan, start_writer,
+from fpt.store import (Geometry, HandoverSlots, SharedSlot, Spec, StoreWriter, handover_spec, start_writer,
                        write_shared_shard)
 
 
@@ -176,7 +176,7 @@ class ShardWriterPool:
                           if processes else None)
         self.slots = HandoverSlots(before_close=self._unlock) if processes else None
         # every slot is of the largest shard's size (shard 0), so the slots never grow and are page-locked once
-        self.slot_size = plan(writer.geometry.shard_shapes(0))[1] if processes else 0
+        self.slot_size = handover_spec(writer.geometry.shard_shapes(0))[1] if processes else 0
         self._locked: set[str] = set()                  # page-locked slots (their paths)
         self.lock_refused = False                       # the driver refused to page-lock a slot
         self.copy_at_handover = not processes           # shards in buffers of their own (see ``buffer``)
@@ -216,7 +216,7 @@ class ShardWriterPool:
                           "on its way to a writer process (more host CPU and memory; extraction is otherwise "
                           "unchanged)", RuntimeWarning, stacklevel=2)
             return new()
-        return new(slot=(slot, plan(geometry.shard_shapes(shard))[0]))
+        return new(slot=(slot, handover_spec(geometry.shard_shapes(shard))[0]))
 
     def _prepare_slot(self, slot: SharedSlot) -> None:
         if self.pinned and not self.lock_refused and not self._lock(slot):

@@ -6,8 +6,8 @@ Public API:
     StoreWriter            create / resume a store, write whole shards (local shard files past the page cache:
                            direct_io.py)
     SharedArrays, open_shared   arrays handed to other processes through one memory-mapped file
-    HandoverSlots, SharedSlot, plan   reusable hand-over files for a stream of shards to writer processes, filled
-                           by copying or in place
+    HandoverSlots, SharedSlot, handover_spec   reusable hand-over files for a stream of shards to writer
+                           processes, filled by copying or in place (handover_spec: where each array goes)
     WorkerSlots            reusable memory that helper processes fill and this process reads (DataLoader items)
     write_shared_shard     whole-shard writes in a writer process (shared.py says why); start_writer, its
                            initializer; start_helper, a DataLoader worker's (lower_priority: its CPU priority
@@ -30,7 +30,7 @@ from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
 from fpt.store.verify import VerifyReport, mark_for_reextraction, verify
-from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, lower_priority, open_shared, plan,
+from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, lower_priority, open_shared, handover_spec,
                               reuse_freed_memory, start_helper, start_writer, write_shared_shard, WorkerSlots,
                               shm_has_room)
 from fpt.store.writer import StoreWriter, check_replaceable, check_same_extraction
@@ -39,5 +39,5 @@ __all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA
            "choose_samples_per_shard", "encode_ids", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter",
            "as_dask", "check_replaceable", "check_same_extraction", "is_url", "store_stem", "summarize", "verify",
            "VerifyReport", "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec",
-           "lower_priority", "open_shared", "plan", "reuse_freed_memory", "start_helper", "start_writer",
+           "lower_priority", "open_shared", "handover_spec", "reuse_freed_memory", "start_helper", "start_writer",
            "write_shared_shard", "WorkerSlots", "shm_has_room"]

@@ -40,13 +40,14 @@ Spec = dict[str, tuple[int, tuple[int, ...], str]]
 ALIGN = 64
 
 
-def layout(arrays: Mapping[str, np.ndarray]) -> tuple[Spec, int]:
-    """Where each array goes in a hand-over file (64-byte aligned, in order) and the file's size."""
-    return plan({name: (a.shape, a.dtype) for name, a in arrays.items()})
+def handover_spec_of(arrays: Mapping[str, np.ndarray]) -> tuple[Spec, int]:
+    """``handover_spec`` of these arrays."""
+    return handover_spec({name: (a.shape, a.dtype) for name, a in arrays.items()})
 
 
-def plan(shapes: Mapping[str, tuple[Sequence[int], np.dtype | str]]) -> tuple[Spec, int]:
-    """``layout`` of arrays of these (shape, dtype), before they exist (to fill them in place, ``SharedSlot.views``)."""
+def handover_spec(shapes: Mapping[str, tuple[Sequence[int], np.dtype | str]]) -> tuple[Spec, int]:
+    """Where arrays of these (shape, dtype) go in a hand-over file (64-byte aligned, in order) and the file's size;
+    before they exist, to fill them in place (``SharedSlot.views``)."""
     spec: Spec = {}
     size = 0
     for name, (shape, dtype) in shapes.items():
@@ -75,14 +76,14 @@ class SharedSlot:
             raise
 
     def put(self, arrays: Mapping[str, np.ndarray]) -> tuple[str, Spec]:
-        spec = layout(arrays)[0]
+        spec = handover_spec_of(arrays)[0]
         for name, view in self.views(spec).items():
             np.copyto(view, arrays[name])
         return self.path, spec
 
     def views(self, spec: Spec) -> dict[str, np.ndarray]:
-        """Writable arrays over this slot's memory where ``spec`` (``plan``) puts them: filled in place, they are
-        handed over as ``(slot.path, spec)`` with no copy."""
+        """Writable arrays over this slot's memory where ``spec`` (``handover_spec``) puts them: filled in place,
+        they are handed over as ``(slot.path, spec)`` with no copy."""
         if max((offset + _nbytes(shape, dtype) for offset, shape, dtype in spec.values()), default=0) > self.size:
             raise ValueError(f"the arrays do not fit a hand-over slot of {self.size} bytes")
         return {name: _view(self._memory, *s) for name, s in spec.items()}
@@ -103,7 +104,7 @@ class SharedArrays(SharedSlot):
     machine."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray]):
-        super().__init__(layout(arrays)[1])
+        super().__init__(handover_spec_of(arrays)[1])
         try:
             self.handle = self.put(arrays)
         except BaseException:
@@ -170,7 +171,7 @@ class HandoverSlots:
 
     @contextmanager
     def put(self, arrays: Mapping[str, np.ndarray]) -> Iterator[tuple[str, Spec]]:
-        slot = self.take(layout(arrays)[1])
+        slot = self.take(handover_spec_of(arrays)[1])
         try:
             yield slot.put(arrays)
         finally:

@@ -696,11 +696,11 @@ def test_a_writer_process_reuses_the_memory_it_frees_instead_of_faulting_in_fres
 
 def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tmp_path):
     """write_shared_shard keeps one mapping per slot; new contents, and a new file under the same name, are seen."""
-    from fpt.store.shared import SharedSlot, layout, write_shared_shard
+    from fpt.store.shared import SharedSlot, handover_spec_of, write_shared_shard
 
     writer = open_writer(tmp_path / "s.zarr")
     a, b, c = (shard_arrays(3, seed=s) for s in (0, 1, 2))
-    slot = SharedSlot(layout(a)[1])
+    slot = SharedSlot(handover_spec_of(a)[1])
     try:
         for shard, arrays in ((0, a), (1, b)):
             write_shared_shard(str(writer.location), True, shard, *slot.put(arrays))
@@ -710,7 +710,7 @@ def test_a_writer_process_reads_each_hand_over_fresh_through_its_kept_mapping(tm
         f.write(bytes(slot.size))
     try:
         memory = np.memmap(slot.path, np.uint8, "r+")
-        spec = layout(c)[0]
+        spec = handover_spec_of(c)[0]
         for name, arr in c.items():
             offset, shape, dtype = spec[name]
             memory[offset:offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
