@@ -56,10 +56,14 @@ def cli(*args):
     return [sys.executable, "-m", "fpt.cli", "extract", *map(str, args)]
 
 
+SLOW_RES = 384          # ViT-Tiny at this res takes ~0.3 s an image on the dev box (one core's share)
+
+
 def slow_extraction(tmp_path):
-    """(CLI options, data) for 24 images that take a few seconds: ViT-Tiny at 512 px, one image per batch."""
+    """(CLI options, data) for 24 images that take several seconds: ViT-Tiny at ``SLOW_RES`` px, one image per
+    batch, shards of 4 (time to interrupt the run after its first shard)."""
     data = write_image_folder(tmp_path / "d", {"train": 8, "val": 2, "test": 2}, size=64)    # 24 images
-    return ["--backbone", "vit_tiny_patch16_224", "--random-init", "--res", "512", "--image-res", "32",
+    return ["--backbone", "vit_tiny_patch16_224", "--random-init", "--res", str(SLOW_RES), "--image-res", "32",
             "--device", "cpu", "--shard-size", "4", "--batch-size", "1", "--data", data], data
 
 

@@ -13,7 +13,7 @@ from fpt.extract import extract
 from fpt.extract.encode import forward_fitting
 from fpt.store import StoreLock, StoreReader
 from tests.conftest import write_image_folder
-from tests.helpers import (DASK_CASE, TINY, assert_same_store, cli, dask_case_single_process,
+from tests.helpers import (DASK_CASE, SLOW_RES, TINY, assert_same_store, cli, dask_case_single_process,
                            interrupt_after_first_shard, slow_extraction)
 
 
@@ -29,7 +29,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_store(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-1000:]
     assert f"wrote {24 - partial.sum()} samples" in " ".join(resumed.stdout.split())
     clean = tmp_path / "clean.zarr"
-    extract(extract_config(None, data, out=clean, res=512, samples_per_shard=4, batch_size=1, **TINY))
+    extract(extract_config(None, data, out=clean, res=SLOW_RES, samples_per_shard=4, batch_size=1, **TINY))
     assert_same_store(store, clean)
 
 
