@@ -187,7 +187,8 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
                 window: tuple | None = None, rescale: tuple[float, float] | None = None,
                 patient: str | None = "P1", laterality: str | None = None, laterality_tag: str = "ImageLaterality",
                 voi_lut: tuple[int, np.ndarray] | None = None) -> Path:
-    """A real DICOM file: ``pixels`` uint16 [H, W] or [F, H, W] (grey) or uint8 [H, W, 3] (RGB).
+    """A real DICOM file: ``pixels`` uint16 [H, W] or [F, H, W] (grey) or uint8 [H, W, 3] (RGB; uint16 RGB stores
+    ``bits`` bits).
 
     window: (centres, widths) as numbers or lists; rescale: (slope, intercept); voi_lut: (first input, LUT data).
     """
@@ -201,7 +202,7 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
         ds.PatientID = patient
     if laterality is not None:
         setattr(ds, laterality_tag, laterality)
-    ds.set_pixel_data(pixels, photometric, bits if photometric != "RGB" else 8)
+    ds.set_pixel_data(pixels, photometric, bits if photometric != "RGB" or pixels.dtype != np.uint8 else 8)
     if window is not None:
         ds.WindowCenter, ds.WindowWidth = window
     if rescale is not None:

@@ -39,6 +39,16 @@ def test_modality_lut_then_window(tmp_path):
     np.testing.assert_allclose(decoded(path), expect, atol=1e-6)
 
 
+def test_a_window_takes_the_modality_output_unrounded(tmp_path):
+    """A window is a formula over real values (only a VOI LUT is indexed by integers): a rescale with a fractional
+    slope and intercept gives values between integers, and they are windowed as they are, not rounded first."""
+    x = stored_12bit(seed=8)
+    path = write_dicom(tmp_path / "a.dcm", x, window=(1000, 300), rescale=(0.5, 0.25))
+    expect = linear_window(0.5 * x + 0.25, 1000, 300)
+    assert ((expect > 0) & (expect < 1)).mean() > 0.1                                 # many on the window's ramp
+    np.testing.assert_allclose(decoded(path), expect, atol=1e-6)
+
+
 def test_first_of_several_windows(tmp_path):
     x = stored_12bit(seed=1)
     path = write_dicom(tmp_path / "a.dcm", x, window=([1000, 3000], [800, 400]))
@@ -124,6 +134,15 @@ def test_rgb_dicom_is_rgb(tmp_path):
     image = read_dicom(write_dicom(tmp_path / "a.dcm", rgb, "RGB"))
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), rgb)
+
+
+def test_rgb_of_more_than_eight_bits_maps_its_stored_range_onto_eight(tmp_path):
+    """RGB with 12 of its 16 allocated bits stored: the stored range 0..4095 maps onto 0..255 (rounded), so a
+    12-bit white is white; scaling by the allocated 16 bits would leave the image at a sixteenth of its light."""
+    rgb = np.random.default_rng(7).integers(0, 4096, (10, 12, 3)).astype(np.uint16)
+    image = read_dicom(write_dicom(tmp_path / "a.dcm", rgb, "RGB", bits=12))
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), np.rint(rgb * (255 / 4095)).astype(np.uint8))
 
 
 def bundled(name: str) -> Path:

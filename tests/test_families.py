@@ -19,6 +19,7 @@ FAMILIES = {
     "vit": ("vit_base_patch16_224", {}, 1, True),
     "deit-distilled": ("deit_tiny_distilled_patch16_224", {}, 2, True),
     "deit3": ("deit3_small_patch16_224", {}, 1, True),
+    "vit-qk-norm": ("vit_small_patch16_224", dict(qk_norm=True), 1, True),      # the fused hook's q/k norms
     "dinov2": ("vit_small_patch14_dinov2", {}, 1, True),
     "dinov2-registers": ("vit_small_patch14_reg4_dinov2", {}, 5, True),
     "clip": ("vit_base_patch16_clip_224", {}, 1, True),
@@ -29,6 +30,8 @@ FAMILIES = {
     "vit-rope": ("vit_small_patch16_rope_224", {}, 1, True),
     "vit-rope-mixed": ("vit_small_patch16_rope_mixed_224", {}, 1, True),
     "vit-rope-gqa": ("vit_small_patch16_rope_224", dict(qkv_fused=False, num_kv_heads=1), 1, True),
+    # two K/V heads for four query heads: query head h attends with K/V head h // 2 (one K/V head hides the order)
+    "vit-rope-gqa-2": ("vit_small_patch16_rope_224", dict(qkv_fused=False, num_heads=4, num_kv_heads=2), 1, True),
     "dinov3": ("vit_small_patch16_dinov3", {}, 5, True),
 }
 
@@ -189,7 +192,8 @@ def test_hf_hub_names_with_weights_build_offline_from_the_cached_config(tmp_path
 
 def test_an_image_res_below_the_patch_is_refused_before_the_store_is_made(image_folder, tmp_path, monkeypatch):
     """No side network could train on low-res copies smaller than one LPM patch (--side-res is a multiple of the
-    patch, at most --image-res): refused from the name where it says the patch, else once the model is built."""
+    patch, at most --image-res): refused from the name where it says the patch, else once the model is built. One
+    whole patch is enough."""
     from fpt.config import extract_config
     from fpt.extract import extract
 
@@ -203,6 +207,9 @@ def test_an_image_res_below_the_patch_is_refused_before_the_store_is_made(image_
         extract_config(None, image_folder, out=out, backbone="vit_tiny_patch16_224", random_init=True, res=64,
                        image_res=15)
     assert not out.exists()
+    # one whole patch is enough: --side-res 16 trains on it
+    assert extract_config(None, image_folder, out=out, backbone="vit_tiny_patch16_224", random_init=True, res=64,
+                          image_res=16).image_res == 16
 
 
 def test_cli_refuses_an_unsupported_family_before_writing_anything(image_folder, tmp_path):

@@ -914,6 +914,24 @@ def test_loop_waits_add_up_the_time_spent_waiting_for_each_stage():
     assert waits.writing == 1.0
 
 
+def test_the_first_batch_is_timed_when_it_arrives_not_when_the_loop_began_waiting_for_it():
+    """``first_batch`` (the start's decoding part) is when the first decoded batch reached the loop: the decode
+    workers' start-up and first images are in it; a loader that yields nothing leaves it None."""
+    from fpt.extract.timing import LoopWaits
+
+    clock = [0.0]
+
+    def loader(decoding_s: float):
+        clock[0] += decoding_s                                  # the first batch takes this long to decode
+        yield "a"
+
+    waits = LoopWaits(now=lambda: clock[0])
+    assert list(waits.batches(loader(5.0))) == ["a"]
+    assert waits.first_batch == clock[0] == waits.decoding
+    empty = LoopWaits(now=lambda: clock[0])
+    assert list(empty.batches([])) == [] and empty.first_batch is None
+
+
 def test_the_loop_stays_a_few_batches_ahead_of_the_device_waiting_asleep_in_device_time():
     """``DeviceLead``: after each batch an event is recorded; with more than 2 in flight the loop waits for the
     oldest (in order), and that wait counts as waiting for the device. Without events (a CPU) it never waits."""

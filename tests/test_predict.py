@@ -56,6 +56,24 @@ def test_predict_gives_the_store_samples_probabilities(trained, method):
         assert r.prediction == max(r.probabilities, key=r.probabilities.get)
 
 
+def test_predictions_batch_by_batch_keep_each_images_name_and_probabilities(trained):
+    """Images are encoded ``batch_size`` at a time: whatever the batching (several batches, a last partial one),
+    each row names its own image, in the order the inputs give them, with the probabilities it gets in one
+    batch."""
+    data, _, checkpoints = trained
+    images = collect_images([data / "test"])
+    whole = predict_images(checkpoints["fpt+"], [data / "test"], random_init=True, device="cpu",
+                           batch_size=len(images))
+    assert [r.image for r in whole.rows] == [str(p) for p in images]
+    for size in (1, len(images) - 1):
+        batched = predict_images(checkpoints["fpt+"], [data / "test"], random_init=True, device="cpu",
+                                 batch_size=size)
+        assert [r.image for r in batched.rows] == [r.image for r in whole.rows]
+        np.testing.assert_allclose([[r.probabilities[c] for c in batched.classes] for r in batched.rows],
+                                   [[r.probabilities[c] for c in whole.classes] for r in whole.rows],
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_other_lpm_weights_are_refused(trained, tmp_path):
     import timm
 
@@ -86,6 +104,16 @@ def test_inputs_from_files_folders_and_csv(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FptError, match="no images"):
         collect_images([tmp_path / "empty"])
+
+
+def test_a_csv_saved_by_a_spreadsheet_is_read_by_its_header(trained, tmp_path):
+    """Spreadsheets save a CSV as UTF-8 with a byte-order mark, CRLF line ends and their own header case: the
+    header still names the path column (a mark left on the first header cell would make it a path to a file)."""
+    data, _, _ = trained
+    folder = sorted((data / "val").rglob("*.png"))
+    listing = tmp_path / "saved-by-a-spreadsheet.csv"
+    listing.write_bytes(("Image,Note\r\n" + "".join(f"{p},x\r\n" for p in folder[:2])).encode("utf-8-sig"))
+    assert collect_images([listing]) == folder[:2]
 
 
 def test_predict_cli_prints_and_writes(trained, tmp_path):

@@ -1,5 +1,8 @@
 """Crash safety and scale-out of extraction: SIGKILL + resume, the store lock, dask.distributed workers."""
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -50,6 +53,21 @@ def test_second_extraction_is_refused_while_one_runs(tmp_path):
     with StoreLock(store):          # the kernel released the dead holder's lock: taken over
         pass
     assert not (tmp_path / "s.zarr.lock").exists()
+
+
+def test_a_lock_taken_over_from_a_dead_holder_names_only_the_new_holder(tmp_path):
+    """A dead holder's record stays in the lock file (the kernel releases only its flock). The new holder replaces
+    it whole, also when the dead record was longer (a longer host name): a rival is then told who holds the store
+    now, not "pid ?" from a record with the dead one's tail left after it."""
+    store, lock_file = tmp_path / "s.zarr", tmp_path / "s.zarr.lock"
+    lock_file.write_text(json.dumps({"pid": 99999999, "host": "a-far-longer-host-name.cluster.example.org",
+                                     "since": "2026-01-01T00:00:00"}))
+    with StoreLock(store):
+        holder = json.loads(lock_file.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(FptError, match=f"being extracted by pid {os.getpid()} on {socket.gethostname()} "):
+            with StoreLock(store):
+                pass
 
 
 def test_dask_local_cluster_writes_the_same_store(tmp_path):

@@ -12,7 +12,7 @@ from fpt.cli import app
 from fpt.config import train_config
 from fpt.store import StoreReader
 from fpt.train import train
-from fpt.train.show import GREEN, LABEL_H, find_sample, render_tile, show, token_maps
+from fpt.train.show import GREEN, LABEL_H, TokenMaps, find_sample, render_tile, show, token_maps
 from tests.conftest import micro_config, write_image_folder
 
 
@@ -61,6 +61,22 @@ def test_tile_boxes_exactly_the_selected_tokens(trained):
     for patch, (y, x) in enumerate(inside):                                  # unselected tokens are dimmed
         kept = patch in chosen
         assert (np.abs(pixels[y, x].astype(int) - base[y, x]).max() <= 1) == kept
+
+
+def test_tiles_box_the_patch_each_token_is_after_all_the_prefix_tokens():
+    """Token i >= prefix is patch i - prefix (row-major over the grid), whatever the number of prefix tokens: a
+    DINOv2 with registers has 5 (class + 4 registers), and a box placed as if only a class token came first sits
+    4 patches off. The store's micro LPM has one prefix token, so these maps are made here."""
+    grid, prefix, cell = 4, 5, 16
+    chosen = [0, 3, 6, 9, 15]                                                # patches, row-major
+    indices = np.array([[[1] + [p + prefix for p in chosen]]])               # [L=1, H=1, k]: a register and those
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    maps = TokenMaps(sample=0, sample_id="x.png", label="benign", image=image, layers=[0], indices=indices,
+                     attention=None, grid=grid, prefix=prefix)
+    pixels = np.asarray(render_tile(maps, 0, 0, grid * cell, attention=False))
+    for patch in range(grid * grid):
+        row, col = divmod(patch, grid)
+        assert (tuple(pixels[row * cell, col * cell]) == GREEN) == (patch in chosen), patch
 
 
 def test_show_writes_the_grid_png(trained, tmp_path):

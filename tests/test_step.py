@@ -2,6 +2,7 @@
 and weights; the fallback to eager when compiling fails; padded evaluation; the versioned checkpoint and
 atomic writes; the background checkpoint writer."""
 import math
+import threading
 import warnings
 
 import pytest
@@ -328,6 +329,16 @@ def test_atomic_write_leaves_the_old_file_and_no_temporary_on_failure(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_atomic_write_writes_its_temporary_file_beside_the_target(tmp_path):
+    """The temporary file is made in the target's folder: only a rename within one filesystem is atomic (from
+    the system's temporary folder, often another filesystem, os.replace fails with EXDEV)."""
+    target, written = tmp_path / "run" / "metrics.json", []
+    target.parent.mkdir()
+    atomic_write(target, lambda tmp: written.append(tmp) or tmp.write_text("new"))
+    assert written[0].parent == target.parent and target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]
+
+
 def test_checkpoint_writer_writes_cpu_copies_and_reports_a_failure(tmp_path):
     written = []
     state = {"w": torch.ones(2)}
@@ -344,6 +355,26 @@ def test_checkpoint_writer_writes_cpu_copies_and_reports_a_failure(tmp_path):
         with CheckpointWriter(save=failing) as writer:
             writer.submit(tmp_path / "b.pt", "last", {})
             writer.flush()
+
+
+def test_checkpoint_writer_writes_nothing_after_a_failed_write(tmp_path):
+    """Once a write fails, checkpoints already queued behind it are not written either: a last.pt written after
+    a best.pt that failed would let ``--resume`` continue a run whose best checkpoint is missing or stale."""
+    written, failing = [], threading.Event()
+
+    def save(path, kind, content):
+        if kind == "best":
+            failing.wait(timeout=10)        # the next checkpoint is queued before this write fails
+            raise OSError("disk full")
+        written.append(path)
+
+    with pytest.raises(OSError, match="disk full"):
+        with CheckpointWriter(save=save) as writer:
+            writer.submit(tmp_path / "best.pt", "best", {})
+            writer.submit(tmp_path / "last.pt", "last", {})
+            failing.set()
+            writer.flush()
+    assert written == []
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -408,6 +408,39 @@ def test_best_epoch_takes_the_higher_score_then_the_lower_val_loss_then_the_earl
     assert not acc.improved_by(1, {"auc": None, "acc": 0.5, "loss": 1.0}) and acc.epoch == 0
 
 
+def test_an_auc_of_zero_is_the_worst_score_not_an_undefined_one():
+    """validation_score falls back to accuracy only where AUC is undefined (None). An AUC of 0.0 (every positive
+    ranked below every negative) is a defined score, the worst: a falsy-value fallback would rank that epoch by
+    its accuracy and let it beat an epoch with a higher AUC."""
+    from fpt.train.loop import BestEpoch
+    from fpt.train.results import validation_score
+
+    inverted = {"auc": 0.0, "acc": 0.9, "loss": 1.0}
+    chance = {"auc": 0.5, "acc": 0.1, "loss": 1.0}
+    assert validation_score(inverted) == inverted["auc"]
+    best = BestEpoch()
+    assert best.improved_by(0, inverted)
+    assert best.improved_by(1, chance) and best.epoch == 1
+
+
+def test_each_step_of_an_epoch_trains_on_its_own_augmentation_draws(micro_store, tmp_path, monkeypatch):
+    """An epoch's augmentation is drawn once, [steps, DRAWS, batch size], and step i takes row i (cut to its
+    batch): every batch gets crops, flips and jitter of its own, not the first batch's once more."""
+    from fpt.train.data import SideInput
+    from fpt.train.step import TrainStep
+
+    epochs, steps = [], []
+    real_draw, real_step = SideInput.draw, TrainStep.__call__
+    monkeypatch.setattr(SideInput, "draw", lambda self, *a: epochs.append(real_draw(self, *a)) or epochs[-1])
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, batch, draws: steps.append(draws.clone())
+                        or real_step(self, batch, draws))
+    train(tiny_train(micro_store, tmp_path / "run", epochs=1))
+    (drawn,) = epochs
+    assert len(steps) == len(drawn) > 1
+    for i, draws in enumerate(steps):
+        assert torch.equal(draws, drawn[i, :, :draws.shape[-1]]), i
+
+
 @pytest.mark.parametrize("checkpoint_seconds", [0, 3600])
 def test_best_pt_holds_the_best_epochs_model_when_later_epochs_are_worse(micro_store, tmp_path, monkeypatch,
                                                                          checkpoint_seconds):
