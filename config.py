@@ -242,7 +242,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Every rule on a training run's values, whoever builds it (options, a saved run, a sweep task)."""
-        self.store, self.out = str(self.store), None if self.out is None else Path(self.out)     # as JSON gives them
+        self.store, self.out = str(self.store), Path(self.out) if self.out else None     # as JSON gives them
         for name in ("lr", "weight_decay", "cache_budget_mb", "ft_memory_mb", "checkpoint_seconds"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):

@@ -181,9 +181,11 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None, scheduler: str
             if skipped:
                 result.skipped_report = str(writer.record_skipped(sorted(skipped)))
             if written:
+                ran = host if scheduler is None else cfg       # on dask each worker chooses for its own device
                 writer.update_attrs(last_run={
                     **_last_run(result), "device": str(device), "scheduler": scheduler,
-                    "batch_size": host.batch_size, "write_threads": host.write_threads, "writers": writers,
+                    "batch_size": ran.batch_size, "workers": ran.workers, "write_threads": ran.write_threads,
+                    "writers": writers,
                     "precision": cfg.precision, "direct_io": cfg.direct_io,
                     "host_buffer_limit_mb": round(host_buffer_mb, 1),
                     "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS"})

@@ -34,7 +34,7 @@ class VerifyReport:
     n_samples: int
     full: bool                  # True: every chunk was read and checksummed; False: files and metadata only
     problems: list[Problem] = field(default_factory=list)
-    ids: np.ndarray | None = None   # the samples' ids, where the store's ids can be read
+    ids: np.ndarray | None = None   # the samples' ids, read where there are problems to name (and they can be)
 
     def named(self, samples: list[int]) -> list[str]:
         """Samples by their ids (by index where the ids cannot be read)."""
@@ -106,7 +106,7 @@ def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAM
     group = open_group(path)
     g = Geometry(**group.attrs["geometry"])
     full = path.size() < CHECKSUM_BELOW_BYTES if full is None else full
-    report = VerifyReport(str(path), g.n_samples, full, ids=_readable_ids(path))
+    report = VerifyReport(str(path), g.n_samples, full)
     everything = list(range(g.n_samples))
     done = _read_done(group, g, report)
     if DONE in arrays and not done.all():
@@ -123,6 +123,8 @@ def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAM
             _check_shard(path, name, arr, shard, rows, done, full, report)
         if progress:
             progress(step + 1, len(arrays))
+    if report.problems:
+        report.ids = _readable_ids(path)
     return report
 
 

@@ -178,6 +178,7 @@ def test_saved_configs_rebuild_with_their_augmentation():
     again = TrainConfig(**json.loads(json.dumps(asdict(cfg), default=str)))
     assert again == cfg and again.augment.hflip == 0.25 and again.drop_last is False
     assert isinstance(again.out, Path) and again.store == "x.zarr"
+    assert train_config("x.zarr", None, out="").out is None                # empty: the default run folder
 
 
 def test_helper_processes_lower_their_priority_on_cuda_only_unless_the_environment_says(monkeypatch):

@@ -738,12 +738,13 @@ def test_the_runs_start_and_end_stages_are_timed_in_order(tmp_path, image_folder
 
 def test_the_run_records_the_batch_size_and_writers_it_chose(tmp_path, image_folder):
     """Options left to their defaults are recorded as the values the loop ran with, not as None."""
-    from fpt.extract.run import default_batch_size, default_write_threads
+    from fpt.extract.run import default_batch_size, default_workers, default_write_threads
 
-    extract(micro_config(image_folder, tmp_path / "s.zarr", batch_size=None, write_threads=None))
+    extract(micro_config(image_folder, tmp_path / "s.zarr", batch_size=None, workers=None, write_threads=None))
     run, g = StoreReader(tmp_path / "s.zarr").attrs["last_run"], StoreReader(tmp_path / "s.zarr").geometry
     cpu = torch.device("cpu")
-    assert (run["batch_size"], run["write_threads"]) == (default_batch_size(cpu), default_write_threads(cpu))
+    assert ((run["batch_size"], run["workers"], run["write_threads"])
+            == (default_batch_size(cpu), default_workers(cpu), default_write_threads(cpu)))
     filling = (run["batch_size"] - 1) // g.samples_per_shard + 2
     assert run["host_buffer_limit_mb"] == round((run["write_threads"] + filling) * g.samples_per_shard
                                                 * g.bytes_per_sample() / 2**20, 1)
