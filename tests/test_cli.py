@@ -195,3 +195,23 @@ def test_a_bad_scheduler_address_is_refused_before_a_store_is_made(tmp_path, ima
 def test_demo_refuses_zero_epochs_before_extracting(tmp_path):
     result = runner.invoke(app, ["demo", "--epochs", "0", "--out-dir", str(tmp_path / "demo")])
     assert result.exit_code == 2 and "--epochs" in result.output and not (tmp_path / "demo").exists()
+
+
+def test_the_metrics_table_shows_each_metric_under_its_own_name(monkeypatch):
+    """``show_metrics``: each column of a run's row holds the test metric its header names (distinct values
+    here, so a value under another's header shows), and PME only where a run has one."""
+    from fpt.train.results import RunMetrics, Throughput
+
+    shown = []
+    monkeypatch.setattr(cli.console, "print", lambda *args, **kwargs: shown.append(args[0]))
+    test = {"auc": 0.9123, "acc": 0.8234, "f1": 0.7345, "kappa": 0.6456}
+    run = RunMetrics(method="fpt+", best_epoch=3, best_reason="highest val AUC", val=test, test=test,
+                     params={"ratio_percent": 1.234}, efficiency={"ppe": 0.5567, "pme": None},
+                     throughput=Throughput(123.0, 130.0, 456.0, "cpu_peak_rss", 100.0, "cpu", False, False, 2),
+                     data={}, config={}, store="s.zarr", run_dir="runs/x")
+    cli.show_metrics([run])
+    columns = {c.header: [str(cell) for cell in c.cells] for c in shown[0].columns}
+    assert "PME" not in columns
+    for header, name in (("AUC", "auc"), ("acc", "acc"), ("F1", "f1"), ("kappa", "kappa")):
+        assert columns[header] == [f"{test[name]:.3f}"], header
+    assert columns["PPE"] == [f"{run.efficiency['ppe']:.3f}"] and columns["method"] == [run.method]

@@ -222,3 +222,13 @@ def test_resume_keeps_only_options_that_do_not_change_the_results():
         else:
             with pytest.raises(FptError, match=f"drop {flag} \\(a run with other settings"):
                 resume_options("run", {name: value, "device": "cpu"})
+
+
+def test_default_output_names_come_from_the_stores_name_however_it_is_written():
+    """A store named with a trailing slash (as shells complete a folder) gives the default sweep folder, run
+    folder and picture names of the store named without it, locally or as a URL."""
+    from fpt.store import store_stem
+
+    for plain in ("runs/cmmd.zarr", "s3://bucket/stores/cmmd.zarr"):
+        assert store_stem(plain + "/") == store_stem(plain) == store_stem(Path(plain).name)
+        assert sweep_config(plain + "/").out == sweep_config(plain).out

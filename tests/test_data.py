@@ -508,3 +508,20 @@ def test_impossible_cache_is_refused_before_the_run_dir_exists(store, tmp_path):
     with pytest.raises(FptError, match="--cache gpu needs a CUDA training device"):
         train(train_config(store, None, out=tmp_path / "never", side_res=16, epochs=1, device="cpu", cache="gpu"))
     assert not (tmp_path / "never").exists()
+
+
+def test_batches_kept_past_their_window_keep_their_samples(store):
+    """On a CPU a streamed window's batches are gathered from the reader's slot it lies in, which the reader
+    refills with a later window once the next one is asked for: each batch is memory of its own, never a view
+    of the slot, so batches kept past their window (a list of the epoch's, here one sample each) hold their own
+    samples, as those of a split read without reader processes."""
+    from fpt.loader_slots import slots_per_worker
+
+    reader = StoreReader(store)
+    split = StreamSplit(reader, "train", NAMES, CPU, workers=1, window_samples=1)
+    assert len(split.windows(False, None)) > slots_per_worker(pinned=False)  # a slot refilled within the epoch
+    kept = list(split.batches(1))
+    want = list(StreamSplit(reader, "train", NAMES, CPU, workers=0, window_samples=1).batches(1))
+    assert len(kept) == len(want) == len(reader.split_indices("train"))
+    for a, b in zip(kept, want):
+        assert all(torch.equal(a[n], b[n]) for n in b)

@@ -159,3 +159,25 @@ def test_extractions_writer_processes_write_past_the_page_cache_unless_told_not_
     a, b = StoreReader(out), StoreReader(reference)
     for name in ("keys", "values", "images"):
         np.testing.assert_array_equal(a.read(range(16), (name,))[name], b.read(range(16), (name,))[name])
+
+
+def test_a_write_refused_after_the_open_is_a_refusal_too(tmp_path, monkeypatch):
+    """Some filesystems take an O_DIRECT open and refuse the write itself (EINVAL: FUSE mounts, a logical block
+    larger than ALIGNMENT): a refusal as at the open, so write_direct says so and leaves nothing (the file already
+    there kept), and the store writes that value and every later one the LocalStore's way instead of failing."""
+    import zarr
+
+    (tmp_path / "file").write_bytes(b"kept")
+
+    def refuse(fd, data):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "write", refuse)                  # only write_direct writes through os.write
+    assert not write_direct(tmp_path / "file", memoryview(b"new" * 5000))
+    assert (tmp_path / "file").read_bytes() == b"kept" and os.listdir(tmp_path) == ["file"]
+    store = DirectWriteStore(tmp_path / "s.zarr")
+    data = np.arange(DIRECT_MIN_BYTES, dtype=np.uint8)                    # one chunk over the threshold
+    array = zarr.create_array(store, shape=data.shape, chunks=data.shape, dtype=data.dtype, compressors=None)
+    array[:] = data
+    assert not store.direct
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "s.zarr", mode="r")[:], data)

@@ -356,3 +356,24 @@ def test_cuda_frozen_lpm_with_the_attentions_lse_stores_the_same_kv(res):
             for flag in (True, False)]
     for name in ("indices", "keys", "values", "cls"):
         assert torch.equal(outs[0][name], outs[1][name]), name
+
+
+def test_attention_lse_hands_on_the_scale_the_call_gives(monkeypatch):
+    """An attention that passes its own ``scale`` (not 1/sqrt(d)) is served with that scale: ``on_lse`` gets it
+    with the lse of the scores under it, so the importance computed from them is of the attention the model ran."""
+    import torch.nn.functional as F
+
+    from fpt.extract import attention_lse
+
+    monkeypatch.setattr(attention_lse, "_state", {})
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    scale = 0.3 * 16 ** -0.5
+    got = []
+    with attention_lse.AttentionLse() as mode:
+        mode.arm(lambda *args: got.append(args))
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        assert not mode.pending()
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, scale=scale))
+    (_, _, _, lse, given), = got
+    assert given == scale
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-2, -1) * scale, dim=-1))

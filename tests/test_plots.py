@@ -134,3 +134,34 @@ def test_train_and_evaluate_write_metrics_and_pictures(tmp_path, micro_store):
     assert written["split"] == "val" and written["n"] == 4 and set(written["metrics"]) >= {"auc", "acc", "kappa"}
     assert f"{written['metrics']['acc']:.4f}" in result.output      # the table shows what the file holds
     assert {p.name for p in out.parent.glob("*.png")} == {"val-roc.png", "val-confusion.png"}
+
+
+def test_the_roc_picture_draws_each_curve_false_positives_across_true_positives_up():
+    """The picture of ``roc_curves``: each curve (after the chance diagonal) is its false positive rates on the
+    x axis and its true positive rates on the y axis, as the axes are labelled."""
+    from fpt.train.plots import _roc_figure
+
+    labels, probs = random_predictions(120, 3, seed=2)
+    curves = roc_curves(labels, probs, ["x", "y", "z"])
+    ax = _roc_figure(curves, "test").axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("false positive rate", "true positive rate")
+    lines = ax.get_lines()[1:]
+    assert len(lines) == len(curves)
+    for line, curve in zip(lines, curves):
+        np.testing.assert_array_equal(line.get_xdata(), curve.fpr)
+        np.testing.assert_array_equal(line.get_ydata(), curve.tpr)
+
+
+def test_the_confusion_picture_has_true_classes_in_rows_coloured_by_their_share_of_the_row():
+    """The picture of ``confusion``: the count of (true r, predicted c) written in row r, column c, and each
+    cell coloured by its share of its true class (the row), as the axes and the colour bar say."""
+    from fpt.train.plots import _confusion_figure
+
+    labels, probs = random_predictions(60, 3, seed=3)
+    matrix = confusion(labels, probs, 3)
+    assert not np.array_equal(matrix.sum(axis=0), matrix.sum(axis=1))          # rows and columns differ
+    ax = _confusion_figure(matrix, ["x", "y", "z"], "test").axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+    written = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert written == {(r, c): str(n) for (r, c), n in np.ndenumerate(matrix)}
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), matrix / matrix.sum(axis=1, keepdims=True))

@@ -349,3 +349,55 @@ def test_a_store_edited_by_hand_is_one_error_naming_what_is_wrong(tmp_path):
     with pytest.raises(FptError, match="labels run from 0 to 7, but the store names 2 classes"):
         StoreReader(path).labels
     assert summarize(edited("nodone", lambda p: shutil.rmtree(p / "done")))["done"] is None   # inspect lists it
+
+
+def test_skipped_sources_of_a_resumed_extraction_are_added_to_the_report(tmp_path):
+    """A resumed extraction that skips more sources adds their rows to the store's skipped-sample report, under
+    its one header: the rows of the runs before stay, since they name samples still left out of every split."""
+    import csv
+    import io
+
+    from fpt.store.layout import SKIPPED_REPORT
+
+    w = open_writer(tmp_path / "s.zarr")
+    first = [(1, "s1", "cannot read image s1: truncated")]
+    later = [(4, "s4", 'cannot read image s4: "not a PNG", say'), (5, "s5", "cannot read image s5")]
+    where = w.record_skipped(first)
+    assert open_writer(tmp_path / "s.zarr").record_skipped(later) == where           # the resumed run's writer
+    rows = list(csv.reader(io.StringIO((tmp_path / "s.zarr" / SKIPPED_REPORT).read_text())))
+    assert rows == [["index", "id", "error"], *([str(i), name, error] for i, name, error in first + later)]
+
+
+def test_an_overwrite_that_ends_with_shards_still_to_write_keeps_the_store_it_replaces(tmp_path):
+    """``replacing`` removes the store an --overwrite replaces only once every shard of the new one is written:
+    a block that ends without an error but with shards pending (a run that wrote some) keeps it, whole; the
+    resumed --overwrite that completes the new store removes it."""
+    from fpt.store.writer import REPLACED_SUFFIX
+
+    path, kept = tmp_path / "s.zarr", tmp_path / f"s.zarr{REPLACED_SUFFIX}"
+    old = open_writer(path)
+    for s in range(GEOM.n_shards()):
+        old.write_shard(s, shard_arrays(len(GEOM.shard_range(s)), s))
+    new = open_writer(path, overwrite=True)
+    with new.replacing():
+        new.write_shard(0, shard_arrays(3, 10))
+    assert kept.exists() and StoreReader(kept).done().all()
+    assert new.pending_shards() == [1, 2]
+    resumed = open_writer(path, overwrite=True)
+    assert resumed.pending_shards() == [1, 2]                                # the unfinished new store, resumed
+    with resumed.replacing():
+        for s in resumed.pending_shards():
+            resumed.write_shard(s, shard_arrays(len(GEOM.shard_range(s)), 10 + s))
+    assert not kept.exists() and StoreReader(path).done().all()
+
+
+def test_samples_left_out_add_up(tmp_path):
+    """``exclude`` adds to the samples left out: a second call (samples found corrupt by another check) leaves
+    its samples out too, and none of those of the first comes back."""
+    path = tmp_path / "s.zarr"
+    open_writer(path)
+    reader = StoreReader(path)
+    train = reader.split_indices("train")
+    reader.exclude(train[:1])
+    reader.exclude(train[-1:])
+    np.testing.assert_array_equal(reader.split_indices("train"), train[1:-1])
