@@ -33,6 +33,15 @@ def test_one_step_measurement_on_cpu():
     assert result["learnable"] == trainable and result["shape"]["k"] == 5
 
 
+
+def test_one_step_measurement_says_what_the_step_added_to_the_memory_held_before():
+    """``added_mb``: the step's peak above the baseline measured before it (what one more run adds beside others),
+    from the same measurement as the peak and baseline it reports (each rounded to 0.1 MB)."""
+    shape = StepShape(batch_size=2, layers=2, heads=2, k=5, head_dim=16, image_res=32)
+    result = measure_training_step(SMALL, shape, torch.device("cpu"))
+    assert result["baseline_mb"] > 0
+    assert result["added_mb"] == pytest.approx(result["peak_mb"] - result["baseline_mb"], abs=0.11)
+
 def test_paper_setting_is_vit_b_512():
     assert (PAPER_SPEC.lpm_dim, PAPER_SPEC.layers, PAPER_SPEC.prompts, PAPER_SPEC.side_res) == (768, 6, 16, 128)
     s = StepShape()

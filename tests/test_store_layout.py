@@ -84,3 +84,26 @@ def test_tensorstore_reads_every_array_as_zarr_python_does(micro_store):
         if name == "ids":
             assert decode_ids(data) == list(StoreReader(micro_store).ids)
             assert decode_ids(data)[0] == "train/benign/000.png"
+
+
+def test_a_shard_holds_as_many_samples_as_fit_its_target_size():
+    """``choose_samples_per_shard``: the most samples whose bytes stay within the target (a shard is buffered
+    whole), never fewer than one however large a sample is, and capped for small samples (as this test store's)."""
+    from fpt.store.layout import choose_samples_per_shard
+
+    target = 64 << 20
+    for per_sample in (3 * 2**20 + 1, 5 * 2**20 - 7, 2**20, 200_001):
+        n = choose_samples_per_shard(per_sample, target)
+        assert n * per_sample <= target < (n + 1) * per_sample, per_sample
+    assert choose_samples_per_shard(3 * target, target) == 1
+    small = choose_samples_per_shard(GEOM.bytes_per_sample(), target)
+    assert small == choose_samples_per_shard(1, target) < target // GEOM.bytes_per_sample()
+
+
+def test_bytes_per_sample_is_one_sample_of_every_array_as_stored(tmp_path):
+    """``Geometry.bytes_per_sample`` (what sizes a store's shards and extraction's host buffers): the bytes of one
+    sample's row of every array of a written store, each at its stored dtype."""
+    open_writer(tmp_path / "s.zarr").write_shard(0, shard_arrays(len(GEOM.shard_range(0)), 0))
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    geometry = StoreReader(tmp_path / "s.zarr").geometry
+    assert geometry.bytes_per_sample() == sum(group[name][:1].nbytes for name in ARRAY_NAMES)

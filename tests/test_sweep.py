@@ -5,6 +5,7 @@ import json
 import statistics
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -510,3 +511,88 @@ def test_local_runs_on_a_gpu_share_one_device_copy_of_the_splits(store, tmp_path
                                    weight_decay=g.weight_decay, seed=g.seed, **gpu))
         assert alone.data["cache"]["shared"] is False
         assert swept["val"] == alone.val and swept["test"] == alone.test
+
+
+def faked_runs(monkeypatch, scores, seed_auc=lambda seed: 0.5 + 0.1 * seed, kind="cpu_peak_rss"):
+    """``run_sweep`` without training: ``execute`` replaced by runs whose val score is ``scores[(lr, wd)]`` (None:
+    diverged before its first validation) and whose test AUC is ``seed_auc(seed)``; the sweep's picture is not
+    drawn. The fake metrics of every run, by name, fill as runs are made."""
+    from fpt.train import sweep as sweep_module
+    from fpt.train.results import RunMetrics, Throughput
+
+    made = {}
+
+    def metrics(run):
+        score = scores[(run.lr, run.weight_decay)]
+        val = {"auc": score, "acc": None if score is None else score / 2, "loss": 1.0}
+        test = {"auc": seed_auc(run.seed), "acc": 0.4 + 0.05 * run.seed, "f1": 0.3 + 0.07 * run.seed,
+                "kappa": 0.1 * run.seed, "precision": 0.6 - 0.05 * run.seed, "recall": 0.2 + 0.1 * run.seed}
+        throughput = Throughput(10.0 + run.seed, 12.0 + 3 * run.seed, 100.0 + 7 * run.seed, kind, 50.0, "cpu",
+                                False, False, 1)
+        return RunMetrics("fpt+", 0, "highest val score", val, test, {"ratio_percent": 1.5}, {}, throughput, {},
+                          {}, "store", str(run.cfg.out))
+
+    def execute(runs, *args, **kwargs):
+        made.update({r.name: metrics(r) for r in runs})
+        return {r.name: made[r.name] for r in runs}
+
+    monkeypatch.setattr(sweep_module, "execute", execute)
+    monkeypatch.setattr(sweep_module, "write_sweep_plot", lambda *args, **kwargs: None)
+    return made
+
+
+@pytest.mark.parametrize("scores", [[None, 0.0, 0.0, 0.0, 0.0, 0.0], [0.5, 0.7, 0.6, 0.7, None, 0.7]])
+def test_the_best_grid_point_is_the_first_of_equal_val_scores_and_never_a_diverged_run(tmp_path, monkeypatch,
+                                                                                         scores):
+    """The configuration repeated over seeds has the highest val score; of equal scores the first in grid order
+    (lr, then weight decay) wins, as the protocol says, and a run that diverged before its first validation (no
+    val score) is never chosen, not even before runs that all score 0. Runs are faked, so only the choice is
+    tested: equal val scores are common on small val splits."""
+    lrs, wds = (0.001, 0.002, 0.003), (0.0, 0.1)
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    faked_runs(monkeypatch, dict(zip(grid, scores)))
+    cfg = sweep_config(tmp_path / "s.zarr", lr="1e-3,2e-3,3e-3", weight_decay="0,0.1", seeds=2,
+                       out=tmp_path / "sweep", **TINY)
+    summary = run_sweep(cfg)
+    top = max(s for s in scores if s is not None)
+    first_best = next(point for point, score in zip(grid, scores) if score == top)
+    assert (summary.best_lr, summary.best_weight_decay) == first_best
+    assert [(s.seed, s.run_dir) for s in summary.seeds] == [
+        (seed, str(tmp_path / "sweep" / "runs" / f"lr{first_best[0]:g}-wd{first_best[1]:g}-seed{seed}"))
+        for seed in (0, 1)]
+
+
+def test_sweep_csv_has_each_runs_own_figures_and_the_seeds_mean_and_std(tmp_path, monkeypatch):
+    """sweep.csv: one row per run with that run's val score (val AUC, not a test figure), test metrics, overall
+    train rate and peak memory; then the mean and the sample std over the seeds of each column. The summary's PME
+    uses the seeds' mean peak memory, and is None where the runs shared one process (memory kind ``*_shared``),
+    whose peak is not one run's."""
+    from fpt.train.metrics import METRIC_NAMES, pme
+
+    scores = {(0.001, 0.0): 0.6, (0.002, 0.0): 0.8}
+    made = faked_runs(monkeypatch, scores)
+    cfg = sweep_config(tmp_path / "s.zarr", lr="1e-3,2e-3", weight_decay="0", seeds=3, out=tmp_path / "sweep",
+                       ft_memory_mb=4000.0, **TINY)
+    summary = run_sweep(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "sweep.csv")))
+    assert [r["stage"] for r in rows] == ["grid"] * 2 + ["seeds"] * 3 + ["mean", "std"]
+    for row in rows[:-2]:
+        m = made[Path(row["run_dir"]).name]
+        assert float(row["val_score"]) == m.val["auc"]
+        assert float(row["samples_per_s"]) == m.throughput.train_samples_per_s
+        assert float(row["peak_memory_mb"]) == m.throughput.peak_memory_mb
+        assert {k: float(row[f"test_{k}"]) for k in METRIC_NAMES} == m.test
+    seeds = [made[f"lr0.002-wd0-seed{s}"] for s in range(3)]
+    columns = {**{f"test_{k}": [m.test[k] for m in seeds] for k in METRIC_NAMES},
+               "samples_per_s": [m.throughput.train_samples_per_s for m in seeds],
+               "peak_memory_mb": [m.throughput.peak_memory_mb for m in seeds]}
+    for row, stat in ((rows[-2], statistics.mean), (rows[-1], statistics.stdev)):
+        assert (float(row["lr"]), float(row["weight_decay"])) == (0.002, 0.0)
+        for column, values in columns.items():
+            assert float(row[column]) == pytest.approx(stat(values)), (row["stage"], column)
+    auc = statistics.mean(m.test["auc"] for m in seeds)
+    assert summary.efficiency["pme"] == pytest.approx(pme(auc, statistics.mean(columns["peak_memory_mb"]), 4000.0))
+
+    made = faked_runs(monkeypatch, scores, kind="cpu_peak_rss_shared")
+    shared = run_sweep(replace(cfg, out=tmp_path / "shared"))
+    assert shared.efficiency["pme"] is None and shared.efficiency["ppe"] == summary.efficiency["ppe"] is not None

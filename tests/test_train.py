@@ -472,3 +472,27 @@ def test_best_pt_holds_the_best_epochs_model_when_later_epochs_are_worse(micro_s
     assert val == pytest.approx({k: log[0]["val"][k] for k in val})
     test = evaluate_checkpoint(micro_store, out / "best.pt", "test", device="cpu").metrics
     assert test == pytest.approx(metrics.test)
+
+
+def test_the_steady_train_rate_leaves_out_the_first_epoch_of_the_run(micro_store, tmp_path, monkeypatch):
+    """``steady_train_samples_per_s`` is the rate of the epochs after the first of the call (whose time holds the
+    warm-up and any compiling): none for a one-epoch run. Each epoch's time is replaced (the first made slow), so
+    the rates are known: the steady one is the later epochs' samples over their seconds."""
+    from fpt.train import loop
+
+    real_epoch, epochs = loop.train_epoch, []
+
+    def timed_epoch(run, epoch, *args):
+        record = real_epoch(run, epoch, *args)
+        record["seconds"] = 5.0 if not epochs else 0.5 + 0.25 * len(epochs)
+        epochs.append((record["samples"], record["seconds"]))
+        return record
+
+    monkeypatch.setattr(loop, "train_epoch", timed_epoch)
+    metrics = train(tiny_train(micro_store, tmp_path / "three", epochs=3))
+    later = epochs[1:]
+    assert len(later) == 2
+    assert metrics.throughput.steady_train_samples_per_s == pytest.approx(
+        sum(n for n, _ in later) / sum(s for _, s in later), abs=0.01)
+    epochs.clear()
+    assert train(tiny_train(micro_store, tmp_path / "one", epochs=1)).throughput.steady_train_samples_per_s is None
