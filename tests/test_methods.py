@@ -164,6 +164,17 @@ def test_without_a_full_fine_tuning_reference_there_is_no_pme(store, tmp_path):
     assert saved.efficiency["pme"] is None and saved.efficiency["ppe"] is not None
 
 
+def test_a_run_whose_peak_memory_is_shared_has_no_pme(store, tmp_path):
+    """A run whose memory block overlapped another one of this process (a sweep's runs in threads) measured the
+    process's peak, not its own: no PME even with a full fine-tuning reference; the PPE as always."""
+    from fpt.train.memory import PeakMemory
+
+    with PeakMemory(torch.device("cpu")):
+        saved = train(tiny_train(store, tmp_path / "run", epochs=1, ft_memory_mb=2000.0))
+    assert saved.throughput.memory_kind.endswith("_shared")
+    assert saved.efficiency["pme"] is None and saved.efficiency["ppe"] is not None
+
+
 def test_side_only_reads_no_kv_and_probe_reads_only_cls(store, tmp_path, monkeypatch):
     from fpt.store import StoreReader
 

@@ -221,6 +221,17 @@ def test_auto_stays_literal_in_config_until_run_time(tmp_path):
     assert resolved.mean == compute_mean_std(open_source(cfg), cfg.res)[0] and resolved.std == cfg.std
 
 
+def test_std_auto_with_a_given_mean_keeps_that_mean(tmp_path):
+    """--std auto with --mean R,G,B: only the std is the train split's; the mean given stays, not replaced by the
+    computed one (the converse of the case above)."""
+    rows = [{"path": f"images/{i}.png", "label": "ab"[i % 2], "split": SPLITS[i % 3]} for i in range(6)]
+    csv_path = write_manifest(tmp_path, rows, ("path", "label", "split"))
+    cfg = extract_config(None, csv_path, mean=(0.485, 0.456, 0.406), std="auto", backbone="x", out=tmp_path / "o.zarr")
+    mean, std = compute_mean_std(open_source(cfg), cfg.res)
+    resolved = resolve_normalization(cfg, open_source(cfg))
+    assert resolved.mean == cfg.mean != mean and resolved.std == std
+
+
 # ---------------------------------------------------------------- CMMD
 
 PATIENTS = [f"D1-{i:04d}" for i in range(1, 13)]

@@ -317,6 +317,19 @@ def test_a_split_emptied_by_leaving_out_corrupt_samples_says_so(tmp_path):
         reader.split_indices("test")
 
 
+def test_an_emptied_splits_message_counts_only_its_own_corrupt_samples(tmp_path):
+    """The N of "the test split is empty once its N corrupt samples are left out" counts that split's samples
+    left out: a corrupt sample of another split, left out as well, is not one of them."""
+    path = tmp_path / "s.zarr"
+    open_writer(path)
+    reader = StoreReader(path)
+    test = reader.split_indices("test")
+    reader.exclude(reader.split_indices("train")[:1])
+    reader.exclude(test)
+    with pytest.raises(FptError, match=f"the test split is empty once its {len(test)} corrupt samples are left out"):
+        reader.split_indices("test")
+
+
 def test_a_store_edited_by_hand_is_one_error_naming_what_is_wrong(tmp_path):
     """What training, evaluation and inspect would otherwise meet as a KeyError, IndexError or a reshape error."""
     import shutil

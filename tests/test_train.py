@@ -386,6 +386,21 @@ def test_a_run_that_fails_as_it_starts_leaves_no_empty_run_folder_behind(micro_s
     assert (tmp_path / "started" / "last.pt").is_file() and (tmp_path / "started" / "log.jsonl").read_text()
 
 
+def test_a_failed_start_removes_a_folder_holding_only_an_empty_log_and_unfinished_writes(tmp_path):
+    """``removed_unless_used``: a folder the block made, holding only an empty log.jsonl and the temporary file of
+    an unfinished write, is removed when the block fails; one whose log holds an epoch is kept (its record)."""
+    from fpt.train.loop import removed_unless_used
+
+    for name, log, kept in (("empty", "", False), ("logged", json.dumps({"epoch": 0}) + "\n", True)):
+        out = tmp_path / name
+        with pytest.raises(KeyboardInterrupt), removed_unless_used(out):
+            out.mkdir()
+            (out / "log.jsonl").write_text(log)
+            (out / ".best.pt.x1y2.tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        assert out.is_dir() == kept, name
+
+
 def test_best_epoch_takes_the_higher_score_then_the_lower_val_loss_then_the_earlier_epoch():
     """BestEpoch's rule (model selection): a higher validation score always wins, whatever the loss; a tied
     score wins only with a strictly lower val loss; a tie in both keeps the earlier epoch."""
