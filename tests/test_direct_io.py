@@ -39,6 +39,19 @@ def resident_pages(path: Path) -> int:
     return sum(p & 1 for p in pages)
 
 
+def assert_store_falls_back_to_buffered_writes(path):
+    """A DirectWriteStore whose direct writes are refused writes a chunk over the threshold the LocalStore's way,
+    stops trying (``direct`` off) and reads back what was written."""
+    import zarr
+
+    store = DirectWriteStore(path)
+    data = np.arange(DIRECT_MIN_BYTES, dtype=np.uint8)                    # one chunk over the threshold
+    array = zarr.create_array(store, shape=data.shape, chunks=data.shape, dtype=data.dtype, compressors=None)
+    array[:] = data
+    assert not store.direct
+    np.testing.assert_array_equal(zarr.open_array(path, mode="r")[:], data)
+
+
 @pytest.mark.parametrize("size", [0, 1, 511, 4096, 4097, (1 << 20) + 3])
 def test_write_direct_writes_exactly_the_bytes_with_the_permissions_of_a_buffered_write(tmp_path, size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
@@ -55,7 +68,6 @@ def test_write_direct_writes_exactly_the_bytes_with_the_permissions_of_a_buffere
 def test_a_refused_o_direct_leaves_nothing_and_the_store_writes_as_zarr_does(tmp_path, monkeypatch):
     """Where the filesystem refuses O_DIRECT (EINVAL), write_direct leaves no file and says so, and the store
     writes that value and every later one the LocalStore's way."""
-    import zarr
 
     real_open = os.open
 
@@ -67,12 +79,7 @@ def test_a_refused_o_direct_leaves_nothing_and_the_store_writes_as_zarr_does(tmp
     monkeypatch.setattr(os, "open", refuse)
     assert not write_direct(tmp_path / "file", memoryview(b"x" * 10))
     assert not (tmp_path / "file").exists() and os.listdir(tmp_path) == []
-    store = DirectWriteStore(tmp_path / "s.zarr")
-    data = np.arange(DIRECT_MIN_BYTES, dtype=np.uint8)                    # one chunk over the threshold
-    array = zarr.create_array(store, shape=data.shape, chunks=data.shape, dtype=data.dtype, compressors=None)
-    array[:] = data
-    assert not store.direct
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "s.zarr", mode="r")[:], data)
+    assert_store_falls_back_to_buffered_writes(tmp_path / "s.zarr")
 
 
 def test_a_failed_direct_write_raises_and_keeps_the_file_it_was_to_replace(tmp_path, monkeypatch):
@@ -165,7 +172,6 @@ def test_a_write_refused_after_the_open_is_a_refusal_too(tmp_path, monkeypatch):
     """Some filesystems take an O_DIRECT open and refuse the write itself (EINVAL: FUSE mounts, a logical block
     larger than ALIGNMENT): a refusal as at the open, so write_direct says so and leaves nothing (the file already
     there kept), and the store writes that value and every later one the LocalStore's way instead of failing."""
-    import zarr
 
     (tmp_path / "file").write_bytes(b"kept")
 
@@ -175,9 +181,4 @@ def test_a_write_refused_after_the_open_is_a_refusal_too(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", refuse)                  # only write_direct writes through os.write
     assert not write_direct(tmp_path / "file", memoryview(b"new" * 5000))
     assert (tmp_path / "file").read_bytes() == b"kept" and os.listdir(tmp_path) == ["file"]
-    store = DirectWriteStore(tmp_path / "s.zarr")
-    data = np.arange(DIRECT_MIN_BYTES, dtype=np.uint8)                    # one chunk over the threshold
-    array = zarr.create_array(store, shape=data.shape, chunks=data.shape, dtype=data.dtype, compressors=None)
-    array[:] = data
-    assert not store.direct
-    np.testing.assert_array_equal(zarr.open_array(tmp_path / "s.zarr", mode="r")[:], data)
+    assert_store_falls_back_to_buffered_writes(tmp_path / "s.zarr")
