@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from itertools import product
 import re
 from dataclasses import MISSING, dataclass, field, fields, replace
+from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
