@@ -239,6 +239,20 @@ def test_a_dict_of_tensors_crosses_in_one_slot_as_it_was(monkeypatch):
         assert [fill_slot(slots, shapes, fill).index for _ in range(2)] == [2, 3]  # both free again
 
 
+def test_an_item_kept_past_its_loaders_slots_is_refused_not_read(monkeypatch):
+    """A SlotItem names slots that its loader's ``with`` block closed: taking it is one clear error, never a read
+    of memory that is gone (or was reused by a later loader)."""
+    class Worker:
+        id = 0
+
+    monkeypatch.setattr(slots_module, "get_worker_info", lambda: Worker())
+    with loader_slots(1, 4096, pinned=False) as slots:
+        sent = fill_slot(slots, {None: ((4,), torch.uint8)}, lambda views: views[None].fill_(7))
+        assert isinstance(sent, SlotItem)
+    with pytest.raises(RuntimeError, match="whose slots this process has closed"):
+        sent.take()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_streamed_windows_cross_from_their_readers_in_slots_and_give_the_same_batches(tmp_path, monkeypatch,
                                                                                        device):

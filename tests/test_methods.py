@@ -293,6 +293,40 @@ def test_checkpoints_follow_checkpoint_seconds_without_changing_results(store, t
         tiny_train(store, tmp_path / "bad", checkpoint_seconds=-1)
 
 
+def test_run_checkpoints_are_handed_over_by_their_clock_best_pt_before_last_pt(store, tmp_path):
+    """``RunCheckpoints`` on a clock of its own: with --checkpoint-seconds 10 and epochs of 6 s the files go to the
+    writer after epochs 1 and 3 (10 s after the previous hand-over, not after the run's start), each time best.pt
+    (the pending best epoch) before last.pt; what was handed over is not handed over again. With 0 every epoch
+    is, even when no time passed."""
+    from fpt.train.loop import RunCheckpoints, set_up
+
+    class Writer:
+        def __init__(self):
+            self.submitted = []
+
+        def submit(self, path, kind, content):
+            assert path.name == f"{kind}.pt"
+            self.submitted.append((kind, content["epoch"]))
+
+    run = set_up(tiny_train(store, tmp_path / "run", epochs=4))
+    now, writer = [0.0], Writer()
+    checkpoints = RunCheckpoints(run, writer, every_s=10, clock=lambda: now[0])
+    for epoch in range(4):
+        now[0] += 6
+        if epoch in (0, 2):                             # new best epochs
+            run.state.best.epoch = epoch
+        checkpoints.epoch_done(epoch)
+    assert writer.submitted == [("best", 0), ("last", 1), ("best", 2), ("last", 3)]
+    checkpoints.write(last=False)                       # the run's end: nothing pending
+    assert len(writer.submitted) == 4
+
+    writer = Writer()
+    checkpoints = RunCheckpoints(run, writer, every_s=0, clock=lambda: 0.0)
+    for epoch in range(2):
+        checkpoints.epoch_done(epoch)
+    assert writer.submitted == [("last", 0), ("last", 1)]
+
+
 def test_a_run_that_stops_and_cannot_save_keeps_its_own_error(store, tmp_path, monkeypatch):
     """When saving last.pt after a stop fails too (e.g. the device is gone), the stop's error is what is raised,
     with one warning that --resume continues from the previous last.pt."""

@@ -1173,8 +1173,10 @@ def test_the_warm_up_step_runs_on_zeros_before_the_first_batch_and_changes_nothi
 
 def test_unreadable_images_in_batches_across_shard_ends_are_skipped_where_they_are(tmp_path, image_folder):
     """--on-error skip with batches of 3 over shards of 2: each unreadable image is excluded from its own shard
-    (a batch's positions map to the shard each row belongs to), as in a run of one image per batch."""
-    broken = sorted((image_folder / "train").rglob("*.png"))[1:4:2]
+    (a batch's positions map to the shard each row belongs to), as in a run of one image per batch. Rows 2 and 4
+    are each the first row of a batch's second part: batch 0 is shard 0's rows 0-1 and shard 1's row 2, batch 1
+    shard 1's row 3 and shard 2's rows 4-5."""
+    broken = sorted((image_folder / "train").rglob("*.png"))[2:5:2]
     for path in broken:
         path.write_bytes(b"not a png")
     one, three = tmp_path / "one.zarr", tmp_path / "three.zarr"
@@ -1185,6 +1187,45 @@ def test_unreadable_images_in_batches_across_shard_ends_are_skipped_where_they_a
     reader = StoreReader(three)
     skipped = sorted(str(reader.ids[i]) for i in np.flatnonzero(reader.split == 255))
     assert skipped == sorted(str(p.relative_to(image_folder)) for p in broken)
+
+
+def test_unreadable_images_are_excluded_by_writer_processes_as_by_threads(tmp_path, image_folder):
+    """--on-error skip with writer processes (CUDA's default): the excluded rows reach the process that writes
+    their shard, which marks them excluded as a writer thread does."""
+    broken = sorted((image_folder / "train").rglob("*.png"))[1:4:2]
+    for path in broken:
+        path.write_bytes(b"not a png")
+    threads, processes = tmp_path / "threads.zarr", tmp_path / "processes.zarr"
+    extract(micro_config(image_folder, threads, on_error="skip", samples_per_shard=2, writers="threads"))
+    result = extract(micro_config(image_folder, processes, on_error="skip", samples_per_shard=2,
+                                  writers="processes", write_threads=2))
+    assert result.n_skipped == 2
+    assert_same_store(threads, processes)
+    reader = StoreReader(processes)
+    skipped = sorted(str(reader.ids[i]) for i in np.flatnonzero(reader.split == 255))
+    assert skipped == sorted(str(p.relative_to(image_folder)) for p in broken)
+
+
+def test_sources_skipped_by_dask_shard_tasks_are_all_reported(tmp_path, image_folder, monkeypatch):
+    """--on-error skip on dask: each shard task returns the sources it skipped and the run adds them up, so the
+    count, the skipped-sample report and the excluded rows are a run's in one process (the local cluster's
+    worker is a thread of this process here, as a sweep's may be, to keep the test quick; one, since a thread
+    shares this process's LPM, which runs one batch at a time)."""
+    from functools import partial
+
+    from fpt.extract import run
+
+    broken = sorted((image_folder / "train").rglob("*.png"))[2:5:2]        # in shards 1 and 2
+    for path in broken:
+        path.write_bytes(b"not a png")
+    monkeypatch.setattr(run, "dask_client", partial(run.dask_client, processes=False))
+    here = extract(micro_config(image_folder, tmp_path / "here.zarr", on_error="skip", samples_per_shard=2))
+    tasks = extract(micro_config(image_folder, tmp_path / "tasks.zarr", on_error="skip", samples_per_shard=2),
+                    scheduler="local:1")
+    assert tasks.n_written == here.n_written == 16 and tasks.n_skipped == here.n_skipped == 2
+    assert_same_store(here.path, tasks.path)
+    assert Path(tasks.skipped_report).read_text() == Path(here.skipped_report).read_text()
+    assert len(Path(tasks.skipped_report).read_text().splitlines()) == 3               # a header, 2 sources
 
 
 def test_overwrite_keeps_the_store_it_replaces_until_the_new_one_is_complete(tmp_path, image_folder):

@@ -65,9 +65,11 @@ def test_predictions_batch_by_batch_keep_each_images_name_and_probabilities(trai
     whole = predict_images(checkpoints["fpt+"], [data / "test"], random_init=True, device="cpu",
                            batch_size=len(images))
     assert [r.image for r in whole.rows] == [str(p) for p in images]
-    for size in (1, len(images) - 1):
+    for size, told in ((1, list(range(1, len(images) + 1))), (len(images) - 1, [len(images) - 1, len(images)])):
+        seen = []
         batched = predict_images(checkpoints["fpt+"], [data / "test"], random_init=True, device="cpu",
-                                 batch_size=size)
+                                 batch_size=size, progress=lambda done, total: seen.append((done, total)))
+        assert seen == [(done, len(images)) for done in told]           # images done after each batch, of all
         assert [r.image for r in batched.rows] == [r.image for r in whole.rows]
         np.testing.assert_allclose([[r.probabilities[c] for c in batched.classes] for r in batched.rows],
                                    [[r.probabilities[c] for c in whole.classes] for r in whole.rows],
@@ -114,6 +116,33 @@ def test_a_csv_saved_by_a_spreadsheet_is_read_by_its_header(trained, tmp_path):
     listing = tmp_path / "saved-by-a-spreadsheet.csv"
     listing.write_bytes(("Image,Note\r\n" + "".join(f"{p},x\r\n" for p in folder[:2])).encode("utf-8-sig"))
     assert collect_images([listing]) == folder[:2]
+
+
+def test_blank_and_short_csv_rows_list_no_image(trained, tmp_path):
+    """Blank lines (a spreadsheet's trailing ones) and rows without the path column are passed over, with the
+    path column named by the header or the first one."""
+    data, _, _ = trained
+    folder = sorted((data / "val").rglob("*.png"))
+    named = tmp_path / "named.csv"
+    named.write_text(f"note,path\n\nonly a note\nx,{folder[0]}\n\n")
+    assert collect_images([named]) == [folder[0]]
+    bare = tmp_path / "bare.csv"
+    bare.write_text(f"{folder[1]}\n\n,\n{folder[2]}\n")
+    assert collect_images([bare]) == folder[1:3]
+
+
+def test_lpm_weights_are_asked_for_as_the_store_was_extracted():
+    """Without --weights or --random-init, fpt predict would fetch timm's pretrained weights: allowed only for a
+    store extracted from them; weights that are given are checked later, by their sha256."""
+    from fpt.predict import check_lpm_weights_given
+
+    check_lpm_weights_given("timm-pretrained", None, False)
+    check_lpm_weights_given("file:lpm.pth", Path("lpm.pth"), False)
+    check_lpm_weights_given("random-init", None, True)
+    with pytest.raises(FptError, match=r"LPM weights file lpm\.pth; pass it with --weights FILE"):
+        check_lpm_weights_given("file:lpm.pth", None, False)
+    with pytest.raises(FptError, match="random-init LPM; pass --random-init"):
+        check_lpm_weights_given("random-init", None, False)
 
 
 def test_predict_cli_prints_and_writes(trained, tmp_path):

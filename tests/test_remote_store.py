@@ -61,12 +61,31 @@ def test_locations_parse_paths_and_urls(tmp_path):
         StoreLocation("nosuchproto://x.zarr")
 
 
+def test_a_location_opens_its_filesystem_anew_in_a_forked_process(memory_url):
+    """Object-store clients are not fork-safe: a location that travelled into a forked process (a DataLoader
+    worker, a dask worker) opens its filesystem again there rather than using the parent's client."""
+    location = StoreLocation(f"{memory_url}/s.zarr")
+    inherited = location.fs
+    assert location.fs is inherited                                     # kept within one process
+    child = os.fork()
+    if child == 0:                                                      # the forked process: report, leave at once
+        code = 1
+        try:
+            code = 0 if location.fs is not inherited and location.fs is location.fs else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert location.fs is inherited
+
+
 def test_memory_url_store_equals_local_store_and_trains(tmp_path, image_folder, memory_url):
     url = f"{memory_url}/micro.zarr"
     extract(micro_config(image_folder, url))
     extract(micro_config(image_folder, tmp_path / "local.zarr"))
     assert_same_store(url, tmp_path / "local.zarr")
-    assert StoreLocation(url).exists() and not StoreLocation(url).exists("micro.zarr.lock")
+    location = StoreLocation(url)
+    assert location.exists() and not location.fs.exists(location.sibling(".lock"))   # the lease beside it: released
 
     again = extract(micro_config(image_folder, url))                    # complete: nothing to do
     assert again.n_written == 0

@@ -70,6 +70,33 @@ def test_a_lock_taken_over_from_a_dead_holder_names_only_the_new_holder(tmp_path
                 pass
 
 
+def test_a_lock_file_removed_between_its_open_and_its_lock_is_opened_again(tmp_path, monkeypatch):
+    """A releasing holder removes the lock file and then drops its flock: a taker that opened the file before the
+    removal and locks it after would hold a file no one else opens (a third process would create and lock a new
+    one). The taker opens the file anew instead, so the lock file beside the store names it and a rival is
+    refused."""
+    import fcntl
+
+    from fpt.store import lock as lock_module
+
+    store, lock_file = tmp_path / "s.zarr", tmp_path / "s.zarr.lock"
+    real_flock, removed = fcntl.flock, []
+
+    def released_meanwhile(fd, operation):
+        if operation & fcntl.LOCK_EX and not removed:
+            lock_file.unlink()              # the previous holder's release, between this taker's open and lock
+            removed.append(fd)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", released_meanwhile)
+    with StoreLock(store):
+        assert removed and json.loads(lock_file.read_text())["pid"] == os.getpid()
+        with pytest.raises(FptError, match=f"being extracted by pid {os.getpid()} "):
+            with StoreLock(store):
+                pass
+    assert not lock_file.exists()
+
+
 def test_dask_local_cluster_writes_the_same_store(tmp_path):
     data, _ = dask_case_single_process(tmp_path)
     cfg = DASK_CASE

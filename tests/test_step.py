@@ -300,6 +300,19 @@ def test_tensor_copies_are_copy_tensors_refreshed_in_place_by_one_fused_copy(mon
     assert copies.refresh({"w": torch.zeros(4)})["w"].shape == (4,)
 
 
+def test_tensor_copies_are_made_anew_when_a_tensor_changes_dtype():
+    """Copies of another dtype are not refreshed into (a fused copy would convert the values silently): a tensor
+    whose dtype changed gets a copy of its own dtype, holding its values exactly."""
+    copies = TensorCopies()
+    first = copies.refresh({"w": torch.zeros(3), "n": torch.zeros(2, dtype=torch.int32)})
+    w = torch.tensor([1 / 3, 2 / 3, 1.0 + 1e-12], dtype=torch.float64)
+    n = torch.tensor([2**40, -1])
+    second = copies.refresh({"w": w, "n": n})
+    assert second["w"].dtype == torch.float64 and torch.equal(second["w"], w) and second["w"] is not w
+    assert second["n"].dtype == torch.int64 and torch.equal(second["n"], n)
+    assert first["w"].dtype == torch.float32
+
+
 def test_checkpoints_carry_a_format_version(tmp_path):
     save_checkpoint(tmp_path / "best.pt", "best", {"epoch": 3})
     assert read_checkpoint(tmp_path / "best.pt", "best") == {"fpt_checkpoint": FORMAT_VERSION, "kind": "best",
@@ -375,6 +388,35 @@ def test_checkpoint_writer_writes_nothing_after_a_failed_write(tmp_path):
             failing.set()
             writer.flush()
     assert written == []
+
+
+def test_checkpoint_writer_finishes_pending_writes_and_keeps_the_trainings_own_error(tmp_path):
+    """Training stopped by an error (Ctrl-C, a failure): leaving the block waits for the checkpoints already
+    submitted (so that last.pt is whole for --resume), and the training's error is the one raised, not a failed
+    write's."""
+    import time
+
+    written, submitted = [], threading.Event()
+
+    def slow(path, kind, content):
+        submitted.wait(timeout=10)
+        time.sleep(0.2)                     # still writing when the training's error leaves the block
+        written.append((path.name, content["epoch"]))
+
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(save=slow) as writer:
+            writer.submit(tmp_path / "last.pt", "last", {"epoch": 3})
+            submitted.set()
+            raise KeyboardInterrupt
+    assert written == [("last.pt", 3)]
+
+    def failing(path, kind, content):
+        raise OSError("disk full")
+
+    with pytest.raises(ValueError, match="stopped by the caller"):
+        with CheckpointWriter(save=failing) as writer:
+            writer.submit(tmp_path / "last.pt", "last", {})
+            raise ValueError("stopped by the caller")
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
