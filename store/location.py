@@ -113,8 +113,11 @@ class StoreLocation:
         store copies and deletes)."""
         if self.local is not None:
             self.local.rename(other.local)
-        else:
-            self.fs.mv(self.root, other.root, recursive=True)
+            return
+        # file by file: s3fs's recursive mv also copies the prefix itself, an object that does not exist (NoSuchKey)
+        for name in self.fs.find(self.root):
+            self.fs.copy(name, other.root + name[len(self.root):])
+        self.fs.rm(self.root, recursive=True)
 
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self._path(relative))
@@ -128,6 +131,11 @@ class StoreLocation:
     def sibling(self, suffix: str) -> str:
         """The path (in ``fs``) beside the store with ``suffix`` appended to its name (``cmmd.zarr.lock``)."""
         return self.root + suffix
+
+    def beside(self, suffix: str) -> "StoreLocation":
+        """The location beside the store, on its filesystem, with ``suffix`` appended to its name
+        (``s3://bucket/cmmd.zarr.replaced``; ``sibling`` is only a path, which names a local file)."""
+        return StoreLocation(self.url + suffix)
 
 
 def store_stem(where: str | Path | StoreLocation) -> str:

@@ -121,7 +121,14 @@ class StoreReader:
                            "--overwrite)") from None
 
     def done(self) -> np.ndarray:
-        return self.group[DONE][:]
+        """Which samples are finished; flags that cannot be read (a corrupt chunk) are one error with the fix:
+        ``fpt store verify --repair`` marks their shards for re-extraction."""
+        try:
+            return self.group[DONE][:]
+        except Exception as e:  # noqa: BLE001 - zarr's codecs raise their own (ValueError for a bad checksum)
+            raise FptError(f"{self.path}: cannot read {DONE!r} ({type(e).__name__}: {e}); `fpt store verify "
+                           f"{self.path} --repair` marks the damaged shards for re-extraction, then re-run the same "
+                           "`fpt extract` command") from None
 
     def require_complete(self) -> None:
         missing = int((~self.done()).sum())

@@ -14,7 +14,7 @@ from fpt import FptError
 from fpt.store.layout import ARRAY_NAMES, DONE, SAMPLE_ARRAYS, Geometry
 from fpt.store.location import StoreLocation
 from fpt.store.lock import StoreLock
-from fpt.store.reader import StoreReader, open_group
+from fpt.store.reader import StoreReader, check_attributes, open_group
 
 NOT_EXTRACTED = "not extracted yet"
 FINISH = "re-run the same `fpt extract` command"
@@ -104,7 +104,7 @@ def verify(path: str | Path | StoreLocation, arrays: tuple[str, ...] = ARRAY_NAM
     """
     path = StoreLocation(path)
     group = open_group(path)
-    g = Geometry(**group.attrs["geometry"])
+    g = check_attributes(path, group)
     full = path.size() < CHECKSUM_BELOW_BYTES if full is None else full
     report = VerifyReport(str(path), g.n_samples, full)
     everything = list(range(g.n_samples))
@@ -198,7 +198,7 @@ def mark_for_reextraction(path: str | Path | StoreLocation) -> list[int]:
             p = report.beyond_repair[0]
             raise FptError(f"{path}: {p.array} is damaged ({p.reason}), which re-extracting samples cannot "
                            "rewrite; replace the store with `fpt extract ... --overwrite`")
-        g = Geometry(**open_group(path).attrs["geometry"])
+        g = check_attributes(path, open_group(path))
         shards = sorted({int(i) // g.samples_per_shard for i in report.damaged})
         with zarr.config.set({"array.write_empty_chunks": True}):   # a missing chunk must always mean lost data
             done = open_group(path, mode="r+")[DONE]

@@ -64,7 +64,7 @@ class StoreWriter:
         """
         path = StoreLocation(path)
         exists = _store_exists(path)
-        replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
+        replaced = path.beside(REPLACED_SUFFIX)
         if exists and overwrite:
             check_replaceable(path)
             if replaced.exists():       # {path}: the unfinished store of an --overwrite that stopped
@@ -149,8 +149,22 @@ class StoreWriter:
 
     # -- writing ---------------------------------------------------------------------------------------------
     def pending_shards(self) -> list[int]:
-        done = self.group[DONE][:]
-        return [s for s in range(self.geometry.n_shards()) if not done[self.geometry.shard_range(s)].all()]
+        """Shards not all done; a shard whose ``done`` flags cannot be read (a corrupt chunk) is pending too: it is
+        rewritten whole, its flags last."""
+        g, done = self.geometry, self.group[DONE]
+        try:
+            flags = done[:]
+        except Exception:  # noqa: BLE001 - zarr's codecs raise their own (ValueError for a bad checksum)
+            return [s for s in range(g.n_shards()) if not self._shard_done(s)]
+        return [s for s in range(g.n_shards()) if not flags[g.shard_range(s)].all()]
+
+    def _shard_done(self, shard: int) -> bool:
+        """Whether every sample of ``shard`` is done; False when its flags cannot be read."""
+        try:
+            rows = self.geometry.shard_range(shard)
+            return bool(self.group[DONE][rows.start:rows.stop].all())
+        except Exception:  # noqa: BLE001 - as in pending_shards
+            return False
 
     def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], excluded: Sequence[int] = ()) -> None:
         """Write every sample array of one shard, then its ``done`` flags.
@@ -210,7 +224,7 @@ def check_replaceable(path: str | Path | StoreLocation) -> None:
     if version is None:
         raise FptError(f"{path} is a Zarr store that fpt did not write; choose another --out (it is never "
                        "replaced, even with --overwrite)")
-    replaced = StoreLocation(path.sibling(REPLACED_SUFFIX))
+    replaced = path.beside(REPLACED_SUFFIX)
     if replaced.exists() and (version != SCHEMA_VERSION or open_group(path)[DONE][:].all()):
         raise FptError(f"{replaced} holds the store an earlier --overwrite replaced, and {path} is not the "
                        f"unfinished store of that --overwrite; delete or move {replaced}, then re-run")
@@ -251,8 +265,12 @@ def _refuse_other_extraction(path: StoreLocation, group: zarr.Group, attrs: Mapp
                              partial: bool = False) -> None:
     problem = _other_extraction(group, attrs, ids, partial)
     if problem:
+        replaced = path.beside(REPLACED_SUFFIX)
+        kept = (f"; it is the unfinished store of an --overwrite that stopped, and the store that one replaced is "
+                f"kept at {replaced}: to go back to it, delete {path} and rename {replaced} to {path}"
+                if replaced.exists() else "")
         raise FptError(f"{path} holds a different extraction ({problem}); "
-                       "pass --overwrite to replace it or --out to write elsewhere")
+                       f"pass --overwrite to replace it or --out to write elsewhere{kept}")
 
 
 def _identity_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any], partial: bool = False) -> str | None:

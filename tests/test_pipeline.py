@@ -1244,6 +1244,9 @@ def test_overwrite_keeps_the_store_it_replaces_until_the_new_one_is_complete(tmp
         extract(micro_config(image_folder, out, token_ratio=0.5, overwrite=True))
     assert_same_store(kept, tmp_path / "copy.zarr")                     # the old store, whole
     assert not StoreReader(out).done().all()                            # the new one, unfinished
+    with pytest.raises(FptError, match=f"unfinished store of an --overwrite that stopped.*kept at {kept}: to go back "
+                                       f"to it, delete {out} and rename"):
+        extract(micro_config(image_folder, out))                        # the first command again: says what it is
     last.write_bytes(good)
     resumed = extract(micro_config(image_folder, out, token_ratio=0.5, overwrite=True))
     assert 0 < resumed.n_written < 16 and not kept.exists()            # resumed, then the old one removed

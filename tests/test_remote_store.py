@@ -267,3 +267,17 @@ def test_a_local_store_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(LocalFileSystem, "info", denied)       # tests run as root, so chmod would not deny
     result = runner.invoke(app, ["inspect", str(tmp_path / "a.zarr")])
     assert result.exit_code == 2 and "cannot read the store (PermissionError" in result.output, result.output
+
+
+def test_overwrite_on_an_object_store_keeps_the_old_store_beside_it_there_and_then_removes_it(tmp_path, s3,
+                                                                                              memory_url):
+    """The store an --overwrite replaces goes to ``<store>.replaced`` on the store's own filesystem (not to a
+    local path named like the bucket), and is removed there once the new store is complete."""
+    fs, bucket = s3
+    data = write_image_folder(tmp_path / "d", {"train": 2, "val": 1, "test": 1})
+    for url in (f"{bucket}/over.zarr", f"{memory_url}/over.zarr"):
+        location = StoreLocation(url)
+        extract(micro_config(data, url))
+        extract(micro_config(data, url, token_ratio=0.5, overwrite=True))
+        assert StoreReader(url).attrs["extraction"]["token_ratio"] == 0.5
+        assert location.fs.exists(location.root) and not location.fs.exists(location.root + ".replaced"), url

@@ -112,3 +112,28 @@ def test_a_sweep_checksums_the_store_once_and_passes_the_result_on(micro_store, 
     first_shard = list(StoreReader(micro_store).ids[:4])
     assert len(runs) == 2 and all(json.loads(p.read_text())["data"]["corrupt_skipped"] == first_shard
                                   for p in runs)
+
+
+def test_a_corrupt_done_chunk_is_one_error_and_the_same_extract_rewrites_its_shard(micro_store, image_folder):
+    """``done`` says which samples hold data: when a chunk of it fails its checksum, the commands that read it say
+    so in one line with the fix, and re-running the extraction rewrites that shard (its flags last)."""
+    from fpt.extract import extract
+    from tests.conftest import micro_config
+
+    flip(shard_file(micro_store, "done", 1), 0)
+    for args in (["train", "--store", str(micro_store), "--device", "cpu"],
+                 ["show", "--store", str(micro_store), "--sample", "0"]):
+        result = run(args)
+        assert result.exit_code == 2 and "cannot read 'done'" in result.output and "--repair" in result.output
+        assert "Traceback" not in result.output
+    assert extract(micro_config(image_folder, micro_store)).n_written == 4      # shard 1 again, whole
+    assert verify(micro_store).ok
+
+
+def test_verify_refuses_a_store_without_its_geometry(micro_store):
+    meta = json.loads((micro_store / "zarr.json").read_text())
+    del meta["attributes"]["geometry"]
+    (micro_store / "zarr.json").write_text(json.dumps(meta))
+    for args in (["store", "verify", str(micro_store)], ["store", "verify", str(micro_store), "--repair"]):
+        result = run(args)
+        assert result.exit_code == 2 and "attributes lack geometry" in result.output, result.output
