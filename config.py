@@ -251,6 +251,7 @@ class TrainConfig:
             raise FptError(f"--seed {self.seed}: must be from 0 to {2**32 - 1}")
         self.augment = parse_augment(self.augment)
         self.method, self.prompts = resolve_method(self.method, self.prompts)
+        check_device(self.device)
         if self.cache not in CACHE_MODES:
             raise FptError(f"--cache {self.cache!r}: choose one of {', '.join(CACHE_MODES)}")
         if (self.workers is not None and self.workers < 0) or (
@@ -493,8 +494,7 @@ def validate_extract(cfg: ExtractConfig) -> None:
     if (cfg.workers is not None and cfg.workers < 0) or (cfg.samples_per_shard is not None
                                                         and cfg.samples_per_shard < 0):
         raise FptError("--workers and --shard-size must not be negative (--shard-size 0: chosen from the sample size)")
-    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
-        raise FptError(f"--device {cfg.device!r}: choose auto, cpu or cuda")
+    check_device(cfg.device)
     patch = re.search(r"patch(\d+)", cfg.backbone or "")      # timm names say their patch: vit_*_patch16_*
     if patch:                                                   # checked before the model loads (and again after)
         check_res_fits_patch(cfg.res, int(patch[1]), cfg.backbone)
@@ -605,14 +605,24 @@ def helper_niceness(device: "torch.device") -> int:
     return int(text)
 
 
+def check_device(device: str) -> None:
+    """``--device``: auto, cpu, cuda or cuda:N (what every command that takes it accepts)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise FptError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(device: str) -> "torch.device":
     """``auto`` -> CUDA when present, else CPU; an explicit CUDA request without CUDA is a clear error."""
     import torch
 
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FptError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise FptError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                       f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)
 
 

@@ -88,6 +88,7 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
                    device: str = "auto") -> LoadedPredictor:
     """The checkpoint's model and the LPM it was trained from; refused when the LPM weights differ."""
     check_lpm_weights(weights, random_init)
+    dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     identity = ckpt.store
     check_lpm_weights_given(identity["weights_source"], weights, random_init)
@@ -98,7 +99,6 @@ def load_predictor(checkpoint: Path, weights: Path | None = None, random_init: b
         raise FptError(f"the LPM weights ({how}, sha256 {info.weights_sha256[:12]}…) differ from those the store "
                        f"was extracted with (sha256 {identity['weights_sha256'][:12]}…); pass the same --weights "
                        "file (or --random-init for a random-init store)")
-    dev = resolve_device(device)
     lpm = FrozenLPM(lpm_model, list(ex["layers"]), ex["token_ratio"], ex["importance"]).to(dev)
     if lpm.n_selected(ex["res"]) != ex["k"]:
         raise FptError(f"{checkpoint}: the recorded extraction (k={ex['k']}) does not match its settings")
@@ -181,6 +181,11 @@ def write_predictions(result: Predictions, out: Path) -> None:
 
 
 def check_output(out: Path) -> None:
-    """Refuse an --out format we cannot write before any work is done."""
+    """Refuse an --out format we cannot write, and make its folder (as ``fpt evaluate`` does), before any work is
+    done."""
     if out.suffix.lower() not in (".csv", ".json"):
         raise FptError(f"--out {out}: write .csv or .json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FptError(f"--out {out}: cannot create its folder ({e.strerror})") from None

@@ -245,3 +245,16 @@ def test_auto_precision_is_fp16_on_cuda_and_fp32_on_a_cpu():
     assert resolve_precision("auto", cuda) == "fp16" and resolve_precision("auto", cpu) == "fp32"
     for given in (p for p in PRECISIONS if p != "auto"):
         assert resolve_precision(given, cuda) == resolve_precision(given, cpu) == given
+
+
+def test_device_is_checked_for_every_command(micro_store):
+    """--device has one rule (auto, cpu, cuda, cuda:N) for extract, train, sweep and for evaluate/predict, which
+    take it without a config: a name torch does not know, or one it knows but fpt cannot run on, is one line."""
+    from fpt.config import resolve_device
+
+    for bad in ("foo", "meta", "mps", "cuda:x"):
+        with pytest.raises(FptError, match=f"--device '{bad}': choose auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+        with pytest.raises(FptError, match=f"--device '{bad}'"):
+            train_config(micro_store, None, device=bad)
+    assert str(resolve_device("cpu")) == "cpu"

@@ -212,3 +212,14 @@ def test_reduced_j2k_decoding_reaches_the_store_and_prediction(tmp_path):
     predictor = load_predictor(tmp_path / "run" / "best.pt", random_init=True, device="cpu")
     for sample_id, low in zip(reader.ids, stored):                # what predict makes of each file
         np.testing.assert_array_equal(low, prepare_image(predictor.decoding.load(data / sample_id), 64, 32)[1])
+
+
+def test_the_out_folder_is_made_before_any_work(tmp_path):
+    """As ``fpt evaluate`` does: predictions are never computed only to find their folder missing."""
+    from fpt.predict import check_output
+
+    check_output(tmp_path / "new" / "p.csv")
+    assert (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FptError, match="cannot create its folder"):
+        check_output(tmp_path / "file" / "p.csv")
