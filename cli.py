@@ -48,8 +48,9 @@ app = typer.Typer(
          "store, then train small side networks from it as often as you like.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown",
     cls=Group)
-console = Console()
-err = Console(stderr=True)
+# emoji codes off: user text (paths, ids, class names) such as "cuda:x:" prints as written; markup in it is escaped
+console = Console(emoji=False)
+err = Console(stderr=True, emoji=False)
 
 
 def _version(value: bool) -> None:
@@ -197,13 +198,13 @@ def friendly(fn):
                 warnings.filterwarnings("ignore", message=".*RANDOMLY INITIALISED")
                 return fn(*args, **kwargs)
         except FptError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted: finished work is kept; re-run the same command to resume[/]")
             raise typer.Exit(130) from None
         except OSError as e:        # the system refused: no permission, a file where a folder goes, a full disk
-            err.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(os_error_line(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     return wrapper
 
@@ -225,29 +226,30 @@ def run_extract(cfg: fpt_config.ExtractConfig, scheduler: str | None = None, pip
     from fpt.extract import extract
 
     if cfg.random_init:
-        err.print(f"[bold yellow]WARNING: {cfg.backbone} is randomly initialised (--random-init): the store will "
-                  "carry no pre-trained knowledge. This is recorded in the store.[/]")
+        err.print(f"[bold yellow]WARNING: {escape(cfg.backbone)} is randomly initialised (--random-init): the store "
+                  "will carry no pre-trained knowledge. This is recorded in the store.[/]")
     for warning in fpt_config.low_res_warnings(cfg, pipelines):
-        err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+        err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     weights = ("random init" if cfg.random_init else f"weights {cfg.weights.name}" if cfg.weights
                else "timm pretrained weights, downloaded unless cached")
     with _progress() as progress:
-        task = progress.add_task(f"{cfg.name}: listing images, loading {cfg.backbone} ({weights})", total=None,
+        task = progress.add_task(escape(f"{cfg.name}: listing images, loading {cfg.backbone} ({weights})"), total=None,
                                  rate="")
 
         def update(done: int, total: int):
             speed = progress.tasks[task].speed
-            progress.update(task, description=f"extract {cfg.name}", completed=done, total=total,
+            progress.update(task, description=f"extract {escape(cfg.name)}", completed=done, total=total,
                             rate=f"{speed:.3g} img/s" if speed else "")
         result = extract(cfg, progress=update, scheduler=scheduler,
-                         warn=lambda message: err.print(f"[bold yellow]WARNING: {message}[/] (recorded in the store)",
-                                                        highlight=False, soft_wrap=True))
+                         warn=lambda message: err.print(f"[bold yellow]WARNING: {escape(message)}[/] (recorded in the "
+                                                        "store)", highlight=False, soft_wrap=True))
     if result.n_written == 0:
-        console.print(f"{result.path}: complete already ({result.n_samples} samples), nothing to do")
+        console.print(f"{escape(str(result.path))}: complete already ({result.n_samples} samples), nothing to do")
     else:
         steady = (f", {result.steady_images_per_s:.3g} after the first shard" if result.steady_images_per_s
                   else "")
-        console.print(f"wrote {result.n_written} samples to [bold]{result.path}[/] in {result.seconds:.1f} s "
+        console.print(f"wrote {result.n_written} samples to [bold]{escape(str(result.path))}[/] in "
+                      f"{result.seconds:.1f} s "
                       f"({result.images_per_s:.3g} images/s{steady}, peak memory {result.peak_memory_mb:.0f} MB)")
         if limit := result.limit():
             console.print(LIMIT_LINES[limit[0]].format(share=limit[1]), highlight=False)
@@ -333,7 +335,7 @@ def run_train(cfg: fpt_config.TrainConfig) -> RunMetrics:
             if resumed is not None:
                 progress.update(task, completed=resumed + 1)
             for warning in info["warnings"]:
-                err.print(f"[bold yellow]WARNING:[/] {warning}", highlight=False, soft_wrap=True)
+                err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
         def batch(epoch: int, done: int, total: int):
             progress.update(batches, description=f"epoch {epoch + 1}", completed=done, total=total,
@@ -423,7 +425,8 @@ def show_metrics(runs: list[RunMetrics]) -> None:
                       f"{tp.train_samples_per_s:.0f}", f"{tp.peak_memory_mb:.0f}")
     console.print(table)
     for m in runs:
-        console.print(f"{m.method} run: {m.run_dir} (best epoch {m.best_epoch}: {m.best_reason})", highlight=False)
+        console.print(f"{m.method} run: {escape(str(m.run_dir))} (best epoch {m.best_epoch}: {m.best_reason})",
+                      highlight=False)
 
 
 @app.command(cls=Command)
@@ -440,7 +443,7 @@ def evaluate(
     from fpt.train import evaluate_checkpoint
 
     result = evaluate_checkpoint(store, checkpoint, split, device=device, out=out)
-    table = Table(title=f"{checkpoint} on {store} ({split}, n={result.n})")
+    table = Table(title=escape(f"{checkpoint} on {store} ({split}, n={result.n})"))
     for k in ("auc", "acc", "f1", "kappa", "precision", "recall"):
         table.add_column(k, justify="right")
     table.add_row(*("-" if result.metrics[k] is None else f"{result.metrics[k]:.4f}" for k in
@@ -448,7 +451,7 @@ def evaluate(
     console.print(table)
     if out is not None:
         stem = out.with_suffix("")
-        console.print(f"wrote {out}, {stem}-roc.png, {stem}-confusion.png", highlight=False)
+        console.print(escape(f"wrote {out}, {stem}-roc.png, {stem}-confusion.png"), highlight=False)
 
 
 @app.command(cls=Command)
@@ -507,7 +510,7 @@ def sweep(
         def done(run, metrics, skipped: bool):
             progress.update(task, advance=1, rate=f"{run.name} {'(finished before)' if skipped else ''}")
         summary = run_sweep(cfg, on_run=done, on_stage=stage,
-                            on_note=lambda text: console.print(text, highlight=False))
+                            on_note=lambda text: console.print(escape(text), highlight=False))
     show_sweep(summary)
 
 
@@ -532,7 +535,7 @@ def show_sweep(s: "SweepSummary") -> None:
     table.add_row("learnable", f"{p['learnable']:,} ({p['ratio_percent']:.2f} %)")
     console.print(table)
     console.print(f"{s.ran} runs trained, {s.skipped} finished before; "
-                  f"results: {Path(s.config['out']) / 'sweep.json'}, sweep.csv", highlight=False)
+                  f"results: {escape(str(Path(s.config['out']) / 'sweep.json'))}, sweep.csv", highlight=False)
 
 
 @app.command(cls=Command)
@@ -554,17 +557,18 @@ def predict(
 
     if out is not None:
         check_output(out)
-    with console.status(f"loading the LPM of {checkpoint} and running it over the images"):
+    with console.status(escape(f"loading the LPM of {checkpoint} and running it over the images")):
         result = predict_images(checkpoint, images, weights, random_init, device, batch_size)
-    table = Table(title=f"{result.method} predictions ({checkpoint})")
+    table = Table(title=escape(f"{result.method} predictions ({checkpoint})"))
     for col in ("image", "prediction", *result.classes):
-        table.add_column(col, justify="left" if col in ("image", "prediction") else "right")
+        table.add_column(escape(col), justify="left" if col in ("image", "prediction") else "right")
     for row in result.rows:
-        table.add_row(row.image, row.prediction, *(f"{row.probabilities[c]:.4f}" for c in result.classes))
+        table.add_row(escape(row.image), escape(row.prediction),
+                      *(f"{row.probabilities[c]:.4f}" for c in result.classes))
     console.print(table)
     if out is not None:
         write_predictions(result, out)
-        console.print(f"wrote {out}")
+        console.print(escape(f"wrote {out}"))
 
 
 @app.command(cls=Command)
@@ -581,7 +585,7 @@ def show(
     """Draw one sample's selected tokens per layer/head and the prompts' attention over them (paper Fig. 9)."""
     from fpt.train.show import show as draw
 
-    console.print(f"wrote {draw(store, sample, out, checkpoint, layer, head, tile)}")
+    console.print(escape(f"wrote {draw(store, sample, out, checkpoint, layer, head, tile)}"))
 
 
 def _integrity_line(report) -> str:
@@ -592,12 +596,13 @@ def _integrity_line(report) -> str:
 
 
 def show_problems(report) -> None:
-    table = Table(title=f"[red]problems in {report.path}")
+    table = Table(title=f"[red]problems in {escape(report.path)}")
     for col in ("array", "problem", "samples", "first affected"):
         table.add_column(col)
     for p in report.problems:
         first = report.named(p.samples[:3])
-        table.add_row(p.array, p.reason, str(len(p.samples)), ", ".join(first) + (" …" if len(p.samples) > 3 else ""))
+        table.add_row(p.array, escape(p.reason), str(len(p.samples)),
+                      escape(", ".join(first) + (" …" if len(p.samples) > 3 else "")))
     console.print(table)
 
 
@@ -619,7 +624,7 @@ def store_verify(path: str = typer.Argument(..., help="Store path or URL."),
         task = progress.add_task("verify", total=None, rate="")
         report = verify_store(path, progress=lambda done, total: progress.update(task, completed=done, total=total))
     if report.ok:
-        console.print(report.summary())
+        console.print(escape(report.summary()))
         return
     show_problems(report)
     if repair and len(report.damaged):
@@ -627,7 +632,7 @@ def store_verify(path: str = typer.Argument(..., help="Store path or URL."),
         err.print(f"[bold yellow]marked {len(shards)} shard(s) for re-extraction[/]: re-run the same `fpt extract` "
                   "command to rewrite them", highlight=False, soft_wrap=True)
     else:
-        err.print(f"[bold red]{report.summary()}[/]", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]{escape(report.summary())}[/]", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -694,9 +699,9 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
     head = Table.grid(padding=(0, 2))
     head.add_column(no_wrap=True)
     head.add_column(overflow="fold")                 # long paths and names wrap instead of losing their end
-    for k, v in [("store", s["path"]), ("schema version", a["fpt_store_version"]), ("fpt", a["fpt_version"]),
+    for k, v in [("store", escape(s["path"])), ("schema version", a["fpt_store_version"]), ("fpt", a["fpt_version"]),
                  ("created", a["created"]),
-                 ("backbone", f"{bb['name']} ({bb.get('family', 'vit')} family, {bb['weights_source']}, "
+                 ("backbone", f"{escape(bb['name'])} ({bb.get('family', 'vit')} family, {bb['weights_source']}, "
                               f"{bb['n_params']:,} params, "
                               f"D={bb['embed_dim']}, H={bb['heads']}, d={bb['head_dim']}, patch {bb['patch_size']})"),
                  ("weights sha256", bb["weights_sha256"][:16] + "…"),
@@ -728,7 +733,7 @@ def inspect(path: str = typer.Argument(..., help="Store path or URL."),
     classes = a["dataset"]["classes"]
     counts.add_column("split")
     for c in classes:
-        counts.add_column(c, justify="right")
+        counts.add_column(escape(c), justify="right")
     counts.add_column("total", justify="right")
     for split, row in s["counts"].items():
         counts.add_row(split, *(str(row[c]) for c in classes), str(sum(row.values())))
@@ -755,7 +760,7 @@ def demo(out_dir: Path = typer.Option(Path("fpt-demo"), help="Where the demo sto
                                                    epochs=epochs, device=device)
         runs.append(run_train(cfg))
     show_metrics(runs)
-    console.print(f"store: [bold]{store}[/]  (try `fpt inspect {store}`)")
+    console.print(f"store: [bold]{escape(store)}[/]  (try `fpt inspect {escape(store)}`)")
 
 
 if __name__ == "__main__":

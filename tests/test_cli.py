@@ -215,3 +215,11 @@ def test_the_metrics_table_shows_each_metric_under_its_own_name(monkeypatch):
     for header, name in (("AUC", "auc"), ("acc", "acc"), ("F1", "f1"), ("kappa", "kappa")):
         assert columns[header] == [f"{test[name]:.3f}"], header
     assert columns["PPE"] == [f"{run.efficiency['ppe']:.3f}"] and columns["method"] == [run.method]
+
+
+def test_user_text_in_a_message_is_printed_as_written(tmp_path, micro_store):
+    """Paths, ids and names are the user's: rich markup or emoji codes in them print as they are, never as
+    styles, pictures or a MarkupError traceback (``[/]`` closes nothing)."""
+    for name in ("[/]x.zarr", "a[bold]b:smile:.zarr"):
+        fails_cleanly(["inspect", str(tmp_path / name)], f"{name} does not exist")
+    fails_cleanly(["train", "--store", str(micro_store), "--device", "foo"], "--device 'foo': choose auto, cpu")
