@@ -24,8 +24,8 @@ Public API:
     encode_ids             sample ids as the store holds them (UTF-8 bytes; a name that is not UTF-8 refused)
     CODECS, DEFAULT_CODEC  lossless chunk codecs for ``fpt extract --codec`` (measured in bench/codec.py)
 """
-from fpt.store.layout import (CODECS, DEFAULT_CODEC, FEATURE_DTYPES, SAMPLE_ARRAYS, SCHEMA_VERSION, SPLITS, Geometry,
-                              choose_samples_per_shard, encode_ids)
+from fpt.store.layout import (CODECS, DEFAULT_CODEC, EXCLUDED_SPLIT, FEATURE_DTYPES, SAMPLE_ARRAYS, SCHEMA_VERSION,
+                              SPLITS, Geometry, choose_samples_per_shard, encode_ids)
 from fpt.store.location import StoreLocation, is_url, store_stem
 from fpt.store.lock import StoreLock
 from fpt.store.reader import StoreReader, as_dask, summarize
@@ -35,7 +35,8 @@ from fpt.store.shared import (HandoverSlots, SharedArrays, SharedSlot, Spec, low
                               shm_has_room)
 from fpt.store.writer import StoreWriter, check_replaceable, check_same_extraction
 
-__all__ = ["CODECS", "DEFAULT_CODEC", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS", "Geometry",
+__all__ = ["CODECS", "DEFAULT_CODEC", "EXCLUDED_SPLIT", "FEATURE_DTYPES", "SAMPLE_ARRAYS", "SCHEMA_VERSION", "SPLITS",
+           "Geometry",
            "choose_samples_per_shard", "encode_ids", "StoreLocation", "StoreLock", "StoreReader", "StoreWriter",
            "as_dask", "check_replaceable", "check_same_extraction", "is_url", "store_stem", "summarize", "verify",
            "VerifyReport", "mark_for_reextraction", "HandoverSlots", "SharedArrays", "SharedSlot", "Spec",

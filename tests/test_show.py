@@ -103,3 +103,18 @@ def test_show_refusals(trained, tmp_path):
     ok = CliRunner().invoke(app, ["show", "--store", str(store), "--sample", "3", "--checkpoint",
                                   str(root / "fpt+" / "best.pt"), "--out", str(tmp_path / "z.png")])
     assert ok.exit_code == 0 and (tmp_path / "z.png").exists(), ok.output
+
+
+def test_a_skipped_sample_or_an_odd_number_is_refused(tmp_path):
+    """A source skipped at extraction (--on-error skip) holds only the LPM's output for a blank image: nothing to
+    draw. A sample written with digits that are not decimal ones ('²') is an unknown id, not a crash."""
+    from fpt.extract import extract
+
+    data = write_image_folder(tmp_path / "data")
+    (data / "test" / "benign" / "000.png").write_bytes(b"not an image")
+    store = tmp_path / "skip.zarr"
+    extract(micro_config(data, store, on_error="skip"))
+    with pytest.raises(FptError, match="could not be read at extraction and was skipped"):
+        show(store, "test/benign/000.png", tmp_path / "x.png")
+    with pytest.raises(FptError, match="is not in"):
+        show(store, "²", tmp_path / "x.png")

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fpt import FptError
-from fpt.store import StoreReader, store_stem
+from fpt.store import EXCLUDED_SPLIT, StoreReader, store_stem
 from fpt.train.loop import load_checkpoint
 from fpt.train.model import SideNetwork, prompt_attention
 
@@ -41,7 +41,7 @@ def find_sample(reader: StoreReader, sample: str) -> int:
     ids = list(reader.ids)
     if sample in ids:
         return ids.index(sample)
-    if sample.isdigit() and int(sample) < len(ids):
+    if sample.isdecimal() and int(sample) < len(ids):
         return int(sample)
     close = [i for i in ids if sample in i][:3]
     raise FptError(f"--sample {sample!r} is not in {reader.path}" + (f"; did you mean {', '.join(close)}?" if close
@@ -53,6 +53,9 @@ def token_maps(store: Path, sample: str, checkpoint: Path | None = None) -> Toke
     index = find_sample(reader, sample)
     if not reader.done()[index]:
         raise FptError(f"sample {sample!r} is not extracted yet; finish the store with `fpt extract`")
+    if reader.split[index] == EXCLUDED_SPLIT:
+        raise FptError(f"sample {reader.ids[index]} (row {index}) could not be read at extraction and was skipped "
+                       f"(listed in {reader.path}/skipped.csv): the store holds nothing of it to show")
     arrays = reader.read([index], ("images", "indices", "keys"))
     attention = None
     if checkpoint is not None:
