@@ -37,8 +37,14 @@ def make_store(model: str, res: int, codec: str, shards: int, image_res: int) ->
     per, layers, heads, k, head_dim = shard["keys"].shape
     geometry = Geometry(n_samples=per * shards, layers=layers, heads=heads, k=k, head_dim=head_dim,
                         embed_dim=shard["cls"].shape[1], image_res=shard["images"].shape[1], samples_per_shard=per)
-    attrs = {"backbone": {"name": model}, "extraction": {"res": res},
-             "dataset": {"name": "bench", "classes": ["a", "b"]}, "normalization": {}}
+    # a store's attributes as fpt writes them (StoreReader checks them), of this shard's shapes
+    attrs = {"backbone": {"name": model, "embed_dim": geometry.embed_dim, "heads": heads, "head_dim": head_dim,
+                          "patch_size": 16, "depth": 12, "prefix_tokens": 1, "n_params": 0, "weights_sha256": "0" * 64,
+                          "weights_source": "random-init", "random_init": True},
+             "extraction": {"res": res, "layers": list(range(12 - layers, 12)), "token_ratio": 0.2, "k": k,
+                            "importance": "global", "dtype": "float16", "image_res": image_res},
+             "dataset": {"name": "bench", "classes": ["a", "b"], "source": "bench", "counts": {}},
+             "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
     n = geometry.n_samples
     writer = StoreWriter.open(path, geometry, attrs, ids=np.array([f"s{i}" for i in range(n)], dtype=object),
                               labels=np.arange(n) % 2, split=np.zeros(n, int), overwrite=True, codec=codec)

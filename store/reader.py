@@ -41,13 +41,24 @@ def open_group(path: str | Path | StoreLocation, mode: str = "r", direct_io: boo
 
 
 REQUIRED_SECTIONS = ("backbone", "extraction", "dataset", "normalization", "geometry")   # of the group's attrs
+# what every schema-2 store has held in each section since the schema began (later keys are read with defaults)
+REQUIRED_KEYS = {
+    "backbone": ("name", "embed_dim", "heads", "head_dim", "patch_size", "depth", "prefix_tokens", "n_params",
+                 "weights_sha256", "weights_source", "random_init"),
+    "extraction": ("res", "layers", "token_ratio", "k", "importance", "dtype", "image_res"),
+    "dataset": ("name", "classes", "source", "counts"),
+    "normalization": ("mean", "std"),
+}
 EDITED = "the store was edited or damaged: re-extract it (fpt extract ... --overwrite)"
 
 
 def check_attributes(path: StoreLocation, group: zarr.Group) -> Geometry:
-    """The store's geometry, once its attributes are as fpt writes them (every section, a geometry, two classes
-    or more). A store edited or damaged by hand is one error, not a KeyError or IndexError later."""
+    """The store's geometry, once its attributes are as fpt writes them (every section with its keys, a geometry,
+    two classes or more). A store edited or damaged by hand is one error, not a KeyError or IndexError later."""
     missing = [s for s in REQUIRED_SECTIONS if not isinstance(group.attrs.get(s), dict)]
+    if missing:
+        raise FptError(f"{path}: the store's attributes lack {', '.join(missing)}; {EDITED}")
+    missing = [f"{s}.{key}" for s, keys in REQUIRED_KEYS.items() for key in keys if key not in group.attrs[s]]
     if missing:
         raise FptError(f"{path}: the store's attributes lack {', '.join(missing)}; {EDITED}")
     try:

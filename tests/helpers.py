@@ -129,8 +129,13 @@ def flip(path, offset):
 
 # a 7-sample store written directly, without the LPM
 GEOM = Geometry(n_samples=7, layers=2, heads=3, k=4, head_dim=5, embed_dim=15, image_res=6, samples_per_shard=3)
-ATTRS = {"backbone": {"name": "x", "n_params": 1}, "extraction": {"res": 64, "layers": [2, 3]},
-         "dataset": {"name": "t", "classes": ["a", "b"]}, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+ATTRS = {"backbone": {"name": "x", "embed_dim": 15, "heads": 3, "head_dim": 5, "patch_size": 16, "depth": 4,
+                      "prefix_tokens": 1, "n_params": 1, "weights_sha256": "0" * 64, "weights_source": "random-init",
+                      "random_init": True},
+         "extraction": {"res": 64, "layers": [2, 3], "token_ratio": 0.2, "k": 4, "importance": "global",
+                        "dtype": "float16", "image_res": 6},
+         "dataset": {"name": "t", "classes": ["a", "b"], "source": "t", "counts": {}},
+         "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
 
 
 def shard_arrays(n, seed, g=GEOM):

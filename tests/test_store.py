@@ -348,6 +348,10 @@ def test_a_store_edited_by_hand_is_one_error_naming_what_is_wrong(tmp_path):
     cases = {
         "the store's attributes lack extraction": lambda p: edit_json(
             p / "zarr.json", lambda m: m["attributes"].pop("extraction")),
+        "the store's attributes lack backbone.name, backbone.patch_size": lambda p: edit_json(
+            p / "zarr.json", lambda m: [m["attributes"]["backbone"].pop(k) for k in ("name", "patch_size")]),
+        "the store's attributes lack extraction.layers": lambda p: edit_json(
+            p / "zarr.json", lambda m: m["attributes"]["extraction"].pop("layers")),
         "the array 'done' is missing": lambda p: shutil.rmtree(p / "done"),
         "'keys' has the shape": lambda p: edit_json(p / "keys" / "zarr.json", lambda m: m["shape"].__setitem__(3, 99)),
         "the store names the classes ['a'], not two or more": lambda p: edit_json(
