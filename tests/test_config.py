@@ -147,6 +147,26 @@ pipelines:
         extract_config("mine")
 
 
+def test_a_key_both_user_files_set_is_the_pipelines_options_and_an_entry_keeps_what_it_does_not_name(
+        tmp_path, monkeypatch):
+    """One order for a key set in several places: the packaged file, then $FPT_PIPELINES, then --pipelines FILE,
+    then the command's options. A user entry that names only cmmd's lr and epochs changes those two keys: cmmd
+    keeps its source, classes, statistics and its other training values from the packaged file."""
+    from fpt.config import load_pipelines, packaged_pipelines
+
+    env_file = write_pipelines(tmp_path / "env.yaml", "pipelines:\n  cmmd:\n    train: {lr: 0.003, epochs: 4}\n")
+    option_file = write_pipelines(tmp_path / "option.yaml", "pipelines:\n  cmmd:\n    train: {lr: 0.007}\n")
+    monkeypatch.setenv("FPT_PIPELINES", str(env_file))
+    assert train_config("x.zarr", "cmmd").lr == 0.003                                  # $FPT_PIPELINES alone
+    cfg = train_config("x.zarr", "cmmd", option_file)
+    assert (cfg.lr, cfg.epochs) == (0.007, 4)                                          # --pipelines over it
+    assert train_config("x.zarr", "cmmd", option_file, lr=0.009).lr == 0.009          # the option over both
+    packaged, merged = (pipeline_entry("cmmd", table) for table in (packaged_pipelines(), load_pipelines(option_file)))
+    assert {k: v for k, v in merged.items() if k != "train"} == {k: v for k, v in packaged.items() if k != "train"}
+    assert merged["train"] == {**packaged["train"], "lr": 0.007, "epochs": 4}
+    assert packaged["source"] == "cmmd" and packaged["train"]["lr"] != 0.007
+
+
 def test_user_pipelines_values_are_validated_like_options(tmp_path):
     path = write_pipelines(tmp_path / "p.yaml", "pipelines:\n  mine:\n    train: {method: fpt, prompts: 0}\n")
     with pytest.raises(FptError, match="--method fpt needs --prompts > 0"):
@@ -222,6 +242,31 @@ def test_resume_keeps_only_options_that_do_not_change_the_results():
         else:
             with pytest.raises(FptError, match=f"drop {flag} \\(a run with other settings"):
                 resume_options("run", {name: value, "device": "cpu"})
+
+
+def test_resume_takes_every_runtime_option_and_a_run_compares_without_them():
+    """The runtime options (where and how a run computes, not what) are the ones ``fpt train --resume`` takes and
+    the ones a resumed run's saved config is compared without: device, cache, cache budget, reader workers, the PME
+    reference memory, corrupt ids already found, compile, CUDA graph and checkpoint interval."""
+    from dataclasses import replace
+
+    from fpt.train.loop import comparable_config
+
+    runtime = dict(device="cpu", cache="ram", cache_budget_mb=100.0, workers=2, ft_memory_mb=2000.0, corrupt=["s1"],
+                   compile=False, cuda_graph=False, checkpoint_seconds=5.0)
+    assert resume_options("run", {**runtime, "lr": None, "seed": None}) == runtime
+    base = train_config("x.zarr", None)
+    assert comparable_config(replace(base, **runtime)) == comparable_config(base)
+    assert comparable_config(replace(base, lr=0.5)) != comparable_config(base)
+
+
+def test_token_ratio_is_a_share_of_the_tokens_up_to_all_of_them():
+    """--token-ratio in (0, 1]: 1 keeps every token (the LPM's full K/V), 0 or more than 1 is refused."""
+    assert extract_config("demo", token_ratio=1.0).token_ratio == 1.0
+    assert extract_config("demo", token_ratio=0.01).token_ratio == 0.01
+    for bad in (0.0, 1.01, -0.2):
+        with pytest.raises(FptError, match=f"--token-ratio {bad}: must be in \\(0, 1\\]"):
+            extract_config("demo", token_ratio=bad)
 
 
 def test_default_output_names_come_from_the_stores_name_however_it_is_written():

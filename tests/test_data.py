@@ -47,6 +47,25 @@ def test_memory_and_stream_give_the_split_in_store_order(store):
         np.testing.assert_array_equal(got["labels"], expected["labels"])
 
 
+def test_memory_batches_are_the_order_cut_into_batches_whatever_the_batch_size(store):
+    """A split in memory (host or device) gives its rows cut into batches of the batch size, the last one partial
+    unless drop_last (full batches only): for batch sizes that divide the split, that do not, and above it."""
+    from itertools import product
+
+    reader = StoreReader(store)
+    labels = reader.labels[reader.split_indices("train")]
+    n = len(labels)
+    splits = (MemorySplit(reader, "train", NAMES, CPU), MemorySplit(reader, "train", NAMES, CPU, on_device=True))
+    for batch_size, drop_last in product((1, 2, 3, 5, n, n + 1), (False, True)):
+        want = [min(batch_size, n - i) for i in range(0, n, batch_size)]
+        want = [s for s in want if s == batch_size] if drop_last else want
+        for split in splits:
+            got = list(split.batches(batch_size, drop_last=drop_last))
+            assert [len(b["labels"]) for b in got] == want, (batch_size, drop_last, split.tensors is not None)
+            np.testing.assert_array_equal(torch.cat([b["labels"] for b in got] or [torch.zeros(0)]).numpy(),
+                                          labels[:sum(want)])
+
+
 def test_reused_batches_are_gathered_into_the_same_tensors_with_the_same_samples(store):
     """``batches(reuse=True)`` of a split on the device (here the CPU stands in): every full batch is written
     into the same tensors, with the samples of fresh batches; the partial last batch is one of its own."""
@@ -287,6 +306,26 @@ def test_cache_plan(store):
         assert shared.mode == "gpu" and "shared" in shared.reason
     assert plan_cache(reader, NAMES, "ram", CPU, shared_on_device=True).mode == "ram"
     assert plan_cache(reader, NAMES, "none", CPU, shared_on_device=True).mode == "none"
+
+
+def test_cache_plan_on_cuda_takes_half_the_free_gpu_memory_by_default(store, monkeypatch):
+    """``--cache auto`` on a CUDA device: the GPU when the splits fit half its free memory (the step needs the
+    rest), else RAM; ``--cache gpu`` takes all the free memory, and is refused past it. (The free memory is the
+    stand-in's: no GPU needed.)"""
+    reader = StoreReader(store)
+    cuda = torch.device("cuda")
+    need = plan_cache(reader, NAMES, "none", CPU).need_mb
+    for free_mb, auto, budget in ((3 * need, "gpu", 1.5 * need), (1.5 * need, "ram", None)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free_mb=free_mb: (free_mb * 2**20, 10 * 2**40))
+        plan = plan_cache(reader, NAMES, "auto", cuda)
+        assert plan.mode == auto, (free_mb / need, plan.reason)
+        if budget is not None:
+            assert plan.budget_mb == pytest.approx(budget)
+        assert plan_cache(reader, NAMES, "gpu", cuda).mode == "gpu"                  # all of it when asked
+        assert plan_cache(reader, NAMES, "auto", cuda, budget_mb=need).mode == "gpu"  # a budget given: that
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need / 2 * 2**20, 10 * 2**40))
+    with pytest.raises(FptError, match="--cache gpu: .* exceed the free GPU memory"):
+        plan_cache(reader, NAMES, "gpu", cuda)
 
 
 def test_a_split_shared_as_tensor_handles_is_used_without_reading_the_store(store, monkeypatch):

@@ -84,6 +84,18 @@ def test_voi_lut_sequence_wins_and_uses_its_output_range(tmp_path):
     np.testing.assert_allclose(decoded(path), (expect - 1000) / 2000, atol=1e-6)
 
 
+def test_a_voi_lut_takes_the_modality_output_rounded_to_the_nearest_integer(tmp_path):
+    """A VOI LUT is indexed by integers: a rescale with a fractional slope and intercept gives values between them,
+    and each is looked up at its nearest integer (PS3.3 C.11.2.1.1), not truncated towards zero."""
+    x = stored_12bit(seed=9) % 300
+    first, lut = 20, np.linspace(1000, 3000, 120).astype(np.uint16)          # inputs 20..139
+    path = write_dicom(tmp_path / "a.dcm", x, rescale=(0.5, 0.25), voi_lut=(first, lut))
+    modality = 0.5 * x + 0.25                                                 # fractions .25 and .75: never a tie
+    index = np.clip(np.rint(modality).astype(int) - first, 0, len(lut) - 1)
+    assert (np.rint(modality) != np.floor(modality)).mean() > 0.3 and ((index > 0) & (index < 119)).mean() > 0.5
+    np.testing.assert_allclose(decoded(path), (lut[index] - 1000.0) / 2000, atol=1e-6)
+
+
 def test_multi_frame_gives_the_first_frame(tmp_path):
     frames = np.stack([stored_12bit(seed=4), stored_12bit(seed=5)])
     out = decoded(write_dicom(tmp_path / "a.dcm", frames))

@@ -117,6 +117,32 @@ def test_each_jitter_factor_follows_its_own_setting():
         assert factor.min() < 1 - 0.95 * x and factor.max() > 1 + 0.95 * x, (x, factor.min(), factor.max())
 
 
+def test_a_jitter_setting_above_one_draws_factors_from_zero():
+    """A jitter setting x above 1 draws its factor in [max(0, 1 - x), 1 + x], as torchvision's ColorJitter: from 0
+    (black, or the mean grey), never a negative factor that would invert the image."""
+    cfg = AugmentConfig(brightness=1.5, contrast=1.2, saturation=2.0)
+    p = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=0, augment=cfg).sample(4000)
+    for factor, x in ((p.brightness, cfg.brightness), (p.contrast, cfg.contrast), (p.saturation, cfg.saturation)):
+        assert factor.min() >= 0 and factor.max() <= 1 + x + 1e-6
+        assert factor.min() < 0.05 * (1 + x) and factor.max() > 0.95 * (1 + x), (x, factor.min(), factor.max())
+
+
+@pytest.mark.parametrize("ratio", [(1.25, 1.5), (0.5, 0.8)])
+def test_a_crop_no_try_fits_is_torchvisions_whole_image_at_the_nearest_allowed_aspect(ratio):
+    """When none of RandomResizedCrop's tries fits the image (here every one: the whole area at an aspect other
+    than the square's), torchvision takes the central crop of the whole width or height at the allowed aspect
+    nearest the image's; with a square image: the full side by side / ratio, or side * ratio by the full side."""
+    import torchvision.transforms as T
+
+    cfg = AugmentConfig(scale=(1.0, 1.0), ratio=ratio)
+    p = SideInput(16, (0.5,) * 3, (0.25,) * 3, seed=0, augment=cfg).sample(64)
+    side = 1000
+    _, _, h, w = T.RandomResizedCrop.get_params(torch.empty(3, side, side), list(cfg.scale), list(cfg.ratio))
+    assert (w, h) != (side, side)
+    torch.testing.assert_close(p.crop_w, torch.full((64,), w / side), atol=1e-3, rtol=0)
+    torch.testing.assert_close(p.crop_h, torch.full((64,), h / side), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("preset", ["paper", "strong"])
 def test_crop_positions_are_uniform_over_every_place_the_crop_fits(preset):
     """RandomResizedCrop places a crop of side w uniformly among the places it fits (torchvision: a uniform top-left

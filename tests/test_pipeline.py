@@ -1061,6 +1061,35 @@ def test_writer_processes_do_not_each_import_the_programs_main_module(tmp_path, 
     assert len(imports.read_text().split()) == 2
 
 
+def test_the_fork_server_is_told_the_main_module_a_spawned_child_would_run(monkeypatch):
+    """``main_module``: a program run as ``python -m program`` or ``python program.py`` is named to the fork server
+    (it runs it as a spawned child would); a package's ``__main__`` (``python -m package``) is not, as spawned
+    children skip it (it would run the package's command again in the server), nor is an interactive session.
+    ``starting`` names it only inside its block, and leaves a name an outer block set."""
+    from multiprocessing import spawn
+
+    from fpt import forkserver
+
+    cases = [({"init_main_from_name": "program"}, "name:program"), ({"init_main_from_name": "pkg.__main__"}, None),
+             ({"init_main_from_name": "__main__"}, None), ({"init_main_from_path": "/x/program.py"},
+                                                            "path:/x/program.py"), ({}, None)]
+    for data, want in cases:
+        monkeypatch.setattr(spawn, "get_preparation_data", lambda name, data=data: dict(data))
+        assert forkserver.main_module() == want, data
+    monkeypatch.setattr(spawn, "get_preparation_data", lambda name: {"init_main_from_name": "program"})
+    monkeypatch.delenv(forkserver.MAIN_ENV, raising=False)
+    with forkserver.starting():
+        assert os.environ[forkserver.MAIN_ENV] == "name:program"
+        with forkserver.starting():
+            assert os.environ[forkserver.MAIN_ENV] == "name:program"
+        assert os.environ[forkserver.MAIN_ENV] == "name:program"
+    assert forkserver.MAIN_ENV not in os.environ
+    monkeypatch.setenv(forkserver.MAIN_ENV, "path:/outer.py")
+    with forkserver.starting():
+        assert os.environ[forkserver.MAIN_ENV] == "path:/outer.py"
+    assert os.environ[forkserver.MAIN_ENV] == "path:/outer.py"
+
+
 def test_a_script_that_calls_fpt_unguarded_fails_with_one_clear_error_not_a_wait(tmp_path, image_folder):
     """A script that calls ``extract`` at its top level, not under ``if __name__ == "__main__":``, has it run
     again by the writer processes' fork server, which then dies. That must end the run with an FptError that says

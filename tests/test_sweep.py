@@ -70,6 +70,20 @@ def test_scheduler_parsing():
             local_worker_count(bad, cuda=False)
 
 
+def test_local_worker_counts_follow_the_cores_or_the_gpus(monkeypatch):
+    """``local``: on a CPU one worker per two cores, at least one (a one-core machine, or one whose count is
+    unknown); on CUDA ``per_gpu`` workers for every GPU (at least one GPU's worth)."""
+    from fpt import cluster
+
+    for cores, want in ((1, 1), (None, 1), (2, 1), (3, 1), (8, 4), (64, 32)):
+        monkeypatch.setattr(cluster.os, "cpu_count", lambda: cores)
+        assert local_worker_count("local", cuda=False) == want, cores
+    for gpus, per_gpu, want in ((1, 1, 1), (3, 1, 3), (3, 2, 6), (2, 4, 8), (0, 3, 3)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        assert local_worker_count("local", cuda=True, per_gpu=per_gpu) == want, (gpus, per_gpu)
+    assert local_worker_count("local:5", cuda=True, per_gpu=4) == 5                  # N given: N workers
+
+
 def test_local_workers_take_the_gpus_in_turn(monkeypatch):
     """On a machine with several GPUs, LocalCluster worker i (workers are named 0..N-1) runs on GPU i % count, so
     the workers spread evenly over the GPUs (each GPU gets every count-th worker), whatever N is; an explicit

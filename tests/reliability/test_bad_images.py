@@ -51,6 +51,16 @@ def test_unusual_images_load_correctly(tmp_path):
     assert load_image_file(tmp_path / "one.png").getpixel((0, 0)) == (10, 20, 30)
 
 
+def test_a_jpeg_decodes_at_the_coarsest_scale_that_still_covers_the_lpm_input(tmp_path):
+    """``size_hint`` (the LPM's side) lets a JPEG decode at a reduced DCT scale (1/2, 1/4, 1/8), the coarsest whose
+    image still covers it on both sides: never smaller, or the LPM input would be upsampled from less detail."""
+    rgb = np.random.default_rng(1).integers(0, 255, (320, 400, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.jpg", quality=90)
+    for hint, size in ((64, (100, 80)), (100, (200, 160)), (160, (200, 160)), (161, (400, 320)), (30, (50, 40))):
+        assert load_image_file(tmp_path / "a.jpg", size_hint=hint).size == size, hint
+    assert load_image_file(tmp_path / "a.jpg").size == (400, 320)
+
+
 def test_broken_images_fail_with_their_path_by_default(tmp_path):
     data = write_image_folder(tmp_path / "d")
     for name in broken_images(data / "train" / "benign")[:1]:
