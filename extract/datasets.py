@@ -88,6 +88,9 @@ class CsvManifestSource:
 
 
 MANIFEST_COLUMNS = ("path", "label")
+# --std auto below this (a fortieth of one 8-bit level, on the [0, 1] scale): train images of one colour, nearly;
+# normalising by such a std would blow their pixels up past what fp16 holds
+NO_VARIATION_STD = 1e-4
 
 
 def read_manifest(csv_path: Path) -> list[dict[str, str]]:
@@ -178,9 +181,10 @@ def file_decoding(cfg: ExtractConfig) -> FileDecoding:
 def compute_mean_std(source: ImageSource, res: int, skip_unreadable: bool = False
                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std) of every pixel of the train split, as the LPM sees it: resized to ``res``, values
-    in [0, 1]. One pass, accumulating sums of x and x^2 in float64 (the official FPT code's ``auto``).
+    in [0, 1]. One pass, accumulating sums of x and x^2 in float64 (the official FPT code's ``auto``), of x less
+    the first image's mean, so that train images of one colour give a std of ~0 rather than rounding error.
     Unreadable images are left out with ``skip_unreadable`` (``--on-error skip``), else refused."""
-    total, total_sq, n = np.zeros(3), np.zeros(3), 0
+    total, total_sq, n, shift = np.zeros(3), np.zeros(3), 0, None
     for ref in source.samples:
         if ref.split == SPLITS.index("train"):
             try:
@@ -190,14 +194,16 @@ def compute_mean_std(source: ImageSource, res: int, skip_unreadable: bool = Fals
                     continue
                 raise unreadable_source_error(str(e)) from None
             x = rgb_array(lpm_view(image, res)).astype(np.float64) / 255    # [res, res, 3]
+            shift = x.mean(axis=(0, 1)) if shift is None else shift
+            x -= shift
             total += x.sum(axis=(0, 1))
             total_sq += np.square(x).sum(axis=(0, 1))
             n += x.shape[0] * x.shape[1]
     if n == 0:
         raise FptError("--mean/--std auto: the train split has no images")
-    mean = total / n
-    std = np.sqrt(np.maximum(total_sq / n - np.square(mean), 0.0))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    shifted_mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - np.square(shifted_mean), 0.0))
+    return tuple(float(m) for m in shift + shifted_mean), tuple(float(s) for s in std)
 
 
 def resolve_normalization(cfg: ExtractConfig, source: ImageSource) -> ExtractConfig:
@@ -205,7 +211,7 @@ def resolve_normalization(cfg: ExtractConfig, source: ImageSource) -> ExtractCon
     if cfg.mean != "auto" and cfg.std != "auto":
         return cfg
     mean, std = compute_mean_std(source, cfg.res, skip_unreadable=cfg.on_error == "skip")
-    if cfg.std == "auto" and min(std) == 0:
+    if cfg.std == "auto" and min(std) < NO_VARIATION_STD:
         raise FptError(f"--std auto: the train images have no variation (std {std}); give --std R,G,B")
     return replace(cfg, mean=mean if cfg.mean == "auto" else cfg.mean, std=std if cfg.std == "auto" else cfg.std)
 

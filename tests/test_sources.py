@@ -102,6 +102,26 @@ def test_split_without_groups_is_stratified_per_image():
         stratified_group_split([0, 1] * 20, ["a", "b", "c"] * 13 + ["d"], 0, "test")
 
 
+def test_ten_groups_of_ten_per_class_are_enough_for_the_stratified_split():
+    """The 70/10/20 split is ten stratified folds: ten groups and ten samples of the smallest class suffice (one
+    per fold: 7 train, 1 val, 2 test of each class); nine do not."""
+    labels = [0] * 10 + [1] * 10
+    splits = stratified_group_split(labels, [str(i) for i in range(20)], 0, "test")
+    counts = Counter(zip(splits.tolist(), labels))
+    assert [counts[(s, c)] for c in (0, 1) for s in range(3)] == [7, 1, 2] * 2
+    with pytest.raises(FptError, match="found 18 groups and 9 samples in the smallest class"):
+        stratified_group_split([0] * 9 + [1] * 9, [str(i) for i in range(18)], 0, "test")
+
+
+def test_a_manifest_is_known_by_its_suffix_in_any_case(tmp_path):
+    """``--data MANIFEST.CSV`` (as some systems export it) is a manifest like ``manifest.csv``, not a folder."""
+    rows = [{"path": f"images/{i}.png", "label": "ab"[i % 2], "split": SPLITS[i % 3]} for i in range(6)]
+    upper = write_manifest(tmp_path, rows, ("path", "label", "split")).rename(tmp_path / "LIST.CSV")
+    source = open_source(extract_config(None, upper, backbone="x", out=tmp_path / "o.zarr"))
+    assert isinstance(source, CsvManifestSource) and source.name == "LIST"
+    assert [s.id for s in source.samples] == [r["path"] for r in rows]
+
+
 def test_bad_manifests_fail_with_one_line(tmp_path):
     ok = [{"path": f"images/{i}.png", "label": "a" if i % 2 else "b", "split": SPLITS[i % 3]} for i in range(6)]
     fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c1", ok, ("path", "split"))), *MICRO_ARGS],
@@ -143,6 +163,17 @@ def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
     source = open_source(extract_config(None, data, out=str(tmp_path / "s.zarr"), **{"backbone": "x"}))
     assert source.classes == ["benign", "malignant"]
     assert len(source.samples) == 16 and not any("/." in s.id for s in source.samples)
+
+
+def test_class_folders_differing_only_in_surrounding_spaces_are_refused(tmp_path):
+    """``benign`` and ``benign `` (a trailing space a file manager hides) are one class spelt two ways: refused,
+    like two spellings that differ in case, rather than silently split in two."""
+    from fpt.extract.datasets import ImageFolderSource
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "d", {"train": 1, "val": 1, "test": 1}, classes=("benign", "benign ", "x"))
+    with pytest.raises(FptError, match="classes 'benign' and 'benign ' differ only in case or spaces"):
+        ImageFolderSource(data)
 
 
 def test_image_folder_labels_follow_the_pipelines_class_order(tmp_path):
@@ -232,6 +263,25 @@ def test_std_auto_with_a_given_mean_keeps_that_mean(tmp_path):
     assert resolved.mean == cfg.mean != mean and resolved.std == std
 
 
+@pytest.mark.parametrize("colour", [(0, 0, 0), (90, 90, 90), (37, 200, 13)])
+def test_std_auto_over_train_images_without_variation_is_refused(tmp_path, colour):
+    """--std auto over train images of one colour: a std of ~0 for every colour (the one-pass sums of x and x^2
+    left ~1e-7 to 2e-6 of rounding for most), refused, whatever the val and test images hold (normalising by it
+    would divide by zero or overflow fp16); a std given keeps such a data set usable."""
+    rows = [{"path": f"images/{i}.png", "label": "ab"[i % 2], "split": SPLITS[i % 3]} for i in range(6)]
+    csv_path = write_manifest(tmp_path, rows, ("path", "label", "split"))
+    for row in rows[::3]:                                                  # the train images: one colour
+        Image.new("RGB", (26, 24), colour).save(tmp_path / row["path"])
+    cfg = extract_config(None, csv_path, mean="auto", std="auto", backbone="x", out=tmp_path / "o.zarr")
+    mean, std = compute_mean_std(open_source(cfg), cfg.res)
+    np.testing.assert_allclose(mean, np.array(colour) / 255, rtol=1e-9)
+    assert max(std) < 1e-6
+    with pytest.raises(FptError, match="--std auto: the train images have no variation"):
+        resolve_normalization(cfg, open_source(cfg))
+    given = extract_config(None, csv_path, mean="auto", std=(0.2,) * 3, backbone="x", out=tmp_path / "o.zarr")
+    assert resolve_normalization(given, open_source(given)).std == (0.2,) * 3
+
+
 # ---------------------------------------------------------------- CMMD
 
 PATIENTS = [f"D1-{i:04d}" for i in range(1, 13)]
@@ -305,6 +355,22 @@ def test_cmmd_without_the_cmmd_folder_level(tmp_path):
     source = CmmdSource(tmp_path / "flat")
     assert len(source.samples) == 48 and source.samples[0].id.startswith("D1-0001/")
     assert source.classes == ["benign", "malignant"]
+
+
+def test_cmmd_table_sides_in_lower_case_label_the_same_breasts(tmp_path):
+    """The clinical table's LeftRight column read in any case: ``l``/``r`` are the breasts ``L``/``R`` of the DICOM
+    headers, so every image keeps its label rather than being skipped as a breast not in the table."""
+    from openpyxl import load_workbook
+
+    write_cmmd(tmp_path / "cmmd")
+    want = CmmdSource(tmp_path / "cmmd")
+    book = load_workbook(tmp_path / "cmmd" / CLINICAL_TABLE)
+    for (cell,) in book.active.iter_rows(min_row=2, min_col=2, max_col=2):
+        cell.value = cell.value.lower()
+    book.save(tmp_path / "cmmd" / CLINICAL_TABLE)
+    got = CmmdSource(tmp_path / "cmmd")
+    assert got.samples == want.samples and len(got.samples) == 48
+    assert got.attrs["skipped_images"] == {"breast_not_in_table": 2, "no_laterality": 1}
 
 
 def test_cmmd_problems(tmp_path):
