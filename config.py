@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 from itertools import product
 from pathlib import Path
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 from fpt import FptError
-from fpt.store import CODECS, DEFAULT_CODEC, StoreReader, store_stem
+from fpt.store import CODECS, DEFAULT_CODEC, SPLITS as SPLIT_NAMES, StoreReader, store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
 PIPELINES_ENV = "FPT_PIPELINES"        # a user pipelines file merged over the packaged one (--pipelines wins)
@@ -283,6 +285,9 @@ class SweepConfig:
         """Every rule on a sweep's own values (its runs' are TrainConfig's), whoever builds it."""
         if self.seeds < 1:
             raise FptError(f"--seeds {self.seeds}: must be at least 1")
+        if self.train.seed + self.seeds - 1 >= 2**32:      # the repeats' seeds: seed, seed + 1, ...
+            raise FptError(f"--seed {self.train.seed} with --seeds {self.seeds}: the repeats use seeds up to "
+                           f"{self.train.seed + self.seeds - 1}, past {2**32 - 1}; give a lower --seed")
         if self.runs_per_gpu is not None and self.runs_per_gpu < 1:
             raise FptError(f"--runs-per-gpu {self.runs_per_gpu}: must be at least 1")
         if self.runs_in is not None and self.runs_in not in RUNS_IN:
@@ -309,14 +314,30 @@ RUNS_IN = ("threads", "processes")
 SECTION_KEYS = {"extract": EXTRACT_KEYS, "train": TRAIN_KEYS, "sweep": SWEEP_KEYS}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_pipelines(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise FptError(f"pipelines file {path}: no such file") from None
     except (OSError, yaml.YAMLError) as e:
-        raise FptError(f"pipelines file {path}: not readable YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise FptError(f"pipelines file {path}: not readable YAML ({str(e).splitlines()[0]}{where})") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise FptError(f"pipelines file {path}: expected a mapping with `defaults` and/or `pipelines`")
@@ -324,8 +345,78 @@ def _read_pipelines(path: Path) -> dict[str, Any]:
     return data
 
 
+# what the keys of a pipelines entry outside its sections hold (the sections' keys: their config's fields)
+ENTRY_TYPES: dict[str, Any] = {"source": str, "classes": list[str], "counts": dict[str, int], "seed": int,
+                               "mean": tuple[float, ...] | str, "std": tuple[float, ...] | str, "data": str,
+                               "data_env": str}
+SOURCES = ("folder", "cmmd", "synthetic")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from YAML fits a config field's annotation: lists stand for tuples, strings for paths
+    and for ``--layers``-style text, a mapping or a preset name for an augmentation; an int is a float too."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if hint is AugmentConfig:
+        return isinstance(value, (str, dict))
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return True
+
+
+def _section_types() -> dict[str, dict[str, Any]]:
+    grid = float | list[float] | str                      # one value, a list, or "1e-4,5e-4" as --lr takes it
+    return {"extract": {**typing.get_type_hints(ExtractConfig), "layers": list[int] | str | None},
+            "train": typing.get_type_hints(TrainConfig),
+            "sweep": {"lr": grid, "lr_scale": grid, "weight_decay": grid, "seeds": int, "scheduler": str,
+                      "runs_in": str | None}}
+
+
+TYPE_WORDS = {bool: "true/false", int: "whole number", float: "number", str: "string", Path: "path",
+              AugmentConfig: "preset name or mapping"}
+
+
+def _describe(hint: Any, many: bool = False) -> str:
+    """A field's annotation in words: ``a list of numbers or a string``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, many) for a in args)
+    if hint is type(None) or hint is None:
+        return "null"
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0], many=True)}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0], many=True)} to {_describe(args[1], many=True)}"
+    word = TYPE_WORDS.get(hint, str(hint))
+    return f"{word}s" if many else f"a {word}"
+
+
+def check_types(values: dict[str, Any], types_: dict[str, Any], where: str) -> None:
+    """Refuse values of the wrong type in a pipelines file, naming the key, the value and what it takes (YAML
+    reads ``1e-3`` as text: it needs a dot, ``1.0e-3``)."""
+    for key, value in values.items():
+        if key in types_ and not _fits(value, types_[key]):
+            hint = " (YAML reads a number without a dot, such as 1e-3, as text: write 1.0e-3)" if (
+                isinstance(value, str) and re.fullmatch(r"[-+]?\d+e[-+]?\d+", value.strip(), re.I)) else ""
+            raise FptError(f"{where}.{key}: {value!r} is not {_describe(types_[key])}{hint}")
+
+
 def validate_pipelines(data: dict[str, Any], where: str) -> None:
-    """Refuse unknown keys anywhere in a pipelines file (``defaults`` and every entry share one schema)."""
+    """Refuse unknown keys anywhere in a pipelines file (``defaults`` and every entry share one schema), and values
+    of the wrong type (``lr: 1e-3``, text to YAML; ``classes: benign``; ``mean: 0.5``)."""
     check_keys(data, ("defaults", "pipelines"), where)
     if not isinstance(data.get("pipelines") or {}, dict):
         raise FptError(f"{where}: pipelines must be a mapping of names to entries")
@@ -335,11 +426,18 @@ def validate_pipelines(data: dict[str, Any], where: str) -> None:
         if not isinstance(entry, dict):
             raise FptError(f"{where}: {name} must be a mapping")
         check_keys(entry, ENTRY_KEYS, f"{where}: {name}")
+        check_types(entry, ENTRY_TYPES, f"{where}: {name}")
+        if entry.get("source", "folder") not in SOURCES:
+            raise FptError(f"{where}: {name}.source {entry['source']!r}: choose one of {', '.join(SOURCES)}")
+        if entry.get("counts") is not None and sorted(entry["counts"]) != sorted(SPLIT_NAMES):
+            raise FptError(f"{where}: {name}.counts {entry['counts']!r}: give the samples of each split, "
+                           f"{', '.join(SPLIT_NAMES)}")
         for section, valid in SECTION_KEYS.items():
             values = entry.get(section) or {}
             if not isinstance(values, dict):
                 raise FptError(f"{where}: {name}.{section} must be a mapping")
             check_keys(values, valid, f"{where}: {name}.{section}")
+            check_types(values, _section_types()[section], f"{where}: {name}.{section}")
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -422,7 +520,7 @@ def parse_normalization(text: str | None, what: str) -> tuple[float, ...] | str 
 
 
 def _normalization(value: Any) -> tuple[float, ...] | str:
-    return "auto" if value == "auto" else tuple(value)
+    return "auto" if value == "auto" else tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -442,6 +540,9 @@ def extract_config(dataset: str | None = None, data: Path | None = None, pipelin
     entry = pipeline_entry(dataset, table)
     name = dataset or (Path(data).resolve().stem if Path(data).is_file() else Path(data).resolve().name)
     source = entry.get("source", "folder")
+    if source == "synthetic" and data is not None:
+        raise FptError(f"--data {data}: dataset {name!r} is synthetic (made in memory, read from no files); drop "
+                       "--data, or drop --dataset to extract the images there")
     if source != "synthetic":
         env = entry.get("data_env") or f"FPT_DATA_{name.upper()}"
         data = data or (Path(os.environ[env]) if os.environ.get(env) else None) or (
@@ -519,6 +620,10 @@ def check_image_res_fits_patch(image_res: int, patch: int, backbone: str) -> Non
 def check_normalization(mean: tuple[float, ...] | str, std: tuple[float, ...] | str) -> None:
     """Mean in [0, 1], std in (0, 1]: the LPM sees pixel values scaled to [0, 1], so 0-255 numbers are a mistake."""
     scale = "values are on the [0, 1] pixel scale, e.g. ImageNet's 0.485,0.456,0.406 / 0.229,0.224,0.225, or auto"
+    for name, value in (("mean", mean), ("std", std)):
+        if value != "auto" and (not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise FptError(f"--{name} {value!r}: give three numbers, R,G,B (or auto); {scale}")
     if mean != "auto" and not all(0 <= m <= 1 for m in mean):
         raise FptError(f"--mean {','.join(f'{m:g}' for m in mean)}: every value must be in [0, 1]; {scale}")
     if std != "auto" and not all(0 < s <= 1 for s in std):
@@ -551,6 +656,11 @@ def parse_grid(value: str | list | float | None, what: str) -> list[float] | Non
         raise FptError(f"--{what} {value!r}: expected comma-separated numbers, e.g. 1e-4,5e-4,1e-3") from None
     if not grid or len(set(grid)) != len(grid):
         raise FptError(f"--{what} {value!r}: give distinct values")
+    shown = [f"{v:g}" for v in grid]          # a sweep's run folders are named by these (lr0.001-wd0.1-seed0)
+    same = sorted({t for t in shown if shown.count(t) > 1})
+    if same:
+        raise FptError(f"--{what} {value!r}: values that round to the same 6 significant digits ({', '.join(same)}) "
+                       "would share a run folder; give values that differ there")
     return grid
 
 

@@ -55,6 +55,8 @@ def test_precedence_defaults_entry_cli(tmp_path, monkeypatch):
     with pytest.raises(FptError, match="exclude each other"):                           # unless both are given
         extract_config("demo", weights=weights, random_init=True)
     assert demo.j2k_decode == "full" and extract_config("demo", j2k_decode="reduced").j2k_decode == "reduced"
+    with pytest.raises(FptError, match="dataset 'demo' is synthetic .*drop --data"):     # not silently ignored
+        extract_config("demo", data=Path("/some/images"))
     with pytest.raises(FptError, match="--j2k-decode 'fast': choose one of full, reduced"):
         extract_config("demo", j2k_decode="fast")
 
@@ -174,6 +176,51 @@ def test_user_pipelines_values_are_validated_like_options(tmp_path):
     path = write_pipelines(tmp_path / "q.yaml", "pipelines:\n  mine:\n    train: {augment: {hflip: 2}}\n")
     with pytest.raises(FptError, match="augment hflip 2"):
         train_config("x.zarr", "mine", path)
+
+
+def test_pipelines_values_of_the_wrong_type_are_one_error_naming_the_key(tmp_path):
+    """YAML reads ``lr: 1e-3`` as text, and a hand-written file may hold a number where a list goes: each was a
+    TypeError traceback (some only once the store was half made: a two-value mean)."""
+    cases = {
+        "pipelines:\n  mine:\n    train: {lr: 1e-3}\n": r"pipelines.mine.train.lr: '1e-3' is not a number "
+                                                        r"\(YAML reads a number without a dot.*1.0e-3",
+        "pipelines:\n  mine:\n    train: {epochs: ten}\n": r"pipelines.mine.train.epochs: 'ten' is not a whole",
+        "pipelines:\n  mine:\n    train: {batch_size: 16.5}\n": r"train.batch_size: 16.5 is not a whole number",
+        "pipelines:\n  mine:\n    extract: {token_ratio: 20%}\n": r"extract.token_ratio: '20%' is not a number",
+        "pipelines:\n  mine:\n    extract: {layers: 3}\n": r"extract.layers: 3 is not a list of whole numbers",
+        "pipelines:\n  mine:\n    mean: 0.5\n": r"pipelines.mine.mean: 0.5 is not a list of numbers",
+        "pipelines:\n  mine:\n    classes: benign\n": r"pipelines.mine.classes: 'benign' is not a list of strings",
+        "pipelines:\n  mine:\n    classes: [0, 1]\n": r"classes: \[0, 1\] is not a list of strings",
+        "pipelines:\n  mine:\n    source: imagefolder\n": r"source 'imagefolder': choose one of folder, cmmd",
+        "pipelines:\n  mine:\n    source: synthetic\n    counts: {train: 8}\n": r"counts .*each split, train, val",
+        "defaults:\n  sweep: {seeds: three}\n": r"defaults.sweep.seeds: 'three' is not a whole number",
+        "pipelines:\n\tmine: {}\n": r"not readable YAML \(.*, line 2\)",
+        "pipelines:\n  mine:\n    train: {lr: 0.1}\n    train: {epochs: 3}\n": r"'train' is given twice, line 4",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = write_pipelines(tmp_path / f"p{i}.yaml", text)
+        with pytest.raises(FptError, match=message):
+            train_config("x.zarr", "mine", path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, mean in enumerate(("[0.5, 0.5]", "'0.5,0.5,0.5'")):                # the right type, not three numbers
+        path = write_pipelines(tmp_path / f"m{i}.yaml", f"pipelines:\n  mine:\n    mean: {mean}\n")
+        with pytest.raises(FptError, match="--mean .*give three numbers, R,G,B"):
+            extract_config("mine", data, path)
+    assert extract_config("demo").mean == (0.5, 0.5, 0.5)                      # the packaged file still reads
+
+
+def test_a_sweep_grid_whose_values_name_one_run_folder_or_whose_seeds_overflow_is_refused():
+    """Run folders are named by lr and weight decay to 6 significant digits: two values equal there shared one
+    folder (the second was never trained, and the same command then refused to resume). Seeds past 2^32 - 1 were
+    refused only after the whole grid had trained."""
+    with pytest.raises(FptError, match=r"round to the same 6 significant digits \(0.001\)"):
+        sweep_config("x.zarr", None, lr="0.001,0.0010000001")
+    with pytest.raises(FptError, match="round to the same 6 significant digits"):
+        sweep_config("x.zarr", None, weight_decay="0.1,0.10000001")
+    with pytest.raises(FptError, match="--seed 4294967295 with --seeds 2: the repeats use seeds up to 4294967296"):
+        sweep_config("x.zarr", None, seed=2**32 - 1, seeds=2)
+    assert sweep_config("x.zarr", None, seed=2**32 - 2, seeds=2).seeds == 2
 
 
 def test_cli_takes_a_pipelines_file(tmp_path):
