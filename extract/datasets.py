@@ -4,7 +4,6 @@ decoded) and decodes one image on request."""
 from __future__ import annotations
 
 import csv
-import posixpath
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from fpt import FptError
 from fpt.config import ExtractConfig
 from fpt.extract.cmmd import CmmdSource
 from fpt.extract.images import IMAGE_EXTENSIONS, FileDecoding, lpm_view, rgb_array
-from fpt.extract.samples import (ImageSource, SampleRef, check_distinct_classes, check_files_exist,
-                                 check_splits_filled, class_names, parse_split_names,
+from fpt.extract.samples import (ImageSource, SampleRef, check_distinct_classes, check_each_image_once,
+                                 check_files_exist, check_splits_filled, class_names, parse_split_names,
                                  stratified_group_split, unreadable_source_error)
 from fpt.store import SPLITS
 
@@ -48,6 +47,7 @@ class ImageFolderSource:
                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
                           and not any(hidden(part) for part in f.relative_to(class_dir).parts)]
             self.samples += [SampleRef(f.relative_to(self.root).as_posix(), label, s) for f, label in files]
+        check_each_image_once(((ref.id, self.root / ref.id) for ref in self.samples), str(self.root))
         check_splits_filled(self.samples, str(self.root))
 
     def load(self, ref: SampleRef) -> Image.Image:
@@ -99,6 +99,10 @@ def read_manifest(csv_path: Path) -> list[dict[str, str]]:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip().lower() for c in reader.fieldnames or []]
+            twice = sorted({c for c in columns if columns.count(c) > 1 and c})
+            if twice:
+                raise FptError(f"{csv_path}: column(s) {', '.join(twice)} appear more than once (column names are "
+                               f"read without case and spaces); found {','.join(columns)}")
             missing = [c for c in MANIFEST_COLUMNS if c not in columns]
             if missing:
                 raise FptError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected "
@@ -106,14 +110,11 @@ def read_manifest(csv_path: Path) -> list[dict[str, str]]:
             rows = [{c: (v or "").strip() for c, v in zip(columns, row.values())} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FptError(f"cannot read manifest {csv_path}: {e}") from None
-    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         if not row["path"] or not row["label"]:
             raise FptError(f"{csv_path}, line {line}: empty path or label")
-        same = first_line.setdefault(posixpath.normpath(row["path"].replace("\\", "/")), line)
-        if same != line:
-            raise FptError(f"{csv_path}, lines {same} and {line}: the same image {row['path']!r} twice (listed "
-                           "twice, it would be trained on twice or leak between splits)")
+    check_each_image_once(((f"line {line} ({row['path']!r})", csv_path.parent / row["path"].replace("\\", "/"))
+                           for line, row in enumerate(rows, start=2)), str(csv_path))
     if not rows:
         raise FptError(f"{csv_path}: the manifest has no rows")
     return rows

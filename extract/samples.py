@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -120,6 +120,18 @@ def stratified_group_split(labels: Sequence[int], groups: Sequence[str], seed: i
     for fold, (_, members) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
         folds[members] = fold
     return np.digitize(folds, [7, 8]).astype(np.uint8)
+
+
+def check_each_image_once(files: Iterable[tuple[str, Path]], where: str) -> None:
+    """Refuse a data set that lists one image file twice, however each reaches it (``./a.png``, ``sub/../a.png``,
+    an absolute path, a link to the other): it would be trained on twice, or leak between splits. ``files``: (the
+    sample as the user knows it, its path)."""
+    first: dict[Path, str] = {}
+    for name, path in files:
+        seen = first.setdefault(path.resolve(), name)
+        if seen != name:
+            raise FptError(f"{where}: {seen} and {name} are the same image file {path.name!r} (listed twice, it "
+                           "would be trained on twice or leak between splits)")
 
 
 def check_splits_filled(samples: Sequence[SampleRef], what: str) -> None:

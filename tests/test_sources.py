@@ -144,12 +144,54 @@ def test_bad_manifests_fail_with_one_line(tmp_path):
                   "label(s) 'a', 'b' are not among the pipeline's classes ['benign', 'malignant']")
     twice = [*ok, dict(ok[1], path="./" + ok[1]["path"], split="test")]       # the same file, another split
     fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c6", twice, ("path", "label", "split"))),
-                   *MICRO_ARGS], "lines 3 and 8: the same image './images/1.png' twice")
+                   *MICRO_ARGS], "line 3 ('images/1.png') and line 8 ('./images/1.png') are the same image file")
     (tmp_path / "c3" / "images" / "1.png").mkdir()                      # a folder where an image should be
     fails_cleanly(["extract", "--data", str(csv3), *MICRO_ARGS], "1 of 6 paths are folders, not image files")
     one_class = [dict(r, label="a") for r in ok]
     fails_cleanly(["extract", "--data", str(write_manifest(tmp_path / "c7", one_class, ("path", "label", "split"))),
                    *MICRO_ARGS], "1 class ('a'); a classifier needs at least two")
+
+
+def test_a_manifest_column_twice_and_an_image_listed_under_two_spellings_are_refused(tmp_path):
+    """A column named twice (``path,path,label``, or ``label`` and ``Label``: names are read without case) was a
+    KeyError traceback or silently read the last one; the same file as ``x.png``, ``../folder/x.png`` and an
+    absolute path is one image listed twice (it would leak between splits)."""
+    ok = [{"path": f"images/{i}.png", "label": "a" if i % 2 else "b", "split": SPLITS[i % 3]} for i in range(6)]
+    csv_path = write_manifest(tmp_path / "c", ok, ("path", "label", "split"))
+    lines = csv_path.read_text().splitlines()
+    for header in ("path,path,label", "path,label,Label"):
+        twice = tmp_path / "c" / "twice.csv"
+        twice.write_text("\n".join([header, *(f"{r['path']},{r['label']},{r['label']}" for r in ok)]) + "\n")
+        with pytest.raises(FptError, match=r"column\(s\) (path|label) appear more than once"):
+            CsvManifestSource(twice)
+    for alias in ("../c/images/1.png", str(tmp_path / "c" / "images" / "1.png")):
+        aliased = tmp_path / "c" / "aliased.csv"
+        aliased.write_text("\n".join([*lines, f"{alias},a,test"]) + "\n")
+        with pytest.raises(FptError, match=r"line 3 \('images/1.png'\) and line 8 .* are the same image file"):
+            CsvManifestSource(aliased)
+    assert len(CsvManifestSource(csv_path).samples) == 6
+
+
+def test_an_image_folder_with_one_file_under_two_names_is_refused_and_a_tree_of_links_is_not(tmp_path):
+    """A link beside the file it points to (or to a file of another split) is that image twice: it would leak
+    between splits. A tree whose every image is a link to files kept elsewhere (a common way to lay out a data
+    set without copying it) lists each image once."""
+    from fpt.extract.datasets import ImageFolderSource
+    from tests.conftest import write_image_folder
+
+    data = write_image_folder(tmp_path / "d")
+    target = sorted((data / "train" / "benign").glob("*.png"))[0]
+    links = write_image_folder(tmp_path / "links")
+    for image in sorted(links.rglob("*.png")):                             # every image: a link to one elsewhere
+        kept = tmp_path / "kept" / image.relative_to(links)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        image.rename(kept)
+        image.symlink_to(kept)
+    assert len(ImageFolderSource(links).samples) == len(ImageFolderSource(data).samples)
+    (data / "test" / "benign" / "alias.png").symlink_to(target)
+    with pytest.raises(FptError, match=f"{target.relative_to(data).as_posix()} and test/benign/alias.png are the "
+                                       "same image file"):
+        ImageFolderSource(data)
 
 
 def test_hidden_folders_and_files_are_neither_classes_nor_samples(tmp_path):
