@@ -109,7 +109,9 @@ class StoreWriter:
                 ) -> "StoreWriter":
         group = zarr.open_group(path.zarr_target(direct_io), mode="w", zarr_format=3)
         encoded_ids = encode_ids(ids)
-        g = replace(g, id_bytes=encoded_ids.shape[1])
+        # a shard never holds more samples than the store: a --shard-size of 10^8 would make every array's one
+        # chunk that long (zarr fills a whole chunk in memory: gigabytes for a few images)
+        g = replace(g, id_bytes=encoded_ids.shape[1], samples_per_shard=max(1, min(g.samples_per_shard, g.n_samples)))
         S, per = g.n_samples, g.samples_per_shard
         writer = cls(path, group, g, direct_io, replaced)
         for name, (shape, dtype) in g.sample_shapes().items():

@@ -210,6 +210,22 @@ def test_every_per_sample_array_has_one_chunk_per_shard(tmp_path):
                                                                                  ("keys", (0, 1, 2))]
 
 
+def test_a_shard_larger_than_the_store_is_cut_to_the_store(tmp_path):
+    """--shard-size 100000000 on a few images made every array one chunk that long, which zarr fills in memory:
+    gigabytes for 7 samples (a MemoryError traceback, or the machine swapping). A shard never holds more samples
+    than the store."""
+    from dataclasses import replace
+
+    from fpt.store import StoreWriter
+
+    ids = np.array([f"s{i}" for i in range(7)], dtype=object)
+    w = StoreWriter.open(tmp_path / "s.zarr", replace(GEOM, samples_per_shard=10**12), ATTRS, ids=ids,
+                         labels=np.array([0, 1, 0, 1, 0, 1, 1]), split=np.array([0, 0, 0, 1, 1, 2, 2]))
+    assert w.geometry.samples_per_shard == 7 and w.pending_shards() == [0]
+    w.write_shard(0, shard_arrays(7, 0))
+    assert StoreReader(tmp_path / "s.zarr").geometry.samples_per_shard == 7 and not verify(tmp_path / "s.zarr").problems
+
+
 @pytest.mark.parametrize("sharded", [("keys", "values"), "every"], ids=["kv-sharded", "every-array-sharded"])
 def test_a_store_written_with_sharded_arrays_is_resumed_read_and_verified(tmp_path, monkeypatch, sharded):
     """Stores written before keep working: K/V with one sample per inner chunk (until 2026-11-27), and before that
