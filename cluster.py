@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -23,10 +24,8 @@ def local_worker_count(scheduler: str, cuda: bool, per_gpu: int = 1) -> int | No
     if scheduler == "local":
         return max(1, torch.cuda.device_count()) * per_gpu if cuda else max(1, (os.cpu_count() or 1) // 2)
     if scheduler.startswith("local:"):
-        try:
-            n = int(scheduler.split(":", 1)[1])
-        except ValueError:
-            n = 0
+        count = scheduler.split(":", 1)[1]
+        n = int(count) if re.fullmatch(r"[0-9]+", count) else 0          # ASCII digits only (int() takes "1_000")
         if n < 1:
             raise FptError(f"--scheduler {scheduler!r}: expected local, local:N (N >= 1) or a scheduler address")
         return n
@@ -53,20 +52,25 @@ def check_scheduler_address(address: str) -> None:
 
 
 @contextmanager
-def dask_client(scheduler: str, cuda: bool, per_gpu: int = 1, processes: bool = True
+def dask_client(scheduler: str, cuda: bool, per_gpu: int = 1, processes: bool = True, tasks: int | None = None
                 ) -> Iterator[tuple["distributed.Client", int | None]]:
     """(client, torch threads per task): a LocalCluster of worker processes (one thread each, resource GPU=1
     per worker on CUDA, dashboard on a free port) that is closed afterwards, or a client of a running scheduler
     (threads None: remote workers use their own cores; CUDA tasks ask for GPU=1, so start those workers with
     ``--resources GPU=1``). ``processes=False``: the local workers are threads of this process (threads None:
-    torch's thread count is the process's, not a task's)."""
+    torch's thread count is the process's, not a task's). ``tasks``: how many tasks there are to run; a local
+    cluster starts no more workers than that."""
     from distributed import Client, LocalCluster
 
     n = local_worker_count(scheduler, cuda, per_gpu)
+    if n is not None and tasks is not None:
+        n = max(1, min(n, tasks))       # `local:40` for 3 runs: 37 idle processes, each importing torch, were started
     cluster = None
     if n is not None:
+        # silence_logs CRITICAL: a task that fails (bad input in a run, or a run in a thread stopped by Ctrl-C) is
+        # reported by the command in one line; dask's own "Compute Failed" report of it would add its traceback
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=processes, dashboard_address=":0",
-                               resources={"GPU": 1} if cuda else None, silence_logs=logging.ERROR)
+                               resources={"GPU": 1} if cuda else None, silence_logs=logging.CRITICAL)
         client, threads = Client(cluster), max(1, (os.cpu_count() or 1) // n) if processes else None
     else:
         try:

@@ -506,7 +506,7 @@ def extract_on_dask(cfg: ExtractConfig, shards: list[int], scheduler: str, progr
     from distributed import as_completed
 
     cuda = resolve_device(cfg.device).type == "cuda"
-    with dask_client(scheduler, cuda) as (client, threads):
+    with dask_client(scheduler, cuda, tasks=len(shards)) as (client, threads):
         futures = [client.submit(_shard_task, cfg, shard, threads, pure=False,
                                  resources={"GPU": 1} if cuda else None) for shard in shards]
         geometry = StoreWriter.reopen(cfg.out).geometry

@@ -65,7 +65,7 @@ def test_scheduler_parsing():
     assert local_worker_count("local:3", cuda=False) == 3
     assert local_worker_count("local", cuda=False) >= 1
     assert local_worker_count("tcp://10.0.0.1:8786", cuda=False) is None
-    for bad in ("local:0", "local:x"):
+    for bad in ("local:0", "local:x", "local:1_000", "local:\u0663", "local: 2", "local:"):   # ASCII digits only
         with pytest.raises(FptError, match="expected local, local:N"):
             local_worker_count(bad, cuda=False)
 
@@ -82,6 +82,17 @@ def test_local_worker_counts_follow_the_cores_or_the_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         assert local_worker_count("local", cuda=True, per_gpu=per_gpu) == want, (gpus, per_gpu)
     assert local_worker_count("local:5", cuda=True, per_gpu=4) == 5                  # N given: N workers
+
+
+def test_a_local_cluster_starts_no_more_workers_than_there_are_tasks():
+    """`--scheduler local:40` for a sweep of 3 runs (or an extraction of 2 shards) started 40 worker processes, each
+    importing torch, 37 of them to do nothing: on a small machine enough to run out of memory."""
+    from fpt.cluster import dask_client
+
+    with dask_client("local:40", cuda=False, processes=False, tasks=3) as (client, _):
+        assert len(client.nthreads()) == 3
+    with dask_client("local:2", cuda=False, processes=False, tasks=0) as (client, _):
+        assert len(client.nthreads()) == 1
 
 
 def test_local_workers_take_the_gpus_in_turn(monkeypatch):
@@ -118,6 +129,24 @@ def test_cli_refuses_a_bad_scheduler_before_any_work(store, tmp_path):
                                       "--device", "cpu"])
     assert result.exit_code == 2 and "--cuda-graph needs a CUDA device" in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "g").exists()
+
+
+def test_a_failing_run_is_the_sweeps_one_error_line_without_dasks_report_of_it(store, tmp_path):
+    """A run that fails on bad input (here its folder holds a file of the user's) ends the sweep with one error line;
+    dask's own report of the failed task ("Compute Failed" with the task's traceback) is not printed before it."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "s" / "runs" / "lr0.001-wd0-seed0"
+    run.mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "fpt.cli", "sweep", "--store", str(store), "--lr", "1e-3",
+                             "--weight-decay", "0", "--seeds", "1", "--side-res", "16", "--epochs", "1",
+                             "--device", "cpu", "--scheduler", "local:1", "--out", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "holds files that are not a run's" in result.stderr, result.stderr
+    assert "Compute Failed" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert (run / "notes.txt").read_text() == "mine"
 
 
 def test_mean_and_sample_std():
@@ -574,6 +603,16 @@ def test_the_best_grid_point_is_the_first_of_equal_val_scores_and_never_a_diverg
     assert [(s.seed, s.run_dir) for s in summary.seeds] == [
         (seed, str(tmp_path / "sweep" / "runs" / f"lr{first_best[0]:g}-wd{first_best[1]:g}-seed{seed}"))
         for seed in (0, 1)]
+
+
+def test_a_grid_whose_every_run_diverged_is_one_error_and_trains_no_seeds(tmp_path, monkeypatch):
+    """No run of the grid validated (each diverged before its first validation): there is no best to repeat, so
+    the sweep says so, with the fix, instead of training its seeds on the first grid point and ending well."""
+    made = faked_runs(monkeypatch, {(1e30, 0.0): None, (1e31, 0.0): None})
+    cfg = sweep_config(tmp_path / "s.zarr", lr="1e30,1e31", weight_decay="0", seeds=3, out=tmp_path / "sweep", **TINY)
+    with pytest.raises(FptError, match=r"every run of the grid diverged .*lower --lr \(the grid's: 1e\+30, 1e\+31\)"):
+        run_sweep(cfg)
+    assert len(made) == 2 and not (tmp_path / "sweep" / "sweep.json").exists()
 
 
 def test_sweep_csv_has_each_runs_own_figures_and_the_seeds_mean_and_std(tmp_path, monkeypatch):

@@ -232,7 +232,7 @@ def execute(runs: list[Run], scheduler: str, on_run: Callable[[Run, RunMetrics, 
     # may be long), then the others find the training step in the cache (its evaluation forward, compiled at the
     # end of the first epoch, reaches the cache about when they need it).
     first_alone = local and len(todo) > 1 and step_compiles(runs[0].cfg.compile)
-    with dask_client(scheduler, cuda, per_gpu or 1, processes=not in_threads) as (client, threads), \
+    with dask_client(scheduler, cuda, per_gpu or 1, processes=not in_threads, tasks=len(todo)) as (client, threads), \
             contextlib.ExitStack() as stack:
         copies = share_splits(reader, names, stack, gpus=share_gpu, in_process=in_threads) if share else None
         thread_key = _start_thread_sweep(stack, len(client.nthreads()), cuda, len(todo)) if in_threads else None
@@ -468,6 +468,10 @@ def run_sweep(sweep: SweepConfig, on_run: Callable[[Run, RunMetrics, bool], None
     if on_stage:
         on_stage("grid", len(grid))
     results = execute(grid, sweep.scheduler, count, sweep.runs_per_gpu, on_note, sweep.runs_in)
+    if all(validation_score(results[r.name].val) is None for r in grid):
+        raise FptError(f"every run of the grid diverged before its first validation (its loss not finite), so "
+                       f"none can be chosen: lower --lr (the grid's: {', '.join(f'{lr:g}' for lr in sweep.lrs)}); "
+                       f"their logs are under {sweep.out / 'runs'}")
     # max keeps the first of equal scores; a run that diverged before its first validation scores lowest
     best = max(grid, key=lambda r: -1.0 if (score := validation_score(results[r.name].val)) is None else score)
     seeds = [make_run(sweep, "seeds", best.lr, best.weight_decay, base_seed + i) for i in range(sweep.seeds)]
