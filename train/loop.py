@@ -282,6 +282,7 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | Non
     plan = plan_cache(reader, spec.inputs, cfg.cache, device, cfg.cache_budget_mb,
                       shared_on_device=bool(shared) and all(s.on(device) for s in shared.values()))
     corrupt = exclude_corrupt(reader, spec.inputs, cfg.skip_corrupt, known=cfg.corrupt)
+    check_classes_trained(reader)
     n_train = len(reader.split_indices("train"))
     steps_per_epoch = batch_count(n_train, cfg.batch_size, cfg.drop_last)
     if steps_per_epoch == 0:
@@ -318,6 +319,18 @@ def set_up(cfg: TrainConfig, shared: SharedSplits | None = None, out: Path | Non
             "warnings": method_warnings(spec, reader)}
     return Training(cfg, reader, spec, device, out, info, train_data, val_data, model, side_input, step, rng,
                     dropout, steps_per_epoch, state)
+
+
+def check_classes_trained(reader: StoreReader) -> None:
+    """Refuse a store where a class has no train samples: extraction refuses such a dataset before decoding, but
+    its ``--on-error skip`` can leave a class without any afterwards (every train image of it unreadable), and a
+    run then trained a classifier that never saw the class, reporting metrics as if nothing were wrong."""
+    present = np.unique(reader.labels[reader.split == SPLITS.index("train")])
+    untrained = [c for i, c in enumerate(reader.classes) if i not in present]
+    if untrained:
+        raise FptError(f"{reader.path}: class(es) {', '.join(map(repr, untrained))} have no train samples (their "
+                       "train images were skipped as unreadable at extraction: the store's skipped.csv lists them), "
+                       "so they cannot be learnt; fix those images and extract again")
 
 
 def train_epoch(run: Training, epoch: int,

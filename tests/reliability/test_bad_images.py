@@ -91,3 +91,20 @@ def test_skip_reports_broken_images_and_keeps_the_rest(tmp_path):
     again = runner.invoke(app, ["extract", "--data", str(data), *MICRO_ARGS, "--out", str(store),
                                 "--on-error", "skip"])
     assert again.exit_code == 0 and "nothing to do" in again.output   # skipped samples are settled, not retried
+
+
+def test_a_class_whose_train_images_were_all_skipped_is_refused_by_train(tmp_path):
+    """Extraction refuses a class without train images, but --on-error skip can leave one without any afterwards:
+    fpt train then trained a classifier that never saw the class (and reported metrics as if nothing were
+    wrong). It is refused by name, before any run folder is made."""
+    data = write_image_folder(tmp_path / "d", {"train": 4, "val": 2, "test": 2})
+    for path in (data / "train" / "benign").iterdir():
+        path.write_text("not an image")
+    store = tmp_path / "s.zarr"
+    result = runner.invoke(app, ["extract", "--data", str(data), *MICRO_ARGS, "--out", str(store),
+                                 "--on-error", "skip", "--mean", "0.5", "--std", "0.25"])
+    assert result.exit_code == 0 and "skipped 4 unreadable images" in " ".join(result.output.split())
+    fails_cleanly(["train", "--store", str(store), "--side-res", "16", "--epochs", "1", "--batch-size", "2",
+                   "--device", "cpu", "--out", str(tmp_path / "run")],
+                  "class(es) 'benign' have no train samples (their train images were skipped as unreadable")
+    assert not (tmp_path / "run").exists()
