@@ -99,7 +99,7 @@ def write_pipelines(path, text):
     return path
 
 
-def test_pipelines_file_keys_are_checked(tmp_path, monkeypatch):
+def test_pipelines_file_keys_and_values_are_checked(tmp_path, monkeypatch):
     cases = {
         "pipelines:\n  mine:\n    train: {epochz: 3}\n": r"pipelines.mine.train: unknown key 'epochz'; valid: .*epochs",
         "pipelines:\n  mine:\n    extract: {token_ratoi: 0.1}\n": r"pipelines.mine.extract: unknown key 'token_ratoi'",
@@ -107,6 +107,21 @@ def test_pipelines_file_keys_are_checked(tmp_path, monkeypatch):
         "defaults:\n  sweep: {seed: 3}\n": r"defaults.sweep: unknown key 'seed'; valid: .*seeds",
         "pipeline: {}\n": r"unknown key 'pipeline'; valid: defaults, pipelines",
         "pipelines: [a]\n": r"must be a mapping|expected a mapping",
+        # values of the wrong type (YAML reads ``lr: 1e-3`` as text): each was a TypeError traceback
+        "pipelines:\n  mine:\n    train: {lr: 1e-3}\n": r"pipelines.mine.train.lr: '1e-3' is not a number "
+                                                        r"\(YAML reads a number without a dot.*1.0e-3",
+        "pipelines:\n  mine:\n    train: {epochs: ten}\n": r"pipelines.mine.train.epochs: 'ten' is not a whole",
+        "pipelines:\n  mine:\n    train: {batch_size: 16.5}\n": r"train.batch_size: 16.5 is not a whole number",
+        "pipelines:\n  mine:\n    extract: {token_ratio: 20%}\n": r"extract.token_ratio: '20%' is not a number",
+        "pipelines:\n  mine:\n    extract: {layers: 3}\n": r"extract.layers: 3 is not a list of whole numbers",
+        "pipelines:\n  mine:\n    mean: 0.5\n": r"pipelines.mine.mean: 0.5 is not a list of numbers",
+        "pipelines:\n  mine:\n    classes: benign\n": r"pipelines.mine.classes: 'benign' is not a list of strings",
+        "pipelines:\n  mine:\n    classes: [0, 1]\n": r"classes: \[0, 1\] is not a list of strings",
+        "pipelines:\n  mine:\n    source: imagefolder\n": r"source 'imagefolder': choose one of folder, cmmd",
+        "pipelines:\n  mine:\n    source: synthetic\n    counts: {train: 8}\n": r"counts .*each split, train, val",
+        "defaults:\n  sweep: {seeds: three}\n": r"defaults.sweep.seeds: 'three' is not a whole number",
+        "pipelines:\n\tmine: {}\n": r"not readable YAML \(.*, line 2\)",
+        "pipelines:\n  mine:\n    train: {lr: 0.1}\n    train: {epochs: 3}\n": r"'train' is given twice, line 4",
     }
     for i, (text, message) in enumerate(cases.items()):
         path = write_pipelines(tmp_path / f"p{i}.yaml", text)
@@ -178,29 +193,9 @@ def test_user_pipelines_values_are_validated_like_options(tmp_path):
         train_config("x.zarr", "mine", path)
 
 
-def test_pipelines_values_of_the_wrong_type_are_one_error_naming_the_key(tmp_path):
-    """YAML reads ``lr: 1e-3`` as text, and a hand-written file may hold a number where a list goes: each was a
-    TypeError traceback (some only once the store was half made: a two-value mean)."""
-    cases = {
-        "pipelines:\n  mine:\n    train: {lr: 1e-3}\n": r"pipelines.mine.train.lr: '1e-3' is not a number "
-                                                        r"\(YAML reads a number without a dot.*1.0e-3",
-        "pipelines:\n  mine:\n    train: {epochs: ten}\n": r"pipelines.mine.train.epochs: 'ten' is not a whole",
-        "pipelines:\n  mine:\n    train: {batch_size: 16.5}\n": r"train.batch_size: 16.5 is not a whole number",
-        "pipelines:\n  mine:\n    extract: {token_ratio: 20%}\n": r"extract.token_ratio: '20%' is not a number",
-        "pipelines:\n  mine:\n    extract: {layers: 3}\n": r"extract.layers: 3 is not a list of whole numbers",
-        "pipelines:\n  mine:\n    mean: 0.5\n": r"pipelines.mine.mean: 0.5 is not a list of numbers",
-        "pipelines:\n  mine:\n    classes: benign\n": r"pipelines.mine.classes: 'benign' is not a list of strings",
-        "pipelines:\n  mine:\n    classes: [0, 1]\n": r"classes: \[0, 1\] is not a list of strings",
-        "pipelines:\n  mine:\n    source: imagefolder\n": r"source 'imagefolder': choose one of folder, cmmd",
-        "pipelines:\n  mine:\n    source: synthetic\n    counts: {train: 8}\n": r"counts .*each split, train, val",
-        "defaults:\n  sweep: {seeds: three}\n": r"defaults.sweep.seeds: 'three' is not a whole number",
-        "pipelines:\n\tmine: {}\n": r"not readable YAML \(.*, line 2\)",
-        "pipelines:\n  mine:\n    train: {lr: 0.1}\n    train: {epochs: 3}\n": r"'train' is given twice, line 4",
-    }
-    for i, (text, message) in enumerate(cases.items()):
-        path = write_pipelines(tmp_path / f"p{i}.yaml", text)
-        with pytest.raises(FptError, match=message):
-            train_config("x.zarr", "mine", path)
+def test_pipelines_values_of_the_wrong_type_are_refused_before_any_work(tmp_path):
+    """A two-value mean has the right type (a list) but not three numbers: it was refused only once the store was
+    half made."""
     data = tmp_path / "data"
     data.mkdir()
     for i, mean in enumerate(("[0.5, 0.5]", "'0.5,0.5,0.5'")):                # the right type, not three numbers
