@@ -489,6 +489,7 @@ def sweep(
                                              metavar="threads|processes")] = None,
     augment: Augment = None,
     drop_last: DropLast = None,
+    checkpoint_seconds: CheckpointSeconds = None,
     pipelines: Pipelines = None,
 ):
     """The paper's protocol: grid-search lr x weight decay on val AUC, repeat the best over seeds, report test
@@ -500,7 +501,7 @@ def sweep(
         side_res=side_res, prompts=prompts, reduction=reduction, epochs=epochs, batch_size=batch_size, seed=seed,
         device=device, cache=cache, ft_memory_mb=ft_memory_mb, skip_corrupt=skip_corrupt or None, compile=compile,
         cuda_graph=cuda_graph, runs_per_gpu=runs_per_gpu, runs_in=runs_in, augment=augment, drop_last=drop_last,
-        pipelines=pipelines)
+        checkpoint_seconds=checkpoint_seconds, pipelines=pipelines)
     with _progress() as progress:
         task = progress.add_task("sweep", total=None, rate="")
 

@@ -131,6 +131,25 @@ def test_cli_refuses_a_bad_scheduler_before_any_work(store, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "g").exists()
 
 
+def test_sweep_takes_checkpoint_seconds_for_its_runs(store, tmp_path, monkeypatch):
+    """A sweep run killed mid-way restarts from its last.pt when the sweep is run again: how often that is written
+    is the sweep's option too (it had only the default, 30 s)."""
+    from fpt.train import sweep as sweep_module
+
+    given = []
+
+    def captured(cfg, **kwargs):
+        given.append(cfg)
+        raise FptError("captured")
+
+    monkeypatch.setattr(sweep_module, "run_sweep", captured)
+    for option, want in (([], 30.0), (["--checkpoint-seconds", "0"], 0.0), (["--checkpoint-seconds", "5"], 5.0)):
+        result = CliRunner().invoke(app, ["sweep", "--store", str(store), "--out", str(tmp_path / "s"), "--device",
+                                          "cpu", *option])
+        assert result.exit_code == 2 and "captured" in result.output, result.output
+        assert given[-1].train.checkpoint_seconds == want
+
+
 def test_a_failing_run_is_the_sweeps_one_error_line_without_dasks_report_of_it(store, tmp_path):
     """A run that fails on bad input (here its folder holds a file of the user's) ends the sweep with one error line;
     dask's own report of the failed task ("Compute Failed" with the task's traceback) is not printed before it."""
