@@ -125,10 +125,15 @@ def stratified_group_split(labels: Sequence[int], groups: Sequence[str], seed: i
 def check_each_image_once(files: Iterable[tuple[str, Path]], where: str) -> None:
     """Refuse a data set that lists one image file twice, however each reaches it (``./a.png``, ``sub/../a.png``,
     an absolute path, a link to the other): it would be trained on twice, or leak between splits. ``files``: (the
-    sample as the user knows it, its path)."""
-    first: dict[Path, str] = {}
+    sample as the user knows it, its path). A file is known by its device and inode (one ``stat``, ~10x cheaper
+    than resolving the path); a missing one is ``check_files_exist``'s to name."""
+    first: dict[tuple[int, int], str] = {}
     for name, path in files:
-        seen = first.setdefault(path.resolve(), name)
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        seen = first.setdefault((st.st_dev, st.st_ino), name)
         if seen != name:
             raise FptError(f"{where}: {seen} and {name} are the same image file {path.name!r} (listed twice, it "
                            "would be trained on twice or leak between splits)")
