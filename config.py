@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 from fpt import FptError
-from fpt.store import CODECS, DEFAULT_CODEC, SPLITS as SPLIT_NAMES, StoreReader, store_stem
+from fpt.store import CODECS, DEFAULT_CODEC, SPLITS, StoreReader, store_stem
 
 PIPELINES_FILE = Path(__file__).with_name("pipelines.yaml")
 PIPELINES_ENV = "FPT_PIPELINES"        # a user pipelines file merged over the packaged one (--pipelines wins)
@@ -429,9 +429,9 @@ def validate_pipelines(data: dict[str, Any], where: str) -> None:
         check_types(entry, ENTRY_TYPES, f"{where}: {name}")
         if entry.get("source", "folder") not in SOURCES:
             raise FptError(f"{where}: {name}.source {entry['source']!r}: choose one of {', '.join(SOURCES)}")
-        if entry.get("counts") is not None and sorted(entry["counts"]) != sorted(SPLIT_NAMES):
+        if entry.get("counts") is not None and sorted(entry["counts"]) != sorted(SPLITS):
             raise FptError(f"{where}: {name}.counts {entry['counts']!r}: give the samples of each split, "
-                           f"{', '.join(SPLIT_NAMES)}")
+                           f"{', '.join(SPLITS)}")
         for section, valid in SECTION_KEYS.items():
             values = entry.get(section) or {}
             if not isinstance(values, dict):
