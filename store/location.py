@@ -114,9 +114,10 @@ class StoreLocation:
         if self.local is not None:
             self.local.rename(other.local)
             return
-        # file by file: s3fs's recursive mv also copies the prefix itself, an object that does not exist (NoSuchKey)
-        for name in self.fs.find(self.root):
-            self.fs.copy(name, other.root + name[len(self.root):])
+        # its files named one by one (s3fs's recursive mv also copies the prefix itself, an object that does not
+        # exist: NoSuchKey), in one call, which an async filesystem (s3fs, gcsfs) runs concurrently
+        names = self.fs.find(self.root)
+        self.fs.copy(names, [other.root + name[len(self.root):] for name in names])
         self.fs.rm(self.root, recursive=True)
 
     def read_bytes(self, relative: str) -> bytes:
